@@ -1,0 +1,770 @@
+//! Configuration: one YAML (or TOML) file, overridable key by key through environment variables
+//! `CDC_INVALIDATOR__SECTION__KEY` (double underscore for nesting).
+//!
+//! Loading happens in three steps, each reporting every problem with file, line and column:
+//! 1. the file is parsed into a located tree ([`yaml`]) so errors can point at the right line;
+//! 2. the `config` crate merges file and environment and serde fills the typed structs
+//!    (`deny_unknown_fields` everywhere: a typo is an error, not a silently ignored setting);
+//! 3. [`Config::validate`] checks cross-field constraints and resolves `*_env` / `*_file`
+//!    secret indirections.
+//!
+//! Types holding secrets implement neither `Serialize` nor a revealing `Debug`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::retry::RetryPolicy;
+
+pub mod duration;
+pub mod yaml;
+
+pub use yaml::Location;
+
+/// Environment variables that override config keys start with this, then `__`.
+pub const ENV_PREFIX: &str = "CDC_INVALIDATOR";
+
+/// The whole configuration, after validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The rules file; relative paths are relative to the config file.
+    pub rules: PathBuf,
+    pub source: SourceConfig,
+    pub sinks: SinksConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    #[serde(default)]
+    pub dead_letter: DeadLetterConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Kafka,
+    Postgres,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub kind: SourceKind,
+    pub kafka: Option<KafkaConfig>,
+    /// Reserved for the PostgreSQL source; any settings here are checked when it is selected.
+    pub postgres: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    /// Topics to subscribe to; or `topic_pattern`, not both.
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// A librdkafka regex subscription; must start with `^`.
+    pub topic_pattern: Option<String>,
+    /// Passed to librdkafka as is (`security.protocol`, `sasl.*`, `ssl.*`, ...). A key ending in
+    /// `_env` or `_file` is a secret indirection: `sasl.password_env: KAFKA_PASSWORD` sets
+    /// `sasl.password` from that variable. Values are never logged.
+    #[serde(default)]
+    pub librdkafka: BTreeMap<String, Scalar>,
+    /// How often finished offsets are committed (asynchronously).
+    #[serde(default = "default_commit_interval", with = "duration")]
+    pub commit_interval: Duration,
+    /// Largest message value accepted; larger ones are dead-lettered without being parsed.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    #[serde(skip)]
+    pub resolved_librdkafka: Vec<(String, Secret)>,
+}
+
+fn default_group_id() -> String {
+    "cdc-invalidator".into()
+}
+fn default_commit_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_message_bytes() -> usize {
+    8 * 1024 * 1024
+}
+
+/// A scalar config value passed through to a library as a string (YAML may spell `1000` or
+/// `true` unquoted).
+#[derive(Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Scalar {
+    Str(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl fmt::Display for Scalar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scalar::Str(s) => f.write_str(s),
+            Scalar::Int(i) => write!(f, "{i}"),
+            Scalar::Float(x) => write!(f, "{x}"),
+            Scalar::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+impl fmt::Debug for Scalar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Passthrough maps may hold passwords: never print them.
+        f.write_str("<redacted>")
+    }
+}
+
+/// A secret string: not `Serialize`, and `Debug` never shows it.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinksConfig {
+    pub redis: Option<RedisConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS. Exactly one of `url`,
+    /// `url_env` (a variable holding it) and `url_file` (a file holding it).
+    pub url: Option<Secret>,
+    pub url_env: Option<String>,
+    pub url_file: Option<PathBuf>,
+    /// Prefix of the Redis sets that hold a tag's keys: tag `category:5` is the set
+    /// `<tag_prefix>category:5`.
+    #[serde(default = "default_tag_prefix")]
+    pub tag_prefix: String,
+    /// Keys per UNLINK command; commands of one batch are pipelined.
+    #[serde(default = "default_unlink_batch")]
+    pub unlink_batch: usize,
+    /// Members popped and unlinked per server-side script call during tag fan-out: bounds how
+    /// long one call holds Redis.
+    #[serde(default = "default_tag_chunk")]
+    pub tag_chunk: usize,
+    /// Per-command timeout; a timed-out command is retried.
+    #[serde(default = "default_response_timeout", with = "duration")]
+    pub response_timeout: Duration,
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// The resolved URL (from `url`, `url_env` or `url_file`), filled by validation.
+    #[serde(skip)]
+    pub resolved_url: Option<Secret>,
+}
+
+fn default_tag_prefix() -> String {
+    "tag:".into()
+}
+fn default_unlink_batch() -> usize {
+    512
+}
+fn default_tag_chunk() -> usize {
+    500
+}
+fn default_response_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl RedisConfig {
+    /// A config for tests and tools: everything default but the URL.
+    pub fn for_url(url: &str) -> RedisConfig {
+        RedisConfig {
+            url: Some(Secret::new(url)),
+            url_env: None,
+            url_file: None,
+            tag_prefix: default_tag_prefix(),
+            unlink_batch: default_unlink_batch(),
+            tag_chunk: default_tag_chunk(),
+            response_timeout: default_response_timeout(),
+            connect_timeout: default_connect_timeout(),
+            retry: RetryPolicy::default(),
+            resolved_url: Some(Secret::new(url)),
+        }
+    }
+
+    /// The connection URL; validation guarantees it is there.
+    pub fn url(&self) -> &Secret {
+        self.resolved_url.as_ref().or(self.url.as_ref()).expect("validated config has a Redis URL")
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: SocketAddr::from(([127, 0, 0, 1], 9464)) }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// A batch is sent when it holds this many events...
+    pub batch_max_events: usize,
+    /// ...or when its first event has waited this long.
+    #[serde(with = "duration")]
+    pub batch_max_wait: Duration,
+    /// Events buffered between the source and the batcher; when full, the source pauses.
+    pub queue_capacity: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig { batch_max_events: 500, batch_max_wait: Duration::from_millis(5), queue_capacity: 4096 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// A JSON-lines file (relative to the config file). Used when `kafka` is not set.
+    pub file: Option<PathBuf>,
+    /// A Kafka topic on the source cluster (or on `brokers`).
+    pub kafka: Option<DeadLetterKafka>,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        DeadLetterConfig { file: Some(PathBuf::from("dead-letters.jsonl")), kafka: None, retry: RetryPolicy::default() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterKafka {
+    pub topic: String,
+    /// Defaults to the source's brokers and librdkafka settings.
+    pub brokers: Option<String>,
+    #[serde(default)]
+    pub librdkafka: BTreeMap<String, Scalar>,
+    #[serde(skip)]
+    pub resolved_librdkafka: Vec<(String, Secret)>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After SIGTERM, how long in-flight work may take to finish before it is abandoned
+    /// (unacknowledged, so it is redelivered on the next start).
+    #[serde(with = "duration")]
+    pub grace: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig { grace: Duration::from_secs(20) }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `cdc_invalidator=debug,rdkafka=warn`; `RUST_LOG`
+    /// wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Human, level: "info".into() }
+    }
+}
+
+/// One problem with a config or rules file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    pub location: Option<Location>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.location {
+            Some(loc) => write!(f, "{}:{}: {}", self.file.display(), loc, self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Every problem found; the daemon starts nothing (exit 2).
+    #[error("{}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid(p) => p,
+        }
+    }
+}
+
+/// Where the file came from, to resolve relative paths and place errors.
+struct Origin<'a> {
+    file: &'a Path,
+    doc: Option<yaml::Node>,
+}
+
+impl Origin<'_> {
+    fn problem(&self, path: &[&str], message: impl Into<String>) -> Problem {
+        Problem {
+            file: self.file.to_path_buf(),
+            location: self.doc.as_ref().map(|d| d.locate(path.iter().copied())),
+            message: message.into(),
+        }
+    }
+}
+
+/// Loads, merges with the environment, and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with_env(path, std::env::vars())
+}
+
+/// [`load`], with the environment given explicitly (tests).
+pub fn load_with_env(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+    let one = |location: Option<Location>, message: String| {
+        ConfigError::Invalid(vec![Problem { file: path.to_path_buf(), location, message }])
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| one(None, format!("cannot read the config file: {e}")))?;
+    let is_toml = path.extension().is_some_and(|e| e == "toml");
+    let doc = if is_toml {
+        None
+    } else {
+        Some(yaml::parse(&text).map_err(|e| one(Some(e.location), format!("invalid YAML: {}", e.message)))?)
+    };
+    let origin = Origin { file: path, doc };
+
+    let format = if is_toml { config::FileFormat::Toml } else { config::FileFormat::Yaml };
+    let env_map: std::collections::HashMap<String, String> =
+        env.into_iter().filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__"))).collect();
+    let merged = config::Config::builder()
+        .add_source(config::File::from_str(&text, format))
+        .add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("source.kafka.topics")
+                .source(Some(env_map)),
+        )
+        .build()
+        .map_err(|e| one(None, e.to_string()))?;
+
+    let mut cfg: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
+        let mut path: Vec<String> = e.path().iter().map(|s| s.to_string()).collect();
+        let inner = e.into_inner();
+        let message = inner.to_string();
+        // For an unknown field, point at that field rather than its parent.
+        if let Some(field) = message.strip_prefix("unknown field `").and_then(|m| m.split('`').next()) {
+            path.push(field.to_string());
+        }
+        let segs: Vec<&str> = path.iter().map(String::as_str).filter(|s| *s != "?").collect();
+        let message = if segs.is_empty() { message } else { format!("{}: {message}", segs.join(".")) };
+        ConfigError::Invalid(vec![origin.problem(&segs, message)])
+    })?;
+
+    let problems = cfg.validate(&origin);
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid(problems));
+    }
+    Ok(cfg)
+}
+
+/// Reads a secret indirection: exactly one of the value, an environment variable, a file.
+fn resolve_secret(
+    origin: &Origin,
+    path: &[&str],
+    value: Option<&Secret>,
+    env: Option<&str>,
+    file: Option<&Path>,
+    problems: &mut Vec<Problem>,
+) -> Option<Secret> {
+    let name = path.last().copied().unwrap_or("value");
+    let given = value.is_some() as u8 + env.is_some() as u8 + file.is_some() as u8;
+    if given != 1 {
+        problems.push(origin.problem(
+            &path[..path.len().saturating_sub(1)],
+            format!("exactly one of `{name}`, `{name}_env` and `{name}_file` must be set (found {given})"),
+        ));
+        return None;
+    }
+    if let Some(v) = value {
+        return Some(v.clone());
+    }
+    if let Some(var) = env {
+        return match std::env::var(var) {
+            Ok(v) if !v.is_empty() => Some(Secret::new(v)),
+            _ => {
+                problems.push(origin.problem(path, format!("`{name}_env` names the environment variable {var}, which is not set")));
+                None
+            }
+        };
+    }
+    let file = file?;
+    let resolved = relative_to(origin.file, file);
+    match std::fs::read_to_string(&resolved) {
+        Ok(v) => Some(Secret::new(v.trim_end_matches(['\n', '\r']))),
+        Err(e) => {
+            problems.push(origin.problem(path, format!("`{name}_file` {}: cannot read it: {e}", resolved.display())));
+            None
+        }
+    }
+}
+
+/// Resolves `_env`/`_file` keys of a librdkafka passthrough map.
+fn resolve_passthrough(origin: &Origin, path: &[&str], map: &BTreeMap<String, Scalar>, problems: &mut Vec<Problem>) -> Vec<(String, Secret)> {
+    let mut out = Vec::new();
+    for (key, value) in map {
+        let mut here: Vec<&str> = path.to_vec();
+        here.push(key);
+        let text = value.to_string();
+        if let Some(base) = key.strip_suffix("_env") {
+            match std::env::var(&text) {
+                Ok(v) => out.push((base.to_string(), Secret::new(v))),
+                Err(_) => problems.push(origin.problem(&here, format!("`{key}` names the environment variable {text}, which is not set"))),
+            }
+        } else if let Some(base) = key.strip_suffix("_file") {
+            let file = relative_to(origin.file, Path::new(&text));
+            match std::fs::read_to_string(&file) {
+                Ok(v) => out.push((base.to_string(), Secret::new(v.trim_end_matches(['\n', '\r'])))),
+                Err(e) => problems.push(origin.problem(&here, format!("`{key}` {}: cannot read it: {e}", file.display()))),
+            }
+        } else {
+            out.push((key.clone(), Secret::new(text)));
+        }
+    }
+    out
+}
+
+/// A path relative to the config file's folder (absolute paths stay as they are).
+pub fn relative_to(config_file: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    config_file.parent().map(|d| d.join(p)).unwrap_or_else(|| p.to_path_buf())
+}
+
+impl Config {
+    /// Cross-field checks and secret resolution; returns every problem found.
+    fn validate(&mut self, origin: &Origin) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        self.rules = relative_to(origin.file, &self.rules);
+
+        match self.source.kind {
+            SourceKind::Kafka => match self.source.kafka.as_mut() {
+                None => problems.push(origin.problem(&["source"], "source.kind is kafka but there is no source.kafka section")),
+                Some(k) => {
+                    if k.brokers.trim().is_empty() {
+                        problems.push(origin.problem(&["source", "kafka", "brokers"], "source.kafka.brokers must not be empty"));
+                    }
+                    if k.group_id.trim().is_empty() {
+                        problems.push(origin.problem(&["source", "kafka", "group_id"], "source.kafka.group_id must not be empty"));
+                    }
+                    match (&k.topics.is_empty(), &k.topic_pattern) {
+                        (true, None) => problems.push(origin.problem(
+                            &["source", "kafka"],
+                            "source.kafka needs `topics` (a list) or `topic_pattern` (a regex starting with ^)",
+                        )),
+                        (false, Some(_)) => problems.push(origin.problem(
+                            &["source", "kafka", "topic_pattern"],
+                            "source.kafka: set `topics` or `topic_pattern`, not both",
+                        )),
+                        (true, Some(p)) if !p.starts_with('^') => problems.push(origin.problem(
+                            &["source", "kafka", "topic_pattern"],
+                            "source.kafka.topic_pattern must start with ^ (librdkafka treats only such names as patterns)",
+                        )),
+                        _ => {}
+                    }
+                    for (i, t) in k.topics.iter().enumerate() {
+                        if t.trim().is_empty() {
+                            let idx = i.to_string();
+                            problems.push(origin.problem(&["source", "kafka", "topics", &idx], "source.kafka.topics: a topic name is empty"));
+                        }
+                    }
+                    for reserved in ["enable.auto.commit", "group.id", "bootstrap.servers", "enable.auto.offset.store"] {
+                        if k.librdkafka.contains_key(reserved) {
+                            problems.push(origin.problem(
+                                &["source", "kafka", "librdkafka", reserved],
+                                format!("source.kafka.librdkafka.{reserved} is managed by cdc-invalidator and cannot be overridden"),
+                            ));
+                        }
+                    }
+                    if k.max_message_bytes == 0 {
+                        problems.push(origin.problem(&["source", "kafka", "max_message_bytes"], "source.kafka.max_message_bytes must be at least 1"));
+                    }
+                    k.resolved_librdkafka = resolve_passthrough(origin, &["source", "kafka", "librdkafka"], &k.librdkafka, &mut problems);
+                }
+            },
+            SourceKind::Postgres => problems.push(origin.problem(
+                &["source", "kind"],
+                "source.kind postgres is not available in this build yet; use kafka (Debezium) for now",
+            )),
+        }
+
+        match self.sinks.redis.as_mut() {
+            None => problems.push(origin.problem(&["sinks"], "sinks needs at least one sink: add sinks.redis")),
+            Some(r) => {
+                r.resolved_url = resolve_secret(
+                    origin,
+                    &["sinks", "redis", "url"],
+                    r.url.as_ref(),
+                    r.url_env.as_deref(),
+                    r.url_file.as_deref(),
+                    &mut problems,
+                );
+                if let Some(url) = &r.resolved_url {
+                    let u = url.expose();
+                    if !(u.starts_with("redis://") || u.starts_with("rediss://") || u.starts_with("redis+unix://") || u.starts_with("unix://")) {
+                        // Never echo the URL: it may hold a password.
+                        problems.push(origin.problem(
+                            &["sinks", "redis", "url"],
+                            "sinks.redis.url must start with redis://, rediss:// (TLS) or unix://",
+                        ));
+                    }
+                }
+                if r.tag_prefix.is_empty() {
+                    problems.push(origin.problem(
+                        &["sinks", "redis", "tag_prefix"],
+                        "sinks.redis.tag_prefix must not be empty (tag sets would collide with cache keys)",
+                    ));
+                }
+                for (field, v, max) in [("unlink_batch", r.unlink_batch, 100_000), ("tag_chunk", r.tag_chunk, 5_000)] {
+                    if v == 0 || v > max {
+                        problems.push(origin.problem(&["sinks", "redis", field], format!("sinks.redis.{field} must be between 1 and {max}")));
+                    }
+                }
+            }
+        }
+
+        let p = &self.pipeline;
+        if p.batch_max_events == 0 || p.batch_max_events > 100_000 {
+            problems.push(origin.problem(&["pipeline", "batch_max_events"], "pipeline.batch_max_events must be between 1 and 100000"));
+        }
+        if p.queue_capacity < p.batch_max_events {
+            problems.push(origin.problem(
+                &["pipeline", "queue_capacity"],
+                "pipeline.queue_capacity must be at least pipeline.batch_max_events",
+            ));
+        }
+        if p.batch_max_wait > Duration::from_secs(60) {
+            problems.push(origin.problem(&["pipeline", "batch_max_wait"], "pipeline.batch_max_wait must be at most 60s"));
+        }
+
+        let dl = &mut self.dead_letter;
+        match (&dl.kafka, &dl.file) {
+            (Some(k), _) => {
+                if k.topic.trim().is_empty() {
+                    problems.push(origin.problem(&["dead_letter", "kafka", "topic"], "dead_letter.kafka.topic must not be empty"));
+                }
+            }
+            (None, None) => problems.push(origin.problem(&["dead_letter"], "dead_letter needs `file` or `kafka`: dead letters must go somewhere")),
+            (None, Some(_)) => {}
+        }
+        if dl.kafka.is_some() {
+            dl.file = None;
+        }
+        if let Some(f) = dl.file.as_mut() {
+            *f = relative_to(origin.file, f);
+        }
+        if let Some(k) = dl.kafka.as_mut() {
+            k.resolved_librdkafka = resolve_passthrough(origin, &["dead_letter", "kafka", "librdkafka"], &k.librdkafka, &mut problems);
+        }
+
+        if self.log.level.trim().is_empty() {
+            problems.push(origin.problem(&["log", "level"], "log.level must not be empty"));
+        }
+        problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const CORE: &str = r#"rules: rules.yaml
+source:
+  kind: kafka
+  kafka:
+    brokers: "127.0.0.1:9092"
+    group_id: cdc-invalidator
+    topics: ["dbz.public.products"]
+    librdkafka: {}
+sinks:
+  redis:
+    url: "redis://127.0.0.1:6379"
+    tag_prefix: "tag:"
+metrics:
+  listen: "127.0.0.1:9464"
+"#;
+
+    #[test]
+    fn the_contract_core_config_runs_as_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(&dir, "c.yaml", CORE);
+        let cfg = load_with_env(&p, []).unwrap();
+        assert_eq!(cfg.rules, dir.path().join("rules.yaml"));
+        assert_eq!(cfg.source.kafka.as_ref().unwrap().topics, vec!["dbz.public.products"]);
+        assert_eq!(cfg.sinks.redis.as_ref().unwrap().url().expose(), "redis://127.0.0.1:6379");
+        assert_eq!(cfg.pipeline.batch_max_events, 500);
+        assert_eq!(cfg.dead_letter.file.as_deref(), Some(dir.path().join("dead-letters.jsonl").as_path()));
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(&dir, "c.yaml", CORE);
+        let cfg = load_with_env(
+            &p,
+            [
+                ("CDC_INVALIDATOR__SINKS__REDIS__TAG_PREFIX".to_string(), "t:".to_string()),
+                ("CDC_INVALIDATOR__PIPELINE__BATCH_MAX_EVENTS".to_string(), "64".to_string()),
+                ("CDC_INVALIDATOR__SOURCE__KAFKA__TOPICS".to_string(), "a,b".to_string()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.sinks.redis.as_ref().unwrap().tag_prefix, "t:");
+        assert_eq!(cfg.pipeline.batch_max_events, 64);
+        assert_eq!(cfg.source.kafka.as_ref().unwrap().topics, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(&dir, "c.yaml", &CORE.replace("    tag_prefix: \"tag:\"", "    tag_prefix: \"tag:\"\n    tag_prefx: x"));
+        let err = load_with_env(&p, []).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("c.yaml:13:"), "{text}");
+        assert!(text.contains("tag_prefx"), "{text}");
+    }
+
+    #[test]
+    fn wrong_type_points_at_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(&dir, "c.yaml", &format!("{CORE}pipeline:\n  batch_max_events: lots\n"));
+        let text = load_with_env(&p, []).unwrap_err().to_string();
+        assert!(text.contains("c.yaml:16:21"), "{text}");
+        assert!(text.contains("batch_max_events"), "{text}");
+    }
+
+    #[test]
+    fn yaml_syntax_error_has_a_location() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(&dir, "c.yaml", "rules: [\n");
+        let text = load_with_env(&p, []).unwrap_err().to_string();
+        assert!(text.starts_with(&format!("{}:", p.display())), "{text}");
+        assert!(text.contains("invalid YAML"), "{text}");
+    }
+
+    #[test]
+    fn every_validation_problem_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = CORE
+            .replace("    topics: [\"dbz.public.products\"]\n", "")
+            .replace("url: \"redis://127.0.0.1:6379\"", "url: \"http://nope\"")
+            + "pipeline:\n  batch_max_events: 0\n";
+        let p = write(&dir, "c.yaml", &bad);
+        let err = load_with_env(&p, []).unwrap_err();
+        let problems = err.problems();
+        assert_eq!(problems.len(), 3, "{err}");
+        assert!(problems.iter().all(|p| p.location.is_some()));
+        // The URL is never echoed: it may hold a password.
+        assert!(!err.to_string().contains("http://nope"));
+    }
+
+    #[test]
+    fn secrets_come_from_env_or_file_and_are_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = write(&dir, "redis-url", "redis://:hunter2@127.0.0.1:6379\n");
+        let text = CORE.replace("url: \"redis://127.0.0.1:6379\"", &format!("url_file: {}", secret.display()));
+        let p = write(&dir, "c.yaml", &text);
+        let cfg = load_with_env(&p, []).unwrap();
+        let redis = cfg.sinks.redis.as_ref().unwrap();
+        assert_eq!(redis.url().expose(), "redis://:hunter2@127.0.0.1:6379");
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn both_url_and_url_env_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = CORE.replace("    tag_prefix: \"tag:\"", "    url_env: REDIS_URL");
+        let p = write(&dir, "c.yaml", &text);
+        let text = load_with_env(&p, []).unwrap_err().to_string();
+        assert!(text.contains("exactly one of `url`, `url_env` and `url_file`"), "{text}");
+    }
+
+    #[test]
+    fn toml_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            &dir,
+            "c.toml",
+            "rules = \"r.yaml\"\n[source]\nkind = \"kafka\"\n[source.kafka]\nbrokers = \"b:9092\"\ntopics = [\"t\"]\n[sinks.redis]\nurl = \"redis://127.0.0.1:6379\"\n",
+        );
+        let cfg = load_with_env(&p, []).unwrap();
+        assert_eq!(cfg.source.kafka.unwrap().brokers, "b:9092");
+    }
+}

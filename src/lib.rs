@@ -1,0 +1,31 @@
+//! # cdc-invalidator
+//!
+//! Keeps caches honest by reading the database's own change log.
+//!
+//! ```text
+//!   source ──SourceEvent──▶ pipeline ──Invalidations──▶ sinks
+//!   (kafka+debezium,        (decode ▸ rules ▸ batch      (redis: UNLINK + tag fan-out,
+//!    postgres)               ▸ coalesce ▸ dead letters)   cdn/…: purges)
+//!      ▲                                                     │
+//!      └───────────── Ack (after every sink is done) ◀──────┘
+//! ```
+//!
+//! - [`event`]: the one change-event type every source decodes into.
+//! - [`source`]: Kafka (Debezium JSON) today; each source tracks its positions with
+//!   [`source::watermark::Watermark`] and acknowledges only what is finished.
+//! - [`rules`]: a pure function from a change event to the keys, tags, surrogate keys and URLs
+//!   to invalidate.
+//! - [`sink`]: the sink trait and its contract (idempotent, at-least-once, says when done).
+//! - [`app`]: the pipeline that wires them together: batching, coalescing, dead letters,
+//!   acknowledgements, shutdown.
+//! - [`telemetry`]: Prometheus metrics and health endpoints.
+//! - [`config`], [`retry`], [`shutdown`]: the plumbing.
+
+pub mod config;
+pub mod event;
+pub mod retry;
+pub mod rules;
+pub mod shutdown;
+pub mod sink;
+pub mod source;
+pub mod telemetry;

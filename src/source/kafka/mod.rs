@@ -1,0 +1,1 @@
+//! The Kafka source: a consumer group reading Debezium topics.

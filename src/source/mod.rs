@@ -1,0 +1,113 @@
+//! Sources: where change events come from, and how their positions are acknowledged.
+//!
+//! Every source hands the pipeline [`SourceEvent`]s through a bounded channel (backpressure: a
+//! full channel pauses the source) and gets completions back through each event's [`Ack`]. The
+//! source alone decides what a completion means for its position: Kafka commits, per partition,
+//! the highest offset below which every event is finished; PostgreSQL confirms the end LSN of
+//! the newest fully finished transaction. Both use [`watermark::Watermark`].
+//!
+//! An `Ack` that is dropped without [`Ack::finish`] is *not* acknowledged: that is how shutdown
+//! and rebalances abandon work so it is redelivered.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use tokio::sync::mpsc;
+
+use crate::event::Decoded;
+
+pub mod debezium;
+pub mod kafka;
+pub mod watermark;
+
+/// Where an event sits in its source; printed in dead letters and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Position {
+    Kafka { topic: Arc<str>, partition: i32, offset: i64 },
+    /// PostgreSQL: the LSN of the change and the end LSN of its transaction.
+    Postgres { lsn: u64, commit_end_lsn: u64 },
+    /// Events that came from a file (`explain`, `replay`): the line number.
+    File { line: u64 },
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Position::Kafka { topic, partition, offset } => write!(f, "{topic}[{partition}]@{offset}"),
+            Position::Postgres { lsn, .. } => write!(f, "lsn {:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff),
+            Position::File { line } => write!(f, "line {line}"),
+        }
+    }
+}
+
+/// The original message, kept so a dead letter can be replayed byte for byte.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RawMessage {
+    pub topic: Option<Arc<str>>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// Why a message could not be decoded; it goes to the dead-letter destination.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Malformed(pub String);
+
+impl fmt::Display for Malformed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One message from a source, on its way through the pipeline.
+#[derive(Debug)]
+pub struct SourceEvent {
+    pub position: Position,
+    pub decoded: Result<Decoded, Malformed>,
+    pub raw: RawMessage,
+    /// When the message entered the log (Kafka message timestamp): the staleness origin for
+    /// events whose payload carries no commit time.
+    pub logged_at: Option<SystemTime>,
+    /// When this process received it (for in-process latency figures).
+    pub received: Instant,
+    pub ack: Ack,
+}
+
+/// An opaque completion handle: the source's own coordinates of one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    /// Which ordered stream (a Kafka partition *assignment*, a PostgreSQL slot): sources bump it
+    /// on every reassignment so completions of revoked work are recognised and ignored.
+    pub stream: u64,
+    /// The event's place in that stream (Kafka offset, PostgreSQL event sequence).
+    pub seq: i64,
+}
+
+/// Acknowledges one event back to its source, once every sink has finished it or it has been
+/// dead-lettered.
+///
+/// The channel behind it is unbounded on purpose, but what travels on it is bounded: at most
+/// one message per outstanding event, and outstanding events are bounded by the pipeline queue.
+#[derive(Debug)]
+pub struct Ack {
+    tx: mpsc::UnboundedSender<Finished>,
+    finished: Finished,
+}
+
+impl Ack {
+    pub fn new(tx: mpsc::UnboundedSender<Finished>, finished: Finished) -> Ack {
+        Ack { tx, finished }
+    }
+
+    /// An ack that goes nowhere: for `explain`, `replay` and tests.
+    pub fn detached() -> Ack {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        Ack { tx, finished: Finished { stream: 0, seq: 0 } }
+    }
+
+    /// The event is done: every sink finished it or it was dead-lettered.
+    pub fn finish(self) {
+        // The source may already be gone (shutdown); then there is nothing left to acknowledge.
+        let _ = self.tx.send(self.finished);
+    }
+}

@@ -1,0 +1,225 @@
+//! Every metric the daemon exports, in one registry per pipeline (so tests can run several
+//! pipelines in one process and read each one's figures).
+//!
+//! Names start with `cdc_invalidator_`, use base units (`_seconds`, `_bytes`), counters end in
+//! `_total`, and labels only ever carry bounded values: table, op, sink name, item kind, reason,
+//! rule name, topic and partition. Never a key, a URL or a row value.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Staleness buckets: from sub-millisecond (Redis on loopback) to minutes (a CDN backlog).
+const STALENESS_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0];
+const DURATION_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+pub struct Metrics {
+    registry: Registry,
+    /// Source messages by table, op and outcome (`invalidated`, `no_match`, `no_change`,
+    /// `dead_lettered`, `partial` = invalidated what rendered and dead-lettered the rest).
+    pub events: IntCounterVec,
+    /// Items confirmed by a sink, by sink and kind (`key`, `tag`, `surrogate_key`, `url`).
+    pub invalidations: IntCounterVec,
+    /// Keys unlinked through tag fan-out (members of tag sets), by sink.
+    pub tag_members_unlinked: IntCounterVec,
+    /// Seconds from the database commit to the sink confirming, per sink.
+    pub staleness: HistogramVec,
+    /// Seconds from the database commit to the event being acknowledged to the source.
+    pub end_to_end_staleness: Histogram,
+    /// Per-partition consumer lag in messages, from librdkafka statistics.
+    pub kafka_consumer_lag: IntGaugeVec,
+    /// Events received but not yet acknowledged.
+    pub pending_events: IntGauge,
+    /// Events per batch.
+    pub batch_events: Histogram,
+    /// Distinct items per batch after coalescing.
+    pub batch_items: Histogram,
+    /// Seconds a sink took to finish one batch, retries included.
+    pub sink_batch_duration: HistogramVec,
+    /// Failed sink attempts, by sink and class (`retriable`, `permanent`).
+    pub sink_errors: IntCounterVec,
+    /// Sink attempts that will be retried, by sink.
+    pub sink_retries: IntCounterVec,
+    /// 1 while the sink answers, 0 while it is failing.
+    pub sink_up: IntGaugeVec,
+    /// Dead letters written, by reason (`malformed`, `rule_error`, `sink_rejected`).
+    pub dead_letters: IntCounterVec,
+    /// Failed attempts to write a dead letter (retried).
+    pub dead_letter_errors: IntCounter,
+    /// Templates that no row image could render, by rule.
+    pub rule_errors: IntCounterVec,
+    /// Unix time of the last message (event or heartbeat) from the source.
+    pub last_event_timestamp: Gauge,
+    /// Unix time of the source commit of the newest event seen.
+    pub last_commit_timestamp: Gauge,
+    /// Offset commits by outcome (`ok`, `error`).
+    pub source_commits: IntCounterVec,
+    /// Consumer group rebalances by kind (`assign`, `revoke`).
+    pub rebalances: IntCounterVec,
+    /// Errors reported by the source client (transient; it recovers by itself).
+    pub source_errors: IntCounter,
+    /// 1 when the source has partitions assigned (Kafka) or a live stream (PostgreSQL).
+    pub source_ready: IntGauge,
+    /// Constant 1, labelled with the version.
+    pub build_info: IntGaugeVec,
+    /// Rules currently loaded.
+    pub rules_loaded: IntGauge,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
+    r.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels).expect("metric definition is valid");
+    r.register(Box::new(h.clone())).expect("metric names are unique");
+    h
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
+    r.register(Box::new(g.clone())).expect("metric names are unique");
+    g
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let m = Metrics {
+            events: counter(&r, "cdc_invalidator_events_total", "Source messages processed, by table, op and outcome.", &["table", "op", "outcome"]),
+            invalidations: counter(&r, "cdc_invalidator_invalidations_total", "Items confirmed invalidated, by sink and kind.", &["sink", "kind"]),
+            tag_members_unlinked: counter(&r, "cdc_invalidator_tag_members_unlinked_total", "Keys unlinked through tag fan-out.", &["sink"]),
+            staleness: histogram(
+                &r,
+                "cdc_invalidator_staleness_seconds",
+                "Seconds from the database commit to the sink confirming the invalidation.",
+                &["sink"],
+                STALENESS_BUCKETS,
+            ),
+            end_to_end_staleness: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "cdc_invalidator_acknowledged_staleness_seconds",
+                        "Seconds from the database commit to the event being finished by every sink.",
+                    )
+                    .buckets(STALENESS_BUCKETS.to_vec()),
+                )
+                .expect("metric definition is valid");
+                r.register(Box::new(h.clone())).expect("metric names are unique");
+                h
+            },
+            kafka_consumer_lag: gauge_vec(&r, "cdc_invalidator_kafka_consumer_lag_messages", "Messages behind the partition's high watermark.", &["topic", "partition"]),
+            pending_events: {
+                let g = IntGauge::new("cdc_invalidator_pending_events", "Events received and not yet acknowledged.").expect("valid");
+                r.register(Box::new(g.clone())).expect("unique");
+                g
+            },
+            batch_events: {
+                let h = Histogram::with_opts(HistogramOpts::new("cdc_invalidator_batch_events", "Events per batch.").buckets(BATCH_BUCKETS.to_vec())).expect("valid");
+                r.register(Box::new(h.clone())).expect("unique");
+                h
+            },
+            batch_items: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new("cdc_invalidator_batch_items", "Distinct items per batch after coalescing.").buckets(BATCH_BUCKETS.to_vec()),
+                )
+                .expect("valid");
+                r.register(Box::new(h.clone())).expect("unique");
+                h
+            },
+            sink_batch_duration: histogram(
+                &r,
+                "cdc_invalidator_sink_batch_duration_seconds",
+                "Seconds a sink took to finish one batch, retries included.",
+                &["sink"],
+                DURATION_BUCKETS,
+            ),
+            sink_errors: counter(&r, "cdc_invalidator_sink_errors_total", "Failed sink attempts, by sink and class.", &["sink", "class"]),
+            sink_retries: counter(&r, "cdc_invalidator_sink_retries_total", "Sink attempts retried after a transient failure.", &["sink"]),
+            sink_up: gauge_vec(&r, "cdc_invalidator_sink_up", "1 while the sink answers, 0 while it fails.", &["sink"]),
+            dead_letters: counter(&r, "cdc_invalidator_dead_letters_total", "Dead letters written, by reason.", &["reason"]),
+            dead_letter_errors: {
+                let c = IntCounter::new("cdc_invalidator_dead_letter_write_errors_total", "Failed attempts to write a dead letter (retried).").expect("valid");
+                r.register(Box::new(c.clone())).expect("unique");
+                c
+            },
+            rule_errors: counter(&r, "cdc_invalidator_rule_errors_total", "Templates no row image could render, by rule.", &["rule"]),
+            last_event_timestamp: {
+                let g = Gauge::new("cdc_invalidator_last_event_timestamp_seconds", "Unix time of the last message (event or heartbeat) received.").expect("valid");
+                r.register(Box::new(g.clone())).expect("unique");
+                g
+            },
+            last_commit_timestamp: {
+                let g = Gauge::new(
+                    "cdc_invalidator_last_source_commit_timestamp_seconds",
+                    "Unix time of the database commit (or heartbeat) of the newest message received.",
+                )
+                .expect("valid");
+                r.register(Box::new(g.clone())).expect("unique");
+                g
+            },
+            source_commits: counter(&r, "cdc_invalidator_source_commits_total", "Source position commits, by outcome.", &["outcome"]),
+            rebalances: counter(&r, "cdc_invalidator_rebalances_total", "Consumer group rebalances, by kind.", &["kind"]),
+            source_errors: {
+                let c = IntCounter::new("cdc_invalidator_source_errors_total", "Transient errors reported by the source client.").expect("valid");
+                r.register(Box::new(c.clone())).expect("unique");
+                c
+            },
+            source_ready: {
+                let g = IntGauge::new("cdc_invalidator_source_ready", "1 when the source has partitions assigned or a live stream.").expect("valid");
+                r.register(Box::new(g.clone())).expect("unique");
+                g
+            },
+            build_info: gauge_vec(&r, "cdc_invalidator_build_info", "Constant 1, labelled with the version.", &["version"]),
+            rules_loaded: {
+                let g = IntGauge::new("cdc_invalidator_rules", "Rules currently loaded.").expect("valid");
+                r.register(Box::new(g.clone())).expect("unique");
+                g
+            },
+            registry: r,
+        };
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Reads a counter or gauge (summed over matching series), or a histogram's sample count,
+    /// by name and labels: for tests and the demo.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        use prometheus::proto::MetricType;
+        let mut total = 0.0;
+        for family in self.registry.gather().iter().filter(|f| f.name() == name) {
+            let kind = family.get_field_type();
+            for m in family.get_metric() {
+                if !labels.iter().all(|(k, v)| m.get_label().iter().any(|l| l.name() == *k && l.value() == *v)) {
+                    continue;
+                }
+                total += match kind {
+                    MetricType::COUNTER => m.get_counter().get_value(),
+                    MetricType::GAUGE => m.get_gauge().get_value(),
+                    MetricType::HISTOGRAM => m.get_histogram().get_sample_count() as f64,
+                    _ => 0.0,
+                };
+            }
+        }
+        total
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
