@@ -1,0 +1,7 @@
+//! Integration tests against real services. One test binary (faster to link than one per file);
+//! `support/` starts private instances of Redis, Kafka (librdkafka's mock cluster in process,
+//! Tansu out of process) on free loopback ports and stops them afterwards.
+
+mod support;
+
+mod redis_sink;

@@ -1,0 +1,1 @@
+//! The Tansu broker, out of process.
