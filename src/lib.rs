@@ -21,7 +21,10 @@
 //! - [`telemetry`]: Prometheus metrics and health endpoints.
 //! - [`config`], [`retry`], [`shutdown`]: the plumbing.
 
+pub mod app;
+pub mod cli;
 pub mod config;
+pub mod dead_letter;
 pub mod event;
 pub mod retry;
 pub mod rules;

@@ -84,6 +84,33 @@ impl Shutdown {
     }
 }
 
+/// Turns SIGTERM/SIGINT into the two stages: the first signal stops intake and starts the grace
+/// period, after which (or at a second signal) in-flight work is abandoned. Returns once
+/// abandoning is decided or `done` resolves (the daemon finished draining by itself).
+pub async fn on_signals(trigger: ShutdownTrigger, grace: std::time::Duration, done: impl std::future::Future<Output = ()>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        done.await;
+        return;
+    };
+    tokio::pin!(done);
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining (grace {grace:?})"),
+        _ = int.recv() => tracing::info!("SIGINT: draining (grace {grace:?})"),
+        _ = &mut done => return,
+    }
+    trigger.stop_intake();
+    tokio::select! {
+        _ = tokio::time::sleep(grace) => tracing::warn!("grace period over: abandoning in-flight work"),
+        _ = term.recv() => tracing::warn!("second signal: abandoning in-flight work"),
+        _ = int.recv() => tracing::warn!("second signal: abandoning in-flight work"),
+        _ = &mut done => return,
+    }
+    trigger.abandon();
+    done.await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -120,6 +120,12 @@ pub trait Sink: Send + Sync {
     /// The configured name: a metric label and a log field.
     fn name(&self) -> &str;
 
+    /// The kinds of item this sink serves; the pipeline skips it for batches with none of them
+    /// and measures its staleness only over events that asked it for something.
+    fn kinds(&self) -> &'static [ItemKind] {
+        &ItemKind::ALL
+    }
+
     /// Invalidates every item of the kinds this sink serves. Returns once each item is confirmed
     /// or permanently rejected; retries everything else until `shutdown` abandons the work.
     async fn invalidate(&self, batch: &Invalidations, shutdown: &Shutdown) -> Result<SinkReport, SinkError>;

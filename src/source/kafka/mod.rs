@@ -1,1 +1,297 @@
 //! The Kafka source: a consumer group reading Debezium topics.
+//!
+//! - `enable.auto.commit=false`: offsets are committed by us, per partition, only up to the
+//!   first event that is not finished ([`tracker`], built on the shared watermark).
+//! - Commits are asynchronous, on a timer (`commit_interval`), re-sent after a failure; never a
+//!   blocking commit on the async executor, never an endless commit retry. The final commit at
+//!   shutdown is synchronous on a blocking thread, with a timeout.
+//! - Backpressure: when the pipeline's queue is full the assigned partitions are *paused* and the
+//!   consumer keeps being polled, so the group membership (`max.poll.interval.ms`) and rebalance
+//!   callbacks stay alive while Redis is down for an hour.
+//! - Rebalances: revoked partitions commit what is finished and drop their unfinished work
+//!   unacknowledged (the new owner redelivers it).
+//! - Errors from `recv()` are transient: librdkafka reconnects by itself.
+
+mod context;
+mod tracker;
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message};
+use tokio::sync::mpsc;
+
+use self::context::{commit_list, lock, KafkaContext};
+use self::tracker::Tracker;
+use crate::config::KafkaConfig;
+use crate::event::Decoded;
+use crate::shutdown::Shutdown;
+use crate::source::{debezium, Ack, Finished, Malformed, Position, RawMessage, SourceEvent};
+use crate::telemetry::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSourceError {
+    /// Bad client settings or subscription: fatal at start.
+    #[error("cannot create the Kafka consumer: {0}")]
+    Create(rdkafka::error::KafkaError),
+    #[error("cannot subscribe to {what}: {error}")]
+    Subscribe { what: String, error: rdkafka::error::KafkaError },
+}
+
+/// How long the final, synchronous commit at shutdown may take.
+const FINAL_COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct KafkaSource {
+    consumer: Arc<StreamConsumer<KafkaContext>>,
+    tracker: Arc<Mutex<Tracker>>,
+    metrics: Arc<Metrics>,
+    commit_interval: Duration,
+    max_message_bytes: usize,
+}
+
+/// The librdkafka settings for a consumer, before passthrough: exposed for tests and `check`.
+pub fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.brokers)
+        .set("group.id", &config.group_id)
+        // We commit ourselves, only what is finished.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // A new group starts at the beginning: invalidating too much is safe, missing changes
+        // made before the first start is not. Override with librdkafka.auto.offset.reset.
+        .set("auto.offset.reset", "earliest")
+        // Per-partition consumer lag for the lag metric.
+        .set("statistics.interval.ms", "5000");
+    for (key, value) in &config.resolved_librdkafka {
+        c.set(key, value.expose());
+    }
+    c
+}
+
+impl KafkaSource {
+    /// Creates the consumer and subscribes. Connecting happens in the background: a broker that
+    /// is down now is not an error (the source just is not ready yet).
+    pub fn new(config: &KafkaConfig, metrics: Arc<Metrics>) -> Result<KafkaSource, KafkaSourceError> {
+        let tracker = Arc::new(Mutex::new(Tracker::default()));
+        let context = KafkaContext { tracker: tracker.clone(), metrics: metrics.clone(), commit_failed: Default::default() };
+        let consumer: StreamConsumer<KafkaContext> =
+            client_config(config).create_with_context(context).map_err(KafkaSourceError::Create)?;
+        let topics: Vec<&str> = match &config.topic_pattern {
+            Some(p) => vec![p.as_str()],
+            None => config.topics.iter().map(String::as_str).collect(),
+        };
+        consumer
+            .subscribe(&topics)
+            .map_err(|error| KafkaSourceError::Subscribe { what: topics.join(", "), error })?;
+        Ok(KafkaSource {
+            consumer: Arc::new(consumer),
+            tracker,
+            metrics,
+            commit_interval: config.commit_interval,
+            max_message_bytes: config.max_message_bytes,
+        })
+    }
+
+    /// Reads until `shutdown` stops intake, then keeps committing while the pipeline drains, and
+    /// commits one last time once every event is finished or abandoned.
+    pub async fn run(self, out: mpsc::Sender<SourceEvent>, shutdown: Shutdown) -> Result<(), KafkaSourceError> {
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Finished>();
+        let mut commit_tick = tokio::time::interval(self.commit_interval);
+        commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Events received while the pipeline queue was full (already fetched before the pause
+        // took effect). Bounded by librdkafka's prefetch, which pausing stops.
+        let mut held: VecDeque<SourceEvent> = VecDeque::new();
+        let mut paused = false;
+
+        loop {
+            tokio::select! {
+                // Acknowledgements first, so finished work is committed before new input piles up.
+                biased;
+                Some(f) = ack_rx.recv() => self.finish(f, &mut ack_rx),
+                _ = commit_tick.tick() => self.commit(false),
+                _ = shutdown.stopping() => break,
+                permit = out.reserve(), if !held.is_empty() => match permit {
+                    Ok(permit) => {
+                        if let Some(ev) = held.pop_front() {
+                            permit.send(ev);
+                        }
+                        if held.is_empty() && paused {
+                            self.set_paused(false);
+                            paused = false;
+                        }
+                    }
+                    Err(_) => break,
+                },
+                msg = self.consumer.recv() => match msg {
+                    Ok(m) => {
+                        let ev = self.to_event(&m, &ack_tx);
+                        if !held.is_empty() {
+                            held.push_back(ev);
+                            continue;
+                        }
+                        match out.try_send(ev) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(ev)) => {
+                                held.push_back(ev);
+                                if !paused {
+                                    self.set_paused(true);
+                                    paused = true;
+                                }
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => break,
+                        }
+                    }
+                    Err(e) => {
+                        self.metrics.source_errors.inc();
+                        tracing::warn!(error = %e, "kafka receive error (transient)");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+
+        // Drain: no new input; the pipeline finishes what it holds. Held events were never
+        // handed over: dropping them drops their acks, so they are redelivered next time.
+        tracing::info!(
+            held = held.len(),
+            in_flight = lock(&self.tracker).in_flight(),
+            "source stopped reading; waiting for in-flight events"
+        );
+        drop(held);
+        drop(ack_tx);
+        drop(out);
+        self.set_paused(true);
+        loop {
+            tokio::select! {
+                biased;
+                f = ack_rx.recv() => match f {
+                    Some(f) => self.finish(f, &mut ack_rx),
+                    // Every ack was finished or dropped: nothing more can move.
+                    None => break,
+                },
+                _ = commit_tick.tick() => self.commit(false),
+                // Keep serving rebalance callbacks; partitions are paused so nothing new comes.
+                _ = self.consumer.recv() => {}
+            }
+        }
+        self.final_commit().await;
+        Ok(())
+    }
+
+    fn finish(&self, first: Finished, rx: &mut mpsc::UnboundedReceiver<Finished>) {
+        let mut tracker = lock(&self.tracker);
+        let mut n = 1;
+        tracker.finish(first);
+        while let Ok(f) = rx.try_recv() {
+            tracker.finish(f);
+            n += 1;
+        }
+        self.metrics.pending_events.sub(n);
+    }
+
+    fn to_event(&self, m: &BorrowedMessage<'_>, ack_tx: &mpsc::UnboundedSender<Finished>) -> SourceEvent {
+        let (finished, topic) = lock(&self.tracker).start(m.topic(), m.partition(), m.offset());
+        self.metrics.pending_events.inc();
+        let now = SystemTime::now();
+        self.metrics.last_event_timestamp.set(unix_seconds(now));
+        let key = m.key();
+        let value = m.payload();
+        let decoded = match value {
+            Some(v) if v.len() > self.max_message_bytes => Err(Malformed(format!(
+                "the message value is {} bytes, over source.kafka.max_message_bytes ({})",
+                v.len(),
+                self.max_message_bytes
+            ))),
+            _ => debezium::decode(&topic, key, value).map_err(|e| Malformed(e.to_string())),
+        };
+        let origin = match &decoded {
+            Ok(Decoded::Change(c)) => c.committed_at,
+            Ok(Decoded::NoChange(n)) => n.at,
+            Err(_) => None,
+        };
+        if let Some(t) = origin {
+            self.metrics.last_commit_timestamp.set(unix_seconds(t));
+        }
+        let logged_at = m.timestamp().to_millis().and_then(|ms| u64::try_from(ms).ok()).map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+        SourceEvent {
+            position: Position::Kafka { topic: topic.clone(), partition: m.partition(), offset: m.offset() },
+            decoded,
+            raw: RawMessage {
+                topic: Some(topic),
+                key: key.map(<[u8]>::to_vec),
+                // Oversized values are not kept in memory: the dead letter records the reason
+                // and position, and the message stays in Kafka for inspection.
+                value: value.filter(|v| v.len() <= self.max_message_bytes).map(<[u8]>::to_vec),
+            },
+            logged_at,
+            received: Instant::now(),
+            ack: Ack::new(ack_tx.clone(), finished),
+        }
+    }
+
+    fn set_paused(&self, paused: bool) {
+        let mut tracker = lock(&self.tracker);
+        tracker.paused = paused;
+        drop(tracker);
+        let Ok(assignment) = self.consumer.assignment() else { return };
+        let result = if paused { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
+        match result {
+            Ok(()) => tracing::debug!(paused, "partitions {}", if paused { "paused: pipeline full" } else { "resumed" }),
+            Err(e) => tracing::warn!(error = %e, paused, "cannot pause/resume partitions"),
+        }
+    }
+
+    /// Sends the offsets that moved, asynchronously (the result arrives in the commit callback).
+    fn commit(&self, force: bool) {
+        let force = force || self.consumer.context().commit_failed.swap(false, Ordering::Relaxed);
+        let points = lock(&self.tracker).to_commit(force);
+        if points.is_empty() {
+            return;
+        }
+        if let Err(e) = self.consumer.commit(&commit_list(&points), CommitMode::Async) {
+            self.metrics.source_commits.with_label_values(&["error"]).inc();
+            self.consumer.context().commit_failed.store(true, Ordering::Relaxed);
+            tracing::warn!(error = %e, "cannot send offset commit; retrying on the next tick");
+        }
+    }
+
+    /// The last commit: synchronous so we know it landed, but on a blocking thread and with a
+    /// timeout, since librdkafka's synchronous commit can block for minutes without a
+    /// coordinator. Then the consumer leaves the group (also potentially slow, also off the
+    /// executor).
+    async fn final_commit(self) {
+        let points = lock(&self.tracker).all_commit_points();
+        let consumer = self.consumer.clone();
+        let metrics = self.metrics.clone();
+        let n = points.len();
+        let job = tokio::task::spawn_blocking(move || {
+            if !points.is_empty() {
+                match consumer.commit(&commit_list(&points), CommitMode::Sync) {
+                    Ok(()) => metrics.source_commits.with_label_values(&["ok"]).inc(),
+                    Err(e) => {
+                        metrics.source_commits.with_label_values(&["error"]).inc();
+                        tracing::warn!(error = %e, "final offset commit failed: the next start redelivers from the previous commit");
+                    }
+                }
+            }
+            consumer.unsubscribe();
+        });
+        match tokio::time::timeout(FINAL_COMMIT_TIMEOUT, job).await {
+            Ok(_) => tracing::info!(partitions = n, "final offsets committed"),
+            Err(_) => tracing::warn!("final offset commit timed out: the next start redelivers from the previous commit"),
+        }
+        self.metrics.source_ready.set(0);
+        // Dropping the consumer closes it (leaves the group); do that off the executor too.
+        let consumer = self.consumer;
+        let close = tokio::task::spawn_blocking(move || drop(consumer));
+        let _ = tokio::time::timeout(FINAL_COMMIT_TIMEOUT, close).await;
+    }
+}
+
+pub(crate) fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}

@@ -1,0 +1,342 @@
+//! The pipeline: source events in, batched and coalesced invalidations out to every sink, dead
+//! letters for what cannot be done, and acknowledgements only after all of that.
+//!
+//! ```text
+//! source task ──bounded queue──▶ pipeline task: recv_many up to batch_max_events / batch_max_wait
+//!                                 ├─ rules.evaluate(event) for every change
+//!                                 ├─ coalesce: one deduplicated Invalidations per batch
+//!                                 ├─ sinks, in layer order (Redis first), each until done
+//!                                 ├─ dead letters (malformed, rule errors, sink rejections)
+//!                                 └─ ack every event of the batch
+//! ```
+//!
+//! One batch is in flight at a time: while it is being sent, the queue fills and, when full,
+//! the source pauses. That keeps memory bounded and ordering simple; throughput comes from
+//! batching (one pipelined round trip per batch), not from concurrency.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::mpsc;
+
+use crate::config::{Config, PipelineConfig, SourceKind};
+use crate::dead_letter::{DeadLetterError, DeadLetters, Letter, Reason};
+use crate::event::{ChangeEvent, Decoded};
+use crate::rules::{Evaluation, Rules};
+use crate::shutdown::Shutdown;
+use crate::sink::redis::RedisSink;
+use crate::sink::{Invalidations, ItemKind, Sink, SinkError};
+use crate::source::kafka::KafkaSource;
+use crate::source::SourceEvent;
+use crate::telemetry::{self, Health, Metrics};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Http(#[from] telemetry::http::HttpError),
+    #[error("{0}")]
+    Sink(String),
+    #[error(transparent)]
+    DeadLetter(#[from] DeadLetterError),
+    #[error(transparent)]
+    Kafka(#[from] crate::source::kafka::KafkaSourceError),
+    #[error("source task failed: {0}")]
+    SourceTask(String),
+}
+
+/// How often sinks are pinged for `/readyz` and `cdc_invalidator_sink_up`.
+const PING_INTERVAL: Duration = Duration::from_secs(2);
+/// At most one log line per rule per this interval for rule errors (they are counted anyway).
+const RULE_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Runs the daemon until `shutdown` stops it and everything in flight is finished or abandoned.
+pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: Shutdown) -> Result<(), AppError> {
+    let health = Arc::new(Health::default());
+    let (addr, http) = telemetry::http::serve(config.metrics.listen, metrics.clone(), health.clone(), shutdown.clone()).await?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+
+    let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
+    if let Some(redis) = &config.sinks.redis {
+        let sink = RedisSink::new("redis", redis, metrics.clone()).map_err(|e| AppError::Sink(e.to_string()))?;
+        sinks.push(Arc::new(sink));
+    }
+    let kafka_config = config.source.kafka.as_ref();
+    let dead_letters = DeadLetters::open(&config.dead_letter, kafka_config, metrics.clone()).await?;
+    tracing::info!(destination = %dead_letters.describe(), "dead letters");
+
+    let (tx, rx) = mpsc::channel(config.pipeline.queue_capacity);
+    let source = match (config.source.kind, kafka_config) {
+        (SourceKind::Kafka, Some(k)) => KafkaSource::new(k, metrics.clone())?,
+        _ => return Err(AppError::SourceTask("the configured source is not available".into())),
+    };
+    let source_task = tokio::spawn(source.run(tx, shutdown.clone()));
+
+    let pinger = tokio::spawn(ping_sinks(sinks.clone(), health.clone(), metrics.clone(), shutdown.clone()));
+    metrics.rules_loaded.set(rules.len() as i64);
+    health.alive.store(true, Ordering::Relaxed);
+
+    let pipeline = Pipeline::new(config.pipeline.clone(), Arc::new(rules), sinks, dead_letters, metrics.clone());
+    let result = pipeline.run(rx, &shutdown).await;
+    health.alive.store(false, Ordering::Relaxed);
+    pinger.abort();
+
+    // The pipeline has finished or dropped every event: the source can make its final commit.
+    let source_result = source_task.await;
+    http.abort();
+    result?;
+    match source_result {
+        Ok(r) => r.map_err(AppError::from),
+        Err(e) => Err(AppError::SourceTask(e.to_string())),
+    }
+}
+
+async fn ping_sinks(sinks: Vec<Arc<dyn Sink>>, health: Arc<Health>, metrics: Arc<Metrics>, shutdown: Shutdown) {
+    loop {
+        let mut all = true;
+        for sink in &sinks {
+            let up = tokio::time::timeout(Duration::from_secs(2), sink.ping()).await.unwrap_or(false);
+            metrics.sink_up.with_label_values(&[sink.name()]).set(up as i64);
+            all &= up;
+        }
+        health.sinks_ready.store(all, Ordering::Relaxed);
+        tokio::select! {
+            _ = shutdown.abandoned() => return,
+            _ = tokio::time::sleep(PING_INTERVAL) => {}
+        }
+    }
+}
+
+/// Why a batch stopped early.
+#[derive(Debug)]
+enum BatchError {
+    /// Shutdown abandoned the batch: its events stay unacknowledged.
+    Abandoned,
+    Fatal(AppError),
+}
+
+/// The batching, coalescing and acknowledging stage. Public so tests and benchmarks can drive it
+/// with any source and sinks.
+pub struct Pipeline {
+    config: PipelineConfig,
+    rules: Arc<Rules>,
+    sinks: Vec<Arc<dyn Sink>>,
+    dead_letters: DeadLetters,
+    metrics: Arc<Metrics>,
+    /// Last time each rule's error was logged (rate limit).
+    rule_error_logged: HashMap<Arc<str>, Instant>,
+}
+
+/// One event of a batch and what the rules made of it.
+struct Item {
+    event: SourceEvent,
+    evaluation: Option<Evaluation>,
+    /// Set when the event must be dead-lettered (reason, sentence).
+    dead: Option<(Reason, String)>,
+}
+
+impl Pipeline {
+    pub fn new(config: PipelineConfig, rules: Arc<Rules>, sinks: Vec<Arc<dyn Sink>>, dead_letters: DeadLetters, metrics: Arc<Metrics>) -> Pipeline {
+        Pipeline { config, rules, sinks, dead_letters, metrics, rule_error_logged: HashMap::new() }
+    }
+
+    /// Processes batches until the source closes the queue (after shutdown stopped it) and the
+    /// queue is drained, or until shutdown abandons the work.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<SourceEvent>, shutdown: &Shutdown) -> Result<(), AppError> {
+        let max = self.config.batch_max_events;
+        let mut batch: Vec<SourceEvent> = Vec::with_capacity(max);
+        loop {
+            // Wait for the first event, then gather more until the batch is full or the first
+            // event has waited batch_max_wait.
+            let n = tokio::select! {
+                biased;
+                _ = shutdown.abandoned() => return Ok(()),
+                n = rx.recv_many(&mut batch, max) => n,
+            };
+            if n == 0 {
+                return Ok(()); // Queue closed and drained.
+            }
+            let deadline = tokio::time::Instant::now() + self.config.batch_max_wait;
+            while batch.len() < max {
+                let room = max - batch.len();
+                match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            let events = std::mem::replace(&mut batch, Vec::with_capacity(max));
+            match self.process(events, shutdown).await {
+                Ok(()) => {}
+                Err(BatchError::Abandoned) => {
+                    tracing::warn!("shutdown grace period over: in-flight events abandoned unacknowledged (they will be redelivered)");
+                    return Ok(());
+                }
+                Err(BatchError::Fatal(e)) => return Err(e),
+            }
+        }
+    }
+
+    async fn process(&mut self, events: Vec<SourceEvent>, shutdown: &Shutdown) -> Result<(), BatchError> {
+        self.metrics.batch_events.observe(events.len() as f64);
+        let rules = self.rules.clone();
+        let mut items: Vec<Item> = events
+            .into_iter()
+            .map(|event| {
+                let (evaluation, dead) = match &event.decoded {
+                    Err(m) => (None, Some((Reason::Malformed, m.0.clone()))),
+                    Ok(Decoded::NoChange(_)) => (None, None),
+                    Ok(Decoded::Change(change)) => {
+                        let eval = rules.evaluate(change);
+                        let dead = (!eval.errors.is_empty()).then(|| {
+                            (Reason::RuleError, eval.errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>().join(" "))
+                        });
+                        (Some(eval), dead)
+                    }
+                };
+                Item { event, evaluation, dead }
+            })
+            .collect();
+        self.log_rule_errors(&items);
+
+        let batch = coalesce(&items);
+        self.metrics
+            .batch_items
+            .observe(ItemKind::ALL.iter().map(|&k| batch.items(k).len()).sum::<usize>() as f64);
+
+        for sink in self.sinks.clone() {
+            let kinds = sink.kinds();
+            if kinds.iter().all(|&k| batch.items(k).is_empty()) {
+                continue;
+            }
+            let started = Instant::now();
+            let report = match sink.invalidate(&batch, shutdown).await {
+                Ok(r) => r,
+                Err(SinkError::Abandoned) => return Err(BatchError::Abandoned),
+                Err(SinkError::Fatal(m)) => return Err(BatchError::Fatal(AppError::Sink(format!("sink {}: {m}", sink.name())))),
+            };
+            let now = SystemTime::now();
+            self.metrics.sink_batch_duration.with_label_values(&[sink.name()]).observe(started.elapsed().as_secs_f64());
+            for (kind, n) in &report.confirmed {
+                self.metrics.invalidations.with_label_values(&[sink.name(), kind.as_str()]).inc_by(*n);
+            }
+            let staleness = self.metrics.staleness.with_label_values(&[sink.name()]);
+            for item in &items {
+                let asked = item.evaluation.as_ref().is_some_and(|e| kinds.iter().any(|&k| !e.invalidations.items(k).is_empty()));
+                if asked {
+                    if let Some(origin) = origin(&item.event) {
+                        staleness.observe(now.duration_since(origin).unwrap_or_default().as_secs_f64());
+                    }
+                }
+            }
+            for rejected in &report.rejected {
+                let Some(value) = batch.items(rejected.kind).get(rejected.index) else { continue };
+                for item in items.iter_mut() {
+                    let wanted = item.evaluation.as_ref().is_some_and(|e| e.invalidations.items(rejected.kind).binary_search(value).is_ok());
+                    if wanted {
+                        let sentence = format!("sink {} rejected {} {value:?}: {}", sink.name(), rejected.kind, rejected.reason);
+                        item.dead = Some(match item.dead.take() {
+                            Some((_, earlier)) => (Reason::SinkRejected, format!("{earlier} {sentence}")),
+                            None => (Reason::SinkRejected, sentence),
+                        });
+                    }
+                }
+            }
+        }
+
+        let letters: Vec<Letter> = items
+            .iter()
+            .filter_map(|item| {
+                let (reason, error) = item.dead.as_ref()?;
+                let change = change_of(&item.event);
+                Some(Letter::new(
+                    *reason,
+                    error.clone(),
+                    &item.event.position,
+                    &item.event.raw,
+                    change.map(|c| c.table.as_str()),
+                    change.map(|c| c.op.as_str()),
+                ))
+            })
+            .collect();
+        match self.dead_letters.write(&letters, shutdown).await {
+            Ok(()) => {}
+            Err(DeadLetterError::Abandoned) => return Err(BatchError::Abandoned),
+            Err(e) => return Err(BatchError::Fatal(e.into())),
+        }
+
+        let now = SystemTime::now();
+        for item in items {
+            let (table, op) = match &item.event.decoded {
+                Ok(Decoded::Change(c)) => (c.table.as_str(), c.op.as_str()),
+                Ok(Decoded::NoChange(n)) => (n.table.as_deref().unwrap_or("unknown"), "none"),
+                Err(_) => ("unknown", "none"),
+            };
+            let outcome = match (&item.dead, &item.evaluation) {
+                (Some((Reason::Malformed, _)), _) => "dead_lettered",
+                (Some(_), _) => "partial",
+                (None, None) => "no_change",
+                (None, Some(e)) if e.matched_rules.is_empty() => "no_match",
+                (None, Some(_)) => "invalidated",
+            };
+            self.metrics.events.with_label_values(&[table, op, outcome]).inc();
+            if item.evaluation.is_some() {
+                if let Some(origin) = origin(&item.event) {
+                    self.metrics.end_to_end_staleness.observe(now.duration_since(origin).unwrap_or_default().as_secs_f64());
+                }
+            }
+            item.event.ack.finish();
+        }
+        Ok(())
+    }
+
+    fn log_rule_errors(&mut self, items: &[Item]) {
+        for item in items {
+            let Some(eval) = &item.evaluation else { continue };
+            for err in &eval.errors {
+                self.metrics.rule_errors.with_label_values(&[&err.rule]).inc();
+                let now = Instant::now();
+                let last = self.rule_error_logged.get(&err.rule);
+                if last.is_none_or(|t| now.duration_since(*t) >= RULE_ERROR_LOG_INTERVAL) {
+                    self.rule_error_logged.insert(err.rule.clone(), now);
+                    let table = change_of(&item.event).map(|c| c.table.as_str()).unwrap_or("unknown");
+                    tracing::warn!(
+                        rule = %err.rule,
+                        table,
+                        position = %item.event.position,
+                        "rule error (dead-lettered; further errors of this rule are logged at most every 10s): {}",
+                        err.message
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn change_of(event: &SourceEvent) -> Option<&ChangeEvent> {
+    match &event.decoded {
+        Ok(Decoded::Change(c)) => Some(c),
+        _ => None,
+    }
+}
+
+/// The staleness origin of an event: its database commit time, else the time it entered the log.
+fn origin(event: &SourceEvent) -> Option<SystemTime> {
+    change_of(event).and_then(|c| c.committed_at).or(event.logged_at)
+}
+
+/// One deduplicated set of invalidations for the whole batch.
+fn coalesce(items: &[Item]) -> Invalidations {
+    let mut sets: [HashSet<&str>; 4] = Default::default();
+    for eval in items.iter().filter_map(|i| i.evaluation.as_ref()) {
+        for (i, kind) in ItemKind::ALL.iter().enumerate() {
+            sets[i].extend(eval.invalidations.items(*kind).iter().map(String::as_str));
+        }
+    }
+    let [keys, tags, surrogate_keys, urls] = sets.map(|s| {
+        let mut v: Vec<String> = s.into_iter().map(str::to_owned).collect();
+        v.sort_unstable();
+        v
+    });
+    Invalidations { redis_keys: keys, redis_tags: tags, surrogate_keys, urls }
+}

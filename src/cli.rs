@@ -1,0 +1,254 @@
+//! The commands: `run`, `check`, `explain` (the user-facing contract, `docs/interface.md`).
+//!
+//! Each returns the process exit code. Errors are printed to stderr as one sentence each, naming
+//! the file (and line and column for YAML/JSON); nothing here panics on bad input.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+use crate::config::{self, Config};
+use crate::event::Decoded;
+use crate::rules::Rules;
+use crate::shutdown;
+use crate::source::debezium;
+use crate::telemetry::{self, Metrics};
+
+#[derive(Debug, Parser)]
+#[command(name = "cdc-invalidator", version, about = "Invalidates cache keys, tags and CDN objects from database change events")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: consume changes, invalidate, export metrics, until SIGTERM/SIGINT.
+    Run {
+        /// The config file (YAML, or TOML by extension).
+        #[arg(short = 'c', long = "config")]
+        config: PathBuf,
+    },
+    /// Validate the config and the rules file it names; prints `ok` or every problem found.
+    Check {
+        #[arg(short = 'c', long = "config")]
+        config: PathBuf,
+    },
+    /// Decode one change event and print what would be invalidated, touching nothing.
+    Explain {
+        /// The rules file.
+        #[arg(long)]
+        rules: PathBuf,
+        /// A file holding one Kafka message value (`-` for stdin).
+        #[arg(long)]
+        event: PathBuf,
+        /// A file holding the message key.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// The topic the message came from (names the table when the event does not).
+        #[arg(long)]
+        topic: Option<String>,
+    },
+}
+
+/// Exit codes of the contract.
+const OK: u8 = 0;
+const FAILED: u8 = 1;
+const INVALID: u8 = 2;
+
+fn print_problems(err: &dyn std::fmt::Display) {
+    for line in err.to_string().lines() {
+        eprintln!("{line}");
+    }
+}
+
+/// Loads and validates config and rules, printing every problem.
+fn load(config_path: &Path) -> Result<(Config, Rules), u8> {
+    let mut failed = false;
+    let config = match config::load(config_path) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            print_problems(&e);
+            failed = true;
+            None
+        }
+    };
+    let rules = match &config {
+        Some(c) => match Rules::from_file(&c.rules) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                print_problems(&e);
+                failed = true;
+                None
+            }
+        },
+        None => None,
+    };
+    match (config, rules) {
+        (Some(c), Some(r)) if !failed => Ok((c, r)),
+        _ => Err(INVALID),
+    }
+}
+
+pub fn check(config_path: &Path) -> ExitCode {
+    match load(config_path) {
+        Ok(_) => {
+            println!("ok");
+            ExitCode::from(OK)
+        }
+        Err(code) => ExitCode::from(code),
+    }
+}
+
+pub fn run(config_path: &Path) -> ExitCode {
+    let (config, rules) = match load(config_path) {
+        Ok(v) => v,
+        Err(code) => return ExitCode::from(code),
+    };
+    telemetry::logging::init(config.log.format, &config.log.level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("cdc-invalidator").build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::from(FAILED);
+        }
+    };
+    let grace = config.shutdown.grace;
+    let result = runtime.block_on(async move {
+        let (trigger, shutdown) = shutdown::channel();
+        let metrics = Arc::new(Metrics::new());
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let signals = tokio::spawn(shutdown::on_signals(trigger, grace, async move {
+            let _ = done_rx.await;
+        }));
+        tracing::info!(rules = rules.len(), "cdc-invalidator {} starting", env!("CARGO_PKG_VERSION"));
+        let result = crate::app::run(config, rules, metrics, shutdown).await;
+        let _ = done_tx.send(());
+        let _ = signals.await;
+        result
+    });
+    // librdkafka threads may still be winding down; do not wait for them forever.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    match result {
+        Ok(()) => {
+            tracing::info!("drained; exiting");
+            ExitCode::from(OK)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "fatal");
+            eprintln!("cdc-invalidator: {e}");
+            ExitCode::from(FAILED)
+        }
+    }
+}
+
+/// The `explain` output: field order as in the contract.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Explanation {
+    pub table: Option<String>,
+    pub op: &'static str,
+    pub redis_keys: Vec<String>,
+    pub redis_tags: Vec<String>,
+    pub surrogate_keys: Vec<String>,
+    pub urls: Vec<String>,
+    pub matched_rules: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+/// Decodes one message and evaluates it: the heart of `explain`, shared with `replay --dry-run`.
+pub fn explain_message(rules: &Rules, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Explanation, debezium::DecodeError> {
+    Ok(match debezium::decode(topic, key, value)? {
+        Decoded::NoChange(n) => Explanation {
+            table: n.table,
+            op: "none",
+            redis_keys: vec![],
+            redis_tags: vec![],
+            surrogate_keys: vec![],
+            urls: vec![],
+            matched_rules: vec![],
+            errors: vec![],
+        },
+        Decoded::Change(change) => {
+            let eval = rules.evaluate(&change);
+            let mut matched: Vec<String> = eval.matched_rules.iter().map(|r| r.to_string()).collect();
+            matched.sort();
+            matched.dedup();
+            Explanation {
+                table: Some(change.table.clone()),
+                op: change.op.as_str(),
+                redis_keys: eval.invalidations.redis_keys,
+                redis_tags: eval.invalidations.redis_tags,
+                surrogate_keys: eval.invalidations.surrogate_keys,
+                urls: eval.invalidations.urls,
+                matched_rules: matched,
+                errors: eval.errors.into_iter().map(|e| e.message).collect(),
+            }
+        }
+    })
+}
+
+fn read_input(path: &Path) -> std::io::Result<Vec<u8>> {
+    if path == Path::new("-") {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf)?;
+        Ok(buf)
+    } else {
+        std::fs::read(path)
+    }
+}
+
+pub fn explain(rules_path: &Path, event: &Path, key: Option<&Path>, topic: Option<&str>) -> ExitCode {
+    let rules = match Rules::from_file(rules_path) {
+        Ok(r) => r,
+        Err(e) => {
+            print_problems(&e);
+            return ExitCode::from(INVALID);
+        }
+    };
+    let value = match read_input(event) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("{}: cannot read the event: {e}", event.display());
+            return ExitCode::from(FAILED);
+        }
+    };
+    let key = match key.map(std::fs::read).transpose() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("{}: cannot read the key: {e}", key.map(|k| k.display().to_string()).unwrap_or_default());
+            return ExitCode::from(FAILED);
+        }
+    };
+    // An empty file is a tombstone too (kcat writes a null value as nothing).
+    let value = (!value.iter().all(u8::is_ascii_whitespace)).then_some(value);
+    match explain_message(&rules, topic.unwrap_or(""), key.as_deref(), value.as_deref()) {
+        Ok(explanation) => {
+            match serde_json::to_string(&explanation) {
+                Ok(json) => println!("{json}"),
+                Err(e) => {
+                    eprintln!("cannot print the explanation: {e}");
+                    return ExitCode::from(FAILED);
+                }
+            }
+            ExitCode::from(OK)
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", event.display());
+            ExitCode::from(FAILED)
+        }
+    }
+}
+
+/// Entry point: parse arguments (clap prints help and usage errors itself, exit 2) and dispatch.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => run(&config),
+        Command::Check { config } => check(&config),
+        Command::Explain { rules, event, key, topic } => explain(&rules, &event, key.as_deref(), topic.as_deref()),
+    }
+}

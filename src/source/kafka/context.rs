@@ -1,0 +1,122 @@
+//! librdkafka callbacks: rebalances, commit results, statistics (lag), errors and logs.
+//!
+//! These run on whatever thread polls the consumer (our source task, inside `recv()`), so they
+//! must be quick and must never block: commits here are asynchronous.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
+
+use super::tracker::{CommitPoint, Tracker};
+use crate::telemetry::Metrics;
+
+pub(super) struct KafkaContext {
+    pub(super) tracker: Arc<Mutex<Tracker>>,
+    pub(super) metrics: Arc<Metrics>,
+    /// Set by a failed asynchronous commit so the next tick re-sends every offset.
+    pub(super) commit_failed: AtomicBool,
+}
+
+/// Locks the tracker; a poisoned lock (a panic elsewhere) is still usable: the tracker has no
+/// invariants a panic could half-break that matter more than continuing to commit correctly.
+pub(super) fn lock(tracker: &Mutex<Tracker>) -> std::sync::MutexGuard<'_, Tracker> {
+    tracker.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(super) fn commit_list(points: &[CommitPoint]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::with_capacity(points.len());
+    for p in points {
+        // Only fails for an invalid offset, which a watermark never produces.
+        let _ = tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(p.offset));
+    }
+    tpl
+}
+
+impl ClientContext for KafkaContext {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // Partition -1 is librdkafka's internal UA partition; lag -1 means unknown.
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                self.metrics.kafka_consumer_lag.with_label_values(&[topic.as_str(), &partition.to_string()]).set(p.consumer_lag);
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // librdkafka recovers from these by itself (broker down, transport failure, all brokers
+        // down): count and log, never stop.
+        self.metrics.source_errors.inc();
+        tracing::warn!(target: "cdc_invalidator::source::kafka", %error, reason, "kafka client error (transient; librdkafka retries)");
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel::*;
+        match level {
+            Emerg | Alert | Critical | Error => tracing::error!(target: "librdkafka", fac, "{message}"),
+            Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
+            Notice | Info => tracing::info!(target: "librdkafka", fac, "{message}"),
+            Debug => tracing::debug!(target: "librdkafka", fac, "{message}"),
+        }
+    }
+}
+
+impl ConsumerContext for KafkaContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            self.metrics.rebalances.with_label_values(&["revoke"]).inc();
+            let points: Vec<CommitPoint> = {
+                let mut tracker = lock(&self.tracker);
+                tpl.elements().iter().filter_map(|e| tracker.revoke(e.topic(), e.partition())).collect()
+            };
+            tracing::info!(partitions = tpl.count(), committing = points.len(), "partitions revoked: committing what is finished, dropping the rest unacknowledged");
+            if !points.is_empty() {
+                // Asynchronous: a rebalance callback must not block. If it is lost, the new owner
+                // redelivers from the previous commit: duplicates, never a loss.
+                if let Err(e) = consumer.commit(&commit_list(&points), CommitMode::Async) {
+                    self.metrics.source_commits.with_label_values(&["error"]).inc();
+                    tracing::warn!(error = %e, "commit on revoke failed; the new owner will redeliver");
+                }
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut tracker = lock(&self.tracker);
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                self.metrics.rebalances.with_label_values(&["assign"]).inc();
+                for e in tpl.elements() {
+                    tracker.assign(e.topic(), e.partition());
+                }
+                if tracker.paused {
+                    let _ = consumer.pause(tpl);
+                }
+                tracing::info!(partitions = tpl.count(), "partitions assigned");
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+        self.metrics.source_ready.set((tracker.assigned() > 0) as i64);
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {
+                self.metrics.source_commits.with_label_values(&["ok"]).inc();
+                tracing::debug!(partitions = offsets.count(), "offsets committed");
+            }
+            Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                self.metrics.source_commits.with_label_values(&["error"]).inc();
+                self.commit_failed.store(true, Ordering::Relaxed);
+                tracing::warn!(error = %e, "offset commit failed; retrying on the next tick");
+            }
+        }
+    }
+}
