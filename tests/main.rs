@@ -4,4 +4,5 @@
 
 mod support;
 
+mod pipeline;
 mod redis_sink;

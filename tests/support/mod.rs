@@ -1,6 +1,9 @@
 //! Test harness: private service instances on free loopback ports, stopped on drop.
 #![allow(dead_code)]
 
+pub mod daemon;
+pub mod events;
+pub mod kafka;
 pub mod redis;
 pub mod tansu;
 
