@@ -6,3 +6,4 @@ mod support;
 
 mod pipeline;
 mod redis_sink;
+mod signals;
