@@ -412,13 +412,20 @@ pub fn load_with_env(path: &Path, env: impl IntoIterator<Item = (String, String)
         let mut path: Vec<String> = e.path().iter().map(|s| s.to_string()).collect();
         let inner = e.into_inner();
         let message = inner.to_string();
-        // For an unknown field, point at that field rather than its parent.
-        if let Some(field) = message.strip_prefix("unknown field `").and_then(|m| m.split('`').next()) {
-            path.push(field.to_string());
+        // For an unknown field, point at that key rather than its parent.
+        let unknown = message.strip_prefix("unknown field `").and_then(|m| m.split('`').next()).map(str::to_string);
+        if let Some(field) = &unknown {
+            if path.last() != Some(field) {
+                path.push(field.clone());
+            }
         }
         let segs: Vec<&str> = path.iter().map(String::as_str).filter(|s| *s != "?").collect();
-        let message = if segs.is_empty() { message } else { format!("{}: {message}", segs.join(".")) };
-        ConfigError::Invalid(vec![origin.problem(&segs, message)])
+        let text = if segs.is_empty() { message } else { format!("{}: {message}", segs.join(".")) };
+        let mut problem = origin.problem(&segs, text);
+        if unknown.is_some() {
+            problem.location = origin.doc.as_ref().map(|d| d.locate_key(&segs));
+        }
+        ConfigError::Invalid(vec![problem])
     })?;
 
     let problems = cfg.validate(&origin);
@@ -697,7 +704,7 @@ metrics:
         let p = write(&dir, "c.yaml", &CORE.replace("    tag_prefix: \"tag:\"", "    tag_prefix: \"tag:\"\n    tag_prefx: x"));
         let err = load_with_env(&p, []).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("c.yaml:13:"), "{text}");
+        assert!(text.contains("c.yaml:13:5"), "{text}");
         assert!(text.contains("tag_prefx"), "{text}");
     }
 

@@ -237,6 +237,28 @@ impl Node {
         node.location
     }
 
+    /// Like [`Node::locate`], but for a path whose last segment is a mapping key: the location
+    /// of the key itself (where an "unknown key" error should point).
+    pub fn locate_key<'a>(&self, path: &[&'a str]) -> Location {
+        let Some((last, parent)) = path.split_last() else { return self.location };
+        let mut node = self;
+        for segment in parent {
+            let next = match &node.value {
+                Value::Map(entries) => entries.iter().find(|(k, _)| k.as_str().is_some_and(|s| s.eq_ignore_ascii_case(segment))).map(|(_, v)| v),
+                Value::Seq(items) => segment.parse::<usize>().ok().and_then(|i| items.get(i)),
+                _ => None,
+            };
+            match next {
+                Some(n) => node = n,
+                None => return node.location,
+            }
+        }
+        node.as_map()
+            .and_then(|entries| entries.iter().find(|(k, _)| k.as_str().is_some_and(|s| s.eq_ignore_ascii_case(last))))
+            .map(|(k, _)| k.location)
+            .unwrap_or(node.location)
+    }
+
     /// A short name of the node's type, for error messages.
     pub fn type_name(&self) -> &'static str {
         match self.value {
