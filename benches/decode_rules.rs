@@ -1,0 +1,84 @@
+//! Benchmark (a): Debezium decode + rules evaluation, events per second on one core, over the
+//! fixture mix. `cargo bench --bench decode_rules` (release profile).
+
+use std::path::Path;
+use std::time::Instant;
+
+use cdc_invalidator::event::Decoded;
+use cdc_invalidator::rules::Rules;
+use cdc_invalidator::source::debezium;
+
+const RULES: &str = r#"version: 1
+rules:
+  - name: product-pages
+    table: public.products
+    ops: [insert, update, delete]
+    when_changed: [price, name, category_id]
+    vars:
+      locale: [en-us, fr, de]
+    redis:
+      keys: ["product:{id}", "product:{id}:page:{locale}"]
+      tags: ["category:{category_id}"]
+    cdn:
+      surrogate_keys: ["product-{id}", "category-{category_id}"]
+      urls: ["https://shop.example.com/p/{slug|urlencode}"]
+    on_truncate:
+      redis: { tags: ["products:all"] }
+  - name: customers
+    table: inventory.customers
+    redis:
+      keys: ["customer:{id}", "customer-email:{email|lower}"]
+"#;
+
+fn main() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/debezium");
+    let mut mix: Vec<(String, Option<Vec<u8>>)> = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("tests/fixtures/debezium") {
+        let path = entry.expect("dir entry").path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if !name.ends_with(".json") || name.starts_with("key-") {
+            continue;
+        }
+        let topic = match name.as_str() {
+            "mysql-update.json" => "inventory.inventory.customers",
+            "heartbeat.json" => "__debezium-heartbeat.shop",
+            _ => "shop.public.products",
+        };
+        let bytes = std::fs::read(&path).expect("fixture");
+        let value = (bytes.trim_ascii() != b"null").then_some(bytes);
+        mix.push((topic.to_string(), value));
+    }
+    mix.sort();
+    let rules = Rules::parse(RULES, Path::new("bench-rules.yaml")).expect("bench rules");
+
+    let rounds = 40_000;
+    let mut changes = 0u64;
+    let mut items = 0u64;
+    // Warm up, then measure.
+    for round in 0..(rounds + 2_000) {
+        if round == 2_000 {
+            changes = 0;
+            items = 0;
+        }
+        for (topic, value) in &mix {
+            if let Ok(Decoded::Change(c)) = debezium::decode(topic, None, value.as_deref()) {
+                let e = rules.evaluate(&c);
+                changes += 1;
+                items += (e.invalidations.redis_keys.len() + e.invalidations.redis_tags.len()) as u64;
+            }
+        }
+    }
+    let start = Instant::now();
+    let mut n = 0u64;
+    for _ in 0..rounds {
+        for (topic, value) in &mix {
+            n += 1;
+            if let Ok(Decoded::Change(c)) = debezium::decode(topic, None, value.as_deref()) {
+                std::hint::black_box(rules.evaluate(&c));
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!("decode+rules: {n} messages ({} fixtures x {rounds}) in {secs:.2} s on one core", mix.len());
+    println!("decode+rules: {:.0} messages/s ({:.2} us/message); {} changes, {} redis items per warm-up pass", n as f64 / secs, secs * 1e6 / n as f64, changes, items);
+}
