@@ -5,3 +5,4 @@
 mod support;
 
 mod redis_sink;
+mod tansu_smoke;
