@@ -80,5 +80,11 @@ fn main() {
     }
     let secs = start.elapsed().as_secs_f64();
     println!("decode+rules: {n} messages ({} fixtures x {rounds}) in {secs:.2} s on one core", mix.len());
-    println!("decode+rules: {:.0} messages/s ({:.2} us/message); {} changes, {} redis items per warm-up pass", n as f64 / secs, secs * 1e6 / n as f64, changes, items);
+    println!(
+        "decode+rules: {:.0} messages/s ({:.2} us/message); {} changes, {} redis items per warm-up pass",
+        n as f64 / secs,
+        secs * 1e6 / n as f64,
+        changes,
+        items
+    );
 }

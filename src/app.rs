@@ -54,7 +54,8 @@ const RULE_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Runs the daemon until `shutdown` stops it and everything in flight is finished or abandoned.
 pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: Shutdown) -> Result<(), AppError> {
     let health = Arc::new(Health::default());
-    let (addr, http) = telemetry::http::serve(config.metrics.listen, metrics.clone(), health.clone(), shutdown.clone()).await?;
+    let (addr, http) =
+        telemetry::http::serve(config.metrics.listen, metrics.clone(), health.clone(), shutdown.clone()).await?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
 
     let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
@@ -137,7 +138,13 @@ struct Item {
 }
 
 impl Pipeline {
-    pub fn new(config: PipelineConfig, rules: Arc<Rules>, sinks: Vec<Arc<dyn Sink>>, dead_letters: DeadLetters, metrics: Arc<Metrics>) -> Pipeline {
+    pub fn new(
+        config: PipelineConfig,
+        rules: Arc<Rules>,
+        sinks: Vec<Arc<dyn Sink>>,
+        dead_letters: DeadLetters,
+        metrics: Arc<Metrics>,
+    ) -> Pipeline {
         Pipeline { config, rules, sinks, dead_letters, metrics, rule_error_logged: HashMap::new() }
     }
 
@@ -189,7 +196,10 @@ impl Pipeline {
                     Ok(Decoded::Change(change)) => {
                         let eval = rules.evaluate(change);
                         let dead = (!eval.errors.is_empty()).then(|| {
-                            (Reason::RuleError, eval.errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>().join(" "))
+                            (
+                                Reason::RuleError,
+                                eval.errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>().join(" "),
+                            )
                         });
                         (Some(eval), dead)
                     }
@@ -200,9 +210,7 @@ impl Pipeline {
         self.log_rule_errors(&items);
 
         let batch = coalesce(&items);
-        self.metrics
-            .batch_items
-            .observe(ItemKind::ALL.iter().map(|&k| batch.items(k).len()).sum::<usize>() as f64);
+        self.metrics.batch_items.observe(ItemKind::ALL.iter().map(|&k| batch.items(k).len()).sum::<usize>() as f64);
 
         for sink in self.sinks.clone() {
             let kinds = sink.kinds();
@@ -213,7 +221,9 @@ impl Pipeline {
             let report = match sink.invalidate(&batch, shutdown).await {
                 Ok(r) => r,
                 Err(SinkError::Abandoned) => return Err(BatchError::Abandoned),
-                Err(SinkError::Fatal(m)) => return Err(BatchError::Fatal(AppError::Sink(format!("sink {}: {m}", sink.name())))),
+                Err(SinkError::Fatal(m)) => {
+                    return Err(BatchError::Fatal(AppError::Sink(format!("sink {}: {m}", sink.name()))))
+                }
             };
             let now = SystemTime::now();
             self.metrics.sink_batch_duration.with_label_values(&[sink.name()]).observe(started.elapsed().as_secs_f64());
@@ -222,7 +232,10 @@ impl Pipeline {
             }
             let staleness = self.metrics.staleness.with_label_values(&[sink.name()]);
             for item in &items {
-                let asked = item.evaluation.as_ref().is_some_and(|e| kinds.iter().any(|&k| !e.invalidations.items(k).is_empty()));
+                let asked = item
+                    .evaluation
+                    .as_ref()
+                    .is_some_and(|e| kinds.iter().any(|&k| !e.invalidations.items(k).is_empty()));
                 if asked {
                     if let Some(origin) = origin(&item.event) {
                         staleness.observe(now.duration_since(origin).unwrap_or_default().as_secs_f64());
@@ -232,9 +245,13 @@ impl Pipeline {
             for rejected in &report.rejected {
                 let Some(value) = batch.items(rejected.kind).get(rejected.index) else { continue };
                 for item in items.iter_mut() {
-                    let wanted = item.evaluation.as_ref().is_some_and(|e| e.invalidations.items(rejected.kind).binary_search(value).is_ok());
+                    let wanted = item
+                        .evaluation
+                        .as_ref()
+                        .is_some_and(|e| e.invalidations.items(rejected.kind).binary_search(value).is_ok());
                     if wanted {
-                        let sentence = format!("sink {} rejected {} {value:?}: {}", sink.name(), rejected.kind, rejected.reason);
+                        let sentence =
+                            format!("sink {} rejected {} {value:?}: {}", sink.name(), rejected.kind, rejected.reason);
                         item.dead = Some(match item.dead.take() {
                             Some((_, earlier)) => (Reason::SinkRejected, format!("{earlier} {sentence}")),
                             None => (Reason::SinkRejected, sentence),
@@ -282,7 +299,9 @@ impl Pipeline {
             self.metrics.events.with_label_values(&[table, op, outcome]).inc();
             if item.evaluation.is_some() {
                 if let Some(origin) = origin(&item.event) {
-                    self.metrics.end_to_end_staleness.observe(now.duration_since(origin).unwrap_or_default().as_secs_f64());
+                    self.metrics
+                        .end_to_end_staleness
+                        .observe(now.duration_since(origin).unwrap_or_default().as_secs_f64());
                 }
             }
             item.event.ack.finish();

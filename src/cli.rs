@@ -19,7 +19,11 @@ use crate::source::debezium;
 use crate::telemetry::{self, Metrics};
 
 #[derive(Debug, Parser)]
-#[command(name = "cdc-invalidator", version, about = "Invalidates cache keys, tags and CDN objects from database change events")]
+#[command(
+    name = "cdc-invalidator",
+    version,
+    about = "Invalidates cache keys, tags and CDN objects from database change events"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -110,7 +114,8 @@ pub fn run(config_path: &Path) -> ExitCode {
         Err(code) => return ExitCode::from(code),
     };
     telemetry::logging::init(config.log.format, &config.log.level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("cdc-invalidator").build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("cdc-invalidator").build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
@@ -160,7 +165,12 @@ pub struct Explanation {
 }
 
 /// Decodes one message and evaluates it: the heart of `explain`, shared with `replay --dry-run`.
-pub fn explain_message(rules: &Rules, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Explanation, debezium::DecodeError> {
+pub fn explain_message(
+    rules: &Rules,
+    topic: &str,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+) -> Result<Explanation, debezium::DecodeError> {
     Ok(match debezium::decode(topic, key, value)? {
         Decoded::NoChange(n) => Explanation {
             table: n.table,

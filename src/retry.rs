@@ -167,7 +167,11 @@ mod tests {
                 let c = c.clone();
                 async move {
                     let n = c.fetch_add(1, Ordering::SeqCst) + 1;
-                    if n < 5 { Err("down") } else { Ok(n) }
+                    if n < 5 {
+                        Err("down")
+                    } else {
+                        Ok(n)
+                    }
                 }
             },
             |_| Verdict::Retry { floor: None },
@@ -208,7 +212,13 @@ mod tests {
             || {
                 calls += 1;
                 let fail = calls == 1;
-                async move { if fail { Err("429") } else { Ok(()) } }
+                async move {
+                    if fail {
+                        Err("429")
+                    } else {
+                        Ok(())
+                    }
+                }
             },
             |_| Verdict::Retry { floor: Some(Duration::from_secs(60)) },
             |_, _, _| {},

@@ -87,7 +87,11 @@ impl Shutdown {
 /// Turns SIGTERM/SIGINT into the two stages: the first signal stops intake and starts the grace
 /// period, after which (or at a second signal) in-flight work is abandoned. Returns once
 /// abandoning is decided or `done` resolves (the daemon finished draining by itself).
-pub async fn on_signals(trigger: ShutdownTrigger, grace: std::time::Duration, done: impl std::future::Future<Output = ()>) {
+pub async fn on_signals(
+    trigger: ShutdownTrigger,
+    grace: std::time::Duration,
+    done: impl std::future::Future<Output = ()>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");

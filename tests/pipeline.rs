@@ -52,7 +52,8 @@ async fn keys_and_tag_members_are_deleted_and_offsets_committed() {
     for m in ["listing:5:page:1", "listing:5:page:2", "listing:9:page:1"] {
         let _: () = c.set(m, "cached").unwrap();
     }
-    let _: () = redis::cmd("SADD").arg("tag:category:5").arg("listing:5:page:1").arg("listing:5:page:2").query(&mut c).unwrap();
+    let _: () =
+        redis::cmd("SADD").arg("tag:category:5").arg("listing:5:page:1").arg("listing:5:page:2").query(&mut c).unwrap();
     let _: () = redis::cmd("SADD").arg("tag:category:9").arg("listing:9:page:1").query(&mut c).unwrap();
 
     let kafka = MockKafka::start(1);
@@ -60,9 +61,13 @@ async fn keys_and_tag_members_are_deleted_and_offsets_committed() {
     produce_inserts(&kafka, 1..=30, 5).await;
     let bootstrap = kafka.bootstrap();
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path(), &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g1", redis_url: &redis.url(), extra: "" });
+    let daemon = Daemon::start(
+        dir.path(),
+        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g1", redis_url: &redis.url(), extra: "" },
+    );
 
-    let gone = wait_until(Duration::from_secs(20), || (1..=30).all(|id| !exists(&mut c, &format!("product:{id}")))).await;
+    let gone =
+        wait_until(Duration::from_secs(20), || (1..=30).all(|id| !exists(&mut c, &format!("product:{id}")))).await;
     assert!(gone, "every product key is unlinked");
     assert!(!exists(&mut c, "listing:5:page:1") && !exists(&mut c, "listing:5:page:2"), "tag members are unlinked");
     assert!(!exists(&mut c, "tag:category:5"), "the tag set goes too");
@@ -70,7 +75,11 @@ async fn keys_and_tag_members_are_deleted_and_offsets_committed() {
     assert!(exists(&mut c, "unrelated"));
 
     let offsets = wait_committed(&bootstrap, "g1", 3, 30).await;
-    assert_eq!(offsets.iter().map(|&o| o.max(0)).sum::<i64>(), 30, "offsets of all 30 finished events committed: {offsets:?}");
+    assert_eq!(
+        offsets.iter().map(|&o| o.max(0)).sum::<i64>(),
+        30,
+        "offsets of all 30 finished events committed: {offsets:?}"
+    );
     assert_eq!(daemon.metrics.value("cdc_invalidator_events_total", &[("outcome", "invalidated")]), 30.0);
     assert!(daemon.metrics.value("cdc_invalidator_staleness_seconds", &[("sink", "redis")]) >= 1.0);
     assert_eq!(daemon.metrics.value("cdc_invalidator_pending_events", &[]), 0.0);
@@ -91,7 +100,12 @@ async fn keys_and_tag_members_are_deleted_and_offsets_committed() {
         promtool.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
     }
     let out = promtool.wait_with_output().unwrap();
-    assert!(out.status.success(), "promtool check metrics: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (ready, _) = http_get(daemon.metrics_port, "/readyz").unwrap();
     assert_eq!(ready, 200, "ready once assigned and Redis answers");
     assert_eq!(http_get(daemon.metrics_port, "/healthz").unwrap().0, 200);
@@ -120,7 +134,9 @@ async fn restart_resumes_after_the_last_committed_offset() {
     set_keys(&mut c, 1..=15);
     produce_inserts(&kafka, 11..=15, 1).await;
     let second = Daemon::start(dir.path(), &setup);
-    assert!(wait_until(Duration::from_secs(20), || (11..=15).all(|id| !exists(&mut c, &format!("product:{id}")))).await);
+    assert!(
+        wait_until(Duration::from_secs(20), || (11..=15).all(|id| !exists(&mut c, &format!("product:{id}")))).await
+    );
     assert_eq!(wait_committed(&bootstrap, "g2", 1, 15).await, vec![15]);
     let processed = second.metrics.value("cdc_invalidator_events_total", &[]);
     second.stop().await.unwrap();
@@ -136,13 +152,18 @@ async fn redis_down_holds_offsets_and_everything_is_deleted_when_it_returns() {
     let bootstrap = kafka.bootstrap();
     let dir = tempfile::tempdir().unwrap();
     let url = redis.url();
-    let daemon = Daemon::start(dir.path(), &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g3", redis_url: &url, extra: "" });
+    let daemon = Daemon::start(
+        dir.path(),
+        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g3", redis_url: &url, extra: "" },
+    );
 
     {
         let mut c = conn(&url);
         set_keys(&mut c, 1..=20);
         produce_inserts(&kafka, 1..=10, 1).await;
-        assert!(wait_until(Duration::from_secs(20), || (1..=10).all(|id| !exists(&mut c, &format!("product:{id}")))).await);
+        assert!(
+            wait_until(Duration::from_secs(20), || (1..=10).all(|id| !exists(&mut c, &format!("product:{id}")))).await
+        );
         // Keep the refilled keys across the restart: persist them, then stop the server.
         let _: () = redis::cmd("SAVE").query(&mut c).unwrap();
     }
@@ -151,15 +172,25 @@ async fn redis_down_holds_offsets_and_everything_is_deleted_when_it_returns() {
 
     produce_inserts(&kafka, 11..=20, 1).await;
     // The events are consumed but cannot finish: offsets must not move.
-    assert!(wait_until(Duration::from_secs(10), || daemon.metrics.value("cdc_invalidator_pending_events", &[]) == 10.0).await);
+    assert!(
+        wait_until(Duration::from_secs(10), || daemon.metrics.value("cdc_invalidator_pending_events", &[]) == 10.0)
+            .await
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(committed(&bootstrap, "g3", TOPIC, 2).await.iter().sum::<i64>(), 10, "nothing acknowledged while Redis is down");
+    assert_eq!(
+        committed(&bootstrap, "g3", TOPIC, 2).await.iter().sum::<i64>(),
+        10,
+        "nothing acknowledged while Redis is down"
+    );
     assert!(daemon.metrics.value("cdc_invalidator_sink_retries_total", &[("sink", "redis")]) >= 1.0);
 
     redis.restart();
     let mut c = conn(&url);
     assert!(exists(&mut c, "product:15"), "the saved keys came back with the server");
-    assert!(wait_until(Duration::from_secs(20), || (11..=20).all(|id| !exists(&mut c, &format!("product:{id}")))).await, "every key is deleted once Redis returns");
+    assert!(
+        wait_until(Duration::from_secs(20), || (11..=20).all(|id| !exists(&mut c, &format!("product:{id}")))).await,
+        "every key is deleted once Redis returns"
+    );
     assert_eq!(wait_committed(&bootstrap, "g3", 2, 20).await.iter().sum::<i64>(), 20);
     daemon.stop().await.unwrap();
 }
@@ -177,7 +208,9 @@ async fn abandoned_work_is_redelivered_on_the_next_start() {
     let setup = Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g4", redis_url: &url, extra: "" };
 
     let first = Daemon::start(dir.path(), &setup);
-    assert!(wait_until(Duration::from_secs(10), || first.metrics.value("cdc_invalidator_pending_events", &[]) == 8.0).await);
+    assert!(
+        wait_until(Duration::from_secs(10), || first.metrics.value("cdc_invalidator_pending_events", &[]) == 8.0).await
+    );
     first.abandon().await.unwrap();
     assert_eq!(committed(&bootstrap, "g4", TOPIC, 1).await, vec![-1], "abandoned work is not acknowledged");
 
@@ -201,22 +234,38 @@ async fn broker_faults_lose_nothing() {
     let bootstrap = kafka.bootstrap();
     produce_inserts(&kafka, 1..=10, 1).await;
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path(), &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g5", redis_url: &redis.url(), extra: "" });
+    let daemon = Daemon::start(
+        dir.path(),
+        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g5", redis_url: &redis.url(), extra: "" },
+    );
     assert!(wait_until(Duration::from_secs(20), || (1..=10).all(|id| !exists(&mut c, &format!("product:{id}")))).await);
 
     // Fetch and OffsetCommit requests fail for a while.
-    kafka.cluster().request_errors(RDKafkaApiKey::Fetch, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 4]);
-    kafka.cluster().request_errors(RDKafkaApiKey::OffsetCommit, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 4]);
+    kafka
+        .cluster()
+        .request_errors(RDKafkaApiKey::Fetch, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 4]);
+    kafka
+        .cluster()
+        .request_errors(RDKafkaApiKey::OffsetCommit, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 4]);
     produce_inserts(&kafka, 11..=20, 1).await;
-    assert!(wait_until(Duration::from_secs(20), || (11..=20).all(|id| !exists(&mut c, &format!("product:{id}")))).await);
+    assert!(
+        wait_until(Duration::from_secs(20), || (11..=20).all(|id| !exists(&mut c, &format!("product:{id}")))).await
+    );
 
     // The broker goes away and comes back.
     kafka.cluster().broker_down(1).unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     kafka.cluster().broker_up(1).unwrap();
     produce_inserts(&kafka, 21..=30, 1).await;
-    assert!(wait_until(Duration::from_secs(30), || (21..=30).all(|id| !exists(&mut c, &format!("product:{id}")))).await, "events after the outage arrive");
-    assert_eq!(wait_committed(&bootstrap, "g5", 2, 30).await.iter().sum::<i64>(), 30, "commits recover after the faults");
+    assert!(
+        wait_until(Duration::from_secs(30), || (21..=30).all(|id| !exists(&mut c, &format!("product:{id}")))).await,
+        "events after the outage arrive"
+    );
+    assert_eq!(
+        wait_committed(&bootstrap, "g5", 2, 30).await.iter().sum::<i64>(),
+        30,
+        "commits recover after the faults"
+    );
     daemon.stop().await.unwrap();
 }
 
@@ -230,16 +279,33 @@ async fn malformed_and_unrenderable_events_are_dead_lettered_and_the_pipeline_go
     let bootstrap = kafka.bootstrap();
     kafka.produce(TOPIC, Some(0), None, Some(&product_insert(1, 1))).await;
     kafka.produce(TOPIC, Some(0), None, Some("{not json")).await;
-    kafka.produce(TOPIC, Some(0), None, Some(r#"{"before":null,"after":{"id":9},"source":{"schema":"public","table":"products"},"op":"x"}"#)).await;
+    kafka
+        .produce(
+            TOPIC,
+            Some(0),
+            None,
+            Some(r#"{"before":null,"after":{"id":9},"source":{"schema":"public","table":"products"},"op":"x"}"#),
+        )
+        .await;
     // A delete whose before image holds only the key: the tag cannot render, the key can.
-    let delete = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/debezium/pg-delete-key-only.json")).unwrap();
+    let delete = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/debezium/pg-delete-key-only.json"
+    ))
+    .unwrap();
     kafka.produce(TOPIC, Some(0), None, Some(&delete)).await;
     kafka.produce(TOPIC, Some(0), None, None).await; // tombstone
     kafka.produce(TOPIC, Some(0), None, Some(&product_update(2, 1, 2))).await;
 
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path(), &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g6", redis_url: &redis.url(), extra: "" });
-    assert!(wait_until(Duration::from_secs(20), || !exists(&mut c, "product:1") && !exists(&mut c, "product:2")).await, "later events are processed");
+    let daemon = Daemon::start(
+        dir.path(),
+        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g6", redis_url: &redis.url(), extra: "" },
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || !exists(&mut c, "product:1") && !exists(&mut c, "product:2")).await,
+        "later events are processed"
+    );
     assert!(!exists(&mut c, "product:43"), "what a partially renderable event could render is still invalidated");
     assert_eq!(wait_committed(&bootstrap, "g6", 1, 6).await, vec![6], "dead-lettered events count as finished");
 

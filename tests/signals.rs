@@ -26,10 +26,16 @@ async fn sigterm_drains_commits_and_exits_zero() {
     let bootstrap = kafka.bootstrap();
     let dir = tempfile::tempdir().unwrap();
     let url = redis.url();
-    let (config, port) = write_config(dir.path(), &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "sig", redis_url: &url, extra: "" });
+    let (config, port) = write_config(
+        dir.path(),
+        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "sig", redis_url: &url, extra: "" },
+    );
     let mut daemon = DaemonProcess::start(&config, dir.path());
 
-    let gone = wait_until(Duration::from_secs(30), || (1..=20).all(|id| !c.exists::<_, bool>(format!("product:{id}")).unwrap_or(true))).await;
+    let gone = wait_until(Duration::from_secs(30), || {
+        (1..=20).all(|id| !c.exists::<_, bool>(format!("product:{id}")).unwrap_or(true))
+    })
+    .await;
     assert!(gone, "daemon log:\n{}", daemon.log_text());
     assert!(wait_until(Duration::from_secs(10), || http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)).await);
 

@@ -460,7 +460,10 @@ fn resolve_secret(
         return match std::env::var(var) {
             Ok(v) if !v.is_empty() => Some(Secret::new(v)),
             _ => {
-                problems.push(origin.problem(path, format!("`{name}_env` names the environment variable {var}, which is not set")));
+                problems.push(
+                    origin
+                        .problem(path, format!("`{name}_env` names the environment variable {var}, which is not set")),
+                );
                 None
             }
         };
@@ -477,7 +480,12 @@ fn resolve_secret(
 }
 
 /// Resolves `_env`/`_file` keys of a librdkafka passthrough map.
-fn resolve_passthrough(origin: &Origin, path: &[&str], map: &BTreeMap<String, Scalar>, problems: &mut Vec<Problem>) -> Vec<(String, Secret)> {
+fn resolve_passthrough(
+    origin: &Origin,
+    path: &[&str],
+    map: &BTreeMap<String, Scalar>,
+    problems: &mut Vec<Problem>,
+) -> Vec<(String, Secret)> {
     let mut out = Vec::new();
     for (key, value) in map {
         let mut here: Vec<&str> = path.to_vec();
@@ -486,13 +494,17 @@ fn resolve_passthrough(origin: &Origin, path: &[&str], map: &BTreeMap<String, Sc
         if let Some(base) = key.strip_suffix("_env") {
             match std::env::var(&text) {
                 Ok(v) => out.push((base.to_string(), Secret::new(v))),
-                Err(_) => problems.push(origin.problem(&here, format!("`{key}` names the environment variable {text}, which is not set"))),
+                Err(_) => problems.push(
+                    origin.problem(&here, format!("`{key}` names the environment variable {text}, which is not set")),
+                ),
             }
         } else if let Some(base) = key.strip_suffix("_file") {
             let file = relative_to(origin.file, Path::new(&text));
             match std::fs::read_to_string(&file) {
                 Ok(v) => out.push((base.to_string(), Secret::new(v.trim_end_matches(['\n', '\r'])))),
-                Err(e) => problems.push(origin.problem(&here, format!("`{key}` {}: cannot read it: {e}", file.display()))),
+                Err(e) => {
+                    problems.push(origin.problem(&here, format!("`{key}` {}: cannot read it: {e}", file.display())))
+                }
             }
         } else {
             out.push((key.clone(), Secret::new(text)));
@@ -517,13 +529,18 @@ impl Config {
 
         match self.source.kind {
             SourceKind::Kafka => match self.source.kafka.as_mut() {
-                None => problems.push(origin.problem(&["source"], "source.kind is kafka but there is no source.kafka section")),
+                None => problems
+                    .push(origin.problem(&["source"], "source.kind is kafka but there is no source.kafka section")),
                 Some(k) => {
                     if k.brokers.trim().is_empty() {
-                        problems.push(origin.problem(&["source", "kafka", "brokers"], "source.kafka.brokers must not be empty"));
+                        problems.push(
+                            origin.problem(&["source", "kafka", "brokers"], "source.kafka.brokers must not be empty"),
+                        );
                     }
                     if k.group_id.trim().is_empty() {
-                        problems.push(origin.problem(&["source", "kafka", "group_id"], "source.kafka.group_id must not be empty"));
+                        problems.push(
+                            origin.problem(&["source", "kafka", "group_id"], "source.kafka.group_id must not be empty"),
+                        );
                     }
                     match (&k.topics.is_empty(), &k.topic_pattern) {
                         (true, None) => problems.push(origin.problem(
@@ -543,10 +560,14 @@ impl Config {
                     for (i, t) in k.topics.iter().enumerate() {
                         if t.trim().is_empty() {
                             let idx = i.to_string();
-                            problems.push(origin.problem(&["source", "kafka", "topics", &idx], "source.kafka.topics: a topic name is empty"));
+                            problems.push(origin.problem(
+                                &["source", "kafka", "topics", &idx],
+                                "source.kafka.topics: a topic name is empty",
+                            ));
                         }
                     }
-                    for reserved in ["enable.auto.commit", "group.id", "bootstrap.servers", "enable.auto.offset.store"] {
+                    for reserved in ["enable.auto.commit", "group.id", "bootstrap.servers", "enable.auto.offset.store"]
+                    {
                         if k.librdkafka.contains_key(reserved) {
                             problems.push(origin.problem(
                                 &["source", "kafka", "librdkafka", reserved],
@@ -555,9 +576,13 @@ impl Config {
                         }
                     }
                     if k.max_message_bytes == 0 {
-                        problems.push(origin.problem(&["source", "kafka", "max_message_bytes"], "source.kafka.max_message_bytes must be at least 1"));
+                        problems.push(origin.problem(
+                            &["source", "kafka", "max_message_bytes"],
+                            "source.kafka.max_message_bytes must be at least 1",
+                        ));
                     }
-                    k.resolved_librdkafka = resolve_passthrough(origin, &["source", "kafka", "librdkafka"], &k.librdkafka, &mut problems);
+                    k.resolved_librdkafka =
+                        resolve_passthrough(origin, &["source", "kafka", "librdkafka"], &k.librdkafka, &mut problems);
                 }
             },
             SourceKind::Postgres => problems.push(origin.problem(
@@ -579,7 +604,11 @@ impl Config {
                 );
                 if let Some(url) = &r.resolved_url {
                     let u = url.expose();
-                    if !(u.starts_with("redis://") || u.starts_with("rediss://") || u.starts_with("redis+unix://") || u.starts_with("unix://")) {
+                    if !(u.starts_with("redis://")
+                        || u.starts_with("rediss://")
+                        || u.starts_with("redis+unix://")
+                        || u.starts_with("unix://"))
+                    {
                         // Never echo the URL: it may hold a password.
                         problems.push(origin.problem(
                             &["sinks", "redis", "url"],
@@ -595,7 +624,10 @@ impl Config {
                 }
                 for (field, v, max) in [("unlink_batch", r.unlink_batch, 100_000), ("tag_chunk", r.tag_chunk, 5_000)] {
                     if v == 0 || v > max {
-                        problems.push(origin.problem(&["sinks", "redis", field], format!("sinks.redis.{field} must be between 1 and {max}")));
+                        problems.push(origin.problem(
+                            &["sinks", "redis", field],
+                            format!("sinks.redis.{field} must be between 1 and {max}"),
+                        ));
                     }
                 }
             }
@@ -603,7 +635,12 @@ impl Config {
 
         let p = &self.pipeline;
         if p.batch_max_events == 0 || p.batch_max_events > 100_000 {
-            problems.push(origin.problem(&["pipeline", "batch_max_events"], "pipeline.batch_max_events must be between 1 and 100000"));
+            problems.push(
+                origin.problem(
+                    &["pipeline", "batch_max_events"],
+                    "pipeline.batch_max_events must be between 1 and 100000",
+                ),
+            );
         }
         if p.queue_capacity < p.batch_max_events {
             problems.push(origin.problem(
@@ -612,17 +649,22 @@ impl Config {
             ));
         }
         if p.batch_max_wait > Duration::from_secs(60) {
-            problems.push(origin.problem(&["pipeline", "batch_max_wait"], "pipeline.batch_max_wait must be at most 60s"));
+            problems
+                .push(origin.problem(&["pipeline", "batch_max_wait"], "pipeline.batch_max_wait must be at most 60s"));
         }
 
         let dl = &mut self.dead_letter;
         match (&dl.kafka, &dl.file) {
             (Some(k), _) => {
                 if k.topic.trim().is_empty() {
-                    problems.push(origin.problem(&["dead_letter", "kafka", "topic"], "dead_letter.kafka.topic must not be empty"));
+                    problems.push(
+                        origin.problem(&["dead_letter", "kafka", "topic"], "dead_letter.kafka.topic must not be empty"),
+                    );
                 }
             }
-            (None, None) => problems.push(origin.problem(&["dead_letter"], "dead_letter needs `file` or `kafka`: dead letters must go somewhere")),
+            (None, None) => problems.push(
+                origin.problem(&["dead_letter"], "dead_letter needs `file` or `kafka`: dead letters must go somewhere"),
+            ),
             (None, Some(_)) => {}
         }
         if dl.kafka.is_some() {
@@ -632,7 +674,8 @@ impl Config {
             *f = relative_to(origin.file, f);
         }
         if let Some(k) = dl.kafka.as_mut() {
-            k.resolved_librdkafka = resolve_passthrough(origin, &["dead_letter", "kafka", "librdkafka"], &k.librdkafka, &mut problems);
+            k.resolved_librdkafka =
+                resolve_passthrough(origin, &["dead_letter", "kafka", "librdkafka"], &k.librdkafka, &mut problems);
         }
 
         if self.log.level.trim().is_empty() {
@@ -701,7 +744,11 @@ metrics:
     #[test]
     fn unknown_key_is_named_with_line_and_column() {
         let dir = tempfile::tempdir().unwrap();
-        let p = write(&dir, "c.yaml", &CORE.replace("    tag_prefix: \"tag:\"", "    tag_prefix: \"tag:\"\n    tag_prefx: x"));
+        let p = write(
+            &dir,
+            "c.yaml",
+            &CORE.replace("    tag_prefix: \"tag:\"", "    tag_prefix: \"tag:\"\n    tag_prefx: x"),
+        );
         let err = load_with_env(&p, []).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("c.yaml:13:5"), "{text}");

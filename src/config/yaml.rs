@@ -63,10 +63,9 @@ const MAX_NODES: usize = 1_000_000;
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
-    parser.load(&mut builder, false).map_err(|e| SyntaxError {
-        message: e.info().to_string(),
-        location: Location::from(e.marker()),
-    })?;
+    parser
+        .load(&mut builder, false)
+        .map_err(|e| SyntaxError { message: e.info().to_string(), location: Location::from(e.marker()) })?;
     if let Some(err) = builder.error {
         return Err(err);
     }
@@ -244,7 +243,10 @@ impl Node {
         let mut node = self;
         for segment in parent {
             let next = match &node.value {
-                Value::Map(entries) => entries.iter().find(|(k, _)| k.as_str().is_some_and(|s| s.eq_ignore_ascii_case(segment))).map(|(_, v)| v),
+                Value::Map(entries) => entries
+                    .iter()
+                    .find(|(k, _)| k.as_str().is_some_and(|s| s.eq_ignore_ascii_case(segment)))
+                    .map(|(_, v)| v),
                 Value::Seq(items) => segment.parse::<usize>().ok().and_then(|i| items.get(i)),
                 _ => None,
             };

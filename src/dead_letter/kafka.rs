@@ -15,7 +15,10 @@ pub(super) struct KafkaDestination {
 }
 
 impl KafkaDestination {
-    pub(super) fn new(config: &DeadLetterKafka, source: Option<&KafkaConfig>) -> Result<KafkaDestination, DeadLetterError> {
+    pub(super) fn new(
+        config: &DeadLetterKafka,
+        source: Option<&KafkaConfig>,
+    ) -> Result<KafkaDestination, DeadLetterError> {
         let mut c = ClientConfig::new();
         // Default to the source cluster and its security settings.
         if let Some(s) = source {
@@ -64,5 +67,9 @@ impl KafkaDestination {
 
 /// Connection and security settings a producer can share with the source consumer.
 fn is_common_client_setting(key: &str) -> bool {
-    key.starts_with("security.") || key.starts_with("sasl.") || key.starts_with("ssl.") || key == "client.id" || key == "client.rack"
+    key.starts_with("security.")
+        || key.starts_with("sasl.")
+        || key.starts_with("ssl.")
+        || key == "client.id"
+        || key == "client.rack"
 }

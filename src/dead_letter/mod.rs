@@ -57,12 +57,21 @@ pub struct Letter {
 }
 
 impl Letter {
-    pub fn new(reason: Reason, error: String, position: &Position, raw: &RawMessage, table: Option<&str>, op: Option<&str>) -> Letter {
+    pub fn new(
+        reason: Reason,
+        error: String,
+        position: &Position,
+        raw: &RawMessage,
+        table: Option<&str>,
+        op: Option<&str>,
+    ) -> Letter {
         let source = match position {
             Position::Kafka { topic, partition, offset } => {
                 json!({"kind": "kafka", "topic": &**topic, "partition": partition, "offset": offset})
             }
-            Position::Postgres { lsn, commit_end_lsn } => json!({"kind": "postgres", "lsn": lsn, "commit_end_lsn": commit_end_lsn}),
+            Position::Postgres { lsn, commit_end_lsn } => {
+                json!({"kind": "postgres", "lsn": lsn, "commit_end_lsn": commit_end_lsn})
+            }
             Position::File { line } => json!({"kind": "file", "line": line}),
         };
         let mut record = json!({
@@ -98,7 +107,10 @@ fn put_bytes(obj: &mut serde_json::Map<String, Value>, name: &str, bytes: Option
             }
             Err(_) => {
                 obj.insert(name.into(), Value::Null);
-                obj.insert(format!("{name}_base64"), Value::String(base64::engine::general_purpose::STANDARD.encode(b)));
+                obj.insert(
+                    format!("{name}_base64"),
+                    Value::String(base64::engine::general_purpose::STANDARD.encode(b)),
+                );
             }
         },
     }
@@ -139,7 +151,11 @@ pub struct DeadLetters {
 }
 
 impl DeadLetters {
-    pub async fn open(config: &DeadLetterConfig, source: Option<&KafkaConfig>, metrics: Arc<Metrics>) -> Result<DeadLetters, DeadLetterError> {
+    pub async fn open(
+        config: &DeadLetterConfig,
+        source: Option<&KafkaConfig>,
+        metrics: Arc<Metrics>,
+    ) -> Result<DeadLetters, DeadLetterError> {
         let destination = match (&config.kafka, &config.file) {
             (Some(k), _) => Destination::Kafka(kafka::KafkaDestination::new(k, source)?),
             (None, Some(path)) => Destination::File(file::FileDestination::open(path).await?),

@@ -24,11 +24,20 @@ pub mod watermark;
 /// Where an event sits in its source; printed in dead letters and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Position {
-    Kafka { topic: Arc<str>, partition: i32, offset: i64 },
+    Kafka {
+        topic: Arc<str>,
+        partition: i32,
+        offset: i64,
+    },
     /// PostgreSQL: the LSN of the change and the end LSN of its transaction.
-    Postgres { lsn: u64, commit_end_lsn: u64 },
+    Postgres {
+        lsn: u64,
+        commit_end_lsn: u64,
+    },
     /// Events that came from a file (`explain`, `replay`): the line number.
-    File { line: u64 },
+    File {
+        line: u64,
+    },
 }
 
 impl fmt::Display for Position {

@@ -36,7 +36,12 @@ pub enum HttpError {
 /// Binds now (so a taken port is an error at start), serves until shutdown stops intake... and
 /// a little longer: the server stays up until the returned task is dropped, so the final
 /// metrics can still be scraped during the drain.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>, shutdown: Shutdown) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), HttpError> {
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: Shutdown,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), HttpError> {
     let listener = TcpListener::bind(addr).await.map_err(|error| HttpError::Bind { addr, error })?;
     let local = listener.local_addr().map_err(|error| HttpError::Bind { addr, error })?;
     let task = tokio::spawn(async move {
@@ -100,9 +105,17 @@ fn respond<B>(req: &Request<B>, metrics: &Metrics, health: &Health) -> Response<
                 if !sinks {
                     why.push("a sink does not answer");
                 }
-                text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", why.join(", ")), "text/plain; charset=utf-8")
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {}\n", why.join(", ")),
+                    "text/plain; charset=utf-8",
+                )
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz or /readyz\n".into(), "text/plain; charset=utf-8"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /healthz or /readyz\n".into(),
+            "text/plain; charset=utf-8",
+        ),
     }
 }

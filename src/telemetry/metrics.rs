@@ -14,7 +14,8 @@ use prometheus::{
 const STALENESS_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0];
-const DURATION_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const DURATION_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 pub struct Metrics {
     registry: Registry,
@@ -76,7 +77,8 @@ fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterV
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels).expect("metric definition is valid");
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
+        .expect("metric definition is valid");
     r.register(Box::new(h.clone())).expect("metric names are unique");
     h
 }
@@ -91,9 +93,24 @@ impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new();
         let m = Metrics {
-            events: counter(&r, "cdc_invalidator_events_total", "Source messages processed, by table, op and outcome.", &["table", "op", "outcome"]),
-            invalidations: counter(&r, "cdc_invalidator_invalidations_total", "Items confirmed invalidated, by sink and kind.", &["sink", "kind"]),
-            tag_members_unlinked: counter(&r, "cdc_invalidator_tag_members_unlinked_total", "Keys unlinked through tag fan-out.", &["sink"]),
+            events: counter(
+                &r,
+                "cdc_invalidator_events_total",
+                "Source messages processed, by table, op and outcome.",
+                &["table", "op", "outcome"],
+            ),
+            invalidations: counter(
+                &r,
+                "cdc_invalidator_invalidations_total",
+                "Items confirmed invalidated, by sink and kind.",
+                &["sink", "kind"],
+            ),
+            tag_members_unlinked: counter(
+                &r,
+                "cdc_invalidator_tag_members_unlinked_total",
+                "Keys unlinked through tag fan-out.",
+                &["sink"],
+            ),
             staleness: histogram(
                 &r,
                 "cdc_invalidator_staleness_seconds",
@@ -113,20 +130,31 @@ impl Metrics {
                 r.register(Box::new(h.clone())).expect("metric names are unique");
                 h
             },
-            kafka_consumer_lag: gauge_vec(&r, "cdc_invalidator_kafka_consumer_lag_messages", "Messages behind the partition's high watermark.", &["topic", "partition"]),
+            kafka_consumer_lag: gauge_vec(
+                &r,
+                "cdc_invalidator_kafka_consumer_lag_messages",
+                "Messages behind the partition's high watermark.",
+                &["topic", "partition"],
+            ),
             pending_events: {
-                let g = IntGauge::new("cdc_invalidator_pending_events", "Events received and not yet acknowledged.").expect("valid");
+                let g = IntGauge::new("cdc_invalidator_pending_events", "Events received and not yet acknowledged.")
+                    .expect("valid");
                 r.register(Box::new(g.clone())).expect("unique");
                 g
             },
             batch_events: {
-                let h = Histogram::with_opts(HistogramOpts::new("cdc_invalidator_batch_events", "Events per batch.").buckets(BATCH_BUCKETS.to_vec())).expect("valid");
+                let h = Histogram::with_opts(
+                    HistogramOpts::new("cdc_invalidator_batch_events", "Events per batch.")
+                        .buckets(BATCH_BUCKETS.to_vec()),
+                )
+                .expect("valid");
                 r.register(Box::new(h.clone())).expect("unique");
                 h
             },
             batch_items: {
                 let h = Histogram::with_opts(
-                    HistogramOpts::new("cdc_invalidator_batch_items", "Distinct items per batch after coalescing.").buckets(BATCH_BUCKETS.to_vec()),
+                    HistogramOpts::new("cdc_invalidator_batch_items", "Distinct items per batch after coalescing.")
+                        .buckets(BATCH_BUCKETS.to_vec()),
                 )
                 .expect("valid");
                 r.register(Box::new(h.clone())).expect("unique");
@@ -139,18 +167,46 @@ impl Metrics {
                 &["sink"],
                 DURATION_BUCKETS,
             ),
-            sink_errors: counter(&r, "cdc_invalidator_sink_errors_total", "Failed sink attempts, by sink and class.", &["sink", "class"]),
-            sink_retries: counter(&r, "cdc_invalidator_sink_retries_total", "Sink attempts retried after a transient failure.", &["sink"]),
+            sink_errors: counter(
+                &r,
+                "cdc_invalidator_sink_errors_total",
+                "Failed sink attempts, by sink and class.",
+                &["sink", "class"],
+            ),
+            sink_retries: counter(
+                &r,
+                "cdc_invalidator_sink_retries_total",
+                "Sink attempts retried after a transient failure.",
+                &["sink"],
+            ),
             sink_up: gauge_vec(&r, "cdc_invalidator_sink_up", "1 while the sink answers, 0 while it fails.", &["sink"]),
-            dead_letters: counter(&r, "cdc_invalidator_dead_letters_total", "Dead letters written, by reason.", &["reason"]),
+            dead_letters: counter(
+                &r,
+                "cdc_invalidator_dead_letters_total",
+                "Dead letters written, by reason.",
+                &["reason"],
+            ),
             dead_letter_errors: {
-                let c = IntCounter::new("cdc_invalidator_dead_letter_write_errors_total", "Failed attempts to write a dead letter (retried).").expect("valid");
+                let c = IntCounter::new(
+                    "cdc_invalidator_dead_letter_write_errors_total",
+                    "Failed attempts to write a dead letter (retried).",
+                )
+                .expect("valid");
                 r.register(Box::new(c.clone())).expect("unique");
                 c
             },
-            rule_errors: counter(&r, "cdc_invalidator_rule_errors_total", "Templates no row image could render, by rule.", &["rule"]),
+            rule_errors: counter(
+                &r,
+                "cdc_invalidator_rule_errors_total",
+                "Templates no row image could render, by rule.",
+                &["rule"],
+            ),
             last_event_timestamp: {
-                let g = Gauge::new("cdc_invalidator_last_event_timestamp_seconds", "Unix time of the last message (event or heartbeat) received.").expect("valid");
+                let g = Gauge::new(
+                    "cdc_invalidator_last_event_timestamp_seconds",
+                    "Unix time of the last message (event or heartbeat) received.",
+                )
+                .expect("valid");
                 r.register(Box::new(g.clone())).expect("unique");
                 g
             },
@@ -163,19 +219,42 @@ impl Metrics {
                 r.register(Box::new(g.clone())).expect("unique");
                 g
             },
-            source_commits: counter(&r, "cdc_invalidator_source_commits_total", "Source position commits, by outcome.", &["outcome"]),
-            rebalances: counter(&r, "cdc_invalidator_rebalances_total", "Consumer group rebalances, by kind.", &["kind"]),
+            source_commits: counter(
+                &r,
+                "cdc_invalidator_source_commits_total",
+                "Source position commits, by outcome.",
+                &["outcome"],
+            ),
+            rebalances: counter(
+                &r,
+                "cdc_invalidator_rebalances_total",
+                "Consumer group rebalances, by kind.",
+                &["kind"],
+            ),
             source_errors: {
-                let c = IntCounter::new("cdc_invalidator_source_errors_total", "Transient errors reported by the source client.").expect("valid");
+                let c = IntCounter::new(
+                    "cdc_invalidator_source_errors_total",
+                    "Transient errors reported by the source client.",
+                )
+                .expect("valid");
                 r.register(Box::new(c.clone())).expect("unique");
                 c
             },
             source_ready: {
-                let g = IntGauge::new("cdc_invalidator_source_ready", "1 when the source has partitions assigned or a live stream.").expect("valid");
+                let g = IntGauge::new(
+                    "cdc_invalidator_source_ready",
+                    "1 when the source has partitions assigned or a live stream.",
+                )
+                .expect("valid");
                 r.register(Box::new(g.clone())).expect("unique");
                 g
             },
-            build_info: gauge_vec(&r, "cdc_invalidator_build_info", "Constant 1, labelled with the version.", &["version"]),
+            build_info: gauge_vec(
+                &r,
+                "cdc_invalidator_build_info",
+                "Constant 1, labelled with the version.",
+                &["version"],
+            ),
             rules_loaded: {
                 let g = IntGauge::new("cdc_invalidator_rules", "Rules currently loaded.").expect("valid");
                 r.register(Box::new(g.clone())).expect("unique");

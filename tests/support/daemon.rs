@@ -85,13 +85,19 @@ impl Daemon {
     /// SIGTERM's first stage: stop intake, drain, final commit. Returns the run result.
     pub async fn stop(self) -> Result<(), AppError> {
         self.trigger.stop_intake();
-        tokio::time::timeout(Duration::from_secs(30), self.task).await.expect("daemon drained within 30 s").expect("daemon task")
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("daemon drained within 30 s")
+            .expect("daemon task")
     }
 
     /// Abandon in-flight work at once (as when the grace period runs out).
     pub async fn abandon(self) -> Result<(), AppError> {
         self.trigger.abandon();
-        tokio::time::timeout(Duration::from_secs(30), self.task).await.expect("daemon stopped within 30 s").expect("daemon task")
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("daemon stopped within 30 s")
+            .expect("daemon task")
     }
 
     pub fn dead_letters(&self) -> Vec<serde_json::Value> {
@@ -146,7 +152,8 @@ impl DaemonProcess {
     }
 
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().expect("kill");
+        let status =
+            Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().expect("kill");
         assert!(status.success());
     }
 

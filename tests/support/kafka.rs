@@ -44,7 +44,13 @@ impl MockKafka {
     }
 
     /// Produces one message and waits for its delivery report.
-    pub async fn produce(&self, topic: &str, partition: Option<i32>, key: Option<&str>, value: Option<&str>) -> (i32, i64) {
+    pub async fn produce(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&str>,
+        value: Option<&str>,
+    ) -> (i32, i64) {
         let mut record: FutureRecord<'_, str, str> = FutureRecord::to(topic);
         if let Some(p) = partition {
             record = record.partition(p);

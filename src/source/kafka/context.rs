@@ -43,7 +43,10 @@ impl ClientContext for KafkaContext {
                 if *partition < 0 || p.consumer_lag < 0 {
                     continue;
                 }
-                self.metrics.kafka_consumer_lag.with_label_values(&[topic.as_str(), &partition.to_string()]).set(p.consumer_lag);
+                self.metrics
+                    .kafka_consumer_lag
+                    .with_label_values(&[topic.as_str(), &partition.to_string()])
+                    .set(p.consumer_lag);
             }
         }
     }
@@ -74,7 +77,11 @@ impl ConsumerContext for KafkaContext {
                 let mut tracker = lock(&self.tracker);
                 tpl.elements().iter().filter_map(|e| tracker.revoke(e.topic(), e.partition())).collect()
             };
-            tracing::info!(partitions = tpl.count(), committing = points.len(), "partitions revoked: committing what is finished, dropping the rest unacknowledged");
+            tracing::info!(
+                partitions = tpl.count(),
+                committing = points.len(),
+                "partitions revoked: committing what is finished, dropping the rest unacknowledged"
+            );
             if !points.is_empty() {
                 // Asynchronous: a rebalance callback must not block. If it is lost, the new owner
                 // redelivers from the previous commit: duplicates, never a loss.

@@ -77,16 +77,15 @@ impl KafkaSource {
     /// is down now is not an error (the source just is not ready yet).
     pub fn new(config: &KafkaConfig, metrics: Arc<Metrics>) -> Result<KafkaSource, KafkaSourceError> {
         let tracker = Arc::new(Mutex::new(Tracker::default()));
-        let context = KafkaContext { tracker: tracker.clone(), metrics: metrics.clone(), commit_failed: Default::default() };
+        let context =
+            KafkaContext { tracker: tracker.clone(), metrics: metrics.clone(), commit_failed: Default::default() };
         let consumer: StreamConsumer<KafkaContext> =
             client_config(config).create_with_context(context).map_err(KafkaSourceError::Create)?;
         let topics: Vec<&str> = match &config.topic_pattern {
             Some(p) => vec![p.as_str()],
             None => config.topics.iter().map(String::as_str).collect(),
         };
-        consumer
-            .subscribe(&topics)
-            .map_err(|error| KafkaSourceError::Subscribe { what: topics.join(", "), error })?;
+        consumer.subscribe(&topics).map_err(|error| KafkaSourceError::Subscribe { what: topics.join(", "), error })?;
         Ok(KafkaSource {
             consumer: Arc::new(consumer),
             tracker,
@@ -216,7 +215,11 @@ impl KafkaSource {
         if let Some(t) = origin {
             self.metrics.last_commit_timestamp.set(unix_seconds(t));
         }
-        let logged_at = m.timestamp().to_millis().and_then(|ms| u64::try_from(ms).ok()).map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+        let logged_at = m
+            .timestamp()
+            .to_millis()
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
         SourceEvent {
             position: Position::Kafka { topic: topic.clone(), partition: m.partition(), offset: m.offset() },
             decoded,
@@ -240,7 +243,9 @@ impl KafkaSource {
         let Ok(assignment) = self.consumer.assignment() else { return };
         let result = if paused { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
         match result {
-            Ok(()) => tracing::debug!(paused, "partitions {}", if paused { "paused: pipeline full" } else { "resumed" }),
+            Ok(()) => {
+                tracing::debug!(paused, "partitions {}", if paused { "paused: pipeline full" } else { "resumed" })
+            }
             Err(e) => tracing::warn!(error = %e, paused, "cannot pause/resume partitions"),
         }
     }
@@ -282,7 +287,9 @@ impl KafkaSource {
         });
         match tokio::time::timeout(FINAL_COMMIT_TIMEOUT, job).await {
             Ok(_) => tracing::info!(partitions = n, "final offsets committed"),
-            Err(_) => tracing::warn!("final offset commit timed out: the next start redelivers from the previous commit"),
+            Err(_) => {
+                tracing::warn!("final offset commit timed out: the next start redelivers from the previous commit")
+            }
         }
         self.metrics.source_ready.set(0);
         // Dropping the consumer closes it (leaves the group); do that off the executor too.
