@@ -42,11 +42,7 @@ pub enum RulesError {
 impl Rules {
     pub fn from_file(path: &Path) -> Result<Rules, RulesError> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            RulesError::Invalid(vec![Problem {
-                file: path.to_path_buf(),
-                location: None,
-                message: format!("cannot read the rules file: {e}"),
-            }])
+            RulesError::Invalid(vec![Problem { file: path.to_path_buf(), location: None, message: format!("cannot read the rules file: {e}") }])
         })?;
         Rules::parse(&text, path)
     }
