@@ -30,17 +30,20 @@ test_timeout="${TEST_TIMEOUT:-15m}"
 # children with it, and it reports which test hung. Plain `cargo test` is the fallback on
 # machines without nextest; both print the closing summary CI reads.
 if cargo nextest --version >/dev/null 2>&1; then
-    build=(cargo nextest run --all-targets --no-run)
-    run=(cargo nextest run --all-targets --no-fail-fast)
+    build=(cargo nextest run --lib --bins --tests --no-run)
+    run=(cargo nextest run --lib --bins --tests --no-fail-fast)
 else
-    build=(cargo test --all-targets --no-run)
-    run=(cargo test --all-targets --no-fail-fast)
+    build=(cargo test --lib --bins --tests --no-run)
+    run=(cargo test --lib --bins --tests --no-fail-fast)
 fi
+# Benchmarks are programs (harness = false), run by scripts/bench.sh, not tests; they are only
+# compiled here so they cannot rot.
 
 # Build first, without a time limit (a fresh clone compiles librdkafka and every dependency), so
 # the limit below measures the tests alone.
 step "building tests (${build[*]})"
 "${build[@]}"
+cargo check --benches --quiet
 
 status=0
 step "running tests (${run[*]}, limit $test_timeout)"
