@@ -1,0 +1,177 @@
+//! Benchmarks (b) and (c): the whole daemon in process, against the Tansu broker and a real
+//! Redis (both private, on loopback).
+//!
+//! (b) throughput: events/s from a pre-filled 3-partition topic to Redis invalidated and the
+//!     offsets committed;
+//! (c) staleness: p50/p99 of database-commit-to-Redis-confirmed at a steady 5,000 events/s with
+//!     a 5 ms batch wait.
+//!
+//! `cargo bench --bench end_to_end` (needs TANSU_BIN or scripts/install-deps.sh first).
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use support::daemon::{Daemon, Setup};
+use support::events::product_update;
+use support::redis::RedisServer;
+use support::tansu::TansuBroker;
+
+fn producer(bootstrap: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "2")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("producer")
+}
+
+/// Sends `n` updates as fast as the broker takes them.
+async fn fill(p: &FutureProducer, topic: &str, n: usize) {
+    let mut pending = Vec::with_capacity(10_000);
+    for i in 0..n {
+        let id = (i % 50_000) as i64;
+        let value = product_update(id, id % 97, (id + 1) % 97);
+        let key = format!("{{\"id\":{id}}}");
+        let p = p.clone();
+        let topic = topic.to_string();
+        pending.push(tokio::spawn(async move {
+            let _ = p.send(FutureRecord::to(&topic).key(&key).payload(&value), Duration::from_secs(60)).await;
+        }));
+        if pending.len() == 10_000 {
+            for h in pending.drain(..) {
+                let _ = h.await;
+            }
+        }
+    }
+    for h in pending {
+        let _ = h.await;
+    }
+    p.flush(Duration::from_secs(30)).expect("flush");
+}
+
+/// p-quantile from the exported histogram buckets, interpolated within a bucket as Prometheus'
+/// histogram_quantile does.
+fn quantile(exposition: &str, metric: &str, sink: &str, q: f64) -> f64 {
+    let prefix = format!("{metric}_bucket{{sink=\"{sink}\",le=\"");
+    let mut buckets: Vec<(f64, f64)> = exposition
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    let rank = q * total;
+    let mut prev = (0.0, 0.0);
+    for &(le, count) in &buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return prev.0;
+            }
+            let within = if count > prev.1 { (rank - prev.1) / (count - prev.1) } else { 0.0 };
+            return prev.0 + (le - prev.0) * within;
+        }
+        prev = (le, count);
+    }
+    f64::NAN
+}
+
+async fn wait_for_events(d: &Daemon, n: f64, timeout: Duration) -> Option<(Instant, Instant)> {
+    let deadline = Instant::now() + timeout;
+    let mut first = None;
+    loop {
+        let seen = d.metrics.value("cdc_invalidator_events_total", &[]);
+        if first.is_none() && seen > 0.0 {
+            first = Some((Instant::now(), seen));
+        }
+        if seen >= n {
+            return first.map(|(t, _)| (t, Instant::now()));
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let total: usize = std::env::var("BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let broker = TansuBroker::start();
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let bootstrap = broker.bootstrap();
+    let p = producer(&bootstrap);
+
+    // (b) pre-filled topic.
+    broker.create_topic("bench.public.products", 3);
+    let t = Instant::now();
+    fill(&p, "bench.public.products", total).await;
+    println!("(b) pre-filled {total} events into 3 partitions in {:.1} s", t.elapsed().as_secs_f64());
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        &Setup { bootstrap: &bootstrap, topics: &["bench.public.products"], group: "bench-b", redis_url: &url, extra: "" },
+    );
+    match wait_for_events(&d, total as f64, Duration::from_secs(600)).await {
+        Some((first, last)) => {
+            let secs = last.duration_since(first).as_secs_f64();
+            println!("(b) end to end: {total} events in {secs:.2} s = {:.0} events/s (from first event processed to last)", total as f64 / secs);
+        }
+        None => println!("(b) end to end: did not finish within 600 s"),
+    }
+    let _ = d.stop().await;
+
+    // (c) steady 5,000 events/s for 20 s.
+    broker.create_topic("steady.public.products", 3);
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        &Setup {
+            bootstrap: &bootstrap,
+            topics: &["steady.public.products"],
+            group: "bench-c",
+            redis_url: &url,
+            extra: "pipeline:\n  batch_max_wait: 5ms\n",
+        },
+    );
+    // Let the group settle before the clock starts.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rate = 5_000;
+    let seconds = 20;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let start = Instant::now();
+    for i in 0..(rate * seconds / 100) {
+        tick.tick().await;
+        for j in 0..50 {
+            let id = ((i * 50 + j) % 50_000) as i64;
+            let value = product_update(id, 1, 2);
+            let key = format!("{{\"id\":{id}}}");
+            let p = p.clone();
+            tokio::spawn(async move {
+                let _ = p.send(FutureRecord::to("steady.public.products").key(&key).payload(&value), Duration::from_secs(60)).await;
+            });
+        }
+    }
+    let sent = rate * seconds;
+    let _ = wait_for_events(&d, sent as f64, Duration::from_secs(120)).await;
+    println!("(c) steady: {sent} events at {rate}/s over {:.1} s", start.elapsed().as_secs_f64());
+    let text = d.metrics.render();
+    for q in [0.5, 0.99] {
+        println!(
+            "(c) staleness p{:.0} commit->redis confirmed: {:.2} ms",
+            q * 100.0,
+            quantile(&text, "cdc_invalidator_staleness_seconds", "redis", q) * 1000.0
+        );
+    }
+    let _ = d.stop().await;
+}
