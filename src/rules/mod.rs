@@ -1,17 +1,141 @@
 //! The rules engine: a pure function from a change event to what must be invalidated.
-//! (Being written: see the rules issue item list; the API below is fixed.)
+//!
+//! A rules file is loaded and checked once ([`Rules::from_file`], [`Rules::parse`]); every
+//! problem is reported with its line and column, and a file with any problem is rejected as a
+//! whole. [`Rules::evaluate`] then runs for every event: templates are precompiled into
+//! segments, rules are indexed by exact table name, and only glob rules are scanned.
+//!
+//! # The rules file
+//!
+//! ```yaml
+//! version: 1
+//! rules:
+//!   - name: product-pages                 # unique; shows up in metrics and explain output
+//!     table: public.products              # schema.table, or a glob such as public.order_*
+//!     ops: [insert, update, delete]       # the default; `snapshot` is opt-in
+//!     when_changed: [price, name, category_id]
+//!     vars:
+//!       locale: [en-us, fr, de]
+//!     redis:
+//!       keys: ["product:{id}", "product:{id}:page:{locale}"]
+//!       tags: ["category:{category_id}"]
+//!     cdn:
+//!       surrogate_keys: ["product-{id}", "category-{category_id}"]
+//!       urls: ["https://shop.example.com/p/{slug|urlencode}"]
+//!     on_truncate:
+//!       redis: { tags: ["products:all"] }
+//! ```
+//!
+//! Fields of a rule (unknown keys are errors at every level):
+//! - `name` (required): unique, at most 128 bytes, no control characters.
+//! - `table` (required): `schema.table` (or `db.table`), or a glob where `*` matches any run
+//!   of characters and `?` one character. Matching is exact and case-sensitive.
+//! - `ops`: any of `insert`, `update`, `delete`, `snapshot`; default `[insert, update,
+//!   delete]`. `truncate` is not an op: truncates are handled by `on_truncate` alone.
+//! - `when_changed`: columns; an update applies only if one of them differs between the
+//!   before and after images. Requires `update` in `ops`. An update without a before image,
+//!   or where a listed column is absent from either image (an unchanged TOASTed value), is
+//!   treated as changed: invalidating too much is safe, too little is not.
+//! - `vars`: name → non-empty list of values (strings, integers or booleans).
+//! - `redis.keys`, `redis.tags`, `cdn.surrogate_keys`, `cdn.urls`: lists of templates
+//!   rendered for the rule's `ops`.
+//! - `on_truncate`: the same `redis`/`cdn` lists, applied when the table is truncated
+//!   (whatever `ops` says). Truncates carry no rows, so these templates may use vars only.
+//!
+//! A rule must have something to invalidate: at least one template, under `redis`, `cdn` or
+//! `on_truncate`.
+//!
+//! # Templates
+//!
+//! - `{column}` renders the column's value; `{name}` renders each value of the var `name`
+//!   when `name` is listed under the rule's `vars` (a var shadows a column of the same name).
+//!   A template using several vars expands to every combination of their values, at most
+//!   1,000 items per row image ([`template::MAX_FANOUT`]).
+//! - `{column|filter|…}` applies filters left to right: `lower`, `upper` (Unicode-aware) and
+//!   `urlencode` (percent-encodes the UTF-8 bytes of every character outside `A-Z a-z 0-9 - .
+//!   _ ~`, with upper-case hex; a space becomes `%20`). Whitespace around names and filters
+//!   is ignored: `{ slug | urlencode }`.
+//! - **Literal braces are written doubled**: `{{` renders `{` and `}}` renders `}`, so
+//!   `"{{\"id\":{id}}}"` renders `{"id":42}`. Any other `{` or `}` must open or close a
+//!   placeholder; an unbalanced brace is a check error.
+//! - Strings render as they are, integers and booleans in their JSON spelling, floats in
+//!   their shortest round-trip spelling as JSON prints them (`1.5`, `1.0`, `1e+21`). Null,
+//!   lists and objects cannot be rendered.
+//!
+//! Each template renders against every row image the event carries (`after` for inserts and
+//! snapshot reads, `before` for deletes, both for updates) in which all its columns are
+//! present and renderable; the union is invalidated. A template without columns renders once
+//! per event. An event no image of which can render a template produces a [`RuleError`]
+//! naming the rule, the template and the missing column; everything else still renders.
+//!
+//! An item is never empty and never longer than 8 KiB ([`template::MAX_ITEM_BYTES`]): a
+//! template that renders such an item from any image produces a [`RuleError`] too (the item
+//! itself is dropped, the template's other items are kept), so the event reaches the dead
+//! letters instead of a cache being told to forget `""`.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::config::Problem;
-use crate::event::ChangeEvent;
-use crate::sink::Invalidations;
+use crate::event::{ChangeEvent, Op, Row};
+use crate::sink::{Invalidations, ItemKind};
+
+mod glob;
+mod parse;
+mod template;
+#[cfg(test)]
+mod tests;
+
+use glob::TablePattern;
+use template::{Template, Unrenderable, Var, Why};
 
 /// A loaded, validated rules file.
 #[derive(Debug)]
 pub struct Rules {
-    _private: (),
+    /// In file order: errors are reported in this order.
+    rules: Vec<Rule>,
+    /// Exact table name → indexes of the rules naming it, ascending.
+    by_table: HashMap<Box<str>, Vec<usize>>,
+    /// Indexes of the rules whose table is a glob, ascending; tested one by one.
+    globs: Vec<usize>,
+    /// FNV-1a of the file text: tells which rules file a running daemon has loaded.
+    hash: u64,
+}
+
+/// One checked rule.
+#[derive(Debug)]
+struct Rule {
+    name: Arc<str>,
+    table: TablePattern,
+    ops: OpSet,
+    /// Empty when the rule has no `when_changed`.
+    when_changed: Box<[Box<str>]>,
+    vars: Box<[Var]>,
+    /// Rendered for events whose op is in `ops`.
+    templates: Box<[(ItemKind, Template)]>,
+    /// Rendered for truncates; no columns.
+    on_truncate: Box<[(ItemKind, Template)]>,
+}
+
+/// A set of [`Op`]s as a bit mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct OpSet(u8);
+
+impl OpSet {
+    const DEFAULT: OpSet = OpSet(0).with(Op::Insert).with(Op::Update).with(Op::Delete);
+
+    const fn bit(op: Op) -> u8 {
+        1 << op as u8
+    }
+
+    const fn with(self, op: Op) -> OpSet {
+        OpSet(self.0 | OpSet::bit(op))
+    }
+
+    fn contains(self, op: Op) -> bool {
+        self.0 & OpSet::bit(op) != 0
+    }
 }
 
 /// What one event asks to invalidate.
@@ -19,13 +143,15 @@ pub struct Rules {
 pub struct Evaluation {
     /// Every list sorted bytewise and without duplicates.
     pub invalidations: Invalidations,
-    /// Names of the rules that applied after the table, `ops` and `when_changed` filters.
+    /// Names of the rules that applied after the table, `ops` and `when_changed` filters,
+    /// sorted and without duplicates.
     pub matched_rules: Vec<Arc<str>>,
-    /// One per template no row image could render.
+    /// One per template that could not render (in rule order, then template order).
     pub errors: Vec<RuleError>,
 }
 
-/// A template that no row image of an event could render.
+/// A template that no row image of an event could render, or that rendered an item no cache
+/// should be asked to delete (empty, or over the size bound).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleError {
     pub rule: Arc<str>,
@@ -35,31 +161,303 @@ pub struct RuleError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
+    /// Every problem found in the file; nothing is loaded. Never retriable: the file must be
+    /// fixed.
     #[error("{}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<Problem>),
+}
+
+impl RulesError {
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            RulesError::Invalid(p) => p,
+        }
+    }
 }
 
 impl Rules {
     pub fn from_file(path: &Path) -> Result<Rules, RulesError> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            RulesError::Invalid(vec![Problem { file: path.to_path_buf(), location: None, message: format!("cannot read the rules file: {e}") }])
+            RulesError::Invalid(vec![Problem {
+                file: path.to_path_buf(),
+                location: None,
+                message: format!("cannot read the rules file: {e}"),
+            }])
         })?;
         Rules::parse(&text, path)
     }
 
-    pub fn parse(_text: &str, _file: &Path) -> Result<Rules, RulesError> {
-        todo!("rules engine")
+    /// Parses and checks a rules file; `file` only names it in problems.
+    pub fn parse(text: &str, file: &Path) -> Result<Rules, RulesError> {
+        let rules = parse::parse(text, file).map_err(RulesError::Invalid)?;
+        let mut by_table: HashMap<Box<str>, Vec<usize>> = HashMap::new();
+        let mut globs = Vec::new();
+        for (i, rule) in rules.iter().enumerate() {
+            match &rule.table {
+                TablePattern::Exact(table) => by_table.entry(table.clone()).or_default().push(i),
+                TablePattern::Glob(_) => globs.push(i),
+            }
+        }
+        Ok(Rules {
+            rules,
+            by_table,
+            globs,
+            hash: fnv1a(text.as_bytes()),
+        })
     }
 
-    pub fn evaluate(&self, _event: &ChangeEvent) -> Evaluation {
-        todo!("rules engine")
+    /// What `event` asks to invalidate.
+    pub fn evaluate(&self, event: &ChangeEvent) -> Evaluation {
+        let mut eval = Evaluation::default();
+        let exact = self
+            .by_table
+            .get(event.table.as_str())
+            .map_or(&[][..], Vec::as_slice);
+        // Merge the exact and glob candidates by index, so rules apply in file order.
+        let (mut e, mut g) = (0, 0);
+        loop {
+            let index = match (exact.get(e), self.globs.get(g)) {
+                (Some(&x), Some(&y)) if x < y => {
+                    e += 1;
+                    x
+                }
+                (_, Some(&y)) => {
+                    g += 1;
+                    if !self.glob_matches(y, &event.table) {
+                        continue;
+                    }
+                    y
+                }
+                (Some(&x), None) => {
+                    e += 1;
+                    x
+                }
+                (None, None) => break,
+            };
+            if let Some(rule) = self.rules.get(index) {
+                rule.apply(event, &mut eval);
+            }
+        }
+        let inv = &mut eval.invalidations;
+        for list in [
+            &mut inv.redis_keys,
+            &mut inv.redis_tags,
+            &mut inv.surrogate_keys,
+            &mut inv.urls,
+        ] {
+            list.sort_unstable();
+            list.dedup();
+        }
+        eval.matched_rules.sort_unstable();
+        eval.matched_rules.dedup();
+        eval
     }
 
+    fn glob_matches(&self, index: usize, table: &str) -> bool {
+        match self.rules.get(index).map(|r| &r.table) {
+            Some(TablePattern::Glob(glob)) => glob.matches(table),
+            _ => false,
+        }
+    }
+
+    /// How many rules are loaded.
     pub fn len(&self) -> usize {
-        0
+        self.rules.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.rules.is_empty()
     }
+
+    /// The rule names, in file order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|r| &*r.name)
+    }
+
+    /// A stable fingerprint of the file text (64-bit FNV-1a, 16 hex digits): a metric label
+    /// and log field saying which rules a daemon runs. Not a security hash.
+    pub fn hash(&self) -> String {
+        format!("{:016x}", self.hash)
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes
+        .iter()
+        .fold(OFFSET, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME))
+}
+
+impl Rule {
+    /// Applies the rule to an event whose table it matches.
+    fn apply(&self, event: &ChangeEvent, eval: &mut Evaluation) {
+        let templates = if event.op == Op::Truncate {
+            &self.on_truncate
+        } else {
+            if !self.ops.contains(event.op) {
+                return;
+            }
+            if event.op == Op::Update && !self.when_changed.is_empty() && !self.changed(event) {
+                return;
+            }
+            &self.templates
+        };
+        // A rule with nothing to render for this kind of event did not apply to it.
+        if templates.is_empty() {
+            return;
+        }
+        eval.matched_rules.push(self.name.clone());
+        for (kind, template) in templates.iter() {
+            let out = match kind {
+                ItemKind::RedisKey => &mut eval.invalidations.redis_keys,
+                ItemKind::RedisTag => &mut eval.invalidations.redis_tags,
+                ItemKind::SurrogateKey => &mut eval.invalidations.surrogate_keys,
+                ItemKind::Url => &mut eval.invalidations.urls,
+            };
+            if let Some(message) = self.render(template, event, out) {
+                eval.errors.push(RuleError {
+                    rule: self.name.clone(),
+                    message,
+                });
+            }
+        }
+    }
+
+    /// Whether an update changed one of the `when_changed` columns. Anything unknown counts
+    /// as changed.
+    fn changed(&self, event: &ChangeEvent) -> bool {
+        let (Some(before), Some(after)) = (&event.before, &event.after) else {
+            return true;
+        };
+        self.when_changed.iter().any(
+            |column| match (before.get(&**column), after.get(&**column)) {
+                (Some(b), Some(a)) => a != b,
+                _ => true,
+            },
+        )
+    }
+
+    /// Renders one template against the event's images into `out`; returns the error
+    /// sentence if it must be reported.
+    fn render(
+        &self,
+        template: &Template,
+        event: &ChangeEvent,
+        out: &mut Vec<String>,
+    ) -> Option<String> {
+        let mut items = 0;
+        let mut empty = 0;
+        let mut oversize = 0;
+        let mut largest = 0;
+        // (image, first column that failed): at most two images.
+        let mut failures: [Option<(&'static str, Unrenderable<'_>)>; 2] = [None, None];
+        let mut tally = |r: template::Rendered| {
+            items += r.items;
+            empty += r.empty;
+            oversize += r.oversize;
+            largest = largest.max(r.largest);
+        };
+        if template.columns().is_empty() {
+            match template.render(None, &self.vars, out) {
+                Ok(r) => tally(r),
+                // Unreachable without columns; report rather than drop it silently.
+                Err(u) => failures[0] = Some(("event", u)),
+            }
+        } else {
+            let mut previous: Option<&Row> = None;
+            for (i, row) in event.images().enumerate() {
+                // An update that left every column of the template alone renders the same
+                // items from both images: skip the second rendering (and its allocations).
+                if previous.is_some_and(|p| same_columns(template, p, row)) {
+                    continue;
+                }
+                match template.render(Some(row), &self.vars, out) {
+                    Ok(r) => {
+                        tally(r);
+                        previous = Some(row);
+                    }
+                    Err(u) => {
+                        if let Some(slot) = failures.get_mut(i) {
+                            *slot = Some((image_name(event, row), u));
+                        }
+                    }
+                }
+            }
+        }
+        if items == 0 && empty == 0 && oversize == 0 {
+            return Some(self.unrenderable(template, event.op, &failures));
+        }
+        let source = template.source();
+        if empty > 0 {
+            return Some(format!(
+                "rule {:?}: template {source:?} rendered an empty string, which is never invalidated",
+                self.name
+            ));
+        }
+        if oversize > 0 {
+            return Some(format!(
+                "rule {:?}: template {source:?} rendered an item of {largest} bytes, over the limit of {} bytes, which is never invalidated",
+                self.name,
+                template::MAX_ITEM_BYTES
+            ));
+        }
+        None
+    }
+
+    /// The sentence for a template that no image could render.
+    fn unrenderable(
+        &self,
+        template: &Template,
+        op: Op,
+        failures: &[Option<(&'static str, Unrenderable<'_>)>],
+    ) -> String {
+        let mut message = format!(
+            "rule {:?}: template {:?} could not be rendered: ",
+            self.name,
+            template.source()
+        );
+        let mut previous: Option<&str> = None;
+        for (image, failure) in failures.iter().flatten() {
+            if previous.is_some() {
+                message.push_str(" and ");
+            }
+            if previous != Some(failure.column) {
+                message.push_str(&format!("column {:?} ", failure.column));
+            }
+            let why = match failure.why {
+                Why::Absent => "is absent from",
+                Why::Null => "is null in",
+                Why::List => "is a list (which cannot be rendered) in",
+                Why::Object => "is an object (which cannot be rendered) in",
+            };
+            message.push_str(&format!("{why} the {image} image"));
+            previous = Some(failure.column);
+        }
+        if previous.is_none() {
+            message.push_str(&format!("the {op} event carries no row image"));
+        }
+        message
+    }
+}
+
+/// Names a row image of `event` for error messages.
+fn image_name(event: &ChangeEvent, row: &Row) -> &'static str {
+    if event.before.as_ref().is_some_and(|b| std::ptr::eq(b, row)) {
+        "before"
+    } else {
+        "after"
+    }
+}
+
+/// Whether every column of `template` has the same value in both images (so both render the
+/// same items). A column absent from either is not known to be the same.
+fn same_columns(template: &Template, a: &Row, b: &Row) -> bool {
+    template
+        .columns()
+        .iter()
+        .all(|column| match (a.get(&**column), b.get(&**column)) {
+            (Some(x), Some(y)) => x == y,
+            _ => false,
+        })
 }

@@ -1,0 +1,593 @@
+//! Templates: compiled once at load into literal and placeholder segments, rendered per event
+//! without re-parsing.
+//!
+//! Syntax (the user-facing description is in the [module docs](super)):
+//! - `{name}` is a placeholder: a var when `name` is listed under the rule's `vars`, a column
+//!   otherwise; whitespace around the name and filters is ignored;
+//! - `{name|filter|filter}` applies filters left to right;
+//! - `{{` and `}}` stand for a literal `{` and `}`; any other brace must open or close a
+//!   placeholder.
+
+use std::fmt::{self, Write as _};
+
+use crate::event::Row;
+
+/// Longest item a template may render, in bytes. Real cache keys, surrogate keys and URLs
+/// are far shorter; an item over this comes from an unexpected column value (a document
+/// stored in a text column) and is reported as a rule error rather than sent to a cache.
+pub(crate) const MAX_ITEM_BYTES: usize = 8 * 1024;
+
+/// Most items one template may expand to per row image through `vars` (the product of the
+/// sizes of the vars it uses), so a rules file cannot make one event invalidate an unbounded
+/// number of things.
+pub(crate) const MAX_FANOUT: usize = 1_000;
+
+/// A filter applied to a placeholder's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Filter {
+    /// Unicode lower case (`str::to_lowercase`).
+    Lower,
+    /// Unicode upper case (`str::to_uppercase`).
+    Upper,
+    /// Percent-encodes the UTF-8 bytes of every character outside RFC 3986's unreserved set
+    /// `A-Z a-z 0-9 - . _ ~` (so a space is `%20`, never `+`), with upper-case hex digits.
+    UrlEncode,
+}
+
+impl Filter {
+    /// Names as written in templates, for "known filters" in error messages.
+    pub(crate) const NAMES: &'static str = "lower, upper, urlencode";
+
+    fn parse(name: &str) -> Option<Filter> {
+        Some(match name {
+            "lower" => Filter::Lower,
+            "upper" => Filter::Upper,
+            "urlencode" => Filter::UrlEncode,
+            _ => return None,
+        })
+    }
+
+    fn apply(self, input: &str, out: &mut String) {
+        match self {
+            Filter::Lower if input.is_ascii() => {
+                let start = out.len();
+                out.push_str(input);
+                out[start..].make_ascii_lowercase();
+            }
+            Filter::Lower => out.push_str(&input.to_lowercase()),
+            Filter::Upper if input.is_ascii() => {
+                let start = out.len();
+                out.push_str(input);
+                out[start..].make_ascii_uppercase();
+            }
+            Filter::Upper => out.push_str(&input.to_uppercase()),
+            Filter::UrlEncode => {
+                const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                for b in input.bytes() {
+                    if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                        out.push(char::from(b));
+                    } else {
+                        out.push('%');
+                        out.push(char::from(HEX[usize::from(b >> 4)]));
+                        out.push(char::from(HEX[usize::from(b & 0xf)]));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Appends `input` to `out` through a filter chain. Only intermediate results of a chain of
+/// two or more filters need their own buffer.
+fn push_filtered(out: &mut String, input: &str, filters: &[Filter]) {
+    match filters {
+        [] => out.push_str(input),
+        [only] => only.apply(input, out),
+        [first, middle @ .., last] => {
+            let mut current = String::new();
+            first.apply(input, &mut current);
+            for filter in middle {
+                let mut next = String::with_capacity(current.len());
+                filter.apply(&current, &mut next);
+                current = next;
+            }
+            last.apply(&current, out);
+        }
+    }
+}
+
+/// A name under a rule's `vars`, with the values a template using it expands to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Var {
+    pub(crate) name: Box<str>,
+    pub(crate) values: Box<[Box<str>]>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(Box<str>),
+    Column {
+        name: Box<str>,
+        filters: Box<[Filter]>,
+    },
+    /// `slot` indexes [`Template::vars`].
+    Var {
+        slot: usize,
+        filters: Box<[Filter]>,
+    },
+}
+
+/// A compiled template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Template {
+    /// As written, for error messages.
+    source: Box<str>,
+    segments: Box<[Segment]>,
+    /// Distinct columns used, in order of first use.
+    columns: Box<[Box<str>]>,
+    /// Distinct vars used (indexes into the rule's vars), in order of first use.
+    vars: Box<[usize]>,
+    /// Bytes of literal text: a capacity hint that makes most renders a single allocation.
+    literal_len: usize,
+}
+
+/// Why a template was rejected; each phrased to follow "template "…" ".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum TemplateError {
+    Empty,
+    TooLong(usize),
+    EmptyPlaceholder,
+    /// A `{` with no `}` after it (or another `{` before it).
+    Unclosed,
+    /// A `}` that closes nothing.
+    Unopened,
+    EmptyFilter(String),
+    UnknownFilter(String),
+}
+
+impl fmt::Display for TemplateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TemplateError::Empty => f.write_str("is empty"),
+            TemplateError::TooLong(n) => {
+                write!(f, "is {n} bytes long, over the limit of {MAX_ITEM_BYTES}")
+            }
+            TemplateError::EmptyPlaceholder => f.write_str("has an empty placeholder `{}`"),
+            TemplateError::Unclosed => {
+                f.write_str("has a `{` that is never closed (write `{{` for a literal brace)")
+            }
+            TemplateError::Unopened => {
+                f.write_str("has a `}` that closes nothing (write `}}` for a literal brace)")
+            }
+            TemplateError::EmptyFilter(name) => write!(f, "has an empty filter after `{name}|`"),
+            TemplateError::UnknownFilter(filter) => {
+                write!(
+                    f,
+                    "uses the unknown filter {filter:?} (known filters: {})",
+                    Filter::NAMES
+                )
+            }
+        }
+    }
+}
+
+/// Why a row image could not render a template: the first column that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Unrenderable<'t> {
+    pub(crate) column: &'t str,
+    pub(crate) why: Why,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Why {
+    /// Not in the image at all (an unchanged TOASTed value, a key-only before image).
+    Absent,
+    Null,
+    List,
+    Object,
+}
+
+/// What rendering one template against one row image produced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Rendered {
+    /// Items appended to the output.
+    pub(crate) items: usize,
+    /// Expansions that rendered to the empty string (not appended: never UNLINK "").
+    pub(crate) empty: usize,
+    /// Expansions over [`MAX_ITEM_BYTES`] (not appended), and the largest such size.
+    pub(crate) oversize: usize,
+    pub(crate) largest: usize,
+}
+
+impl Template {
+    /// Compiles `text`; placeholders naming one of `vars` are vars, the rest columns. Returns
+    /// every problem found (stopping at an unclosed `{`, after which nothing can be parsed).
+    pub(crate) fn compile(text: &str, vars: &[Var]) -> Result<Template, Vec<TemplateError>> {
+        if text.is_empty() {
+            return Err(vec![TemplateError::Empty]);
+        }
+        if text.len() > MAX_ITEM_BYTES {
+            return Err(vec![TemplateError::TooLong(text.len())]);
+        }
+        let mut errors = Vec::new();
+        let mut segments = Vec::new();
+        let mut columns: Vec<Box<str>> = Vec::new();
+        let mut used_vars: Vec<usize> = Vec::new();
+        let mut literal = String::new();
+        let mut literal_len = 0;
+        let mut rest = text;
+        while let Some(brace) = rest.find(['{', '}']) {
+            literal.push_str(&rest[..brace]);
+            let after = &rest[brace + 1..];
+            let doubled = after.starts_with(&rest[brace..brace + 1]);
+            if doubled {
+                literal.push_str(&rest[brace..brace + 1]);
+                rest = &after[1..];
+                continue;
+            }
+            if rest.as_bytes()[brace] == b'}' {
+                errors.push(TemplateError::Unopened);
+                rest = after;
+                continue;
+            }
+            let body = match after.find(['{', '}']) {
+                Some(end) if after.as_bytes()[end] == b'}' => {
+                    rest = &after[end + 1..];
+                    &after[..end]
+                }
+                _ => {
+                    errors.push(TemplateError::Unclosed);
+                    return Err(errors);
+                }
+            };
+            let mut parts = body.split('|').map(str::trim);
+            let name = parts.next().unwrap_or_default();
+            if name.is_empty() {
+                errors.push(TemplateError::EmptyPlaceholder);
+                continue;
+            }
+            let mut filters = Vec::new();
+            for filter in parts {
+                match Filter::parse(filter) {
+                    Some(f) => filters.push(f),
+                    None if filter.is_empty() => {
+                        errors.push(TemplateError::EmptyFilter(name.to_string()))
+                    }
+                    None => errors.push(TemplateError::UnknownFilter(filter.to_string())),
+                }
+            }
+            if !literal.is_empty() {
+                literal_len += literal.len();
+                segments.push(Segment::Literal(std::mem::take(&mut literal).into()));
+            }
+            let filters = filters.into_boxed_slice();
+            match vars.iter().position(|v| &*v.name == name) {
+                Some(var) => {
+                    let slot = used_vars.iter().position(|&v| v == var).unwrap_or_else(|| {
+                        used_vars.push(var);
+                        used_vars.len() - 1
+                    });
+                    segments.push(Segment::Var { slot, filters });
+                }
+                None => {
+                    if !columns.iter().any(|c| &**c == name) {
+                        columns.push(name.into());
+                    }
+                    segments.push(Segment::Column {
+                        name: name.into(),
+                        filters,
+                    });
+                }
+            }
+        }
+        literal.push_str(rest);
+        if !literal.is_empty() {
+            literal_len += literal.len();
+            segments.push(Segment::Literal(literal.into()));
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Template {
+            source: text.into(),
+            segments: segments.into(),
+            columns: columns.into(),
+            vars: used_vars.into(),
+            literal_len,
+        })
+    }
+
+    pub(crate) fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The columns the template reads; empty for a template of literals and vars only.
+    pub(crate) fn columns(&self) -> &[Box<str>] {
+        &self.columns
+    }
+
+    /// How many items one row image expands to: the product of the sizes of the vars used.
+    /// Saturates rather than overflows, so a huge product still fails the [`MAX_FANOUT`] check.
+    pub(crate) fn fanout(&self, vars: &[Var]) -> usize {
+        self.vars.iter().fold(1usize, |n, &v| {
+            n.saturating_mul(vars.get(v).map_or(1, |v| v.values.len()))
+        })
+    }
+
+    /// Renders every expansion of the template against `row` (`None` for a template without
+    /// columns, such as every `on_truncate` template) and appends the items to `out`.
+    ///
+    /// Fails, appending nothing, when a column is absent, null, a list or an object in `row`.
+    pub(crate) fn render<'t>(
+        &'t self,
+        row: Option<&Row>,
+        vars: &[Var],
+        out: &mut Vec<String>,
+    ) -> Result<Rendered, Unrenderable<'t>> {
+        let mut rendered = Rendered::default();
+        if self.vars.is_empty() {
+            let mut buf = String::with_capacity(self.literal_len + 24);
+            self.render_one(row, vars, &[], &mut buf)?;
+            rendered.keep(buf, out);
+            return Ok(rendered);
+        }
+        // Odometer over the values of each var used: the cartesian product, bounded by
+        // MAX_FANOUT at load. Only the first expansion can fail: they all read the same row.
+        let mut choice = vec![0usize; self.vars.len()];
+        loop {
+            let mut buf = String::with_capacity(self.literal_len + 24);
+            self.render_one(row, vars, &choice, &mut buf)?;
+            rendered.keep(buf, out);
+            let mut slot = 0;
+            loop {
+                let Some(&var) = self.vars.get(slot) else {
+                    return Ok(rendered);
+                };
+                let count = vars.get(var).map_or(1, |v| v.values.len());
+                choice[slot] += 1;
+                if choice[slot] < count {
+                    break;
+                }
+                choice[slot] = 0;
+                slot += 1;
+            }
+        }
+    }
+
+    fn render_one<'t>(
+        &'t self,
+        row: Option<&Row>,
+        vars: &[Var],
+        choice: &[usize],
+        buf: &mut String,
+    ) -> Result<(), Unrenderable<'t>> {
+        for segment in self.segments.iter() {
+            match segment {
+                Segment::Literal(text) => buf.push_str(text),
+                Segment::Var { slot, filters } => {
+                    let value = self
+                        .vars
+                        .get(*slot)
+                        .and_then(|&var| vars.get(var))
+                        .zip(choice.get(*slot))
+                        .and_then(|(var, &i)| var.values.get(i));
+                    if let Some(value) = value {
+                        push_filtered(buf, value, filters);
+                    }
+                }
+                Segment::Column { name, filters } => {
+                    let fail = |why| Unrenderable { column: name, why };
+                    let value = row.and_then(|r| r.get(&**name)).ok_or(fail(Why::Absent))?;
+                    match value {
+                        serde_json::Value::String(s) => push_filtered(buf, s, filters),
+                        serde_json::Value::Bool(b) => {
+                            push_filtered(buf, if *b { "true" } else { "false" }, filters)
+                        }
+                        // serde_json prints integers as integers and floats in their shortest
+                        // round-trip form (ryu): 1.5, 1.0, 1e+21.
+                        serde_json::Value::Number(n) if filters.is_empty() => {
+                            // Writing to a String cannot fail.
+                            let _ = write!(buf, "{n}");
+                        }
+                        serde_json::Value::Number(n) => push_filtered(buf, &n.to_string(), filters),
+                        serde_json::Value::Null => return Err(fail(Why::Null)),
+                        serde_json::Value::Array(_) => return Err(fail(Why::List)),
+                        serde_json::Value::Object(_) => return Err(fail(Why::Object)),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Rendered {
+    fn keep(&mut self, item: String, out: &mut Vec<String>) {
+        if item.is_empty() {
+            self.empty += 1;
+        } else if item.len() > MAX_ITEM_BYTES {
+            self.oversize += 1;
+            self.largest = self.largest.max(item.len());
+        } else {
+            self.items += 1;
+            out.push(item);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn row(value: serde_json::Value) -> Row {
+        match value {
+            serde_json::Value::Object(map) => map,
+            other => panic!("not an object: {other}"),
+        }
+    }
+
+    fn render(text: &str, vars: &[Var], row: &Row) -> Result<Vec<String>, String> {
+        let template = Template::compile(text, vars).map_err(|e| format!("{e:?}"))?;
+        let mut out = Vec::new();
+        template
+            .render(Some(row), vars, &mut out)
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(out)
+    }
+
+    #[test]
+    fn scalars_render_in_their_json_spelling() {
+        let r = row(
+            json!({"s": "Blue Widget", "i": 42, "n": -7, "b": true, "f": 1.5, "g": 1.0, "h": 1e21, "u": 18446744073709551615u64}),
+        );
+        assert_eq!(
+            render("{s}/{i}/{n}/{b}/{f}/{g}/{h}/{u}", &[], &r).unwrap(),
+            ["Blue Widget/42/-7/true/1.5/1.0/1e+21/18446744073709551615"]
+        );
+    }
+
+    #[test]
+    fn filters_chain_left_to_right() {
+        let r = row(json!({"slug": "Crème Brûlée & Co", "name": "straße", "sigma": "ΟΔΟΣ"}));
+        assert_eq!(
+            render("{slug|urlencode}", &[], &r).unwrap(),
+            ["Cr%C3%A8me%20Br%C3%BBl%C3%A9e%20%26%20Co"]
+        );
+        assert_eq!(
+            render("{ slug | lower | urlencode }", &[], &r).unwrap(),
+            ["cr%C3%A8me%20br%C3%BBl%C3%A9e%20%26%20co"]
+        );
+        assert_eq!(render("{name|upper}", &[], &r).unwrap(), ["STRASSE"]);
+        assert_eq!(render("{sigma|lower}", &[], &r).unwrap(), ["οδος"]);
+        assert_eq!(
+            render("{slug|upper|lower|urlencode}", &[], &r).unwrap(),
+            ["cr%C3%A8me%20br%C3%BBl%C3%A9e%20%26%20co"]
+        );
+        let unreserved = row(json!({"s": "AZaz09-._~/?#"}));
+        assert_eq!(
+            render("{s|urlencode}", &[], &unreserved).unwrap(),
+            ["AZaz09-._~%2F%3F%23"]
+        );
+        let number = row(json!({"n": 12}));
+        assert_eq!(render("{n|urlencode}", &[], &number).unwrap(), ["12"]);
+    }
+
+    #[test]
+    fn doubled_braces_are_literal() {
+        let r = row(json!({"id": 7}));
+        assert_eq!(render("{{id}}={id}", &[], &r).unwrap(), ["{id}=7"]);
+        assert_eq!(render("{{{id}}}", &[], &r).unwrap(), ["{7}"]);
+    }
+
+    #[test]
+    fn vars_expand_as_a_cartesian_product() {
+        let vars = [
+            Var {
+                name: "a".into(),
+                values: vec!["x".into(), "y".into()].into(),
+            },
+            Var {
+                name: "b".into(),
+                values: vec!["1".into(), "2".into(), "3".into()].into(),
+            },
+        ];
+        let r = row(json!({"id": 5}));
+        let mut out = render("{b}-{id}-{a|upper}-{b}", &vars, &r).unwrap();
+        out.sort();
+        assert_eq!(
+            out,
+            ["1-5-X-1", "1-5-Y-1", "2-5-X-2", "2-5-Y-2", "3-5-X-3", "3-5-Y-3"]
+        );
+        let t = Template::compile("{a}{b}{id}", &vars).unwrap();
+        assert_eq!(t.fanout(&vars), 6);
+        assert_eq!(t.columns(), [Box::from("id")]);
+    }
+
+    #[test]
+    fn unrenderable_columns_name_the_first_failure() {
+        let r = row(json!({"a": null, "l": [1], "o": {}}));
+        let t = Template::compile("{missing}{a}", &[]).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(
+            t.render(Some(&r), &[], &mut out),
+            Err(Unrenderable {
+                column: "missing",
+                why: Why::Absent
+            })
+        );
+        let t = Template::compile("x{a}", &[]).unwrap();
+        assert_eq!(
+            t.render(Some(&r), &[], &mut out),
+            Err(Unrenderable {
+                column: "a",
+                why: Why::Null
+            })
+        );
+        let t = Template::compile("{l}", &[]).unwrap();
+        assert_eq!(
+            t.render(Some(&r), &[], &mut out),
+            Err(Unrenderable {
+                column: "l",
+                why: Why::List
+            })
+        );
+        let t = Template::compile("{o}", &[]).unwrap();
+        assert_eq!(
+            t.render(Some(&r), &[], &mut out),
+            Err(Unrenderable {
+                column: "o",
+                why: Why::Object
+            })
+        );
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn empty_and_oversize_items_are_counted_not_kept() {
+        let r = row(json!({"e": "", "big": "x".repeat(MAX_ITEM_BYTES)}));
+        let mut out = Vec::new();
+        let t = Template::compile("{e}", &[]).unwrap();
+        assert_eq!(
+            t.render(Some(&r), &[], &mut out).unwrap(),
+            Rendered {
+                empty: 1,
+                ..Rendered::default()
+            }
+        );
+        let t = Template::compile("{big}", &[]).unwrap();
+        assert_eq!(t.render(Some(&r), &[], &mut out).unwrap().items, 1);
+        let t = Template::compile("k:{big}", &[]).unwrap();
+        let r2 = t.render(Some(&r), &[], &mut out).unwrap();
+        assert_eq!(
+            (r2.items, r2.oversize, r2.largest),
+            (0, 1, MAX_ITEM_BYTES + 2)
+        );
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn compile_errors() {
+        let err = |t: &str| Template::compile(t, &[]).unwrap_err();
+        assert_eq!(err(""), [TemplateError::Empty]);
+        assert_eq!(err("a{}b"), [TemplateError::EmptyPlaceholder]);
+        assert_eq!(err("a{ | lower}"), [TemplateError::EmptyPlaceholder]);
+        assert_eq!(err("a{id"), [TemplateError::Unclosed]);
+        assert_eq!(err("a{i{d}"), [TemplateError::Unclosed]);
+        assert_eq!(
+            err("a}b{id}c}"),
+            [TemplateError::Unopened, TemplateError::Unopened]
+        );
+        assert_eq!(
+            err("{id|lowr}{x|}"),
+            [
+                TemplateError::UnknownFilter("lowr".into()),
+                TemplateError::EmptyFilter("x".into())
+            ]
+        );
+        assert_eq!(
+            err(&"k".repeat(MAX_ITEM_BYTES + 1)),
+            [TemplateError::TooLong(MAX_ITEM_BYTES + 1)]
+        );
+    }
+}
