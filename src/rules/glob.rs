@@ -22,13 +22,12 @@ impl fmt::Display for PatternError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PatternError::Empty => f.write_str("is empty"),
-            PatternError::NotQualified => {
-                f.write_str("must be qualified as `schema.table` (or `db.table`), such as `public.products` or `public.*`")
-            }
-            PatternError::BadChar(c) => write!(
-                f,
-                "contains {c:?}, which cannot occur in a table name (only `*` and `?` are wildcards)"
+            PatternError::NotQualified => f.write_str(
+                "must be qualified as `schema.table` (or `db.table`), such as `public.products` or `public.*`",
             ),
+            PatternError::BadChar(c) => {
+                write!(f, "contains {c:?}, which cannot occur in a table name (only `*` and `?` are wildcards)")
+            }
         }
     }
 }
@@ -46,16 +45,14 @@ impl TablePattern {
         if text.is_empty() {
             return Err(PatternError::Empty);
         }
-        if let Some(c) = text.chars().find(|&c| {
-            c.is_whitespace() || c.is_control() || matches!(c, '[' | ']' | '{' | '}' | '\\')
-        }) {
+        if let Some(c) =
+            text.chars().find(|&c| c.is_whitespace() || c.is_control() || matches!(c, '[' | ']' | '{' | '}' | '\\'))
+        {
             return Err(PatternError::BadChar(c));
         }
         // Every table a source reports is `schema.table` or `db.table`: a bare `products`
         // would never match anything, which is worse than an error.
-        let qualified = text
-            .split_once('.')
-            .is_some_and(|(schema, table)| !schema.is_empty() && !table.is_empty());
+        let qualified = text.split_once('.').is_some_and(|(schema, table)| !schema.is_empty() && !table.is_empty());
         if !qualified {
             return Err(PatternError::NotQualified);
         }
@@ -106,9 +103,7 @@ impl Glob {
         if !literal.is_empty() {
             tokens.push(Token::Literal(literal.into()));
         }
-        Glob {
-            tokens: tokens.into(),
-        }
+        Glob { tokens: tokens.into() }
     }
 
     /// Whether `name` matches the whole pattern.
@@ -177,10 +172,7 @@ mod tests {
 
     #[test]
     fn exact_names_are_not_globs() {
-        assert_eq!(
-            TablePattern::parse("public.products"),
-            Ok(TablePattern::Exact("public.products".into()))
-        );
+        assert_eq!(TablePattern::parse("public.products"), Ok(TablePattern::Exact("public.products".into())));
     }
 
     #[test]
@@ -221,25 +213,10 @@ mod tests {
     #[test]
     fn invalid_patterns() {
         assert_eq!(TablePattern::parse(""), Err(PatternError::Empty));
-        assert_eq!(
-            TablePattern::parse("products"),
-            Err(PatternError::NotQualified)
-        );
-        assert_eq!(
-            TablePattern::parse(".products"),
-            Err(PatternError::NotQualified)
-        );
-        assert_eq!(
-            TablePattern::parse("public."),
-            Err(PatternError::NotQualified)
-        );
-        assert_eq!(
-            TablePattern::parse("public.prod ucts"),
-            Err(PatternError::BadChar(' '))
-        );
-        assert_eq!(
-            TablePattern::parse("public.[ab]"),
-            Err(PatternError::BadChar('['))
-        );
+        assert_eq!(TablePattern::parse("products"), Err(PatternError::NotQualified));
+        assert_eq!(TablePattern::parse(".products"), Err(PatternError::NotQualified));
+        assert_eq!(TablePattern::parse("public."), Err(PatternError::NotQualified));
+        assert_eq!(TablePattern::parse("public.prod ucts"), Err(PatternError::BadChar(' ')));
+        assert_eq!(TablePattern::parse("public.[ab]"), Err(PatternError::BadChar('[')));
     }
 }

@@ -198,21 +198,13 @@ impl Rules {
                 TablePattern::Glob(_) => globs.push(i),
             }
         }
-        Ok(Rules {
-            rules,
-            by_table,
-            globs,
-            hash: fnv1a(text.as_bytes()),
-        })
+        Ok(Rules { rules, by_table, globs, hash: fnv1a(text.as_bytes()) })
     }
 
     /// What `event` asks to invalidate.
     pub fn evaluate(&self, event: &ChangeEvent) -> Evaluation {
         let mut eval = Evaluation::default();
-        let exact = self
-            .by_table
-            .get(event.table.as_str())
-            .map_or(&[][..], Vec::as_slice);
+        let exact = self.by_table.get(event.table.as_str()).map_or(&[][..], Vec::as_slice);
         // Merge the exact and glob candidates by index, so rules apply in file order.
         let (mut e, mut g) = (0, 0);
         loop {
@@ -239,12 +231,7 @@ impl Rules {
             }
         }
         let inv = &mut eval.invalidations;
-        for list in [
-            &mut inv.redis_keys,
-            &mut inv.redis_tags,
-            &mut inv.surrogate_keys,
-            &mut inv.urls,
-        ] {
+        for list in [&mut inv.redis_keys, &mut inv.redis_tags, &mut inv.surrogate_keys, &mut inv.urls] {
             list.sort_unstable();
             list.dedup();
         }
@@ -284,9 +271,7 @@ impl Rules {
 fn fnv1a(bytes: &[u8]) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes
-        .iter()
-        .fold(OFFSET, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME))
+    bytes.iter().fold(OFFSET, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME))
 }
 
 impl Rule {
@@ -316,10 +301,7 @@ impl Rule {
                 ItemKind::Url => &mut eval.invalidations.urls,
             };
             if let Some(message) = self.render(template, event, out) {
-                eval.errors.push(RuleError {
-                    rule: self.name.clone(),
-                    message,
-                });
+                eval.errors.push(RuleError { rule: self.name.clone(), message });
             }
         }
     }
@@ -330,22 +312,15 @@ impl Rule {
         let (Some(before), Some(after)) = (&event.before, &event.after) else {
             return true;
         };
-        self.when_changed.iter().any(
-            |column| match (before.get(&**column), after.get(&**column)) {
-                (Some(b), Some(a)) => a != b,
-                _ => true,
-            },
-        )
+        self.when_changed.iter().any(|column| match (before.get(&**column), after.get(&**column)) {
+            (Some(b), Some(a)) => a != b,
+            _ => true,
+        })
     }
 
     /// Renders one template against the event's images into `out`; returns the error
     /// sentence if it must be reported.
-    fn render(
-        &self,
-        template: &Template,
-        event: &ChangeEvent,
-        out: &mut Vec<String>,
-    ) -> Option<String> {
+    fn render(&self, template: &Template, event: &ChangeEvent, out: &mut Vec<String>) -> Option<String> {
         let mut items = 0;
         let mut empty = 0;
         let mut oversize = 0;
@@ -412,11 +387,7 @@ impl Rule {
         op: Op,
         failures: &[Option<(&'static str, Unrenderable<'_>)>],
     ) -> String {
-        let mut message = format!(
-            "rule {:?}: template {:?} could not be rendered: ",
-            self.name,
-            template.source()
-        );
+        let mut message = format!("rule {:?}: template {:?} could not be rendered: ", self.name, template.source());
         let mut previous: Option<&str> = None;
         for (image, failure) in failures.iter().flatten() {
             if previous.is_some() {
@@ -453,11 +424,8 @@ fn image_name(event: &ChangeEvent, row: &Row) -> &'static str {
 /// Whether every column of `template` has the same value in both images (so both render the
 /// same items). A column absent from either is not known to be the same.
 fn same_columns(template: &Template, a: &Row, b: &Row) -> bool {
-    template
-        .columns()
-        .iter()
-        .all(|column| match (a.get(&**column), b.get(&**column)) {
-            (Some(x), Some(y)) => x == y,
-            _ => false,
-        })
+    template.columns().iter().all(|column| match (a.get(&**column), b.get(&**column)) {
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    })
 }

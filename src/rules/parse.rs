@@ -22,35 +22,16 @@ use super::{OpSet, Rule};
 /// Longest rule name, in bytes: names are metric label values and must stay bounded.
 const MAX_NAME_BYTES: usize = 128;
 
-const RULE_FIELDS: [&str; 8] = [
-    "name",
-    "table",
-    "ops",
-    "when_changed",
-    "vars",
-    "redis",
-    "cdn",
-    "on_truncate",
-];
-const REDIS_FIELDS: [(&str, ItemKind); 2] =
-    [("keys", ItemKind::RedisKey), ("tags", ItemKind::RedisTag)];
-const CDN_FIELDS: [(&str, ItemKind); 2] = [
-    ("surrogate_keys", ItemKind::SurrogateKey),
-    ("urls", ItemKind::Url),
-];
+const RULE_FIELDS: [&str; 8] = ["name", "table", "ops", "when_changed", "vars", "redis", "cdn", "on_truncate"];
+const REDIS_FIELDS: [(&str, ItemKind); 2] = [("keys", ItemKind::RedisKey), ("tags", ItemKind::RedisTag)];
+const CDN_FIELDS: [(&str, ItemKind); 2] = [("surrogate_keys", ItemKind::SurrogateKey), ("urls", ItemKind::Url)];
 
 pub(super) fn parse(text: &str, file: &Path) -> Result<Vec<Rule>, Vec<Problem>> {
-    let mut checker = Checker {
-        file,
-        problems: Vec::new(),
-    };
+    let mut checker = Checker { file, problems: Vec::new() };
     let rules = match yaml::parse(text) {
         Ok(doc) => checker.document(&doc),
         Err(e) => {
-            checker.report(
-                e.location,
-                format!("the rules file is not valid YAML: {}", e.message),
-            );
+            checker.report(e.location, format!("the rules file is not valid YAML: {}", e.message));
             Vec::new()
         }
     };
@@ -71,22 +52,12 @@ struct Checker<'f> {
 
 impl Checker<'_> {
     fn report(&mut self, at: Location, message: String) {
-        self.problems.push(Problem {
-            file: self.file.to_path_buf(),
-            location: Some(at),
-            message,
-        });
+        self.problems.push(Problem { file: self.file.to_path_buf(), location: Some(at), message });
     }
 
     /// `who: `field` must be EXPECTED, not TYPE`.
     fn wrong_type(&mut self, node: &Node, who: &str, field: &str, expected: &str) {
-        self.report(
-            start(node),
-            format!(
-                "{who}: `{field}` must be {expected}, not {}",
-                node.type_name()
-            ),
-        );
+        self.report(start(node), format!("{who}: `{field}` must be {expected}, not {}", node.type_name()));
     }
 
     /// The values of a mapping's known keys, in the order of `names`; reports unknown and
@@ -115,11 +86,7 @@ impl Checker<'_> {
                 },
                 None => self.report(
                     key.location,
-                    format!(
-                        "{who}: `{}` is not a known field (expected {})",
-                        join(path, &text),
-                        one_of(&names)
-                    ),
+                    format!("{who}: `{}` is not a known field (expected {})", join(path, &text), one_of(&names)),
                 ),
             }
         }
@@ -131,34 +98,22 @@ impl Checker<'_> {
         match doc.value {
             Value::Map(_) => {}
             Value::Null => {
-                self.report(
-                    doc.location,
-                    format!("{WHO} is empty: it needs `version: 1` and a list of `rules`"),
-                );
+                self.report(doc.location, format!("{WHO} is empty: it needs `version: 1` and a list of `rules`"));
                 return Vec::new();
             }
             _ => {
                 self.report(
                     doc.location,
-                    format!(
-                        "{WHO} must be a mapping with `version` and `rules`, not {}",
-                        doc.type_name()
-                    ),
+                    format!("{WHO} must be a mapping with `version` and `rules`, not {}", doc.type_name()),
                 );
                 return Vec::new();
             }
         }
         let [version, rules] = self.fields(doc, ["version", "rules"], WHO, "");
         match version {
-            None => self.report(
-                start(doc),
-                format!("{WHO} has no `version`: add `version: 1`"),
-            ),
+            None => self.report(start(doc), format!("{WHO} has no `version`: add `version: 1`")),
             Some(v) if v.value == Value::Int(1) => {}
-            Some(v) => self.report(
-                v.location,
-                format!("{WHO}: `version` must be 1, not {}", describe(v)),
-            ),
+            Some(v) => self.report(v.location, format!("{WHO}: `version` must be 1, not {}", describe(v))),
         }
         let Some(rules) = rules else {
             self.report(start(doc), format!("{WHO} has no `rules` list"));
@@ -172,34 +127,19 @@ impl Checker<'_> {
             self.report(rules.location, format!("{WHO}: `rules` lists no rules"));
         }
         let mut names = HashMap::new();
-        items
-            .iter()
-            .enumerate()
-            .filter_map(|(i, item)| self.rule(i, item, &mut names))
-            .collect()
+        items.iter().enumerate().filter_map(|(i, item)| self.rule(i, item, &mut names)).collect()
     }
 
     /// Checks one rule; `None` if it has any problem (all of them reported).
-    fn rule(
-        &mut self,
-        index: usize,
-        node: &Node,
-        names: &mut HashMap<String, Location>,
-    ) -> Option<Rule> {
+    fn rule(&mut self, index: usize, node: &Node, names: &mut HashMap<String, Location>) -> Option<Rule> {
         let numbered = format!("rule #{}", index + 1);
         if node.as_map().is_none() {
-            self.report(
-                node.location,
-                format!("{numbered} must be a mapping, not {}", node.type_name()),
-            );
+            self.report(node.location, format!("{numbered} must be a mapping, not {}", node.type_name()));
             return None;
         }
         let problems_before = self.problems.len();
         // The name, when usable, identifies the rule in every other message.
-        let name = node
-            .get("name")
-            .and_then(Node::as_str)
-            .filter(|n| name_problem(n).is_none());
+        let name = node.get("name").and_then(Node::as_str).filter(|n| name_problem(n).is_none());
         let who = match name {
             Some(name) => format!("rule {name:?}"),
             None => numbered,
@@ -216,10 +156,7 @@ impl Checker<'_> {
                     None => match names.get(text) {
                         Some(first) => {
                             let line = first.line;
-                            self.report(
-                                n.location,
-                                format!("{who}: `name` is already used by the rule at line {line}"),
-                            )
+                            self.report(n.location, format!("{who}: `name` is already used by the rule at line {line}"))
                         }
                         None => {
                             names.insert(text.to_string(), n.location);
@@ -287,41 +224,19 @@ impl Checker<'_> {
                 let [redis, cdn] = self.fields(n, ["redis", "cdn"], &who, "on_truncate");
                 let mut truncate_listed = 0;
                 if let Some(r) = redis {
-                    truncate_listed += self.section(
-                        r,
-                        "on_truncate.redis",
-                        REDIS_FIELDS,
-                        &who,
-                        &vars,
-                        true,
-                        &mut truncate_templates,
-                    );
+                    truncate_listed +=
+                        self.section(r, "on_truncate.redis", REDIS_FIELDS, &who, &vars, true, &mut truncate_templates);
                 }
                 if let Some(c) = cdn {
-                    truncate_listed += self.section(
-                        c,
-                        "on_truncate.cdn",
-                        CDN_FIELDS,
-                        &who,
-                        &vars,
-                        true,
-                        &mut truncate_templates,
-                    );
+                    truncate_listed +=
+                        self.section(c, "on_truncate.cdn", CDN_FIELDS, &who, &vars, true, &mut truncate_templates);
                 }
                 if truncate_listed == 0 {
-                    self.report(
-                        start(n),
-                        format!("{who}: `on_truncate` lists nothing to invalidate"),
-                    );
+                    self.report(start(n), format!("{who}: `on_truncate` lists nothing to invalidate"));
                 }
                 listed += truncate_listed;
             } else {
-                self.wrong_type(
-                    n,
-                    &who,
-                    "on_truncate",
-                    "a mapping with `redis` and/or `cdn`",
-                );
+                self.wrong_type(n, &who, "on_truncate", "a mapping with `redis` and/or `cdn`");
                 // Whatever it meant, it was meant to invalidate something.
                 listed += 1;
             }
@@ -389,25 +304,16 @@ impl Checker<'_> {
             return Vec::new();
         };
         if items.is_empty() {
-            self.report(
-                node.location,
-                format!("{who}: `when_changed` must list at least one column"),
-            );
+            self.report(node.location, format!("{who}: `when_changed` must list at least one column"));
         }
         let mut columns = Vec::new();
         for item in items {
             match item.as_str() {
                 Some(column) if !column.is_empty() => columns.push(column.to_string()),
-                Some(_) => self.report(
-                    item.location,
-                    format!("{who}: `when_changed` lists an empty column name"),
-                ),
+                Some(_) => self.report(item.location, format!("{who}: `when_changed` lists an empty column name")),
                 None => self.report(
                     item.location,
-                    format!(
-                        "{who}: `when_changed` lists {}, but column names are strings",
-                        item.type_name()
-                    ),
+                    format!("{who}: `when_changed` lists {}, but column names are strings", item.type_name()),
                 ),
             }
         }
@@ -424,11 +330,7 @@ impl Checker<'_> {
         for (key, value) in entries {
             let name = scalar_text(key);
             let field = join("vars", &name);
-            if key.as_str().is_none()
-                || name.trim() != name
-                || name.is_empty()
-                || name.contains(['{', '}', '|'])
-            {
+            if key.as_str().is_none() || name.trim() != name || name.is_empty() || name.contains(['{', '}', '|']) {
                 self.report(
                     key.location,
                     format!("{who}: `{field}` cannot be named in a placeholder (use a name without braces, `|` or surrounding spaces)"),
@@ -437,10 +339,7 @@ impl Checker<'_> {
             }
             if let Some(first) = seen.get(&name) {
                 let line = first.line;
-                self.report(
-                    key.location,
-                    format!("{who}: `{field}` is given twice (first at line {line})"),
-                );
+                self.report(key.location, format!("{who}: `{field}` is given twice (first at line {line})"));
                 continue;
             }
             seen.insert(name.clone(), key.location);
@@ -448,10 +347,7 @@ impl Checker<'_> {
             // not also reported as using an unknown column. The rule is rejected anyway.
             let items = match value.as_seq() {
                 Some([]) => {
-                    self.report(
-                        value.location,
-                        format!("{who}: `{field}` must list at least one value"),
-                    );
+                    self.report(value.location, format!("{who}: `{field}` must list at least one value"));
                     &[][..]
                 }
                 Some(items) => items,
@@ -468,14 +364,14 @@ impl Checker<'_> {
                     Value::Bool(b) => values.push(b.to_string().into()),
                     _ => self.report(
                         item.location,
-                        format!("{who}: `{field}` lists {}, but values must be strings, integers or booleans (quote it)", item.type_name()),
+                        format!(
+                            "{who}: `{field}` lists {}, but values must be strings, integers or booleans (quote it)",
+                            item.type_name()
+                        ),
                     ),
                 }
             }
-            vars.push(Var {
-                name: name.into(),
-                values: values.into(),
-            });
+            vars.push(Var { name: name.into(), values: values.into() });
         }
         vars
     }
@@ -514,10 +410,7 @@ impl Checker<'_> {
                 let Some(text) = item.as_str() else {
                     self.report(
                         item.location,
-                        format!(
-                            "{who}: `{field}` lists {}, but templates are strings (quote it)",
-                            item.type_name()
-                        ),
+                        format!("{who}: `{field}` lists {}, but templates are strings (quote it)", item.type_name()),
                     );
                     continue;
                 };
@@ -525,10 +418,7 @@ impl Checker<'_> {
                     Ok(template) => template,
                     Err(errors) => {
                         for e in errors {
-                            self.report(
-                                item.location,
-                                format!("{who}: `{field}` template {text:?} {e}"),
-                            );
+                            self.report(item.location, format!("{who}: `{field}` template {text:?} {e}"));
                         }
                         continue;
                     }
@@ -565,10 +455,7 @@ fn name_problem(name: &str) -> Option<String> {
     if name.trim().is_empty() {
         Some("is empty".into())
     } else if name.len() > MAX_NAME_BYTES {
-        Some(format!(
-            "is {} bytes long, over the limit of {MAX_NAME_BYTES}",
-            name.len()
-        ))
+        Some(format!("is {} bytes long, over the limit of {MAX_NAME_BYTES}", name.len()))
     } else if name.chars().any(char::is_control) {
         Some("contains a control character".into())
     } else {

@@ -153,19 +153,11 @@ impl fmt::Display for TemplateError {
                 write!(f, "is {n} bytes long, over the limit of {MAX_ITEM_BYTES}")
             }
             TemplateError::EmptyPlaceholder => f.write_str("has an empty placeholder `{}`"),
-            TemplateError::Unclosed => {
-                f.write_str("has a `{` that is never closed (write `{{` for a literal brace)")
-            }
-            TemplateError::Unopened => {
-                f.write_str("has a `}` that closes nothing (write `}}` for a literal brace)")
-            }
+            TemplateError::Unclosed => f.write_str("has a `{` that is never closed (write `{{` for a literal brace)"),
+            TemplateError::Unopened => f.write_str("has a `}` that closes nothing (write `}}` for a literal brace)"),
             TemplateError::EmptyFilter(name) => write!(f, "has an empty filter after `{name}|`"),
             TemplateError::UnknownFilter(filter) => {
-                write!(
-                    f,
-                    "uses the unknown filter {filter:?} (known filters: {})",
-                    Filter::NAMES
-                )
+                write!(f, "uses the unknown filter {filter:?} (known filters: {})", Filter::NAMES)
             }
         }
     }
@@ -250,9 +242,7 @@ impl Template {
             for filter in parts {
                 match Filter::parse(filter) {
                     Some(f) => filters.push(f),
-                    None if filter.is_empty() => {
-                        errors.push(TemplateError::EmptyFilter(name.to_string()))
-                    }
+                    None if filter.is_empty() => errors.push(TemplateError::EmptyFilter(name.to_string())),
                     None => errors.push(TemplateError::UnknownFilter(filter.to_string())),
                 }
             }
@@ -273,10 +263,7 @@ impl Template {
                     if !columns.iter().any(|c| &**c == name) {
                         columns.push(name.into());
                     }
-                    segments.push(Segment::Column {
-                        name: name.into(),
-                        filters,
-                    });
+                    segments.push(Segment::Column { name: name.into(), filters });
                 }
             }
         }
@@ -309,9 +296,7 @@ impl Template {
     /// How many items one row image expands to: the product of the sizes of the vars used.
     /// Saturates rather than overflows, so a huge product still fails the [`MAX_FANOUT`] check.
     pub(crate) fn fanout(&self, vars: &[Var]) -> usize {
-        self.vars.iter().fold(1usize, |n, &v| {
-            n.saturating_mul(vars.get(v).map_or(1, |v| v.values.len()))
-        })
+        self.vars.iter().fold(1usize, |n, &v| n.saturating_mul(vars.get(v).map_or(1, |v| v.values.len())))
     }
 
     /// Renders every expansion of the template against `row` (`None` for a template without
@@ -380,9 +365,7 @@ impl Template {
                     let value = row.and_then(|r| r.get(&**name)).ok_or(fail(Why::Absent))?;
                     match value {
                         serde_json::Value::String(s) => push_filtered(buf, s, filters),
-                        serde_json::Value::Bool(b) => {
-                            push_filtered(buf, if *b { "true" } else { "false" }, filters)
-                        }
+                        serde_json::Value::Bool(b) => push_filtered(buf, if *b { "true" } else { "false" }, filters),
                         // serde_json prints integers as integers and floats in their shortest
                         // round-trip form (ryu): 1.5, 1.0, 1e+21.
                         serde_json::Value::Number(n) if filters.is_empty() => {
@@ -430,9 +413,7 @@ mod tests {
     fn render(text: &str, vars: &[Var], row: &Row) -> Result<Vec<String>, String> {
         let template = Template::compile(text, vars).map_err(|e| format!("{e:?}"))?;
         let mut out = Vec::new();
-        template
-            .render(Some(row), vars, &mut out)
-            .map_err(|e| format!("{e:?}"))?;
+        template.render(Some(row), vars, &mut out).map_err(|e| format!("{e:?}"))?;
         Ok(out)
     }
 
@@ -450,10 +431,7 @@ mod tests {
     #[test]
     fn filters_chain_left_to_right() {
         let r = row(json!({"slug": "Crème Brûlée & Co", "name": "straße", "sigma": "ΟΔΟΣ"}));
-        assert_eq!(
-            render("{slug|urlencode}", &[], &r).unwrap(),
-            ["Cr%C3%A8me%20Br%C3%BBl%C3%A9e%20%26%20Co"]
-        );
+        assert_eq!(render("{slug|urlencode}", &[], &r).unwrap(), ["Cr%C3%A8me%20Br%C3%BBl%C3%A9e%20%26%20Co"]);
         assert_eq!(
             render("{ slug | lower | urlencode }", &[], &r).unwrap(),
             ["cr%C3%A8me%20br%C3%BBl%C3%A9e%20%26%20co"]
@@ -465,10 +443,7 @@ mod tests {
             ["cr%C3%A8me%20br%C3%BBl%C3%A9e%20%26%20co"]
         );
         let unreserved = row(json!({"s": "AZaz09-._~/?#"}));
-        assert_eq!(
-            render("{s|urlencode}", &[], &unreserved).unwrap(),
-            ["AZaz09-._~%2F%3F%23"]
-        );
+        assert_eq!(render("{s|urlencode}", &[], &unreserved).unwrap(), ["AZaz09-._~%2F%3F%23"]);
         let number = row(json!({"n": 12}));
         assert_eq!(render("{n|urlencode}", &[], &number).unwrap(), ["12"]);
     }
@@ -483,22 +458,13 @@ mod tests {
     #[test]
     fn vars_expand_as_a_cartesian_product() {
         let vars = [
-            Var {
-                name: "a".into(),
-                values: vec!["x".into(), "y".into()].into(),
-            },
-            Var {
-                name: "b".into(),
-                values: vec!["1".into(), "2".into(), "3".into()].into(),
-            },
+            Var { name: "a".into(), values: vec!["x".into(), "y".into()].into() },
+            Var { name: "b".into(), values: vec!["1".into(), "2".into(), "3".into()].into() },
         ];
         let r = row(json!({"id": 5}));
         let mut out = render("{b}-{id}-{a|upper}-{b}", &vars, &r).unwrap();
         out.sort();
-        assert_eq!(
-            out,
-            ["1-5-X-1", "1-5-Y-1", "2-5-X-2", "2-5-Y-2", "3-5-X-3", "3-5-Y-3"]
-        );
+        assert_eq!(out, ["1-5-X-1", "1-5-Y-1", "2-5-X-2", "2-5-Y-2", "3-5-X-3", "3-5-Y-3"]);
         let t = Template::compile("{a}{b}{id}", &vars).unwrap();
         assert_eq!(t.fanout(&vars), 6);
         assert_eq!(t.columns(), [Box::from("id")]);
@@ -509,37 +475,13 @@ mod tests {
         let r = row(json!({"a": null, "l": [1], "o": {}}));
         let t = Template::compile("{missing}{a}", &[]).unwrap();
         let mut out = Vec::new();
-        assert_eq!(
-            t.render(Some(&r), &[], &mut out),
-            Err(Unrenderable {
-                column: "missing",
-                why: Why::Absent
-            })
-        );
+        assert_eq!(t.render(Some(&r), &[], &mut out), Err(Unrenderable { column: "missing", why: Why::Absent }));
         let t = Template::compile("x{a}", &[]).unwrap();
-        assert_eq!(
-            t.render(Some(&r), &[], &mut out),
-            Err(Unrenderable {
-                column: "a",
-                why: Why::Null
-            })
-        );
+        assert_eq!(t.render(Some(&r), &[], &mut out), Err(Unrenderable { column: "a", why: Why::Null }));
         let t = Template::compile("{l}", &[]).unwrap();
-        assert_eq!(
-            t.render(Some(&r), &[], &mut out),
-            Err(Unrenderable {
-                column: "l",
-                why: Why::List
-            })
-        );
+        assert_eq!(t.render(Some(&r), &[], &mut out), Err(Unrenderable { column: "l", why: Why::List }));
         let t = Template::compile("{o}", &[]).unwrap();
-        assert_eq!(
-            t.render(Some(&r), &[], &mut out),
-            Err(Unrenderable {
-                column: "o",
-                why: Why::Object
-            })
-        );
+        assert_eq!(t.render(Some(&r), &[], &mut out), Err(Unrenderable { column: "o", why: Why::Object }));
         assert!(out.is_empty());
     }
 
@@ -548,21 +490,12 @@ mod tests {
         let r = row(json!({"e": "", "big": "x".repeat(MAX_ITEM_BYTES)}));
         let mut out = Vec::new();
         let t = Template::compile("{e}", &[]).unwrap();
-        assert_eq!(
-            t.render(Some(&r), &[], &mut out).unwrap(),
-            Rendered {
-                empty: 1,
-                ..Rendered::default()
-            }
-        );
+        assert_eq!(t.render(Some(&r), &[], &mut out).unwrap(), Rendered { empty: 1, ..Rendered::default() });
         let t = Template::compile("{big}", &[]).unwrap();
         assert_eq!(t.render(Some(&r), &[], &mut out).unwrap().items, 1);
         let t = Template::compile("k:{big}", &[]).unwrap();
         let r2 = t.render(Some(&r), &[], &mut out).unwrap();
-        assert_eq!(
-            (r2.items, r2.oversize, r2.largest),
-            (0, 1, MAX_ITEM_BYTES + 2)
-        );
+        assert_eq!((r2.items, r2.oversize, r2.largest), (0, 1, MAX_ITEM_BYTES + 2));
         assert_eq!(out.len(), 1);
     }
 
@@ -574,20 +507,11 @@ mod tests {
         assert_eq!(err("a{ | lower}"), [TemplateError::EmptyPlaceholder]);
         assert_eq!(err("a{id"), [TemplateError::Unclosed]);
         assert_eq!(err("a{i{d}"), [TemplateError::Unclosed]);
-        assert_eq!(
-            err("a}b{id}c}"),
-            [TemplateError::Unopened, TemplateError::Unopened]
-        );
+        assert_eq!(err("a}b{id}c}"), [TemplateError::Unopened, TemplateError::Unopened]);
         assert_eq!(
             err("{id|lowr}{x|}"),
-            [
-                TemplateError::UnknownFilter("lowr".into()),
-                TemplateError::EmptyFilter("x".into())
-            ]
+            [TemplateError::UnknownFilter("lowr".into()), TemplateError::EmptyFilter("x".into())]
         );
-        assert_eq!(
-            err(&"k".repeat(MAX_ITEM_BYTES + 1)),
-            [TemplateError::TooLong(MAX_ITEM_BYTES + 1)]
-        );
+        assert_eq!(err(&"k".repeat(MAX_ITEM_BYTES + 1)), [TemplateError::TooLong(MAX_ITEM_BYTES + 1)]);
     }
 }

@@ -38,13 +38,7 @@ fn row(value: Json) -> Row {
 }
 
 fn event(table: &str, op: Op, before: Option<Json>, after: Option<Json>) -> ChangeEvent {
-    ChangeEvent {
-        table: table.into(),
-        op,
-        before: before.map(row),
-        after: after.map(row),
-        committed_at: None,
-    }
+    ChangeEvent { table: table.into(), op, before: before.map(row), after: after.map(row), committed_at: None }
 }
 
 /// The products row of the fixtures, with overrides.
@@ -101,10 +95,7 @@ fn the_contract_example_loads() {
     assert_eq!(r.names().collect::<Vec<_>>(), ["product-pages"]);
     assert_eq!(r.hash().len(), 16);
     assert_eq!(r.hash(), rules(CONTRACT_EXAMPLE).hash());
-    assert_ne!(
-        r.hash(),
-        rules(&CONTRACT_EXAMPLE.replace("en-us", "en-gb")).hash()
-    );
+    assert_ne!(r.hash(), rules(&CONTRACT_EXAMPLE.replace("en-us", "en-gb")).hash());
 }
 
 #[test]
@@ -112,12 +103,7 @@ fn update_moving_category_invalidates_both_categories() {
     let r = rules(CONTRACT_EXAMPLE);
     let mut after = product(42, 7, "blue-widget");
     after["price"] = json!("80.00");
-    let eval = r.evaluate(&event(
-        "public.products",
-        Op::Update,
-        Some(product(42, 5, "blue-widget")),
-        Some(after),
-    ));
+    let eval = r.evaluate(&event("public.products", Op::Update, Some(product(42, 5, "blue-widget")), Some(after)));
     let expected = Invalidations {
         redis_keys: vec![
             "product:42".into(),
@@ -126,11 +112,7 @@ fn update_moving_category_invalidates_both_categories() {
             "product:42:page:fr".into(),
         ],
         redis_tags: vec!["category:5".into(), "category:7".into()],
-        surrogate_keys: vec![
-            "category-5".into(),
-            "category-7".into(),
-            "product-42".into(),
-        ],
+        surrogate_keys: vec!["category-5".into(), "category-7".into(), "product-42".into()],
         urls: vec!["https://shop.example.com/p/blue-widget".into()],
     };
     assert_eq!(eval.invalidations, expected);
@@ -153,38 +135,18 @@ rules:
       keys: ["p:{id}:{locale}:{page}:{flag}", "static:{locale}"]
 "#,
     );
-    let eval = r.evaluate(&event(
-        "public.products",
-        Op::Insert,
-        None,
-        Some(product(1, 1, "s")),
-    ));
+    let eval = r.evaluate(&event("public.products", Op::Insert, None, Some(product(1, 1, "s"))));
     assert_eq!(
         eval.invalidations.redis_keys,
-        [
-            "p:1:en-us:1:true",
-            "p:1:en-us:2:true",
-            "p:1:fr:1:true",
-            "p:1:fr:2:true",
-            "static:en-us",
-            "static:fr"
-        ]
+        ["p:1:en-us:1:true", "p:1:en-us:2:true", "p:1:fr:1:true", "p:1:fr:2:true", "static:en-us", "static:fr"]
     );
 }
 
 #[test]
 fn urlencode_percent_encodes_spaces_and_non_ascii() {
     let r = rules(CONTRACT_EXAMPLE);
-    let eval = r.evaluate(&event(
-        "public.products",
-        Op::Insert,
-        None,
-        Some(product(43, 7, "Crème brûlée/2 pack")),
-    ));
-    assert_eq!(
-        eval.invalidations.urls,
-        ["https://shop.example.com/p/Cr%C3%A8me%20br%C3%BBl%C3%A9e%2F2%20pack"]
-    );
+    let eval = r.evaluate(&event("public.products", Op::Insert, None, Some(product(43, 7, "Crème brûlée/2 pack"))));
+    assert_eq!(eval.invalidations.urls, ["https://shop.example.com/p/Cr%C3%A8me%20br%C3%BBl%C3%A9e%2F2%20pack"]);
 
     let chained = rules(
         r#"version: 1
@@ -194,16 +156,8 @@ rules:
     cdn: { urls: ["/p/{slug|lower|urlencode}", "/P/{ slug | upper }"] }
 "#,
     );
-    let eval = chained.evaluate(&event(
-        "public.products",
-        Op::Insert,
-        None,
-        Some(product(43, 7, "Ünïcode Slug")),
-    ));
-    assert_eq!(
-        eval.invalidations.urls,
-        ["/P/ÜNÏCODE SLUG", "/p/%C3%BCn%C3%AFcode%20slug"]
-    );
+    let eval = chained.evaluate(&event("public.products", Op::Insert, None, Some(product(43, 7, "Ünïcode Slug"))));
+    assert_eq!(eval.invalidations.urls, ["/P/ÜNÏCODE SLUG", "/p/%C3%BCn%C3%AFcode%20slug"]);
 }
 
 #[test]
@@ -213,12 +167,7 @@ fn when_changed_skips_an_update_that_changed_none_of_its_columns() {
     before["stock"] = json!(10);
     let mut after = product(42, 5, "blue-widget");
     after["stock"] = json!(9);
-    let eval = r.evaluate(&event(
-        "public.products",
-        Op::Update,
-        Some(before),
-        Some(after),
-    ));
+    let eval = r.evaluate(&event("public.products", Op::Update, Some(before), Some(after)));
     assert_eq!(eval, Evaluation::default());
 }
 
@@ -226,18 +175,10 @@ fn when_changed_skips_an_update_that_changed_none_of_its_columns() {
 fn when_changed_treats_a_missing_before_image_as_changed() {
     // pg-update-replica-identity-default.json: `before: null`.
     let r = rules(CONTRACT_EXAMPLE);
-    let eval = r.evaluate(&event(
-        "public.products",
-        Op::Update,
-        None,
-        Some(product(42, 5, "red-widget")),
-    ));
+    let eval = r.evaluate(&event("public.products", Op::Update, None, Some(product(42, 5, "red-widget"))));
     assert_eq!(matched(&eval), ["product-pages"]);
     assert_eq!(eval.invalidations.redis_tags, ["category:5"]);
-    assert_eq!(
-        eval.invalidations.urls,
-        ["https://shop.example.com/p/red-widget"]
-    );
+    assert_eq!(eval.invalidations.urls, ["https://shop.example.com/p/red-widget"]);
     assert!(eval.errors.is_empty(), "{:?}", eval.errors);
 }
 
@@ -247,12 +188,7 @@ fn when_changed_treats_an_absent_column_as_changed() {
     let r = rules(CONTRACT_EXAMPLE);
     let mut after = product(42, 5, "blue-widget");
     after.as_object_mut().map(|o| o.remove("name"));
-    let eval = r.evaluate(&event(
-        "public.products",
-        Op::Update,
-        Some(product(42, 5, "blue-widget")),
-        Some(after),
-    ));
+    let eval = r.evaluate(&event("public.products", Op::Update, Some(product(42, 5, "blue-widget")), Some(after)));
     assert_eq!(matched(&eval), ["product-pages"]);
     assert_eq!(eval.invalidations.redis_tags, ["category:5"]);
 }
@@ -265,12 +201,7 @@ fn delete_with_a_key_only_before_image_renders_keys_and_reports_the_rest() {
     let eval = r.evaluate(&event("public.products", Op::Delete, Some(before), None));
     assert_eq!(
         eval.invalidations.redis_keys,
-        [
-            "product:43",
-            "product:43:page:de",
-            "product:43:page:en-us",
-            "product:43:page:fr"
-        ]
+        ["product:43", "product:43:page:de", "product:43:page:en-us", "product:43:page:fr"]
     );
     assert_eq!(eval.invalidations.surrogate_keys, ["product-43"]);
     assert!(eval.invalidations.redis_tags.is_empty());
@@ -298,22 +229,12 @@ rules:
 "#,
     );
     // The before image lacks `b`, the after image has it: rendered from the after image.
-    let eval = r.evaluate(&event(
-        "public.t",
-        Op::Update,
-        Some(json!({"a": 1})),
-        Some(json!({"a": 2, "b": "x"})),
-    ));
+    let eval = r.evaluate(&event("public.t", Op::Update, Some(json!({"a": 1})), Some(json!({"a": 2, "b": "x"}))));
     assert_eq!(eval.invalidations.redis_keys, ["k:2:x"]);
     assert_eq!(eval.invalidations.redis_tags, ["t:1", "t:2"]);
     assert!(eval.errors.is_empty());
     // Neither image can: the error names each image's failure.
-    let eval = r.evaluate(&event(
-        "public.t",
-        Op::Update,
-        Some(json!({"a": 1})),
-        Some(json!({"a": 2, "b": [1]})),
-    ));
+    let eval = r.evaluate(&event("public.t", Op::Update, Some(json!({"a": 1})), Some(json!({"a": 2, "b": [1]}))));
     assert_eq!(
         messages(&eval),
         [
@@ -343,12 +264,7 @@ rules:
     redis: { keys: ["{slug}", "k:{id}"], tags: ["t:{slug}"] }
 "#,
     );
-    let eval = r.evaluate(&event(
-        "public.t",
-        Op::Insert,
-        None,
-        Some(json!({"id": 1, "slug": ""})),
-    ));
+    let eval = r.evaluate(&event("public.t", Op::Insert, None, Some(json!({"id": 1, "slug": ""}))));
     assert_eq!(eval.invalidations.redis_keys, ["k:1"]);
     assert_eq!(eval.invalidations.redis_tags, ["t:"]);
     assert_eq!(
@@ -357,12 +273,7 @@ rules:
     );
 
     let big = "x".repeat(template::MAX_ITEM_BYTES);
-    let eval = r.evaluate(&event(
-        "public.t",
-        Op::Insert,
-        None,
-        Some(json!({"id": 1, "slug": big})),
-    ));
+    let eval = r.evaluate(&event("public.t", Op::Insert, None, Some(json!({"id": 1, "slug": big}))));
     assert_eq!(eval.invalidations.redis_keys, ["k:1", big.as_str()]);
     assert!(eval.invalidations.redis_tags.is_empty());
     assert_eq!(
@@ -384,24 +295,13 @@ fn truncate_applies_on_truncate_templates_only() {
     let eval = r.evaluate(&event("public.products", Op::Truncate, None, None));
     assert_eq!(
         eval.invalidations,
-        Invalidations {
-            redis_tags: vec!["products:all".into()],
-            ..Invalidations::default()
-        }
+        Invalidations { redis_tags: vec!["products:all".into()], ..Invalidations::default() }
     );
     assert_eq!(matched(&eval), ["product-pages"]);
     assert!(eval.errors.is_empty());
     // ...and on_truncate templates are not rendered for row changes.
-    let eval = r.evaluate(&event(
-        "public.products",
-        Op::Insert,
-        None,
-        Some(product(1, 1, "a")),
-    ));
-    assert!(!eval
-        .invalidations
-        .redis_tags
-        .contains(&"products:all".to_string()));
+    let eval = r.evaluate(&event("public.products", Op::Insert, None, Some(product(1, 1, "a"))));
+    assert!(!eval.invalidations.redis_tags.contains(&"products:all".to_string()));
     assert_eq!(matched(&eval), ["no-truncate-handling", "product-pages"]);
 }
 
@@ -421,31 +321,16 @@ rules:
     let eval = r.evaluate(&event("public.products", Op::Truncate, None, None));
     assert_eq!(eval.invalidations.surrogate_keys, ["all-DE", "all-FR"]);
     // A rule with only on_truncate templates does not apply to row changes.
-    let eval = r.evaluate(&event(
-        "public.products",
-        Op::Delete,
-        Some(product(1, 1, "a")),
-        None,
-    ));
+    let eval = r.evaluate(&event("public.products", Op::Delete, Some(product(1, 1, "a")), None));
     assert_eq!(eval, Evaluation::default());
 }
 
 #[test]
 fn snapshot_reads_apply_only_when_opted_in() {
-    let snapshot = event(
-        "public.products",
-        Op::Snapshot,
-        None,
-        Some(product(1, 1, "starter")),
-    );
-    assert_eq!(
-        rules(CONTRACT_EXAMPLE).evaluate(&snapshot),
-        Evaluation::default()
-    );
-    let opted_in = rules(&CONTRACT_EXAMPLE.replace(
-        "ops: [insert, update, delete]",
-        "ops: [insert, update, delete, snapshot]",
-    ));
+    let snapshot = event("public.products", Op::Snapshot, None, Some(product(1, 1, "starter")));
+    assert_eq!(rules(CONTRACT_EXAMPLE).evaluate(&snapshot), Evaluation::default());
+    let opted_in =
+        rules(&CONTRACT_EXAMPLE.replace("ops: [insert, update, delete]", "ops: [insert, update, delete, snapshot]"));
     let eval = opted_in.evaluate(&snapshot);
     assert_eq!(matched(&eval), ["product-pages"]);
     assert_eq!(eval.invalidations.redis_tags, ["category:1"]);
@@ -462,10 +347,7 @@ rules:
     redis: { keys: ["k:{id}"] }
 "#,
     );
-    assert_eq!(
-        r.evaluate(&event("public.t", Op::Insert, None, Some(json!({"id": 1})))),
-        Evaluation::default()
-    );
+    assert_eq!(r.evaluate(&event("public.t", Op::Insert, None, Some(json!({"id": 1})))), Evaluation::default());
     let eval = r.evaluate(&event("public.t", Op::Delete, Some(json!({"id": 1})), None));
     assert_eq!(eval.invalidations.redis_keys, ["k:1"]);
 }
@@ -486,31 +368,16 @@ rules:
     redis: { tags: ["items"] }
 "#,
     );
-    let eval = r.evaluate(&event(
-        "public.order_items",
-        Op::Insert,
-        None,
-        Some(json!({"id": 3})),
-    ));
+    let eval = r.evaluate(&event("public.order_items", Op::Insert, None, Some(json!({"id": 3}))));
     assert_eq!(matched(&eval), ["a-any-schema", "exact", "z-orders"]);
     assert_eq!(eval.invalidations.redis_tags, ["items"]);
     // Errors come in rule order (file order), whatever the index path.
     let rules_in_error: Vec<&str> = eval.errors.iter().map(|e| &*e.rule).collect();
     assert_eq!(rules_in_error, ["z-orders", "exact"]);
 
-    let eval = r.evaluate(&event(
-        "public.orders",
-        Op::Insert,
-        None,
-        Some(json!({"id": 3})),
-    ));
+    let eval = r.evaluate(&event("public.orders", Op::Insert, None, Some(json!({"id": 3}))));
     assert_eq!(eval, Evaluation::default());
-    let eval = r.evaluate(&event(
-        "archive.order_item2",
-        Op::Insert,
-        None,
-        Some(json!({"id": 3})),
-    ));
+    let eval = r.evaluate(&event("archive.order_item2", Op::Insert, None, Some(json!({"id": 3}))));
     assert_eq!(matched(&eval), ["a-any-schema"]);
 }
 
@@ -526,10 +393,7 @@ rules:
     );
     let after = json!({"id": 1004, "active": false, "ratio": 0.25, "email": "annek@noanswer.org"});
     let eval = r.evaluate(&event("inventory.customers", Op::Insert, None, Some(after)));
-    assert_eq!(
-        eval.invalidations.redis_keys,
-        ["1004|false|0.25|ANNEK@NOANSWER.ORG"]
-    );
+    assert_eq!(eval.invalidations.redis_keys, ["1004|false|0.25|ANNEK@NOANSWER.ORG"]);
 }
 
 #[test]
@@ -542,27 +406,14 @@ rules:
     redis: { keys: ["{{\"id\":{id}}}"] }
 "#,
     );
-    let eval = r.evaluate(&event(
-        "public.t",
-        Op::Insert,
-        None,
-        Some(json!({"id": 42})),
-    ));
+    let eval = r.evaluate(&event("public.t", Op::Insert, None, Some(json!({"id": 42}))));
     assert_eq!(eval.invalidations.redis_keys, [r#"{"id":42}"#]);
 }
 
 #[test]
 fn unmatched_tables_cost_nothing() {
     let r = rules(CONTRACT_EXAMPLE);
-    assert_eq!(
-        r.evaluate(&event(
-            "public.other",
-            Op::Insert,
-            None,
-            Some(json!({"id": 1}))
-        )),
-        Evaluation::default()
-    );
+    assert_eq!(r.evaluate(&event("public.other", Op::Insert, None, Some(json!({"id": 1})))), Evaluation::default());
 }
 
 // ---- check rejections: one per rule of the contract, with the exact place ---------------
@@ -585,11 +436,7 @@ fn rejects_unknown_keys_at_every_level() {
     assert_problem(
         &format!("{VALID}extra: 1\n"),
         "7:1",
-        &[
-            "the rules file",
-            "`extra` is not a known field",
-            "`version` or `rules`",
-        ],
+        &["the rules file", "`extra` is not a known field", "`version` or `rules`"],
     );
     assert_problem(
         &VALID.replace("    table:", "    tabel: x\n    table:"),
@@ -599,19 +446,12 @@ fn rejects_unknown_keys_at_every_level() {
     assert_problem(
         &VALID.replace("      keys:", "      key: []\n      keys:"),
         "6:7",
-        &[
-            "rule \"p\"",
-            "`redis.key` is not a known field",
-            "`keys` or `tags`",
-        ],
+        &["rule \"p\"", "`redis.key` is not a known field", "`keys` or `tags`"],
     );
     assert_problem(
         &format!("{VALID}    on_truncate:\n      redis: {{ tags: [all], keys: [k], urls: [u] }}\n"),
         "8:40",
-        &[
-            "rule \"p\"",
-            "`on_truncate.redis.urls` is not a known field",
-        ],
+        &["rule \"p\"", "`on_truncate.redis.urls` is not a known field"],
     );
 }
 
@@ -626,16 +466,8 @@ fn rejects_a_repeated_key() {
 
 #[test]
 fn rejects_a_missing_or_wrong_version() {
-    assert_problem(
-        &VALID.replace("version: 1\n", ""),
-        "1:1",
-        &["has no `version`"],
-    );
-    assert_problem(
-        &VALID.replace("version: 1", "version: 2"),
-        "1:10",
-        &["`version` must be 1, not 2"],
-    );
+    assert_problem(&VALID.replace("version: 1\n", ""), "1:1", &["has no `version`"]);
+    assert_problem(&VALID.replace("version: 1", "version: 2"), "1:10", &["`version` must be 1, not 2"]);
     assert_problem(
         &VALID.replace("version: 1", "version: \"1\""),
         "1:10",
@@ -646,30 +478,14 @@ fn rejects_a_missing_or_wrong_version() {
 #[test]
 fn rejects_a_duplicate_rule_name() {
     let text = format!("{VALID}  - name: p\n    table: public.other\n    redis: {{ keys: [x] }}\n");
-    assert_problem(
-        &text,
-        "7:11",
-        &["rule \"p\"", "`name` is already used by the rule at line 3"],
-    );
+    assert_problem(&text, "7:11", &["rule \"p\"", "`name` is already used by the rule at line 3"]);
 }
 
 #[test]
 fn rejects_a_missing_or_bad_name() {
-    assert_problem(
-        &VALID.replace("  - name: p\n    table", "  - table"),
-        "3:5",
-        &["rule #1 has no `name`"],
-    );
-    assert_problem(
-        &VALID.replace("name: p", "name: \"\""),
-        "3:11",
-        &["rule #1", "`name` is empty"],
-    );
-    assert_problem(
-        &VALID.replace("name: p", "name: [p]"),
-        "3:11",
-        &["rule #1", "`name` must be a string, not a list"],
-    );
+    assert_problem(&VALID.replace("  - name: p\n    table", "  - table"), "3:5", &["rule #1 has no `name`"]);
+    assert_problem(&VALID.replace("name: p", "name: \"\""), "3:11", &["rule #1", "`name` is empty"]);
+    assert_problem(&VALID.replace("name: p", "name: [p]"), "3:11", &["rule #1", "`name` must be a string, not a list"]);
 }
 
 #[test]
@@ -677,13 +493,7 @@ fn rejects_an_unknown_filter() {
     assert_problem(
         &VALID.replace("product:{id}", "product:{id|lowr}"),
         "6:14",
-        &[
-            "rule \"p\"",
-            "`redis.keys`",
-            "\"product:{id|lowr}\"",
-            "unknown filter \"lowr\"",
-            "lower, upper, urlencode",
-        ],
+        &["rule \"p\"", "`redis.keys`", "\"product:{id|lowr}\"", "unknown filter \"lowr\"", "lower, upper, urlencode"],
     );
 }
 
@@ -703,88 +513,44 @@ fn rejects_unbalanced_braces() {
         "6:14",
         &["`redis.keys`", "`{` that is never closed"],
     );
-    assert_problem(
-        &VALID.replace("product:{id}", "product:id}"),
-        "6:14",
-        &["`redis.keys`", "`}` that closes nothing"],
-    );
+    assert_problem(&VALID.replace("product:{id}", "product:id}"), "6:14", &["`redis.keys`", "`}` that closes nothing"]);
 }
 
 #[test]
 fn rejects_a_var_with_no_values() {
     let text = VALID.replace("    redis:", "    vars:\n      locale: []\n    redis:");
-    assert_problem(
-        &text,
-        "6:15",
-        &["rule \"p\"", "`vars.locale` must list at least one value"],
-    );
+    assert_problem(&text, "6:15", &["rule \"p\"", "`vars.locale` must list at least one value"]);
     // Templates using it are not also blamed for using a column.
     let text = format!("{text}    on_truncate: {{ redis: {{ tags: [\"all:{{locale}}\"] }} }}\n");
-    assert_problem(
-        &text,
-        "6:15",
-        &["`vars.locale` must list at least one value"],
-    );
+    assert_problem(&text, "6:15", &["`vars.locale` must list at least one value"]);
 }
 
 #[test]
 fn rejects_when_changed_without_updates() {
-    let text = VALID.replace(
-        "    redis:",
-        "    ops: [insert, delete]\n    when_changed: [price]\n    redis:",
-    );
-    assert_problem(
-        &text,
-        "6:19",
-        &["rule \"p\"", "`when_changed` only applies to updates"],
-    );
+    let text = VALID.replace("    redis:", "    ops: [insert, delete]\n    when_changed: [price]\n    redis:");
+    assert_problem(&text, "6:19", &["rule \"p\"", "`when_changed` only applies to updates"]);
 }
 
 #[test]
 fn rejects_columns_in_on_truncate() {
-    let text = format!(
-        "{VALID}    on_truncate:\n      redis:\n        tags: [\"all\", \"cat:{{category_id}}\"]\n"
-    );
-    assert_problem(
-        &text,
-        "9:23",
-        &[
-            "rule \"p\"",
-            "`on_truncate.redis.tags`",
-            "uses the column \"category_id\"",
-        ],
-    );
+    let text = format!("{VALID}    on_truncate:\n      redis:\n        tags: [\"all\", \"cat:{{category_id}}\"]\n");
+    assert_problem(&text, "9:23", &["rule \"p\"", "`on_truncate.redis.tags`", "uses the column \"category_id\""]);
 }
 
 #[test]
 fn rejects_a_rule_with_nothing_to_invalidate() {
-    let text = VALID.replace(
-        "    redis:\n      keys: [\"product:{id}\"]\n",
-        "    redis: { keys: [] }\n",
-    );
+    let text = VALID.replace("    redis:\n      keys: [\"product:{id}\"]\n", "    redis: { keys: [] }\n");
     assert_problem(&text, "3:5", &["rule \"p\" has nothing to invalidate"]);
     let text = format!("{VALID}    on_truncate: {{}}\n");
-    assert_problem(
-        &text,
-        "7:18",
-        &["rule \"p\"", "`on_truncate` lists nothing to invalidate"],
-    );
+    assert_problem(&text, "7:18", &["rule \"p\"", "`on_truncate` lists nothing to invalidate"]);
 }
 
 #[test]
 fn rejects_unknown_ops_and_truncate_in_ops() {
     let text = VALID.replace("    redis:", "    ops: [insert, upsert]\n    redis:");
-    assert_problem(
-        &text,
-        "5:19",
-        &["rule \"p\"", "unknown operation \"upsert\""],
-    );
+    assert_problem(&text, "5:19", &["rule \"p\"", "unknown operation \"upsert\""]);
     let text = VALID.replace("    redis:", "    ops: [insert, truncate]\n    redis:");
-    assert_problem(
-        &text,
-        "5:19",
-        &["rule \"p\"", "`ops` cannot list truncate", "`on_truncate`"],
-    );
+    assert_problem(&text, "5:19", &["rule \"p\"", "`ops` cannot list truncate", "`on_truncate`"]);
     let text = VALID.replace("    redis:", "    ops: []\n    redis:");
     assert_problem(&text, "5:10", &["`ops` must list at least one operation"]);
 }
@@ -801,16 +567,8 @@ fn rejects_empty_and_invalid_table_globs() {
         "4:12",
         &["`table` \"products\" must be qualified"],
     );
-    assert_problem(
-        &VALID.replace("table: public.products", "table: \"public.[ab]*\""),
-        "4:12",
-        &["contains '['"],
-    );
-    assert_problem(
-        &VALID.replace("    table: public.products\n", ""),
-        "3:5",
-        &["rule \"p\" has no `table`"],
-    );
+    assert_problem(&VALID.replace("table: public.products", "table: \"public.[ab]*\""), "4:12", &["contains '['"]);
+    assert_problem(&VALID.replace("    table: public.products\n", ""), "3:5", &["rule \"p\" has no `table`"]);
 }
 
 #[test]
@@ -825,16 +583,9 @@ fn rejects_wrong_types() {
         "6:14",
         &["`redis.keys` lists an integer, but templates are strings"],
     );
+    assert_problem("version: 1\nrules: 3\n", "2:8", &["`rules` must be a list of rules"]);
     assert_problem(
-        "version: 1\nrules: 3\n",
-        "2:8",
-        &["`rules` must be a list of rules"],
-    );
-    assert_problem(
-        &VALID.replace(
-            "    redis:\n      keys",
-            "    vars: [a]\n    redis:\n      keys",
-        ),
+        &VALID.replace("    redis:\n      keys", "    vars: [a]\n    redis:\n      keys"),
         "5:11",
         &["`vars` must be a mapping"],
     );
@@ -843,11 +594,7 @@ fn rejects_wrong_types() {
         "5:17",
         &["`vars.v` lists a number"],
     );
-    assert_problem(
-        "- 1\n",
-        "1:1",
-        &["must be a mapping with `version` and `rules`, not a list"],
-    );
+    assert_problem("- 1\n", "1:1", &["must be a mapping with `version` and `rules`, not a list"]);
     assert_problem("", "1:1", &["the rules file is empty"]);
 }
 
@@ -859,11 +606,7 @@ fn rejects_an_expansion_fan_out_over_the_bound() {
         "    redis:\n      keys: [\"product:{id}\"]",
         &format!("    vars:\n      a: [{list}]\n      b: [{list}]\n    redis:\n      keys: [\"product:{{id}}:{{a}}:{{b}}\", \"product:{{a}}\"]"),
     );
-    assert_problem(
-        &text,
-        "9:14",
-        &["`redis.keys`", "expands to 1600 items", "limit of 1000"],
-    );
+    assert_problem(&text, "9:14", &["`redis.keys`", "expands to 1600 items", "limit of 1000"]);
 }
 
 #[test]
@@ -895,10 +638,7 @@ rules:
       cdn: { urls: ["/c/{id}"] }
 "#;
     let all = problems(text);
-    let got: Vec<(&str, &str)> = all
-        .iter()
-        .map(|(at, m)| (at.as_str(), m.as_str()))
-        .collect();
+    let got: Vec<(&str, &str)> = all.iter().map(|(at, m)| (at.as_str(), m.as_str())).collect();
     let expected_places = [
         ("1:10", "`version` must be 1"),
         ("4:12", "rule \"a\": `table` \"products\" must be qualified"),
@@ -909,10 +649,7 @@ rules:
         ("9:5", "rule \"a\" has nothing to invalidate"),
         ("9:11", "`name` is already used by the rule at line 3"),
         ("11:5", "`colour` is not a known field"),
-        (
-            "15:19",
-            "rule \"c\": `when_changed` only applies to updates",
-        ),
+        ("15:19", "rule \"c\": `when_changed` only applies to updates"),
         ("16:16", "`vars.l` must list at least one value"),
         ("18:21", "uses the column \"id\""),
     ];
@@ -921,9 +658,7 @@ rules:
         assert_eq!(*at, want_at, "{message}");
         assert!(message.contains(fragment), "{message:?} lacks {fragment:?}");
     }
-    let err = Rules::parse(text, Path::new("rules.yaml"))
-        .unwrap_err()
-        .to_string();
+    let err = Rules::parse(text, Path::new("rules.yaml")).unwrap_err().to_string();
     assert!(err.lines().all(|l| l.starts_with("rules.yaml:")), "{err}");
 }
 
@@ -967,24 +702,9 @@ rules:
 fn evaluation_is_fast() {
     let r = rules(TYPICAL);
     let events = [
-        event(
-            "public.products",
-            Op::Update,
-            Some(product(42, 5, "blue-widget")),
-            Some(product(42, 7, "blue-widget")),
-        ),
-        event(
-            "public.products",
-            Op::Insert,
-            None,
-            Some(product(43, 7, "green-widget")),
-        ),
-        event(
-            "public.order_items",
-            Op::Insert,
-            None,
-            Some(json!({"id": 9, "customer_id": 1004, "total": "12.00"})),
-        ),
+        event("public.products", Op::Update, Some(product(42, 5, "blue-widget")), Some(product(42, 7, "blue-widget"))),
+        event("public.products", Op::Insert, None, Some(product(43, 7, "green-widget"))),
+        event("public.order_items", Op::Insert, None, Some(json!({"id": 9, "customer_id": 1004, "total": "12.00"}))),
         event("public.unrelated", Op::Insert, None, Some(json!({"id": 1}))),
     ];
     const PER_ROUND: usize = 20_000;
@@ -1000,12 +720,7 @@ fn evaluation_is_fast() {
         let per_event = best / PER_ROUND as u32;
         println!("{} {}: {per_event:?} per event", e.table, e.op);
         if !cfg!(debug_assertions) {
-            assert!(
-                per_event < std::time::Duration::from_micros(2),
-                "{} {}: {per_event:?}",
-                e.table,
-                e.op
-            );
+            assert!(per_event < std::time::Duration::from_micros(2), "{} {}: {per_event:?}", e.table, e.op);
         }
     }
 }
