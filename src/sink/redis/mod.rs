@@ -216,6 +216,10 @@ impl Sink for RedisSink {
         &self.name
     }
 
+    fn kinds(&self) -> &'static [ItemKind] {
+        &[ItemKind::RedisKey, ItemKind::RedisTag]
+    }
+
     async fn invalidate(&self, batch: &Invalidations, shutdown: &Shutdown) -> Result<SinkReport, SinkError> {
         let mut report = SinkReport::default();
         if !batch.redis_keys.is_empty() {
