@@ -161,3 +161,10 @@ fn check_reports_config_and_rules_problems_together() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("rules.yaml:3:"), "a rule with nothing to invalidate is named by line: {err}");
 }
+
+#[test]
+fn the_shipped_example_config_checks_ok() {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/config.kafka.yaml");
+    let out = Command::new(binary()).args(["check", "-c"]).arg(&config).env("REDIS_URL", "redis://redis:6379").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
