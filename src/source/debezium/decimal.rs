@@ -55,9 +55,7 @@ pub(super) fn to_plain_string(unscaled: &[u8], scale: i64) -> Result<String, Dec
         return Err(DecimalError::Empty);
     };
     if unscaled.len() > MAX_BYTES {
-        return Err(DecimalError::TooLarge {
-            bytes: unscaled.len(),
-        });
+        return Err(DecimalError::TooLarge { bytes: unscaled.len() });
     }
     if !(-MAX_SCALE..=MAX_SCALE).contains(&scale) {
         return Err(DecimalError::Scale { scale });
@@ -114,10 +112,8 @@ fn magnitude_digits(unscaled: &[u8], negative: bool) -> String {
         }
     }
     // Little-endian u32 limbs.
-    let mut limbs: Vec<u32> = magnitude
-        .rchunks(4)
-        .map(|chunk| chunk.iter().fold(0u32, |acc, &b| (acc << 8) | u32::from(b)))
-        .collect();
+    let mut limbs: Vec<u32> =
+        magnitude.rchunks(4).map(|chunk| chunk.iter().fold(0u32, |acc, &b| (acc << 8) | u32::from(b))).collect();
 
     // Repeated division by 10^9, least significant chunk first.
     const CHUNK: u64 = 1_000_000_000;
@@ -207,10 +203,7 @@ mod tests {
         assert_eq!(plain(&bytes, 4), "9999999999999999999999999999999999.9999");
         let mut negative = vec![0xFFu8];
         negative.extend_from_slice(&(-n).to_be_bytes());
-        assert_eq!(
-            plain(&negative, 0),
-            "-99999999999999999999999999999999999999"
-        );
+        assert_eq!(plain(&negative, 0), "-99999999999999999999999999999999999999");
     }
 
     #[test]
@@ -218,21 +211,12 @@ mod tests {
         // 2^136 = 87112285931760246646623899502532662132736
         let mut bytes = vec![0u8; 18];
         bytes[0] = 0x01;
-        assert_eq!(
-            plain(&bytes, 0),
-            "87112285931760246646623899502532662132736"
-        );
-        assert_eq!(
-            plain(&bytes, 3),
-            "87112285931760246646623899502532662132.736"
-        );
+        assert_eq!(plain(&bytes, 0), "87112285931760246646623899502532662132736");
+        assert_eq!(plain(&bytes, 3), "87112285931760246646623899502532662132.736");
         // -2^136: 0xFF followed by seventeen zero bytes
         let mut negative = vec![0u8; 18];
         negative[0] = 0xFF;
-        assert_eq!(
-            plain(&negative, 0),
-            "-87112285931760246646623899502532662132736"
-        );
+        assert_eq!(plain(&negative, 0), "-87112285931760246646623899502532662132736");
         // A value whose digits cross a 10^9 chunk boundary with inner zeros: 10^30.
         let ten_30: u128 = 1_000_000_000_000_000_000_000_000_000_000;
         let mut padded = vec![0u8; 4];
@@ -245,22 +229,10 @@ mod tests {
         assert_eq!(to_plain_string(&[], 2), Err(DecimalError::Empty));
         assert_eq!(from_base64("", 2), Err(DecimalError::Empty));
         assert_eq!(from_base64("not base64!", 2), Err(DecimalError::Base64));
-        assert_eq!(
-            to_plain_string(&[1], 20_000),
-            Err(DecimalError::Scale { scale: 20_000 })
-        );
-        assert_eq!(
-            to_plain_string(&[1], i64::MIN),
-            Err(DecimalError::Scale { scale: i64::MIN })
-        );
+        assert_eq!(to_plain_string(&[1], 20_000), Err(DecimalError::Scale { scale: 20_000 }));
+        assert_eq!(to_plain_string(&[1], i64::MIN), Err(DecimalError::Scale { scale: i64::MIN }));
         let huge = "A".repeat(8000);
-        assert!(matches!(
-            from_base64(&huge, 0),
-            Err(DecimalError::TooLarge { .. })
-        ));
-        assert_eq!(
-            DecimalError::Scale { scale: 20_000 }.to_string(),
-            "its scale 20000 is outside -16383..=16383"
-        );
+        assert!(matches!(from_base64(&huge, 0), Err(DecimalError::TooLarge { .. })));
+        assert_eq!(DecimalError::Scale { scale: 20_000 }.to_string(), "its scale 20000 is outside -16383..=16383");
     }
 }

@@ -11,15 +11,8 @@ use super::json::{self, Depth, Fields, Kind, Slot};
 use super::{schema, DecodeError, Images, Message};
 use crate::event::{Decoded, NoChangeKind, Op};
 
-pub(super) fn decode(
-    topic: &str,
-    message: Message<'_>,
-    key: Option<&[u8]>,
-) -> Result<Decoded, DecodeError> {
-    let Message {
-        mut fields,
-        decimals,
-    } = message;
+pub(super) fn decode(topic: &str, message: Message<'_>, key: Option<&[u8]>) -> Result<Decoded, DecodeError> {
+    let Message { mut fields, decimals } = message;
     let op_slot = fields.get("op").ok_or(DecodeError::MissingField("op"))?;
     let op_code = op_slot.as_str().ok_or(DecodeError::WrongType {
         what: "`op`",
@@ -41,25 +34,13 @@ pub(super) fn decode(
                 .as_deref()
                 .filter(|t| !t.is_empty())
                 .and_then(|table| super::table_name(source.qualifier(), Some(table), "").ok());
-            return Ok(super::no_change(
-                NoChangeKind::Other,
-                table,
-                source.committed_at,
-            ));
+            return Ok(super::no_change(NoChangeKind::Other, table, source.committed_at));
         }
-        other => {
-            return Err(DecodeError::UnknownOp {
-                field: "op",
-                value: other.to_owned(),
-            })
-        }
+        other => return Err(DecodeError::UnknownOp { field: "op", value: other.to_owned() }),
     };
     let table = super::table_name(source.qualifier(), source.table.as_deref(), topic)?;
     if op == Op::Truncate {
-        let images = Images {
-            before: None,
-            after: None,
-        };
+        let images = Images { before: None, after: None };
         return super::finish(table, op, images, source.committed_at, key);
     }
 
@@ -73,13 +54,7 @@ pub(super) fn decode(
             schema::decode_decimals(after, &columns.after)?;
         }
     }
-    super::finish(
-        table,
-        op,
-        Images { before, after },
-        source.committed_at,
-        key,
-    )
+    super::finish(table, op, Images { before, after }, source.committed_at, key)
 }
 
 /// What we use of the `source` block.
@@ -96,63 +71,36 @@ impl<'a> Source<'a> {
     fn read(slot: Option<&Slot<'a>>) -> Result<Source<'a>, DecodeError> {
         // The caller only gets here with `source` an object, which `Depth::Event` keeps raw.
         let Some(Slot::Raw(raw)) = slot else {
-            return Ok(Source {
-                schema: None,
-                db: None,
-                table: None,
-                committed_at: None,
-            });
+            return Ok(Source { schema: None, db: None, table: None, committed_at: None });
         };
         let kind = Kind::of(raw);
         if kind != Kind::Object {
-            return Err(DecodeError::WrongType {
-                what: "`source`",
-                found: kind.name(),
-                expected: "an object",
-            });
+            return Err(DecodeError::WrongType { what: "`source`", found: kind.name(), expected: "an object" });
         }
-        let fields =
-            Fields::parse(raw.get(), Depth::Shallow).map_err(|err| DecodeError::Unreadable {
-                what: "`source`",
-                reason: json::reason(&err),
-            })?;
+        let fields = Fields::parse(raw.get(), Depth::Shallow)
+            .map_err(|err| DecodeError::Unreadable { what: "`source`", reason: json::reason(&err) })?;
         Ok(Source {
             schema: text(&fields, "schema", "`source.schema`")?,
             db: text(&fields, "db", "`source.db`")?,
             table: text(&fields, "table", "`source.table`")?,
-            committed_at: super::commit_time(
-                fields.get("ts_ns"),
-                fields.get("ts_us"),
-                fields.get("ts_ms"),
-            ),
+            committed_at: super::commit_time(fields.get("ts_ns"), fields.get("ts_us"), fields.get("ts_ms")),
         })
     }
 
     /// What goes before the dot: the schema when the connector has one, else the database.
     fn qualifier(&self) -> Option<&str> {
-        self.schema
-            .as_deref()
-            .filter(|s| !s.is_empty())
-            .or(self.db.as_deref())
+        self.schema.as_deref().filter(|s| !s.is_empty()).or(self.db.as_deref())
     }
 }
 
 /// A string field of `fields`: `None` when absent or null, an error for any other type.
-fn text<'a>(
-    fields: &Fields<'a>,
-    name: &str,
-    what: &'static str,
-) -> Result<Option<Cow<'a, str>>, DecodeError> {
+fn text<'a>(fields: &Fields<'a>, name: &str, what: &'static str) -> Result<Option<Cow<'a, str>>, DecodeError> {
     let Some(Slot::Raw(raw)) = fields.get(name) else {
         return Ok(None);
     };
     match Kind::of(raw) {
         Kind::Null => Ok(None),
         Kind::String => Ok(json::string(raw)),
-        found => Err(DecodeError::WrongType {
-            what,
-            found: found.name(),
-            expected: "a string or null",
-        }),
+        found => Err(DecodeError::WrongType { what, found: found.name(), expected: "a string or null" }),
     }
 }

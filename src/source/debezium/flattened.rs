@@ -19,18 +19,12 @@ use crate::event::{Decoded, NoChangeKind, Op, Row};
 /// compare `when_changed` against) and invalidate what the row renders. Invalidating too much
 /// is safe, too little is not; and an insert would be rendered the same way, from `after`.
 /// `__deleted: "true"` makes it a delete whatever `__op` says, the row being its before image.
-pub(super) fn decode(
-    topic: &str,
-    message: Message<'_>,
-    key: Option<&[u8]>,
-) -> Result<Decoded, DecodeError> {
+pub(super) fn decode(topic: &str, message: Message<'_>, key: Option<&[u8]>) -> Result<Decoded, DecodeError> {
     let mut meta = Metadata::default();
     let mut row = Row::new();
     for (name, slot) in message.fields.into_entries() {
-        let value = slot.into_value().map_err(|err| DecodeError::Unreadable {
-            what: "the row",
-            reason: json::reason(&err),
-        })?;
+        let value =
+            slot.into_value().map_err(|err| DecodeError::Unreadable { what: "the row", reason: json::reason(&err) })?;
         match name.strip_prefix("__") {
             Some(field) => meta.read(field, value)?,
             None => {
@@ -38,21 +32,11 @@ pub(super) fn decode(
             }
         }
     }
-    let Metadata {
-        op: op_code,
-        table,
-        schema: schema_name,
-        db,
-        deleted,
-        ..
-    } = meta;
-    let committed_at = [
-        (meta.ts_ns, super::NANOS_PER_NS),
-        (meta.ts_us, super::NANOS_PER_US),
-        (meta.ts_ms, super::NANOS_PER_MS),
-    ]
-    .into_iter()
-    .find_map(|(count, unit)| super::epoch_time(count?, unit));
+    let Metadata { op: op_code, table, schema: schema_name, db, deleted, .. } = meta;
+    let committed_at =
+        [(meta.ts_ns, super::NANOS_PER_NS), (meta.ts_us, super::NANOS_PER_US), (meta.ts_ms, super::NANOS_PER_MS)]
+            .into_iter()
+            .find_map(|(count, unit)| super::epoch_time(count?, unit));
 
     let op = if deleted {
         Op::Delete
@@ -65,32 +49,18 @@ pub(super) fn decode(
             Some("r") => Op::Snapshot,
             Some("t") => Op::Truncate,
             Some("m") => return Ok(super::no_change(NoChangeKind::Other, None, committed_at)),
-            Some(other) => {
-                return Err(DecodeError::UnknownOp {
-                    field: "__op",
-                    value: other.to_owned(),
-                })
-            }
+            Some(other) => return Err(DecodeError::UnknownOp { field: "__op", value: other.to_owned() }),
         }
     };
-    let qualifier = schema_name
-        .as_deref()
-        .filter(|s| !s.is_empty())
-        .or(db.as_deref());
+    let qualifier = schema_name.as_deref().filter(|s| !s.is_empty()).or(db.as_deref());
     let table = super::table_name(qualifier, table.as_deref(), topic)?;
 
     if let Some(columns) = &message.decimals {
         schema::decode_decimals(&mut row, &columns.top)?;
     }
     let images = match op {
-        Op::Delete => Images {
-            before: Some(row),
-            after: None,
-        },
-        _ => Images {
-            before: None,
-            after: Some(row),
-        },
+        Op::Delete => Images { before: Some(row), after: None },
+        _ => Images { before: None, after: Some(row) },
     };
     super::finish(table, op, images, committed_at, key)
 }
@@ -117,9 +87,7 @@ impl Metadata {
             "schema" => self.schema = string(value, "`__schema`")?,
             "db" => self.db = string(value, "`__db`")?,
             // Debezium writes "true"/"false"; a boolean is accepted too.
-            "deleted" => {
-                self.deleted = matches!(&value, Value::Bool(true)) || value.as_str() == Some("true")
-            }
+            "deleted" => self.deleted = matches!(&value, Value::Bool(true)) || value.as_str() == Some("true"),
             "source_ts_ns" => self.ts_ns = value.as_i64(),
             "source_ts_us" => self.ts_us = value.as_i64(),
             "source_ts_ms" => self.ts_ms = value.as_i64(),
@@ -134,10 +102,6 @@ fn string(value: Value, what: &'static str) -> Result<Option<String>, DecodeErro
     match value {
         Value::Null => Ok(None),
         Value::String(s) => Ok(Some(s)),
-        other => Err(DecodeError::WrongType {
-            what,
-            found: kind_of(&other).name(),
-            expected: "a string or null",
-        }),
+        other => Err(DecodeError::WrongType { what, found: kind_of(&other).name(), expected: "a string or null" }),
     }
 }

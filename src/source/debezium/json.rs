@@ -93,11 +93,7 @@ impl<'a> Fields<'a> {
 
     /// The value of field `name`. With duplicate names the last one wins, as in serde_json.
     pub(super) fn get(&self, name: &str) -> Option<&Slot<'a>> {
-        self.0
-            .iter()
-            .rev()
-            .find(|(field, _)| field == name)
-            .map(|(_, value)| value)
+        self.0.iter().rev().find(|(field, _)| field == name).map(|(_, value)| value)
     }
 
     /// Takes field `name` out (the last one, with duplicates).
@@ -144,9 +140,7 @@ impl<'de> Visitor<'de> for FieldsSeed {
         let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
         while let Some(Text(name)) = map.next_key::<Text<'de>>()? {
             let value = match (self.0, &*name) {
-                (Depth::Shallow, _) | (Depth::Event, "schema" | "source") => {
-                    Slot::Raw(map.next_value()?)
-                }
+                (Depth::Shallow, _) | (Depth::Event, "schema" | "source") => Slot::Raw(map.next_value()?),
                 (Depth::Event, "payload") => map.next_value_seed(PayloadSeed)?,
                 (Depth::Event, _) => Slot::Parsed(map.next_value()?),
             };
@@ -243,10 +237,7 @@ pub(super) fn split_schema_envelope(text: &str) -> Option<(&str, &str)> {
     if bytes.get(close) != Some(&b'}') || close < payload_start {
         return None;
     }
-    Some((
-        text.get(schema_start..schema_end)?,
-        text.get(payload_start..close)?,
-    ))
+    Some((text.get(schema_start..schema_end)?, text.get(payload_start..close)?))
 }
 
 fn is_whitespace(byte: u8) -> bool {
@@ -387,9 +378,7 @@ pub(super) fn string(raw: &RawValue) -> Option<Cow<'_, str>> {
     if Kind::of(raw) != Kind::String {
         return None;
     }
-    serde_json::from_str::<Text<'_>>(raw.get())
-        .ok()
-        .map(|Text(s)| s)
+    serde_json::from_str::<Text<'_>>(raw.get()).ok().map(|Text(s)| s)
 }
 
 /// serde_json's message without its " at line L column C" suffix: for values parsed out of a
@@ -409,14 +398,8 @@ mod tests {
     #[test]
     fn split_schema_envelope_finds_both_parts() {
         let text = r#" { "schema" : {"a":"}{\\\"","b":[{"c":"]"}]} , "payload" : {"x":1} } "#;
-        assert_eq!(
-            split_schema_envelope(text),
-            Some((r#"{"a":"}{\\\"","b":[{"c":"]"}]}"#, r#" {"x":1} "#))
-        );
-        assert_eq!(
-            split_schema_envelope(r#"{"schema":{},"payload":null}"#),
-            Some(("{}", "null"))
-        );
+        assert_eq!(split_schema_envelope(text), Some((r#"{"a":"}{\\\"","b":[{"c":"]"}]}"#, r#" {"x":1} "#)));
+        assert_eq!(split_schema_envelope(r#"{"schema":{},"payload":null}"#), Some(("{}", "null")));
     }
 
     #[test]
@@ -435,10 +418,7 @@ mod tests {
         ] {
             let split = split_schema_envelope(text);
             // Either no split, or one whose payload the caller's parse will reject.
-            assert!(
-                split.is_none_or(|(_, payload)| parse_payload(payload).is_err()),
-                "{text}"
-            );
+            assert!(split.is_none_or(|(_, payload)| parse_payload(payload).is_err()), "{text}");
         }
     }
 }

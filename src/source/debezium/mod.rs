@@ -90,11 +90,7 @@ pub enum DecodeError {
     #[error("the message value is not valid JSON: {0}")]
     InvalidJson(String),
     #[error("{what} is {found}, expected {expected}")]
-    WrongType {
-        what: &'static str,
-        found: &'static str,
-        expected: &'static str,
-    },
+    WrongType { what: &'static str, found: &'static str, expected: &'static str },
     #[error("the change event has no `{0}` field")]
     MissingField(&'static str),
     #[error("`{field}` is {value:?}, expected one of \"c\", \"u\", \"d\", \"r\", \"t\" or \"m\"")]
@@ -103,27 +99,18 @@ pub enum DecodeError {
     NoAfterImage { op: Op },
     #[error("the update event has neither a `before` nor an `after` image")]
     NoImages,
-    #[error(
-        "the delete event has no `before` image and no message key to take the row's key from"
-    )]
+    #[error("the delete event has no `before` image and no message key to take the row's key from")]
     DeleteWithoutRow,
     #[error("the event does not name its table and the topic is empty")]
     NoTable,
     #[error("{what} could not be read: {reason}")]
     Unreadable { what: &'static str, reason: String },
     #[error("column `{column}` is not a valid decimal: {reason}")]
-    Decimal {
-        column: String,
-        reason: DecimalError,
-    },
+    Decimal { column: String, reason: DecimalError },
 }
 
 /// Decodes one Kafka message. `value` is `None` for a tombstone.
-pub fn decode(
-    topic: &str,
-    key: Option<&[u8]>,
-    value: Option<&[u8]>,
-) -> Result<Decoded, DecodeError> {
+pub fn decode(topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Decoded, DecodeError> {
     let heartbeat_topic = topic.starts_with(HEARTBEAT_TOPIC_PREFIX);
     let message = match value {
         Some(value) => Message::read(value)?,
@@ -138,19 +125,12 @@ pub fn decode(
     };
     let fields = &message.fields;
     if heartbeat_topic || (fields.len() == 1 && fields.has("ts_ms")) {
-        return Ok(no_change(
-            NoChangeKind::Heartbeat,
-            None,
-            envelope_time(fields),
-        ));
+        return Ok(no_change(NoChangeKind::Heartbeat, None, envelope_time(fields)));
     }
     if fields.names().any(|name| name.starts_with("__")) {
         return flattened::decode(topic, message, key);
     }
-    if fields
-        .get("source")
-        .is_some_and(|source| source.kind() == Kind::Object)
-    {
+    if fields.get("source").is_some_and(|source| source.kind() == Kind::Object) {
         if fields.has("op") || fields.has("before") || fields.has("after") {
             return envelope::decode(topic, message, key);
         }
@@ -186,8 +166,7 @@ impl<'a> Message<'a> {
         match first {
             None => Err(DecodeError::Empty),
             Some(b'{') => {
-                let text = std::str::from_utf8(bytes)
-                    .map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
+                let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
                 if let Some(message) = Message::read_known_envelope(text) {
                     return message;
                 }
@@ -202,10 +181,7 @@ impl<'a> Message<'a> {
                     let payload = fields.take("payload");
                     return Message::from_payload(payload, decimals);
                 }
-                Ok(Some(Message {
-                    fields,
-                    decimals: None,
-                }))
+                Ok(Some(Message { fields, decimals: None }))
             }
             Some(first) => {
                 // Validated first, so that garbage reads as invalid JSON, not as a wrong type.
@@ -254,10 +230,7 @@ impl<'a> Message<'a> {
 fn is_transaction_marker(fields: &Fields<'_>) -> bool {
     fields.has("id")
         && (fields.has("event_count") || fields.has("data_collections"))
-        && fields
-            .get("status")
-            .and_then(Slot::as_str)
-            .is_some_and(|status| status == "BEGIN" || status == "END")
+        && fields.get("status").and_then(Slot::as_str).is_some_and(|status| status == "BEGIN" || status == "END")
 }
 
 fn no_change(kind: NoChangeKind, table: Option<String>, at: Option<SystemTime>) -> Decoded {
@@ -279,10 +252,7 @@ fn finish(
     committed_at: Option<SystemTime>,
     key: Option<&[u8]>,
 ) -> Result<Decoded, DecodeError> {
-    let Images {
-        mut before,
-        mut after,
-    } = images;
+    let Images { mut before, mut after } = images;
     if op == Op::Truncate {
         // A truncate concerns the whole table; any image would be meaningless.
         before = None;
@@ -303,20 +273,12 @@ fn finish(
         }
     }
     match op {
-        Op::Insert | Op::Snapshot if after.is_none() => {
-            return Err(DecodeError::NoAfterImage { op })
-        }
+        Op::Insert | Op::Snapshot if after.is_none() => return Err(DecodeError::NoAfterImage { op }),
         Op::Update if before.is_none() && after.is_none() => return Err(DecodeError::NoImages),
         Op::Delete if before.is_none() => return Err(DecodeError::DeleteWithoutRow),
         _ => {}
     }
-    Ok(Decoded::Change(ChangeEvent {
-        table,
-        op,
-        before,
-        after,
-        committed_at,
-    }))
+    Ok(Decoded::Change(ChangeEvent { table, op, before, after, committed_at }))
 }
 
 /// The key columns a message key carries; `None` when there is no usable key.
@@ -336,28 +298,19 @@ fn key_row(key: Option<&[u8]>) -> Option<Row> {
 fn image(slot: Option<Slot<'_>>, what: &'static str) -> Result<Option<Row>, DecodeError> {
     let value = match slot {
         None => return Ok(None),
-        Some(slot) => slot.into_value().map_err(|err| DecodeError::Unreadable {
-            what,
-            reason: json::reason(&err),
-        })?,
+        Some(slot) => slot.into_value().map_err(|err| DecodeError::Unreadable { what, reason: json::reason(&err) })?,
     };
     match value {
         Value::Null => Ok(None),
         Value::Object(row) => Ok(Some(row)),
-        other => Err(DecodeError::WrongType {
-            what,
-            found: json::kind_of(&other).name(),
-            expected: "an object or null",
-        }),
+        other => {
+            Err(DecodeError::WrongType { what, found: json::kind_of(&other).name(), expected: "an object or null" })
+        }
     }
 }
 
 /// The table a change concerns; see the module docs for the fallbacks.
-fn table_name(
-    qualifier: Option<&str>,
-    table: Option<&str>,
-    topic: &str,
-) -> Result<String, DecodeError> {
+fn table_name(qualifier: Option<&str>, table: Option<&str>, topic: &str) -> Result<String, DecodeError> {
     let qualifier = qualifier.filter(|q| !q.is_empty());
     match (qualifier, table.filter(|t| !t.is_empty())) {
         (Some(qualifier), Some(table)) => Ok(format!("{qualifier}.{table}")),
@@ -380,9 +333,7 @@ fn topic_table(topic: &str) -> Option<String> {
 
 /// A topic's last part and the one before it, each `None` when missing or empty.
 fn topic_parts(topic: &str) -> (Option<&str>, Option<&str>) {
-    let mut parts = topic
-        .rsplitn(3, '.')
-        .map(|part| Some(part).filter(|p| !p.is_empty()));
+    let mut parts = topic.rsplitn(3, '.').map(|part| Some(part).filter(|p| !p.is_empty()));
     (parts.next().flatten(), parts.next().flatten())
 }
 
@@ -391,11 +342,7 @@ const NANOS_PER_US: i128 = 1_000;
 const NANOS_PER_NS: i128 = 1;
 
 /// The most precise of the given epoch timestamps that is present and an integer.
-fn commit_time(
-    ns: Option<&Slot<'_>>,
-    us: Option<&Slot<'_>>,
-    ms: Option<&Slot<'_>>,
-) -> Option<SystemTime> {
+fn commit_time(ns: Option<&Slot<'_>>, us: Option<&Slot<'_>>, ms: Option<&Slot<'_>>) -> Option<SystemTime> {
     [(ns, NANOS_PER_NS), (us, NANOS_PER_US), (ms, NANOS_PER_MS)]
         .into_iter()
         .find_map(|(slot, unit)| epoch_time(slot?.as_i64()?, unit))

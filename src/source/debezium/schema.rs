@@ -71,10 +71,7 @@ pub(super) fn cached(schema: &str) -> Option<Rc<DecimalColumns>> {
     CACHE.with(|cache| {
         let cache = cache.borrow();
         let bucket = cache.0.get(&hash)?;
-        bucket
-            .iter()
-            .find(|(text, _)| **text == *schema)
-            .map(|(_, columns)| Rc::clone(columns))
+        bucket.iter().find(|(text, _)| **text == *schema).map(|(_, columns)| Rc::clone(columns))
     })
 }
 
@@ -84,20 +81,14 @@ pub(super) fn decimal_columns(schema: &str) -> Result<Rc<DecimalColumns>, Decode
     if let Some(hit) = cached(schema) {
         return Ok(hit);
     }
-    let columns = Rc::new(if schema.contains(DECIMAL_HINT) {
-        parse(schema)?
-    } else {
-        DecimalColumns::default()
-    });
+    let columns = Rc::new(if schema.contains(DECIMAL_HINT) { parse(schema)? } else { DecimalColumns::default() });
     CACHE.with(|cache| {
         let (map, entries) = &mut *cache.borrow_mut();
         if *entries >= CACHE_CAPACITY {
             map.clear();
             *entries = 0;
         }
-        map.entry(sample_hash(schema))
-            .or_default()
-            .push((schema.into(), Rc::clone(&columns)));
+        map.entry(sample_hash(schema)).or_default().push((schema.into(), Rc::clone(&columns)));
         *entries += 1;
     });
     Ok(columns)
@@ -117,10 +108,8 @@ fn sample_hash(schema: &str) -> u64 {
 }
 
 fn parse(schema: &str) -> Result<DecimalColumns, DecodeError> {
-    let schema: Value = serde_json::from_str(schema).map_err(|err| DecodeError::Unreadable {
-        what: "`schema`",
-        reason: super::json::reason(&err),
-    })?;
+    let schema: Value = serde_json::from_str(schema)
+        .map_err(|err| DecodeError::Unreadable { what: "`schema`", reason: super::json::reason(&err) })?;
     let top = struct_fields(schema.get("fields"));
     let image = |name: &str| {
         top.iter()
@@ -128,11 +117,7 @@ fn parse(schema: &str) -> Result<DecimalColumns, DecodeError> {
             .map(|field| decimals(&struct_fields(field.get("fields"))))
             .unwrap_or_default()
     };
-    Ok(DecimalColumns {
-        before: image("before"),
-        after: image("after"),
-        top: decimals(&top),
-    })
+    Ok(DecimalColumns { before: image("before"), after: image("after"), top: decimals(&top) })
 }
 
 /// The field schemas in a struct schema's `fields` (none for any other schema).
@@ -149,16 +134,11 @@ fn decimals(fields: &[&Map<String, Value>]) -> Vec<DecimalColumn> {
         .filter_map(|field| {
             let name = field.get("field")?.as_str()?;
             let kind = match field.get("name")?.as_str()? {
-                CONNECT_DECIMAL => DecimalKind::Fixed {
-                    scale: scale_parameter(field),
-                },
+                CONNECT_DECIMAL => DecimalKind::Fixed { scale: scale_parameter(field) },
                 VARIABLE_SCALE_DECIMAL => DecimalKind::Variable,
                 _ => return None,
             };
-            Some(DecimalColumn {
-                name: name.to_owned(),
-                kind,
-            })
+            Some(DecimalColumn { name: name.to_owned(), kind })
         })
         .collect()
 }
@@ -180,26 +160,18 @@ pub(super) fn decode_decimals(row: &mut Row, columns: &[DecimalColumn]) -> Resul
             continue;
         };
         let decoded = match (&column.kind, &*value) {
-            (DecimalKind::Fixed { scale }, Value::String(text)) => scale
-                .ok_or(DecimalError::NoScale)
-                .and_then(|scale| decimal::from_base64(text, scale)),
+            (DecimalKind::Fixed { scale }, Value::String(text)) => {
+                scale.ok_or(DecimalError::NoScale).and_then(|scale| decimal::from_base64(text, scale))
+            }
             (DecimalKind::Variable, Value::Object(parts)) => variable(parts),
-            (
-                DecimalKind::Variable,
-                other @ (Value::String(_) | Value::Array(_) | Value::Bool(_)),
-            ) => Err(DecimalError::VariableShape {
-                found: kind_of(other).name(),
-            }),
+            (DecimalKind::Variable, other @ (Value::String(_) | Value::Array(_) | Value::Bool(_))) => {
+                Err(DecimalError::VariableShape { found: kind_of(other).name() })
+            }
             _ => continue,
         };
         match decoded {
             Ok(text) => *value = Value::String(text),
-            Err(reason) => {
-                return Err(DecodeError::Decimal {
-                    column: column.name.clone(),
-                    reason,
-                })
-            }
+            Err(reason) => return Err(DecodeError::Decimal { column: column.name.clone(), reason }),
         }
     }
     Ok(())
@@ -240,26 +212,14 @@ mod tests {
         assert!(got.top.is_empty());
         assert_eq!(
             got.before,
-            vec![DecimalColumn {
-                name: "price".into(),
-                kind: DecimalKind::Fixed { scale: Some(2) }
-            }]
+            vec![DecimalColumn { name: "price".into(), kind: DecimalKind::Fixed { scale: Some(2) } }]
         );
         assert_eq!(
             got.after,
             vec![
-                DecimalColumn {
-                    name: "price".into(),
-                    kind: DecimalKind::Fixed { scale: Some(3) }
-                },
-                DecimalColumn {
-                    name: "weight".into(),
-                    kind: DecimalKind::Variable
-                },
-                DecimalColumn {
-                    name: "bad".into(),
-                    kind: DecimalKind::Fixed { scale: None }
-                },
+                DecimalColumn { name: "price".into(), kind: DecimalKind::Fixed { scale: Some(3) } },
+                DecimalColumn { name: "weight".into(), kind: DecimalKind::Variable },
+                DecimalColumn { name: "bad".into(), kind: DecimalKind::Fixed { scale: None } },
             ]
         );
     }
@@ -267,10 +227,7 @@ mod tests {
     #[test]
     fn schema_without_decimals_has_none() {
         let schema = r#"{"type":"struct","fields":[{"type":"int32","field":"day","name":"io.debezium.time.Date"}]}"#;
-        assert_eq!(
-            decimal_columns(schema).as_deref(),
-            Ok(&DecimalColumns::default())
-        );
+        assert_eq!(decimal_columns(schema).as_deref(), Ok(&DecimalColumns::default()));
     }
 
     #[test]
@@ -279,9 +236,7 @@ mod tests {
         assert!(cached(schema).is_none());
         let first = decimal_columns(schema);
         let second = cached(schema);
-        assert!(
-            matches!((&first, &second), (Ok(a), Some(b)) if Rc::ptr_eq(a, b) && a.top.len() == 1)
-        );
+        assert!(matches!((&first, &second), (Ok(a), Some(b)) if Rc::ptr_eq(a, b) && a.top.len() == 1));
         // A different text (here one byte longer) is a different schema.
         assert!(cached(&format!("{schema} ")).is_none());
     }
@@ -299,22 +254,10 @@ mod tests {
     #[test]
     fn decodes_values_and_names_bad_ones() {
         let cols = vec![
-            DecimalColumn {
-                name: "fixed".into(),
-                kind: DecimalKind::Fixed { scale: Some(2) },
-            },
-            DecimalColumn {
-                name: "var".into(),
-                kind: DecimalKind::Variable,
-            },
-            DecimalColumn {
-                name: "gone".into(),
-                kind: DecimalKind::Variable,
-            },
-            DecimalColumn {
-                name: "null".into(),
-                kind: DecimalKind::Fixed { scale: Some(2) },
-            },
+            DecimalColumn { name: "fixed".into(), kind: DecimalKind::Fixed { scale: Some(2) } },
+            DecimalColumn { name: "var".into(), kind: DecimalKind::Variable },
+            DecimalColumn { name: "gone".into(), kind: DecimalKind::Variable },
+            DecimalColumn { name: "null".into(), kind: DecimalKind::Fixed { scale: Some(2) } },
         ];
         let mut row: Row = match serde_json::from_str(
             r#"{"fixed":"JxA=","var":{"scale":1,"value":"/w=="},"null":null,"other":"JxA="}"#,
@@ -333,25 +276,17 @@ mod tests {
         let err = decode_decimals(&mut bad, &cols);
         assert_eq!(
             err.map_err(|e| e.to_string()),
-            Err(
-                "column `var` is not a valid decimal: it is a string, expected an object with an \
+            Err("column `var` is not a valid decimal: it is a string, expected an object with an \
                  integer `scale` and a base64 `value`"
-                    .to_owned()
-            )
+                .to_owned())
         );
 
-        let no_scale = vec![DecimalColumn {
-            name: "p".into(),
-            kind: DecimalKind::Fixed { scale: None },
-        }];
+        let no_scale = vec![DecimalColumn { name: "p".into(), kind: DecimalKind::Fixed { scale: None } }];
         let mut row = Map::new();
         row.insert("p".into(), Value::String("JxA=".into()));
         assert_eq!(
             decode_decimals(&mut row, &no_scale).map_err(|e| e.to_string()),
-            Err(
-                "column `p` is not a valid decimal: its schema has no integer `scale` parameter"
-                    .to_owned()
-            )
+            Err("column `p` is not a valid decimal: its schema has no integer `scale` parameter".to_owned())
         );
     }
 }
