@@ -29,7 +29,14 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn explain(rules: &Path, event: &Path, topic: &str) -> Output {
-    Command::new(binary()).args(["explain", "--rules"]).arg(rules).arg("--event").arg(event).args(["--topic", topic]).output().unwrap()
+    Command::new(binary())
+        .args(["explain", "--rules"])
+        .arg(rules)
+        .arg("--event")
+        .arg(event)
+        .args(["--topic", topic])
+        .output()
+        .unwrap()
 }
 
 fn rules_file(dir: &tempfile::TempDir) -> PathBuf {
@@ -51,7 +58,10 @@ fn explain_schema_envelope_update_invalidates_both_categories() {
     // Field order and sorting as the contract shows them.
     assert!(text.starts_with(r#"{"table":"public.products","op":"update","redis_keys":["#), "{text}");
     let v = json(&out);
-    assert_eq!(v["redis_keys"], serde_json::json!(["product:42", "product:42:page:de", "product:42:page:en-us", "product:42:page:fr"]));
+    assert_eq!(
+        v["redis_keys"],
+        serde_json::json!(["product:42", "product:42:page:de", "product:42:page:en-us", "product:42:page:fr"])
+    );
     assert_eq!(v["redis_tags"], serde_json::json!(["category:5", "category:7"]));
     assert_eq!(v["surrogate_keys"], serde_json::json!(["category-5", "category-7", "product-42"]));
     assert_eq!(v["urls"], serde_json::json!(["https://shop.example.com/p/blue-widget"]));
@@ -123,7 +133,11 @@ fn explain_malformed_event_exits_1_with_one_sentence() {
 fn explain_with_invalid_rules_exits_2_naming_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules.yaml");
-    std::fs::write(&rules, "version: 1\nrules:\n  - name: a\n    table: public.t\n    redis:\n      keys: [\"x:{id|shout}\"]\n").unwrap();
+    std::fs::write(
+        &rules,
+        "version: 1\nrules:\n  - name: a\n    table: public.t\n    redis:\n      keys: [\"x:{id|shout}\"]\n",
+    )
+    .unwrap();
     let out = explain(&rules, &fixture("pg-insert.json"), "shop.public.products");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -165,6 +179,11 @@ fn check_reports_config_and_rules_problems_together() {
 #[test]
 fn the_shipped_example_config_checks_ok() {
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/config.kafka.yaml");
-    let out = Command::new(binary()).args(["check", "-c"]).arg(&config).env("REDIS_URL", "redis://redis:6379").output().unwrap();
+    let out = Command::new(binary())
+        .args(["check", "-c"])
+        .arg(&config)
+        .env("REDIS_URL", "redis://redis:6379")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
