@@ -120,12 +120,21 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(
         dir.path(),
-        &Setup { bootstrap: &bootstrap, topics: &["bench.public.products"], group: "bench-b", redis_url: &url, extra: "" },
+        &Setup {
+            bootstrap: &bootstrap,
+            topics: &["bench.public.products"],
+            group: "bench-b",
+            redis_url: &url,
+            extra: "",
+        },
     );
     match wait_for_events(&d, total as f64, Duration::from_secs(600)).await {
         Some((first, last)) => {
             let secs = last.duration_since(first).as_secs_f64();
-            println!("(b) end to end: {total} events in {secs:.2} s = {:.0} events/s (from first event processed to last)", total as f64 / secs);
+            println!(
+                "(b) end to end: {total} events in {secs:.2} s = {:.0} events/s (from first event processed to last)",
+                total as f64 / secs
+            );
         }
         None => println!("(b) end to end: did not finish within 600 s"),
     }
@@ -158,7 +167,9 @@ async fn main() {
             let key = format!("{{\"id\":{id}}}");
             let p = p.clone();
             tokio::spawn(async move {
-                let _ = p.send(FutureRecord::to("steady.public.products").key(&key).payload(&value), Duration::from_secs(60)).await;
+                let _ = p
+                    .send(FutureRecord::to("steady.public.products").key(&key).payload(&value), Duration::from_secs(60))
+                    .await;
             });
         }
     }

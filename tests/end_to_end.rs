@@ -29,14 +29,18 @@ async fn binary_against_tansu_and_redis() {
     for k in ["product:42", "product:43", "listing:5", "listing:7", "listing:9"] {
         let _: () = c.set(k, "cached").unwrap();
     }
-    for (tag, key) in [("tag:category:5", "listing:5"), ("tag:category:7", "listing:7"), ("tag:category:9", "listing:9")] {
+    for (tag, key) in
+        [("tag:category:5", "listing:5"), ("tag:category:7", "listing:7"), ("tag:category:9", "listing:9")]
+    {
         let _: () = c.sadd(tag, key).unwrap();
     }
 
     let dir = tempfile::tempdir().unwrap();
     let bootstrap = broker.bootstrap();
-    let (config, port) =
-        write_config(dir.path(), &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "e2e", redis_url: &url, extra: "" });
+    let (config, port) = write_config(
+        dir.path(),
+        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "e2e", redis_url: &url, extra: "" },
+    );
     let mut daemon = DaemonProcess::start(&config, dir.path());
     let ready = wait_until(Duration::from_secs(30), || http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)).await;
     assert!(ready, "the daemon becomes ready; log:\n{}", daemon.log_text());
@@ -68,6 +72,7 @@ async fn binary_against_tansu_and_redis() {
     assert!(!line.ends_with(" 0"), "{line}");
 
     daemon.signal("TERM");
-    let (code, log) = tokio::task::spawn_blocking(move || (daemon.wait(Duration::from_secs(30)), daemon.log_text())).await.unwrap();
+    let (code, log) =
+        tokio::task::spawn_blocking(move || (daemon.wait(Duration::from_secs(30)), daemon.log_text())).await.unwrap();
     assert_eq!(code, Some(0), "{log}");
 }

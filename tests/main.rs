@@ -4,6 +4,7 @@
 
 mod support;
 
+mod cli;
 mod end_to_end;
 mod pipeline;
 mod redis_sink;

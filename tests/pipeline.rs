@@ -212,7 +212,9 @@ async fn abandoned_work_is_redelivered_on_the_next_start() {
         wait_until(Duration::from_secs(10), || first.metrics.value("cdc_invalidator_pending_events", &[]) == 8.0).await
     );
     first.abandon().await.unwrap();
-    assert_eq!(committed(&bootstrap, "g4", TOPIC, 1).await, vec![-1], "abandoned work is not acknowledged");
+    // Offset 0 ("resume at 0") or no commit at all: either way none of the 8 is acknowledged.
+    let offsets = committed(&bootstrap, "g4", TOPIC, 1).await;
+    assert!(offsets[0] <= 0, "abandoned work is not acknowledged: {offsets:?}");
 
     redis.restart();
     let mut c = conn(&url);

@@ -31,7 +31,7 @@ impl MockKafka {
         MockKafka { producer }
     }
 
-    pub fn cluster(&self) -> MockCluster<'_, rdkafka::producer::DefaultProducerContext> {
+    pub fn cluster(&self) -> MockCluster<'_, impl rdkafka::ClientContext> {
         self.producer.client().mock_cluster().expect("mock cluster")
     }
 

@@ -1,0 +1,106 @@
+//! The standard Debezium envelope: `before`, `after`, `source`, `op`.
+//!
+//! `op` is `c` (insert), `u` (update), `d` (delete), `r` (snapshot read), `t` (truncate) or
+//! `m` (a logical decoding message: no row change). Anything else is malformed, since
+//! guessing what an unknown operation did to a row could leave a stale cache.
+
+use std::borrow::Cow;
+use std::time::SystemTime;
+
+use super::json::{self, Depth, Fields, Kind, Slot};
+use super::{schema, DecodeError, Images, Message};
+use crate::event::{Decoded, NoChangeKind, Op};
+
+pub(super) fn decode(topic: &str, message: Message<'_>, key: Option<&[u8]>) -> Result<Decoded, DecodeError> {
+    let Message { mut fields, decimals } = message;
+    let op_slot = fields.get("op").ok_or(DecodeError::MissingField("op"))?;
+    let op_code = op_slot.as_str().ok_or(DecodeError::WrongType {
+        what: "`op`",
+        found: op_slot.kind().name(),
+        expected: "a string",
+    })?;
+    let source = Source::read(fields.get("source"))?;
+    let op = match &*op_code {
+        "c" => Op::Insert,
+        "u" => Op::Update,
+        "d" => Op::Delete,
+        "r" => Op::Snapshot,
+        "t" => Op::Truncate,
+        "m" => {
+            // A message concerns a table only when the source block names one; no topic
+            // fallback, as message events do not come from a table's topic.
+            let table = source
+                .table
+                .as_deref()
+                .filter(|t| !t.is_empty())
+                .and_then(|table| super::table_name(source.qualifier(), Some(table), "").ok());
+            return Ok(super::no_change(NoChangeKind::Other, table, source.committed_at));
+        }
+        other => return Err(DecodeError::UnknownOp { field: "op", value: other.to_owned() }),
+    };
+    let table = super::table_name(source.qualifier(), source.table.as_deref(), topic)?;
+    if op == Op::Truncate {
+        let images = Images { before: None, after: None };
+        return super::finish(table, op, images, source.committed_at, key);
+    }
+
+    let mut before = super::image(fields.take("before"), "`before`")?;
+    let mut after = super::image(fields.take("after"), "`after`")?;
+    if let Some(columns) = decimals {
+        if let Some(before) = &mut before {
+            schema::decode_decimals(before, &columns.before)?;
+        }
+        if let Some(after) = &mut after {
+            schema::decode_decimals(after, &columns.after)?;
+        }
+    }
+    super::finish(table, op, Images { before, after }, source.committed_at, key)
+}
+
+/// What we use of the `source` block.
+struct Source<'a> {
+    /// PostgreSQL, SQL Server, Oracle: the schema the table lives in.
+    schema: Option<Cow<'a, str>>,
+    /// MySQL/MariaDB: the database (also present, and not used, for PostgreSQL).
+    db: Option<Cow<'a, str>>,
+    table: Option<Cow<'a, str>>,
+    committed_at: Option<SystemTime>,
+}
+
+impl<'a> Source<'a> {
+    fn read(slot: Option<&Slot<'a>>) -> Result<Source<'a>, DecodeError> {
+        // The caller only gets here with `source` an object, which `Depth::Event` keeps raw.
+        let Some(Slot::Raw(raw)) = slot else {
+            return Ok(Source { schema: None, db: None, table: None, committed_at: None });
+        };
+        let kind = Kind::of(raw);
+        if kind != Kind::Object {
+            return Err(DecodeError::WrongType { what: "`source`", found: kind.name(), expected: "an object" });
+        }
+        let fields = Fields::parse(raw.get(), Depth::Shallow)
+            .map_err(|err| DecodeError::Unreadable { what: "`source`", reason: json::reason(&err) })?;
+        Ok(Source {
+            schema: text(&fields, "schema", "`source.schema`")?,
+            db: text(&fields, "db", "`source.db`")?,
+            table: text(&fields, "table", "`source.table`")?,
+            committed_at: super::commit_time(fields.get("ts_ns"), fields.get("ts_us"), fields.get("ts_ms")),
+        })
+    }
+
+    /// What goes before the dot: the schema when the connector has one, else the database.
+    fn qualifier(&self) -> Option<&str> {
+        self.schema.as_deref().filter(|s| !s.is_empty()).or(self.db.as_deref())
+    }
+}
+
+/// A string field of `fields`: `None` when absent or null, an error for any other type.
+fn text<'a>(fields: &Fields<'a>, name: &str, what: &'static str) -> Result<Option<Cow<'a, str>>, DecodeError> {
+    let Some(Slot::Raw(raw)) = fields.get(name) else {
+        return Ok(None);
+    };
+    match Kind::of(raw) {
+        Kind::Null => Ok(None),
+        Kind::String => Ok(json::string(raw)),
+        found => Err(DecodeError::WrongType { what, found: found.name(), expected: "a string or null" }),
+    }
+}

@@ -1,0 +1,107 @@
+//! The flattened form written by Debezium's `ExtractNewRecordState` transform: the row's
+//! columns at the top level, plus the metadata asked for with `add.fields` under the `__`
+//! prefix (`__op`, `__table`, `__schema`, `__db`, `__source_ts_ms`, …) and, with
+//! `delete.handling.mode=rewrite`, `__deleted`.
+//!
+//! Every `__` field is metadata, never a column: it is taken off the row, the ones we know are
+//! read, the others dropped.
+
+use serde_json::Value;
+
+use super::json::{self, kind_of};
+use super::{schema, DecodeError, Images, Message};
+use crate::event::{Decoded, NoChangeKind, Op, Row};
+
+/// Decodes a flattened row.
+///
+/// Without `__op` the transform has not said what happened, so the row is taken as an
+/// **update with only an after image**: the rules then treat it as changed (no before image to
+/// compare `when_changed` against) and invalidate what the row renders. Invalidating too much
+/// is safe, too little is not; and an insert would be rendered the same way, from `after`.
+/// `__deleted: "true"` makes it a delete whatever `__op` says, the row being its before image.
+pub(super) fn decode(topic: &str, message: Message<'_>, key: Option<&[u8]>) -> Result<Decoded, DecodeError> {
+    let mut meta = Metadata::default();
+    let mut row = Row::new();
+    for (name, slot) in message.fields.into_entries() {
+        let value =
+            slot.into_value().map_err(|err| DecodeError::Unreadable { what: "the row", reason: json::reason(&err) })?;
+        match name.strip_prefix("__") {
+            Some(field) => meta.read(field, value)?,
+            None => {
+                row.insert(name.into_owned(), value);
+            }
+        }
+    }
+    let Metadata { op: op_code, table, schema: schema_name, db, deleted, .. } = meta;
+    let committed_at =
+        [(meta.ts_ns, super::NANOS_PER_NS), (meta.ts_us, super::NANOS_PER_US), (meta.ts_ms, super::NANOS_PER_MS)]
+            .into_iter()
+            .find_map(|(count, unit)| super::epoch_time(count?, unit));
+
+    let op = if deleted {
+        Op::Delete
+    } else {
+        match op_code.as_deref() {
+            None => Op::Update,
+            Some("c") => Op::Insert,
+            Some("u") => Op::Update,
+            Some("d") => Op::Delete,
+            Some("r") => Op::Snapshot,
+            Some("t") => Op::Truncate,
+            Some("m") => return Ok(super::no_change(NoChangeKind::Other, None, committed_at)),
+            Some(other) => return Err(DecodeError::UnknownOp { field: "__op", value: other.to_owned() }),
+        }
+    };
+    let qualifier = schema_name.as_deref().filter(|s| !s.is_empty()).or(db.as_deref());
+    let table = super::table_name(qualifier, table.as_deref(), topic)?;
+
+    if let Some(columns) = &message.decimals {
+        schema::decode_decimals(&mut row, &columns.top)?;
+    }
+    let images = match op {
+        Op::Delete => Images { before: Some(row), after: None },
+        _ => Images { before: None, after: Some(row) },
+    };
+    super::finish(table, op, images, committed_at, key)
+}
+
+/// The `__` fields we read; the others are dropped.
+#[derive(Default)]
+struct Metadata {
+    op: Option<String>,
+    table: Option<String>,
+    schema: Option<String>,
+    db: Option<String>,
+    deleted: bool,
+    ts_ns: Option<i64>,
+    ts_us: Option<i64>,
+    ts_ms: Option<i64>,
+}
+
+impl Metadata {
+    /// Reads field `__<field>`.
+    fn read(&mut self, field: &str, value: Value) -> Result<(), DecodeError> {
+        match field {
+            "op" => self.op = string(value, "`__op`")?,
+            "table" => self.table = string(value, "`__table`")?,
+            "schema" => self.schema = string(value, "`__schema`")?,
+            "db" => self.db = string(value, "`__db`")?,
+            // Debezium writes "true"/"false"; a boolean is accepted too.
+            "deleted" => self.deleted = matches!(&value, Value::Bool(true)) || value.as_str() == Some("true"),
+            "source_ts_ns" => self.ts_ns = value.as_i64(),
+            "source_ts_us" => self.ts_us = value.as_i64(),
+            "source_ts_ms" => self.ts_ms = value.as_i64(),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// A metadata field's string; `None` when null, an error naming `what` for any other type.
+fn string(value: Value, what: &'static str) -> Result<Option<String>, DecodeError> {
+    match value {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some(s)),
+        other => Err(DecodeError::WrongType { what, found: kind_of(&other).name(), expected: "a string or null" }),
+    }
+}

@@ -1,0 +1,292 @@
+//! The Connect schema of a message, reduced to what we use: which columns are decimals.
+//!
+//! A schema envelope repeats the whole schema in every message, several kilobytes of which we
+//! need one fact per decimal column. So what a schema says is cached per distinct schema text
+//! (a table has one schema until its DDL changes), per thread, so the decoder stays free of
+//! locks; and a schema is only parsed when its text names a decimal type at all.
+//!
+//! The cache also remembers that a text is valid JSON, which lets [`super::Message::read`]
+//! skip a known schema with a plain bracket scan instead of a full JSON parse.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::rc::Rc;
+
+use serde_json::{Map, Value};
+
+use super::decimal::{self, DecimalError};
+use super::json::{kind_of, Kind};
+use super::DecodeError;
+use crate::event::Row;
+
+const CONNECT_DECIMAL: &str = "org.apache.kafka.connect.data.Decimal";
+const VARIABLE_SCALE_DECIMAL: &str = "io.debezium.data.VariableScaleDecimal";
+
+/// Both type names end this way inside a schema's JSON text: one cheap scan tells whether a
+/// schema can hold a decimal at all.
+const DECIMAL_HINT: &str = "Decimal\"";
+
+/// Distinct schemas cached per thread. One per table and DDL version; when more are in use the
+/// cache starts over, which costs parsing, never correctness.
+const CACHE_CAPACITY: usize = 128;
+
+/// The decimal columns of each row image a schema describes.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct DecimalColumns {
+    /// Fields of the top-level struct: a flattened row, or a message key.
+    pub(super) top: Vec<DecimalColumn>,
+    /// Fields of the envelope's `before` struct.
+    pub(super) before: Vec<DecimalColumn>,
+    /// Fields of the envelope's `after` struct.
+    pub(super) after: Vec<DecimalColumn>,
+}
+
+#[derive(Debug, PartialEq)]
+pub(super) struct DecimalColumn {
+    name: String,
+    kind: DecimalKind,
+}
+
+#[derive(Debug, PartialEq)]
+enum DecimalKind {
+    /// `org.apache.kafka.connect.data.Decimal`: base64 bytes, scale from the schema (`None`
+    /// when the schema's `scale` parameter is missing or not an integer).
+    Fixed { scale: Option<i64> },
+    /// `io.debezium.data.VariableScaleDecimal`: `{"scale": 2, "value": "<base64>"}`.
+    Variable,
+}
+
+/// Schemas seen, by [`sample_hash`]; each bucket holds the full texts that share it.
+type Cache = HashMap<u64, Vec<(Box<str>, Rc<DecimalColumns>)>>;
+
+thread_local! {
+    static CACHE: RefCell<(Cache, usize)> = RefCell::new((HashMap::new(), 0));
+}
+
+/// The decimal columns of a schema seen before, whose text is therefore valid JSON; `None` for
+/// a text not in the cache.
+pub(super) fn cached(schema: &str) -> Option<Rc<DecimalColumns>> {
+    let hash = sample_hash(schema);
+    CACHE.with(|cache| {
+        let cache = cache.borrow();
+        let bucket = cache.0.get(&hash)?;
+        bucket.iter().find(|(text, _)| **text == *schema).map(|(_, columns)| Rc::clone(columns))
+    })
+}
+
+/// The decimal columns described by `schema`, which must be the text of a JSON object (the
+/// cache vouches for its validity from then on).
+pub(super) fn decimal_columns(schema: &str) -> Result<Rc<DecimalColumns>, DecodeError> {
+    if let Some(hit) = cached(schema) {
+        return Ok(hit);
+    }
+    let columns = Rc::new(if schema.contains(DECIMAL_HINT) { parse(schema)? } else { DecimalColumns::default() });
+    CACHE.with(|cache| {
+        let (map, entries) = &mut *cache.borrow_mut();
+        if *entries >= CACHE_CAPACITY {
+            map.clear();
+            *entries = 0;
+        }
+        map.entry(sample_hash(schema)).or_default().push((schema.into(), Rc::clone(&columns)));
+        *entries += 1;
+    });
+    Ok(columns)
+}
+
+/// Hashes a schema's length and its first and last 256 bytes. Hashing all of a multi-kilobyte
+/// schema would cost more than the rest of decoding; the sample tells tables apart (the
+/// envelope's name is near one end), and a full comparison settles every hit.
+fn sample_hash(schema: &str) -> u64 {
+    const SAMPLE: usize = 256;
+    let bytes = schema.as_bytes();
+    let mut hasher = DefaultHasher::new();
+    bytes.len().hash(&mut hasher);
+    bytes[..bytes.len().min(SAMPLE)].hash(&mut hasher);
+    bytes[bytes.len().saturating_sub(SAMPLE)..].hash(&mut hasher);
+    hasher.finish()
+}
+
+fn parse(schema: &str) -> Result<DecimalColumns, DecodeError> {
+    let schema: Value = serde_json::from_str(schema)
+        .map_err(|err| DecodeError::Unreadable { what: "`schema`", reason: super::json::reason(&err) })?;
+    let top = struct_fields(schema.get("fields"));
+    let image = |name: &str| {
+        top.iter()
+            .find(|field| field.get("field").and_then(Value::as_str) == Some(name))
+            .map(|field| decimals(&struct_fields(field.get("fields"))))
+            .unwrap_or_default()
+    };
+    Ok(DecimalColumns { before: image("before"), after: image("after"), top: decimals(&top) })
+}
+
+/// The field schemas in a struct schema's `fields` (none for any other schema).
+fn struct_fields(fields: Option<&Value>) -> Vec<&Map<String, Value>> {
+    fields
+        .and_then(Value::as_array)
+        .map(|fields| fields.iter().filter_map(Value::as_object).collect())
+        .unwrap_or_default()
+}
+
+fn decimals(fields: &[&Map<String, Value>]) -> Vec<DecimalColumn> {
+    fields
+        .iter()
+        .filter_map(|field| {
+            let name = field.get("field")?.as_str()?;
+            let kind = match field.get("name")?.as_str()? {
+                CONNECT_DECIMAL => DecimalKind::Fixed { scale: scale_parameter(field) },
+                VARIABLE_SCALE_DECIMAL => DecimalKind::Variable,
+                _ => return None,
+            };
+            Some(DecimalColumn { name: name.to_owned(), kind })
+        })
+        .collect()
+}
+
+/// Connect writes `parameters.scale` as a string (`"2"`); a number is accepted too.
+fn scale_parameter(field: &Map<String, Value>) -> Option<i64> {
+    match field.get("parameters")?.get("scale")? {
+        Value::String(s) => s.trim().parse().ok(),
+        Value::Number(n) => n.as_i64(),
+        _ => None,
+    }
+}
+
+/// Replaces each decimal column's encoded value in `row` by its decimal string. Nulls, and
+/// values that are already not in the encoded shape, are left as they are.
+pub(super) fn decode_decimals(row: &mut Row, columns: &[DecimalColumn]) -> Result<(), DecodeError> {
+    for column in columns {
+        let Some(value) = row.get_mut(&column.name) else {
+            continue;
+        };
+        let decoded = match (&column.kind, &*value) {
+            (DecimalKind::Fixed { scale }, Value::String(text)) => {
+                scale.ok_or(DecimalError::NoScale).and_then(|scale| decimal::from_base64(text, scale))
+            }
+            (DecimalKind::Variable, Value::Object(parts)) => variable(parts),
+            (DecimalKind::Variable, other @ (Value::String(_) | Value::Array(_) | Value::Bool(_))) => {
+                Err(DecimalError::VariableShape { found: kind_of(other).name() })
+            }
+            _ => continue,
+        };
+        match decoded {
+            Ok(text) => *value = Value::String(text),
+            Err(reason) => return Err(DecodeError::Decimal { column: column.name.clone(), reason }),
+        }
+    }
+    Ok(())
+}
+
+fn variable(parts: &Map<String, Value>) -> Result<String, DecimalError> {
+    let found = Kind::Object.name();
+    let scale = parts.get("scale").and_then(Value::as_i64);
+    let value = parts.get("value").and_then(Value::as_str);
+    match (scale, value) {
+        (Some(scale), Some(value)) => decimal::from_base64(value, scale),
+        _ => Err(DecimalError::VariableShape { found }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn columns(schema: &str) -> DecimalColumns {
+        match parse(schema) {
+            Ok(columns) => columns,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn envelope_schema_names_decimals_per_image() {
+        let schema = r#"{"type":"struct","fields":[
+            {"type":"struct","field":"before","fields":[
+                {"type":"int64","field":"id"},
+                {"type":"bytes","field":"price","name":"org.apache.kafka.connect.data.Decimal","parameters":{"scale":"2"}}]},
+            {"type":"struct","field":"after","fields":[
+                {"type":"bytes","field":"price","name":"org.apache.kafka.connect.data.Decimal","parameters":{"scale":3}},
+                {"type":"struct","field":"weight","name":"io.debezium.data.VariableScaleDecimal"},
+                {"type":"bytes","field":"bad","name":"org.apache.kafka.connect.data.Decimal"}]}]}"#;
+        let got = columns(schema);
+        assert!(got.top.is_empty());
+        assert_eq!(
+            got.before,
+            vec![DecimalColumn { name: "price".into(), kind: DecimalKind::Fixed { scale: Some(2) } }]
+        );
+        assert_eq!(
+            got.after,
+            vec![
+                DecimalColumn { name: "price".into(), kind: DecimalKind::Fixed { scale: Some(3) } },
+                DecimalColumn { name: "weight".into(), kind: DecimalKind::Variable },
+                DecimalColumn { name: "bad".into(), kind: DecimalKind::Fixed { scale: None } },
+            ]
+        );
+    }
+
+    #[test]
+    fn schema_without_decimals_has_none() {
+        let schema = r#"{"type":"struct","fields":[{"type":"int32","field":"day","name":"io.debezium.time.Date"}]}"#;
+        assert_eq!(decimal_columns(schema).as_deref(), Ok(&DecimalColumns::default()));
+    }
+
+    #[test]
+    fn cache_remembers_schemas_seen() {
+        let schema = r#"{"type":"struct","fields":[{"type":"bytes","field":"p","name":"org.apache.kafka.connect.data.Decimal","parameters":{"scale":"1"}}]}"#;
+        assert!(cached(schema).is_none());
+        let first = decimal_columns(schema);
+        let second = cached(schema);
+        assert!(matches!((&first, &second), (Ok(a), Some(b)) if Rc::ptr_eq(a, b) && a.top.len() == 1));
+        // A different text (here one byte longer) is a different schema.
+        assert!(cached(&format!("{schema} ")).is_none());
+    }
+
+    #[test]
+    fn cache_stays_bounded() {
+        for i in 0..CACHE_CAPACITY * 2 + 1 {
+            let schema = format!(r#"{{"type":"struct","name":"t{i}"}}"#);
+            assert!(decimal_columns(&schema).is_ok());
+            assert!(CACHE.with(|cache| cache.borrow().1) <= CACHE_CAPACITY);
+        }
+        assert_eq!(CACHE.with(|cache| cache.borrow().1), 1);
+    }
+
+    #[test]
+    fn decodes_values_and_names_bad_ones() {
+        let cols = vec![
+            DecimalColumn { name: "fixed".into(), kind: DecimalKind::Fixed { scale: Some(2) } },
+            DecimalColumn { name: "var".into(), kind: DecimalKind::Variable },
+            DecimalColumn { name: "gone".into(), kind: DecimalKind::Variable },
+            DecimalColumn { name: "null".into(), kind: DecimalKind::Fixed { scale: Some(2) } },
+        ];
+        let mut row: Row = match serde_json::from_str(
+            r#"{"fixed":"JxA=","var":{"scale":1,"value":"/w=="},"null":null,"other":"JxA="}"#,
+        ) {
+            Ok(row) => row,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(decode_decimals(&mut row, &cols), Ok(()));
+        assert_eq!(row["fixed"], "100.00");
+        assert_eq!(row["var"], "-0.1");
+        assert_eq!(row["null"], Value::Null);
+        assert_eq!(row["other"], "JxA=");
+
+        let mut bad: Row = Map::new();
+        bad.insert("var".into(), Value::String("12".into()));
+        let err = decode_decimals(&mut bad, &cols);
+        assert_eq!(
+            err.map_err(|e| e.to_string()),
+            Err("column `var` is not a valid decimal: it is a string, expected an object with an \
+                 integer `scale` and a base64 `value`"
+                .to_owned())
+        );
+
+        let no_scale = vec![DecimalColumn { name: "p".into(), kind: DecimalKind::Fixed { scale: None } }];
+        let mut row = Map::new();
+        row.insert("p".into(), Value::String("JxA=".into()));
+        assert_eq!(
+            decode_decimals(&mut row, &no_scale).map_err(|e| e.to_string()),
+            Err("column `p` is not a valid decimal: its schema has no integer `scale` parameter".to_owned())
+        );
+    }
+}
