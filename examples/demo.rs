@@ -244,7 +244,8 @@ async fn demo(dir: &Path) -> DemoResult<()> {
         println!("\n   > {}   [{}]", step.title, step.source);
         let t0 = Instant::now();
         let record = FutureRecord::to(TOPIC).key(step.key).payload(&step.value);
-        let delivery = producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| format!("produce: {e}"))?;
+        let delivery =
+            producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| format!("produce: {e}"))?;
         println!("     produced to partition {}, offset {}", delivery.partition, delivery.offset);
         let missed = watch(&mut redis, step, t0, &dead_letters, &mut letters_seen).await?;
         failures.extend(missed.into_iter().map(|m| format!("{}: {m}", step.title)));
