@@ -188,7 +188,7 @@ async fn demo(dir: &Path) -> DemoResult<()> {
             title: "update product 42: price 100.00 -> 80.00, category 5 -> 7",
             source: "pg-update-with-schema.json",
             key: r#"{"id":42}"#,
-            value: with_current_commit_time(&fixture("pg-update-with-schema.json")?)?,
+            value: Some(fixture("pg-update-with-schema.json")?),
             gone: &[
                 "product:42",
                 "product:42:page:en-us",
@@ -205,7 +205,7 @@ async fn demo(dir: &Path) -> DemoResult<()> {
             title: "insert product 43 into category 7",
             source: "pg-insert.json",
             key: r#"{"id":43}"#,
-            value: with_current_commit_time(&fixture("pg-insert.json")?)?,
+            value: Some(fixture("pg-insert.json")?),
             gone: &["product:43", "listing:category:7:page:1", "tag:category:7"],
             dead_letter: None,
         },
@@ -213,7 +213,7 @@ async fn demo(dir: &Path) -> DemoResult<()> {
             title: "delete product 43 (the before image holds only the key)",
             source: "pg-delete-key-only.json",
             key: r#"{"id":43}"#,
-            value: with_current_commit_time(&fixture("pg-delete-key-only.json")?)?,
+            value: Some(fixture("pg-delete-key-only.json")?),
             gone: &["product:43", "product:43:page:en-us"],
             dead_letter: Some("rule_error"),
         },
@@ -221,7 +221,7 @@ async fn demo(dir: &Path) -> DemoResult<()> {
             title: "a malformed message (truncated JSON)",
             source: "hand-written",
             key: r#"{"id":44}"#,
-            value: MALFORMED.to_string(),
+            value: None,
             gone: &[],
             dead_letter: Some("malformed"),
         },
@@ -242,8 +242,12 @@ async fn demo(dir: &Path) -> DemoResult<()> {
             _ => {}
         }
         println!("\n   > {}   [{}]", step.title, step.source);
+        let value = match &step.value {
+            Some(fixture) => with_current_commit_time(fixture)?,
+            None => MALFORMED.to_string(),
+        };
         let t0 = Instant::now();
-        let record = FutureRecord::to(TOPIC).key(step.key).payload(&step.value);
+        let record = FutureRecord::to(TOPIC).key(step.key).payload(&value);
         let delivery =
             producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| format!("produce: {e}"))?;
         println!("     produced to partition {}, offset {}", delivery.partition, delivery.offset);
@@ -298,7 +302,7 @@ async fn demo(dir: &Path) -> DemoResult<()> {
     let warnings = std::fs::read_to_string(&daemon_log).unwrap_or_default();
     let warnings = warnings.trim_end();
     if !warnings.is_empty() {
-        println!("   its log (level warn):");
+        println!("   its log (warnings and errors only, as configured):");
         print_indented(warnings, 6);
     }
     drop(daemon);
@@ -338,6 +342,10 @@ source:
     commit_interval: 200ms             # demo: commit often, so the lag gauge settles quickly
     librdkafka:
       statistics.interval.ms: "1000"   # demo: lag statistics every second (default 5 s)
+      # Tansu, the demo's broker, answers a group join after about half the session timeout, and
+      # a fetch only when its wait runs out (Kafka answers as soon as data arrives): keep both short.
+      session.timeout.ms: "6000"
+      fetch.wait.max.ms: "10"
 sinks:
   redis:
     url: "{redis_url}"
@@ -360,7 +368,9 @@ struct Step {
     /// Where the value comes from (a fixture file name), for the reader.
     source: &'static str,
     key: &'static str,
-    value: String,
+    /// The fixture's text (its commit time is set to now when it is produced); None for the
+    /// malformed message, which is sent as is.
+    value: Option<String>,
     /// Keys that must be gone from Redis afterwards.
     gone: &'static [&'static str],
     /// The reason of the dead letter the event must produce, if any.
@@ -487,8 +497,8 @@ fn print_dead_letters(path: &Path) {
     for letter in letters {
         let field = |name: &str| match letter.get(name) {
             Some(Value::String(s)) => s.clone(),
+            None | Some(Value::Null) => "-".into(),
             Some(v) => v.to_string(),
-            None => "-".into(),
         };
         println!(
             "   reason {}   position {}   table {}   op {}",
@@ -497,10 +507,27 @@ fn print_dead_letters(path: &Path) {
             field("table"),
             field("op")
         );
-        println!("     error: {}", field("error"));
+        println!("     error: {}", wrap(&field("error"), 100).join("\n            "));
         println!("     key:   {}", field("key"));
         println!("     value: {}", shorten(&field("value"), 110));
     }
+}
+
+/// Splits `text` into lines of at most `width` characters, at spaces.
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = vec![String::new()];
+    for word in text.split(' ') {
+        let Some(line) = lines.last_mut() else { break };
+        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > width {
+            lines.push(word.to_string());
+        } else {
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(word);
+        }
+    }
+    lines
 }
 
 fn shorten(text: &str, max: usize) -> String {
