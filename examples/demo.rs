@@ -507,7 +507,12 @@ fn print_dead_letters(path: &Path) {
             field("table"),
             field("op")
         );
-        println!("     error: {}", wrap(&field("error"), 100).join("\n            "));
+        // Several rule errors arrive as one string, sentence after sentence: one line each.
+        let error = field("error").replace(" rule \"", "\n rule \"");
+        for (i, sentence) in error.lines().enumerate() {
+            let label = if i == 0 { "error:" } else { "" };
+            println!("     {label:<6} {}", wrap(sentence.trim(), 100).join("\n              "));
+        }
         println!("     key:   {}", field("key"));
         println!("     value: {}", shorten(&field("value"), 110));
     }
