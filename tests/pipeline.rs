@@ -325,3 +325,48 @@ async fn malformed_and_unrenderable_events_are_dead_lettered_and_the_pipeline_go
     assert_eq!(daemon.metrics.value("cdc_invalidator_rule_errors_total", &[("rule", "product-pages")]), 1.0);
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_can_go_to_a_kafka_topic() {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::Message;
+
+    let redis = RedisServer::start();
+    let kafka = MockKafka::start(1);
+    kafka.create_topic(TOPIC, 1);
+    kafka.create_topic("dead-letters", 1);
+    let bootstrap = kafka.bootstrap();
+    kafka.produce(TOPIC, Some(0), Some("k1"), Some("not json at all")).await;
+    kafka.produce(TOPIC, Some(0), None, Some(&product_insert(1, 1))).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let url = redis.url();
+    let (path, port) = crate::support::daemon::write_config(
+        dir.path(),
+        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g7", redis_url: &url, extra: "" },
+    );
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("  file: dead-letters.jsonl", "  kafka: { topic: dead-letters }");
+    std::fs::write(&path, text).unwrap();
+    let daemon = Daemon::from_config(dir.path(), &path, port);
+    assert_eq!(wait_committed(&bootstrap, "g7", 1, 2).await, vec![2]);
+    assert_eq!(daemon.metrics.value("cdc_invalidator_dead_letters_total", &[("reason", "malformed")]), 1.0);
+    daemon.stop().await.unwrap();
+
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", "dlq-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&["dead-letters"]).unwrap();
+    let msg =
+        tokio::time::timeout(Duration::from_secs(20), consumer.recv()).await.expect("a dead letter arrives").unwrap();
+    assert_eq!(msg.key(), Some(&b"k1"[..]), "keyed like the original message");
+    let record: serde_json::Value = serde_json::from_slice(msg.payload().unwrap()).unwrap();
+    assert_eq!(record["reason"], "malformed");
+    assert_eq!(record["value"], "not json at all");
+    assert_eq!(record["source"]["offset"], 0);
+    assert!(!std::path::Path::new(&dir.path().join("dead-letters.jsonl")).exists());
+}

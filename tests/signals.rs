@@ -65,3 +65,31 @@ fn invalid_config_exits_2_naming_file_line_and_column() {
         assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let redis = RedisServer::start();
+    let kafka = MockKafka::start(1);
+    kafka.create_topic(TOPIC, 1);
+    let bootstrap = kafka.bootstrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = redis.url();
+    let (config, port) = write_config(
+        dir.path(),
+        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "json", redis_url: &url, extra: "" },
+    );
+    let text = std::fs::read_to_string(&config).unwrap().replace("log:\n", "log:\n  format: json\n");
+    std::fs::write(&config, text).unwrap();
+    let mut daemon = DaemonProcess::start(&config, dir.path());
+    assert!(wait_until(Duration::from_secs(30), || http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)).await);
+    daemon.signal("INT");
+    let (code, log) =
+        tokio::task::spawn_blocking(move || (daemon.wait(Duration::from_secs(30)), daemon.log_text())).await.unwrap();
+    assert_eq!(code, Some(0), "SIGINT drains like SIGTERM: {log}");
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.len() >= 3, "{log}");
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
+    }
+}

@@ -74,7 +74,12 @@ pub struct Daemon {
 impl Daemon {
     pub fn start(dir: &Path, setup: &Setup<'_>) -> Daemon {
         let (path, metrics_port) = write_config(dir, setup);
-        let config = config::load_with_env(&path, []).expect("valid test config");
+        Daemon::from_config(dir, &path, metrics_port)
+    }
+
+    /// Runs an already written config (tests that edit what `write_config` produced).
+    pub fn from_config(dir: &Path, path: &Path, metrics_port: u16) -> Daemon {
+        let config = config::load_with_env(path, []).expect("valid test config");
         let rules = Rules::from_file(&config.rules).expect("valid test rules");
         let metrics = Arc::new(Metrics::new());
         let (trigger, shutdown) = shutdown::channel();

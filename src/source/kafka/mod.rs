@@ -113,6 +113,8 @@ impl KafkaSource {
                 Some(f) = ack_rx.recv() => self.finish(f, &mut ack_rx),
                 _ = commit_tick.tick() => self.commit(false),
                 _ = shutdown.stopping() => break,
+                // The pipeline is gone (a fatal error): nothing can finish any more.
+                _ = out.closed() => break,
                 permit = out.reserve(), if !held.is_empty() => match permit {
                     Ok(permit) => {
                         if let Some(ev) = held.pop_front() {
