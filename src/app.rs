@@ -198,7 +198,7 @@ impl Pipeline {
                         let dead = (!eval.errors.is_empty()).then(|| {
                             (
                                 Reason::RuleError,
-                                eval.errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>().join(" "),
+                                eval.errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>().join("; "),
                             )
                         });
                         (Some(eval), dead)
