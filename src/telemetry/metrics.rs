@@ -10,9 +10,13 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-/// Staleness buckets: from sub-millisecond (Redis on loopback) to minutes (a CDN backlog).
-const STALENESS_BUCKETS: &[f64] =
-    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0];
+/// Staleness buckets: from sub-millisecond (Redis on loopback) to minutes (a CDN backlog), dense
+/// between 5 and 50 ms where a healthy Redis path lives, so p99 SLOs (e.g. 25 ms) can be read
+/// off the histogram with millisecond resolution.
+const STALENESS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.0225, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0];
 const DURATION_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
