@@ -88,7 +88,7 @@ fn quantile(exposition: &str, metric: &str, sink: &str, q: f64) -> f64 {
 }
 
 /// Reads `n` messages with a plain consumer group member (fetch settings as the daemon's).
-async fn bare_consume(bootstrap: &str, topic: &str, n: usize) -> usize {
+async fn bare_consume(bootstrap: &str, topic: &str, n: usize) -> (usize, Duration) {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     let c: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -101,13 +101,17 @@ async fn bare_consume(bootstrap: &str, topic: &str, n: usize) -> usize {
         .expect("consumer");
     c.subscribe(&[topic]).expect("subscribe");
     let mut got = 0;
+    let mut first = None;
     while got < n {
         match tokio::time::timeout(Duration::from_secs(30), c.recv()).await {
-            Ok(Ok(_)) => got += 1,
+            Ok(Ok(_)) => {
+                first.get_or_insert_with(Instant::now);
+                got += 1;
+            }
             _ => break,
         }
     }
-    got
+    (got, first.map(|t| t.elapsed()).unwrap_or_default())
 }
 
 async fn wait_for_events(d: &Daemon, n: f64, timeout: Duration) -> Option<(Instant, Instant)> {
@@ -124,7 +128,8 @@ async fn wait_for_events(d: &Daemon, n: f64, timeout: Duration) -> Option<(Insta
         if Instant::now() > deadline {
             return None;
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        // Reading the registry is not free: poll gently so the poller does not steal the cores.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -172,12 +177,11 @@ async fn main() {
 
         // The broker's own delivery rate on this machine: a bare consumer reading the same topic,
         // doing nothing with the messages. (b) cannot be faster than this.
-        let t = Instant::now();
-        let n = bare_consume(&bootstrap, "bench.public.products", total).await;
+        let (n, took) = bare_consume(&bootstrap, "bench.public.products", total).await;
         println!(
-            "(b) reference: a bare rdkafka consumer read {n} messages from the broker in {:.2} s = {:.0} msgs/s",
-            t.elapsed().as_secs_f64(),
-            n as f64 / t.elapsed().as_secs_f64()
+            "(b) reference: a bare rdkafka consumer read {n} messages in {:.2} s = {:.0} msgs/s (from its first message)",
+            took.as_secs_f64(),
+            n as f64 / took.as_secs_f64()
         );
     }
 
