@@ -154,6 +154,35 @@ impl fmt::Debug for Secret {
 #[serde(deny_unknown_fields)]
 pub struct SinksConfig {
     pub redis: Option<RedisConfig>,
+    /// HTTP caches and CDNs, each named (docs/cdn.md).
+    #[serde(default)]
+    pub cdn: Vec<crate::sink::cdn::CdnSinkConfig>,
+    /// Layer order timing: delay between layers, second pass.
+    #[serde(default)]
+    pub timing: LayerTiming,
+}
+
+/// `sinks.timing`: how the pipeline paces layers (Redis 0, Varnish-like caches 1, CDNs 2).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LayerTiming {
+    /// Wait this long after a layer confirmed a batch before purging the next one out, so an
+    /// edge cannot refill from an inner cache that is still being purged.
+    #[serde(with = "duration")]
+    pub layer_delay: Duration,
+    /// Re-issue every batch's invalidations once more this long after the first pass (covers a
+    /// reader that refilled a cache from a lagging replica); `0` (the default) turns it off.
+    /// Positions wait for it (docs/cdn.md says why).
+    #[serde(with = "duration")]
+    pub repeat_after: Duration,
+    /// At most this many events wait for their second pass; beyond, intake waits.
+    pub repeat_max_events: usize,
+}
+
+impl Default for LayerTiming {
+    fn default() -> Self {
+        LayerTiming { layer_delay: Duration::ZERO, repeat_after: Duration::ZERO, repeat_max_events: 100_000 }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -591,8 +620,12 @@ impl Config {
             )),
         }
 
+        self.validate_cdn(origin, &mut problems);
         match self.sinks.redis.as_mut() {
-            None => problems.push(origin.problem(&["sinks"], "sinks needs at least one sink: add sinks.redis")),
+            None if !self.sinks.cdn.is_empty() => {}
+            None => {
+                problems.push(origin.problem(&["sinks"], "sinks needs at least one sink: add sinks.redis or sinks.cdn"))
+            }
             Some(r) => {
                 r.resolved_url = resolve_secret(
                     origin,
@@ -682,6 +715,37 @@ impl Config {
             problems.push(origin.problem(&["log", "level"], "log.level must not be empty"));
         }
         problems
+    }
+}
+
+impl Config {
+    /// `sinks.cdn`: each entry's own checks, unique names, and `sinks.timing`.
+    fn validate_cdn(&mut self, origin: &Origin, problems: &mut Vec<Problem>) {
+        let mut names = std::collections::HashSet::from(["redis".to_string()]);
+        for (i, sink) in self.sinks.cdn.iter_mut().enumerate() {
+            let idx = i.to_string();
+            for (path, message) in sink.validate(origin.file) {
+                let mut at = vec!["sinks", "cdn", idx.as_str()];
+                at.extend(path.iter().map(String::as_str));
+                problems.push(origin.problem(&at, format!("sinks.cdn[{i}] ({}): {message}", sink.name())));
+            }
+            if !names.insert(sink.name().to_string()) {
+                problems.push(origin.problem(
+                    &["sinks", "cdn", &idx, "name"],
+                    format!("sinks.cdn[{i}]: the sink name {:?} is used twice (names label metrics)", sink.name()),
+                ));
+            }
+        }
+        let t = &self.sinks.timing;
+        if t.layer_delay > Duration::from_secs(600) || t.repeat_after > Duration::from_secs(3600) {
+            problems.push(origin.problem(
+                &["sinks", "timing"],
+                "sinks.timing.layer_delay must be at most 10m and repeat_after at most 1h",
+            ));
+        }
+        if t.repeat_max_events == 0 {
+            problems.push(origin.problem(&["sinks", "timing", "repeat_max_events"], "must be at least 1"));
+        }
     }
 }
 
