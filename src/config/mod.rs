@@ -875,6 +875,40 @@ metrics:
     }
 
     #[test]
+    fn cdn_sinks_are_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = write(&dir, "token", "s3cret-token\n");
+        let cdn = format!(
+            "  cdn:\n    - {{ kind: fastly, name: edge, service_id: abc, token_file: {} }}\n    - {{ kind: varnish, name: edge, nodes: [\"http://127.0.0.1:6081\"] }}\n    - {{ kind: cloudflare, name: cf, zone_id: z1 }}\n",
+            token.display()
+        );
+        let p = write(&dir, "c.yaml", &CORE.replace("sinks:\n", &format!("sinks:\n{cdn}")));
+        let text = load_with_env(&p, []).unwrap_err().to_string();
+        assert!(text.contains("\"edge\" is used twice"), "{text}");
+        assert!(text.contains("`token_env` or `token_file` is required"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+
+        let typo = CORE.replace(
+            "sinks:\n",
+            &format!("sinks:\n  cdn:\n    - kind: fastly\n      name: f\n      service_id: abc\n      token_file: {}\n      sofft: true\n", token.display()),
+        );
+        let p = write(&dir, "t.yaml", &typo);
+        let text = load_with_env(&p, []).unwrap_err().to_string();
+        assert!(text.contains("sofft"), "{text}");
+
+        let ok = CORE.replace(
+            "sinks:\n",
+            &format!("sinks:\n  cdn:\n    - {{ kind: fastly, name: f, service_id: abc, token_file: {} }}\n  timing: {{ layer_delay: 250ms, repeat_after: 30s }}\n", token.display()),
+        );
+        let p = write(&dir, "ok.yaml", &ok);
+        let cfg = load_with_env(&p, []).unwrap();
+        assert_eq!(cfg.sinks.cdn.len(), 1);
+        assert_eq!(cfg.sinks.cdn[0].layer(), 2);
+        assert_eq!(cfg.sinks.timing.repeat_after, Duration::from_secs(30));
+        assert!(!format!("{cfg:?}").contains("s3cret"));
+    }
+
+    #[test]
     fn toml_is_accepted() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(
