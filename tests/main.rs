@@ -4,6 +4,11 @@
 
 mod support;
 
+mod cdn_cloudflare;
+mod cdn_daemon;
+mod cdn_fastly;
+mod cdn_varnish;
+mod cdn_webhook;
 mod cli;
 mod end_to_end;
 mod pipeline;

@@ -6,8 +6,8 @@
 //! rule name, topic and partition. Never a key, a URL or a row value.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Staleness buckets: from sub-millisecond (Redis on loopback) to minutes (a CDN backlog), dense
@@ -72,6 +72,21 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// Rules currently loaded.
     pub rules_loaded: IntGauge,
+    /// CDN/HTTP-cache purge requests (attempts), by sink and outcome (`ok`, `rate_limited`,
+    /// `server_error`, `network_error`, `rejected`).
+    pub cdn_requests: IntCounterVec,
+    /// Items per CDN purge request, by sink (the batching ratio).
+    pub cdn_request_items: HistogramVec,
+    /// Seconds one CDN purge attempt took, by sink.
+    pub cdn_request_duration: HistogramVec,
+    /// Seconds spent waiting on a sink's client-side rate limit (token bucket), by sink.
+    pub cdn_rate_limit_wait: CounterVec,
+    /// CDN purge requests in flight, by sink.
+    pub cdn_in_flight: IntGaugeVec,
+    /// Post-purge freshness checks, by sink and outcome (`fresh`, `stale`, `error`, `skipped`).
+    pub cdn_verifications: IntCounterVec,
+    /// Events whose second pass (`sinks.timing.repeat_after`) is still due.
+    pub second_pass_pending_events: IntGauge,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -261,6 +276,59 @@ impl Metrics {
             ),
             rules_loaded: {
                 let g = IntGauge::new("cdc_invalidator_rules", "Rules currently loaded.").expect("valid");
+                r.register(Box::new(g.clone())).expect("unique");
+                g
+            },
+            cdn_requests: counter(
+                &r,
+                "cdc_invalidator_cdn_requests_total",
+                "CDN and HTTP-cache purge requests (attempts), by sink and outcome.",
+                &["sink", "outcome"],
+            ),
+            cdn_request_items: histogram(
+                &r,
+                "cdc_invalidator_cdn_request_items",
+                "Items per CDN purge request, by sink.",
+                &["sink"],
+                BATCH_BUCKETS,
+            ),
+            cdn_request_duration: histogram(
+                &r,
+                "cdc_invalidator_cdn_request_duration_seconds",
+                "Seconds one CDN purge attempt took, by sink.",
+                &["sink"],
+                DURATION_BUCKETS,
+            ),
+            cdn_rate_limit_wait: {
+                let c = CounterVec::new(
+                    Opts::new(
+                        "cdc_invalidator_cdn_rate_limit_wait_seconds_total",
+                        "Seconds spent waiting on a sink's client-side rate limit.",
+                    ),
+                    &["sink"],
+                )
+                .expect("metric definition is valid");
+                r.register(Box::new(c.clone())).expect("metric names are unique");
+                c
+            },
+            cdn_in_flight: gauge_vec(
+                &r,
+                "cdc_invalidator_cdn_in_flight_requests",
+                "CDN purge requests in flight, by sink.",
+                &["sink"],
+            ),
+            cdn_verifications: counter(
+                &r,
+                "cdc_invalidator_cdn_verifications_total",
+                "Post-purge freshness checks, by sink and outcome.",
+                &["sink", "outcome"],
+            ),
+            second_pass_pending_events: {
+                let g = IntGauge::new(
+                    "cdc_invalidator_second_pass_pending_events",
+                    "Events whose second invalidation pass is still due.",
+                )
+                .expect("valid");
                 r.register(Box::new(g.clone())).expect("unique");
                 g
             },
