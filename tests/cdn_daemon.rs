@@ -30,7 +30,7 @@ rules:
 /// Writes the standard test config plus `cdn` (YAML list items, indented for `sinks.cdn`) and
 /// `timing`, and the CDN rules; starts the daemon in process.
 fn start(dir: &Path, bootstrap: &str, group: &str, redis: &str, cdn: &str, timing: &str) -> Daemon {
-    let setup = Setup { bootstrap, topics: &[TOPIC], group, redis_url: redis, extra: "" };
+    let setup = Setup { bootstrap, topics: &[TOPIC], group, redis_url: redis, extra: "", librdkafka: &[] };
     let (path, port) = write_config(dir, &setup);
     std::fs::write(dir.join("rules.yaml"), RULES).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
