@@ -90,6 +90,10 @@ async fn keys_and_tag_members_are_deleted_and_offsets_committed() {
     assert_eq!(daemon.metrics.value("cdc_invalidator_events_total", &[("outcome", "invalidated")]), 30.0);
     assert!(daemon.metrics.value("cdc_invalidator_staleness_seconds", &[("sink", "redis")]) >= 1.0);
     assert_eq!(daemon.metrics.value("cdc_invalidator_pending_events", &[]), 0.0);
+    assert!(
+        daemon.metrics.value("cdc_invalidator_source_commits_total", &[("outcome", "ok")]) >= 1.0,
+        "commit results are reported"
+    );
 
     // The exposition is what Prometheus scrapes, and it must pass promtool's lint.
     let (status, body) = http_get(daemon.metrics_port, "/metrics").expect("GET /metrics");
@@ -285,11 +289,16 @@ async fn broker_faults_lose_nothing() {
         wait_until(Duration::from_secs(30), || (21..=30).all(|id| !exists(&mut c, &format!("product:{id}")))).await,
         "events after the outage arrive"
     );
-    assert_eq!(
-        wait_committed(&bootstrap, "g5", 2, 30).await.iter().sum::<i64>(),
-        30,
-        "commits recover after the faults"
-    );
+    let offsets = wait_committed(&bootstrap, "g5", 2, 30).await;
+    let diag: Vec<String> = daemon
+        .metrics
+        .render()
+        .lines()
+        .filter(|l| ["source_commits", "rebalances", "pending_events", "source_errors"].iter().any(|m| l.contains(m)))
+        .filter(|l| !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(offsets.iter().sum::<i64>(), 30, "commits recover after the faults: {offsets:?} {diag:#?}");
     daemon.stop().await.unwrap();
 }
 

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 
@@ -24,6 +24,40 @@ pub(super) struct KafkaContext {
 /// invariants a panic could half-break that matter more than continuing to commit correctly.
 pub(super) fn lock(tracker: &Mutex<Tracker>) -> std::sync::MutexGuard<'_, Tracker> {
     tracker.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sends an asynchronous offset commit whose result comes back as an event on the consumer
+/// queue, so [`ConsumerContext::commit_callback`] runs when the consumer is next polled.
+///
+/// Why not `Consumer::commit(.., CommitMode::Async)`: rust-rdkafka 0.39 submits it with
+/// `rd_kafka_commit()` and neither a reply queue nor a callback, so librdkafka never reports the
+/// result (rust-rdkafka issue #856, fix proposed in #857). Without the result a failed commit
+/// (coordinator moving, broker down) would go unnoticed and, for a partition whose offset does
+/// not move again, never be re-sent.
+pub(super) fn commit_async<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    tpl: &TopicPartitionList,
+) -> KafkaResult<()> {
+    use rdkafka::bindings as rd;
+    // SAFETY: `client` owns a live rd_kafka_t for the duration of this call. The queue handle
+    // returned by rd_kafka_queue_get_consumer is our own reference; rd_kafka_commit_queue takes
+    // a separate reference for its reply, so destroying ours right away is allowed. The
+    // partition list is only read during the call (librdkafka copies it).
+    let err = unsafe {
+        let rk = client.native_ptr();
+        let queue = rd::rd_kafka_queue_get_consumer(rk);
+        if queue.is_null() {
+            return Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::State));
+        }
+        let err = rd::rd_kafka_commit_queue(rk, tpl.ptr(), queue, None, std::ptr::null_mut());
+        rd::rd_kafka_queue_destroy(queue);
+        err
+    };
+    if err == rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
+        Ok(())
+    } else {
+        Err(KafkaError::ConsumerCommit(err.into()))
+    }
 }
 
 pub(super) fn commit_list(points: &[CommitPoint]) -> TopicPartitionList {
@@ -85,7 +119,7 @@ impl ConsumerContext for KafkaContext {
             if !points.is_empty() {
                 // Asynchronous: a rebalance callback must not block. If it is lost, the new owner
                 // redelivers from the previous commit: duplicates, never a loss.
-                if let Err(e) = consumer.commit(&commit_list(&points), CommitMode::Async) {
+                if let Err(e) = commit_async(consumer.client(), &commit_list(&points)) {
                     self.metrics.source_commits.with_label_values(&["error"]).inc();
                     tracing::warn!(error = %e, "commit on revoke failed; the new owner will redeliver");
                 }

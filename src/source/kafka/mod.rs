@@ -25,7 +25,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use tokio::sync::mpsc;
 
-use self::context::{commit_list, lock, KafkaContext};
+use self::context::{commit_async, commit_list, lock, KafkaContext};
 use self::tracker::Tracker;
 use crate::config::KafkaConfig;
 use crate::event::Decoded;
@@ -42,6 +42,9 @@ pub enum KafkaSourceError {
     Subscribe { what: String, error: rdkafka::error::KafkaError },
 }
 
+/// Every this many commit ticks, every position is committed again even if it did not move.
+const REFRESH_EVERY: u64 = 5;
+
 /// How long the final, synchronous commit at shutdown may take.
 const FINAL_COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -51,6 +54,8 @@ pub struct KafkaSource {
     metrics: Arc<Metrics>,
     commit_interval: Duration,
     max_message_bytes: usize,
+    /// Commit ticks so far (for the periodic refresh).
+    commit_ticks: std::sync::atomic::AtomicU64,
 }
 
 /// The librdkafka settings for a consumer, before passthrough: exposed for tests and `check`.
@@ -92,6 +97,7 @@ impl KafkaSource {
             metrics,
             commit_interval: config.commit_interval,
             max_message_bytes: config.max_message_bytes,
+            commit_ticks: Default::default(),
         })
     }
 
@@ -253,13 +259,17 @@ impl KafkaSource {
     }
 
     /// Sends the offsets that moved, asynchronously (the result arrives in the commit callback).
+    /// Every [`REFRESH_EVERY`] ticks all positions are sent again whether they moved or not, like
+    /// librdkafka's own auto-commit does: a commit lost without any report heals on its own.
     fn commit(&self, force: bool) {
-        let force = force || self.consumer.context().commit_failed.swap(false, Ordering::Relaxed);
+        let tick = self.commit_ticks.fetch_add(1, Ordering::Relaxed) + 1;
+        let force =
+            force || tick % REFRESH_EVERY == 0 || self.consumer.context().commit_failed.swap(false, Ordering::Relaxed);
         let points = lock(&self.tracker).to_commit(force);
         if points.is_empty() {
             return;
         }
-        if let Err(e) = self.consumer.commit(&commit_list(&points), CommitMode::Async) {
+        if let Err(e) = commit_async(self.consumer.client(), &commit_list(&points)) {
             self.metrics.source_commits.with_label_values(&["error"]).inc();
             self.consumer.context().commit_failed.store(true, Ordering::Relaxed);
             tracing::warn!(error = %e, "cannot send offset commit; retrying on the next tick");
