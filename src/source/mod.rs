@@ -19,6 +19,7 @@ use crate::event::Decoded;
 
 pub mod debezium;
 pub mod kafka;
+pub mod postgres;
 pub mod watermark;
 
 /// Where an event sits in its source; printed in dead letters and logs.
