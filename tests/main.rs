@@ -7,6 +7,7 @@ mod support;
 mod cli;
 mod end_to_end;
 mod pipeline;
+mod postgres;
 mod redis_sink;
 mod signals;
 mod tansu_smoke;

@@ -4,6 +4,7 @@
 pub mod daemon;
 pub mod events;
 pub mod kafka;
+pub mod postgres;
 pub mod redis;
 pub mod tansu;
 
