@@ -597,3 +597,134 @@ async fn pg_bad_input_and_check_against_db() {
     assert!(stderr.contains("table public.ghosts does not exist"), "{stderr}");
     assert!(stderr.contains("reads column \"sku\", which table public.items does not have"), "{stderr}");
 }
+
+/// Generates a CA and a server certificate for localhost and 127.0.0.1 in `dir`; returns (ca, cert, key).
+fn make_certs(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=cdc-test-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    (dir.join("ca.pem"), dir.join("server.crt"), dir.join("server.key"))
+}
+
+/// TLS (`sslmode=verify-full` with `sslrootcert`) and SCRAM on both the SQL and the
+/// replication connection; a certificate from another CA is a fatal TLS error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_tls_verify_full_with_scram() {
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = make_certs(certs.path());
+    std::process::Command::new("chown").args(["-R", "postgres:"]).arg(certs.path()).status().unwrap();
+    std::fs::set_permissions(certs.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let settings = [
+        format!("ssl = on"),
+        format!("ssl_cert_file = '{}'", cert.display()),
+        format!("ssl_key_file = '{}'", key.display()),
+    ];
+    let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+    let pg = PgCluster::start_with(&settings);
+    pg.sql("CREATE TABLE items (id int PRIMARY KEY, n int); CREATE PUBLICATION cdc_pub FOR TABLE items;").await;
+    pg.sql(&format!("SELECT pg_create_logical_replication_slot('{SLOT}', 'pgoutput')")).await;
+    pg.create_cdc_role().await;
+    let redis = RedisServer::start();
+    let url = format!(
+        "postgresql://cdc:{CDC_PASSWORD}@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
+        pg.port(),
+        ca.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (config, port) = write_config(
+        dir.path(),
+        &PgSetup {
+            url: &url,
+            slot: SLOT,
+            publication: PUBLICATION,
+            redis_url: &redis.url(),
+            rules: ITEM_RULES,
+            extra: "",
+            source_extra: "",
+        },
+    );
+    let daemon = Daemon::from_config(dir.path(), &config, port);
+    cache(&redis, &["i:1"]);
+    pg.sql("INSERT INTO items VALUES (1, 0)").await;
+    if !gone(&redis, &["i:1"], Duration::from_secs(20)).await {
+        panic!("not invalidated: {:?}\n{}", daemon.stop().await, pg.log());
+    }
+    let row = pg
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE s.ssl AND a.usename = 'cdc'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, i64>(0) >= 1, "the daemon's sessions use TLS");
+    daemon.stop().await.unwrap();
+
+    // A CA that did not sign the server's certificate: a fatal TLS error, not a retry loop.
+    let other = tempfile::tempdir().unwrap();
+    let (other_ca, _, _) = make_certs(other.path());
+    let bad = config.with_file_name("bad.yaml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&config).unwrap().replace(&*ca.to_string_lossy(), &other_ca.to_string_lossy()),
+    )
+    .unwrap();
+    let err = run_to_error(&bad).await;
+    assert!(err.contains("refused") || err.contains("TLS") || err.contains("certificate"), "{err}");
+}
