@@ -9,7 +9,8 @@
 //!    slot confirmed past the last commit.
 //!
 //! `cargo bench --bench postgres` (runs as root: the cluster runs as the `postgres` user).
-//! Options through the environment: `PG_BENCH_SECONDS` (per latency rate, default 10).
+//! Options through the environment: `PG_BENCH_SECONDS` (per latency rate, default 10),
+//! `PG_BENCH_BATCH_WAIT` (`pipeline.batch_max_wait`, default the daemon's default, 5ms).
 
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code, unused_imports)]
@@ -104,6 +105,8 @@ async fn latency(
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let seconds: u32 = std::env::var("PG_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let batch_wait = std::env::var("PG_BENCH_BATCH_WAIT").unwrap_or_else(|_| "5ms".into());
+    let extra = format!("log:\n  level: warn\npipeline:\n  batch_max_wait: {batch_wait}\n");
     let pg = PgCluster::start();
     pg.sql(&format!(
         "CREATE TABLE items (id int PRIMARY KEY, n int); INSERT INTO items SELECT i, 0 FROM generate_series(1, {ROWS}) i;"
@@ -122,7 +125,7 @@ async fn main() {
             publication: PUBLICATION,
             redis_url: &redis.url(),
             rules: RULES,
-            extra: "log:\n  level: warn\n",
+            extra: &extra,
             source_extra: "",
         },
     );
@@ -131,7 +134,7 @@ async fn main() {
         wait_until(Duration::from_secs(20), || daemon.metrics.value("cdc_invalidator_source_ready", &[]) == 1.0).await
     );
 
-    println!("commit -> Redis invalidated (single-row UPDATE transactions, {seconds} s per rate)");
+    println!("commit -> Redis invalidated (single-row UPDATE transactions, {seconds} s per rate, batch_max_wait {batch_wait})");
     println!(
         "{:>10} {:>10} {:>9} {:>9} {:>9} {:>9}",
         "target/s", "achieved/s", "p50 ms", "p99 ms", "max ms", "missing"

@@ -69,7 +69,7 @@ impl PgCluster {
         std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
         let mut conf = String::from(
             "listen_addresses = '127.0.0.1'\nwal_level = logical\nmax_wal_senders = 10\nmax_replication_slots = 10\n\
-             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_slot_wal_keep_size = 1GB\n\
+             fsync = off\nfull_page_writes = off\nmax_slot_wal_keep_size = 1GB\n\
              wal_sender_timeout = 10s\n",
         );
         for s in settings {
@@ -159,8 +159,10 @@ impl PgCluster {
         self.client().await.batch_execute(text).await.unwrap_or_else(|e| panic!("{text}: {e:?}"));
     }
 
-    /// The WAL insert position (`pg_current_wal_insert_lsn()`: with synchronous_commit off the
-    /// write position may still lag behind a commit that returned), as a number.
+    /// The WAL insert position (`pg_current_wal_insert_lsn()`: the end of the last commit), as
+    /// a number. (synchronous_commit stays on: the walsender only sends flushed WAL, so with
+    /// it off a commit would reach the daemon only at the WAL writer's next flush, up to
+    /// 200 ms later.)
     pub async fn current_lsn(&self) -> u64 {
         let row = self
             .client()
