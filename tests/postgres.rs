@@ -292,13 +292,13 @@ rules:
     redis: { keys: ["i:{id}"] }
 "#;
 
-/// kill -9 while a 3,000-row transaction is half invalidated: after a restart the whole
+/// kill -9 while a 5,000-row transaction is half invalidated: after a restart the whole
 /// transaction is invalidated again (it was never confirmed), and a transaction confirmed
 /// before the kill is not redone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_kill_9_mid_transaction_then_restart() {
     let pg = PgCluster::start();
-    pg.sql("CREATE TABLE items (id int PRIMARY KEY, n int); INSERT INTO items SELECT i, 0 FROM generate_series(1, 3001) i;")
+    pg.sql("CREATE TABLE items (id int PRIMARY KEY, n int); INSERT INTO items SELECT i, 0 FROM generate_series(1, 5001) i;")
         .await;
     pg.publish(PUBLICATION, "items", SLOT).await;
     let redis = RedisServer::start();
@@ -329,15 +329,24 @@ async fn pg_kill_9_mid_transaction_then_restart() {
     assert!(wait_until_async(Duration::from_secs(10), || async { pg.confirmed_flush(SLOT).await >= tx1_end }).await);
     cache(&redis, &["i:1"]); // cached again after the change: must survive the restart
 
-    // Transaction 2: 3,000 rows. Freeze Redis as soon as its first keys go.
-    let keys: Vec<String> = (2..=3001).map(|i| format!("i:{i}")).collect();
+    // Transaction 2: 5,000 rows. Freeze Redis as soon as its first keys go.
+    let keys: Vec<String> = (2..=5001).map(|i| format!("i:{i}")).collect();
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
     cache(&redis, &refs);
     let before_tx2 = pg.current_lsn().await;
     pg.sql("UPDATE items SET n = 2 WHERE id >= 2").await;
     let tx2_end = pg.current_lsn().await;
     let mut c = redis.connection();
-    let started = wait_until(Duration::from_secs(20), || c.exists::<_, usize>(&refs[..20]).unwrap_or(20) < 20).await;
+    // Poll every millisecond (not wait_until's 20 ms): freeze Redis early in the transaction.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut started = false;
+    while std::time::Instant::now() < deadline {
+        if c.exists::<_, usize>(&refs[..20]).unwrap_or(20) < 20 {
+            started = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert!(started, "the daemon starts on transaction 2");
     redis.pause();
     daemon.child.kill().unwrap(); // SIGKILL
