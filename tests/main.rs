@@ -12,6 +12,7 @@ mod cdn_webhook;
 mod cli;
 mod end_to_end;
 mod pipeline;
+mod postgres;
 mod redis_sink;
 mod signals;
 mod tansu_smoke;
