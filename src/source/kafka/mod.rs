@@ -5,9 +5,10 @@
 //! - Commits are asynchronous, on a timer (`commit_interval`), re-sent after a failure; never a
 //!   blocking commit on the async executor, never an endless commit retry. The final commit at
 //!   shutdown is synchronous on a blocking thread, with a timeout.
-//! - Backpressure: when the pipeline's queue is full the assigned partitions are *paused* and the
-//!   consumer keeps being polled, so the group membership (`max.poll.interval.ms`) and rebalance
-//!   callbacks stay alive while Redis is down for an hour.
+//! - Backpressure: when the pipeline's queue is full the source stops reading; if it stays full
+//!   for a second (a sink is down) the assigned partitions are *paused* and the consumer keeps
+//!   being polled, so the group membership (`max.poll.interval.ms`) and rebalance callbacks stay
+//!   alive while Redis is down for an hour.
 //! - Rebalances: revoked partitions commit what is finished and drop their unfinished work
 //!   unacknowledged (the new owner redelivers it).
 //! - Errors from `recv()` are transient: librdkafka reconnects by itself.
@@ -41,6 +42,9 @@ pub enum KafkaSourceError {
     #[error("cannot subscribe to {what}: {error}")]
     Subscribe { what: String, error: rdkafka::error::KafkaError },
 }
+
+/// How long the pipeline queue may stay full before the partitions are paused.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
 
 /// Every this many commit ticks, every position is committed again even if it did not move.
 const REFRESH_EVERY: u64 = 5;
@@ -111,8 +115,17 @@ impl KafkaSource {
         // took effect). Bounded by librdkafka's prefetch, which pausing stops.
         let mut held: VecDeque<SourceEvent> = VecDeque::new();
         let mut paused = false;
+        // When the queue became full. A full queue is normal under load (the pipeline is busy
+        // with a batch): we just stop reading for a moment and librdkafka's prefetch buffer
+        // (bounded by queued.max.messages.kbytes) absorbs the rest. Only a queue that stays full
+        // for PAUSE_AFTER (a sink is down) pauses the partitions, so the consumer can go on
+        // being polled (group membership, rebalances) without pulling in more messages.
+        // Pausing on every full queue would drop librdkafka's prefetched messages each time and
+        // refetch them: that thrashing halved throughput.
+        let mut full_since: Option<tokio::time::Instant> = None;
 
         loop {
+            let pause_at = full_since.map(|t| t + PAUSE_AFTER);
             tokio::select! {
                 // Acknowledgements first, so finished work is committed before new input piles up.
                 biased;
@@ -126,14 +139,23 @@ impl KafkaSource {
                         if let Some(ev) = held.pop_front() {
                             permit.send(ev);
                         }
-                        if held.is_empty() && paused {
-                            self.set_paused(false);
-                            paused = false;
+                        if held.is_empty() {
+                            full_since = None;
+                            if paused {
+                                self.set_paused(false);
+                                paused = false;
+                            }
                         }
                     }
                     Err(_) => break,
                 },
-                msg = self.consumer.recv() => match msg {
+                _ = tokio::time::sleep_until(pause_at.unwrap_or_else(tokio::time::Instant::now)), if pause_at.is_some() && !paused => {
+                    self.set_paused(true);
+                    paused = true;
+                }
+                // While the queue is full, read only once paused (to keep serving callbacks; at
+                // most what was already prefetched arrives, and waits in `held`).
+                msg = self.consumer.recv(), if held.is_empty() || paused => match msg {
                     Ok(m) => {
                         let ev = self.to_event(&m, &ack_tx);
                         if !held.is_empty() {
@@ -144,10 +166,7 @@ impl KafkaSource {
                             Ok(()) => {}
                             Err(mpsc::error::TrySendError::Full(ev)) => {
                                 held.push_back(ev);
-                                if !paused {
-                                    self.set_paused(true);
-                                    paused = true;
-                                }
+                                full_since = Some(tokio::time::Instant::now());
                             }
                             Err(mpsc::error::TrySendError::Closed(_)) => break,
                         }
