@@ -4,6 +4,7 @@
 
 mod support;
 
+mod cdn_signed;
 mod cli;
 mod end_to_end;
 mod pipeline;

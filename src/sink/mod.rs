@@ -25,6 +25,7 @@ use async_trait::async_trait;
 
 use crate::shutdown::Shutdown;
 
+pub mod cdn;
 pub mod redis;
 
 /// What one batch asks of the sinks. Each list is deduplicated; each sink takes the kinds it

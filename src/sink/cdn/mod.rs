@@ -1,0 +1,7 @@
+//! HTTP caches and CDNs: purges by surrogate key and URL.
+//!
+//! Signed providers: [`cloudfront`] (AWS SigV4, [`sigv4`]) and [`akamai`] (EdgeGrid,
+//! [`edgegrid`]).
+
+pub mod edgegrid;
+pub mod sigv4;
