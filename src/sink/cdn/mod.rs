@@ -3,5 +3,9 @@
 //! Signed providers: [`cloudfront`] (AWS SigV4, [`sigv4`]) and [`akamai`] (EdgeGrid,
 //! [`edgegrid`]).
 
+pub mod akamai;
+pub mod cloudfront;
 pub mod edgegrid;
 pub mod sigv4;
+/// Temporary: the shared pieces of branch `cdn` until it is merged.
+mod standin;
