@@ -215,3 +215,372 @@ fn edgegrid_matches_akamai_test_data() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The sinks against the doubles
+// ---------------------------------------------------------------------------------------------
+
+use std::sync::Arc;
+
+use cdc_invalidator::shutdown::Shutdown;
+use cdc_invalidator::sink::cdn::akamai::{AkamaiConfig, AkamaiSink};
+use cdc_invalidator::sink::cdn::cloudfront::{CloudfrontConfig, CloudfrontSink};
+use cdc_invalidator::sink::{Invalidations, ItemKind, Sink};
+use cdc_invalidator::telemetry::Metrics;
+
+use crate::support::cdn_signed_doubles::{AkLimits, AkamaiDouble, Bucket, CfLimits, CloudFrontDouble, CF_DISTRIBUTION};
+
+fn cloudfront_sink(endpoint: &str, extra: serde_json::Value, credentials: sigv4::Credentials) -> CloudfrontSink {
+    let mut config = serde_json::json!({
+        "name": "cloudfront",
+        "distribution_id": CF_DISTRIBUTION,
+        "access_key_id_env": "UNUSED",
+        "secret_access_key_env": "UNUSED",
+        "endpoint": endpoint,
+        "poll_interval": "50ms",
+        "busy_backoff": "200ms",
+        "retry": { "initial": "10ms", "max": "200ms" },
+        "limits": { "requests_per_second": 0 },
+    });
+    if let (Some(base), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            base.insert(k.clone(), v.clone());
+        }
+    }
+    let mut config: CloudfrontConfig = serde_json::from_value(config).unwrap();
+    config.credentials = Some(credentials);
+    CloudfrontSink::new(&config, Arc::new(Metrics::new())).unwrap()
+}
+
+fn akamai_sink(base_url: &str, extra: serde_json::Value, credentials: edgegrid::Credentials) -> AkamaiSink {
+    let mut config = serde_json::json!({
+        "name": "akamai",
+        "base_url": base_url,
+        "client_token_env": "UNUSED",
+        "client_secret_env": "UNUSED",
+        "access_token_env": "UNUSED",
+        "retry": { "initial": "10ms", "max": "200ms" },
+    });
+    if let (Some(base), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            base.insert(k.clone(), v.clone());
+        }
+    }
+    let mut config: AkamaiConfig = serde_json::from_value(config).unwrap();
+    config.credentials = Some(credentials);
+    AkamaiSink::new(&config, Arc::new(Metrics::new())).unwrap()
+}
+
+fn urls(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("https://shop.example.com/p/{i}")).collect()
+}
+
+#[tokio::test]
+async fn cloudfront_double_rejects_a_wrong_signature() {
+    let double = CloudFrontDouble::start(CfLimits::default()).await;
+    let wrong =
+        sigv4::Credentials { secret_access_key: Secret::new("not-the-secret"), ..CloudFrontDouble::credentials() };
+    let sink = cloudfront_sink(&double.endpoint(), serde_json::json!({}), wrong);
+    let batch = Invalidations { urls: urls(2), ..Default::default() };
+    let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
+    assert_eq!(report.rejected.len(), 2, "{report:?}");
+    assert!(report.rejected[0].reason.contains("403 AccessDenied"), "{}", report.rejected[0].reason);
+    assert!(double.state().denied >= 1);
+    assert!(double.state().invalidations.is_empty());
+
+    // The right key goes through.
+    let sink = cloudfront_sink(&double.endpoint(), serde_json::json!({}), CloudFrontDouble::credentials());
+    let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
+    assert!(report.rejected.is_empty(), "{report:?}");
+    assert_eq!(report.confirmed, vec![(ItemKind::Url, 2)]);
+    assert_eq!(double.state().invalidations[0].paths, vec!["/p/0", "/p/1"]);
+}
+
+#[tokio::test]
+async fn akamai_double_rejects_a_wrong_signature() {
+    let double = AkamaiDouble::start(AkLimits::default()).await;
+    let wrong =
+        edgegrid::Credentials { client_secret: Secret::new("bm90LXRoZS1zZWNyZXQ="), ..AkamaiDouble::credentials() };
+    let sink = akamai_sink(&double.base_url(), serde_json::json!({}), wrong);
+    let batch = Invalidations { surrogate_keys: vec!["product-42".into()], ..Default::default() };
+    let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
+    assert_eq!(report.rejected.len(), 1);
+    assert!(report.rejected[0].reason.contains("HTTP 401"), "{}", report.rejected[0].reason);
+    assert!(double.purged().is_empty());
+
+    let sink = akamai_sink(&double.base_url(), serde_json::json!({}), AkamaiDouble::credentials());
+    let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
+    assert!(report.rejected.is_empty(), "{report:?}");
+    assert_eq!(double.purged(), vec!["product-42"]);
+    let purge = double.state().purges[0].clone();
+    assert_eq!(
+        (purge.action.as_str(), purge.object_type.as_str(), purge.network.as_str()),
+        ("invalidate", "tag", "production")
+    );
+}
+
+#[tokio::test]
+async fn cloudfront_batches_stay_under_the_in_flight_limits() {
+    // Small limits so one batch of the sink needs several invalidations and waits for some to
+    // complete; the double answers TooManyInvalidationsInProgress if the sink ever overshoots.
+    let limits =
+        CfLimits { max_paths: 10, max_wildcards: 3, max_batch: 3_000, complete_after: Duration::from_millis(300) };
+    let double = CloudFrontDouble::start(limits).await;
+    let sink = cloudfront_sink(
+        &double.endpoint(),
+        serde_json::json!({
+            "max_paths_in_flight": 10,
+            "max_wildcards_in_flight": 3,
+            "surrogate_key_path": "/tags/{key}/*",
+        }),
+        CloudFrontDouble::credentials(),
+    );
+    let batch = Invalidations {
+        urls: urls(25),
+        surrogate_keys: (0..7).map(|i| format!("category-{i}")).collect(),
+        ..Default::default()
+    };
+    let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
+    assert!(report.rejected.is_empty(), "{report:?}");
+    let st = double.state();
+    assert!(st.calls.iter().all(|c| c.code.is_none()), "{:?}", st.calls.iter().map(|c| &c.code).collect::<Vec<_>>());
+    assert!(
+        st.peak_paths <= 10 && st.peak_wildcards <= 3,
+        "peak {} paths, {} wildcards",
+        st.peak_paths,
+        st.peak_wildcards
+    );
+    assert!(st.status_reads > 0, "the sink asked which invalidations completed");
+    let mut sent: Vec<String> = st.invalidations.iter().flat_map(|i| i.paths.clone()).collect();
+    sent.sort();
+    let mut expected: Vec<String> = (0..25).map(|i| format!("/p/{i}")).collect();
+    expected.extend((0..7).map(|i| format!("/tags/category-{i}/*")));
+    expected.sort();
+    assert_eq!(sent, expected);
+    // Every invalidation fits the limits on its own; wildcards are never mixed past 3.
+    assert!(st.invalidations.iter().all(|i| i.paths.iter().filter(|p| p.ends_with('*')).count() <= 3));
+    assert!(st.invalidations.len() >= 3 + 3, "25 paths in batches of at most 10, 7 wildcards of at most 3");
+}
+
+#[tokio::test]
+async fn cloudfront_reuses_the_caller_reference_when_retrying_a_batch() {
+    let double = CloudFrontDouble::start(CfLimits::default()).await;
+    // The first answer is lost after the invalidation was created.
+    double.state().lose_answers = 1;
+    let sink = cloudfront_sink(&double.endpoint(), serde_json::json!({}), CloudFrontDouble::credentials());
+    let batch = Invalidations { urls: urls(3), ..Default::default() };
+    let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
+    assert!(report.rejected.is_empty(), "{report:?}");
+    let st = double.state();
+    assert_eq!(st.calls.len(), 2, "one lost answer, one retry");
+    assert_eq!(st.calls[0].caller_reference, st.calls[1].caller_reference);
+    assert_eq!(st.invalidations.len(), 1, "the retry returned the existing invalidation instead of a new one");
+
+    // Another batch gets another reference.
+    drop(st);
+    sink.invalidate(
+        &Invalidations { urls: vec!["https://shop.example.com/other".into()], ..Default::default() },
+        &Shutdown::never(),
+    )
+    .await
+    .unwrap();
+    let st = double.state();
+    assert_ne!(st.calls[2].caller_reference, st.calls[0].caller_reference);
+}
+
+#[tokio::test]
+async fn cloudfront_paths_it_would_refuse_are_rejected_before_sending() {
+    let double = CloudFrontDouble::start(CfLimits::default()).await;
+    let sink = cloudfront_sink(&double.endpoint(), serde_json::json!({}), CloudFrontDouble::credentials());
+    let batch = Invalidations {
+        urls: vec![
+            "https://shop.example.com/ok".into(),
+            "/relative/path".into(),
+            "https://shop.example.com/a*/b".into(),
+            format!("https://shop.example.com/{}", "x".repeat(4_100)),
+        ],
+        // No surrogate_key_path: keys are not this sink's business.
+        surrogate_keys: vec!["ignored".into()],
+        ..Default::default()
+    };
+    assert_eq!(sink.kinds(), &[ItemKind::Url]);
+    let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
+    let rejected: Vec<usize> = report.rejected.iter().map(|r| r.index).collect();
+    assert_eq!(rejected, vec![1, 2, 3], "{report:?}");
+    assert!(report.rejected[1].reason.contains("last character"));
+    let st = double.state();
+    assert_eq!(st.calls.len(), 1);
+    assert_eq!(st.calls[0].paths, vec!["/ok"]);
+}
+
+#[tokio::test]
+async fn cloudfront_can_wait_until_invalidations_complete() {
+    let limits = CfLimits { complete_after: Duration::from_millis(600), ..CfLimits::default() };
+    let double = CloudFrontDouble::start(limits).await;
+    let sink = cloudfront_sink(
+        &double.endpoint(),
+        serde_json::json!({ "wait_for_completion": true }),
+        CloudFrontDouble::credentials(),
+    );
+    let started = std::time::Instant::now();
+    sink.invalidate(&Invalidations { urls: urls(2), ..Default::default() }, &Shutdown::never()).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(600), "returned before CloudFront said Completed");
+    assert!(double.state().status_reads >= 1);
+}
+
+#[tokio::test]
+async fn cloudfront_busy_distribution_is_retried_not_dead_lettered() {
+    // Another client holds the whole wildcard budget; it completes after 700 ms.
+    let limits = CfLimits { max_wildcards: 1, complete_after: Duration::from_millis(700), ..CfLimits::default() };
+    let double = CloudFrontDouble::start(limits).await;
+    let other = cloudfront_sink(&double.endpoint(), serde_json::json!({}), CloudFrontDouble::credentials());
+    other
+        .invalidate(
+            &Invalidations { urls: vec!["https://x.example/*".into()], ..Default::default() },
+            &Shutdown::never(),
+        )
+        .await
+        .unwrap();
+    let sink = cloudfront_sink(&double.endpoint(), serde_json::json!({}), CloudFrontDouble::credentials());
+    let report = sink
+        .invalidate(
+            &Invalidations { urls: vec!["https://x.example/img/*".into()], ..Default::default() },
+            &Shutdown::never(),
+        )
+        .await
+        .unwrap();
+    assert!(report.rejected.is_empty(), "{report:?}");
+    let st = double.state();
+    assert!(st.calls.iter().any(|c| c.code.as_deref() == Some("TooManyInvalidationsInProgress")));
+    assert_eq!(st.invalidations.len(), 2);
+}
+
+#[tokio::test]
+async fn akamai_bodies_are_split_under_50_kb() {
+    let double = AkamaiDouble::start(AkLimits::default()).await;
+    let sink = akamai_sink(
+        &double.base_url(),
+        serde_json::json!({ "limits": { "items_per_request": 5000 } }),
+        AkamaiDouble::credentials(),
+    );
+    let long: Vec<String> =
+        (0..2_000).map(|i| format!("https://shop.example.com/catalogue/products/{i:05}/{}", "x".repeat(60))).collect();
+    let batch = Invalidations { urls: long.clone(), ..Default::default() };
+    let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
+    assert!(report.rejected.is_empty(), "{report:?}");
+    let st = double.state();
+    assert!(st.requests.iter().all(|(_, s)| *s == 201), "no 413: bodies were cut before sending");
+    assert!(st.purges.len() >= 4, "about 220 KB of URLs needs at least 5 bodies, got {}", st.purges.len());
+    for p in &st.purges {
+        assert!(serde_json::json!({ "objects": p.objects }).to_string().len() <= 50_000);
+    }
+    drop(st);
+    let mut purged = double.purged();
+    purged.sort();
+    let mut expected = long;
+    expected.sort();
+    assert_eq!(purged, expected);
+}
+
+#[tokio::test]
+async fn akamai_413_splits_the_request_until_it_fits() {
+    // The server's limit is lower than the sink's: 413s, then halves, then everything fits.
+    let double = AkamaiDouble::start(AkLimits { max_body: 4_000, ..AkLimits::default() }).await;
+    let sink = akamai_sink(&double.base_url(), serde_json::json!({}), AkamaiDouble::credentials());
+    let batch =
+        Invalidations { surrogate_keys: (0..300).map(|i| format!("product-{i:04}")).collect(), ..Default::default() };
+    let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
+    assert!(report.rejected.is_empty(), "{report:?}");
+    let st = double.state();
+    assert!(st.requests.iter().any(|(_, s)| *s == 413));
+    drop(st);
+    let mut purged = double.purged();
+    purged.sort();
+    assert_eq!(purged, batch.surrogate_keys);
+}
+
+#[tokio::test]
+async fn akamai_429_storm_waits_at_least_5s_and_loses_nothing() {
+    let double = AkamaiDouble::start(AkLimits::default()).await;
+    double.state().storm_until = Some(std::time::Instant::now() + Duration::from_secs(3));
+    let sink = akamai_sink(
+        &double.base_url(),
+        serde_json::json!({ "limits": { "items_per_request": 10 } }),
+        AkamaiDouble::credentials(),
+    );
+    let batch = Invalidations { surrogate_keys: (0..30).map(|i| format!("k{i}")).collect(), ..Default::default() };
+    let started = std::time::Instant::now();
+    let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
+    assert!(report.rejected.is_empty(), "{report:?}");
+    assert!(started.elapsed() >= Duration::from_secs(5));
+    let st = double.state();
+    let throttled: Vec<std::time::Instant> = st.requests.iter().filter(|(_, s)| *s == 429).map(|(t, _)| *t).collect();
+    assert!(!throttled.is_empty());
+    // After each 429 the next request came at least 5 s later.
+    for t in &throttled {
+        if let Some((next, _)) = st.requests.iter().find(|(at, _)| at > t) {
+            assert!(
+                next.duration_since(*t) >= Duration::from_millis(4_990),
+                "retried {:?} after a 429",
+                next.duration_since(*t)
+            );
+        }
+    }
+    drop(st);
+    let mut purged = double.purged();
+    purged.sort();
+    let mut expected = batch.surrogate_keys.clone();
+    expected.sort();
+    assert_eq!(purged, expected);
+}
+
+#[tokio::test]
+async fn akamai_client_side_buckets_keep_under_the_provider_rate() {
+    // A provider allowing 4 requests at once and 8/s; the sink configured to the same.
+    let limits = AkLimits { requests: Bucket::new(4.0, 8.0), ..AkLimits::default() };
+    let double = AkamaiDouble::start(limits).await;
+    let sink = akamai_sink(
+        &double.base_url(),
+        serde_json::json!({ "limits": { "items_per_request": 1, "requests_per_second": 8, "burst": 4 } }),
+        AkamaiDouble::credentials(),
+    );
+    let batch = Invalidations { surrogate_keys: (0..20).map(|i| format!("k{i}")).collect(), ..Default::default() };
+    sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
+    let st = double.state();
+    assert_eq!(st.purges.len(), 20);
+    assert!(st.requests.iter().all(|(_, s)| *s == 201), "the provider never had to answer 429");
+}
+
+#[tokio::test]
+async fn akamai_bad_object_is_the_only_one_rejected() {
+    let double = AkamaiDouble::start(AkLimits::default()).await;
+    double.state().reject.insert("product-13".into());
+    let sink = akamai_sink(&double.base_url(), serde_json::json!({}), AkamaiDouble::credentials());
+    let keys: Vec<String> = (0..32).map(|i| format!("product-{i}")).collect();
+    let batch = Invalidations { surrogate_keys: keys.clone(), urls: vec!["not a url".into()], ..Default::default() };
+    let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
+    let rejected: Vec<(ItemKind, usize)> = report.rejected.iter().map(|r| (r.kind, r.index)).collect();
+    assert_eq!(rejected, vec![(ItemKind::SurrogateKey, 13), (ItemKind::Url, 0)]);
+    assert!(report.rejected[0].reason.contains("Invalid tag object: product-13"), "{}", report.rejected[0].reason);
+    assert_eq!(double.purged().len(), 31);
+}
+
+#[tokio::test]
+async fn akamai_cpcodes_delete_on_staging() {
+    let double = AkamaiDouble::start(AkLimits::default()).await;
+    let sink = akamai_sink(
+        &double.base_url(),
+        serde_json::json!({ "surrogate_keys_as": "cpcode", "action": "delete", "network": "staging" }),
+        AkamaiDouble::credentials(),
+    );
+    let batch = Invalidations { surrogate_keys: vec!["12345".into(), "cp-x".into()], ..Default::default() };
+    let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
+    assert_eq!(report.rejected.len(), 1);
+    assert!(report.rejected[0].reason.contains("CP code must be a number"));
+    let purge = double.state().purges[0].clone();
+    assert_eq!(
+        (purge.action.as_str(), purge.object_type.as_str(), purge.network.as_str()),
+        ("delete", "cpcode", "staging")
+    );
+    assert_eq!(purge.objects, vec![serde_json::json!(12345)]);
+}

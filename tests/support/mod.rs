@@ -1,6 +1,7 @@
 //! Test harness: private service instances on free loopback ports, stopped on drop.
 #![allow(dead_code)]
 
+pub mod cdn_signed_doubles;
 pub mod daemon;
 pub mod events;
 pub mod kafka;

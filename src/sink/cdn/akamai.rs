@@ -37,7 +37,8 @@ use crate::telemetry::Metrics;
 
 /// Requests: Akamai's request bucket (100, refilling 50/s). Objects per request are bounded by
 /// the body size first; 500 keeps one request well inside the tag bucket.
-pub const DEFAULT_LIMITS: Limits = Limits { items_per_request: 500, requests_per_second: 50.0, burst: 100, concurrency: 4 };
+pub const DEFAULT_LIMITS: Limits =
+    Limits { items_per_request: 500, requests_per_second: 50.0, burst: 100, concurrency: 4 };
 /// The smallest object bucket (tags, 5,000): a request larger than that could never be sent.
 const MAX_ITEMS: usize = 5_000;
 /// Akamai's documented body limit.
@@ -143,12 +144,24 @@ fn default_max_body_bytes() -> usize {
 impl AkamaiConfig {
     pub fn validate(&mut self, config_file: &Path, problems: &mut Vec<(Vec<String>, String)>) {
         let secret = |env: &Option<String>, file: &Option<PathBuf>| SecretRef { env: env.clone(), file: file.clone() };
-        let client_token =
-            secret(&self.client_token_env, &self.client_token_file).resolve("client_token", true, config_file, problems);
-        let client_secret =
-            secret(&self.client_secret_env, &self.client_secret_file).resolve("client_secret", true, config_file, problems);
-        let access_token =
-            secret(&self.access_token_env, &self.access_token_file).resolve("access_token", true, config_file, problems);
+        let client_token = secret(&self.client_token_env, &self.client_token_file).resolve(
+            "client_token",
+            true,
+            config_file,
+            problems,
+        );
+        let client_secret = secret(&self.client_secret_env, &self.client_secret_file).resolve(
+            "client_secret",
+            true,
+            config_file,
+            problems,
+        );
+        let access_token = secret(&self.access_token_env, &self.access_token_file).resolve(
+            "access_token",
+            true,
+            config_file,
+            problems,
+        );
         if let (Some(c), Some(s), Some(a)) = (client_token, client_secret, access_token) {
             self.credentials = Some(edgegrid::Credentials {
                 client_token: c.expose().to_string(),
@@ -160,13 +173,17 @@ impl AkamaiConfig {
         if self.max_body_bytes < 1024 || self.max_body_bytes > DEFAULT_MAX_BODY_BYTES {
             problems.push((
                 vec!["max_body_bytes".into()],
-                format!("max_body_bytes must be between 1024 and {DEFAULT_MAX_BODY_BYTES} (Akamai refuses larger bodies)"),
+                format!(
+                    "max_body_bytes must be between 1024 and {DEFAULT_MAX_BODY_BYTES} (Akamai refuses larger bodies)"
+                ),
             ));
         }
         self.limits.validate(DEFAULT_LIMITS, MAX_ITEMS, problems);
-        for (field, bucket) in
-            [("urls", self.object_limits.urls), ("tags", self.object_limits.tags), ("cpcodes", self.object_limits.cpcodes)]
-        {
+        for (field, bucket) in [
+            ("urls", self.object_limits.urls),
+            ("tags", self.object_limits.tags),
+            ("cpcodes", self.object_limits.cpcodes),
+        ] {
             if let Some(b) = bucket {
                 if b.burst == 0 || !b.per_minute.is_finite() || b.per_minute <= 0.0 {
                     problems.push((
@@ -202,8 +219,10 @@ pub struct AkamaiSink {
 impl AkamaiSink {
     pub fn new(config: &AkamaiConfig, metrics: Arc<Metrics>) -> Result<AkamaiSink, CdnError> {
         let name = config.name.as_str();
-        let credentials =
-            config.credentials.clone().ok_or_else(|| CdnError::build(name, "no EdgeGrid credentials (config not validated)"))?;
+        let credentials = config
+            .credentials
+            .clone()
+            .ok_or_else(|| CdnError::build(name, "no EdgeGrid credentials (config not validated)"))?;
         let base = check_url(&config.base_url).map_err(|e| CdnError::build(name, format!("base_url {e}")))?;
         let host = match (base.host_str(), base.port()) {
             (Some(h), Some(p)) => format!("{h}:{p}"),

@@ -40,7 +40,8 @@ use crate::telemetry::Metrics;
 
 /// One invalidation may carry every path the distribution allows in progress; the API is
 /// throttled, so a slow request rate with a small burst.
-pub const DEFAULT_LIMITS: Limits = Limits { items_per_request: 3_000, requests_per_second: 1.0, burst: 5, concurrency: 1 };
+pub const DEFAULT_LIMITS: Limits =
+    Limits { items_per_request: 3_000, requests_per_second: 1.0, burst: 5, concurrency: 1 };
 pub const DEFAULT_MAX_PATHS_IN_FLIGHT: usize = 3_000;
 pub const DEFAULT_MAX_WILDCARDS_IN_FLIGHT: usize = 15;
 /// CloudFront's limit on one path.
@@ -117,16 +118,24 @@ fn default_busy_backoff() -> Duration {
 impl CloudfrontConfig {
     pub fn validate(&mut self, config_file: &Path, problems: &mut Vec<(Vec<String>, String)>) {
         let secret = |env: &Option<String>, file: &Option<PathBuf>| SecretRef { env: env.clone(), file: file.clone() };
-        let key_id =
-            secret(&self.access_key_id_env, &self.access_key_id_file).resolve("access_key_id", true, config_file, problems);
+        let key_id = secret(&self.access_key_id_env, &self.access_key_id_file).resolve(
+            "access_key_id",
+            true,
+            config_file,
+            problems,
+        );
         let key = secret(&self.secret_access_key_env, &self.secret_access_key_file).resolve(
             "secret_access_key",
             true,
             config_file,
             problems,
         );
-        let token =
-            secret(&self.session_token_env, &self.session_token_file).resolve("session_token", false, config_file, problems);
+        let token = secret(&self.session_token_env, &self.session_token_file).resolve(
+            "session_token",
+            false,
+            config_file,
+            problems,
+        );
         if let (Some(id), Some(key)) = (key_id, key) {
             self.credentials = Some(sigv4::Credentials {
                 access_key_id: id.expose().to_string(),
@@ -135,7 +144,10 @@ impl CloudfrontConfig {
             });
         }
         if self.distribution_id.is_empty() || !self.distribution_id.chars().all(|c| c.is_ascii_alphanumeric()) {
-            problems.push((vec!["distribution_id".into()], "distribution_id must be a CloudFront distribution id (letters and digits)".into()));
+            problems.push((
+                vec!["distribution_id".into()],
+                "distribution_id must be a CloudFront distribution id (letters and digits)".into(),
+            ));
         }
         check_base_url("endpoint", &self.endpoint, problems);
         if self.region.trim().is_empty() {
@@ -238,8 +250,10 @@ struct Created {
 impl CloudfrontSink {
     pub fn new(config: &CloudfrontConfig, metrics: Arc<Metrics>) -> Result<CloudfrontSink, CdnError> {
         let name = config.name.as_str();
-        let credentials =
-            config.credentials.clone().ok_or_else(|| CdnError::build(name, "no AWS credentials (config not validated)"))?;
+        let credentials = config
+            .credentials
+            .clone()
+            .ok_or_else(|| CdnError::build(name, "no AWS credentials (config not validated)"))?;
         let endpoint = check_url(&config.endpoint).map_err(|e| CdnError::build(name, format!("endpoint {e}")))?;
         let host = match (endpoint.host_str(), endpoint.port()) {
             (Some(h), Some(p)) => format!("{h}:{p}"),
@@ -316,13 +330,21 @@ impl CloudfrontSink {
     }
 
     /// Signs a request to `url` (path `path`) with `body`.
-    fn signed(&self, client: &reqwest::Client, method: reqwest::Method, url: &str, path: &str, body: &str) -> reqwest::RequestBuilder {
+    fn signed(
+        &self,
+        client: &reqwest::Client,
+        method: reqwest::Method,
+        url: &str,
+        path: &str,
+        body: &str,
+    ) -> reqwest::RequestBuilder {
         let amz_date = sigv4::amz_date(SystemTime::now());
         let mut headers = vec![("host".to_string(), self.host.clone()), ("x-amz-date".to_string(), amz_date.clone())];
         if let Some(token) = &self.credentials.session_token {
             headers.push(("x-amz-security-token".to_string(), token.expose().to_string()));
         }
-        let request = sigv4::Request { method: method.as_str(), path, query: "", headers: &headers, payload: body.as_bytes() };
+        let request =
+            sigv4::Request { method: method.as_str(), path, query: "", headers: &headers, payload: body.as_bytes() };
         let mut builder = client.request(method.clone(), url).header("x-amz-date", amz_date);
         if let Some(token) = &self.credentials.session_token {
             builder = builder.header("x-amz-security-token", token.expose());
@@ -404,7 +426,12 @@ impl CloudfrontSink {
     }
 
     /// Sends one batch (reserved in the ledger) and, when configured, waits for completion.
-    async fn send_job(&self, job: Job, batch: &Invalidations, shutdown: &Shutdown) -> Result<Result<(), Failure>, SinkError> {
+    async fn send_job(
+        &self,
+        job: Job,
+        batch: &Invalidations,
+        shutdown: &Shutdown,
+    ) -> Result<Result<(), Failure>, SinkError> {
         let paths = self.paths(&job, batch);
         if paths.is_empty() {
             return Ok(Ok(()));
@@ -435,7 +462,9 @@ impl CloudfrontSink {
         let result = self.sender.send(shutdown, paths.len(), &buckets, build, interpret).await;
         let created = {
             let mut ledger = self.ledger.lock().await;
-            let slot = ledger.iter().position(|f| f.id.is_none() && f.paths == paths.len() - wildcards && f.wildcards == wildcards);
+            let slot = ledger
+                .iter()
+                .position(|f| f.id.is_none() && f.paths == paths.len() - wildcards && f.wildcards == wildcards);
             match (&result, slot) {
                 (Ok(Ok(created)), Some(i)) => {
                     ledger[i].id = Some(created.id.clone());

@@ -39,14 +39,15 @@ pub mod limit {
             let mut state = self.state.lock().await;
             loop {
                 let now = Instant::now();
-                state.0 =
-                    (state.0 + now.saturating_duration_since(state.1).as_secs_f64() * self.refill_per_second).min(self.capacity);
+                state.0 = (state.0 + now.saturating_duration_since(state.1).as_secs_f64() * self.refill_per_second)
+                    .min(self.capacity);
                 state.1 = now;
                 if state.0 + 1e-9 >= need {
                     state.0 = (state.0 - need).max(0.0);
                     break;
                 }
-                let wait = Duration::from_secs_f64((need - state.0) / self.refill_per_second) + Duration::from_millis(1);
+                let wait =
+                    Duration::from_secs_f64((need - state.0) / self.refill_per_second) + Duration::from_millis(1);
                 tokio::time::sleep(wait).await;
             }
             started.elapsed()
@@ -321,7 +322,8 @@ impl SecretRef {
             (Some(var), None) => match std::env::var(var) {
                 Ok(v) if !v.trim().is_empty() => Some(Secret::new(v.trim())),
                 _ => {
-                    problems.push((vec![format!("{field}_env")], format!("`{field}_env` names {var}, which is not set")));
+                    problems
+                        .push((vec![format!("{field}_env")], format!("`{field}_env` names {var}, which is not set")));
                     None
                 }
             },
@@ -369,7 +371,12 @@ pub fn partition(
     ok
 }
 
-pub fn chunk(indices: &[usize], max_items: usize, max_bytes: Option<usize>, size: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
+pub fn chunk(
+    indices: &[usize],
+    max_items: usize,
+    max_bytes: Option<usize>,
+    size: impl Fn(usize) -> usize,
+) -> Vec<Vec<usize>> {
     let max_items = max_items.max(1);
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut current: Vec<usize> = Vec::new();
