@@ -14,14 +14,14 @@
 //! the source pauses. That keeps memory bounded and ordering simple; throughput comes from
 //! batching (one pipelined round trip per batch), not from concurrency.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;
 
-use crate::config::{Config, PipelineConfig, SourceKind};
+use crate::config::{Config, LayerTiming, PipelineConfig, SourceKind};
 use crate::dead_letter::{DeadLetterError, DeadLetters, Letter, Reason};
 use crate::event::{ChangeEvent, Decoded};
 use crate::rules::{Evaluation, Rules};
@@ -29,7 +29,7 @@ use crate::shutdown::Shutdown;
 use crate::sink::redis::RedisSink;
 use crate::sink::{Invalidations, ItemKind, Sink, SinkError};
 use crate::source::kafka::KafkaSource;
-use crate::source::SourceEvent;
+use crate::source::{Ack, SourceEvent};
 use crate::telemetry::{self, Health, Metrics};
 
 #[derive(Debug, thiserror::Error)]
@@ -58,11 +58,17 @@ pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: 
         telemetry::http::serve(config.metrics.listen, metrics.clone(), health.clone(), shutdown.clone()).await?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
 
-    let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
+    // Sinks in layer order: Redis (0), then HTTP caches (1), then CDNs (2), stable within a layer.
+    let mut layered: Vec<(u8, Arc<dyn Sink>)> = Vec::new();
     if let Some(redis) = &config.sinks.redis {
         let sink = RedisSink::new("redis", redis, metrics.clone()).map_err(|e| AppError::Sink(e.to_string()))?;
-        sinks.push(Arc::new(sink));
+        layered.push((0, Arc::new(sink)));
     }
+    for cdn in &config.sinks.cdn {
+        layered.push((cdn.layer(), cdn.build(metrics.clone()).map_err(|e| AppError::Sink(e.to_string()))?));
+    }
+    layered.sort_by_key(|(layer, _)| *layer);
+    let (layers, sinks): (Vec<u8>, Vec<Arc<dyn Sink>>) = layered.into_iter().unzip();
     let kafka_config = config.source.kafka.as_ref();
     let dead_letters = DeadLetters::open(&config.dead_letter, kafka_config, metrics.clone()).await?;
     tracing::info!(destination = %dead_letters.describe(), "dead letters");
@@ -78,7 +84,8 @@ pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: 
     metrics.rules_loaded.set(rules.len() as i64);
     health.alive.store(true, Ordering::Relaxed);
 
-    let pipeline = Pipeline::new(config.pipeline.clone(), Arc::new(rules), sinks, dead_letters, metrics.clone());
+    let pipeline = Pipeline::new(config.pipeline.clone(), Arc::new(rules), sinks, dead_letters, metrics.clone())
+        .with_layers(layers, config.sinks.timing.clone());
     let result = pipeline.run(rx, &shutdown).await;
     health.alive.store(false, Ordering::Relaxed);
     pinger.abort();
@@ -127,6 +134,19 @@ pub struct Pipeline {
     metrics: Arc<Metrics>,
     /// Last time each rule's error was logged (rate limit).
     rule_error_logged: HashMap<Arc<str>, Instant>,
+    /// Each sink's layer (parallel to `sinks`, which are in layer order) and the pacing.
+    layers: Vec<u8>,
+    timing: LayerTiming,
+    /// Batches waiting for their second pass, oldest first, with the acks that wait for it.
+    second_passes: VecDeque<SecondPass>,
+    second_pass_events: usize,
+}
+
+/// A batch's invalidations, due again at `due`; its events are acknowledged after that.
+struct SecondPass {
+    due: tokio::time::Instant,
+    batch: Invalidations,
+    acks: Vec<Ack>,
 }
 
 /// One event of a batch and what the rules made of it.
@@ -145,7 +165,87 @@ impl Pipeline {
         dead_letters: DeadLetters,
         metrics: Arc<Metrics>,
     ) -> Pipeline {
-        Pipeline { config, rules, sinks, dead_letters, metrics, rule_error_logged: HashMap::new() }
+        let layers = vec![0; sinks.len()];
+        Pipeline {
+            config,
+            rules,
+            sinks,
+            dead_letters,
+            metrics,
+            rule_error_logged: HashMap::new(),
+            layers,
+            timing: LayerTiming::default(),
+            second_passes: VecDeque::new(),
+            second_pass_events: 0,
+        }
+    }
+
+    /// Sets each sink's layer (`sinks` must already be in layer order) and the pacing between
+    /// layers and of the second pass.
+    pub fn with_layers(mut self, layers: Vec<u8>, timing: LayerTiming) -> Pipeline {
+        if layers.len() == self.sinks.len() {
+            self.layers = layers;
+        }
+        self.timing = timing;
+        self
+    }
+
+    /// Waits `layer_delay` before a sink of an outer layer than the last one that worked on
+    /// this batch, so an edge cannot refill from an inner cache still being purged.
+    async fn pace(&self, last: Option<u8>, next: usize, shutdown: &Shutdown) -> Result<(), BatchError> {
+        let outer = last.is_some_and(|l| self.layers.get(next).is_some_and(|&n| n > l));
+        if outer && !self.timing.layer_delay.is_zero() {
+            tokio::select! {
+                biased;
+                _ = shutdown.abandoned() => return Err(BatchError::Abandoned),
+                _ = tokio::time::sleep(self.timing.layer_delay) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs every second pass that is due, and while too many events wait for theirs (or, with
+    /// `all`, every pending one) waits for the next one's due time; then acknowledges its events. A second pass repeats deletes that already
+    /// succeeded once: its rejections were dead-lettered by the first pass and are only logged.
+    async fn run_second_passes(&mut self, all: bool, shutdown: &Shutdown) -> Result<(), BatchError> {
+        while let Some(due) = self.second_passes.front().map(|p| p.due) {
+            let over = self.second_pass_events >= self.timing.repeat_max_events;
+            if !all && !over && due > tokio::time::Instant::now() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.abandoned() => return Err(BatchError::Abandoned),
+                _ = tokio::time::sleep_until(due) => {}
+            }
+            let Some(pass) = self.second_passes.pop_front() else { break };
+            let mut last = None;
+            for (i, sink) in self.sinks.clone().into_iter().enumerate() {
+                if sink.kinds().iter().all(|&k| pass.batch.items(k).is_empty()) {
+                    continue;
+                }
+                self.pace(last, i, shutdown).await?;
+                match sink.invalidate(&pass.batch, shutdown).await {
+                    Ok(report) if !report.rejected.is_empty() => tracing::warn!(
+                        sink = sink.name(),
+                        rejected = report.rejected.len(),
+                        "second pass: items rejected again (dead-lettered by the first pass)"
+                    ),
+                    Ok(_) => {}
+                    Err(SinkError::Abandoned) => return Err(BatchError::Abandoned),
+                    Err(SinkError::Fatal(m)) => {
+                        return Err(BatchError::Fatal(AppError::Sink(format!("sink {}: {m}", sink.name()))))
+                    }
+                }
+                last = self.layers.get(i).copied();
+            }
+            self.second_pass_events -= pass.acks.len();
+            self.metrics.second_pass_pending_events.set(self.second_pass_events as i64);
+            for ack in pass.acks {
+                ack.finish();
+            }
+        }
+        Ok(())
     }
 
     /// Processes batches until the source closes the queue (after shutdown stopped it) and the
@@ -154,15 +254,29 @@ impl Pipeline {
         let max = self.config.batch_max_events;
         let mut batch: Vec<SourceEvent> = Vec::with_capacity(max);
         loop {
-            // Wait for the first event, then gather more until the batch is full or the first
-            // event has waited batch_max_wait.
+            // Second passes that are due go first. While too many events wait for theirs, take
+            // no new events (the source pauses) until the oldest pass is done.
+            match self.run_second_passes(false, shutdown).await {
+                Ok(()) => {}
+                Err(BatchError::Abandoned) => return Ok(()),
+                Err(BatchError::Fatal(e)) => return Err(e),
+            }
+            let next_due = self.second_passes.front().map(|p| p.due);
+            // Wait for the first event (or the next second pass), then gather more until the
+            // batch is full or the first event has waited batch_max_wait.
             let n = tokio::select! {
                 biased;
                 _ = shutdown.abandoned() => return Ok(()),
+                _ = sleep_until_some(next_due), if next_due.is_some() => continue,
                 n = rx.recv_many(&mut batch, max) => n,
             };
             if n == 0 {
-                return Ok(()); // Queue closed and drained.
+                // Queue closed and drained: pending second passes still run (within the
+                // shutdown grace period; abandoned ones stay unacknowledged and are redone).
+                return match self.run_second_passes(true, shutdown).await {
+                    Ok(()) | Err(BatchError::Abandoned) => Ok(()),
+                    Err(BatchError::Fatal(e)) => Err(e),
+                };
             }
             let deadline = tokio::time::Instant::now() + self.config.batch_max_wait;
             while batch.len() < max {
@@ -198,7 +312,7 @@ impl Pipeline {
                         let dead = (!eval.errors.is_empty()).then(|| {
                             (
                                 Reason::RuleError,
-                                eval.errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>().join(" "),
+                                eval.errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>().join("; "),
                             )
                         });
                         (Some(eval), dead)
@@ -212,11 +326,14 @@ impl Pipeline {
         let batch = coalesce(&items);
         self.metrics.batch_items.observe(ItemKind::ALL.iter().map(|&k| batch.items(k).len()).sum::<usize>() as f64);
 
-        for sink in self.sinks.clone() {
+        let mut last_layer = None;
+        for (i, sink) in self.sinks.clone().into_iter().enumerate() {
             let kinds = sink.kinds();
             if kinds.iter().all(|&k| batch.items(k).is_empty()) {
                 continue;
             }
+            self.pace(last_layer, i, shutdown).await?;
+            last_layer = self.layers.get(i).copied();
             let started = Instant::now();
             let report = match sink.invalidate(&batch, shutdown).await {
                 Ok(r) => r,
@@ -283,6 +400,8 @@ impl Pipeline {
         }
 
         let now = SystemTime::now();
+        let repeat = !self.timing.repeat_after.is_zero() && !batch.is_empty();
+        let mut waiting = Vec::new();
         for item in items {
             let (table, op) = match &item.event.decoded {
                 Ok(Decoded::Change(c)) => (c.table.as_str(), c.op.as_str()),
@@ -304,7 +423,19 @@ impl Pipeline {
                         .observe(now.duration_since(origin).unwrap_or_default().as_secs_f64());
                 }
             }
-            item.event.ack.finish();
+            // With a second pass, events that asked for invalidations wait for it.
+            let asked = item.evaluation.as_ref().is_some_and(|e| !e.invalidations.is_empty());
+            if repeat && asked {
+                waiting.push(item.event.ack);
+            } else {
+                item.event.ack.finish();
+            }
+        }
+        if !waiting.is_empty() {
+            self.second_pass_events += waiting.len();
+            self.metrics.second_pass_pending_events.set(self.second_pass_events as i64);
+            let due = tokio::time::Instant::now() + self.timing.repeat_after;
+            self.second_passes.push_back(SecondPass { due, batch, acks: waiting });
         }
         Ok(())
     }
@@ -329,6 +460,12 @@ impl Pipeline {
                 }
             }
         }
+    }
+}
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
     }
 }
 

@@ -39,7 +39,7 @@ async fn binary_against_tansu_and_redis() {
     let bootstrap = broker.bootstrap();
     let (config, port) = write_config(
         dir.path(),
-        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "e2e", redis_url: &url, extra: "" },
+        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "e2e", redis_url: &url, extra: "", librdkafka: &[] },
     );
     let mut daemon = DaemonProcess::start(&config, dir.path());
     let ready = wait_until(Duration::from_secs(30), || http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)).await;

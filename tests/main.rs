@@ -4,7 +4,12 @@
 
 mod support;
 
+mod cdn_cloudflare;
+mod cdn_daemon;
+mod cdn_fastly;
 mod cdn_signed;
+mod cdn_varnish;
+mod cdn_webhook;
 mod cli;
 mod end_to_end;
 mod pipeline;

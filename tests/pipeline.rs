@@ -63,7 +63,14 @@ async fn keys_and_tag_members_are_deleted_and_offsets_committed() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(
         dir.path(),
-        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g1", redis_url: &redis.url(), extra: "" },
+        &Setup {
+            bootstrap: &bootstrap,
+            topics: &[TOPIC],
+            group: "g1",
+            redis_url: &redis.url(),
+            extra: "",
+            librdkafka: &[],
+        },
     );
 
     let gone =
@@ -120,7 +127,14 @@ async fn restart_resumes_after_the_last_committed_offset() {
     let kafka = MockKafka::start(1);
     kafka.create_topic(TOPIC, 1);
     let bootstrap = kafka.bootstrap();
-    let setup = Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g2", redis_url: &redis.url(), extra: "" };
+    let setup = Setup {
+        bootstrap: &bootstrap,
+        topics: &[TOPIC],
+        group: "g2",
+        redis_url: &redis.url(),
+        extra: "",
+        librdkafka: &[],
+    };
 
     set_keys(&mut c, 1..=10);
     produce_inserts(&kafka, 1..=10, 1).await;
@@ -154,7 +168,7 @@ async fn redis_down_holds_offsets_and_everything_is_deleted_when_it_returns() {
     let url = redis.url();
     let daemon = Daemon::start(
         dir.path(),
-        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g3", redis_url: &url, extra: "" },
+        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g3", redis_url: &url, extra: "", librdkafka: &[] },
     );
 
     {
@@ -205,7 +219,8 @@ async fn abandoned_work_is_redelivered_on_the_next_start() {
     let bootstrap = kafka.bootstrap();
     produce_inserts(&kafka, 1..=8, 3).await;
     let dir = tempfile::tempdir().unwrap();
-    let setup = Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g4", redis_url: &url, extra: "" };
+    let setup =
+        Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g4", redis_url: &url, extra: "", librdkafka: &[] };
 
     let first = Daemon::start(dir.path(), &setup);
     assert!(
@@ -238,7 +253,14 @@ async fn broker_faults_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(
         dir.path(),
-        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g5", redis_url: &redis.url(), extra: "" },
+        &Setup {
+            bootstrap: &bootstrap,
+            topics: &[TOPIC],
+            group: "g5",
+            redis_url: &redis.url(),
+            extra: "",
+            librdkafka: &[],
+        },
     );
     assert!(wait_until(Duration::from_secs(20), || (1..=10).all(|id| !exists(&mut c, &format!("product:{id}")))).await);
 
@@ -302,7 +324,14 @@ async fn malformed_and_unrenderable_events_are_dead_lettered_and_the_pipeline_go
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(
         dir.path(),
-        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g6", redis_url: &redis.url(), extra: "" },
+        &Setup {
+            bootstrap: &bootstrap,
+            topics: &[TOPIC],
+            group: "g6",
+            redis_url: &redis.url(),
+            extra: "",
+            librdkafka: &[],
+        },
     );
     assert!(
         wait_until(Duration::from_secs(20), || !exists(&mut c, "product:1") && !exists(&mut c, "product:2")).await,
@@ -343,7 +372,7 @@ async fn dead_letters_can_go_to_a_kafka_topic() {
     let url = redis.url();
     let (path, port) = crate::support::daemon::write_config(
         dir.path(),
-        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g7", redis_url: &url, extra: "" },
+        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g7", redis_url: &url, extra: "", librdkafka: &[] },
     );
     let text = std::fs::read_to_string(&path)
         .unwrap()

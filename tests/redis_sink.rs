@@ -520,3 +520,80 @@ async fn an_empty_batch_needs_no_redis() {
     let report = sink.invalidate(&b, &Shutdown::never()).await.expect("nothing to do");
     assert_eq!(report, SinkReport::default());
 }
+
+/// A private TLS-only redis-server with a self-signed certificate made by the openssl CLI.
+struct TlsRedis {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsRedis {
+    fn start() -> TlsRedis {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, cert) = (dir.path().join("key.pem"), dir.path().join("cert.pem"));
+        let status = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl CLI");
+        assert!(status.success());
+        let port = crate::support::free_port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--tls-auth-clients",
+                "no",
+            ])
+            .arg("--tls-cert-file")
+            .arg(&cert)
+            .arg("--tls-key-file")
+            .arg(&key)
+            .arg("--tls-ca-cert-file")
+            .arg(&cert)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        assert!(crate::support::wait_for_port(port, Duration::from_secs(10)));
+        TlsRedis { child, port, _dir: dir }
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn tls_comes_through_the_url() {
+    let server = TlsRedis::start();
+    // `#insecure`: the test certificate is self-signed; production URLs verify against the
+    // system trust store.
+    let url = format!("rediss://127.0.0.1:{}/#insecure", server.port);
+    let (tls, _) = sink(&config(&url));
+    assert!(tls.ping().await, "PING over TLS");
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SET").arg("product:1").arg("cached").query_async(&mut con).await.unwrap();
+    let report = tls.invalidate(&batch(&["product:1"], &[]), &Shutdown::never()).await.unwrap();
+    assert!(report.rejected.is_empty());
+    let left: bool = redis::cmd("EXISTS").arg("product:1").query_async(&mut con).await.unwrap();
+    assert!(!left, "the key was unlinked over TLS");
+
+    // Plain redis:// to a TLS port is never ready.
+    let (plain, _) = sink(&config(&format!("redis://127.0.0.1:{}", server.port)));
+    assert!(!plain.ping().await);
+}

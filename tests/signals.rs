@@ -28,7 +28,7 @@ async fn sigterm_drains_commits_and_exits_zero() {
     let url = redis.url();
     let (config, port) = write_config(
         dir.path(),
-        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "sig", redis_url: &url, extra: "" },
+        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "sig", redis_url: &url, extra: "", librdkafka: &[] },
     );
     let mut daemon = DaemonProcess::start(&config, dir.path());
 
@@ -76,7 +76,7 @@ async fn json_logs_are_one_object_per_line() {
     let url = redis.url();
     let (config, port) = write_config(
         dir.path(),
-        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "json", redis_url: &url, extra: "" },
+        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "json", redis_url: &url, extra: "", librdkafka: &[] },
     );
     let text = std::fs::read_to_string(&config).unwrap().replace("log:\n", "log:\n  format: json\n");
     std::fs::write(&config, text).unwrap();

@@ -154,6 +154,35 @@ impl fmt::Debug for Secret {
 #[serde(deny_unknown_fields)]
 pub struct SinksConfig {
     pub redis: Option<RedisConfig>,
+    /// HTTP caches and CDNs, each named (docs/cdn.md).
+    #[serde(default)]
+    pub cdn: Vec<crate::sink::cdn::CdnSinkConfig>,
+    /// Layer order timing: delay between layers, second pass.
+    #[serde(default)]
+    pub timing: LayerTiming,
+}
+
+/// `sinks.timing`: how the pipeline paces layers (Redis 0, Varnish-like caches 1, CDNs 2).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LayerTiming {
+    /// Wait this long after a layer confirmed a batch before purging the next one out, so an
+    /// edge cannot refill from an inner cache that is still being purged.
+    #[serde(with = "duration")]
+    pub layer_delay: Duration,
+    /// Re-issue every batch's invalidations once more this long after the first pass (covers a
+    /// reader that refilled a cache from a lagging replica); `0` (the default) turns it off.
+    /// Positions wait for it (docs/cdn.md says why).
+    #[serde(with = "duration")]
+    pub repeat_after: Duration,
+    /// At most this many events wait for their second pass; beyond, intake waits.
+    pub repeat_max_events: usize,
+}
+
+impl Default for LayerTiming {
+    fn default() -> Self {
+        LayerTiming { layer_delay: Duration::ZERO, repeat_after: Duration::ZERO, repeat_max_events: 100_000 }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -591,8 +620,12 @@ impl Config {
             )),
         }
 
+        self.validate_cdn(origin, &mut problems);
         match self.sinks.redis.as_mut() {
-            None => problems.push(origin.problem(&["sinks"], "sinks needs at least one sink: add sinks.redis")),
+            None if !self.sinks.cdn.is_empty() => {}
+            None => {
+                problems.push(origin.problem(&["sinks"], "sinks needs at least one sink: add sinks.redis or sinks.cdn"))
+            }
             Some(r) => {
                 r.resolved_url = resolve_secret(
                     origin,
@@ -682,6 +715,37 @@ impl Config {
             problems.push(origin.problem(&["log", "level"], "log.level must not be empty"));
         }
         problems
+    }
+}
+
+impl Config {
+    /// `sinks.cdn`: each entry's own checks, unique names, and `sinks.timing`.
+    fn validate_cdn(&mut self, origin: &Origin, problems: &mut Vec<Problem>) {
+        let mut names = std::collections::HashSet::from(["redis".to_string()]);
+        for (i, sink) in self.sinks.cdn.iter_mut().enumerate() {
+            let idx = i.to_string();
+            for (path, message) in sink.validate(origin.file) {
+                let mut at = vec!["sinks", "cdn", idx.as_str()];
+                at.extend(path.iter().map(String::as_str));
+                problems.push(origin.problem(&at, format!("sinks.cdn[{i}] ({}): {message}", sink.name())));
+            }
+            if !names.insert(sink.name().to_string()) {
+                problems.push(origin.problem(
+                    &["sinks", "cdn", &idx, "name"],
+                    format!("sinks.cdn[{i}]: the sink name {:?} is used twice (names label metrics)", sink.name()),
+                ));
+            }
+        }
+        let t = &self.sinks.timing;
+        if t.layer_delay > Duration::from_secs(600) || t.repeat_after > Duration::from_secs(3600) {
+            problems.push(origin.problem(
+                &["sinks", "timing"],
+                "sinks.timing.layer_delay must be at most 10m and repeat_after at most 1h",
+            ));
+        }
+        if t.repeat_max_events == 0 {
+            problems.push(origin.problem(&["sinks", "timing", "repeat_max_events"], "must be at least 1"));
+        }
     }
 }
 
@@ -808,6 +872,40 @@ metrics:
         let p = write(&dir, "c.yaml", &text);
         let text = load_with_env(&p, []).unwrap_err().to_string();
         assert!(text.contains("exactly one of `url`, `url_env` and `url_file`"), "{text}");
+    }
+
+    #[test]
+    fn cdn_sinks_are_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = write(&dir, "token", "s3cret-token\n");
+        let cdn = format!(
+            "  cdn:\n    - {{ kind: fastly, name: edge, service_id: abc, token_file: {} }}\n    - {{ kind: varnish, name: edge, nodes: [\"http://127.0.0.1:6081\"] }}\n    - {{ kind: cloudflare, name: cf, zone_id: z1 }}\n",
+            token.display()
+        );
+        let p = write(&dir, "c.yaml", &CORE.replace("sinks:\n", &format!("sinks:\n{cdn}")));
+        let text = load_with_env(&p, []).unwrap_err().to_string();
+        assert!(text.contains("\"edge\" is used twice"), "{text}");
+        assert!(text.contains("`token_env` or `token_file` is required"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+
+        let typo = CORE.replace(
+            "sinks:\n",
+            &format!("sinks:\n  cdn:\n    - kind: fastly\n      name: f\n      service_id: abc\n      token_file: {}\n      sofft: true\n", token.display()),
+        );
+        let p = write(&dir, "t.yaml", &typo);
+        let text = load_with_env(&p, []).unwrap_err().to_string();
+        assert!(text.contains("sofft"), "{text}");
+
+        let ok = CORE.replace(
+            "sinks:\n",
+            &format!("sinks:\n  cdn:\n    - {{ kind: fastly, name: f, service_id: abc, token_file: {} }}\n  timing: {{ layer_delay: 250ms, repeat_after: 30s }}\n", token.display()),
+        );
+        let p = write(&dir, "ok.yaml", &ok);
+        let cfg = load_with_env(&p, []).unwrap();
+        assert_eq!(cfg.sinks.cdn.len(), 1);
+        assert_eq!(cfg.sinks.cdn[0].layer(), 2);
+        assert_eq!(cfg.sinks.timing.repeat_after, Duration::from_secs(30));
+        assert!(!format!("{cfg:?}").contains("s3cret"));
     }
 
     #[test]

@@ -6,13 +6,17 @@
 //! rule name, topic and partition. Never a key, a URL or a row value.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-/// Staleness buckets: from sub-millisecond (Redis on loopback) to minutes (a CDN backlog).
-const STALENESS_BUCKETS: &[f64] =
-    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0];
+/// Staleness buckets: from sub-millisecond (Redis on loopback) to minutes (a CDN backlog), dense
+/// between 5 and 50 ms where a healthy Redis path lives, so p99 SLOs (e.g. 25 ms) can be read
+/// off the histogram with millisecond resolution.
+const STALENESS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.0225, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0];
 const DURATION_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -68,6 +72,21 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// Rules currently loaded.
     pub rules_loaded: IntGauge,
+    /// CDN/HTTP-cache purge requests (attempts), by sink and outcome (`ok`, `rate_limited`,
+    /// `server_error`, `network_error`, `rejected`).
+    pub cdn_requests: IntCounterVec,
+    /// Items per CDN purge request, by sink (the batching ratio).
+    pub cdn_request_items: HistogramVec,
+    /// Seconds one CDN purge attempt took, by sink.
+    pub cdn_request_duration: HistogramVec,
+    /// Seconds spent waiting on a sink's client-side rate limit (token bucket), by sink.
+    pub cdn_rate_limit_wait: CounterVec,
+    /// CDN purge requests in flight, by sink.
+    pub cdn_in_flight: IntGaugeVec,
+    /// Post-purge freshness checks, by sink and outcome (`fresh`, `stale`, `error`, `skipped`).
+    pub cdn_verifications: IntCounterVec,
+    /// Events whose second pass (`sinks.timing.repeat_after`) is still due.
+    pub second_pass_pending_events: IntGauge,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -257,6 +276,59 @@ impl Metrics {
             ),
             rules_loaded: {
                 let g = IntGauge::new("cdc_invalidator_rules", "Rules currently loaded.").expect("valid");
+                r.register(Box::new(g.clone())).expect("unique");
+                g
+            },
+            cdn_requests: counter(
+                &r,
+                "cdc_invalidator_cdn_requests_total",
+                "CDN and HTTP-cache purge requests (attempts), by sink and outcome.",
+                &["sink", "outcome"],
+            ),
+            cdn_request_items: histogram(
+                &r,
+                "cdc_invalidator_cdn_request_items",
+                "Items per CDN purge request, by sink.",
+                &["sink"],
+                BATCH_BUCKETS,
+            ),
+            cdn_request_duration: histogram(
+                &r,
+                "cdc_invalidator_cdn_request_duration_seconds",
+                "Seconds one CDN purge attempt took, by sink.",
+                &["sink"],
+                DURATION_BUCKETS,
+            ),
+            cdn_rate_limit_wait: {
+                let c = CounterVec::new(
+                    Opts::new(
+                        "cdc_invalidator_cdn_rate_limit_wait_seconds_total",
+                        "Seconds spent waiting on a sink's client-side rate limit.",
+                    ),
+                    &["sink"],
+                )
+                .expect("metric definition is valid");
+                r.register(Box::new(c.clone())).expect("metric names are unique");
+                c
+            },
+            cdn_in_flight: gauge_vec(
+                &r,
+                "cdc_invalidator_cdn_in_flight_requests",
+                "CDN purge requests in flight, by sink.",
+                &["sink"],
+            ),
+            cdn_verifications: counter(
+                &r,
+                "cdc_invalidator_cdn_verifications_total",
+                "Post-purge freshness checks, by sink and outcome.",
+                &["sink", "outcome"],
+            ),
+            second_pass_pending_events: {
+                let g = IntGauge::new(
+                    "cdc_invalidator_second_pass_pending_events",
+                    "Events whose second invalidation pass is still due.",
+                )
+                .expect("valid");
                 r.register(Box::new(g.clone())).expect("unique");
                 g
             },

@@ -20,6 +20,8 @@ pub struct Setup<'a> {
     pub redis_url: &'a str,
     /// Extra top-level YAML appended to the config (e.g. a `pipeline:` section).
     pub extra: &'a str,
+    /// Extra librdkafka settings for the source.
+    pub librdkafka: &'a [(&'a str, &'a str)],
 }
 
 /// Writes rules and config into `dir`; returns the config path.
@@ -39,7 +41,7 @@ source:
     librdkafka:
       session.timeout.ms: 6000
       heartbeat.interval.ms: 300
-sinks:
+{librdkafka}sinks:
   redis:
     url: "{redis}"
     retry: {{ initial: 20ms, max: 250ms }}
@@ -56,6 +58,7 @@ log:
         group = setup.group,
         redis = setup.redis_url,
         extra = setup.extra,
+        librdkafka = setup.librdkafka.iter().map(|(k, v)| format!("      {k}: \"{v}\"\n")).collect::<String>(),
     );
     let path = dir.join("config.yaml");
     std::fs::write(&path, text).expect("write config");

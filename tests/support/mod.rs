@@ -1,12 +1,14 @@
 //! Test harness: private service instances on free loopback ports, stopped on drop.
 #![allow(dead_code)]
 
+pub mod cdn_doubles;
 pub mod cdn_signed_doubles;
 pub mod daemon;
 pub mod events;
 pub mod kafka;
 pub mod redis;
 pub mod tansu;
+pub mod varnish;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};

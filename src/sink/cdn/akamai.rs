@@ -24,9 +24,9 @@ use async_trait::async_trait;
 use serde::Deserialize;
 
 use super::edgegrid;
-use super::standin::http::{self, Answer, Failure, Sender};
-use super::standin::limit::TokenBucket;
-use super::standin::{
+use super::http::{self, Answer, Failure, Sender};
+use super::limit::TokenBucket;
+use super::{
     check_base_url, check_key, check_url, chunk, partition, report, run_jobs, CdnError, Job, Limits, LimitsConfig,
     SecretRef,
 };
@@ -105,7 +105,7 @@ pub const DEFAULT_CPCODE_OBJECTS: ObjectBucket = ObjectBucket { burst: 300, per_
 #[serde(deny_unknown_fields)]
 pub struct AkamaiConfig {
     pub name: String,
-    #[serde(default = "super::standin::default_layer_cdn")]
+    #[serde(default = "super::default_layer_cdn")]
     pub layer: u8,
     /// The API client's host, as `https://akab-….purge.akamaiapis.net`.
     pub base_url: String,
@@ -131,7 +131,7 @@ pub struct AkamaiConfig {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub retry: RetryPolicy,
-    #[serde(default = "super::standin::default_timeout", with = "crate::config::duration")]
+    #[serde(default = "super::default_timeout", with = "crate::config::duration")]
     pub timeout: Duration,
     #[serde(skip)]
     pub credentials: Option<edgegrid::Credentials>,

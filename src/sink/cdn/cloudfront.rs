@@ -27,12 +27,10 @@ use rand::Rng;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
+use super::http::{self, Answer, Failure, Sender};
+use super::limit::TokenBucket;
 use super::sigv4;
-use super::standin::http::{self, Answer, Failure, Sender};
-use super::standin::limit::TokenBucket;
-use super::standin::{
-    check_base_url, check_url, partition, report, run_jobs, CdnError, Job, Limits, LimitsConfig, SecretRef,
-};
+use super::{check_base_url, check_url, partition, report, run_jobs, CdnError, Job, Limits, LimitsConfig, SecretRef};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, Sink, SinkError, SinkReport};
@@ -54,7 +52,7 @@ const XMLNS: &str = "http://cloudfront.amazonaws.com/doc/2020-05-31/";
 #[serde(deny_unknown_fields)]
 pub struct CloudfrontConfig {
     pub name: String,
-    #[serde(default = "super::standin::default_layer_cdn")]
+    #[serde(default = "super::default_layer_cdn")]
     pub layer: u8,
     pub distribution_id: String,
     /// The AWS access key (an IAM user or role allowed `cloudfront:CreateInvalidation` and
@@ -90,7 +88,7 @@ pub struct CloudfrontConfig {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub retry: RetryPolicy,
-    #[serde(default = "super::standin::default_timeout", with = "crate::config::duration")]
+    #[serde(default = "super::default_timeout", with = "crate::config::duration")]
     pub timeout: Duration,
     #[serde(skip)]
     pub credentials: Option<sigv4::Credentials>,

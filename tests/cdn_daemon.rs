@@ -1,0 +1,150 @@
+//! CDN sinks through the whole daemon (Kafka mock cluster → rules → Redis → webhook → Fastly
+//! double): dead letters for permanent rejections without blocking later events, layer order
+//! with a delay, and the second pass holding the position until it is done.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::cdn_doubles::fastly::{FastlyDouble, SERVICE, TOKEN};
+use crate::support::cdn_doubles::secret_file;
+use crate::support::cdn_doubles::webhook::{WebhookDouble, SECRET};
+use crate::support::daemon::{wait_until, write_config, Daemon, Setup};
+use crate::support::events::product_insert;
+use crate::support::kafka::{committed, MockKafka};
+use crate::support::redis::RedisServer;
+
+const TOPIC: &str = "shop.public.products";
+
+const RULES: &str = r#"version: 1
+rules:
+  - name: product-pages
+    table: public.products
+    redis:
+      keys: ["product:{id}"]
+    cdn:
+      surrogate_keys: ["product-{id}"]
+"#;
+
+/// Writes the standard test config plus `cdn` (YAML list items, indented for `sinks.cdn`) and
+/// `timing`, and the CDN rules; starts the daemon in process.
+fn start(dir: &Path, bootstrap: &str, group: &str, redis: &str, cdn: &str, timing: &str) -> Daemon {
+    let setup = Setup { bootstrap, topics: &[TOPIC], group, redis_url: redis, extra: "", librdkafka: &[] };
+    let (path, port) = write_config(dir, &setup);
+    std::fs::write(dir.join("rules.yaml"), RULES).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replacen("sinks:\n", &format!("sinks:\n  cdn:\n{cdn}  timing: {timing}\n"), 1);
+    std::fs::write(&path, text).unwrap();
+    Daemon::from_config(dir, &path, port)
+}
+
+fn fastly_entry(double: &FastlyDouble, token_file: &str) -> String {
+    format!(
+        "    - {{ kind: fastly, name: fastly, service_id: {SERVICE}, token_file: \"{token_file}\", api: \"{}\", retry: {{ initial: 20ms, max: 200ms }} }}\n",
+        double.api()
+    )
+}
+
+async fn committed_total(bootstrap: &str, group: &str) -> i64 {
+    committed(bootstrap, group, TOPIC, 1).await.iter().map(|&o| o.max(0)).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_purge_is_dead_lettered_and_later_events_are_purged() {
+    let redis = RedisServer::start();
+    let fastly = FastlyDouble::start();
+    fastly.state.lock().unwrap().refuse.push("product-7".into());
+    let (_secret_dir, token_file) = secret_file(TOKEN);
+    let kafka = MockKafka::start(1);
+    kafka.create_topic(TOPIC, 1);
+    for id in 1..=20 {
+        kafka.produce(TOPIC, Some(0), Some(&format!("{{\"id\":{id}}}")), Some(&product_insert(id, 5))).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = kafka.bootstrap();
+    let daemon = start(dir.path(), &bootstrap, "g-cdn-dl", &redis.url(), &fastly_entry(&fastly, &token_file), "{}");
+
+    let all_but_7 = || {
+        let got = fastly.purged_keys();
+        (1..=20).filter(|&i| i != 7).all(|i| got.contains(&format!("product-{i}")))
+    };
+    assert!(wait_until(Duration::from_secs(30), all_but_7).await, "every other event is purged");
+    assert!(!fastly.purged_keys().contains(&"product-7".to_string()));
+    assert!(wait_until(Duration::from_secs(10), || !daemon.dead_letters().is_empty()).await);
+    let letters = daemon.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter["reason"], "sink_rejected");
+    let error = letter["error"].as_str().unwrap_or_default();
+    assert!(error.contains("sink fastly rejected surrogate_key \"product-7\""), "{error}");
+    assert!(error.contains("HTTP 400") && error.contains("invalid surrogate key product-7"), "{error}");
+    assert!(!error.contains(TOKEN));
+    assert_eq!(letter["source"]["offset"], Value::from(6));
+
+    // Then more events still flow, and every offset is committed (the dead letter finished 7).
+    for id in 21..=25 {
+        kafka.produce(TOPIC, Some(0), Some(&format!("{{\"id\":{id}}}")), Some(&product_insert(id, 5))).await;
+    }
+    assert!(wait_until(Duration::from_secs(20), || fastly.purged_keys().contains(&"product-25".to_string())).await);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while committed_total(&bootstrap, "g-cdn-dl").await != 25 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(committed_total(&bootstrap, "g-cdn-dl").await, 25);
+    assert_eq!(daemon.metrics.value("cdc_invalidator_dead_letters_total", &[("reason", "sink_rejected")]), 1.0);
+    daemon.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_go_in_order_with_a_delay_and_the_second_pass_holds_the_position() {
+    let redis = RedisServer::start();
+    let fastly = FastlyDouble::start();
+    let hook = WebhookDouble::start();
+    let (_d1, token_file) = secret_file(TOKEN);
+    let (_d2, secret) = secret_file(SECRET);
+    let kafka = MockKafka::start(1);
+    kafka.create_topic(TOPIC, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = kafka.bootstrap();
+    // Listed CDN first: layer order, not list order, decides.
+    let cdn = format!(
+        "{}    - {{ kind: webhook, name: hook, url: \"{}\", secret_file: \"{secret}\" }}\n",
+        fastly_entry(&fastly, &token_file),
+        hook.url()
+    );
+    let daemon =
+        start(dir.path(), &bootstrap, "g-cdn-layers", &redis.url(), &cdn, "{ layer_delay: 400ms, repeat_after: 3s }");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for id in 1..=3 {
+        kafka.produce(TOPIC, Some(0), Some(&format!("{{\"id\":{id}}}")), Some(&product_insert(id, 5))).await;
+    }
+
+    let first_pass = || fastly.purged_keys().len() >= 3;
+    assert!(wait_until(Duration::from_secs(20), first_pass).await);
+    // The position waits for the second pass.
+    assert_eq!(committed_total(&bootstrap, "g-cdn-layers").await, 0, "nothing committed between the passes");
+    let second_pass = || fastly.purged_keys().len() >= 6;
+    assert!(wait_until(Duration::from_secs(20), second_pass).await, "the second pass re-sends the purges");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while committed_total(&bootstrap, "g-cdn-layers").await != 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(committed_total(&bootstrap, "g-cdn-layers").await, 3, "committed after the second pass");
+
+    // Accepted purges only (the readiness probe's HEAD requests are in the logs too).
+    let hook_times: Vec<Instant> =
+        hook.state.lock().unwrap().log.iter().filter(|(_, s)| *s == 204).map(|(t, _)| *t).collect();
+    let fastly_times: Vec<Instant> =
+        fastly.state.lock().unwrap().log.iter().filter(|(_, s)| *s == 200).map(|(t, _)| *t).collect();
+    assert!(!hook_times.is_empty() && !fastly_times.is_empty());
+    let (h0, f0) = (hook_times[0], fastly_times[0]);
+    assert!(f0 >= h0 + Duration::from_millis(400), "the CDN (layer 2) waits layer_delay after the webhook (layer 1)");
+    let f_last = *fastly_times.last().unwrap();
+    assert!(f_last >= f0 + Duration::from_millis(2900), "the second pass comes repeat_after later");
+    let mut keys = fastly.purged_keys();
+    keys.sort();
+    assert_eq!(keys, ["product-1", "product-1", "product-2", "product-2", "product-3", "product-3"]);
+    assert_eq!(hook.state.lock().unwrap().keys.len(), 6, "every layer gets the second pass");
+    daemon.stop().await.expect("clean stop");
+}
