@@ -228,10 +228,22 @@ use cdc_invalidator::sink::cdn::cloudfront::{CloudfrontConfig, CloudfrontSink};
 use cdc_invalidator::sink::{Invalidations, ItemKind, Sink};
 use cdc_invalidator::telemetry::Metrics;
 
-use crate::support::cdn_signed_doubles::{AkLimits, AkamaiDouble, Bucket, CfLimits, CloudFrontDouble, CF_DISTRIBUTION};
+use crate::support::cdn_doubles::akamai::{AkLimits, AkamaiDouble};
+use crate::support::cdn_doubles::cloudfront::{CfLimits, CloudFrontDouble, CF_DISTRIBUTION};
+use crate::support::cdn_doubles::Bucket;
+
+/// `base` with the keys of `extra` set over it.
+fn merged(mut base: serde_json::Value, extra: serde_json::Value) -> serde_json::Value {
+    if let (Some(base), Some(extra)) = (base.as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            base.insert(k.clone(), v.clone());
+        }
+    }
+    base
+}
 
 fn cloudfront_sink(endpoint: &str, extra: serde_json::Value, credentials: sigv4::Credentials) -> CloudfrontSink {
-    let mut config = serde_json::json!({
+    let config = serde_json::json!({
         "name": "cloudfront",
         "distribution_id": CF_DISTRIBUTION,
         "access_key_id_env": "UNUSED",
@@ -242,18 +254,13 @@ fn cloudfront_sink(endpoint: &str, extra: serde_json::Value, credentials: sigv4:
         "retry": { "initial": "10ms", "max": "200ms" },
         "limits": { "requests_per_second": 0 },
     });
-    if let (Some(base), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
-        for (k, v) in extra {
-            base.insert(k.clone(), v.clone());
-        }
-    }
-    let mut config: CloudfrontConfig = serde_json::from_value(config).unwrap();
+    let mut config: CloudfrontConfig = serde_json::from_value(merged(config, extra)).unwrap();
     config.credentials = Some(credentials);
     CloudfrontSink::new(&config, Arc::new(Metrics::new())).unwrap()
 }
 
 fn akamai_sink(base_url: &str, extra: serde_json::Value, credentials: edgegrid::Credentials) -> AkamaiSink {
-    let mut config = serde_json::json!({
+    let config = serde_json::json!({
         "name": "akamai",
         "base_url": base_url,
         "client_token_env": "UNUSED",
@@ -261,12 +268,7 @@ fn akamai_sink(base_url: &str, extra: serde_json::Value, credentials: edgegrid::
         "access_token_env": "UNUSED",
         "retry": { "initial": "10ms", "max": "200ms" },
     });
-    if let (Some(base), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
-        for (k, v) in extra {
-            base.insert(k.clone(), v.clone());
-        }
-    }
-    let mut config: AkamaiConfig = serde_json::from_value(config).unwrap();
+    let mut config: AkamaiConfig = serde_json::from_value(merged(config, extra)).unwrap();
     config.credentials = Some(credentials);
     AkamaiSink::new(&config, Arc::new(Metrics::new())).unwrap()
 }
@@ -277,7 +279,7 @@ fn urls(n: usize) -> Vec<String> {
 
 #[tokio::test]
 async fn cloudfront_double_rejects_a_wrong_signature() {
-    let double = CloudFrontDouble::start(CfLimits::default()).await;
+    let double = CloudFrontDouble::start(CfLimits::default());
     let wrong =
         sigv4::Credentials { secret_access_key: Secret::new("not-the-secret"), ..CloudFrontDouble::credentials() };
     let sink = cloudfront_sink(&double.endpoint(), serde_json::json!({}), wrong);
@@ -298,7 +300,7 @@ async fn cloudfront_double_rejects_a_wrong_signature() {
 
 #[tokio::test]
 async fn akamai_double_rejects_a_wrong_signature() {
-    let double = AkamaiDouble::start(AkLimits::default()).await;
+    let double = AkamaiDouble::start(AkLimits::default());
     let wrong =
         edgegrid::Credentials { client_secret: Secret::new("bm90LXRoZS1zZWNyZXQ="), ..AkamaiDouble::credentials() };
     let sink = akamai_sink(&double.base_url(), serde_json::json!({}), wrong);
@@ -325,7 +327,7 @@ async fn cloudfront_batches_stay_under_the_in_flight_limits() {
     // complete; the double answers TooManyInvalidationsInProgress if the sink ever overshoots.
     let limits =
         CfLimits { max_paths: 10, max_wildcards: 3, max_batch: 3_000, complete_after: Duration::from_millis(300) };
-    let double = CloudFrontDouble::start(limits).await;
+    let double = CloudFrontDouble::start(limits);
     let sink = cloudfront_sink(
         &double.endpoint(),
         serde_json::json!({
@@ -364,7 +366,7 @@ async fn cloudfront_batches_stay_under_the_in_flight_limits() {
 
 #[tokio::test]
 async fn cloudfront_reuses_the_caller_reference_when_retrying_a_batch() {
-    let double = CloudFrontDouble::start(CfLimits::default()).await;
+    let double = CloudFrontDouble::start(CfLimits::default());
     // The first answer is lost after the invalidation was created.
     double.state().lose_answers = 1;
     let sink = cloudfront_sink(&double.endpoint(), serde_json::json!({}), CloudFrontDouble::credentials());
@@ -390,7 +392,7 @@ async fn cloudfront_reuses_the_caller_reference_when_retrying_a_batch() {
 
 #[tokio::test]
 async fn cloudfront_paths_it_would_refuse_are_rejected_before_sending() {
-    let double = CloudFrontDouble::start(CfLimits::default()).await;
+    let double = CloudFrontDouble::start(CfLimits::default());
     let sink = cloudfront_sink(&double.endpoint(), serde_json::json!({}), CloudFrontDouble::credentials());
     let batch = Invalidations {
         urls: vec![
@@ -416,7 +418,7 @@ async fn cloudfront_paths_it_would_refuse_are_rejected_before_sending() {
 #[tokio::test]
 async fn cloudfront_can_wait_until_invalidations_complete() {
     let limits = CfLimits { complete_after: Duration::from_millis(600), ..CfLimits::default() };
-    let double = CloudFrontDouble::start(limits).await;
+    let double = CloudFrontDouble::start(limits);
     let sink = cloudfront_sink(
         &double.endpoint(),
         serde_json::json!({ "wait_for_completion": true }),
@@ -432,7 +434,7 @@ async fn cloudfront_can_wait_until_invalidations_complete() {
 async fn cloudfront_busy_distribution_is_retried_not_dead_lettered() {
     // Another client holds the whole wildcard budget; it completes after 700 ms.
     let limits = CfLimits { max_wildcards: 1, complete_after: Duration::from_millis(700), ..CfLimits::default() };
-    let double = CloudFrontDouble::start(limits).await;
+    let double = CloudFrontDouble::start(limits);
     let other = cloudfront_sink(&double.endpoint(), serde_json::json!({}), CloudFrontDouble::credentials());
     other
         .invalidate(
@@ -457,7 +459,7 @@ async fn cloudfront_busy_distribution_is_retried_not_dead_lettered() {
 
 #[tokio::test]
 async fn akamai_bodies_are_split_under_50_kb() {
-    let double = AkamaiDouble::start(AkLimits::default()).await;
+    let double = AkamaiDouble::start(AkLimits::default());
     let sink = akamai_sink(
         &double.base_url(),
         serde_json::json!({ "limits": { "items_per_request": 5000 } }),
@@ -485,7 +487,7 @@ async fn akamai_bodies_are_split_under_50_kb() {
 #[tokio::test]
 async fn akamai_413_splits_the_request_until_it_fits() {
     // The server's limit is lower than the sink's: 413s, then halves, then everything fits.
-    let double = AkamaiDouble::start(AkLimits { max_body: 4_000, ..AkLimits::default() }).await;
+    let double = AkamaiDouble::start(AkLimits { max_body: 4_000, ..AkLimits::default() });
     let sink = akamai_sink(&double.base_url(), serde_json::json!({}), AkamaiDouble::credentials());
     let batch =
         Invalidations { surrogate_keys: (0..300).map(|i| format!("product-{i:04}")).collect(), ..Default::default() };
@@ -501,11 +503,13 @@ async fn akamai_413_splits_the_request_until_it_fits() {
 
 #[tokio::test]
 async fn akamai_429_storm_waits_at_least_5s_and_loses_nothing() {
-    let double = AkamaiDouble::start(AkLimits::default()).await;
+    let double = AkamaiDouble::start(AkLimits::default());
     double.state().storm_until = Some(std::time::Instant::now() + Duration::from_secs(3));
+    // One request in flight, so every request after a 429 is a retry that had to wait (with
+    // more, the other requests already in flight are answered 429 at the same moment).
     let sink = akamai_sink(
         &double.base_url(),
-        serde_json::json!({ "limits": { "items_per_request": 10 } }),
+        serde_json::json!({ "limits": { "items_per_request": 10, "concurrency": 1 } }),
         AkamaiDouble::credentials(),
     );
     let batch = Invalidations { surrogate_keys: (0..30).map(|i| format!("k{i}")).collect(), ..Default::default() };
@@ -537,8 +541,8 @@ async fn akamai_429_storm_waits_at_least_5s_and_loses_nothing() {
 #[tokio::test]
 async fn akamai_client_side_buckets_keep_under_the_provider_rate() {
     // A provider allowing 4 requests at once and 8/s; the sink configured to the same.
-    let limits = AkLimits { requests: Bucket::new(4.0, 8.0), ..AkLimits::default() };
-    let double = AkamaiDouble::start(limits).await;
+    let limits = AkLimits { requests: Bucket::new(4, 8.0), ..AkLimits::default() };
+    let double = AkamaiDouble::start(limits);
     let sink = akamai_sink(
         &double.base_url(),
         serde_json::json!({ "limits": { "items_per_request": 1, "requests_per_second": 8, "burst": 4 } }),
@@ -553,7 +557,7 @@ async fn akamai_client_side_buckets_keep_under_the_provider_rate() {
 
 #[tokio::test]
 async fn akamai_bad_object_is_the_only_one_rejected() {
-    let double = AkamaiDouble::start(AkLimits::default()).await;
+    let double = AkamaiDouble::start(AkLimits::default());
     double.state().reject.insert("product-13".into());
     let sink = akamai_sink(&double.base_url(), serde_json::json!({}), AkamaiDouble::credentials());
     let keys: Vec<String> = (0..32).map(|i| format!("product-{i}")).collect();
@@ -567,7 +571,7 @@ async fn akamai_bad_object_is_the_only_one_rejected() {
 
 #[tokio::test]
 async fn akamai_cpcodes_delete_on_staging() {
-    let double = AkamaiDouble::start(AkLimits::default()).await;
+    let double = AkamaiDouble::start(AkLimits::default());
     let sink = akamai_sink(
         &double.base_url(),
         serde_json::json!({ "surrogate_keys_as": "cpcode", "action": "delete", "network": "staging" }),

@@ -2,7 +2,6 @@
 #![allow(dead_code)]
 
 pub mod cdn_doubles;
-pub mod cdn_signed_doubles;
 pub mod daemon;
 pub mod events;
 pub mod kafka;

@@ -26,9 +26,10 @@ use serde::Deserialize;
 use super::edgegrid;
 use super::http::{self, Answer, Failure, Sender};
 use super::limit::TokenBucket;
+use super::verify::{Verifier, VerifyConfig};
 use super::{
-    check_base_url, check_key, check_url, chunk, partition, report, run_jobs, CdnError, Job, Limits, LimitsConfig,
-    SecretRef,
+    base_and_host, check_base_url, check_key, check_url, chunk, finish, partition, run_jobs, CdnError, Job, Limits,
+    LimitsConfig, SecretRef,
 };
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
@@ -133,6 +134,8 @@ pub struct AkamaiConfig {
     pub retry: RetryPolicy,
     #[serde(default = "super::default_timeout", with = "crate::config::duration")]
     pub timeout: Duration,
+    /// Optional freshness check after each confirmed purge ([`super::verify`]).
+    pub verify: Option<VerifyConfig>,
     #[serde(skip)]
     pub credentials: Option<edgegrid::Credentials>,
 }
@@ -143,25 +146,12 @@ fn default_max_body_bytes() -> usize {
 
 impl AkamaiConfig {
     pub fn validate(&mut self, config_file: &Path, problems: &mut Vec<(Vec<String>, String)>) {
-        let secret = |env: &Option<String>, file: &Option<PathBuf>| SecretRef { env: env.clone(), file: file.clone() };
-        let client_token = secret(&self.client_token_env, &self.client_token_file).resolve(
-            "client_token",
-            true,
-            config_file,
-            problems,
-        );
-        let client_secret = secret(&self.client_secret_env, &self.client_secret_file).resolve(
-            "client_secret",
-            true,
-            config_file,
-            problems,
-        );
-        let access_token = secret(&self.access_token_env, &self.access_token_file).resolve(
-            "access_token",
-            true,
-            config_file,
-            problems,
-        );
+        let [client_token, client_secret, access_token] = [
+            ("client_token", &self.client_token_env, &self.client_token_file),
+            ("client_secret", &self.client_secret_env, &self.client_secret_file),
+            ("access_token", &self.access_token_env, &self.access_token_file),
+        ]
+        .map(|(field, env, file)| SecretRef::of(env, file).resolve(field, true, config_file, problems));
         if let (Some(c), Some(s), Some(a)) = (client_token, client_secret, access_token) {
             self.credentials = Some(edgegrid::Credentials {
                 client_token: c.expose().to_string(),
@@ -179,6 +169,9 @@ impl AkamaiConfig {
             ));
         }
         self.limits.validate(DEFAULT_LIMITS, MAX_ITEMS, problems);
+        if let Some(v) = &self.verify {
+            v.validate(problems);
+        }
         for (field, bucket) in [
             ("urls", self.object_limits.urls),
             ("tags", self.object_limits.tags),
@@ -214,6 +207,7 @@ pub struct AkamaiSink {
     tag_objects: TokenBucket,
     cpcode_objects: TokenBucket,
     sender: Sender,
+    verifier: Option<Verifier>,
 }
 
 impl AkamaiSink {
@@ -223,12 +217,7 @@ impl AkamaiSink {
             .credentials
             .clone()
             .ok_or_else(|| CdnError::build(name, "no EdgeGrid credentials (config not validated)"))?;
-        let base = check_url(&config.base_url).map_err(|e| CdnError::build(name, format!("base_url {e}")))?;
-        let host = match (base.host_str(), base.port()) {
-            (Some(h), Some(p)) => format!("{h}:{p}"),
-            (Some(h), None) => h.to_string(),
-            (None, _) => return Err(CdnError::build(name, "base_url has no host")),
-        };
+        let (base, host) = base_and_host(name, "base_url", &config.base_url)?;
         let limits = config.limits.resolve(DEFAULT_LIMITS);
         let bucket = |b: Option<ObjectBucket>, default: ObjectBucket| {
             let b = b.unwrap_or(default);
@@ -252,6 +241,7 @@ impl AkamaiSink {
             url_objects: bucket(config.object_limits.urls, DEFAULT_URL_OBJECTS),
             tag_objects: bucket(config.object_limits.tags, DEFAULT_TAG_OBJECTS),
             cpcode_objects: bucket(config.object_limits.cpcodes, DEFAULT_CPCODE_OBJECTS),
+            verifier: config.verify.as_ref().map(|v| Verifier::new(name, v, metrics.clone())).transpose()?,
             sender: Sender::new(name, client, config.retry.clone(), metrics),
         })
     }
@@ -370,13 +360,10 @@ impl Sink for AkamaiSink {
             self.sender.send(shutdown, job.items.len(), &buckets, build, interpret).await
         };
         rejected.extend(run_jobs(jobs, self.limits.concurrency, send).await?);
-        rejected.sort_by_key(|r| (r.kind, r.index));
-        Ok(report(batch, self.kinds(), rejected))
+        Ok(finish(batch, self.kinds(), rejected, self.verifier.as_ref()))
     }
 
     async fn ping(&self) -> bool {
-        let up = http::reachable(self.sender.client(), &self.base_url, Duration::from_secs(2)).await;
-        self.sender.metrics().sink_up.with_label_values(&[&self.name]).set(up as i64);
-        up
+        self.sender.ping(&self.base_url).await
     }
 }

@@ -30,7 +30,11 @@ use tokio::sync::Mutex;
 use super::http::{self, Answer, Failure, Sender};
 use super::limit::TokenBucket;
 use super::sigv4;
-use super::{check_base_url, check_url, partition, report, run_jobs, CdnError, Job, Limits, LimitsConfig, SecretRef};
+use super::verify::{Verifier, VerifyConfig};
+use super::{
+    base_and_host, check_base_url, check_url, finish, partition, run_jobs, CdnError, Job, Limits, LimitsConfig,
+    SecretRef,
+};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, Sink, SinkError, SinkReport};
@@ -90,6 +94,8 @@ pub struct CloudfrontConfig {
     pub retry: RetryPolicy,
     #[serde(default = "super::default_timeout", with = "crate::config::duration")]
     pub timeout: Duration,
+    /// Optional freshness check after each confirmed purge ([`super::verify`]).
+    pub verify: Option<VerifyConfig>,
     #[serde(skip)]
     pub credentials: Option<sigv4::Credentials>,
 }
@@ -115,25 +121,12 @@ fn default_busy_backoff() -> Duration {
 
 impl CloudfrontConfig {
     pub fn validate(&mut self, config_file: &Path, problems: &mut Vec<(Vec<String>, String)>) {
-        let secret = |env: &Option<String>, file: &Option<PathBuf>| SecretRef { env: env.clone(), file: file.clone() };
-        let key_id = secret(&self.access_key_id_env, &self.access_key_id_file).resolve(
-            "access_key_id",
-            true,
-            config_file,
-            problems,
-        );
-        let key = secret(&self.secret_access_key_env, &self.secret_access_key_file).resolve(
-            "secret_access_key",
-            true,
-            config_file,
-            problems,
-        );
-        let token = secret(&self.session_token_env, &self.session_token_file).resolve(
-            "session_token",
-            false,
-            config_file,
-            problems,
-        );
+        let [key_id, key, token] = [
+            ("access_key_id", &self.access_key_id_env, &self.access_key_id_file, true),
+            ("secret_access_key", &self.secret_access_key_env, &self.secret_access_key_file, true),
+            ("session_token", &self.session_token_env, &self.session_token_file, false),
+        ]
+        .map(|(field, env, file, required)| SecretRef::of(env, file).resolve(field, required, config_file, problems));
         if let (Some(id), Some(key)) = (key_id, key) {
             self.credentials = Some(sigv4::Credentials {
                 access_key_id: id.expose().to_string(),
@@ -177,6 +170,9 @@ impl CloudfrontConfig {
             problems.push((vec!["poll_interval".into()], "poll_interval must be positive".into()));
         }
         self.limits.validate(DEFAULT_LIMITS, DEFAULT_MAX_PATHS_IN_FLIGHT, problems);
+        if let Some(v) = &self.verify {
+            v.validate(problems);
+        }
     }
 }
 
@@ -238,6 +234,7 @@ pub struct CloudfrontSink {
     bucket: Option<TokenBucket>,
     ledger: Mutex<Vec<InFlight>>,
     sender: Sender,
+    verifier: Option<Verifier>,
 }
 
 /// The answer to CreateInvalidation.
@@ -252,12 +249,7 @@ impl CloudfrontSink {
             .credentials
             .clone()
             .ok_or_else(|| CdnError::build(name, "no AWS credentials (config not validated)"))?;
-        let endpoint = check_url(&config.endpoint).map_err(|e| CdnError::build(name, format!("endpoint {e}")))?;
-        let host = match (endpoint.host_str(), endpoint.port()) {
-            (Some(h), Some(p)) => format!("{h}:{p}"),
-            (Some(h), None) => h.to_string(),
-            (None, _) => return Err(CdnError::build(name, "endpoint has no host")),
-        };
+        let (_, host) = base_and_host(name, "endpoint", &config.endpoint)?;
         let limits = config.limits.resolve(DEFAULT_LIMITS);
         let client = http::client(config.timeout).map_err(|e| CdnError::build(name, e))?;
         metrics.sink_up.with_label_values(&[name]).set(0);
@@ -280,6 +272,7 @@ impl CloudfrontSink {
             limits,
             bucket: limits.request_bucket(name, &metrics),
             ledger: Mutex::new(Vec::new()),
+            verifier: config.verify.as_ref().map(|v| Verifier::new(name, v, metrics.clone())).transpose()?,
             sender: Sender::new(name, client, config.retry.clone(), metrics),
         })
     }
@@ -596,14 +589,11 @@ impl Sink for CloudfrontSink {
         jobs.extend(self.jobs(ItemKind::Url, &urls, batch));
         let send = |job: Job| self.send_job(job, batch, shutdown);
         rejected.extend(run_jobs(jobs, self.limits.concurrency, send).await?);
-        rejected.sort_by_key(|r| (r.kind, r.index));
-        Ok(report(batch, self.kinds(), rejected))
+        Ok(finish(batch, self.kinds(), rejected, self.verifier.as_ref()))
     }
 
     async fn ping(&self) -> bool {
-        let up = http::reachable(self.sender.client(), &self.base, Duration::from_secs(2)).await;
-        self.sender.metrics().sink_up.with_label_values(&[&self.name]).set(up as i64);
-        up
+        self.sender.ping(&self.base).await
     }
 }
 

@@ -245,6 +245,11 @@ pub struct SecretRef {
 }
 
 impl SecretRef {
+    /// The pair of settings `<name>_env` and `<name>_file`.
+    pub fn of(env: &Option<String>, file: &Option<PathBuf>) -> SecretRef {
+        SecretRef { env: env.clone(), file: file.clone() }
+    }
+
     /// Reads the secret. `field` is the base name (`token`) for messages, which name the
     /// variable or file but never the value.
     pub fn resolve(
@@ -307,6 +312,17 @@ pub fn check_base_url(field: &str, value: &str, problems: &mut Vec<(Vec<String>,
     if let Err(e) = check_url(value) {
         problems.push((vec![field.to_string()], format!("`{field}` {e}")));
     }
+}
+
+/// An API base URL setting (validated before) and its `host[:port]`, as signed requests name it.
+pub fn base_and_host(sink: &str, field: &str, value: &str) -> Result<(reqwest::Url, String), CdnError> {
+    let url = check_url(value).map_err(|e| CdnError::build(sink, format!("{field} {e}")))?;
+    let host = match (url.host_str(), url.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_string(),
+        (None, _) => return Err(CdnError::build(sink, format!("{field} has no host"))),
+    };
+    Ok((url, host))
 }
 
 /// A surrogate key (tag) a provider accepts: not empty, no whitespace or control characters
@@ -461,6 +477,22 @@ pub fn report(batch: &Invalidations, kinds: &[ItemKind], rejected: Vec<Rejected>
         })
         .collect();
     SinkReport { confirmed, rejected }
+}
+
+/// The end of every provider's `invalidate`: rejections in batch order (each item once), the
+/// optional freshness check ([`verify`]) started on what was confirmed, and the [`report`].
+pub fn finish(
+    batch: &Invalidations,
+    kinds: &[ItemKind],
+    mut rejected: Vec<Rejected>,
+    verifier: Option<&verify::Verifier>,
+) -> SinkReport {
+    rejected.sort_by_key(|r| (r.kind, r.index));
+    rejected.dedup_by_key(|r| (r.kind, r.index));
+    if let Some(v) = verifier {
+        v.after_purge(batch, &rejected, std::time::Instant::now());
+    }
+    report(batch, kinds, rejected)
 }
 
 #[cfg(test)]
