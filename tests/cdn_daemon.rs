@@ -1,12 +1,14 @@
-//! CDN sinks through the whole daemon (Kafka mock cluster → rules → Redis → webhook → Fastly
-//! double): dead letters for permanent rejections without blocking later events, layer order
-//! with a delay, and the second pass holding the position until it is done.
+//! CDN sinks through the whole daemon (Kafka mock cluster → rules → Redis → webhook → Fastly,
+//! Akamai and CloudFront doubles): dead letters for permanent rejections without blocking later
+//! events, layer order with a delay, and the second pass holding the position until it is done.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::support::cdn_doubles::akamai::{AkLimits, AkamaiDouble, AK_ACCESS_TOKEN, AK_CLIENT_TOKEN, AK_SECRET};
+use crate::support::cdn_doubles::cloudfront::{CfLimits, CloudFrontDouble, CF_DISTRIBUTION, CF_KEY_ID, CF_SECRET};
 use crate::support::cdn_doubles::fastly::{FastlyDouble, SERVICE, TOKEN};
 use crate::support::cdn_doubles::secret_file;
 use crate::support::cdn_doubles::webhook::{WebhookDouble, SECRET};
@@ -146,5 +148,107 @@ async fn layers_go_in_order_with_a_delay_and_the_second_pass_holds_the_position(
     keys.sort();
     assert_eq!(keys, ["product-1", "product-1", "product-2", "product-2", "product-3", "product-3"]);
     assert_eq!(hook.state.lock().unwrap().keys.len(), 6, "every layer gets the second pass");
+    daemon.stop().await.expect("clean stop");
+}
+
+/// A mock cluster with the topic, holding product inserts for `ids`.
+async fn kafka_with(ids: std::ops::RangeInclusive<i64>) -> MockKafka {
+    let kafka = MockKafka::start(1);
+    kafka.create_topic(TOPIC, 1);
+    produce(&kafka, ids).await;
+    kafka
+}
+
+/// Produces `ids` as product inserts, one event each, in order.
+async fn produce(kafka: &MockKafka, ids: std::ops::RangeInclusive<i64>) {
+    for id in ids {
+        kafka.produce(TOPIC, Some(0), Some(&format!("{{\"id\":{id}}}")), Some(&product_insert(id, 5))).await;
+    }
+}
+
+/// Waits until `group` committed all `total` events, then checks it did.
+async fn assert_all_committed(bootstrap: &str, group: &str, total: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while committed_total(bootstrap, group).await != total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(committed_total(bootstrap, group).await, total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn akamai_rejecting_one_tag_dead_letters_that_event_and_the_rest_flow() {
+    let redis = RedisServer::start();
+    let akamai = AkamaiDouble::start(AkLimits::default());
+    akamai.state().reject.insert("product-7".into());
+    let (_d1, client_token) = secret_file(AK_CLIENT_TOKEN);
+    let (_d2, client_secret) = secret_file(AK_SECRET);
+    let (_d3, access_token) = secret_file(AK_ACCESS_TOKEN);
+    let kafka = kafka_with(1..=20).await;
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = kafka.bootstrap();
+    let cdn = format!(
+        "    - {{ kind: akamai, name: akamai, base_url: \"{}\", client_token_file: \"{client_token}\", client_secret_file: \"{client_secret}\", access_token_file: \"{access_token}\", retry: {{ initial: 20ms, max: 200ms }} }}\n",
+        akamai.base_url()
+    );
+    let daemon = start(dir.path(), &bootstrap, "g-akamai-dl", &redis.url(), &cdn, "{}");
+
+    let purged = |ids: &[i64]| {
+        let got = akamai.purged();
+        ids.iter().all(|i| got.contains(&format!("product-{i}")))
+    };
+    let all_but_7: Vec<i64> = (1..=20).filter(|&i| i != 7).collect();
+    assert!(wait_until(Duration::from_secs(30), || purged(&all_but_7)).await, "every other event is purged");
+    assert!(!akamai.purged().contains(&"product-7".to_string()));
+    assert!(wait_until(Duration::from_secs(10), || !daemon.dead_letters().is_empty()).await);
+    let letters = daemon.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter["reason"], "sink_rejected");
+    assert_eq!(letter["source"]["offset"], Value::from(6));
+    let error = letter["error"].as_str().unwrap_or_default();
+    assert!(error.contains("sink akamai rejected surrogate_key \"product-7\""), "{error}");
+    assert!(error.contains("HTTP 400") && error.contains("Invalid tag object: product-7"), "{error}");
+    for secret in [AK_SECRET, AK_CLIENT_TOKEN, AK_ACCESS_TOKEN] {
+        assert!(!error.contains(secret), "{error}");
+    }
+    // Keys went as cache tags, invalidated (the defaults).
+    assert!(akamai.state().purges.iter().all(|p| p.object_type == "tag" && p.action == "invalidate"));
+
+    produce(&kafka, 21..=25).await;
+    assert!(wait_until(Duration::from_secs(20), || purged(&[21, 22, 23, 24, 25])).await, "later events still flow");
+    assert_all_committed(&bootstrap, "g-akamai-dl", 25).await;
+    assert_eq!(daemon.metrics.value("cdc_invalidator_dead_letters_total", &[("reason", "sink_rejected")]), 1.0);
+    daemon.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudfront_invalidates_tag_paths_within_the_wildcard_limit_and_commits_everything() {
+    let redis = RedisServer::start();
+    // 15 wildcards in progress at most, each completing 300 ms after it was created: 20 keys
+    // need the sink to wait for its own invalidations to complete.
+    let cloudfront = CloudFrontDouble::start(CfLimits::default());
+    let (_d1, key_id) = secret_file(CF_KEY_ID);
+    let (_d2, secret) = secret_file(CF_SECRET);
+    let kafka = kafka_with(1..=20).await;
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = kafka.bootstrap();
+    let cdn = format!(
+        "    - {{ kind: cloudfront, name: cloudfront, distribution_id: {CF_DISTRIBUTION}, endpoint: \"{}\", access_key_id_file: \"{key_id}\", secret_access_key_file: \"{secret}\", surrogate_key_path: \"/tags/{{key}}/*\", poll_interval: 100ms, retry: {{ initial: 20ms, max: 200ms }} }}\n",
+        cloudfront.endpoint()
+    );
+    let daemon = start(dir.path(), &bootstrap, "g-cloudfront", &redis.url(), &cdn, "{}");
+
+    let paths =
+        || -> Vec<String> { cloudfront.state().invalidations.iter().flat_map(|i| i.paths.clone()).collect::<Vec<_>>() };
+    let all = || (1..=20).all(|i| paths().contains(&format!("/tags/product-{i}/*")));
+    assert!(wait_until(Duration::from_secs(30), all).await, "every key's path is invalidated: {:?}", paths());
+    assert_all_committed(&bootstrap, "g-cloudfront", 20).await;
+    let st = cloudfront.state();
+    assert!(st.peak_wildcards <= 15, "CloudFront's wildcard limit held: {}", st.peak_wildcards);
+    // Only signed requests reach the calls (the readiness probe's unsigned HEAD is denied).
+    assert!(st.calls.iter().all(|c| c.code.is_none()), "no call was refused: {:?}", st.calls);
+    assert!(st.invalidations.len() >= 2, "20 wildcards cannot go in one invalidation");
+    drop(st);
+    assert!(daemon.dead_letters().is_empty());
     daemon.stop().await.expect("clean stop");
 }

@@ -7,6 +7,7 @@ mod support;
 mod cdn_cloudflare;
 mod cdn_daemon;
 mod cdn_fastly;
+mod cdn_signed;
 mod cdn_varnish;
 mod cdn_webhook;
 mod cli;

@@ -914,6 +914,70 @@ metrics:
     }
 
     #[test]
+    fn signed_cdn_sinks_are_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_id = write(&dir, "key_id", "AKIDEXAMPLE\n");
+        let key = write(&dir, "key", "aws-s3cret-key\n");
+        let ak = write(&dir, "ak", "akab-s3cret\n");
+        let (key_id, key, ak) = (key_id.display(), key.display(), ak.display());
+        let load = |name: &str, cdn: &str| {
+            let p = write(&dir, name, &CORE.replace("sinks:\n", &format!("sinks:\n  cdn:\n{cdn}")));
+            load_with_env(&p, [])
+        };
+
+        // A missing credential, an inline one, a typo and out-of-range settings are errors.
+        let text = load(
+            "missing.yaml",
+            &format!("    - {{ kind: cloudfront, name: cf, distribution_id: EDFDVBD6EXAMPLE, access_key_id_file: {key_id} }}\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(text.contains("`secret_access_key_env` or `secret_access_key_file` is required"), "{text}");
+        let text = load(
+            "inline.yaml",
+            &format!("    - {{ kind: cloudfront, name: cf, distribution_id: EDFDVBD6EXAMPLE, access_key_id_file: {key_id}, secret_access_key: inline-s3cret }}\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(text.contains("secret_access_key"), "{text}");
+        assert!(!text.contains("inline-s3cret"), "{text}");
+        let text = load(
+            "typo.yaml",
+            &format!("    - kind: akamai\n      name: ak\n      base_url: \"https://akab-x.purge.akamaiapis.net\"\n      client_token_file: {ak}\n      client_secret_file: {ak}\n      access_token_file: {ak}\n      netwrok: staging\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(text.contains("netwrok"), "{text}");
+        let text = load(
+            "range.yaml",
+            &format!("    - {{ kind: akamai, name: ak, base_url: \"https://akab-x.purge.akamaiapis.net\", client_token_file: {ak}, client_secret_file: {ak}, access_token_file: {ak}, max_body_bytes: 60000, limits: {{ items_per_request: 6000 }} }}\n    - {{ kind: cloudfront, name: cf, distribution_id: \"bad id\", access_key_id_file: {key_id}, secret_access_key_file: {key}, max_wildcards_in_flight: 16, surrogate_key_path: /tags/x }}\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "max_body_bytes must be between 1024 and 50000",
+            "limits.items_per_request must be between 1 and 5000",
+            "distribution_id must be a CloudFront distribution id",
+            "max_wildcards_in_flight must be between 1 and 15",
+            "surrogate_key_path must start with / and contain {key}",
+        ] {
+            assert!(text.contains(expected), "{expected}: {text}");
+        }
+        assert!(!text.contains("s3cret"), "{text}");
+
+        // Valid entries: CDN layer by default, credentials resolved and kept out of Debug.
+        let cfg = load(
+            "ok.yaml",
+            &format!("    - {{ kind: cloudfront, name: cf, distribution_id: EDFDVBD6EXAMPLE, access_key_id_file: {key_id}, secret_access_key_file: {key}, surrogate_key_path: \"/tags/{{key}}/*\" }}\n    - {{ kind: akamai, name: ak, base_url: \"https://akab-x.purge.akamaiapis.net\", client_token_file: {ak}, client_secret_file: {ak}, access_token_file: {ak}, verify: {{ url: \"https://shop.example.com/p/{{key}}\" }} }}\n"),
+        )
+        .unwrap();
+        assert_eq!(cfg.sinks.cdn.len(), 2);
+        assert_eq!((cfg.sinks.cdn[0].kind(), cfg.sinks.cdn[0].layer()), ("cloudfront", 2));
+        assert_eq!((cfg.sinks.cdn[1].kind(), cfg.sinks.cdn[1].layer()), ("akamai", 2));
+        assert!(!format!("{cfg:?}").contains("s3cret"));
+    }
+
+    #[test]
     fn toml_is_accepted() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(

@@ -13,7 +13,7 @@
 //!   limit: raise it freely.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -22,7 +22,7 @@ use super::http::{self, Answer, Failure, Sender};
 use super::limit::TokenBucket;
 use super::verify::{Verifier, VerifyConfig};
 use super::{
-    check_base_url, check_key, check_url, chunk, partition, report, run_jobs, CdnError, Job, Limits, LimitsConfig,
+    check_base_url, check_key, check_url, chunk, finish, partition, run_jobs, CdnError, Job, Limits, LimitsConfig,
     SecretRef,
 };
 use crate::config::Secret;
@@ -185,16 +185,10 @@ impl Sink for FastlySink {
             }
         };
         rejected.extend(run_jobs(jobs, self.limits.concurrency, send).await?);
-        rejected.sort_by_key(|r| (r.kind, r.index));
-        if let Some(v) = &self.verifier {
-            v.after_purge(batch, &rejected, Instant::now());
-        }
-        Ok(report(batch, self.kinds(), rejected))
+        Ok(finish(batch, self.kinds(), rejected, self.verifier.as_ref()))
     }
 
     async fn ping(&self) -> bool {
-        let up = http::reachable(self.sender.client(), &self.api, Duration::from_secs(2)).await;
-        self.sender.metrics().sink_up.with_label_values(&[&self.name]).set(up as i64);
-        up
+        self.sender.ping(&self.api).await
     }
 }

@@ -292,6 +292,14 @@ impl Sender {
         }
     }
 
+    /// The readiness probe: whether `url` answers HTTP at all ([`reachable`]), recorded in
+    /// `sink_up` for this sink.
+    pub async fn ping(&self, url: &str) -> bool {
+        let up = reachable(&self.client, url, Duration::from_secs(2)).await;
+        self.metrics.sink_up.with_label_values(&[&self.sink]).set(up as i64);
+        up
+    }
+
     async fn attempt<T>(
         &self,
         build: &impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,

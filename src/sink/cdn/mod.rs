@@ -1,5 +1,6 @@
 //! HTTP caches and CDNs: purge surrogate keys and URLs at Varnish, Fastly, Cloudflare, an
-//! in-house webhook (and CloudFront and Akamai, which plug into the same pieces).
+//! in-house webhook, Amazon CloudFront (SigV4, [`sigv4`]) and Akamai Fast Purge (EdgeGrid,
+//! [`edgegrid`]).
 //!
 //! Configured under `sinks.cdn` as a list; each entry has a `kind`, a unique `name` and the
 //! provider's settings (docs/cdn.md lists them all):
@@ -59,10 +60,14 @@ use crate::config::Secret;
 use crate::sink::{Invalidations, ItemKind, Rejected, Sink, SinkError, SinkReport};
 use crate::telemetry::Metrics;
 
+pub mod akamai;
 pub mod cloudflare;
+pub mod cloudfront;
+pub mod edgegrid;
 pub mod fastly;
 pub mod http;
 pub mod limit;
+pub mod sigv4;
 pub mod varnish;
 pub mod verify;
 pub mod webhook;
@@ -78,8 +83,8 @@ pub enum CdnSinkConfig {
     Fastly(fastly::FastlyConfig),
     Cloudflare(cloudflare::CloudflareConfig),
     Webhook(webhook::WebhookConfig),
-    // Room for the signed providers (branch cdn-signed): `Cloudfront(cloudfront::CloudfrontConfig)`
-    // and `Akamai(akamai::AkamaiConfig)`, each with an arm in `each!` below.
+    Cloudfront(cloudfront::CloudfrontConfig),
+    Akamai(akamai::AkamaiConfig),
 }
 
 /// Runs `$body` with `$c` bound to whichever provider config `$self` holds.
@@ -90,6 +95,8 @@ macro_rules! each {
             CdnSinkConfig::Fastly($c) => $body,
             CdnSinkConfig::Cloudflare($c) => $body,
             CdnSinkConfig::Webhook($c) => $body,
+            CdnSinkConfig::Cloudfront($c) => $body,
+            CdnSinkConfig::Akamai($c) => $body,
         }
     };
 }
@@ -106,6 +113,8 @@ impl CdnSinkConfig {
             CdnSinkConfig::Fastly(_) => "fastly",
             CdnSinkConfig::Cloudflare(_) => "cloudflare",
             CdnSinkConfig::Webhook(_) => "webhook",
+            CdnSinkConfig::Cloudfront(_) => "cloudfront",
+            CdnSinkConfig::Akamai(_) => "akamai",
         }
     }
 
@@ -132,6 +141,8 @@ impl CdnSinkConfig {
             CdnSinkConfig::Fastly(c) => Arc::new(fastly::FastlySink::new(c, metrics)?),
             CdnSinkConfig::Cloudflare(c) => Arc::new(cloudflare::CloudflareSink::new(c, metrics)?),
             CdnSinkConfig::Webhook(c) => Arc::new(webhook::WebhookSink::new(c, metrics)?),
+            CdnSinkConfig::Cloudfront(c) => Arc::new(cloudfront::CloudfrontSink::new(c, metrics)?),
+            CdnSinkConfig::Akamai(c) => Arc::new(akamai::AkamaiSink::new(c, metrics)?),
         })
     }
 }
@@ -234,6 +245,11 @@ pub struct SecretRef {
 }
 
 impl SecretRef {
+    /// The pair of settings `<name>_env` and `<name>_file`.
+    pub fn of(env: &Option<String>, file: &Option<PathBuf>) -> SecretRef {
+        SecretRef { env: env.clone(), file: file.clone() }
+    }
+
     /// Reads the secret. `field` is the base name (`token`) for messages, which name the
     /// variable or file but never the value.
     pub fn resolve(
@@ -296,6 +312,17 @@ pub fn check_base_url(field: &str, value: &str, problems: &mut Vec<(Vec<String>,
     if let Err(e) = check_url(value) {
         problems.push((vec![field.to_string()], format!("`{field}` {e}")));
     }
+}
+
+/// An API base URL setting (validated before) and its `host[:port]`, as signed requests name it.
+pub fn base_and_host(sink: &str, field: &str, value: &str) -> Result<(reqwest::Url, String), CdnError> {
+    let url = check_url(value).map_err(|e| CdnError::build(sink, format!("{field} {e}")))?;
+    let host = match (url.host_str(), url.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_string(),
+        (None, _) => return Err(CdnError::build(sink, format!("{field} has no host"))),
+    };
+    Ok((url, host))
 }
 
 /// A surrogate key (tag) a provider accepts: not empty, no whitespace or control characters
@@ -450,6 +477,22 @@ pub fn report(batch: &Invalidations, kinds: &[ItemKind], rejected: Vec<Rejected>
         })
         .collect();
     SinkReport { confirmed, rejected }
+}
+
+/// The end of every provider's `invalidate`: rejections in batch order (each item once), the
+/// optional freshness check ([`verify`]) started on what was confirmed, and the [`report`].
+pub fn finish(
+    batch: &Invalidations,
+    kinds: &[ItemKind],
+    mut rejected: Vec<Rejected>,
+    verifier: Option<&verify::Verifier>,
+) -> SinkReport {
+    rejected.sort_by_key(|r| (r.kind, r.index));
+    rejected.dedup_by_key(|r| (r.kind, r.index));
+    if let Some(v) = verifier {
+        v.after_purge(batch, &rejected, std::time::Instant::now());
+    }
+    report(batch, kinds, rejected)
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@
 //! client-side token bucket is available (`limits.requests_per_second`, off by default).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use reqwest::header::{HeaderName, HOST};
@@ -29,7 +29,7 @@ use serde::Deserialize;
 use super::http::{self, Sender};
 use super::limit::TokenBucket;
 use super::verify::{Verifier, VerifyConfig};
-use super::{check_key, check_url, chunk, partition, report, run_jobs, CdnError, Job, Limits, LimitsConfig};
+use super::{check_key, check_url, chunk, finish, partition, run_jobs, CdnError, Job, Limits, LimitsConfig};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, Sink, SinkError, SinkReport};
@@ -282,12 +282,7 @@ impl Sink for VarnishSink {
             }
         };
         rejected.extend(run_jobs(jobs, self.limits.concurrency, send).await?);
-        rejected.sort_by_key(|r| (r.kind, r.index));
-        rejected.dedup_by_key(|r| (r.kind, r.index));
-        if let Some(v) = &self.verifier {
-            v.after_purge(batch, &rejected, Instant::now());
-        }
-        Ok(report(batch, self.kinds(), rejected))
+        Ok(finish(batch, self.kinds(), rejected, self.verifier.as_ref()))
     }
 
     /// Every node accepts a TCP connection within 2 s (no request: a GET would reach the

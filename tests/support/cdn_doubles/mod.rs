@@ -1,12 +1,14 @@
 //! Local test doubles of the CDN purge APIs (shared/reference/cdn-apis.md): the documented
-//! requests, answers, limits and errors, plus fault injection ("storms" of 429 or 503) and a
+//! requests, answers, limits and errors (and, for CloudFront and Akamai, signatures), plus fault injection ("storms" of 429 or 503) and a
 //! log of every request with the time it arrived, so tests can measure the request rate at the
 //! provider's side.
 //!
 //! Each double is a small HTTP/1.1 server on a free loopback port, running on its own thread
 //! and runtime (so it keeps answering whatever the test's runtime is doing); stopped on drop.
 
+pub mod akamai;
 pub mod cloudflare;
+pub mod cloudfront;
 pub mod fastly;
 pub mod webhook;
 
@@ -173,12 +175,20 @@ impl Bucket {
     pub fn new(capacity: u32, per_second: f64) -> Bucket {
         Bucket { capacity: capacity as f64, per_second, tokens: capacity as f64, last: Instant::now() }
     }
-    /// Takes `n` tokens if there are; otherwise takes nothing and says how long until there are.
-    pub fn take(&mut self, n: f64, now: Instant) -> Result<(), Duration> {
+    /// The tokens there are at `now` (refilled, nothing taken).
+    pub fn available(&mut self, now: Instant) -> f64 {
         self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_second).min(self.capacity);
         self.last = now;
-        // A small tolerance for timer granularity between the client's clock and ours.
-        if self.tokens + 0.05 >= n {
+        self.tokens
+    }
+    /// Whether `n` tokens can be taken at `now`, with a small tolerance for timer granularity
+    /// between the client's clock and ours.
+    pub fn has(&mut self, n: f64, now: Instant) -> bool {
+        self.available(now) + 0.05 >= n
+    }
+    /// Takes `n` tokens if there are; otherwise takes nothing and says how long until there are.
+    pub fn take(&mut self, n: f64, now: Instant) -> Result<(), Duration> {
+        if self.has(n, now) {
             self.tokens = (self.tokens - n).max(0.0);
             Ok(())
         } else {
