@@ -186,9 +186,10 @@ pub fn check(rules: &Rules, publication: &str, schema: &Schema) -> Report {
                 let columns: Vec<&str> = needs_full.into_iter().collect();
                 let ops: Vec<&str> = needs_for.into_iter().collect();
                 report.warnings.push(format!(
-                    "rule {:?}: under REPLICA IDENTITY {} an {} on {name} does not log the old value of {} (only key columns), so the old value is not invalidated{}: run ALTER TABLE {name} REPLICA IDENTITY FULL;",
+                    "rule {:?}: under REPLICA IDENTITY {} {} {} on {name} does not log the old value of {} (only key columns), so the old value is not invalidated{}: run ALTER TABLE {name} REPLICA IDENTITY FULL;",
                     rule.name,
                     if table.replica_identity == 'i' { "USING INDEX" } else { "DEFAULT" },
+                    if ops.first().is_some_and(|o| o.starts_with('u')) { "an" } else { "a" },
                     ops.join(" or "),
                     columns.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>().join(", "),
                     if ops.contains(&"delete") { " and a delete's template cannot render" } else { "" },
