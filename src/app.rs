@@ -507,3 +507,42 @@ fn coalesce(items: &[Item]) -> Invalidations {
     });
     Invalidations { redis_keys: keys, redis_tags: tags, surrogate_keys, urls }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{Ack, Position, RawMessage};
+
+    fn item(keys: &[&str], tags: &[&str]) -> Item {
+        let invalidations = Invalidations {
+            redis_keys: keys.iter().map(|s| s.to_string()).collect(),
+            redis_tags: tags.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        Item {
+            event: SourceEvent {
+                position: Position::File { line: 1 },
+                decoded: Err(crate::source::Malformed("unused".into())),
+                raw: RawMessage::default(),
+                logged_at: None,
+                received: Instant::now(),
+                ack: Ack::detached(),
+            },
+            evaluation: Some(Evaluation { invalidations, ..Default::default() }),
+            dead: None,
+        }
+    }
+
+    #[test]
+    fn a_batch_is_coalesced_into_one_deduplicated_sorted_set() {
+        let items = vec![
+            item(&["product:2", "product:1"], &["category:5"]),
+            item(&["product:1"], &["category:5", "category:7"]),
+            item(&[], &["category:7"]),
+        ];
+        let batch = coalesce(&items);
+        assert_eq!(batch.redis_keys, vec!["product:1", "product:2"]);
+        assert_eq!(batch.redis_tags, vec!["category:5", "category:7"]);
+        assert!(batch.surrogate_keys.is_empty() && batch.urls.is_empty());
+    }
+}

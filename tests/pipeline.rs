@@ -414,3 +414,47 @@ async fn dead_letters_can_go_to_a_kafka_topic() {
     assert_eq!(record["source"]["offset"], 0);
     assert!(!std::path::Path::new(&dir.path().join("dead-letters.jsonl")).exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_pattern_subscription_and_oversized_messages() {
+    let redis = RedisServer::start();
+    let mut c = conn(&redis.url());
+    set_keys(&mut c, [1, 2]);
+    let kafka = MockKafka::start(1);
+    kafka.create_topic("shop.public.products", 1);
+    kafka.create_topic("shop.public.orders", 1);
+    kafka.create_topic("other.public.products", 1);
+    let bootstrap = kafka.bootstrap();
+    kafka.produce("shop.public.products", Some(0), None, Some(&product_insert(1, 1))).await;
+    // Over the configured max_message_bytes: dead-lettered without being parsed.
+    let huge = format!("{{\"pad\":\"{}\"}}", "x".repeat(20_000));
+    kafka.produce("shop.public.orders", Some(0), None, Some(&huge)).await;
+    kafka.produce("other.public.products", Some(0), None, Some(&product_insert(2, 1))).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let url = redis.url();
+    let (path, port) = crate::support::daemon::write_config(
+        dir.path(),
+        &Setup { bootstrap: &bootstrap, topics: &["unused"], group: "g8", redis_url: &url, extra: "", librdkafka: &[] },
+    );
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("    topics: [\"unused\"]\n", "    topic_pattern: \"^shop\\\\..*\"\n    max_message_bytes: 10000\n");
+    std::fs::write(&path, text).unwrap();
+    let daemon = Daemon::from_config(dir.path(), &path, port);
+    assert!(
+        wait_until(Duration::from_secs(20), || !exists(&mut c, "product:1")).await,
+        "a topic matching the pattern is read"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || daemon.metrics.value("cdc_invalidator_dead_letters_total", &[]) == 1.0)
+            .await
+    );
+    let letters = daemon.dead_letters();
+    assert_eq!(letters.len(), 1);
+    assert!(letters[0]["error"].as_str().unwrap().contains("max_message_bytes"), "{}", letters[0]["error"]);
+    assert_eq!(letters[0]["value"], serde_json::Value::Null, "an oversized value is not copied into the dead letter");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(exists(&mut c, "product:2"), "a topic outside the pattern is not read");
+    daemon.stop().await.unwrap();
+}

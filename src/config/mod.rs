@@ -871,6 +871,43 @@ metrics:
     }
 
     #[test]
+    fn librdkafka_secrets_come_from_env_or_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = write(&dir, "kafka-password", "s3cret\n");
+        // A variable name unique to this test: the process environment is shared.
+        std::env::set_var("CDC_TEST_KAFKA_USER_7f3a", "svc-user");
+        let text = CORE.replace(
+            "    librdkafka: {}",
+            &format!(
+                "    librdkafka:\n      security.protocol: SASL_SSL\n      sasl.username_env: CDC_TEST_KAFKA_USER_7f3a\n      sasl.password_file: {}\n      fetch.wait.max.ms: 10",
+                secret.display()
+            ),
+        );
+        let p = write(&dir, "c.yaml", &text);
+        let cfg = load_with_env(&p, []).unwrap();
+        let resolved: std::collections::BTreeMap<_, _> = cfg
+            .source
+            .kafka
+            .as_ref()
+            .unwrap()
+            .resolved_librdkafka
+            .iter()
+            .map(|(k, v)| (k.clone(), v.expose().to_string()))
+            .collect();
+        assert_eq!(resolved["sasl.username"], "svc-user");
+        assert_eq!(resolved["sasl.password"], "s3cret");
+        assert_eq!(resolved["security.protocol"], "SASL_SSL");
+        assert_eq!(resolved["fetch.wait.max.ms"], "10");
+        assert!(!format!("{cfg:?}").contains("s3cret"));
+
+        let missing = CORE
+            .replace("    librdkafka: {}", "    librdkafka:\n      sasl.password_env: CDC_TEST_UNSET_VARIABLE_91b2");
+        let p = write(&dir, "c2.yaml", &missing);
+        let err = load_with_env(&p, []).unwrap_err().to_string();
+        assert!(err.contains("CDC_TEST_UNSET_VARIABLE_91b2") && err.contains("c2.yaml:"), "{err}");
+    }
+
+    #[test]
     fn both_url_and_url_env_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let text = CORE.replace("    tag_prefix: \"tag:\"", "    url_env: REDIS_URL");
