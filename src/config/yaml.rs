@@ -214,47 +214,43 @@ impl Node {
         self.as_map()?.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(k, _)| k)
     }
 
-    /// The location of the deepest node along `path` (mapping keys, or sequence indexes as
-    /// decimal strings). Stops at the last node found, so a path into a missing key still
-    /// points at its parent.
-    pub fn locate<'a>(&self, path: impl IntoIterator<Item = &'a str>) -> Location {
+    /// The child under a mapping key (ASCII case-insensitive, as the `config` crate folds
+    /// environment keys) or a sequence index given as a decimal string.
+    fn child(&self, segment: &str) -> Option<&Node> {
+        match &self.value {
+            Value::Map(entries) => entries
+                .iter()
+                .find(|(k, _)| k.as_str().is_some_and(|s| s.eq_ignore_ascii_case(segment)))
+                .map(|(_, v)| v),
+            Value::Seq(items) => segment.parse::<usize>().ok().and_then(|i| items.get(i)),
+            _ => None,
+        }
+    }
+
+    /// The deepest node along `path`, stopping at the last one found.
+    fn walk<'a>(&self, path: impl IntoIterator<Item = &'a str>) -> &Node {
         let mut node = self;
         for segment in path {
-            let next = match &node.value {
-                Value::Map(entries) => entries
-                    .iter()
-                    .find(|(k, _)| k.as_str().is_some_and(|s| s.eq_ignore_ascii_case(segment)))
-                    .map(|(_, v)| v),
-                Value::Seq(items) => segment.parse::<usize>().ok().and_then(|i| items.get(i)),
-                _ => None,
-            };
-            match next {
+            match node.child(segment) {
                 Some(n) => node = n,
                 None => break,
             }
         }
-        node.location
+        node
+    }
+
+    /// The location of the deepest node along `path` (mapping keys, or sequence indexes as
+    /// decimal strings). Stops at the last node found, so a path into a missing key still
+    /// points at its parent.
+    pub fn locate<'a>(&self, path: impl IntoIterator<Item = &'a str>) -> Location {
+        self.walk(path).location
     }
 
     /// Like [`Node::locate`], but for a path whose last segment is a mapping key: the location
     /// of the key itself (where an "unknown key" error should point).
-    pub fn locate_key<'a>(&self, path: &[&'a str]) -> Location {
+    pub fn locate_key(&self, path: &[&str]) -> Location {
         let Some((last, parent)) = path.split_last() else { return self.location };
-        let mut node = self;
-        for segment in parent {
-            let next = match &node.value {
-                Value::Map(entries) => entries
-                    .iter()
-                    .find(|(k, _)| k.as_str().is_some_and(|s| s.eq_ignore_ascii_case(segment)))
-                    .map(|(_, v)| v),
-                Value::Seq(items) => segment.parse::<usize>().ok().and_then(|i| items.get(i)),
-                _ => None,
-            };
-            match next {
-                Some(n) => node = n,
-                None => return node.location,
-            }
-        }
+        let node = self.walk(parent.iter().copied());
         node.as_map()
             .and_then(|entries| entries.iter().find(|(k, _)| k.as_str().is_some_and(|s| s.eq_ignore_ascii_case(last))))
             .map(|(k, _)| k.location)
