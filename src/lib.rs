@@ -11,14 +11,17 @@
 //! ```
 //!
 //! - [`event`]: the one change-event type every source decodes into.
-//! - [`source`]: Kafka (Debezium JSON) today; each source tracks its positions with
+//! - [`source`]: Kafka with Debezium JSON ([`source::kafka`], [`source::debezium`]) and
+//!   PostgreSQL logical replication ([`source::postgres`]); each tracks its positions with
 //!   [`source::watermark::Watermark`] and acknowledges only what is finished.
 //! - [`rules`]: a pure function from a change event to the keys, tags, surrogate keys and URLs
 //!   to invalidate.
-//! - [`sink`]: the sink trait and its contract (idempotent, at-least-once, says when done).
-//! - [`app`]: the pipeline that wires them together: batching, coalescing, dead letters,
-//!   acknowledgements, shutdown.
-//! - [`telemetry`]: Prometheus metrics and health endpoints.
+//! - [`sink`]: the sink trait and its contract (delete only, idempotent, at-least-once, says
+//!   when done); [`sink::redis`] and the HTTP caches and CDNs under [`sink::cdn`].
+//! - [`app`]: the pipeline that wires them together: batching, coalescing, layers in order,
+//!   dead letters ([`dead_letter`]), acknowledgements, shutdown.
+//! - [`telemetry`]: Prometheus metrics, health endpoints, logging.
+//! - [`cli`]: `run`, `check`, `explain` (the user-facing contract).
 //! - [`config`], [`retry`], [`shutdown`]: the plumbing.
 
 pub mod app;
