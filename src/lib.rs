@@ -19,6 +19,7 @@
 //! - [`app`]: the pipeline that wires them together: batching, coalescing, dead letters,
 //!   acknowledgements, shutdown.
 //! - [`telemetry`]: Prometheus metrics and health endpoints.
+//! - [`replay`]: `cdc-invalidator replay`, dead letters back through the pipeline.
 //! - [`config`], [`retry`], [`shutdown`]: the plumbing.
 
 pub mod app;
@@ -26,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod dead_letter;
 pub mod event;
+pub mod replay;
 pub mod retry;
 pub mod rules;
 pub mod shutdown;

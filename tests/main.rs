@@ -12,6 +12,7 @@ mod cdn_webhook;
 mod cli;
 mod end_to_end;
 mod operator_reload;
+mod operator_replay;
 mod pipeline;
 mod redis_sink;
 mod signals;
