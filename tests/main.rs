@@ -15,6 +15,7 @@ mod operator_metrics;
 mod operator_reload;
 mod operator_replay;
 mod pipeline;
+mod postgres;
 mod redis_sink;
 mod signals;
 mod tansu_smoke;

@@ -21,7 +21,10 @@ use serde::Deserialize;
 use crate::retry::RetryPolicy;
 
 pub mod duration;
+pub mod postgres;
 pub mod yaml;
+
+pub use postgres::PostgresConfig;
 
 pub use yaml::Location;
 
@@ -60,8 +63,8 @@ pub enum SourceKind {
 pub struct SourceConfig {
     pub kind: SourceKind,
     pub kafka: Option<KafkaConfig>,
-    /// Reserved for the PostgreSQL source; any settings here are checked when it is selected.
-    pub postgres: Option<serde_json::Value>,
+    /// The PostgreSQL logical replication source (`kind: postgres`).
+    pub postgres: Option<PostgresConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -614,10 +617,12 @@ impl Config {
                         resolve_passthrough(origin, &["source", "kafka", "librdkafka"], &k.librdkafka, &mut problems);
                 }
             },
-            SourceKind::Postgres => problems.push(origin.problem(
-                &["source", "kind"],
-                "source.kind postgres is not available in this build yet; use kafka (Debezium) for now",
-            )),
+            SourceKind::Postgres => match self.source.postgres.as_mut() {
+                None => problems.push(
+                    origin.problem(&["source"], "source.kind is postgres but there is no source.postgres section"),
+                ),
+                Some(p) => p.validate(origin, &mut problems),
+            },
         }
 
         self.validate_cdn(origin, &mut problems);

@@ -269,6 +269,56 @@ impl Rules {
     }
 }
 
+/// What a rule reads, for checks against a database schema (`check --against-db`).
+#[derive(Debug)]
+pub struct RuleColumns<'a> {
+    pub name: &'a str,
+    table: &'a TablePattern,
+    /// The ops its row templates render for (`truncate` excluded: `on_truncate` has no columns).
+    pub ops: Vec<Op>,
+    /// Columns its row templates read, per template: (template source, columns).
+    pub templates: Vec<(&'a str, Vec<&'a str>)>,
+    /// `when_changed` columns.
+    pub when_changed: Vec<&'a str>,
+}
+
+impl RuleColumns<'_> {
+    /// The table name when the rule names one table (not a glob).
+    pub fn exact_table(&self) -> Option<&str> {
+        match self.table {
+            TablePattern::Exact(t) => Some(t),
+            TablePattern::Glob(_) => None,
+        }
+    }
+
+    pub fn matches_table(&self, table: &str) -> bool {
+        match self.table {
+            TablePattern::Exact(t) => &**t == table,
+            TablePattern::Glob(g) => g.matches(table),
+        }
+    }
+}
+
+impl Rules {
+    /// Read-only: the tables, ops and columns each rule uses, in file order.
+    pub fn columns_by_rule(&self) -> Vec<RuleColumns<'_>> {
+        self.rules
+            .iter()
+            .map(|r| RuleColumns {
+                name: &r.name,
+                table: &r.table,
+                ops: Op::ALL.iter().copied().filter(|&op| op != Op::Truncate && r.ops.contains(op)).collect(),
+                templates: r
+                    .templates
+                    .iter()
+                    .map(|(_, t)| (t.source(), t.columns().iter().map(|c| &**c).collect()))
+                    .collect(),
+                when_changed: r.when_changed.iter().map(|c| &**c).collect(),
+            })
+            .collect()
+    }
+}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;

@@ -19,6 +19,7 @@ use crate::event::Decoded;
 
 pub mod debezium;
 pub mod kafka;
+pub mod postgres;
 pub mod watermark;
 
 /// Where an event sits in its source; printed in dead letters and logs.
@@ -29,7 +30,9 @@ pub enum Position {
         partition: i32,
         offset: i64,
     },
-    /// PostgreSQL: the LSN of the change and the end LSN of its transaction.
+    /// PostgreSQL: the LSN of the change, and the LSN of its transaction's commit record as the
+    /// Begin message announces it (the end LSN that is acknowledged is only known at Commit,
+    /// after the changes have streamed; the source's tracker holds it).
     Postgres {
         lsn: u64,
         commit_end_lsn: u64,

@@ -97,6 +97,16 @@ pub struct Metrics {
     pub rules_reloads: IntCounterVec,
     /// 1 while the rules file on disk is invalid (the previous rules keep running), else 0.
     pub rules_reload_failed: IntGauge,
+    /// PostgreSQL: server WAL position minus the slot's confirmed flush LSN.
+    pub postgres_lag_bytes: IntGauge,
+    /// PostgreSQL: WAL the slot keeps on the server (server WAL position minus restart LSN).
+    pub postgres_retained_wal_bytes: IntGauge,
+    /// PostgreSQL: 1 for the role this daemon holds on the slot (`active`, `standby`).
+    pub postgres_role: IntGaugeVec,
+    /// PostgreSQL: replication reconnects after a broken stream or a failed start.
+    pub postgres_reconnects: IntCounter,
+    /// PostgreSQL: the LSN confirmed as flushed (everything before it is invalidated).
+    pub postgres_confirmed_lsn: Gauge,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -374,6 +384,48 @@ impl Metrics {
                 let g = IntGauge::new(
                     "cdc_invalidator_rules_reload_failed",
                     "1 while the rules file on disk is invalid and the previous rules keep running.",
+                )
+                .expect("valid");
+                r.register(Box::new(g.clone())).expect("unique");
+                g
+            },
+            postgres_lag_bytes: {
+                let g = IntGauge::new(
+                    "cdc_invalidator_postgres_replication_lag_bytes",
+                    "Server WAL position minus the slot's confirmed flush LSN, in bytes.",
+                )
+                .expect("valid");
+                r.register(Box::new(g.clone())).expect("unique");
+                g
+            },
+            postgres_retained_wal_bytes: {
+                let g = IntGauge::new(
+                    "cdc_invalidator_postgres_slot_retained_wal_bytes",
+                    "WAL the replication slot keeps on the server (WAL position minus restart LSN), in bytes.",
+                )
+                .expect("valid");
+                r.register(Box::new(g.clone())).expect("unique");
+                g
+            },
+            postgres_role: gauge_vec(
+                &r,
+                "cdc_invalidator_postgres_role",
+                "1 for the role this daemon holds on the replication slot.",
+                &["role"],
+            ),
+            postgres_reconnects: {
+                let c = IntCounter::new(
+                    "cdc_invalidator_postgres_reconnects_total",
+                    "Replication reconnects after a broken stream or a failed start.",
+                )
+                .expect("valid");
+                r.register(Box::new(c.clone())).expect("unique");
+                c
+            },
+            postgres_confirmed_lsn: {
+                let g = Gauge::new(
+                    "cdc_invalidator_postgres_confirmed_flush_lsn",
+                    "The LSN confirmed to the server as flushed: every change before it is invalidated.",
                 )
                 .expect("valid");
                 r.register(Box::new(g.clone())).expect("unique");

@@ -5,6 +5,7 @@ pub mod cdn_doubles;
 pub mod daemon;
 pub mod events;
 pub mod kafka;
+pub mod postgres;
 pub mod redis;
 pub mod tansu;
 pub mod varnish;

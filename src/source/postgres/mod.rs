@@ -1,0 +1,734 @@
+//! The PostgreSQL source: logical replication (pgoutput) from an existing slot, no Kafka.
+//!
+//! ```text
+//!  pgwire-replication worker ──(buffer_messages)──▶ this task ──SourceEvent──▶ pipeline
+//!    (TCP/TLS, SCRAM, keepalive replies,              decode ▸ relation cache ▸ tracker
+//!     standby status with OUR applied LSN)                    ▲
+//!         ▲                                                   │ Ack (seq, stream)
+//!         └──────── update_applied_lsn(confirmed) ◀── tracker ┘
+//! ```
+//!
+//! - **Start-up** (`prepare`): over ordinary SQL, `wal_level` must be `logical`, the
+//!   publication must exist (or `create_publication`), the slot must exist (or `create_slot`),
+//!   be logical, use pgoutput, belong to this database and not be `lost`. Each failure is one
+//!   fatal sentence naming the thing and the fix. An unreachable server is retried (the
+//!   daemon is not ready meanwhile).
+//! - **Streaming**: changes are emitted as they arrive, never buffered per transaction; each
+//!   gets a sequence number. The confirmed flush LSN is the Commit `end_lsn` of the newest
+//!   transaction whose every event (and every earlier one) is finished ([`tracker`]); it is
+//!   handed to the replication client, which sends it in standby status updates at most every
+//!   `feedback_interval` and at once when a keepalive asks for a reply. The server's received
+//!   position is never reported as flushed.
+//! - **Backpressure**: while the pipeline queue is full the task stops reading; the client's
+//!   bounded buffer fills and then the client stops reading the socket, while it keeps sending
+//!   status updates so the walsender does not time out.
+//! - **Reconnects**: a broken stream (walsender terminated, server restart) is reopened with
+//!   exponential backoff from the confirmed LSN; the new connection is a new stream, so acks of
+//!   the old one are ignored (the server replays that work).
+//! - **Standby**: START_REPLICATION on a slot another session holds fails with SQLSTATE 55006;
+//!   the daemon then waits as a standby (`cdc_invalidator_postgres_role{role="standby"} 1`,
+//!   not ready) and retries every `standby_retry` until the active daemon's session is gone.
+//! - **Slot health**: every `status_interval` the slot's lag and retained WAL are read into
+//!   metrics; `wal_status = lost` is fatal (docs/postgres.md has the recovery steps).
+
+pub mod check;
+mod pgoutput;
+mod relation;
+pub mod sql;
+mod tracker;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use self::pgoutput::Message;
+use self::relation::{RelationCache, Undecodable};
+use self::tracker::Tracker;
+use crate::config::postgres::{Connection, SslMode};
+use crate::config::PostgresConfig;
+use crate::event::{ChangeEvent, Decoded};
+use crate::retry::RetryPolicy;
+use crate::shutdown::Shutdown;
+use crate::source::{Ack, Finished, Malformed, Position, RawMessage, SourceEvent};
+use crate::telemetry::Metrics;
+
+/// Where operators find the recovery steps for a lost slot.
+const RECOVERY_DOC: &str = "docs/postgres.md, \"Recovering from a lost slot\"";
+/// How long the final status update at shutdown may take.
+const FINAL_FEEDBACK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Fatal errors of the PostgreSQL source: each is one sentence naming the thing and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum PostgresSourceError {
+    #[error("source.postgres: {0}")]
+    Config(String),
+    #[error("replication slot {slot:?} does not exist: create it with SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput'); or set source.postgres.create_slot: true (a slot created after changes were made has skipped them: flush the caches first)")]
+    SlotMissing { slot: String },
+    #[error("replication slot {slot:?} is lost (wal_status = lost: the server removed WAL the slot still needed, so changes were missed): follow the recovery steps in {RECOVERY_DOC}")]
+    SlotLost { slot: String },
+    #[error("replication slot {slot:?} cannot be used: {why}")]
+    SlotUnusable { slot: String, why: String },
+    #[error("publication {publication:?} does not exist: create it with CREATE PUBLICATION {publication} FOR TABLE schema.table, ...; or set source.postgres.create_publication: true")]
+    PublicationMissing { publication: String },
+    #[error("the server runs with wal_level = {0}: logical replication needs wal_level = logical in postgresql.conf (then restart PostgreSQL)")]
+    WalLevel(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Sql(String),
+    #[error("the replication stream failed: {0}")]
+    Replication(String),
+}
+
+/// How a replication error is handled.
+#[derive(Debug)]
+enum Verdict {
+    /// Another session holds the slot (SQLSTATE 55006): wait as a standby.
+    Standby,
+    /// Reconnect with backoff.
+    Transient(String),
+    Fatal(PostgresSourceError),
+}
+
+/// The SQLSTATE the replication client put into a server error's text.
+fn sqlstate(text: &str) -> Option<&str> {
+    let start = text.rfind("(SQLSTATE ")? + "(SQLSTATE ".len();
+    text.get(start..start + 5)
+}
+
+fn classify(e: &PgWireError, slot: &str) -> Verdict {
+    match e {
+        PgWireError::Server(text) => match sqlstate(text) {
+            Some("55006") => Verdict::Standby,
+            Some("58P01") => Verdict::Fatal(PostgresSourceError::SlotLost { slot: slot.into() }),
+            Some("55000") if text.contains("invalidated") || text.contains("no longer") => {
+                Verdict::Fatal(PostgresSourceError::SlotLost { slot: slot.into() })
+            }
+            Some("42704") if text.contains("slot") => {
+                Verdict::Fatal(PostgresSourceError::SlotMissing { slot: slot.into() })
+            }
+            Some(code)
+                if code.starts_with("28") || code.starts_with("42") || code.starts_with("3D") || code == "55000" =>
+            {
+                Verdict::Fatal(PostgresSourceError::Replication(text.clone()))
+            }
+            _ => Verdict::Transient(e.to_string()),
+        },
+        PgWireError::Auth(text) => Verdict::Fatal(PostgresSourceError::Refused(format!(
+            "PostgreSQL refused the replication login: {text} (check the user and password in source.postgres.url)"
+        ))),
+        PgWireError::Tls(text) => Verdict::Fatal(PostgresSourceError::Refused(format!(
+            "TLS to PostgreSQL failed: {text} (check sslmode and sslrootcert in source.postgres.url)"
+        ))),
+        _ => Verdict::Transient(e.to_string()),
+    }
+}
+
+/// The transaction being streamed.
+#[derive(Debug, Clone, Copy)]
+struct Transaction {
+    committed_at: Option<SystemTime>,
+    /// The LSN of its commit record (pgoutput's Begin `final_lsn`): the position's
+    /// `commit_end_lsn`, which identifies the transaction.
+    final_lsn: u64,
+}
+
+/// Why a session ended.
+enum SessionEnd {
+    /// Shutdown stopped intake: drain.
+    Stopping,
+    /// The pipeline is gone: nothing can finish any more.
+    PipelineGone,
+    Broken(PgWireError),
+    Fatal(PostgresSourceError),
+}
+
+pub struct PostgresSource {
+    connection: Connection,
+    slot: String,
+    publication: String,
+    create_slot: bool,
+    create_publication: bool,
+    feedback_interval: Duration,
+    status_interval: Duration,
+    standby_retry: Duration,
+    connect_timeout: Duration,
+    buffer_messages: usize,
+    application_name: String,
+    backoff: RetryPolicy,
+    metrics: Arc<Metrics>,
+}
+
+impl PostgresSource {
+    pub fn new(config: &PostgresConfig, metrics: Arc<Metrics>) -> Result<PostgresSource, PostgresSourceError> {
+        let connection = config.connection().cloned().ok_or_else(|| {
+            PostgresSourceError::Config("the url was not resolved (validate the config first)".into())
+        })?;
+        let backoff =
+            RetryPolicy { initial: config.reconnect_initial, max: config.reconnect_max, ..RetryPolicy::default() };
+        Ok(PostgresSource {
+            connection,
+            slot: config.slot.clone(),
+            publication: config.publication.clone(),
+            create_slot: config.create_slot,
+            create_publication: config.create_publication,
+            feedback_interval: config.feedback_interval,
+            status_interval: config.status_interval,
+            standby_retry: config.standby_retry,
+            connect_timeout: config.connect_timeout,
+            buffer_messages: config.buffer_messages,
+            application_name: config.application_name.clone(),
+            backoff,
+            metrics,
+        })
+    }
+
+    /// Checks the slot and publication, then streams until shutdown, then drains: keeps
+    /// confirming while the pipeline finishes what it holds, and sends the final position.
+    pub async fn run(self, out: mpsc::Sender<SourceEvent>, shutdown: Shutdown) -> Result<(), PostgresSourceError> {
+        let Some(start) = self.prepare(&shutdown).await? else {
+            return Ok(()); // Shutdown while the server was unreachable.
+        };
+        self.metrics.postgres_confirmed_lsn.set(start as f64);
+        let (fatal_tx, fatal_rx) = mpsc::channel(1);
+        let poller = tokio::spawn(poll_slot(
+            self.connection.clone(),
+            self.application_name.clone(),
+            self.slot.clone(),
+            self.status_interval,
+            self.connect_timeout,
+            self.metrics.clone(),
+            fatal_tx,
+        ));
+        let result = self.stream(out, &shutdown, start, fatal_rx).await;
+        poller.abort();
+        self.set_role(None);
+        result
+    }
+
+    /// Start-up checks over ordinary SQL. `None` when shutdown came first.
+    async fn prepare(&self, shutdown: &Shutdown) -> Result<Option<u64>, PostgresSourceError> {
+        let mut attempt = 0u32;
+        let client = loop {
+            match sql::connect(&self.connection, &self.application_name, self.connect_timeout).await {
+                Ok(c) => break c,
+                Err(e) if e.is_transient() => {
+                    self.metrics.source_errors.inc();
+                    attempt += 1;
+                    let wait = self.backoff.wait(attempt, None);
+                    tracing::warn!(error = %e, attempt, wait_ms = wait.as_millis() as u64, "PostgreSQL unreachable; retrying");
+                    tokio::select! {
+                        _ = shutdown.stopping() => return Ok(None),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                Err(e) => return Err(PostgresSourceError::Refused(e.to_string())),
+            }
+        };
+        let sql_err = |e: sql::SqlError| PostgresSourceError::Sql(e.to_string());
+        let level = sql::wal_level(&client).await.map_err(sql_err)?;
+        if level != "logical" {
+            return Err(PostgresSourceError::WalLevel(level));
+        }
+        if !sql::publication_exists(&client, &self.publication).await.map_err(sql_err)? {
+            if !self.create_publication {
+                return Err(PostgresSourceError::PublicationMissing { publication: self.publication.clone() });
+            }
+            sql::create_publication(&client, &self.publication).await.map_err(sql_err)?;
+            tracing::warn!(publication = %self.publication, "created publication FOR ALL TABLES (create_publication: true)");
+        }
+        let mut status = sql::slot_status(&client, &self.slot).await.map_err(sql_err)?;
+        if status.is_none() {
+            if !self.create_slot {
+                return Err(PostgresSourceError::SlotMissing { slot: self.slot.clone() });
+            }
+            sql::create_slot(&client, &self.slot).await.map_err(sql_err)?;
+            tracing::warn!(slot = %self.slot, "created replication slot (create_slot: true): changes made before now are not streamed");
+            status = sql::slot_status(&client, &self.slot).await.map_err(sql_err)?;
+        }
+        let Some(status) = status else {
+            return Err(PostgresSourceError::SlotMissing { slot: self.slot.clone() });
+        };
+        let unusable = |why: String| PostgresSourceError::SlotUnusable { slot: self.slot.clone(), why };
+        if !status.logical {
+            return Err(unusable("it is a physical slot; create a logical one with pgoutput".into()));
+        }
+        if status.plugin.as_deref() != Some("pgoutput") {
+            return Err(unusable(format!(
+                "it uses the output plugin {:?}; this source needs pgoutput: drop it and create it with pg_create_logical_replication_slot('{}', 'pgoutput')",
+                status.plugin.as_deref().unwrap_or(""),
+                self.slot
+            )));
+        }
+        if status.database.as_deref() != Some(self.connection.database.as_str()) {
+            return Err(unusable(format!(
+                "it belongs to database {:?}, but source.postgres.url names {:?}",
+                status.database.as_deref().unwrap_or(""),
+                self.connection.database
+            )));
+        }
+        if status.wal_status.as_deref() == Some("lost") {
+            return Err(PostgresSourceError::SlotLost { slot: self.slot.clone() });
+        }
+        tracing::info!(
+            server = %self.connection,
+            slot = %self.slot,
+            publication = %self.publication,
+            confirmed_flush = %Lsn(status.confirmed_flush.unwrap_or(0)),
+            "PostgreSQL slot checked"
+        );
+        Ok(Some(status.confirmed_flush.unwrap_or(0)))
+    }
+
+    fn replication_config(&self, start: u64) -> ReplicationConfig {
+        let c = &self.connection;
+        let password = c.password.as_ref().map(|p| p.expose().to_string()).unwrap_or_default();
+        let tls = match c.ssl_mode {
+            SslMode::Disable => TlsConfig::disabled(),
+            SslMode::Prefer => TlsConfig { mode: pgwire_replication::SslMode::Prefer, ..TlsConfig::default() },
+            SslMode::Require => TlsConfig::require(),
+            SslMode::VerifyCa => TlsConfig::verify_ca(c.ssl_root_cert.clone()),
+            SslMode::VerifyFull => TlsConfig::verify_full(c.ssl_root_cert.clone()),
+        };
+        ReplicationConfig::new(
+            c.host.clone(),
+            c.user.clone(),
+            password,
+            c.database.clone(),
+            self.slot.clone(),
+            self.publication.as_str(),
+        )
+        .with_port(c.port)
+        .with_tls(tls)
+        // Resume after what we confirmed (the server takes the later of this and its own
+        // confirmed_flush_lsn), and never report less than it.
+        .with_start_lsn(Lsn(start))
+        .with_ack_lsn(Lsn(start))
+        .with_status_interval(self.feedback_interval)
+        .with_buffer_size(self.buffer_messages)
+        .with_application_name(self.application_name.clone())
+    }
+
+    fn set_role(&self, role: Option<&str>) {
+        for r in ["active", "standby"] {
+            self.metrics.postgres_role.with_label_values(&[r]).set((role == Some(r)) as i64);
+        }
+        self.metrics.source_ready.set((role == Some("active")) as i64);
+    }
+
+    async fn stream(
+        &self,
+        out: mpsc::Sender<SourceEvent>,
+        shutdown: &Shutdown,
+        start: u64,
+        mut fatal_rx: mpsc::Receiver<PostgresSourceError>,
+    ) -> Result<(), PostgresSourceError> {
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Finished>();
+        let mut stream_id = 1;
+        let mut tracker = Tracker::new(stream_id, start);
+        let mut failures = 0u32;
+        let mut standby_logged = false;
+        let mut client: Option<ReplicationClient> = None;
+
+        loop {
+            let mut c = ReplicationClient::connect(self.replication_config(tracker.confirmed()))
+                .await
+                .map_err(|e| PostgresSourceError::Replication(e.to_string()))?;
+            let started = tokio::select! {
+                biased;
+                _ = shutdown.stopping() => break,
+                _ = out.closed() => break,
+                Some(e) = fatal_rx.recv() => return Err(e),
+                r = c.wait_started() => r,
+            };
+            let wait = match started {
+                Ok(()) => {
+                    self.set_role(Some("active"));
+                    failures = 0;
+                    standby_logged = false;
+                    tracing::info!(slot = %self.slot, from = %Lsn(tracker.confirmed()), "streaming from the replication slot (active)");
+                    let end =
+                        self.session(&mut c, &mut tracker, &out, &ack_tx, &mut ack_rx, shutdown, &mut fatal_rx).await;
+                    match end {
+                        SessionEnd::Stopping | SessionEnd::PipelineGone => {
+                            client = Some(c);
+                            break;
+                        }
+                        SessionEnd::Fatal(e) => return Err(e),
+                        SessionEnd::Broken(e) => match classify(&e, &self.slot) {
+                            Verdict::Fatal(f) => return Err(f),
+                            Verdict::Standby | Verdict::Transient(_) => {
+                                self.set_role(None);
+                                self.metrics.postgres_reconnects.inc();
+                                self.metrics.source_errors.inc();
+                                failures += 1;
+                                let wait = self.backoff.wait(failures, None);
+                                tracing::warn!(error = %e, wait_ms = wait.as_millis() as u64, "replication stream broke; reconnecting from the confirmed LSN");
+                                wait
+                            }
+                        },
+                    }
+                }
+                Err(e) => match classify(&e, &self.slot) {
+                    Verdict::Fatal(f) => return Err(f),
+                    Verdict::Standby => {
+                        self.set_role(Some("standby"));
+                        if !standby_logged {
+                            standby_logged = true;
+                            tracing::info!(slot = %self.slot, retry_ms = self.standby_retry.as_millis() as u64, "another session holds the slot; waiting as a standby");
+                        }
+                        self.standby_retry
+                    }
+                    Verdict::Transient(why) => {
+                        self.set_role(None);
+                        self.metrics.postgres_reconnects.inc();
+                        self.metrics.source_errors.inc();
+                        failures += 1;
+                        let wait = self.backoff.wait(failures, None);
+                        tracing::warn!(error = %why, wait_ms = wait.as_millis() as u64, "cannot start replication; retrying");
+                        wait
+                    }
+                },
+            };
+            // A new connection replays everything after the confirmed LSN: a new stream.
+            stream_id += 1;
+            tracker.reset(stream_id);
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    biased;
+                    // Old acks are ignored, but keep the channel short and the gauge right.
+                    Some(f) = ack_rx.recv() => self.finish(f, &mut tracker, &mut ack_rx, None),
+                    _ = shutdown.stopping() => break,
+                    _ = out.closed() => break,
+                    Some(e) = fatal_rx.recv() => return Err(e),
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+            if shutdown.is_stopping() || out.is_closed() {
+                break;
+            }
+        }
+
+        // Drain: no new input; the pipeline finishes what it holds, and we keep confirming.
+        tracing::info!(in_flight = tracker.in_flight(), "source stopped reading; waiting for in-flight events");
+        drop(out);
+        drop(ack_tx);
+        while let Some(f) = ack_rx.recv().await {
+            self.finish(f, &mut tracker, &mut ack_rx, client.as_ref());
+        }
+        if let Some(mut c) = client {
+            let confirmed = tracker.confirmed();
+            c.update_applied_lsn(Lsn(confirmed));
+            let metrics = c.metrics();
+            let deadline = Instant::now() + FINAL_FEEDBACK_TIMEOUT;
+            while metrics.last_applied_lsn().0 < confirmed && c.is_running() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if metrics.last_applied_lsn().0 >= confirmed {
+                tracing::info!(confirmed = %Lsn(confirmed), "final position confirmed to the server");
+            } else {
+                tracing::warn!(confirmed = %Lsn(confirmed), "could not send the final position: the next start redelivers from the previous one");
+            }
+            c.stop();
+            let _ = tokio::time::timeout(FINAL_FEEDBACK_TIMEOUT, c.shutdown()).await;
+        }
+        Ok(())
+    }
+
+    /// Reads one active session until it ends.
+    #[allow(clippy::too_many_arguments)]
+    async fn session(
+        &self,
+        client: &mut ReplicationClient,
+        tracker: &mut Tracker,
+        out: &mpsc::Sender<SourceEvent>,
+        ack_tx: &mpsc::UnboundedSender<Finished>,
+        ack_rx: &mut mpsc::UnboundedReceiver<Finished>,
+        shutdown: &Shutdown,
+        fatal_rx: &mut mpsc::Receiver<PostgresSourceError>,
+    ) -> SessionEnd {
+        let mut cache = RelationCache::default();
+        let mut transaction: Option<Transaction> = None;
+        // Decoded events the pipeline had no room for. While any are held the stream is not
+        // read, so this holds at most the events of one message (a truncate of many tables).
+        let mut held: VecDeque<SourceEvent> = VecDeque::new();
+        let end = loop {
+            tokio::select! {
+                biased;
+                // Acknowledgements first, so finished work is confirmed before new input.
+                Some(f) = ack_rx.recv() => self.finish(f, tracker, ack_rx, Some(client)),
+                _ = shutdown.stopping() => break SessionEnd::Stopping,
+                _ = out.closed() => break SessionEnd::PipelineGone,
+                Some(e) = fatal_rx.recv() => break SessionEnd::Fatal(e),
+                permit = out.reserve(), if !held.is_empty() => match permit {
+                    Ok(permit) => {
+                        if let Some(ev) = held.pop_front() {
+                            permit.send(ev);
+                        }
+                    }
+                    Err(_) => break SessionEnd::PipelineGone,
+                },
+                ev = client.recv(), if held.is_empty() => match ev {
+                    Ok(Some(ev)) => {
+                        let before = tracker.confirmed();
+                        for event in self.handle(ev, &mut cache, &mut transaction, tracker, ack_tx) {
+                            if !held.is_empty() {
+                                held.push_back(event);
+                                continue;
+                            }
+                            match out.try_send(event) {
+                                Ok(()) => {}
+                                Err(mpsc::error::TrySendError::Full(event)) => held.push_back(event),
+                                Err(mpsc::error::TrySendError::Closed(_)) => return SessionEnd::PipelineGone,
+                            }
+                        }
+                        if tracker.confirmed() != before {
+                            self.confirm(tracker, client);
+                        }
+                    }
+                    Ok(None) => break SessionEnd::Broken(PgWireError::Io(Arc::new(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the server ended the replication stream",
+                    )))),
+                    Err(e) => break SessionEnd::Broken(e),
+                },
+            }
+        };
+        // Held events were never handed over: their acks drop, they are replayed.
+        self.metrics.pending_events.sub(held.len() as i64);
+        end
+    }
+
+    /// Records completions (this one and any already queued) and confirms what moved.
+    fn finish(
+        &self,
+        first: Finished,
+        tracker: &mut Tracker,
+        rx: &mut mpsc::UnboundedReceiver<Finished>,
+        client: Option<&ReplicationClient>,
+    ) {
+        let before = tracker.confirmed();
+        let mut n = 1;
+        tracker.finish(first);
+        while let Ok(f) = rx.try_recv() {
+            tracker.finish(f);
+            n += 1;
+        }
+        self.metrics.pending_events.sub(n);
+        if let (Some(client), true) = (client, tracker.confirmed() != before) {
+            self.confirm(tracker, client);
+        }
+    }
+
+    fn confirm(&self, tracker: &Tracker, client: &ReplicationClient) {
+        let lsn = tracker.confirmed();
+        client.update_applied_lsn(Lsn(lsn));
+        self.metrics.postgres_confirmed_lsn.set(lsn as f64);
+    }
+
+    /// One replication message: the events it makes (none for most).
+    fn handle(
+        &self,
+        ev: ReplicationEvent,
+        cache: &mut RelationCache,
+        transaction: &mut Option<Transaction>,
+        tracker: &mut Tracker,
+        ack_tx: &mpsc::UnboundedSender<Finished>,
+    ) -> Vec<SourceEvent> {
+        match ev {
+            ReplicationEvent::Begin { final_lsn, commit_time_micros, .. } => {
+                tracker.begin();
+                let committed_at = pg_time(commit_time_micros);
+                *transaction = Some(Transaction { committed_at, final_lsn: final_lsn.0 });
+                Vec::new()
+            }
+            ReplicationEvent::Commit { end_lsn, commit_time_micros, .. } => {
+                tracker.commit(end_lsn.0);
+                *transaction = None;
+                if let Some(t) = pg_time(commit_time_micros) {
+                    self.metrics.last_commit_timestamp.set(unix_seconds(t));
+                }
+                Vec::new()
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                tracker.idle_at(wal_end.0);
+                self.metrics.last_event_timestamp.set(unix_seconds(SystemTime::now()));
+                Vec::new()
+            }
+            ReplicationEvent::XLogData { wal_start, data, .. } => {
+                let tx = transaction.unwrap_or(Transaction { committed_at: None, final_lsn: wal_start.0 });
+                let position = Position::Postgres { lsn: wal_start.0, commit_end_lsn: tx.final_lsn };
+                let at = tx.committed_at;
+                let results: Vec<Result<ChangeEvent, Undecodable>> = match pgoutput::parse(&data) {
+                    Err(e) => vec![Err(Undecodable { reason: e.to_string(), table: None, rendering: None })],
+                    Ok(Message::Relation(r)) => {
+                        tracing::debug!(table = %format!("{}.{}", r.schema, r.name), columns = r.columns.len(), "relation");
+                        cache.refresh(r);
+                        Vec::new()
+                    }
+                    Ok(Message::Insert { relation, new }) => vec![cache.insert(relation, &new, at)],
+                    Ok(Message::Update { relation, old, new }) => vec![cache.update(relation, old.as_ref(), &new, at)],
+                    Ok(Message::Delete { relation, old }) => vec![cache.delete(relation, &old, at)],
+                    Ok(Message::Truncate { relations }) => {
+                        relations.iter().map(|&oid| cache.truncate(oid, at)).collect()
+                    }
+                    Ok(Message::Other(_)) => Vec::new(),
+                };
+                results.into_iter().map(|r| self.event(r, position.clone(), tracker, ack_tx)).collect()
+            }
+            ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => Vec::new(),
+        }
+    }
+
+    fn event(
+        &self,
+        result: Result<ChangeEvent, Undecodable>,
+        position: Position,
+        tracker: &mut Tracker,
+        ack_tx: &mpsc::UnboundedSender<Finished>,
+    ) -> SourceEvent {
+        let finished = tracker.start();
+        self.metrics.pending_events.inc();
+        self.metrics.last_event_timestamp.set(unix_seconds(SystemTime::now()));
+        let lsn = match position {
+            Position::Postgres { lsn, .. } => Some(lsn),
+            _ => None,
+        };
+        let (decoded, rendering) = match result {
+            Ok(change) => {
+                // schema and table for the Debezium rendering: split at the first dot, as
+                // PostgreSQL schema names cannot be empty.
+                let (schema, table) = change.table.split_once('.').unwrap_or(("", change.table.as_str()));
+                let json = relation::debezium_json(&change, schema, table, lsn);
+                (Ok(Decoded::Change(change)), Some(json))
+            }
+            Err(u) => {
+                let reason = match &u.table {
+                    Some(t) => format!("{} (table {t})", u.reason),
+                    None => u.reason.clone(),
+                };
+                (Err(Malformed(reason)), u.rendering)
+            }
+        };
+        SourceEvent {
+            position,
+            decoded,
+            raw: RawMessage {
+                topic: None,
+                key: None,
+                value: rendering.as_ref().map(Value::to_string).map(String::into_bytes),
+            },
+            logged_at: None,
+            received: Instant::now(),
+            ack: Ack::new(ack_tx.clone(), finished),
+        }
+    }
+}
+
+/// PostgreSQL timestamps count microseconds from 2000-01-01.
+fn pg_time(micros: i64) -> Option<SystemTime> {
+    const PG_EPOCH_FROM_UNIX_MICROS: i64 = 946_684_800_000_000;
+    let unix = micros.checked_add(PG_EPOCH_FROM_UNIX_MICROS)?;
+    u64::try_from(unix).ok().map(|us| UNIX_EPOCH + Duration::from_micros(us))
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Reads the slot's figures every `interval` into the metrics, and reports a lost or dropped
+/// slot as fatal. Its own SQL connection, reopened after failures.
+async fn poll_slot(
+    connection: Connection,
+    application_name: String,
+    slot: String,
+    interval: Duration,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+    fatal: mpsc::Sender<PostgresSourceError>,
+) {
+    let mut client = None;
+    let mut warned = false;
+    loop {
+        if client.is_none() {
+            match sql::connect(&connection, &application_name, timeout).await {
+                Ok(c) => client = Some(c),
+                Err(e) if !warned => {
+                    warned = true;
+                    tracing::warn!(error = %e, "cannot read slot figures; retrying");
+                }
+                Err(_) => {}
+            }
+        }
+        if let Some(c) = &client {
+            match tokio::time::timeout(timeout, sql::slot_status(c, &slot)).await {
+                Ok(Ok(Some(s))) => {
+                    warned = false;
+                    if let Some(lag) = s.lag_bytes {
+                        metrics.postgres_lag_bytes.set(lag.max(0));
+                    }
+                    if let Some(retained) = s.retained_bytes {
+                        metrics.postgres_retained_wal_bytes.set(retained.max(0));
+                    }
+                    if s.wal_status.as_deref() == Some("lost") {
+                        tracing::error!(slot = %slot, "replication slot is lost (wal_status = lost)");
+                        let _ = fatal.send(PostgresSourceError::SlotLost { slot: slot.clone() }).await;
+                        return;
+                    }
+                }
+                Ok(Ok(None)) => {
+                    let _ = fatal.send(PostgresSourceError::SlotMissing { slot: slot.clone() }).await;
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "reading slot figures failed");
+                    client = None;
+                }
+                Err(_) => client = None,
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_errors_are_classified_by_sqlstate() {
+        let server = |t: &str| PgWireError::Server(t.to_string());
+        assert!(matches!(
+            classify(&server("replication slot \"s\" is active for PID 7 (SQLSTATE 55006)"), "s"),
+            Verdict::Standby
+        ));
+        assert!(matches!(
+            classify(&server("terminating connection due to administrator command (SQLSTATE 57P01)"), "s"),
+            Verdict::Transient(_)
+        ));
+        assert!(matches!(
+            classify(&server("replication slot \"s\" does not exist (SQLSTATE 42704)"), "s"),
+            Verdict::Fatal(PostgresSourceError::SlotMissing { .. })
+        ));
+        assert!(matches!(
+            classify(&server("can no longer get changes from replication slot \"s\" (SQLSTATE 55000)"), "s"),
+            Verdict::Fatal(PostgresSourceError::SlotLost { .. })
+        ));
+        assert!(matches!(classify(&server("password authentication failed (SQLSTATE 28P01)"), "s"), Verdict::Fatal(_)));
+        assert!(matches!(
+            classify(&PgWireError::Io(Arc::new(std::io::Error::other("reset"))), "s"),
+            Verdict::Transient(_)
+        ));
+    }
+
+    #[test]
+    fn commit_times_convert_from_the_postgres_epoch() {
+        assert_eq!(pg_time(0), Some(UNIX_EPOCH + Duration::from_secs(946_684_800)));
+        assert_eq!(pg_time(i64::MIN), None);
+    }
+}

@@ -1,0 +1,206 @@
+//! Ordinary SQL on a `tokio-postgres` connection: start-up checks of the slot and the
+//! publication, the slot figures behind the lag metrics, and `check --against-db`.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::config::postgres::{Connection, SslMode};
+
+/// A failed SQL connection or statement, classified.
+#[derive(Debug, thiserror::Error)]
+pub enum SqlError {
+    /// The server could not be reached (refused, timed out, reset): worth retrying.
+    #[error("cannot reach PostgreSQL at {target}: {reason}")]
+    Unreachable { target: String, reason: String },
+    /// The server answered but refused us (password, TLS, permissions, missing database):
+    /// retrying will not help.
+    #[error("PostgreSQL at {target} refused the connection: {reason}")]
+    Refused { target: String, reason: String },
+    #[error("{what} failed: {reason}")]
+    Statement { what: &'static str, reason: String },
+}
+
+impl SqlError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SqlError::Unreachable { .. })
+    }
+}
+
+/// One sentence for a tokio-postgres error: the server's message and SQLSTATE when it sent
+/// one, else the client's description.
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            text
+        }
+    }
+}
+
+/// Connects an ordinary (non-replication) session, with TLS as the URL says.
+pub async fn connect(c: &Connection, application_name: &str, timeout: Duration) -> Result<Client, SqlError> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.user(&c.user).dbname(&c.database).port(c.port).application_name(application_name).connect_timeout(timeout);
+    if c.host.starts_with('/') {
+        cfg.host_path(&c.host);
+    } else {
+        cfg.host(&c.host);
+    }
+    if let Some(pw) = &c.password {
+        cfg.password(pw.expose());
+    }
+    let target = c.to_string();
+    let connected = match c.ssl_mode {
+        SslMode::Disable => {
+            cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            tokio::time::timeout(timeout, cfg.connect(tokio_postgres::NoTls)).await.map(|r| {
+                r.map(|(client, conn)| {
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "postgres SQL connection closed");
+                        }
+                    });
+                    client
+                })
+            })
+        }
+        mode => {
+            cfg.ssl_mode(if mode == SslMode::Prefer {
+                tokio_postgres::config::SslMode::Prefer
+            } else {
+                tokio_postgres::config::SslMode::Require
+            });
+            let tls = tls_connector(c).map_err(|reason| SqlError::Refused { target: target.clone(), reason })?;
+            tokio::time::timeout(timeout, cfg.connect(tls)).await.map(|r| {
+                r.map(|(client, conn)| {
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "postgres SQL connection closed");
+                        }
+                    });
+                    client
+                })
+            })
+        }
+    };
+    match connected {
+        Err(_) => Err(SqlError::Unreachable { target, reason: format!("no answer within {timeout:?}") }),
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => {
+            let reason = describe(&e);
+            if e.as_db_error().is_some() || reason.contains("tls") || reason.contains("certificate") {
+                Err(SqlError::Refused { target, reason })
+            } else {
+                Err(SqlError::Unreachable { target, reason })
+            }
+        }
+    }
+}
+
+fn tls_connector(c: &Connection) -> Result<postgres_native_tls::MakeTlsConnector, String> {
+    let mut b = native_tls::TlsConnector::builder();
+    match c.ssl_mode {
+        SslMode::Prefer | SslMode::Require | SslMode::Disable => {
+            b.danger_accept_invalid_certs(true).danger_accept_invalid_hostnames(true);
+        }
+        SslMode::VerifyCa => {
+            b.danger_accept_invalid_hostnames(true);
+        }
+        SslMode::VerifyFull => {}
+    }
+    if let Some(path) = &c.ssl_root_cert {
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read sslrootcert {}: {e}", path.display()))?;
+        let cert = native_tls::Certificate::from_pem(&pem)
+            .map_err(|e| format!("sslrootcert {} is not a PEM certificate: {e}", path.display()))?;
+        b.add_root_certificate(cert);
+    }
+    let connector = b.build().map_err(|e| format!("cannot set up TLS: {e}"))?;
+    Ok(postgres_native_tls::MakeTlsConnector::new(connector))
+}
+
+/// What `pg_replication_slots` says about our slot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotStatus {
+    pub plugin: Option<String>,
+    pub logical: bool,
+    pub database: Option<String>,
+    pub active: bool,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+    pub confirmed_flush: Option<u64>,
+    /// Server WAL position minus the confirmed flush LSN.
+    pub lag_bytes: Option<i64>,
+    /// Server WAL position minus the slot's restart LSN: what the slot keeps on disk.
+    pub retained_bytes: Option<i64>,
+}
+
+pub async fn slot_status(client: &Client, slot: &str) -> Result<Option<SlotStatus>, SqlError> {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, slot_type = 'logical', database::text, active, wal_status, \
+                    pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::bigint, \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| SqlError::Statement { what: "reading pg_replication_slots", reason: describe(&e) })?;
+    let Some(row) = row else { return Ok(None) };
+    let get = |i: usize| -> Result<Option<String>, SqlError> {
+        row.try_get(i).map_err(|e| SqlError::Statement { what: "reading pg_replication_slots", reason: describe(&e) })
+    };
+    let num = |i: usize| -> Result<Option<i64>, SqlError> {
+        row.try_get(i).map_err(|e| SqlError::Statement { what: "reading pg_replication_slots", reason: describe(&e) })
+    };
+    Ok(Some(SlotStatus {
+        plugin: get(0)?,
+        logical: row.try_get::<_, Option<bool>>(1).ok().flatten().unwrap_or(false),
+        database: get(2)?,
+        active: row.try_get::<_, Option<bool>>(3).ok().flatten().unwrap_or(false),
+        wal_status: get(4)?,
+        confirmed_flush: num(5)?.and_then(|v| u64::try_from(v).ok()),
+        lag_bytes: num(6)?,
+        retained_bytes: num(7)?,
+    }))
+}
+
+pub async fn publication_exists(client: &Client, publication: &str) -> Result<bool, SqlError> {
+    client
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .await
+        .map(|r| r.is_some())
+        .map_err(|e| SqlError::Statement { what: "reading pg_publication", reason: describe(&e) })
+}
+
+pub async fn wal_level(client: &Client) -> Result<String, SqlError> {
+    let row = client
+        .query_one("SELECT current_setting('wal_level')", &[])
+        .await
+        .map_err(|e| SqlError::Statement { what: "reading wal_level", reason: describe(&e) })?;
+    row.try_get(0).map_err(|e| SqlError::Statement { what: "reading wal_level", reason: describe(&e) })
+}
+
+pub async fn create_slot(client: &Client, slot: &str) -> Result<(), SqlError> {
+    client
+        .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
+        .await
+        .map(|_| ())
+        .map_err(|e| SqlError::Statement { what: "creating the replication slot", reason: describe(&e) })
+}
+
+/// `name` is validated by the config (letters, digits, underscores), so it can be spliced.
+pub async fn create_publication(client: &Client, name: &str) -> Result<(), SqlError> {
+    client
+        .batch_execute(&format!("CREATE PUBLICATION {name} FOR ALL TABLES"))
+        .await
+        .map_err(|e| SqlError::Statement { what: "creating the publication", reason: describe(&e) })
+}
