@@ -11,6 +11,7 @@ mod cdn_varnish;
 mod cdn_webhook;
 mod cli;
 mod end_to_end;
+mod operator_alerts;
 mod operator_metrics;
 mod operator_reload;
 mod operator_replay;
