@@ -12,6 +12,7 @@ mod cdn_webhook;
 mod cli;
 mod end_to_end;
 mod operator_alerts;
+mod operator_kit;
 mod operator_metrics;
 mod operator_reload;
 mod operator_replay;
