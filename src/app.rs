@@ -108,9 +108,12 @@ pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: 
     }
 }
 
+/// Each sink's layer, and the sinks in layer order (parallel vectors).
+pub type LayeredSinks = (Vec<u8>, Vec<Arc<dyn Sink>>);
+
 /// The configured sinks in layer order: Redis (0), then HTTP caches (1), then CDNs (2), stable
 /// within a layer; with each sink's layer. Shared by `run` and `replay`.
-pub fn build_sinks(config: &Config, metrics: &Arc<Metrics>) -> Result<(Vec<u8>, Vec<Arc<dyn Sink>>), AppError> {
+pub fn build_sinks(config: &Config, metrics: &Arc<Metrics>) -> Result<LayeredSinks, AppError> {
     let mut layered: Vec<(u8, Arc<dyn Sink>)> = Vec::new();
     if let Some(redis) = &config.sinks.redis {
         let sink = RedisSink::new("redis", redis, metrics.clone()).map_err(|e| AppError::Sink(e.to_string()))?;

@@ -130,9 +130,15 @@ impl Summary {
     }
 }
 
+/// A message to decode: topic, key and value (`None` for a tombstone).
+type Message = (String, Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// The pipeline fed by a replay, and its task.
+type Feed = (mpsc::Sender<SourceEvent>, tokio::task::JoinHandle<Result<(), app::AppError>>);
+
 /// Reads one record: a dead-letter record gives back its original message; anything else is a
 /// message value itself. `Err` is a sentence saying why the record is unusable.
-fn read_record(item: &Item, default_topic: &str) -> Result<(String, Option<Vec<u8>>, Option<Vec<u8>>), String> {
+fn read_record(item: &Item, default_topic: &str) -> Result<Message, String> {
     let fallback_topic = item.topic.clone().unwrap_or_else(|| default_topic.to_string());
     let Some(bytes) = &item.bytes else {
         // A Kafka tombstone on a Debezium topic.
@@ -328,7 +334,7 @@ pub async fn replay(
     let mut summary = Summary::default();
 
     // The daemon's pipeline, fed from here (not in a dry run).
-    let mut events: Option<(mpsc::Sender<SourceEvent>, tokio::task::JoinHandle<Result<(), app::AppError>>)> = None;
+    let mut events: Option<Feed> = None;
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Finished>();
     let rules = Arc::new(rules);
     if !options.dry_run {
