@@ -236,18 +236,40 @@ async fn register_script_applies_connectors_through_the_rest_api() {
         }
     });
     let url = connect.url();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("bash").arg(root().join("connectors/register.sh")).arg(url).output().expect("bash")
-    })
-    .await
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("shop-postgres: RUNNING") && stderr.contains("shop-mysql: RUNNING"), "{stderr}");
-    let seen = seen.lock().unwrap();
-    let applied = seen.iter().find(|(m, p, _)| m == "PUT" && p == "/connectors/shop-postgres/config").expect("PUT");
-    let body = applied.2.as_ref().expect("JSON body");
-    assert_eq!(body["slot.name"], "debezium_shop", "the config object itself is sent: {body}");
+    // With jq (create or update in place) and without it (create only, as inside the Debezium
+    // image): a PATH holding every other tool the script uses.
+    let no_jq = tempfile::tempdir().unwrap();
+    for tool in ["bash", "curl", "grep", "sed", "head", "cut", "seq", "sleep", "mktemp", "cat", "rm", "dirname"] {
+        let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().unwrap();
+        let path = String::from_utf8_lossy(&found.stdout).trim().to_string();
+        assert!(!path.is_empty(), "{tool} is installed");
+        std::os::unix::fs::symlink(&path, no_jq.path().join(tool)).unwrap();
+    }
+    let paths = [std::env::var("PATH").unwrap_or_default(), no_jq.path().display().to_string()];
+    for path in paths {
+        seen.lock().unwrap().clear();
+        let url = url.clone();
+        let with_jq = path != no_jq.path().display().to_string();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("bash").arg(root().join("connectors/register.sh")).arg(url).env("PATH", path).output().unwrap()
+        })
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "jq: {with_jq}: {stderr}");
+        assert!(stderr.contains("shop-postgres: RUNNING") && stderr.contains("shop-mysql: RUNNING"), "{stderr}");
+        let seen = seen.lock().unwrap();
+        let config = if with_jq {
+            let put = seen.iter().find(|(m, p, _)| m == "PUT" && p == "/connectors/shop-postgres/config");
+            put.and_then(|r| r.2.clone()).expect("PUT of the config object")
+        } else {
+            let post = seen.iter().find(|(m, p, b)| {
+                m == "POST" && p == "/connectors" && b.as_ref().is_some_and(|b| b["name"] == "shop-postgres")
+            });
+            post.and_then(|r| r.2.clone()).map(|b| b["config"].clone()).expect("POST of the whole file")
+        };
+        assert_eq!(config["slot.name"], "debezium_shop", "jq: {with_jq}: {config}");
+    }
 }
 
 /// Each `COPY <src>... <dest>` of the build stage; `--from` copies excluded.
