@@ -19,11 +19,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, LayerTiming, PipelineConfig, SourceKind};
 use crate::dead_letter::{DeadLetterError, DeadLetters, Letter, Reason};
 use crate::event::{ChangeEvent, Decoded};
+use crate::rules::reload::{self, Reloader};
 use crate::rules::{Evaluation, Rules};
 use crate::shutdown::Shutdown;
 use crate::sink::redis::RedisSink;
@@ -56,22 +57,15 @@ const RULE_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Runs the daemon until `shutdown` stops it and everything in flight is finished or abandoned.
 pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: Shutdown) -> Result<(), AppError> {
+    // Hot reload (SIGHUP, file changes), first so SIGHUP is handled from the start; the pipeline
+    // picks the current rules once per batch.
+    let (reloader, rules) = Reloader::new(&config.rules, Arc::new(rules), metrics.clone());
     let health = Arc::new(Health::default());
     let (addr, http) =
         telemetry::http::serve(config.metrics.listen, metrics.clone(), health.clone(), shutdown.clone()).await?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
 
-    // Sinks in layer order: Redis (0), then HTTP caches (1), then CDNs (2), stable within a layer.
-    let mut layered: Vec<(u8, Arc<dyn Sink>)> = Vec::new();
-    if let Some(redis) = &config.sinks.redis {
-        let sink = RedisSink::new("redis", redis, metrics.clone()).map_err(|e| AppError::Sink(e.to_string()))?;
-        layered.push((0, Arc::new(sink)));
-    }
-    for cdn in &config.sinks.cdn {
-        layered.push((cdn.layer(), cdn.build(metrics.clone()).map_err(|e| AppError::Sink(e.to_string()))?));
-    }
-    layered.sort_by_key(|(layer, _)| *layer);
-    let (layers, sinks): (Vec<u8>, Vec<Arc<dyn Sink>>) = layered.into_iter().unzip();
+    let (layers, sinks) = build_sinks(&config, &metrics)?;
     let kafka_config = config.source.kafka.as_ref();
     let dead_letters = DeadLetters::open(&config.dead_letter, kafka_config, metrics.clone()).await?;
     tracing::info!(destination = %dead_letters.describe(), "dead letters");
@@ -91,15 +85,18 @@ pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: 
         _ => return Err(AppError::SourceTask("the configured source is not available".into())),
     };
 
+    let reloads = tokio::spawn(reloader.run(reload::POLL_INTERVAL, shutdown.clone()));
     let pinger = tokio::spawn(ping_sinks(sinks.clone(), health.clone(), metrics.clone(), shutdown.clone()));
-    metrics.rules_loaded.set(rules.len() as i64);
     health.alive.store(true, Ordering::Relaxed);
 
-    let pipeline = Pipeline::new(config.pipeline.clone(), Arc::new(rules), sinks, dead_letters, metrics.clone())
-        .with_layers(layers, config.sinks.timing.clone());
+    let initial = rules.borrow().clone();
+    let pipeline = Pipeline::new(config.pipeline.clone(), initial, sinks, dead_letters, metrics.clone())
+        .with_layers(layers, config.sinks.timing.clone())
+        .with_rules_updates(rules);
     let result = pipeline.run(rx, &shutdown).await;
     health.alive.store(false, Ordering::Relaxed);
     pinger.abort();
+    reloads.abort();
 
     // The pipeline has finished or dropped every event: the source can make its final commit.
     let source_result = source_task.await;
@@ -109,6 +106,24 @@ pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: 
         Ok(r) => r,
         Err(e) => Err(AppError::SourceTask(e.to_string())),
     }
+}
+
+/// Each sink's layer, and the sinks in layer order (parallel vectors).
+pub type LayeredSinks = (Vec<u8>, Vec<Arc<dyn Sink>>);
+
+/// The configured sinks in layer order: Redis (0), then HTTP caches (1), then CDNs (2), stable
+/// within a layer; with each sink's layer. Shared by `run` and `replay`.
+pub fn build_sinks(config: &Config, metrics: &Arc<Metrics>) -> Result<LayeredSinks, AppError> {
+    let mut layered: Vec<(u8, Arc<dyn Sink>)> = Vec::new();
+    if let Some(redis) = &config.sinks.redis {
+        let sink = RedisSink::new("redis", redis, metrics.clone()).map_err(|e| AppError::Sink(e.to_string()))?;
+        layered.push((0, Arc::new(sink)));
+    }
+    for cdn in &config.sinks.cdn {
+        layered.push((cdn.layer(), cdn.build(metrics.clone()).map_err(|e| AppError::Sink(e.to_string()))?));
+    }
+    layered.sort_by_key(|(layer, _)| *layer);
+    Ok(layered.into_iter().unzip())
 }
 
 async fn ping_sinks(sinks: Vec<Arc<dyn Sink>>, health: Arc<Health>, metrics: Arc<Metrics>, shutdown: Shutdown) {
@@ -139,7 +154,8 @@ enum BatchError {
 /// with any source and sinks.
 pub struct Pipeline {
     config: PipelineConfig,
-    rules: Arc<Rules>,
+    /// The running rules; read once per batch, so a reload swaps them between batches.
+    rules: watch::Receiver<Arc<Rules>>,
     sinks: Vec<Arc<dyn Sink>>,
     dead_letters: DeadLetters,
     metrics: Arc<Metrics>,
@@ -177,6 +193,9 @@ impl Pipeline {
         metrics: Arc<Metrics>,
     ) -> Pipeline {
         let layers = vec![0; sinks.len()];
+        // Without `with_rules_updates` the rules never change (the sender is gone; the receiver
+        // keeps the last value).
+        let (_, rules) = watch::channel(rules);
         Pipeline {
             config,
             rules,
@@ -198,6 +217,12 @@ impl Pipeline {
             self.layers = layers;
         }
         self.timing = timing;
+        self
+    }
+
+    /// Takes the rules from `rules` (a [`Reloader`]'s receiver) from the next batch on.
+    pub fn with_rules_updates(mut self, rules: watch::Receiver<Arc<Rules>>) -> Pipeline {
+        self.rules = rules;
         self
     }
 
@@ -311,7 +336,8 @@ impl Pipeline {
 
     async fn process(&mut self, events: Vec<SourceEvent>, shutdown: &Shutdown) -> Result<(), BatchError> {
         self.metrics.batch_events.observe(events.len() as f64);
-        let rules = self.rules.clone();
+        // One rules version for the whole batch.
+        let rules = self.rules.borrow_and_update().clone();
         let mut items: Vec<Item> = events
             .into_iter()
             .map(|event| {
@@ -429,9 +455,9 @@ impl Pipeline {
             self.metrics.events.with_label_values(&[table, op, outcome]).inc();
             if item.evaluation.is_some() {
                 if let Some(origin) = origin(&item.event) {
-                    self.metrics
-                        .end_to_end_staleness
-                        .observe(now.duration_since(origin).unwrap_or_default().as_secs_f64());
+                    let seconds = now.duration_since(origin).unwrap_or_default().as_secs_f64();
+                    self.metrics.end_to_end_staleness.observe(seconds);
+                    self.metrics.table_staleness.with_label_values(&[table]).observe(seconds);
                 }
             }
             // With a second pass, events that asked for invalidations wait for it.

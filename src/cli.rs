@@ -61,6 +61,31 @@ pub enum Command {
         #[arg(long)]
         topic: Option<String>,
     },
+    /// Re-run dead-lettered events (or any Debezium messages) through the current rules and sinks.
+    ///
+    /// Exit codes: 0 every record replayed; 3 done, but some records were skipped as bad (each
+    /// reported with its line number) or were dead-lettered again; 2 invalid config or rules; 1 a
+    /// fatal error.
+    Replay {
+        /// The config file: rules, sinks and dead-letter destination of the daemon.
+        #[arg(short = 'c', long = "config")]
+        config: PathBuf,
+        /// A JSON-lines file: dead-letter records (the daemon's `dead_letter.file`) or Debezium
+        /// message values, one per line.
+        #[arg(long, conflicts_with = "kafka_topic", required_unless_present = "kafka_topic")]
+        file: Option<PathBuf>,
+        /// A Kafka topic to read from its beginning to its current end (the dead-letter topic),
+        /// on `dead_letter.kafka.brokers` or the source's brokers.
+        #[arg(long)]
+        kafka_topic: Option<String>,
+        /// The topic plain Debezium messages came from (dead-letter records carry their own).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Print what would be invalidated (one `explain` object per record, with its position)
+        /// and touch nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// Exit codes of the contract.
@@ -216,6 +241,18 @@ fn read_input(path: &Path) -> std::io::Result<Vec<u8>> {
     }
 }
 
+/// `replay`: see [`crate::replay`].
+pub fn replay(config_path: &Path, options: crate::replay::Options) -> ExitCode {
+    let (config, rules) = match load(config_path) {
+        Ok(v) => v,
+        Err(code) => return ExitCode::from(code),
+    };
+    // Logs (Kafka client warnings, sink retries) go to stderr with the summary; stdout carries
+    // only the dry run's JSON lines.
+    telemetry::logging::init(config.log.format, &config.log.level);
+    ExitCode::from(crate::replay::main(config, rules, options))
+}
+
 pub fn explain(rules_path: &Path, event: &Path, key: Option<&Path>, topic: Option<&str>) -> ExitCode {
     let rules = match Rules::from_file(rules_path) {
         Ok(r) => r,
@@ -265,5 +302,14 @@ pub fn main() -> ExitCode {
         Command::Run { config } => run(&config),
         Command::Check { config, against_db } => check(&config, against_db),
         Command::Explain { rules, event, key, topic } => explain(&rules, &event, key.as_deref(), topic.as_deref()),
+        Command::Replay { config, file, kafka_topic, topic, dry_run } => {
+            let input = match (file, kafka_topic) {
+                (Some(f), _) => crate::replay::Input::File(f),
+                (None, Some(topic)) => crate::replay::Input::Kafka { topic },
+                // clap requires one of them.
+                (None, None) => return ExitCode::from(INVALID),
+            };
+            replay(&config, crate::replay::Options { input, topic, dry_run })
+        }
     }
 }

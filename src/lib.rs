@@ -19,9 +19,10 @@
 //! - [`sink`]: the sink trait and its contract (delete only, idempotent, at-least-once, says
 //!   when done); [`sink::redis`] and the HTTP caches and CDNs under [`sink::cdn`].
 //! - [`app`]: the pipeline that wires them together: batching, coalescing, layers in order,
-//!   dead letters ([`dead_letter`]), acknowledgements, shutdown.
+//!   dead letters ([`dead_letter`]), acknowledgements, hot-reloaded rules, shutdown.
 //! - [`telemetry`]: Prometheus metrics, health endpoints, logging.
-//! - [`cli`]: `run`, `check`, `explain` (the user-facing contract).
+//! - [`cli`]: `run`, `check`, `explain` (the user-facing contract) and `replay`.
+//! - [`replay`]: `cdc-invalidator replay`, dead letters back through the pipeline.
 //! - [`config`], [`retry`], [`shutdown`]: the plumbing.
 
 pub mod app;
@@ -29,6 +30,7 @@ pub mod cli;
 pub mod config;
 pub mod dead_letter;
 pub mod event;
+pub mod replay;
 pub mod retry;
 pub mod rules;
 pub mod shutdown;

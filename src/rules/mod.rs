@@ -83,6 +83,7 @@ use crate::sink::{Invalidations, ItemKind};
 
 mod glob;
 mod parse;
+pub mod reload;
 mod template;
 #[cfg(test)]
 mod tests;

@@ -87,6 +87,16 @@ pub struct Metrics {
     pub cdn_verifications: IntCounterVec,
     /// Events whose second pass (`sinks.timing.repeat_after`) is still due.
     pub second_pass_pending_events: IntGauge,
+    /// Seconds from the database commit to the event being finished by every sink, by table.
+    pub table_staleness: HistogramVec,
+    /// Constant 1, labelled with the hash of the running rules file (one series at a time).
+    pub rules_info: IntGaugeVec,
+    /// Unix time the running rules were loaded (at start or by a reload).
+    pub rules_loaded_timestamp: Gauge,
+    /// Rules reload attempts, by outcome (`ok`, `error`).
+    pub rules_reloads: IntCounterVec,
+    /// 1 while the rules file on disk is invalid (the previous rules keep running), else 0.
+    pub rules_reload_failed: IntGauge,
     /// PostgreSQL: server WAL position minus the slot's confirmed flush LSN.
     pub postgres_lag_bytes: IntGauge,
     /// PostgreSQL: WAL the slot keeps on the server (server WAL position minus restart LSN).
@@ -342,6 +352,43 @@ impl Metrics {
                 r.register(Box::new(g.clone())).expect("unique");
                 g
             },
+            table_staleness: histogram(
+                &r,
+                "cdc_invalidator_table_staleness_seconds",
+                "Seconds from the database commit to the event being finished by every sink, by table.",
+                &["table"],
+                STALENESS_BUCKETS,
+            ),
+            rules_info: gauge_vec(
+                &r,
+                "cdc_invalidator_rules_info",
+                "Constant 1, labelled with the hash of the running rules file.",
+                &["hash"],
+            ),
+            rules_loaded_timestamp: {
+                let g = Gauge::new(
+                    "cdc_invalidator_rules_loaded_timestamp_seconds",
+                    "Unix time the running rules were loaded.",
+                )
+                .expect("valid");
+                r.register(Box::new(g.clone())).expect("unique");
+                g
+            },
+            rules_reloads: counter(
+                &r,
+                "cdc_invalidator_rules_reloads_total",
+                "Rules reload attempts (SIGHUP or a changed file), by outcome.",
+                &["outcome"],
+            ),
+            rules_reload_failed: {
+                let g = IntGauge::new(
+                    "cdc_invalidator_rules_reload_failed",
+                    "1 while the rules file on disk is invalid and the previous rules keep running.",
+                )
+                .expect("valid");
+                r.register(Box::new(g.clone())).expect("unique");
+                g
+            },
             postgres_lag_bytes: {
                 let g = IntGauge::new(
                     "cdc_invalidator_postgres_replication_lag_bytes",
@@ -396,6 +443,22 @@ impl Metrics {
         // Encoding into a Vec cannot fail for well-formed metric families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Whether a metric family of this name is registered, whether or not it has a series yet
+    /// (a labelled family without series is absent from [`Metrics::render`]). For tests that
+    /// check dashboards and alerts against the metrics the daemon really defines.
+    pub fn is_registered(&self, name: &str) -> bool {
+        // Registering a probe of the same name fails exactly when the name is taken (by a
+        // family with other labels or help, or the same descriptor).
+        let Ok(probe) = IntGauge::new(name, "registration probe") else { return false };
+        match self.registry.register(Box::new(probe.clone())) {
+            Ok(()) => {
+                let _ = self.registry.unregister(Box::new(probe));
+                false
+            }
+            Err(_) => true,
+        }
     }
 
     /// Reads a counter or gauge (summed over matching series), or a histogram's sample count,
