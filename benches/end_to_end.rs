@@ -114,6 +114,70 @@ async fn bare_consume(bootstrap: &str, topic: &str, n: usize) -> (usize, Duratio
     (got, first.map(|t| t.elapsed()).unwrap_or_default())
 }
 
+/// The broker path alone at the same rate: producer -> Tansu -> a bare consumer, exact
+/// per-message latency from the send instant (carried in the payload) to receipt.
+async fn reference_latency(
+    p: &FutureProducer,
+    bootstrap: &str,
+    topic: &str,
+    rate: usize,
+    seconds: usize,
+    fetch_wait: &str,
+) -> (f64, f64) {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::Message;
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "bench-latency")
+        .set("auto.offset.reset", "latest")
+        .set("enable.auto.commit", "false")
+        .set("session.timeout.ms", "6000")
+        .set("fetch.wait.max.ms", fetch_wait)
+        .create()
+        .expect("consumer");
+    c.subscribe(&[topic]).expect("subscribe");
+    // Wait for the assignment before producing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.assignment().map(|a| a.count()).unwrap_or(0) == 0 && Instant::now() < deadline {
+        let _ = tokio::time::timeout(Duration::from_millis(100), c.recv()).await;
+    }
+    let epoch = Instant::now();
+    let total = rate * seconds;
+    let consumer = tokio::spawn(async move {
+        let mut lat = Vec::with_capacity(total);
+        while lat.len() < total {
+            match tokio::time::timeout(Duration::from_secs(10), c.recv()).await {
+                Ok(Ok(m)) => {
+                    let sent: u64 =
+                        m.payload().and_then(|b| std::str::from_utf8(b).ok()).and_then(|t| t.parse().ok()).unwrap_or(0);
+                    lat.push(epoch.elapsed().as_micros() as u64 - sent);
+                }
+                _ => break,
+            }
+        }
+        lat
+    });
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    for _ in 0..(seconds * 100) {
+        tick.tick().await;
+        for _ in 0..(rate / 100) {
+            let p = p.clone();
+            let topic = topic.to_string();
+            let sent = epoch.elapsed().as_micros().to_string();
+            tokio::spawn(async move {
+                let _ = p.send(FutureRecord::<(), str>::to(&topic).payload(&sent), Duration::from_secs(60)).await;
+            });
+        }
+    }
+    let mut lat = consumer.await.unwrap_or_default();
+    lat.sort_unstable();
+    let q = |f: f64| {
+        lat.get(((lat.len() as f64 * f) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0) as f64
+            / 1000.0
+    };
+    (q(0.5), q(0.99))
+}
+
 async fn wait_for_events(d: &Daemon, n: f64, timeout: Duration) -> Option<(Instant, Instant)> {
     let deadline = Instant::now() + timeout;
     let mut first = None;
@@ -240,6 +304,19 @@ async fn main() {
         SEND_ERRORS.load(std::sync::atomic::Ordering::Relaxed)
     );
     let text = d.metrics.render();
+    for name in ["cdc_invalidator_batch_events", "cdc_invalidator_sink_batch_duration_seconds"] {
+        let sum: f64 = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}_sum")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        let count: f64 = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}_count")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        println!("(c) {name}: {count} batches, mean {:.4}", sum / count.max(1.0));
+    }
     for q in [0.5, 0.99] {
         println!(
             "(c) staleness p{:.0} commit->redis confirmed: {:.2} ms",
@@ -248,4 +325,9 @@ async fn main() {
         );
     }
     let _ = d.stop().await;
+
+    // The same rate through the broker alone, for reference.
+    create_topic("latency.ref");
+    let (p50, p99) = reference_latency(&p, &bootstrap, "latency.ref", rate, 10, &fetch_wait).await;
+    println!("(c) reference: producer -> Tansu -> bare consumer at {rate}/s: p50 {p50:.2} ms, p99 {p99:.2} ms (exact)");
 }

@@ -314,7 +314,11 @@ impl Pipeline {
                     Err(BatchError::Fatal(e)) => Err(e),
                 };
             }
-            let deadline = tokio::time::Instant::now() + self.config.batch_max_wait;
+            // The wait counts from when the batch's first event entered the process, not from
+            // when this loop got to it: events that queued while the previous batch was being
+            // sent have already waited, and batch_max_wait bounds the wait of every event.
+            let first_received = batch.first().map(|e| e.received).unwrap_or_else(std::time::Instant::now);
+            let deadline = tokio::time::Instant::from_std(first_received) + self.config.batch_max_wait;
             while batch.len() < max {
                 let room = max - batch.len();
                 match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
