@@ -256,6 +256,7 @@ async fn main() {
     // Tansu answers a fetch when fetch.wait.max.ms expires, even with data waiting; Kafka
     // answers as soon as data arrives. BENCH_FETCH_WAIT_MS shows how much of the figure is that.
     let fetch_wait = std::env::var("BENCH_FETCH_WAIT_MS").unwrap_or_else(|_| "5".into());
+    let stats = std::env::var("BENCH_STATS_MS").unwrap_or_else(|_| "5000".into());
     println!("(c) settings: batch_max_wait 5 ms, fetch.wait.max.ms {fetch_wait}, producer linger.ms 2");
     create_topic("steady.public.products");
     let dir = tempfile::tempdir().unwrap();
@@ -269,7 +270,7 @@ async fn main() {
             extra: "pipeline:\n  batch_max_wait: 5ms\n",
             // Tansu answers a fetch only when fetch.wait.max.ms expires (Kafka answers as soon as
             // data arrives); the default 500 ms would measure the broker, not the daemon.
-            librdkafka: &[("fetch.wait.max.ms", fetch_wait.as_str())],
+            librdkafka: &[("fetch.wait.max.ms", fetch_wait.as_str()), ("statistics.interval.ms", stats.as_str())],
         },
     );
     // Let the group settle before the clock starts.
