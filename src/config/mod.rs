@@ -252,9 +252,9 @@ impl RedisConfig {
         }
     }
 
-    /// The connection URL; validation guarantees it is there.
-    pub fn url(&self) -> &Secret {
-        self.resolved_url.as_ref().or(self.url.as_ref()).expect("validated config has a Redis URL")
+    /// The connection URL (validation resolves it; `None` only for an unvalidated config).
+    pub fn url(&self) -> Option<&Secret> {
+        self.resolved_url.as_ref().or(self.url.as_ref())
     }
 }
 
@@ -787,7 +787,7 @@ metrics:
         let cfg = load_with_env(&p, []).unwrap();
         assert_eq!(cfg.rules, dir.path().join("rules.yaml"));
         assert_eq!(cfg.source.kafka.as_ref().unwrap().topics, vec!["dbz.public.products"]);
-        assert_eq!(cfg.sinks.redis.as_ref().unwrap().url().expose(), "redis://127.0.0.1:6379");
+        assert_eq!(cfg.sinks.redis.as_ref().unwrap().url().unwrap().expose(), "redis://127.0.0.1:6379");
         assert_eq!(cfg.pipeline.batch_max_events, 500);
         assert_eq!(cfg.dead_letter.file.as_deref(), Some(dir.path().join("dead-letters.jsonl").as_path()));
     }
@@ -866,7 +866,7 @@ metrics:
         let p = write(&dir, "c.yaml", &text);
         let cfg = load_with_env(&p, []).unwrap();
         let redis = cfg.sinks.redis.as_ref().unwrap();
-        assert_eq!(redis.url().expose(), "redis://:hunter2@127.0.0.1:6379");
+        assert_eq!(redis.url().unwrap().expose(), "redis://:hunter2@127.0.0.1:6379");
         assert!(!format!("{cfg:?}").contains("hunter2"));
     }
 

@@ -72,7 +72,7 @@ impl RedisSink {
     /// Builds the sink without connecting: the daemon starts (and `/readyz` says not ready)
     /// while Redis is down. Only an unusable URL fails here.
     pub fn new(name: &str, config: &RedisConfig, metrics: Arc<Metrics>) -> Result<RedisSink, RedisSinkError> {
-        let url = config.url().expose();
+        let url = config.url().ok_or_else(|| RedisSinkError::InvalidUrl("no URL configured".into()))?.expose();
         let client = redis::Client::open(url).map_err(|e| {
             // The client's messages are fixed sentences ("Redis URL did not parse", "Invalid
             // database number"); a detail, if any, might quote the URL, password and all.
