@@ -8,23 +8,9 @@ use cdc_invalidator::event::Decoded;
 use cdc_invalidator::rules::Rules;
 use cdc_invalidator::source::debezium;
 
-const RULES: &str = r#"version: 1
-rules:
-  - name: product-pages
-    table: public.products
-    ops: [insert, update, delete]
-    when_changed: [price, name, category_id]
-    vars:
-      locale: [en-us, fr, de]
-    redis:
-      keys: ["product:{id}", "product:{id}:page:{locale}"]
-      tags: ["category:{category_id}"]
-    cdn:
-      surrogate_keys: ["product-{id}", "category-{category_id}"]
-      urls: ["https://shop.example.com/p/{slug|urlencode}"]
-    on_truncate:
-      redis: { tags: ["products:all"] }
-  - name: customers
+/// The contract's example rules plus one MySQL-table rule, so the MySQL fixture matches too.
+const CONTRACT_RULES: &str = include_str!("../tests/fixtures/rules/contract.yaml");
+const EXTRA_RULES: &str = r#"  - name: customers
     table: inventory.customers
     redis:
       keys: ["customer:{id}", "customer-email:{email|lower}"]
@@ -49,7 +35,8 @@ fn main() {
         mix.push((topic.to_string(), value));
     }
     mix.sort();
-    let rules = Rules::parse(RULES, Path::new("bench-rules.yaml")).expect("bench rules");
+    let rules =
+        Rules::parse(&format!("{CONTRACT_RULES}{EXTRA_RULES}"), Path::new("bench-rules.yaml")).expect("bench rules");
 
     let rounds = 40_000;
     let mut changes = 0u64;

@@ -6,23 +6,7 @@ use std::process::{Command, Output};
 use crate::support::daemon::binary;
 
 /// The contract's example rules file.
-const CONTRACT_RULES: &str = r#"version: 1
-rules:
-  - name: product-pages
-    table: public.products
-    ops: [insert, update, delete]
-    when_changed: [price, name, category_id]
-    vars:
-      locale: [en-us, fr, de]
-    redis:
-      keys: ["product:{id}", "product:{id}:page:{locale}"]
-      tags: ["category:{category_id}"]
-    cdn:
-      surrogate_keys: ["product-{id}", "category-{category_id}"]
-      urls: ["https://shop.example.com/p/{slug|urlencode}"]
-    on_truncate:
-      redis: { tags: ["products:all"] }
-"#;
+const CONTRACT_RULES: &str = include_str!("fixtures/rules/contract.yaml");
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/debezium").join(name)
