@@ -126,15 +126,22 @@ async fn reference_latency(
 ) -> (f64, f64) {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::Message;
-    let c: StreamConsumer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "bench-latency")
         .set("auto.offset.reset", "latest")
         .set("enable.auto.commit", "false")
         .set("session.timeout.ms", "6000")
-        .set("fetch.wait.max.ms", fetch_wait)
-        .create()
-        .expect("consumer");
+        .set("fetch.wait.max.ms", fetch_wait);
+    // BENCH_REF_EXTRA="key=value,key=value": give the reference consumer some of the daemon's
+    // settings, to find which one (if any) changes the broker path's latency.
+    for kv in std::env::var("BENCH_REF_EXTRA").unwrap_or_default().split(',').filter(|s| !s.is_empty()) {
+        if let Some((k, v)) = kv.split_once('=') {
+            config.set(k, v);
+        }
+    }
+    let c: StreamConsumer = config.create().expect("consumer");
     c.subscribe(&[topic]).expect("subscribe");
     // Wait for the assignment before producing.
     let deadline = Instant::now() + Duration::from_secs(30);
