@@ -119,15 +119,7 @@ async fn main() {
     let url = pg.url();
     let (config, port) = write_config(
         dir.path(),
-        &PgSetup {
-            url: &url,
-            slot: SLOT,
-            publication: PUBLICATION,
-            redis_url: &redis.url(),
-            rules: RULES,
-            extra: &extra,
-            source_extra: "",
-        },
+        &PgSetup { extra: &extra, ..PgSetup::new(&url, SLOT, PUBLICATION, &redis.url(), RULES) },
     );
     let daemon = Daemon::from_config(dir.path(), &config, port);
     assert!(

@@ -71,18 +71,7 @@ async fn pg_every_op_on_simple_and_composite_keys_with_both_identities() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let url = pg.url();
-    let (config, port) = write_config(
-        dir.path(),
-        &PgSetup {
-            url: &url,
-            slot: SLOT,
-            publication: PUBLICATION,
-            redis_url: &redis.url(),
-            rules: OPS_RULES,
-            extra: "",
-            source_extra: "",
-        },
-    );
+    let (config, port) = write_config(dir.path(), &PgSetup::new(&url, SLOT, PUBLICATION, &redis.url(), OPS_RULES));
     let daemon = Daemon::from_config(dir.path(), &config, port);
     assert!(
         wait_until(Duration::from_secs(20), || daemon.metrics.value("cdc_invalidator_source_ready", &[]) == 1.0).await
@@ -241,18 +230,7 @@ async fn pg_toast_truncate_and_add_column() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let url = pg.url();
-    let (config, port) = write_config(
-        dir.path(),
-        &PgSetup {
-            url: &url,
-            slot: SLOT,
-            publication: PUBLICATION,
-            redis_url: &redis.url(),
-            rules: SCHEMA_RULES,
-            extra: "",
-            source_extra: "",
-        },
-    );
+    let (config, port) = write_config(dir.path(), &PgSetup::new(&url, SLOT, PUBLICATION, &redis.url(), SCHEMA_RULES));
     let daemon = Daemon::from_config(dir.path(), &config, port);
     // 3,000 characters stored out of line (STORAGE EXTERNAL): TOASTed.
     pg.sql("INSERT INTO docs SELECT 1, 'first', string_agg(md5(i::text), '') FROM generate_series(1, 94) i; INSERT INTO notes VALUES (1);").await;
@@ -307,14 +285,10 @@ async fn pg_kill_9_mid_transaction_then_restart() {
     let (config, port) = write_config(
         dir.path(),
         &PgSetup {
-            url: &url,
-            slot: SLOT,
-            publication: PUBLICATION,
-            redis_url: &redis.url(),
-            rules: ITEM_RULES,
             // Small batches and queues: the daemon holds a small part of the transaction.
             extra: "pipeline:\n  batch_max_events: 20\n  queue_capacity: 40\n",
             source_extra: "    buffer_messages: 16\n",
+            ..PgSetup::new(&url, SLOT, PUBLICATION, &redis.url(), ITEM_RULES)
         },
     );
     let mut daemon = DaemonProcess::start(&config, dir.path());
@@ -382,18 +356,7 @@ async fn pg_walsender_terminated_and_server_restart_reconnect() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let url = pg.url();
-    let (config, port) = write_config(
-        dir.path(),
-        &PgSetup {
-            url: &url,
-            slot: SLOT,
-            publication: PUBLICATION,
-            redis_url: &redis.url(),
-            rules: ITEM_RULES,
-            extra: "",
-            source_extra: "",
-        },
-    );
+    let (config, port) = write_config(dir.path(), &PgSetup::new(&url, SLOT, PUBLICATION, &redis.url(), ITEM_RULES));
     let daemon = Daemon::from_config(dir.path(), &config, port);
     cache(&redis, &["i:1"]);
     pg.sql("INSERT INTO items VALUES (1, 0)").await;
@@ -430,18 +393,7 @@ async fn pg_two_daemons_on_one_slot() {
     let url = pg.url();
     let setup = |redis_url: &str| -> (tempfile::TempDir, std::path::PathBuf, u16) {
         let dir = tempfile::tempdir().unwrap();
-        let (config, port) = write_config(
-            dir.path(),
-            &PgSetup {
-                url: &url,
-                slot: SLOT,
-                publication: PUBLICATION,
-                redis_url,
-                rules: ITEM_RULES,
-                extra: "",
-                source_extra: "",
-            },
-        );
+        let (config, port) = write_config(dir.path(), &PgSetup::new(&url, SLOT, PUBLICATION, redis_url, ITEM_RULES));
         (dir, config, port)
     };
     let (dir_a, config_a, port_a) = setup(&redis.url());
@@ -486,18 +438,7 @@ async fn pg_redis_down_holds_the_lsn() {
     let mut redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let url = pg.url();
-    let (config, port) = write_config(
-        dir.path(),
-        &PgSetup {
-            url: &url,
-            slot: SLOT,
-            publication: PUBLICATION,
-            redis_url: &redis.url(),
-            rules: ITEM_RULES,
-            extra: "",
-            source_extra: "",
-        },
-    );
+    let (config, port) = write_config(dir.path(), &PgSetup::new(&url, SLOT, PUBLICATION, &redis.url(), ITEM_RULES));
     let daemon = Daemon::from_config(dir.path(), &config, port);
     cache(&redis, &["i:1"]);
     pg.sql("INSERT INTO items VALUES (1, 0)").await;
@@ -542,10 +483,7 @@ async fn pg_bad_input_and_check_against_db() {
     let rules = "version: 1\nrules:\n  - name: items\n    table: public.items\n    redis: { keys: [\"i:{id}\"], tags: [\"cat:{category_id}\"] }\n";
     let run = |url: &str, slot: &str, publication: &str, rules: &str| {
         let dir = tempfile::tempdir().unwrap();
-        let (config, _) = write_config(
-            dir.path(),
-            &PgSetup { url, slot, publication, redis_url: &redis.url(), rules, extra: "", source_extra: "" },
-        );
+        let (config, _) = write_config(dir.path(), &PgSetup::new(url, slot, publication, &redis.url(), rules));
         (dir, config)
     };
 
@@ -695,18 +633,7 @@ async fn pg_tls_verify_full_with_scram() {
         ca.display()
     );
     let dir = tempfile::tempdir().unwrap();
-    let (config, port) = write_config(
-        dir.path(),
-        &PgSetup {
-            url: &url,
-            slot: SLOT,
-            publication: PUBLICATION,
-            redis_url: &redis.url(),
-            rules: ITEM_RULES,
-            extra: "",
-            source_extra: "",
-        },
-    );
+    let (config, port) = write_config(dir.path(), &PgSetup::new(&url, SLOT, PUBLICATION, &redis.url(), ITEM_RULES));
     let daemon = Daemon::from_config(dir.path(), &config, port);
     cache(&redis, &["i:1"]);
     pg.sql("INSERT INTO items VALUES (1, 0)").await;

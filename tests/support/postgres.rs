@@ -234,6 +234,13 @@ pub struct PgSetup<'a> {
     pub source_extra: &'a str,
 }
 
+impl<'a> PgSetup<'a> {
+    /// The common case: no extra config; add some with `PgSetup { extra: …, ..PgSetup::new(…) }`.
+    pub fn new(url: &'a str, slot: &'a str, publication: &'a str, redis_url: &'a str, rules: &'a str) -> PgSetup<'a> {
+        PgSetup { url, slot, publication, redis_url, rules, extra: "", source_extra: "" }
+    }
+}
+
 /// Writes rules and a `source.kind: postgres` config into `dir`; returns (config, metrics port).
 pub fn write_config(dir: &Path, setup: &PgSetup<'_>) -> (PathBuf, u16) {
     std::fs::write(dir.join("rules.yaml"), setup.rules).expect("write rules");
