@@ -105,3 +105,21 @@ pub fn read_dead_letters(path: &Path) -> Vec<Value> {
         .map(|line| serde_json::from_str(line).unwrap_or_else(|_| Value::String(line.to_string())))
         .collect()
 }
+
+/// Checks that category 9, which no change touches, is still cached; a miss is a failure.
+/// `what` names the input ("event" or "change") in the messages.
+pub async fn check_untouched(
+    redis: &mut MultiplexedConnection,
+    what: &str,
+    failures: &mut Vec<String>,
+) -> DemoResult<()> {
+    for key in ["listing:category:9:page:1", "tag:category:9"] {
+        if exists(redis, key).await? {
+            println!("   still cached: {key}   (category 9 was not touched)");
+        } else {
+            failures.push(format!("{key} was invalidated, but no {what} touched category 9"));
+            println!("   MISSING: {key}, though no {what} touched category 9");
+        }
+    }
+    Ok(())
+}
