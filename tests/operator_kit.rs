@@ -306,8 +306,13 @@ fn dockerfile_build_context_is_enough_for_its_cargo_command() {
         assert!(from.exists(), "COPY {src}: exists in the repository");
         copy_tree(&from, &ctx.path().join(src));
     }
+    // --filter-platform: offline resolution needs every package of the graph in the local
+    // registry, and a fresh machine has only downloaded what this platform builds (not the
+    // Windows-only crates the lockfile also lists).
+    let host = String::from_utf8(Command::new("rustc").arg("-vV").output().expect("rustc -vV").stdout).unwrap();
+    let host = host.lines().find_map(|l| l.strip_prefix("host: ")).expect("rustc host triple").trim().to_string();
     let out = Command::new(env!("CARGO"))
-        .args(["metadata", "--locked", "--offline", "--format-version", "1"])
+        .args(["metadata", "--locked", "--offline", "--format-version", "1", "--filter-platform", &host])
         .current_dir(ctx.path())
         .output()
         .expect("cargo");
