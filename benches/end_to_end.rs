@@ -59,8 +59,9 @@ async fn fill(p: &FutureProducer, topic: &str, n: usize) {
 
 /// p-quantile from the exported histogram buckets, interpolated within a bucket as Prometheus'
 /// histogram_quantile does.
-fn quantile(exposition: &str, metric: &str, sink: &str, q: f64) -> f64 {
-    let prefix = format!("{metric}_bucket{{sink=\"{sink}\",le=\"");
+/// `labels` selects the series: `sink="redis",` or empty for an unlabelled histogram.
+fn quantile(exposition: &str, metric: &str, labels: &str, q: f64) -> f64 {
+    let prefix = format!("{metric}_bucket{{{labels}le=\"");
     let mut buckets: Vec<(f64, f64)> = exposition
         .lines()
         .filter_map(|l| {
@@ -123,8 +124,10 @@ async fn reference_latency(
     rate: usize,
     seconds: usize,
     fetch_wait: &str,
+    debezium: bool,
 ) -> (f64, f64) {
     use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::{Header, Headers, OwnedHeaders};
     use rdkafka::Message;
     let mut config = ClientConfig::new();
     config
@@ -155,8 +158,13 @@ async fn reference_latency(
         while lat.len() < total {
             match tokio::time::timeout(Duration::from_secs(10), c.recv()).await {
                 Ok(Ok(m)) => {
-                    let sent: u64 =
-                        m.payload().and_then(|b| std::str::from_utf8(b).ok()).and_then(|t| t.parse().ok()).unwrap_or(0);
+                    // The send instant travels in a header, so the payload can be the daemon's.
+                    let sent: u64 = m
+                        .headers()
+                        .and_then(|h| h.iter().find(|h| h.key == "sent_us")?.value)
+                        .and_then(|b| std::str::from_utf8(b).ok())
+                        .and_then(|t| t.parse().ok())
+                        .unwrap_or(0);
                     lat.push(epoch.elapsed().as_micros() as u64 - sent);
                 }
                 _ => break,
@@ -167,12 +175,24 @@ async fn reference_latency(
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     for _ in 0..(seconds * 100) {
         tick.tick().await;
-        for _ in 0..(rate / 100) {
+        for j in 0..(rate / 100) {
             let p = p.clone();
             let topic = topic.to_string();
             let sent = epoch.elapsed().as_micros().to_string();
+            // The same messages as the daemon's run (keyed Debezium updates), or tiny unkeyed ones.
+            let id = j as i64;
+            let (key, value) = if debezium {
+                (Some(format!("{{\"id\":{id}}}")), product_update(id, 1, 2))
+            } else {
+                (None, sent.clone())
+            };
             tokio::spawn(async move {
-                let _ = p.send(FutureRecord::<(), str>::to(&topic).payload(&sent), Duration::from_secs(60)).await;
+                let headers = OwnedHeaders::new().insert(Header { key: "sent_us", value: Some(sent.as_str()) });
+                let mut record = FutureRecord::to(&topic).payload(&value).headers(headers);
+                if let Some(key) = &key {
+                    record = record.key(key);
+                }
+                let _ = p.send(record, Duration::from_secs(60)).await;
             });
         }
     }
@@ -256,28 +276,52 @@ async fn main() {
         );
     }
 
-    // (c) steady 5,000 events/s for 20 s.
+    // (c) steady 5,000 events/s for 20 s, once per broker.
     if !parts.contains('c') {
         return;
     }
+    let brokers = std::env::var("BENCH_C_BROKERS").unwrap_or_else(|_| "tansu,mock".into());
+    for name in brokers.split(',') {
+        match name {
+            "tansu" => steady(name, &bootstrap, &p, &create_topic, &url).await,
+            "mock" => {
+                // librdkafka's mock cluster, in this process: three brokers, topics replicated
+                // once; no separate broker process competing for the two cores.
+                let mock = support::kafka::MockKafka::start(3);
+                let bootstrap = mock.bootstrap();
+                let p = producer(&bootstrap);
+                steady(name, &bootstrap, &p, &|t: &str| mock.create_topic(t, 3), &url).await;
+            }
+            other => println!("(c) unknown broker {other:?} in BENCH_C_BROKERS (tansu, mock)"),
+        }
+    }
+}
+
+/// (c) against one broker: the daemon's staleness at a steady rate, then the broker path alone
+/// at the same rate (tiny messages, and the daemon's own messages) for reference.
+async fn steady(broker: &str, bootstrap: &str, p: &FutureProducer, create_topic: &dyn Fn(&str), url: &str) {
     // Tansu answers a fetch when fetch.wait.max.ms expires, even with data waiting; Kafka
     // answers as soon as data arrives. BENCH_FETCH_WAIT_MS shows how much of the figure is that.
     let fetch_wait = std::env::var("BENCH_FETCH_WAIT_MS").unwrap_or_else(|_| "5".into());
     let stats = std::env::var("BENCH_STATS_MS").unwrap_or_else(|_| "5000".into());
-    println!("(c) settings: batch_max_wait 5 ms, fetch.wait.max.ms {fetch_wait}, producer linger.ms 2");
+    println!("(c) [{broker}] settings: batch_max_wait 5 ms, fetch.wait.max.ms {fetch_wait}, producer linger.ms 2");
     create_topic("steady.public.products");
+    // BENCH_DAEMON_EXTRA="key=value,...": more librdkafka settings for the daemon's consumer.
+    let daemon_extra = std::env::var("BENCH_DAEMON_EXTRA").unwrap_or_default();
+    let mut librdkafka = vec![("fetch.wait.max.ms", fetch_wait.as_str()), ("statistics.interval.ms", stats.as_str())];
+    librdkafka.extend(daemon_extra.split(',').filter_map(|kv| kv.split_once('=')));
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(
         dir.path(),
         &Setup {
-            bootstrap: &bootstrap,
+            bootstrap,
             topics: &["steady.public.products"],
             group: "bench-c",
-            redis_url: &url,
+            redis_url: url,
             extra: "pipeline:\n  batch_max_wait: 5ms\n",
             // Tansu answers a fetch only when fetch.wait.max.ms expires (Kafka answers as soon as
             // data arrives); the default 500 ms would measure the broker, not the daemon.
-            librdkafka: &[("fetch.wait.max.ms", fetch_wait.as_str()), ("statistics.interval.ms", stats.as_str())],
+            librdkafka: &librdkafka,
         },
     );
     // Let the group settle before the clock starts.
@@ -307,7 +351,7 @@ async fn main() {
     let finished = wait_for_events(&d, sent as f64, Duration::from_secs(60)).await.is_some();
     let processed = d.metrics.value("cdc_invalidator_events_total", &[]);
     println!(
-        "(c) steady: {sent} events sent at {rate}/s in {send_secs:.1} s; {processed} processed{}; {} producer errors",
+        "(c) [{broker}] steady: {sent} events sent at {rate}/s in {send_secs:.1} s; {processed} processed{}; {} producer errors",
         if finished { "" } else { " (NOT all within 60 s)" },
         SEND_ERRORS.load(std::sync::atomic::Ordering::Relaxed)
     );
@@ -323,19 +367,28 @@ async fn main() {
             .filter(|l| l.starts_with(&format!("{name}_count")))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum();
-        println!("(c) {name}: {count} batches, mean {:.4}", sum / count.max(1.0));
+        println!("(c) [{broker}] {name}: {count} batches, mean {:.4}", sum / count.max(1.0));
     }
-    for q in [0.5, 0.99] {
-        println!(
-            "(c) staleness p{:.0} commit->redis confirmed: {:.2} ms",
-            q * 100.0,
-            quantile(&text, "cdc_invalidator_staleness_seconds", "redis", q) * 1000.0
-        );
+    // Staleness, and its two shares as the daemon measures them: upstream (commit -> entering
+    // the daemon: producer linger, broker, fetch) and the daemon's own (entering -> confirmed).
+    for (what, metric, labels) in [
+        ("staleness, commit -> redis confirmed", "cdc_invalidator_staleness_seconds", "sink=\"redis\","),
+        ("  upstream, commit -> entering the daemon", "cdc_invalidator_source_delay_seconds", ""),
+        ("  daemon, entering -> redis confirmed", "cdc_invalidator_processing_seconds", "sink=\"redis\","),
+    ] {
+        let [p50, p99] = [0.5, 0.99].map(|q| quantile(&text, metric, labels, q) * 1000.0);
+        println!("(c) [{broker}] {what}: p50 {p50:.2} ms, p99 {p99:.2} ms");
     }
     let _ = d.stop().await;
 
     // The same rate through the broker alone, for reference.
-    create_topic("latency.ref");
-    let (p50, p99) = reference_latency(&p, &bootstrap, "latency.ref", rate, 10, &fetch_wait).await;
-    println!("(c) reference: producer -> Tansu -> bare consumer at {rate}/s: p50 {p50:.2} ms, p99 {p99:.2} ms (exact)");
+    for (topic, debezium, what) in
+        [("latency.ref", false, "tiny unkeyed messages"), ("latency.ref.debezium", true, "the same Debezium messages")]
+    {
+        create_topic(topic);
+        let (p50, p99) = reference_latency(p, bootstrap, topic, rate, 10, &fetch_wait, debezium).await;
+        println!(
+            "(c) [{broker}] reference: producer -> broker -> bare consumer at {rate}/s, {what}: p50 {p50:.2} ms, p99 {p99:.2} ms (exact)"
+        );
+    }
 }

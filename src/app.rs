@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! source task ──bounded queue──▶ pipeline task: recv_many up to batch_max_events / batch_max_wait
+//!                                 (closed early after batch_idle_wait without a new event)
 //!                                 ├─ rules.evaluate(event) for every change
 //!                                 ├─ coalesce: one deduplicated Invalidations per batch
 //!                                 ├─ sinks, in layer order (Redis first), each until done
@@ -299,7 +300,8 @@ impl Pipeline {
             }
             let next_due = self.second_passes.front().map(|p| p.due);
             // Wait for the first event (or the next second pass), then gather more until the
-            // batch is full or the first event has waited batch_max_wait.
+            // batch is full, the first event has waited batch_max_wait, or no event came for
+            // batch_idle_wait.
             let n = tokio::select! {
                 biased;
                 _ = shutdown.abandoned() => return Ok(()),
@@ -314,18 +316,7 @@ impl Pipeline {
                     Err(BatchError::Fatal(e)) => Err(e),
                 };
             }
-            // The wait counts from when the batch's first event entered the process, not from
-            // when this loop got to it: events that queued while the previous batch was being
-            // sent have already waited, and batch_max_wait bounds the wait of every event.
-            let first_received = batch.first().map(|e| e.received).unwrap_or_else(std::time::Instant::now);
-            let deadline = tokio::time::Instant::from_std(first_received) + self.config.batch_max_wait;
-            while batch.len() < max {
-                let room = max - batch.len();
-                match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
+            fill_batch(&mut rx, &mut batch, &self.config).await;
             let events = std::mem::replace(&mut batch, Vec::with_capacity(max));
             match self.process(events, shutdown).await {
                 Ok(()) => {}
@@ -340,6 +331,15 @@ impl Pipeline {
 
     async fn process(&mut self, events: Vec<SourceEvent>, shutdown: &Shutdown) -> Result<(), BatchError> {
         self.metrics.batch_events.observe(events.len() as f64);
+        // The upstream share of staleness: commit to entering the daemon (the receipt instant
+        // mapped onto the wall clock the commit timestamp is on).
+        let (wall, mono) = (SystemTime::now(), Instant::now());
+        for event in &events {
+            if let Some(origin) = origin(event) {
+                let entered = wall.checked_sub(mono.saturating_duration_since(event.received)).unwrap_or(wall);
+                self.metrics.source_delay.observe(entered.duration_since(origin).unwrap_or_default().as_secs_f64());
+            }
+        }
         // One rules version for the whole batch.
         let rules = self.rules.borrow_and_update().clone();
         let mut items: Vec<Item> = events
@@ -384,11 +384,13 @@ impl Pipeline {
                 }
             };
             let now = SystemTime::now();
+            let now_instant = Instant::now();
             self.metrics.sink_batch_duration.with_label_values(&[sink.name()]).observe(started.elapsed().as_secs_f64());
             for (kind, n) in &report.confirmed {
                 self.metrics.invalidations.with_label_values(&[sink.name(), kind.as_str()]).inc_by(*n);
             }
             let staleness = self.metrics.staleness.with_label_values(&[sink.name()]);
+            let processing = self.metrics.processing.with_label_values(&[sink.name()]);
             for item in &items {
                 let asked = item
                     .evaluation
@@ -398,6 +400,7 @@ impl Pipeline {
                     if let Some(origin) = origin(&item.event) {
                         staleness.observe(now.duration_since(origin).unwrap_or_default().as_secs_f64());
                     }
+                    processing.observe(now_instant.saturating_duration_since(item.event.received).as_secs_f64());
                 }
             }
             for rejected in &report.rejected {
@@ -517,6 +520,29 @@ fn change_of(event: &SourceEvent) -> Option<&ChangeEvent> {
     }
 }
 
+/// Gathers more events into `batch` (which holds at least its first) until it holds
+/// `batch_max_events`, its first event has waited `batch_max_wait`, or no event has arrived for
+/// `batch_idle_wait`.
+async fn fill_batch(rx: &mut mpsc::Receiver<SourceEvent>, batch: &mut Vec<SourceEvent>, config: &PipelineConfig) {
+    // The wait counts from when the batch's first event entered the process, not from when the
+    // pipeline got to it: events that queued while the previous batch was being sent have
+    // already waited, and batch_max_wait bounds the wait of every event.
+    let Some(first) = batch.first() else { return };
+    let deadline = tokio::time::Instant::from_std(first.received) + config.batch_max_wait;
+    while batch.len() < config.batch_max_events {
+        let room = config.batch_max_events - batch.len();
+        // Close early once the source has gone quiet for batch_idle_wait: a burst (one Kafka
+        // fetch response, one PostgreSQL transaction) arrives within microseconds, and holding
+        // it for the rest of batch_max_wait only adds staleness. Under load the queue does not go
+        // quiet and batches fill up as before.
+        let until = deadline.min(tokio::time::Instant::now() + config.batch_idle_wait);
+        match tokio::time::timeout_at(until, rx.recv_many(batch, room)).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+}
+
 /// The staleness origin of an event: its database commit time, else the time it entered the log.
 fn origin(event: &SourceEvent) -> Option<SystemTime> {
     change_of(event).and_then(|c| c.committed_at).or(event.logged_at)
@@ -561,6 +587,94 @@ mod tests {
             evaluation: Some(Evaluation { invalidations, ..Default::default() }),
             dead: None,
         }
+    }
+
+    /// A source event that entered the process now (on tokio's clock, which tests pause).
+    fn arrival() -> SourceEvent {
+        SourceEvent {
+            position: Position::File { line: 1 },
+            decoded: Err(crate::source::Malformed("unused".into())),
+            raw: RawMessage::default(),
+            logged_at: None,
+            received: tokio::time::Instant::now().into_std(),
+            ack: Ack::detached(),
+        }
+    }
+
+    fn pipeline_config(max_events: usize, max_wait_ms: u64, idle_wait_ms: u64) -> PipelineConfig {
+        PipelineConfig {
+            batch_max_events: max_events,
+            batch_max_wait: Duration::from_millis(max_wait_ms),
+            batch_idle_wait: Duration::from_millis(idle_wait_ms),
+            queue_capacity: 1000,
+        }
+    }
+
+    /// Sends `bursts` of (delay before it, events in it) and keeps the channel open afterwards.
+    fn source(bursts: Vec<(u64, usize)>) -> mpsc::Receiver<SourceEvent> {
+        let (tx, rx) = mpsc::channel(1000);
+        tokio::spawn(async move {
+            for (delay_ms, n) in bursts {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                for _ in 0..n {
+                    tx.send(arrival()).await.unwrap();
+                }
+            }
+            // Quiet but open, like a source with nothing new.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        });
+        rx
+    }
+
+    /// Receives a first event, fills the batch, and says how many events it got and after how
+    /// long (from the first event) it closed.
+    async fn one_batch(rx: &mut mpsc::Receiver<SourceEvent>, config: &PipelineConfig) -> (usize, Duration) {
+        let mut batch = Vec::new();
+        rx.recv_many(&mut batch, config.batch_max_events).await;
+        let started = tokio::time::Instant::from_std(batch[0].received);
+        fill_batch(rx, &mut batch, config).await;
+        (batch.len(), started.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_followed_by_quiet_is_sent_after_the_idle_wait_not_the_max_wait() {
+        let config = pipeline_config(500, 1000, 2);
+        let mut rx = source(vec![(0, 40), (50, 7)]);
+        let (n, took) = one_batch(&mut rx, &config).await;
+        assert_eq!(n, 40, "the first burst alone");
+        assert!(
+            took >= Duration::from_millis(2) && took < Duration::from_millis(5),
+            "closed after the idle wait: {took:?}"
+        );
+        let (n, _) = one_batch(&mut rx, &config).await;
+        assert_eq!(n, 7, "the next burst is the next batch");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_trickle_fills_the_batch_until_the_max_wait() {
+        // One event every 2 ms never leaves the queue quiet for 3 ms.
+        let config = pipeline_config(500, 20, 3);
+        let mut rx = source((0..100).map(|_| (2, 1)).collect());
+        let (n, took) = one_batch(&mut rx, &config).await;
+        assert_eq!(took, Duration::from_millis(20), "the max wait closes it");
+        assert!((10..=11).contains(&n), "every event of those 20 ms: {n}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_wait_as_long_as_the_max_wait_keeps_a_fixed_window() {
+        // The coalescing window for rate-limited CDNs: bursts 30 ms apart share a 100 ms batch.
+        let config = pipeline_config(500, 100, 100);
+        let mut rx = source(vec![(0, 5), (30, 5), (30, 5), (80, 5)]);
+        let (n, took) = one_batch(&mut rx, &config).await;
+        assert_eq!((n, took), (15, Duration::from_millis(100)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_is_sent_at_once() {
+        let config = pipeline_config(10, 1000, 1000);
+        let mut rx = source(vec![(0, 25)]);
+        assert_eq!(one_batch(&mut rx, &config).await, (10, Duration::ZERO));
+        assert_eq!(one_batch(&mut rx, &config).await, (10, Duration::ZERO));
     }
 
     #[test]

@@ -276,16 +276,27 @@ impl Default for MetricsConfig {
 pub struct PipelineConfig {
     /// A batch is sent when it holds this many events...
     pub batch_max_events: usize,
-    /// ...or when its first event has waited this long.
+    /// ...or when its first event has waited this long...
     #[serde(with = "duration")]
     pub batch_max_wait: Duration,
+    /// ...or, before that, as soon as no new event has arrived for this long: the source has
+    /// delivered what it had (Kafka hands over a whole fetch response at once), so holding the
+    /// batch open only adds staleness. Set it to `batch_max_wait` or more for a fixed window
+    /// (a coalescing window for rate-limited CDNs).
+    #[serde(with = "duration")]
+    pub batch_idle_wait: Duration,
     /// Events buffered between the source and the batcher; when full, the source pauses.
     pub queue_capacity: usize,
 }
 
 impl Default for PipelineConfig {
     fn default() -> Self {
-        PipelineConfig { batch_max_events: 500, batch_max_wait: Duration::from_millis(5), queue_capacity: 4096 }
+        PipelineConfig {
+            batch_max_events: 500,
+            batch_max_wait: Duration::from_millis(5),
+            batch_idle_wait: Duration::from_millis(1),
+            queue_capacity: 4096,
+        }
     }
 }
 
@@ -690,6 +701,10 @@ impl Config {
             problems
                 .push(origin.problem(&["pipeline", "batch_max_wait"], "pipeline.batch_max_wait must be at most 60s"));
         }
+        if p.batch_idle_wait > Duration::from_secs(60) {
+            problems
+                .push(origin.problem(&["pipeline", "batch_idle_wait"], "pipeline.batch_idle_wait must be at most 60s"));
+        }
 
         let dl = &mut self.dead_letter;
         match (&dl.kafka, &dl.file) {
@@ -831,6 +846,22 @@ metrics:
         let text = load_with_env(&p, []).unwrap_err().to_string();
         assert!(text.contains("c.yaml:16:21"), "{text}");
         assert!(text.contains("batch_max_events"), "{text}");
+    }
+
+    #[test]
+    fn batch_waits_parse_default_and_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = load_with_env(&write(&dir, "c.yaml", CORE), []).unwrap();
+        assert_eq!(
+            (cfg.pipeline.batch_max_wait, cfg.pipeline.batch_idle_wait),
+            (Duration::from_millis(5), Duration::from_millis(1))
+        );
+        let p = write(&dir, "c.yaml", &format!("{CORE}pipeline:\n  batch_max_wait: 10s\n  batch_idle_wait: 10s\n"));
+        let cfg = load_with_env(&p, []).unwrap();
+        assert_eq!(cfg.pipeline.batch_idle_wait, Duration::from_secs(10));
+        let p = write(&dir, "c.yaml", &format!("{CORE}pipeline:\n  batch_idle_wait: 2m\n"));
+        let text = load_with_env(&p, []).unwrap_err().to_string();
+        assert!(text.contains("c.yaml:16:") && text.contains("pipeline.batch_idle_wait must be at most 60s"), "{text}");
     }
 
     #[test]

@@ -34,6 +34,12 @@ pub struct Metrics {
     pub staleness: HistogramVec,
     /// Seconds from the database commit to the event being acknowledged to the source.
     pub end_to_end_staleness: Histogram,
+    /// Seconds from the database commit to the event entering the daemon: the share of
+    /// staleness spent upstream (connector, broker, replication), which no daemon setting changes.
+    pub source_delay: Histogram,
+    /// Seconds from the event entering the daemon to the sink confirming, per sink: the daemon's
+    /// own share of staleness (batch wait, queueing, the sink round trips).
+    pub processing: HistogramVec,
     /// Per-partition consumer lag in messages, from librdkafka statistics.
     pub kafka_consumer_lag: IntGaugeVec,
     /// Events received but not yet acknowledged.
@@ -169,6 +175,25 @@ impl Metrics {
                 r.register(Box::new(h.clone())).expect("metric names are unique");
                 h
             },
+            source_delay: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "cdc_invalidator_source_delay_seconds",
+                        "Seconds from the database commit to the event entering the daemon.",
+                    )
+                    .buckets(STALENESS_BUCKETS.to_vec()),
+                )
+                .expect("metric definition is valid");
+                r.register(Box::new(h.clone())).expect("metric names are unique");
+                h
+            },
+            processing: histogram(
+                &r,
+                "cdc_invalidator_processing_seconds",
+                "Seconds from the event entering the daemon to the sink confirming the invalidation.",
+                &["sink"],
+                STALENESS_BUCKETS,
+            ),
             kafka_consumer_lag: gauge_vec(
                 &r,
                 "cdc_invalidator_kafka_consumer_lag_messages",
