@@ -1,12 +1,17 @@
-//! Benchmarks (b) and (c): the whole daemon in process, against the Tansu broker and a real
-//! Redis (both private, on loopback).
+//! Benchmarks (b) and (c): the daemon (the release binary, as its own process) against a broker
+//! and a real Redis (both private, on loopback).
 //!
-//! (b) throughput: events/s from a pre-filled 3-partition topic to Redis invalidated and the
-//!     offsets committed;
+//! (b) throughput: events/s from a pre-filled 3-partition Tansu topic to Redis invalidated and
+//!     the offsets committed;
 //! (c) staleness: p50/p99 of database-commit-to-Redis-confirmed at a steady 5,000 events/s with
-//!     a 5 ms batch wait.
+//!     a 5 ms batch wait, split into the upstream share (commit -> entering the daemon) and the
+//!     daemon's own (entering -> confirmed), once per broker: librdkafka's mock cluster (in this
+//!     process) and Tansu (out of process); each followed by the broker path alone at the same
+//!     rate for reference.
 //!
 //! `cargo bench --bench end_to_end` (needs TANSU_BIN or scripts/install-deps.sh first).
+//! Knobs: BENCH_PARTS (b, c), BENCH_EVENTS, BENCH_C_BROKERS (mock,tansu), BENCH_DAEMON
+//! (process, in_process), BENCH_FETCH_WAIT_MS, BENCH_STATS_MS, BENCH_DAEMON_EXTRA, BENCH_REF_EXTRA.
 
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code, unused_imports)]
@@ -17,7 +22,7 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use support::daemon::{Daemon, Setup};
+use support::daemon::{http_get, write_config, Daemon, DaemonProcess, Setup};
 use support::events::product_update;
 use support::redis::RedisServer;
 use support::tansu::TansuBroker;
@@ -205,11 +210,77 @@ async fn reference_latency(
     (q(0.5), q(0.99))
 }
 
-async fn wait_for_events(d: &Daemon, n: f64, timeout: Duration) -> Option<(Instant, Instant)> {
+/// CPU time counters from /proc/stat: (steal, total) in clock ticks over all CPUs. On a VM, steal
+/// is time the hypervisor gave our virtual CPUs to someone else: every stolen slice stalls
+/// whatever was running (broker, daemon or producer) and shows up in the latency tail.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    Some((*fields.get(7)?, fields.iter().take(8).sum()))
+}
+
+fn steal_since(before: Option<(u64, u64)>) -> String {
+    match (before, cpu_ticks()) {
+        (Some((s0, t0)), Some((s1, t1))) if t1 > t0 => {
+            format!("{:.1} % of CPU time stolen by the hypervisor", 100.0 * (s1 - s0) as f64 / (t1 - t0) as f64)
+        }
+        _ => "steal time unknown".into(),
+    }
+}
+
+/// The daemon under measurement: by default the release binary as a process of its own, with
+/// its own runtime as in production, read through its /metrics endpoint; with
+/// `BENCH_DAEMON=in_process`, inside this process (sharing the load generator's runtime).
+enum UnderTest {
+    InProcess(Daemon),
+    Process(DaemonProcess, u16),
+}
+
+impl UnderTest {
+    fn start(dir: &std::path::Path, setup: &Setup<'_>) -> UnderTest {
+        match std::env::var("BENCH_DAEMON").as_deref() {
+            Ok("in_process") => UnderTest::InProcess(Daemon::start(dir, setup)),
+            _ => {
+                let (config, port) = write_config(dir, setup);
+                UnderTest::Process(DaemonProcess::start(&config, dir), port)
+            }
+        }
+    }
+
+    fn render(&self) -> String {
+        match self {
+            UnderTest::InProcess(d) => d.metrics.render(),
+            UnderTest::Process(_, port) => http_get(*port, "/metrics").map(|(_, body)| body).unwrap_or_default(),
+        }
+    }
+
+    /// cdc_invalidator_events_total over every series.
+    fn events(&self) -> f64 {
+        self.render()
+            .lines()
+            .filter(|l| l.starts_with("cdc_invalidator_events_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    async fn stop(self) {
+        match self {
+            UnderTest::InProcess(d) => {
+                let _ = d.stop().await;
+            }
+            UnderTest::Process(mut p, _) => {
+                p.signal("TERM");
+                let _ = tokio::task::spawn_blocking(move || p.wait(Duration::from_secs(30))).await;
+            }
+        }
+    }
+}
+
+async fn wait_for_events(d: &UnderTest, n: f64, timeout: Duration) -> Option<(Instant, Instant)> {
     let deadline = Instant::now() + timeout;
     let mut first = None;
     loop {
-        let seen = d.metrics.value("cdc_invalidator_events_total", &[]);
+        let seen = d.events();
         if first.is_none() && seen > 0.0 {
             first = Some((Instant::now(), seen));
         }
@@ -243,7 +314,7 @@ async fn main() {
         fill(&p, "bench.public.products", total).await;
         println!("(b) pre-filled {total} events into 3 partitions in {:.1} s", t.elapsed().as_secs_f64());
         let dir = tempfile::tempdir().unwrap();
-        let d = Daemon::start(
+        let d = UnderTest::start(
             dir.path(),
             &Setup {
                 bootstrap: &bootstrap,
@@ -264,7 +335,7 @@ async fn main() {
             }
             None => println!("(b) end to end: did not finish within 600 s"),
         }
-        let _ = d.stop().await;
+        d.stop().await;
 
         // The broker's own delivery rate on this machine: a bare consumer reading the same topic,
         // doing nothing with the messages. (b) cannot be faster than this.
@@ -280,7 +351,7 @@ async fn main() {
     if !parts.contains('c') {
         return;
     }
-    let brokers = std::env::var("BENCH_C_BROKERS").unwrap_or_else(|_| "tansu,mock".into());
+    let brokers = std::env::var("BENCH_C_BROKERS").unwrap_or_else(|_| "mock,tansu".into());
     for name in brokers.split(',') {
         match name {
             "tansu" => steady(name, &bootstrap, &p, &create_topic, &url).await,
@@ -311,7 +382,7 @@ async fn steady(broker: &str, bootstrap: &str, p: &FutureProducer, create_topic:
     let mut librdkafka = vec![("fetch.wait.max.ms", fetch_wait.as_str()), ("statistics.interval.ms", stats.as_str())];
     librdkafka.extend(daemon_extra.split(',').filter_map(|kv| kv.split_once('=')));
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(
+    let d = UnderTest::start(
         dir.path(),
         &Setup {
             bootstrap,
@@ -330,6 +401,7 @@ async fn steady(broker: &str, bootstrap: &str, p: &FutureProducer, create_topic:
     let seconds = 20;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     let start = Instant::now();
+    let ticks = cpu_ticks();
     // One tick every 10 ms, rate/100 events per tick.
     for i in 0..(seconds * 100) {
         tick.tick().await;
@@ -349,13 +421,14 @@ async fn steady(broker: &str, bootstrap: &str, p: &FutureProducer, create_topic:
     let sent = rate * seconds;
     let send_secs = start.elapsed().as_secs_f64();
     let finished = wait_for_events(&d, sent as f64, Duration::from_secs(60)).await.is_some();
-    let processed = d.metrics.value("cdc_invalidator_events_total", &[]);
+    println!("(c) [{broker}] while sending: {}", steal_since(ticks));
+    let processed = d.events();
     println!(
         "(c) [{broker}] steady: {sent} events sent at {rate}/s in {send_secs:.1} s; {processed} processed{}; {} producer errors",
         if finished { "" } else { " (NOT all within 60 s)" },
         SEND_ERRORS.load(std::sync::atomic::Ordering::Relaxed)
     );
-    let text = d.metrics.render();
+    let text = d.render();
     for name in ["cdc_invalidator_batch_events", "cdc_invalidator_sink_batch_duration_seconds"] {
         let sum: f64 = text
             .lines()
@@ -379,16 +452,18 @@ async fn steady(broker: &str, bootstrap: &str, p: &FutureProducer, create_topic:
         let [p50, p99] = [0.5, 0.99].map(|q| quantile(&text, metric, labels, q) * 1000.0);
         println!("(c) [{broker}] {what}: p50 {p50:.2} ms, p99 {p99:.2} ms");
     }
-    let _ = d.stop().await;
+    d.stop().await;
 
     // The same rate through the broker alone, for reference.
     for (topic, debezium, what) in
         [("latency.ref", false, "tiny unkeyed messages"), ("latency.ref.debezium", true, "the same Debezium messages")]
     {
         create_topic(topic);
+        let ticks = cpu_ticks();
         let (p50, p99) = reference_latency(p, bootstrap, topic, rate, 10, &fetch_wait, debezium).await;
         println!(
-            "(c) [{broker}] reference: producer -> broker -> bare consumer at {rate}/s, {what}: p50 {p50:.2} ms, p99 {p99:.2} ms (exact)"
+            "(c) [{broker}] reference: producer -> broker -> bare consumer at {rate}/s, {what}: p50 {p50:.2} ms, p99 {p99:.2} ms (exact; {})",
+            steal_since(ticks)
         );
     }
 }
