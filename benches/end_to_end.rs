@@ -461,7 +461,8 @@ async fn steady(broker: &str, bootstrap: &str, p: &FutureProducer, create_topic:
     {
         create_topic(topic);
         let ticks = cpu_ticks();
-        let (p50, p99) = reference_latency(p, bootstrap, topic, rate, 10, &fetch_wait, debezium).await;
+        let seconds = std::env::var("BENCH_REF_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+        let (p50, p99) = reference_latency(p, bootstrap, topic, rate, seconds, &fetch_wait, debezium).await;
         println!(
             "(c) [{broker}] reference: producer -> broker -> bare consumer at {rate}/s, {what}: p50 {p50:.2} ms, p99 {p99:.2} ms (exact; {})",
             steal_since(ticks)
