@@ -8,6 +8,12 @@ use cdc_invalidator::event::Decoded;
 use cdc_invalidator::rules::Rules;
 use cdc_invalidator::source::debezium;
 
+// The allocator the binary ships with (src/main.rs): decoding allocates per message, so the
+// figure depends on it.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The contract's example rules plus one MySQL-table rule, so the MySQL fixture matches too.
 const CONTRACT_RULES: &str = include_str!("../tests/fixtures/rules/contract.yaml");
 const EXTRA_RULES: &str = r#"  - name: customers
