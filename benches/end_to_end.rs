@@ -11,7 +11,8 @@
 //!
 //! `cargo bench --bench end_to_end` (needs TANSU_BIN or scripts/install-deps.sh first).
 //! Knobs: BENCH_PARTS (b, c), BENCH_EVENTS, BENCH_C_BROKERS (mock,tansu), BENCH_DAEMON
-//! (process, in_process), BENCH_FETCH_WAIT_MS, BENCH_STATS_MS, BENCH_DAEMON_EXTRA, BENCH_REF_EXTRA.
+//! (process, in_process), BENCH_FETCH_WAIT_MS, BENCH_STATS_MS, BENCH_DAEMON_EXTRA, BENCH_REF_EXTRA,
+//! BENCH_REF_SECONDS, BENCH_COMMIT_INTERVAL.
 
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code, unused_imports)]
@@ -242,6 +243,13 @@ impl UnderTest {
             Ok("in_process") => UnderTest::InProcess(Daemon::start(dir, setup)),
             _ => {
                 let (config, port) = write_config(dir, setup);
+                // The test harness commits every 100 ms (tests want commits quickly);
+                // BENCH_COMMIT_INTERVAL sets another (e.g. the daemon's default).
+                if let Ok(interval) = std::env::var("BENCH_COMMIT_INTERVAL") {
+                    let text = std::fs::read_to_string(&config).expect("read config");
+                    let text = text.replace("commit_interval: 100ms", &format!("commit_interval: {interval}"));
+                    std::fs::write(&config, text).expect("write config");
+                }
                 UnderTest::Process(DaemonProcess::start(&config, dir), port)
             }
         }

@@ -575,18 +575,7 @@ mod tests {
             redis_tags: tags.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         };
-        Item {
-            event: SourceEvent {
-                position: Position::File { line: 1 },
-                decoded: Err(crate::source::Malformed("unused".into())),
-                raw: RawMessage::default(),
-                logged_at: None,
-                received: Instant::now(),
-                ack: Ack::detached(),
-            },
-            evaluation: Some(Evaluation { invalidations, ..Default::default() }),
-            dead: None,
-        }
+        Item { event: arrival(), evaluation: Some(Evaluation { invalidations, ..Default::default() }), dead: None }
     }
 
     /// A source event that entered the process now (on tokio's clock, which tests pause).

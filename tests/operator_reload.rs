@@ -79,7 +79,12 @@ async fn changed_rules_file_applies_to_later_events_and_a_broken_one_keeps_the_o
     );
     let rules_path = dir.path().join("rules.yaml");
     let old_hash = hash_of(&std::fs::read_to_string(&rules_path).unwrap());
-    assert_eq!(daemon.metrics.value("cdc_invalidator_rules_info", &[("hash", &old_hash)]), 1.0);
+    // The daemon task sets these once it runs: wait for it, do not race it.
+    let loaded = wait_until(Duration::from_secs(10), || {
+        daemon.metrics.value("cdc_invalidator_rules_info", &[("hash", &old_hash)]) == 1.0
+    })
+    .await;
+    assert!(loaded, "the running rules' hash is exported");
     assert!(daemon.metrics.value("cdc_invalidator_rules_loaded_timestamp_seconds", &[]) > 1.6e9);
 
     kafka.produce(TOPIC, None, Some("{\"id\":1}"), Some(&product_insert(1, 5))).await;
