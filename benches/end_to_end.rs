@@ -211,6 +211,11 @@ async fn reference_latency(
     (q(0.5), q(0.99))
 }
 
+/// The values of every exposition line starting with `prefix`, added up (all label sets).
+fn series_sum(exposition: &str, prefix: &str) -> f64 {
+    exposition.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
 /// CPU time counters from /proc/stat: (steal, total) in clock ticks over all CPUs. On a VM, steal
 /// is time the hypervisor gave our virtual CPUs to someone else: every stolen slice stalls
 /// whatever was running (broker, daemon or producer) and shows up in the latency tail.
@@ -262,11 +267,7 @@ impl UnderTest {
 
     /// cdc_invalidator_events_total over every series.
     fn events(&self) -> f64 {
-        self.render()
-            .lines()
-            .filter(|l| l.starts_with("cdc_invalidator_events_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        series_sum(&self.render(), "cdc_invalidator_events_total")
     }
 
     async fn stop(self) {
@@ -437,16 +438,8 @@ async fn steady(broker: &str, bootstrap: &str, p: &FutureProducer, create_topic:
     );
     let text = d.render();
     for name in ["cdc_invalidator_batch_events", "cdc_invalidator_sink_batch_duration_seconds"] {
-        let sum: f64 = text
-            .lines()
-            .filter(|l| l.starts_with(&format!("{name}_sum")))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        let count: f64 = text
-            .lines()
-            .filter(|l| l.starts_with(&format!("{name}_count")))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
+        let sum = series_sum(&text, &format!("{name}_sum"));
+        let count = series_sum(&text, &format!("{name}_count"));
         println!("(c) [{broker}] {name}: {count} batches, mean {:.4}", sum / count.max(1.0));
     }
     // Staleness, and its two shares as the daemon measures them: upstream (commit -> entering
