@@ -303,6 +303,18 @@ async fn wait_for_events(d: &UnderTest, n: f64, timeout: Duration) -> Option<(In
     }
 }
 
+/// The daemon's `pipeline:` section: `settings` (indented lines), plus `batch_idle_wait` from
+/// BENCH_IDLE_WAIT when set (the daemon's default otherwise).
+fn pipeline_section(settings: &str) -> String {
+    let idle = std::env::var("BENCH_IDLE_WAIT").map(|v| format!("batch_idle_wait: {v}\n")).unwrap_or_default();
+    let lines: String = format!("{settings}{idle}").lines().map(|l| format!("  {l}\n")).collect();
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!("pipeline:\n{lines}")
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let total: usize = std::env::var("BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
@@ -329,7 +341,7 @@ async fn main() {
                 topics: &["bench.public.products"],
                 group: "bench-b",
                 redis_url: &url,
-                extra: "",
+                extra: &pipeline_section(""),
                 librdkafka: &[("fetch.wait.max.ms", "5")],
             },
         );
@@ -389,6 +401,7 @@ async fn steady(broker: &str, bootstrap: &str, p: &FutureProducer, create_topic:
     let daemon_extra = std::env::var("BENCH_DAEMON_EXTRA").unwrap_or_default();
     let mut librdkafka = vec![("fetch.wait.max.ms", fetch_wait.as_str()), ("statistics.interval.ms", stats.as_str())];
     librdkafka.extend(daemon_extra.split(',').filter_map(|kv| kv.split_once('=')));
+    let extra = pipeline_section("batch_max_wait: 5ms\n");
     let dir = tempfile::tempdir().unwrap();
     let d = UnderTest::start(
         dir.path(),
@@ -397,7 +410,7 @@ async fn steady(broker: &str, bootstrap: &str, p: &FutureProducer, create_topic:
             topics: &["steady.public.products"],
             group: "bench-c",
             redis_url: url,
-            extra: "pipeline:\n  batch_max_wait: 5ms\n",
+            extra: &extra,
             // Tansu answers a fetch only when fetch.wait.max.ms expires (Kafka answers as soon as
             // data arrives); the default 500 ms would measure the broker, not the daemon.
             librdkafka: &librdkafka,

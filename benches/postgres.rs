@@ -10,7 +10,8 @@
 //!
 //! `cargo bench --bench postgres` (runs as root: the cluster runs as the `postgres` user).
 //! Options through the environment: `PG_BENCH_SECONDS` (per latency rate, default 10),
-//! `PG_BENCH_BATCH_WAIT` (`pipeline.batch_max_wait`, default the daemon's default, 5ms).
+//! `PG_BENCH_BATCH_WAIT` (`pipeline.batch_max_wait`, default the daemon's default, 5ms),
+//! `PG_BENCH_IDLE_WAIT` (`pipeline.batch_idle_wait`, default the daemon's default).
 
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code, unused_imports)]
@@ -106,7 +107,8 @@ async fn latency(
 async fn main() {
     let seconds: u32 = std::env::var("PG_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
     let batch_wait = std::env::var("PG_BENCH_BATCH_WAIT").unwrap_or_else(|_| "5ms".into());
-    let extra = format!("log:\n  level: warn\npipeline:\n  batch_max_wait: {batch_wait}\n");
+    let idle = std::env::var("PG_BENCH_IDLE_WAIT").map(|v| format!("  batch_idle_wait: {v}\n")).unwrap_or_default();
+    let extra = format!("log:\n  level: warn\npipeline:\n  batch_max_wait: {batch_wait}\n{idle}");
     let pg = PgCluster::start();
     pg.sql(&format!(
         "CREATE TABLE items (id int PRIMARY KEY, n int); INSERT INTO items SELECT i, 0 FROM generate_series(1, {ROWS}) i;"
@@ -148,6 +150,7 @@ async fn main() {
 
     // Throughput: 200 transactions of 1,000 row changes each.
     let before = daemon.metrics.value("cdc_invalidator_events_total", &[]);
+    let batches_before = batch_totals(&daemon.metrics.render());
     let client = pg.client().await;
     let total = 200_000u32;
     let start = Instant::now();
@@ -170,5 +173,19 @@ async fn main() {
         total as f64 / elapsed.as_secs_f64(),
         if done { "" } else { " (TIMED OUT)" }
     );
+    let (batches, events) = batch_totals(&daemon.metrics.render());
+    let batches = batches - batches_before.0;
+    println!(
+        "throughput: {batches:.0} batches, mean {:.1} events per batch",
+        (events - batches_before.1) / batches.max(1.0)
+    );
     daemon.stop().await.unwrap();
+}
+
+/// (batches, events in them) so far, from the `cdc_invalidator_batch_events` histogram.
+fn batch_totals(text: &str) -> (f64, f64) {
+    let series = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok())).unwrap_or_default()
+    };
+    (series("cdc_invalidator_batch_events_count "), series("cdc_invalidator_batch_events_sum "))
 }

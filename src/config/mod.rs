@@ -279,10 +279,13 @@ pub struct PipelineConfig {
     /// ...or when its first event has waited this long...
     #[serde(with = "duration")]
     pub batch_max_wait: Duration,
-    /// ...or, before that, as soon as no new event has arrived for this long: the source has
-    /// delivered what it had (Kafka hands over a whole fetch response at once), so holding the
-    /// batch open only adds staleness. Set it to `batch_max_wait` or more for a fixed window
-    /// (a coalescing window for rate-limited CDNs).
+    /// ...or sooner. Normally a batch goes out at once with whatever queued behind its first
+    /// event: the source hands over what it has at once (a Kafka fetch response, a PostgreSQL
+    /// transaction), and waiting for more only adds staleness. In a backlog (the pipeline has
+    /// found events queued, without once waiting for one, for longer than `batch_idle_wait`) a
+    /// batch stays open until no new event has come for `batch_idle_wait`: fewer, larger
+    /// batches catch up faster. With `batch_idle_wait >= batch_max_wait` every batch is a fixed
+    /// window (a coalescing window for rate-limited CDNs). Measured in docs/benchmarks.md.
     #[serde(with = "duration")]
     pub batch_idle_wait: Duration,
     /// Events buffered between the source and the batcher; when full, the source pauses.
