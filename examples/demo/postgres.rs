@@ -377,7 +377,7 @@ sinks:
     url: "{redis_url}"
     tag_prefix: "tag:"
 pipeline:
-  batch_max_wait: 1ms                  # how long a batch waits for more changes (default 5 ms)
+  batch_max_wait: 5ms                  # the longest a batch gathers changes while catching up (default)
 metrics:
   listen: "127.0.0.1:{metrics_port}"
 dead_letter:
