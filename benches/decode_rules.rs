@@ -44,7 +44,8 @@ fn main() {
     let rules =
         Rules::parse(&format!("{CONTRACT_RULES}{EXTRA_RULES}"), Path::new("bench-rules.yaml")).expect("bench rules");
 
-    let rounds = 40_000;
+    // BENCH_ROUNDS: fewer rounds for an instruction count under callgrind (docs/benchmarks.md).
+    let rounds = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(40_000);
     let mut changes = 0u64;
     let mut items = 0u64;
     // Warm up, then measure.
