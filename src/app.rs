@@ -692,6 +692,88 @@ mod tests {
         (batch.len(), started.elapsed())
     }
 
+    /// A sink that takes `per_batch` to confirm and records how many keys each batch held and
+    /// when it came.
+    struct SlowSink {
+        per_batch: Duration,
+        batches: std::sync::Mutex<Vec<(usize, tokio::time::Instant)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Sink for SlowSink {
+        fn name(&self) -> &str {
+            "slow"
+        }
+
+        async fn invalidate(&self, batch: &Invalidations, _: &Shutdown) -> Result<crate::sink::SinkReport, SinkError> {
+            self.batches.lock().unwrap().push((batch.redis_keys.len(), tokio::time::Instant::now()));
+            tokio::time::sleep(self.per_batch).await;
+            Ok(crate::sink::SinkReport::default())
+        }
+
+        async fn ping(&self) -> bool {
+            true
+        }
+    }
+
+    /// An update of row `id` of `public.t`, which the rules map to the key `t:{id}`.
+    fn change(id: i64) -> SourceEvent {
+        let mut row = crate::event::Row::new();
+        row.insert("id".into(), id.into());
+        SourceEvent {
+            decoded: Ok(Decoded::Change(ChangeEvent {
+                table: "public.t".into(),
+                op: crate::event::Op::Insert,
+                before: None,
+                after: Some(row),
+                committed_at: None,
+            })),
+            ..arrival()
+        }
+    }
+
+    /// Runs a pipeline with one sink taking `sink_ms` per batch over events arriving one every
+    /// `gap_ms`, and returns the batches the sink got: their sizes, and when (in ms from the
+    /// first event).
+    async fn batches_over(events: i64, gap_ms: u64, sink_ms: u64, config: PipelineConfig) -> Vec<(usize, u128)> {
+        let start = tokio::time::Instant::now();
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let dead = crate::config::DeadLetterConfig { file: Some(dir.path().join("dl.jsonl")), ..Default::default() };
+        let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
+        let rules = "version: 1\nrules:\n  - name: t\n    table: public.t\n    redis: { keys: [\"t:{id}\"] }\n";
+        let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+        let sink = Arc::new(SlowSink { per_batch: Duration::from_millis(sink_ms), batches: Default::default() });
+        let pipeline = Pipeline::new(config, rules, vec![sink.clone()], dead_letters, metrics);
+        let (tx, rx) = mpsc::channel(1000);
+        tokio::spawn(async move {
+            for id in 0..events {
+                tx.send(change(id)).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(gap_ms)).await;
+            }
+        });
+        pipeline.run(rx, &Shutdown::never()).await.unwrap();
+        let batches: Vec<_> =
+            sink.batches.lock().unwrap().iter().map(|(n, at)| (*n, (*at - start).as_millis())).collect();
+        assert_eq!(batches.iter().map(|b| b.0).sum::<usize>(), events as usize, "every event once: {batches:?}");
+        batches
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pipeline_sends_at_once_when_light_and_gathers_in_a_backlog() {
+        // Light: one event every 5 ms, each confirmed in 1 ms: every event is its own batch,
+        // sent at once (a 2 ms idle wait would not gather more, but would delay each).
+        let batches = batches_over(10, 5, 1, pipeline_config(500, 50, 2)).await;
+        assert_eq!(batches, (0..10).map(|i| (1, i * 5)).collect::<Vec<_>>());
+        // Backlog: one event every 1 ms, each batch taking 3 ms: the first batch goes out at
+        // once; the queue then never empties, and after 2 ms of that batches gather up to the
+        // 50 ms max wait (never waiting would send batches of about 3).
+        let batches = batches_over(200, 1, 3, pipeline_config(500, 50, 2)).await;
+        assert_eq!(batches[0], (1, 0), "{batches:?}");
+        let middle = &batches[1..batches.len() - 1];
+        assert!(batches.len() <= 10 && middle.iter().all(|&(n, _)| n >= 40), "{batches:?}");
+    }
+
     #[test]
     fn only_a_busy_streak_as_long_as_the_idle_wait_is_a_backlog() {
         let t0 = Instant::now();
