@@ -5,7 +5,7 @@
 //! 1. the file is parsed into a located tree ([`yaml`]) so errors can point at the right line;
 //! 2. the `config` crate merges file and environment and serde fills the typed structs
 //!    (`deny_unknown_fields` everywhere: a typo is an error, not a silently ignored setting);
-//! 3. [`Config::validate`] checks cross-field constraints and resolves `*_env` / `*_file`
+//! 3. `Config::validate` checks cross-field constraints and resolves `*_env` / `*_file`
 //!    secret indirections.
 //!
 //! Types holding secrets implement neither `Serialize` nor a revealing `Debug`.

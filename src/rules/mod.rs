@@ -50,7 +50,7 @@
 //! - `{column}` renders the column's value; `{name}` renders each value of the var `name`
 //!   when `name` is listed under the rule's `vars` (a var shadows a column of the same name).
 //!   A template using several vars expands to every combination of their values, at most
-//!   1,000 items per row image ([`template::MAX_FANOUT`]).
+//!   1,000 items per row image (`template::MAX_FANOUT`).
 //! - `{column|filter|…}` applies filters left to right: `lower`, `upper` (Unicode-aware) and
 //!   `urlencode` (percent-encodes the UTF-8 bytes of every character outside `A-Z a-z 0-9 - .
 //!   _ ~`, with upper-case hex; a space becomes `%20`). Whitespace around names and filters
@@ -68,7 +68,7 @@
 //! per event. An event no image of which can render a template produces a [`RuleError`]
 //! naming the rule, the template and the missing column; everything else still renders.
 //!
-//! An item is never empty and never longer than 8 KiB ([`template::MAX_ITEM_BYTES`]): a
+//! An item is never empty and never longer than 8 KiB (`template::MAX_ITEM_BYTES`): a
 //! template that renders such an item from any image produces a [`RuleError`] too (the item
 //! itself is dropped, the template's other items are kept), so the event reaches the dead
 //! letters instead of a cache being told to forget `""`.

@@ -3,7 +3,7 @@
 //! - **Keys** are unlinked `unlink_batch` per `UNLINK` command, several commands pipelined per
 //!   round trip.
 //! - **Tags** are fanned out by a server-side script, `tag_chunk` members per call: see
-//!   [`fanout`] for how and why.
+//!   `fanout.rs` for how and why.
 //! - **Failures** are retried through [`crate::retry`] with `sinks.redis.retry` until they pass
 //!   or shutdown abandons the batch; work already confirmed is not redone, the round trip that
 //!   failed is sent again whole (deletes are idempotent). A wrong password or a missing ACL
@@ -12,7 +12,7 @@
 //!   fix (an unknown command, a reply we do not understand) fail the sink.
 //! - **Connections** are made on first use, so the daemon starts while Redis is down; each
 //!   connect is bounded by `connect_timeout` and each round trip by `response_timeout`, and a
-//!   failed round trip always dials again (see [`connection`]).
+//!   failed round trip always dials again (see `connection.rs`).
 //!
 //! Nothing here ever writes a cached value: the only commands sent are UNLINK, PING, SCRIPT
 //! LOAD and EVALSHA of the fan-out script (which runs TYPE, SCARD, SPOP, SSCAN, SREM and UNLINK;
@@ -241,7 +241,7 @@ impl Sink for RedisSink {
         Ok(report)
     }
 
-    /// PING within [`PING_TIMEOUT`] (connect) plus [`PING_TIMEOUT`] (reply), never retried: a
+    /// PING within `PING_TIMEOUT` (connect) plus `PING_TIMEOUT` (reply), never retried: a
     /// refused password is as much "not ready" as a server that is down, and is logged as an
     /// error since it will not pass by itself.
     async fn ping(&self) -> bool {

@@ -1,7 +1,7 @@
 //! The Kafka source: a consumer group reading Debezium topics.
 //!
 //! - `enable.auto.commit=false`: offsets are committed by us, per partition, only up to the
-//!   first event that is not finished ([`tracker`], built on the shared watermark).
+//!   first event that is not finished (`tracker.rs`, built on the shared watermark).
 //! - Commits are asynchronous, on a timer (`commit_interval`), re-sent after a failure; never a
 //!   blocking commit on the async executor, never an endless commit retry. The final commit at
 //!   shutdown is synchronous on a blocking thread, with a timeout.

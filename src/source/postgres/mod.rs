@@ -15,7 +15,7 @@
 //!   daemon is not ready meanwhile).
 //! - **Streaming**: changes are emitted as they arrive, never buffered per transaction; each
 //!   gets a sequence number. The confirmed flush LSN is the Commit `end_lsn` of the newest
-//!   transaction whose every event (and every earlier one) is finished ([`tracker`]); it is
+//!   transaction whose every event (and every earlier one) is finished (`tracker.rs`); it is
 //!   handed to the replication client, which sends it in standby status updates at most every
 //!   `feedback_interval` and at once when a keepalive asks for a reply. The server's received
 //!   position is never reported as flushed.
