@@ -16,7 +16,8 @@
 //! message to the dead letter. A permanent failure of a multi-item request is
 //! `Failure::Permanent { item_level: true }` when the provider blames the request's content
 //! (400, 413, 414, 422, 431, or an error inside a 200 body) so the caller can split it to find
-//! the culprit, and not when it blames the credentials or the account (401, 403, 404, 405...), where every item shares the fate.
+//! the culprit, and not when it blames the credentials or the account (401, 403, 404, 405...),
+//! where every item shares the fate.
 //!
 //! Messages never include a credential: requests carry them in headers only, reqwest's errors
 //! are stripped of the URL, and provider bodies are cut to [`MESSAGE_CHARS`].
