@@ -320,6 +320,7 @@ impl Pipeline {
                 };
             }
             let load = streak.load(batch[0].received, waiting_since, self.config.batch_idle_wait);
+            self.metrics.batches.with_label_values(&[load.as_str()]).inc();
             fill_batch(&mut rx, &mut batch, load, &self.config).await;
             let events = std::mem::replace(&mut batch, Vec::with_capacity(max));
             match self.process(events, shutdown).await {
@@ -538,6 +539,16 @@ enum Load {
     Backlog,
 }
 
+impl Load {
+    /// The `load` label of `cdc_invalidator_batches_total`.
+    fn as_str(self) -> &'static str {
+        match self {
+            Load::Light => "light",
+            Load::Backlog => "backlog",
+        }
+    }
+}
+
 /// How long the pipeline has been busy without once waiting for an event.
 #[derive(Debug)]
 struct BusyStreak {
@@ -735,7 +746,12 @@ mod tests {
     /// Runs a pipeline with one sink taking `sink_ms` per batch over events arriving one every
     /// `gap_ms`, and returns the batches the sink got: their sizes, and when (in ms from the
     /// first event).
-    async fn batches_over(events: i64, gap_ms: u64, sink_ms: u64, config: PipelineConfig) -> Vec<(usize, u128)> {
+    async fn batches_over(
+        events: i64,
+        gap_ms: u64,
+        sink_ms: u64,
+        config: PipelineConfig,
+    ) -> (Vec<(usize, u128)>, Arc<Metrics>) {
         let start = tokio::time::Instant::now();
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::new());
@@ -744,7 +760,7 @@ mod tests {
         let rules = "version: 1\nrules:\n  - name: t\n    table: public.t\n    redis: { keys: [\"t:{id}\"] }\n";
         let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
         let sink = Arc::new(SlowSink { per_batch: Duration::from_millis(sink_ms), batches: Default::default() });
-        let pipeline = Pipeline::new(config, rules, vec![sink.clone()], dead_letters, metrics);
+        let pipeline = Pipeline::new(config, rules, vec![sink.clone()], dead_letters, metrics.clone());
         let (tx, rx) = mpsc::channel(1000);
         tokio::spawn(async move {
             for id in 0..events {
@@ -756,22 +772,25 @@ mod tests {
         let batches: Vec<_> =
             sink.batches.lock().unwrap().iter().map(|(n, at)| (*n, (*at - start).as_millis())).collect();
         assert_eq!(batches.iter().map(|b| b.0).sum::<usize>(), events as usize, "every event once: {batches:?}");
-        batches
+        (batches, metrics)
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_pipeline_sends_at_once_when_light_and_gathers_in_a_backlog() {
         // Light: one event every 5 ms, each confirmed in 1 ms: every event is its own batch,
         // sent at once (a 2 ms idle wait would not gather more, but would delay each).
-        let batches = batches_over(10, 5, 1, pipeline_config(500, 50, 2)).await;
+        let (batches, metrics) = batches_over(10, 5, 1, pipeline_config(500, 50, 2)).await;
         assert_eq!(batches, (0..10).map(|i| (1, i * 5)).collect::<Vec<_>>());
+        let count = |m: &Metrics, load| m.value("cdc_invalidator_batches_total", &[("load", load)]);
+        assert_eq!((count(&metrics, "light"), count(&metrics, "backlog")), (10.0, 0.0));
         // Backlog: one event every 1 ms, each batch taking 3 ms: the first batch goes out at
         // once; the queue then never empties, and after 2 ms of that batches gather up to the
         // 50 ms max wait (never waiting would send batches of about 3).
-        let batches = batches_over(200, 1, 3, pipeline_config(500, 50, 2)).await;
+        let (batches, metrics) = batches_over(200, 1, 3, pipeline_config(500, 50, 2)).await;
         assert_eq!(batches[0], (1, 0), "{batches:?}");
         let middle = &batches[1..batches.len() - 1];
         assert!(batches.len() <= 10 && middle.iter().all(|&(n, _)| n >= 40), "{batches:?}");
+        assert_eq!(count(&metrics, "backlog"), (batches.len() - 1) as f64, "all but the first");
     }
 
     #[test]

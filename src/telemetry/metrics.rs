@@ -46,6 +46,9 @@ pub struct Metrics {
     pub pending_events: IntGauge,
     /// Events per batch.
     pub batch_events: Histogram,
+    /// Batches, by the load they were gathered under (`light`: sent with what was queued;
+    /// `backlog`: the pipeline had been busy without a break and gathered more).
+    pub batches: IntCounterVec,
     /// Distinct items per batch after coalescing.
     pub batch_items: Histogram,
     /// Seconds a sink took to finish one batch, retries included.
@@ -150,6 +153,19 @@ impl Metrics {
                 "Items confirmed invalidated, by sink and kind.",
                 &["sink", "kind"],
             ),
+            batches: {
+                let c = counter(
+                    &r,
+                    "cdc_invalidator_batches_total",
+                    "Batches sent, by load: light (sent at once with what was queued) or backlog (gathered while catching up).",
+                    &["load"],
+                );
+                // Both series exist from the start, so a rate over them is never "no data".
+                for load in ["light", "backlog"] {
+                    c.with_label_values(&[load]);
+                }
+                c
+            },
             tag_members_unlinked: counter(
                 &r,
                 "cdc_invalidator_tag_members_unlinked_total",
