@@ -11,7 +11,7 @@
 //! coalesces a batch of 500 events into distinct keys, exactly as `app::coalesce` does.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod support;
 
 use std::collections::BTreeSet;

@@ -15,7 +15,7 @@
 //! BENCH_REF_SECONDS, BENCH_COMMIT_INTERVAL.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod support;
 
 use std::time::{Duration, Instant};

@@ -14,7 +14,7 @@
 //! `PG_BENCH_IDLE_WAIT` (`pipeline.batch_idle_wait`, default the daemon's default).
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod support;
 
 use std::collections::HashMap;

@@ -2,7 +2,8 @@
 # The project's test command (the README names it; CI runs it through .ci/run):
 #   1. scripts/install-deps.sh  (quick when everything is present)
 #   2. every test target, with cargo-nextest when installed, else cargo test
-#   3. cargo fmt --check
+#   3. cargo fmt --check, and cargo clippy over every target (benches included) with warnings
+#      as errors (cargo check of the benches where clippy is not installed)
 # Exits non-zero if any step fails. Arguments are passed to the test runner, e.g. a name filter:
 #   scripts/test.sh tansu_smoke
 # Environment it honours:
@@ -36,14 +37,13 @@ else
     build=(cargo test --lib --bins --tests --no-run)
     run=(cargo test --lib --bins --tests --no-fail-fast)
 fi
-# Benchmarks are programs (harness = false), run by scripts/bench.sh, not tests; they are only
-# compiled here so they cannot rot.
+# Benchmarks are programs (harness = false), run with `cargo bench --bench NAME`, not tests;
+# they are only compiled here (by clippy, at the end) so they cannot rot.
 
 # Build first, without a time limit (a fresh clone compiles librdkafka and every dependency), so
 # the limit below measures the tests alone.
 step "building tests (${build[*]})"
 "${build[@]}"
-cargo check --benches --quiet
 
 status=0
 step "running tests (${run[*]}, limit $test_timeout)"
@@ -61,6 +61,16 @@ if ((fmt_status != 0)); then
     printf 'test.sh: cargo fmt --check failed: run `cargo fmt`\n' >&2
 fi
 
-if ((status != 0 || fmt_status != 0)); then
+# Lints (and the benches, which no test runs, compile): quiet on success, like fmt.
+lint_status=0
+if cargo clippy --version >/dev/null 2>&1; then
+    cargo clippy --all-targets --quiet -- -D warnings || lint_status=$?
+    ((lint_status == 0)) || printf 'test.sh: cargo clippy found problems (above)\n' >&2
+else
+    printf 'test.sh: clippy is not installed; only checking that the benches compile\n' >&2
+    cargo check --benches --quiet || lint_status=$?
+fi
+
+if ((status != 0 || fmt_status != 0 || lint_status != 0)); then
     exit 1
 fi

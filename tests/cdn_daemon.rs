@@ -243,12 +243,13 @@ async fn cloudfront_invalidates_tag_paths_within_the_wildcard_limit_and_commits_
     let all = || (1..=20).all(|i| paths().contains(&format!("/tags/product-{i}/*")));
     assert!(wait_until(Duration::from_secs(30), all).await, "every key's path is invalidated: {:?}", paths());
     assert_all_committed(&bootstrap, "g-cloudfront", 20).await;
-    let st = cloudfront.state();
-    assert!(st.peak_wildcards <= 15, "CloudFront's wildcard limit held: {}", st.peak_wildcards);
-    // Only signed requests reach the calls (the readiness probe's unsigned HEAD is denied).
-    assert!(st.calls.iter().all(|c| c.code.is_none()), "no call was refused: {:?}", st.calls);
-    assert!(st.invalidations.len() >= 2, "20 wildcards cannot go in one invalidation");
-    drop(st);
+    {
+        let st = cloudfront.state();
+        assert!(st.peak_wildcards <= 15, "CloudFront's wildcard limit held: {}", st.peak_wildcards);
+        // Only signed requests reach the calls (the readiness probe's unsigned HEAD is denied).
+        assert!(st.calls.iter().all(|c| c.code.is_none()), "no call was refused: {:?}", st.calls);
+        assert!(st.invalidations.len() >= 2, "20 wildcards cannot go in one invalidation");
+    }
     assert!(daemon.dead_letters().is_empty());
     daemon.stop().await.expect("clean stop");
 }

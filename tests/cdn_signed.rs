@@ -373,13 +373,14 @@ async fn cloudfront_reuses_the_caller_reference_when_retrying_a_batch() {
     let batch = Invalidations { urls: urls(3), ..Default::default() };
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert!(report.rejected.is_empty(), "{report:?}");
-    let st = double.state();
-    assert_eq!(st.calls.len(), 2, "one lost answer, one retry");
-    assert_eq!(st.calls[0].caller_reference, st.calls[1].caller_reference);
-    assert_eq!(st.invalidations.len(), 1, "the retry returned the existing invalidation instead of a new one");
+    {
+        let st = double.state();
+        assert_eq!(st.calls.len(), 2, "one lost answer, one retry");
+        assert_eq!(st.calls[0].caller_reference, st.calls[1].caller_reference);
+        assert_eq!(st.invalidations.len(), 1, "the retry returned the existing invalidation instead of a new one");
+    }
 
     // Another batch gets another reference.
-    drop(st);
     sink.invalidate(
         &Invalidations { urls: vec!["https://shop.example.com/other".into()], ..Default::default() },
         &Shutdown::never(),

@@ -221,7 +221,8 @@ fn connectors_have_the_settings_the_daemon_needs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_script_applies_connectors_through_the_rest_api() {
     use std::sync::{Arc, Mutex};
-    let seen: Arc<Mutex<Vec<(String, String, Option<serde_json::Value>)>>> = Arc::default();
+    type Requests = Vec<(String, String, Option<serde_json::Value>)>;
+    let seen: Arc<Mutex<Requests>> = Arc::default();
     let s = seen.clone();
     let connect = Server::start(move |req| {
         s.lock().unwrap().push((req.method.clone(), req.path.clone(), req.json()));

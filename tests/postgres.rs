@@ -617,7 +617,7 @@ async fn pg_tls_verify_full_with_scram() {
     std::fs::set_permissions(certs.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let settings = [
-        format!("ssl = on"),
+        "ssl = on".to_string(),
         format!("ssl_cert_file = '{}'", cert.display()),
         format!("ssl_key_file = '{}'", key.display()),
     ];

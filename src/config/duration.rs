@@ -17,7 +17,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         "h" => n * 3600.0,
         other => return Err(format!("`{other}` is not a duration unit (use ms, s, m or h)")),
     };
-    if !secs.is_finite() || secs < 0.0 || secs > 10.0 * 365.0 * 86400.0 {
+    if !secs.is_finite() || !(0.0..=10.0 * 365.0 * 86400.0).contains(&secs) {
         return Err(format!("`{text}` is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))

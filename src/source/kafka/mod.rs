@@ -284,7 +284,7 @@ impl KafkaSource {
         let tick = self.commit_ticks.fetch_add(1, Ordering::Relaxed) + 1;
         let force =
             force || tick % REFRESH_EVERY == 0 || self.consumer.context().commit_failed.swap(false, Ordering::Relaxed);
-        let points = lock(&self.tracker).to_commit(force);
+        let points = lock(&self.tracker).commits_due(force);
         if points.is_empty() {
             return;
         }

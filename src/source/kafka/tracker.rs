@@ -115,7 +115,7 @@ impl Tracker {
     }
 
     /// Offsets that moved since they were last sent (all of them when `force`), marked as sent.
-    pub(super) fn to_commit(&mut self, force: bool) -> Vec<CommitPoint> {
+    pub(super) fn commits_due(&mut self, force: bool) -> Vec<CommitPoint> {
         let mut out = Vec::new();
         for (topic, parts) in &mut self.topics {
             for (&partition, state) in parts.iter_mut() {
@@ -131,7 +131,7 @@ impl Tracker {
 
     /// Every assigned partition's commit point, whether or not it moved (final commit).
     pub(super) fn all_commit_points(&mut self) -> Vec<CommitPoint> {
-        self.to_commit(true)
+        self.commits_due(true)
     }
 
     pub(super) fn assigned(&self) -> usize {
@@ -157,13 +157,13 @@ mod tests {
         let (c, _) = t.start("t", 1, 100);
         assert!(t.finish(b));
         assert!(t.finish(c));
-        let mut points = t.to_commit(false);
+        let mut points = t.commits_due(false);
         points.sort_by_key(|p| p.partition);
         assert_eq!(points[0].offset, 5, "offset 5 is unfinished: partition 0 stays at 5");
         assert_eq!(points[1].offset, 101);
-        assert!(t.to_commit(false).is_empty(), "nothing moved");
+        assert!(t.commits_due(false).is_empty(), "nothing moved");
         assert!(t.finish(a));
-        assert_eq!(t.to_commit(false), vec![CommitPoint { topic: "t".into(), partition: 0, offset: 7 }]);
+        assert_eq!(t.commits_due(false), vec![CommitPoint { topic: "t".into(), partition: 0, offset: 7 }]);
     }
 
     #[test]
@@ -181,9 +181,9 @@ mod tests {
         let (c, _) = t.start("t", 0, 2);
         assert_ne!(c.stream, b.stream);
         assert!(!t.finish(b));
-        assert_eq!(t.to_commit(false)[0].offset, 2);
+        assert_eq!(t.commits_due(false)[0].offset, 2);
         assert!(t.finish(c));
-        assert_eq!(t.to_commit(false)[0].offset, 3);
+        assert_eq!(t.commits_due(false)[0].offset, 3);
     }
 
     #[test]
@@ -194,14 +194,14 @@ mod tests {
         let (b, _) = t.start("t", 0, 4);
         assert_ne!(a.stream, b.stream);
         assert!(!t.finish(a));
-        assert_eq!(t.to_commit(false)[0].offset, 4);
+        assert_eq!(t.commits_due(false)[0].offset, 4);
     }
 
     #[test]
     fn nothing_received_nothing_committed() {
         let mut t = Tracker::default();
         t.assign("t", 0);
-        assert!(t.to_commit(true).is_empty());
+        assert!(t.commits_due(true).is_empty());
         assert_eq!(t.revoke("t", 0), None);
         assert_eq!(t.assigned(), 0);
     }
