@@ -727,7 +727,7 @@ mod tests {
         }
     }
 
-    /// An update of row `id` of `public.t`, which the rules map to the key `t:{id}`.
+    /// An insert of row `id` into `public.t`, which the rules map to the key `t:{id}`.
     fn change(id: i64) -> SourceEvent {
         let mut row = crate::event::Row::new();
         row.insert("id".into(), id.into());
