@@ -216,8 +216,9 @@ pub(super) fn parse_payload(text: &str) -> Result<Slot<'_>, serde_json::Error> {
 /// and parses the payload. For valid JSON the split is exact; for anything else it may be
 /// wrong, which the caller's checks then reject. `None` for any other shape (other key order,
 /// whitespace inside the key names, a non-object schema, more fields are all left to the
-/// general path).
-pub(super) fn split_schema_envelope(text: &str) -> Option<(&str, &str)> {
+/// general path). `known` may say how long the schema is, given the text from its opening
+/// brace on; otherwise its end is found by a bracket scan.
+pub(super) fn split_schema_envelope(text: &str, known: impl FnOnce(&str) -> Option<usize>) -> Option<(&str, &str)> {
     let bytes = text.as_bytes();
     let at = skip_whitespace(bytes, 0);
     let at = skip_whitespace(bytes, expect(bytes, at, b"{")?);
@@ -226,7 +227,10 @@ pub(super) fn split_schema_envelope(text: &str) -> Option<(&str, &str)> {
     if bytes.get(schema_start) != Some(&b'{') {
         return None;
     }
-    let schema_end = skip_compound(bytes, schema_start)?;
+    let schema_end = match known(text.get(schema_start..)?) {
+        Some(len) => schema_start.checked_add(len)?,
+        None => skip_compound(bytes, schema_start)?,
+    };
     let at = skip_whitespace(bytes, schema_end);
     let at = skip_whitespace(bytes, expect(bytes, at, b",")?);
     let at = skip_whitespace(bytes, expect(bytes, at, b"\"payload\"")?);
@@ -398,8 +402,12 @@ mod tests {
     #[test]
     fn split_schema_envelope_finds_both_parts() {
         let text = r#" { "schema" : {"a":"}{\\\"","b":[{"c":"]"}]} , "payload" : {"x":1} } "#;
-        assert_eq!(split_schema_envelope(text), Some((r#"{"a":"}{\\\"","b":[{"c":"]"}]}"#, r#" {"x":1} "#)));
-        assert_eq!(split_schema_envelope(r#"{"schema":{},"payload":null}"#), Some(("{}", "null")));
+        let schema = r#"{"a":"}{\\\"","b":[{"c":"]"}]}"#;
+        assert_eq!(split_schema_envelope(text, |_| None), Some((schema, r#" {"x":1} "#)));
+        assert_eq!(split_schema_envelope(r#"{"schema":{},"payload":null}"#, |_| None), Some(("{}", "null")));
+        // A known length gives the same split (it is the caller's to be right).
+        let known = |rest: &str| rest.starts_with(schema).then_some(schema.len());
+        assert_eq!(split_schema_envelope(text, known), Some((schema, r#" {"x":1} "#)));
     }
 
     #[test]
@@ -416,7 +424,7 @@ mod tests {
             "",
             "{",
         ] {
-            let split = split_schema_envelope(text);
+            let split = split_schema_envelope(text, |_| None);
             // Either no split, or one whose payload the caller's parse will reject.
             assert!(split.is_none_or(|(_, payload)| parse_payload(payload).is_err()), "{text}");
         }

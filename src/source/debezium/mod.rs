@@ -17,8 +17,9 @@
 //! Each of these may be wrapped in a schema envelope, an object with exactly the two fields
 //! `schema` and `payload` (a flattened row with other columns named so has more fields). The
 //! schema is only consulted for decimal columns, and what it says is cached per schema text
-//! (`schema.rs`); a schema already in that cache is passed over with a bracket scan rather
-//! than parsed again, which is most of the cost of a schema-enveloped message.
+//! (`schema.rs`); a schema already in that cache is passed over rather than parsed again (the
+//! one the previous message carried by a single comparison, others by a bracket scan), which
+//! is most of the cost of a schema-enveloped message.
 //!
 //! # Choices a user can see
 //!
@@ -203,8 +204,16 @@ impl<'a> Message<'a> {
     /// bracket scan and only `P` is parsed. `None` sends the message down the general path,
     /// which also reports any error with its position in the whole message.
     fn read_known_envelope(text: &'a str) -> Option<Result<Option<Message<'a>>, DecodeError>> {
-        let (schema, payload) = json::split_schema_envelope(text)?;
-        let decimals = schema::cached(schema)?;
+        let mut recent = None;
+        let (schema, payload) = json::split_schema_envelope(text, |rest| {
+            let (len, columns) = schema::recent_prefix(rest)?;
+            recent = Some(columns);
+            Some(len)
+        })?;
+        let decimals = match recent {
+            Some(columns) => columns,
+            None => schema::cached(schema)?,
+        };
         let payload = json::parse_payload(payload).ok()?;
         Some(Message::from_payload(Some(payload), Some(decimals)))
     }

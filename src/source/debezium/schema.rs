@@ -6,7 +6,9 @@
 //! locks; and a schema is only parsed when its text names a decimal type at all.
 //!
 //! The cache also remembers that a text is valid JSON, which lets [`super::Message::read`]
-//! skip a known schema with a plain bracket scan instead of a full JSON parse.
+//! skip a known schema with a plain bracket scan instead of a full JSON parse, and the schema
+//! most recently seen with one comparison ([`recent_prefix`]): consecutive messages of a
+//! topic carry the same schema.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -58,10 +60,30 @@ enum DecimalKind {
 }
 
 /// Schemas seen, by [`sample_hash`]; each bucket holds the full texts that share it.
-type Cache = HashMap<u64, Vec<(Box<str>, Rc<DecimalColumns>)>>;
+type Cache = HashMap<u64, Vec<(Rc<str>, Rc<DecimalColumns>)>>;
 
 thread_local! {
     static CACHE: RefCell<(Cache, usize)> = RefCell::new((HashMap::new(), 0));
+    /// The schema most recently looked up or added: consecutive messages of a topic carry the
+    /// same one, which [`recent_prefix`] then finds with one comparison.
+    static RECENT: RefCell<Option<(Rc<str>, Rc<DecimalColumns>)>> = const { RefCell::new(None) };
+}
+
+/// If `rest` (a message from its schema's opening brace on) starts with the text of the schema
+/// most recently seen, that schema's length and decimal columns. A valid JSON object that a
+/// text starts with is exactly the object that text starts with (its closing brace is the first
+/// place the nesting returns to zero), so this finds where the schema ends with one memory
+/// comparison instead of a scan of every byte; and the cache vouches that the text is valid.
+pub(super) fn recent_prefix(rest: &str) -> Option<(usize, Rc<DecimalColumns>)> {
+    RECENT.with(|recent| {
+        let recent = recent.borrow();
+        let (text, columns) = recent.as_ref()?;
+        rest.as_bytes().starts_with(text.as_bytes()).then(|| (text.len(), Rc::clone(columns)))
+    })
+}
+
+fn remember(text: &Rc<str>, columns: &Rc<DecimalColumns>) {
+    RECENT.with(|recent| *recent.borrow_mut() = Some((Rc::clone(text), Rc::clone(columns))));
 }
 
 /// The decimal columns of a schema seen before, whose text is therefore valid JSON; `None` for
@@ -71,7 +93,9 @@ pub(super) fn cached(schema: &str) -> Option<Rc<DecimalColumns>> {
     CACHE.with(|cache| {
         let cache = cache.borrow();
         let bucket = cache.0.get(&hash)?;
-        bucket.iter().find(|(text, _)| **text == *schema).map(|(_, columns)| Rc::clone(columns))
+        let (text, columns) = bucket.iter().find(|(text, _)| **text == *schema)?;
+        remember(text, columns);
+        Some(Rc::clone(columns))
     })
 }
 
@@ -88,7 +112,9 @@ pub(super) fn decimal_columns(schema: &str) -> Result<Rc<DecimalColumns>, Decode
             map.clear();
             *entries = 0;
         }
-        map.entry(sample_hash(schema)).or_default().push((schema.into(), Rc::clone(&columns)));
+        let text: Rc<str> = schema.into();
+        remember(&text, &columns);
+        map.entry(sample_hash(schema)).or_default().push((text, Rc::clone(&columns)));
         *entries += 1;
     });
     Ok(columns)
@@ -239,6 +265,21 @@ mod tests {
         assert!(matches!((&first, &second), (Ok(a), Some(b)) if Rc::ptr_eq(a, b) && a.top.len() == 1));
         // A different text (here one byte longer) is a different schema.
         assert!(cached(&format!("{schema} ")).is_none());
+    }
+
+    #[test]
+    fn the_most_recent_schema_is_found_as_a_prefix() {
+        let (a, b) = (r#"{"type":"struct","name":"a"}"#, r#"{"type":"struct","name":"b"}"#);
+        let message = |schema: &str| format!("{schema},\"payload\":{{}}}}");
+        let _ = decimal_columns(a);
+        assert_eq!(recent_prefix(&message(a)).map(|(len, _)| len), Some(a.len()));
+        assert!(recent_prefix(&message(b)).is_none());
+        assert!(recent_prefix(&a[..a.len() - 1]).is_none(), "a truncated schema is not the schema");
+        let _ = decimal_columns(b);
+        assert!(recent_prefix(&message(a)).is_none(), "only the most recent one");
+        // A cache hit makes a schema the most recent again.
+        assert!(cached(a).is_some());
+        assert_eq!(recent_prefix(&message(a)).map(|(len, _)| len), Some(a.len()));
     }
 
     #[test]
