@@ -131,6 +131,13 @@ fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: &[f
     h
 }
 
+fn plain_histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .expect("metric definition is valid");
+    r.register(Box::new(h.clone())).expect("metric names are unique");
+    h
+}
+
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
     r.register(Box::new(g.clone())).expect("metric names are unique");
@@ -179,30 +186,18 @@ impl Metrics {
                 &["sink"],
                 STALENESS_BUCKETS,
             ),
-            end_to_end_staleness: {
-                let h = Histogram::with_opts(
-                    HistogramOpts::new(
-                        "cdc_invalidator_acknowledged_staleness_seconds",
-                        "Seconds from the database commit to the event being finished by every sink.",
-                    )
-                    .buckets(STALENESS_BUCKETS.to_vec()),
-                )
-                .expect("metric definition is valid");
-                r.register(Box::new(h.clone())).expect("metric names are unique");
-                h
-            },
-            source_delay: {
-                let h = Histogram::with_opts(
-                    HistogramOpts::new(
-                        "cdc_invalidator_source_delay_seconds",
-                        "Seconds from the database commit to the event entering the daemon.",
-                    )
-                    .buckets(STALENESS_BUCKETS.to_vec()),
-                )
-                .expect("metric definition is valid");
-                r.register(Box::new(h.clone())).expect("metric names are unique");
-                h
-            },
+            end_to_end_staleness: plain_histogram(
+                &r,
+                "cdc_invalidator_acknowledged_staleness_seconds",
+                "Seconds from the database commit to the event being finished by every sink.",
+                STALENESS_BUCKETS,
+            ),
+            source_delay: plain_histogram(
+                &r,
+                "cdc_invalidator_source_delay_seconds",
+                "Seconds from the database commit to the event entering the daemon.",
+                STALENESS_BUCKETS,
+            ),
             processing: histogram(
                 &r,
                 "cdc_invalidator_processing_seconds",
@@ -222,24 +217,13 @@ impl Metrics {
                 r.register(Box::new(g.clone())).expect("unique");
                 g
             },
-            batch_events: {
-                let h = Histogram::with_opts(
-                    HistogramOpts::new("cdc_invalidator_batch_events", "Events per batch.")
-                        .buckets(BATCH_BUCKETS.to_vec()),
-                )
-                .expect("valid");
-                r.register(Box::new(h.clone())).expect("unique");
-                h
-            },
-            batch_items: {
-                let h = Histogram::with_opts(
-                    HistogramOpts::new("cdc_invalidator_batch_items", "Distinct items per batch after coalescing.")
-                        .buckets(BATCH_BUCKETS.to_vec()),
-                )
-                .expect("valid");
-                r.register(Box::new(h.clone())).expect("unique");
-                h
-            },
+            batch_events: plain_histogram(&r, "cdc_invalidator_batch_events", "Events per batch.", BATCH_BUCKETS),
+            batch_items: plain_histogram(
+                &r,
+                "cdc_invalidator_batch_items",
+                "Distinct items per batch after coalescing.",
+                BATCH_BUCKETS,
+            ),
             sink_batch_duration: histogram(
                 &r,
                 "cdc_invalidator_sink_batch_duration_seconds",
