@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use support::daemon::{http_get, write_config, Daemon, DaemonProcess, Setup};
+use support::daemon::{http_get, series_sum, write_config, Daemon, DaemonProcess, Setup};
 use support::events::product_update;
 use support::redis::RedisServer;
 use support::tansu::TansuBroker;
@@ -209,11 +209,6 @@ async fn reference_latency(
             / 1000.0
     };
     (q(0.5), q(0.99))
-}
-
-/// The values of every exposition line starting with `prefix`, added up (all label sets).
-fn series_sum(exposition: &str, prefix: &str) -> f64 {
-    exposition.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
 /// CPU time counters from /proc/stat: (steal, total) in clock ticks over all CPUs. On a VM, steal

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::daemon::{wait_until, Daemon};
+use support::daemon::{series_sum, wait_until, Daemon};
 use support::postgres::{write_config, PgCluster, PgSetup};
 use support::redis::RedisServer;
 
@@ -184,8 +184,5 @@ async fn main() {
 
 /// (batches, events in them) so far, from the `cdc_invalidator_batch_events` histogram.
 fn batch_totals(text: &str) -> (f64, f64) {
-    let series = |name: &str| {
-        text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok())).unwrap_or_default()
-    };
-    (series("cdc_invalidator_batch_events_count "), series("cdc_invalidator_batch_events_sum "))
+    (series_sum(text, "cdc_invalidator_batch_events_count "), series_sum(text, "cdc_invalidator_batch_events_sum "))
 }

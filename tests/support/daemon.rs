@@ -189,6 +189,11 @@ impl Drop for DaemonProcess {
     }
 }
 
+/// The values of every exposition line starting with `prefix`, added up (all label sets).
+pub fn series_sum(exposition: &str, prefix: &str) -> f64 {
+    exposition.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
 /// A plain HTTP/1.1 GET on loopback: (status, body).
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
