@@ -47,6 +47,21 @@ impl Invalidations {
             && self.urls.is_empty()
     }
 
+    /// The union of `sets`, each list deduplicated and sorted (how a batch's events, and a
+    /// layer's queued batches, become one set).
+    pub fn union<'a>(sets: impl IntoIterator<Item = &'a Invalidations>) -> Invalidations {
+        let sets: Vec<&Invalidations> = sets.into_iter().collect();
+        let mut all = Invalidations::default();
+        for kind in ItemKind::ALL {
+            // Borrowed while deduplicating: only the distinct items are copied.
+            let mut items: Vec<&str> = sets.iter().flat_map(|s| s.items(kind)).map(String::as_str).collect();
+            items.sort_unstable();
+            items.dedup();
+            *all.items_mut(kind) = items.into_iter().map(str::to_owned).collect();
+        }
+        all
+    }
+
     /// The items of one kind.
     pub fn items(&self, kind: ItemKind) -> &[String] {
         match kind {
@@ -54,6 +69,17 @@ impl Invalidations {
             ItemKind::RedisTag => &self.redis_tags,
             ItemKind::SurrogateKey => &self.surrogate_keys,
             ItemKind::Url => &self.urls,
+        }
+    }
+}
+
+impl Invalidations {
+    fn items_mut(&mut self, kind: ItemKind) -> &mut Vec<String> {
+        match kind {
+            ItemKind::RedisKey => &mut self.redis_keys,
+            ItemKind::RedisTag => &mut self.redis_tags,
+            ItemKind::SurrogateKey => &mut self.surrogate_keys,
+            ItemKind::Url => &mut self.urls,
         }
     }
 }
