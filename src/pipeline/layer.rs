@@ -76,7 +76,8 @@ impl LayerSender {
             Ok(room) => room,
             Err(TryAcquireError::Closed) => return Err(StageError::Stopped),
             Err(TryAcquireError::NoPermits) => {
-                let started = Instant::now();
+                // tokio's clock: the std clock, except under a paused test clock.
+                let started = tokio::time::Instant::now();
                 let room = tokio::select! {
                     biased;
                     _ = shutdown.abandoned() => return Err(StageError::Stopped),
