@@ -2,7 +2,7 @@
 //! the current rules and sinks, after the cause was fixed.
 //!
 //! ```text
-//! input (file lines | Kafka topic) ──▶ read_record ──▶ debezium::decode ──▶ app::Pipeline ──▶ sinks
+//! input (file lines | Kafka topic) ──▶ read_record ──▶ debezium::decode ──▶ pipeline::Pipeline ──▶ sinks
 //!   a dead-letter record: original key, value and topic      (the daemon's own pipeline: batching,
 //!   anything else: one Debezium message value                 layers, dead letters, metrics)
 //!                                   └── --dry-run: cli::explain_message, printed, nothing touched
