@@ -28,6 +28,7 @@
 //!   pipeline with hot-reloaded rules until shutdown.
 //! - [`telemetry`]: Prometheus metrics, health endpoints, logging.
 //! - [`cli`]: `run`, `check`, `explain` (the user-facing contract) and `replay`.
+//! - [`explain`]: what the rules make of one message (`explain`, `replay --dry-run`).
 //! - [`replay`]: `cdc-invalidator replay`, dead letters back through the pipeline.
 //! - [`config`], [`retry`], [`shutdown`]: the plumbing.
 
@@ -36,6 +37,7 @@ pub mod cli;
 pub mod config;
 pub mod dead_letter;
 pub mod event;
+pub mod explain;
 pub mod pipeline;
 pub mod replay;
 pub mod retry;

@@ -7,11 +7,8 @@ use super::*;
 use crate::sink::SinkError;
 
 fn item(keys: &[&str], tags: &[&str]) -> Item {
-    let invalidations = Invalidations {
-        redis_keys: keys.iter().map(|s| s.to_string()).collect(),
-        redis_tags: tags.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    };
+    let invalidations = Invalidations::of(ItemKind::RedisKey, keys.iter().map(|s| s.to_string()).collect())
+        .with(ItemKind::RedisTag, tags.iter().map(|s| s.to_string()).collect());
     Item { event: arrival(), evaluation: Some(Evaluation { invalidations, ..Default::default() }), dead: None }
 }
 
@@ -29,7 +26,7 @@ impl Sink for SlowSink {
     }
 
     async fn invalidate(&self, batch: &Invalidations, _: &Shutdown) -> Result<crate::sink::SinkReport, SinkError> {
-        self.batches.lock().unwrap().push((batch.redis_keys.len(), tokio::time::Instant::now()));
+        self.batches.lock().unwrap().push((batch.items(ItemKind::RedisKey).len(), tokio::time::Instant::now()));
         tokio::time::sleep(self.per_batch).await;
         Ok(crate::sink::SinkReport::default())
     }
@@ -111,9 +108,9 @@ fn a_batch_is_coalesced_into_one_deduplicated_sorted_set() {
         item(&[], &["category:7"]),
     ];
     let batch = coalesce(&items);
-    assert_eq!(batch.redis_keys, vec!["product:1", "product:2"]);
-    assert_eq!(batch.redis_tags, vec!["category:5", "category:7"]);
-    assert!(batch.surrogate_keys.is_empty() && batch.urls.is_empty());
+    assert_eq!(batch.items(ItemKind::RedisKey), vec!["product:1", "product:2"]);
+    assert_eq!(batch.items(ItemKind::RedisTag), vec!["category:5", "category:7"]);
+    assert!(batch.items(ItemKind::SurrogateKey).is_empty() && batch.items(ItemKind::Url).is_empty());
 }
 
 /// A sink of the given kinds that takes `per_batch` to confirm, and records when each item

@@ -317,7 +317,7 @@ impl Sink for AkamaiSink {
         // Cut by count and by JSON size (each object quoted and escaped, plus its comma).
         let room = Some(self.max_body_bytes - BODY_OVERHEAD);
         let size = |kind: ItemKind| {
-            move |i: usize| serde_json::to_string(&batch.items(kind)[i]).map(|s| s.len()).unwrap_or(0) + 1
+            move |i: usize| serde_json::to_string(super::item(batch, kind, i)).map(|s| s.len()).unwrap_or(0) + 1
         };
         let mut jobs: Vec<Job> = Vec::new();
         for (kind, indices) in [(ItemKind::SurrogateKey, &keys), (ItemKind::Url, &urls)] {

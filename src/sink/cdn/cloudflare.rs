@@ -217,7 +217,7 @@ impl CloudflareSink {
 
     /// The body of one job.
     fn body(&self, job: &Job, batch: &Invalidations) -> serde_json::Value {
-        let items = job.items.iter().map(|&i| batch.items(job.kind)[i].as_str());
+        let items = job.values(batch).into_iter();
         match (job.kind, self.keys_as, self.urls_as) {
             (ItemKind::SurrogateKey, KeysAs::Tags, _) => serde_json::json!({ "tags": items.collect::<Vec<_>>() }),
             (ItemKind::SurrogateKey, KeysAs::Hosts, _) => serde_json::json!({ "hosts": items.collect::<Vec<_>>() }),

@@ -286,12 +286,11 @@ impl CloudfrontSink {
 
     /// The paths of one job, deduplicated, in order.
     fn paths(&self, job: &Job, batch: &Invalidations) -> Vec<String> {
-        let items = batch.items(job.kind);
         let mut out: Vec<String> = Vec::with_capacity(job.items.len());
-        for &i in &job.items {
+        for item in job.values(batch) {
             let path = match job.kind {
-                ItemKind::Url => url_path(&items[i]),
-                _ => self.key_path(&items[i]),
+                ItemKind::Url => url_path(item),
+                _ => self.key_path(item),
             };
             if let Ok(p) = path {
                 if !out.contains(&p) {

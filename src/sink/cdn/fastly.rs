@@ -123,12 +123,12 @@ impl FastlySink {
     fn request(&self, job: &Job, batch: &Invalidations) -> (String, Option<String>) {
         match job.kind {
             ItemKind::SurrogateKey => {
-                let keys: Vec<&str> = job.items.iter().map(|&i| batch.surrogate_keys[i].as_str()).collect();
+                let keys = job.values(batch);
                 let body = serde_json::json!({ "surrogate_keys": keys }).to_string();
                 (format!("{}/service/{}/purge", self.api, self.service_id), Some(body))
             }
             _ => {
-                let url = &batch.urls[job.items[0]];
+                let url = job.items.first().map_or("", |&i| super::item(batch, ItemKind::Url, i));
                 let bare = url.split_once("://").map(|(_, rest)| rest).unwrap_or(url);
                 (format!("{}/purge/{bare}", self.api), None)
             }

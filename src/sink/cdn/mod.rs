@@ -411,6 +411,19 @@ pub struct Job {
     pub items: Vec<usize>,
 }
 
+impl Job {
+    /// The job's items, read from the batch it was cut from.
+    pub fn values<'a>(&self, batch: &'a Invalidations) -> Vec<&'a str> {
+        self.items.iter().map(|&i| item(batch, self.kind, i)).collect()
+    }
+}
+
+/// Item `index` of `kind` in `batch`; empty when out of range, which an index from
+/// [`partition`] over the same batch never is.
+pub fn item(batch: &Invalidations, kind: ItemKind, index: usize) -> &str {
+    batch.items(kind).get(index).map_or("", String::as_str)
+}
+
 /// Sends every job through `send`, at most `per_node` in flight per node, and collects the
 /// items rejected for good (each item once, with the first reason).
 ///
@@ -588,11 +601,8 @@ mod tests {
 
     #[test]
     fn report_counts_what_was_not_rejected() {
-        let batch = Invalidations {
-            surrogate_keys: vec!["a".into(), "b".into()],
-            urls: vec!["u".into()],
-            ..Default::default()
-        };
+        let batch = Invalidations::of(ItemKind::SurrogateKey, vec!["a".into(), "b".into()])
+            .with(ItemKind::Url, vec!["u".into()]);
         let r = report(
             &batch,
             &[ItemKind::SurrogateKey, ItemKind::Url],

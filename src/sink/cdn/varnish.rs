@@ -194,7 +194,7 @@ impl VarnishSink {
         let node = &self.nodes[job.node];
         match job.kind {
             ItemKind::SurrogateKey => {
-                let keys: Vec<&str> = job.items.iter().map(|&i| batch.surrogate_keys[i].as_str()).collect();
+                let keys = job.values(batch);
                 Ok(Request {
                     method: purge(),
                     url: format!("{node}/"),
@@ -202,7 +202,7 @@ impl VarnishSink {
                 })
             }
             _ => {
-                let url = check_url(&batch.urls[job.items[0]])?;
+                let url = check_url(job.items.first().map_or("", |&i| super::item(batch, ItemKind::Url, i)))?;
                 let path = match url.query() {
                     Some(q) => format!("{}?{q}", url.path()),
                     None => url.path().to_string(),
@@ -252,7 +252,7 @@ impl Sink for VarnishSink {
         let keys = partition(batch, ItemKind::SurrogateKey, |k| check_key(k, self.max_key_bytes), &mut rejected);
         let urls = partition(batch, ItemKind::Url, |u| check_url(u).map(|_| ()), &mut rejected);
         let key_chunks = chunk(&keys, self.limits.items_per_request, Some(self.max_header_bytes), |i| {
-            batch.surrogate_keys[i].len() + 1
+            super::item(batch, ItemKind::SurrogateKey, i).len() + 1
         });
         let mut jobs = Vec::new();
         for node in 0..self.nodes.len() {

@@ -191,7 +191,7 @@ impl Sink for WebhookSink {
         let send = |job: Job| {
             let buckets = &buckets;
             async move {
-                let items: Vec<&str> = job.items.iter().map(|&i| batch.items(job.kind)[i].as_str()).collect();
+                let items = job.values(batch);
                 let empty: Vec<&str> = Vec::new();
                 let (keys, urls) = if job.kind == ItemKind::SurrogateKey { (&items, &empty) } else { (&empty, &items) };
                 let body = serde_json::json!({ "surrogate_keys": keys, "urls": urls }).to_string();
