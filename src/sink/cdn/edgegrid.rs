@@ -25,7 +25,7 @@ use rand::Rng;
 use sha2::{Digest, Sha256};
 
 use super::sigv4::{constant_time_eq, UtcTime};
-use crate::config::Secret;
+use crate::config::secret::Secret;
 
 pub const ALGORITHM: &str = "EG1-HMAC-SHA256";
 

@@ -56,7 +56,7 @@ use std::time::Duration;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Deserialize;
 
-use crate::config::Secret;
+use crate::config::secret::Secret;
 use crate::sink::{Invalidations, ItemKind, Rejected, Sink, SinkError, SinkReport};
 use crate::telemetry::Metrics;
 
@@ -284,7 +284,7 @@ impl SecretRef {
                 }
             },
             (None, Some(file)) => {
-                let path = crate::config::relative_to(config_file, file);
+                let path = crate::config::secret::relative_to(config_file, file);
                 match std::fs::read_to_string(&path) {
                     Ok(v) if !v.trim().is_empty() => Some(Secret::new(v.trim_end_matches(['\n', '\r']))),
                     Ok(_) => {

@@ -22,7 +22,7 @@ use std::time::SystemTime;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-use crate::config::Secret;
+use crate::config::secret::Secret;
 
 pub const ALGORITHM: &str = "AWS4-HMAC-SHA256";
 

@@ -32,7 +32,7 @@ use super::{
     check_base_url, check_key, check_url, chunk, finish, partition, run_jobs, CdnError, Job, Limits, LimitsConfig,
     SecretRef,
 };
-use crate::config::Secret;
+use crate::config::secret::Secret;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, Sink, SinkError, SinkReport};
