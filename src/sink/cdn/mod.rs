@@ -67,6 +67,7 @@ pub mod edgegrid;
 pub mod fastly;
 pub mod http;
 pub mod limit;
+pub mod purge;
 pub mod sigv4;
 pub mod varnish;
 pub mod verify;
