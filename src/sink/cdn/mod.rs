@@ -32,20 +32,24 @@
 //!   for them with the reason.
 //! - [`report`]: the [`SinkReport`] from what was rejected.
 //!
+//! - [`purge`]: the one HTTP purge sink. Every provider's `invalidate` is [`purge::purge`]:
+//!   check items → cut into [`Job`]s → [`run_jobs`] → verify → [`report`]; the provider
+//!   supplies only [`purge::Provider`] (kinds, item check, how to cut when the default does not
+//!   fit, request building and answer interpretation through [`http::Sender::send`]).
+//!
 //! # Adding a provider
 //!
 //! A file `<provider>.rs` with a `<Provider>Config` (`#[serde(deny_unknown_fields)]`, the
-//! common fields above, `fn validate`) and a sink implementing [`crate::sink::Sink`] whose
-//! `invalidate` is: validate items → cut into [`Job`]s → [`run_jobs`] with a closure that calls
-//! [`http::Sender::send`] → [`report`] → `verify`. Then one variant in [`CdnSinkConfig`] and one
-//! arm in the `each!` macro below.
+//! common fields above, `fn validate`), a struct implementing [`purge::Provider`] and the line
+//! `purge_sink!(<Provider>Sink);`. Then one variant in [`CdnSinkConfig`] and one arm each in the
+//! `each!` macro, `kind()` and `build()` below.
 //!
 //! # Order and timing
 //!
 //! `layer` orders sinks (Redis is 0; Varnish-like caches default to 1, CDNs to 2): the
 //! pipeline purges a layer only after every inner layer confirmed the batch, waits
 //! `sinks.timing.layer_delay` between layers, and optionally repeats the whole batch after
-//! `sinks.timing.repeat_after` (see `crate::app`).
+//! `sinks.timing.repeat_after` (see [`crate::pipeline`]).
 
 use std::collections::VecDeque;
 use std::future::Future;
