@@ -314,6 +314,11 @@ async fn a_slow_webhook_does_not_make_redis_stale_and_still_gets_every_key() {
     let (_, body) = crate::support::daemon::http_get(daemon.metrics_port, "/metrics").expect("GET /metrics");
     let (within, count) = share_within(&body, "cdc_invalidator_staleness_seconds", "redis", "0.1");
     assert!(count >= EVENTS as f64);
+    // The figure for docs/benchmarks.md: the smallest bucket bound holding 99 % of them.
+    let p99 = ["0.005", "0.01", "0.025", "0.05", "0.075", "0.1", "0.25", "1", "10", "30"]
+        .into_iter()
+        .find(|le| share_within(&body, "cdc_invalidator_staleness_seconds", "redis", le).0 >= 0.99 * count);
+    eprintln!("Redis staleness p99 <= {p99:?} s over {count} events while the webhook lagged");
     // The daemon's own share (received to confirmed) stays at Redis's pace too.
     let (own, _) = share_within(&body, "cdc_invalidator_processing_seconds", "redis", "0.025");
     assert!(own >= 0.99 * count, "daemon share p99 under 25 ms: {own} of {count}");

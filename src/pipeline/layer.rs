@@ -1,5 +1,6 @@
 //! One layer of sinks as its own stage: a bounded queue in front, its own batching, every sink of
-//! the layer at once, then on to the next layer that has work for each unit.
+//! the layer at once, then on to the next layer (in order; a unit the layer has nothing for
+//! passes through at once).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -28,8 +29,6 @@ pub(super) struct LayerSender {
     tx: mpsc::UnboundedSender<Queued>,
     room: Arc<Semaphore>,
     capacity: usize,
-    /// Every kind some sink of the layer serves: a unit with none of them skips the layer.
-    kinds: Vec<ItemKind>,
     queued: IntGauge,
     waited: Counter,
 }
@@ -40,32 +39,18 @@ pub(super) struct LayerReceiver {
     queued: IntGauge,
 }
 
-/// A queue of `capacity` events for the layer `layer` made of `sinks`.
-pub(super) fn queue(
-    layer: u8,
-    sinks: &[Arc<dyn Sink>],
-    capacity: usize,
-    metrics: &Metrics,
-) -> (LayerSender, LayerReceiver) {
+/// A queue of `capacity` events for the layer `layer`.
+pub(super) fn queue(layer: u8, capacity: usize, metrics: &Metrics) -> (LayerSender, LayerReceiver) {
     let (tx, rx) = mpsc::unbounded_channel();
     let capacity = capacity.clamp(1, Semaphore::MAX_PERMITS);
-    let mut kinds: Vec<ItemKind> = sinks.iter().flat_map(|s| s.kinds().iter().copied()).collect();
-    kinds.sort_unstable();
-    kinds.dedup();
     let label = layer.to_string();
     let queued = metrics.layer_queue_events.with_label_values(&[&label]);
     let waited = metrics.layer_queue_wait.with_label_values(&[&label]);
-    let sender =
-        LayerSender { tx, room: Arc::new(Semaphore::new(capacity)), capacity, kinds, queued: queued.clone(), waited };
+    let sender = LayerSender { tx, room: Arc::new(Semaphore::new(capacity)), capacity, queued: queued.clone(), waited };
     (sender, LayerReceiver { rx, queued })
 }
 
 impl LayerSender {
-    /// Whether some sink of this layer has work in `unit`.
-    fn wants(&self, unit: &Unit) -> bool {
-        self.kinds.iter().any(|&k| !unit.batch.items(k).is_empty())
-    }
-
     /// Queues `unit`, waiting for room while the queue is full: this wait is the backpressure
     /// of a slow layer, and it is counted against this layer.
     async fn send(&self, unit: Unit, shutdown: &Shutdown) -> Result<(), StageError> {
@@ -113,22 +98,21 @@ impl LayerReceiver {
     }
 }
 
-/// Where a stage sends a unit next: the first later layer with work for it, else `finish`.
-pub(super) struct Route {
-    layers: Vec<LayerSender>,
-    finish: mpsc::UnboundedSender<Unit>,
+/// Where a stage sends a unit next: the next layer, else `finish`. Every unit goes through
+/// every layer's queue, in order, even one the layer has nothing to do for (it passes through
+/// at once): so units reach `finish` in the order intake made them, and dead letters are
+/// written in the order the events came.
+pub(super) enum Route {
+    Layer(LayerSender),
+    /// Unbounded, but what travels on it is bounded by the layer queues before it.
+    Finish(mpsc::UnboundedSender<Unit>),
 }
 
 impl Route {
-    pub(super) fn new(layers: Vec<LayerSender>, finish: mpsc::UnboundedSender<Unit>) -> Route {
-        Route { layers, finish }
-    }
-
     pub(super) async fn forward(&self, unit: Unit, shutdown: &Shutdown) -> Result<(), StageError> {
-        match self.layers.iter().find(|l| l.wants(&unit)) {
-            Some(layer) => layer.send(unit, shutdown).await,
-            // Unbounded, but what travels on it is bounded by the layer queues before it.
-            None => self.finish.send(unit).map_err(|_| StageError::Stopped),
+        match self {
+            Route::Layer(layer) => layer.send(unit, shutdown).await,
+            Route::Finish(finish) => finish.send(unit).map_err(|_| StageError::Stopped),
         }
     }
 }
@@ -136,6 +120,8 @@ impl Route {
 /// One layer's stage.
 pub(super) struct Layer {
     pub(super) sinks: Vec<Arc<dyn Sink>>,
+    /// Every kind some sink of the layer serves: a unit with none of them passes through.
+    pub(super) kinds: Vec<ItemKind>,
     /// `sinks.timing.layer_delay`: how long after this layer confirmed a unit the next layer
     /// may start on it.
     pub(super) delay: Duration,
@@ -163,6 +149,12 @@ impl Layer {
                     },
                 },
             };
+            if !self.wants(&first) {
+                // Nothing here for it, and nothing before it in this layer: on at once, with the
+                // `layer_delay` of the layer that last worked on it still ahead of it.
+                route.forward(first, &shutdown).await?;
+                continue;
+            }
             if let Some(at) = first.not_before {
                 tokio::select! {
                     biased;
@@ -176,7 +168,9 @@ impl Layer {
             let mut units = vec![first];
             while events < self.batch_max_events {
                 let Some(next) = rx.try_recv() else { break };
-                if next.not_before.is_some_and(|at| at > tokio::time::Instant::now()) {
+                // A unit this layer has nothing for, or must not start yet, waits for the next
+                // round (not overtaking the ones before it).
+                if !self.wants(&next) || next.not_before.is_some_and(|at| at > tokio::time::Instant::now()) {
                     held = Some(next);
                     break;
                 }
@@ -190,6 +184,11 @@ impl Layer {
                 route.forward(unit, &shutdown).await?;
             }
         }
+    }
+
+    /// Whether some sink of this layer has work in `unit`.
+    fn wants(&self, unit: &Unit) -> bool {
+        self.kinds.iter().any(|&k| !unit.batch.items(k).is_empty())
     }
 
     /// Runs every sink of the layer on the units' merged batch; marks the events that asked for

@@ -7,7 +7,7 @@
 //!                  │  batch   bounded queue,       bounded queue,             …                 │ dead letters
 //!                  │  rules   own batching,        sinks concurrently,                          └▶ second pass ─▶ ack
 //!                  │  coalesce sinks concurrently  after layer_delay                               (repeat_after)
-//!                  └─ units with nothing for a layer skip it (straight to `finish` when nothing at all)
+//!                  └─ every unit through every layer in order; one with nothing for a layer passes through
 //! ```
 //!
 //! - **intake** ([`Pipeline::run`]): gathers a batch from the source queue ([`batching`]),
@@ -16,8 +16,9 @@
 //! - **layers** ([`layer`]): one task per layer (Redis 0, HTTP caches 1, CDNs 2, as configured),
 //!   each with its own bounded queue (`pipeline.queue_capacity` events). A layer takes what is
 //!   queued (up to `pipeline.batch_max_events` events) as one merged batch, runs every sink of
-//!   the layer on it concurrently, and hands each unit to the next layer that has work for it,
-//!   which starts on it only `layer_delay` after this layer confirmed it. A slow layer therefore
+//!   the layer on it concurrently, and hands each unit to the next layer, which starts on it
+//!   only `layer_delay` after this layer confirmed it (a unit a layer has nothing for passes
+//!   through at once, in order). A slow layer therefore
 //!   only slows itself: its queue fills while the layers before it keep going, and only when
 //!   its queue is full does the layer before it wait, then intake, then the source.
 //!   `cdc_invalidator_layer_queue_events{layer}` and
@@ -30,9 +31,8 @@
 //! **The delivery guarantee** is enforced by ownership: an event's `Ack` travels inside its
 //! unit, and only `finish` (or the second pass) calls [`crate::source::Ack::finish`]. A unit
 //! dropped anywhere (shutdown abandoning work, a fatal error) drops its acks unacknowledged, and
-//! the source's watermark never moves past them: they are redelivered. Units finish out of
-//! order (a unit with nothing for the CDN layer is acknowledged while an earlier one is still
-//! being purged); the watermark acknowledges only positions below which everything finished.
+//! the source's watermark never moves past them: they are redelivered. Units reach `finish` in
+//! the order intake made them, so dead letters are written in the order the events came.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -174,26 +174,32 @@ impl Pipeline {
             Some(tx)
         };
 
-        // Every layer's queue, then each stage with the senders of the stages after it (so that
-        // a layer's queue closes once every stage before it is done: the drain cascades).
+        // Every layer's queue, then each stage with the sender of the stage after it (so that a
+        // layer's queue closes once the stage before it is done: the drain cascades).
         let (senders, receivers): (Vec<_>, Vec<_>) =
-            grouped.iter().map(|(layer, sinks)| layer::queue(*layer, sinks, config.queue_capacity, &metrics)).unzip();
-        let route_after =
-            |first: usize| Route::new(senders.get(first..).unwrap_or_default().to_vec(), finish_tx.clone());
+            grouped.iter().map(|(layer, _)| layer::queue(*layer, config.queue_capacity, &metrics)).unzip();
+        let route_to = |i: usize| match senders.get(i) {
+            Some(layer) => Route::Layer(layer.clone()),
+            None => Route::Finish(finish_tx.clone()),
+        };
         for (i, ((_, sinks), rx)) in grouped.iter().zip(receivers).enumerate() {
+            let mut kinds: Vec<ItemKind> = sinks.iter().flat_map(|s| s.kinds().iter().copied()).collect();
+            kinds.sort_unstable();
+            kinds.dedup();
             let stage = Layer {
                 sinks: sinks.clone(),
+                kinds,
                 delay: timing.layer_delay,
                 batch_max_events: config.batch_max_events,
                 metrics: metrics.clone(),
             };
-            stages.spawn(stage.run(rx, route_after(i + 1), shutdown.clone()));
+            stages.spawn(stage.run(rx, route_to(i + 1), shutdown.clone()));
         }
         let finisher = finish::Finish { dead_letters, metrics: metrics.clone(), timing: timing.clone(), repeat };
         stages.spawn(finisher.run(finish_rx, shutdown.clone()));
 
         let intake = Intake {
-            route: route_after(0),
+            route: route_to(0),
             config,
             rules,
             metrics,
