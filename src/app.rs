@@ -35,6 +35,8 @@ pub enum AppError {
     Postgres(#[from] crate::source::postgres::PostgresSourceError),
     #[error("source task failed: {0}")]
     SourceTask(String),
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
 }
 
 /// How often sinks are pinged for `/readyz` and `cdc_invalidator_sink_up`.

@@ -344,7 +344,10 @@ pub async fn replay(
             .with_layers(layers, config.sinks.timing.clone());
         let (etx, erx) = mpsc::channel(config.pipeline.queue_capacity.max(1));
         let pipeline_shutdown = shutdown.clone();
-        events = Some((etx, tokio::spawn(async move { pipeline.run(erx, &pipeline_shutdown).await })));
+        events = Some((
+            etx,
+            tokio::spawn(async move { pipeline.run(erx, &pipeline_shutdown).await.map_err(app::AppError::from) }),
+        ));
     }
 
     let mut sent = 0usize;

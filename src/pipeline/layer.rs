@@ -9,7 +9,6 @@ use prometheus::{Counter, IntGauge};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use super::{origin, StageError, Unit};
-use crate::app::AppError;
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, Sink, SinkError, SinkReport};
 use crate::telemetry::Metrics;
@@ -274,7 +273,9 @@ pub(super) async fn invalidate_all(
                 at_instant: Instant::now(),
             }),
             Err(SinkError::Abandoned) => Err(StageError::Stopped),
-            Err(SinkError::Fatal(m)) => Err(StageError::Fatal(AppError::Sink(format!("sink {}: {m}", sink.name())))),
+            Err(SinkError::Fatal(m)) => {
+                Err(StageError::Fatal(super::PipelineError::Sink(format!("sink {}: {m}", sink.name()))))
+            }
         }
     });
     futures::future::try_join_all(calls).await

@@ -41,9 +41,8 @@ use std::time::{Instant, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::app::AppError;
 use crate::config::{LayerTiming, PipelineConfig};
-use crate::dead_letter::{DeadLetters, Reason};
+use crate::dead_letter::{DeadLetterError, DeadLetters, Reason};
 use crate::event::{ChangeEvent, Decoded};
 use crate::rules::{Evaluation, Rules};
 use crate::shutdown::Shutdown;
@@ -61,13 +60,27 @@ use layer::{Layer, Route};
 /// At most one log line per rule per this interval for rule errors (they are counted anyway).
 const RULE_ERROR_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Why the pipeline stopped before its work was done (fatal: the daemon exits).
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// A sink cannot work at all (bad configuration discovered at run time).
+    #[error("{0}")]
+    Sink(String),
+    /// The dead-letter destination failed for good: nothing can be acknowledged.
+    #[error(transparent)]
+    DeadLetter(#[from] DeadLetterError),
+    /// A stage's task panicked (a bug).
+    #[error("a pipeline stage failed: {0}")]
+    Stage(String),
+}
+
 /// How a stage stopped.
 #[derive(Debug)]
 enum StageError {
     /// Shutdown abandoned the work, or the stage after this one is gone (it failed, and its
     /// error is reported by that stage): nothing more to do here, nothing acknowledged.
     Stopped,
-    Fatal(AppError),
+    Fatal(PipelineError),
 }
 
 /// The pipeline's stages, wired by [`Pipeline::run`]. Public so tests and benchmarks can drive
@@ -144,7 +157,7 @@ impl Pipeline {
     /// Runs every stage until the source closes the queue (after shutdown stopped it) and
     /// everything queued is finished, or until shutdown abandons the work, or until a stage
     /// fails (that error is returned).
-    pub async fn run(self, rx: mpsc::Receiver<SourceEvent>, shutdown: &Shutdown) -> Result<(), AppError> {
+    pub async fn run(self, rx: mpsc::Receiver<SourceEvent>, shutdown: &Shutdown) -> Result<(), PipelineError> {
         let Pipeline { config, rules, sinks, dead_letters, metrics, layers, timing } = self;
         let mut stages: JoinSet<Result<(), StageError>> = JoinSet::new();
 
@@ -240,12 +253,12 @@ impl Pipeline {
 
 /// The error of a stage that ended, if it failed (a stage that stopped, finished or was aborted
 /// has nothing to report).
-fn failure(joined: Result<Result<(), StageError>, tokio::task::JoinError>) -> Option<AppError> {
+fn failure(joined: Result<Result<(), StageError>, tokio::task::JoinError>) -> Option<PipelineError> {
     match joined {
         Ok(Ok(())) | Ok(Err(StageError::Stopped)) => None,
         Ok(Err(StageError::Fatal(e))) => Some(e),
         Err(e) if e.is_cancelled() => None,
-        Err(e) => Some(AppError::Sink(format!("a pipeline stage failed: {e}"))),
+        Err(e) => Some(PipelineError::Stage(e.to_string())),
     }
 }
 
