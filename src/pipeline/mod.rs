@@ -10,10 +10,10 @@
 //!                  └─ every unit through every layer in order; one with nothing for a layer passes through
 //! ```
 //!
-//! - **intake** ([`Pipeline::run`]): gathers a batch from the source queue ([`batching`]),
+//! - **intake** ([`Pipeline::run`]): gathers a batch from the source queue (`batching.rs`),
 //!   evaluates the rules once per event, coalesces the batch into one [`Invalidations`] and
-//!   sends it on as a [`Unit`] (the batch's events travel with it, their acks included).
-//! - **layers** ([`layer`]): one task per layer (Redis 0, HTTP caches 1, CDNs 2, as configured),
+//!   sends it on as a `Unit` (the batch's events travel with it, their acks included).
+//! - **layers** (`layer.rs`): one task per layer (Redis 0, HTTP caches 1, CDNs 2, as configured),
 //!   each with its own bounded queue (`pipeline.queue_capacity` events). A layer takes what is
 //!   queued (up to `pipeline.batch_max_events` events) as one merged batch, runs every sink of
 //!   the layer on it concurrently, and hands each unit to the next layer, which starts on it
@@ -23,7 +23,7 @@
 //!   its queue is full does the layer before it wait, then intake, then the source.
 //!   `cdc_invalidator_layer_queue_events{layer}` and
 //!   `cdc_invalidator_layer_queue_wait_seconds_total{layer}` say which layer is holding.
-//! - **finish** ([`finish`]): dead letters (malformed, rule errors, every sink's rejections)
+//! - **finish** (`finish.rs`): dead letters (malformed, rule errors, every sink's rejections)
 //!   written durably, then per-event metrics, then each event's [`crate::source::Ack`], or, with
 //!   `sinks.timing.repeat_after`, a hand-over to the second-pass stage, which repeats the
 //!   batch through the layers in order when it is due and acknowledges after that.
