@@ -582,7 +582,7 @@ async fn akamai_client_side_buckets_keep_under_the_provider_rate() {
     sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     let st = double.state();
     assert_eq!(st.purges.len(), 20);
-    assert!(st.requests.iter().all(|(_, s)| *s == 201), "the provider never had to answer 429");
+    assert!(st.requests.iter().all(|(_, s)| *s == 201), "the provider never had to answer 429: {:?}", st.requests);
 }
 
 #[tokio::test]
