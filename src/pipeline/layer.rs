@@ -278,5 +278,11 @@ pub(super) async fn invalidate_all(
             }
         }
     });
-    futures::future::try_join_all(calls).await
+    // Sinks stop at shutdown's abandon themselves (their contract); this is the backstop for
+    // one that does not.
+    tokio::select! {
+        biased;
+        _ = shutdown.abandoned() => Err(StageError::Stopped),
+        done = futures::future::try_join_all(calls) => done,
+    }
 }

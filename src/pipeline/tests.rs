@@ -270,3 +270,94 @@ async fn a_second_pass_repeats_every_layer_in_order_and_acknowledges_after_it() 
         assert!(acked.expect("acknowledged") >= cdn_passes[1].2, "event {id}: acknowledged after the second pass");
     }
 }
+
+/// A sink that cannot work at all.
+struct Broken;
+
+#[async_trait::async_trait]
+impl Sink for Broken {
+    fn name(&self) -> &str {
+        "broken"
+    }
+
+    fn kinds(&self) -> &'static [ItemKind] {
+        CDN
+    }
+
+    async fn invalidate(&self, _: &Invalidations, _: &Shutdown) -> Result<crate::sink::SinkReport, SinkError> {
+        Err(SinkError::Fatal("no credentials".into()))
+    }
+
+    async fn ping(&self) -> bool {
+        false
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fatal_sink_error_in_an_outer_layer_stops_the_pipeline_at_once_unacknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let dead = crate::config::DeadLetterConfig { file: Some(dir.path().join("dl.jsonl")), ..Default::default() };
+    let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
+    let rules = "version: 1\nrules:\n  - name: t\n    table: public.t\n    redis: { keys: [\"t:{id}\"] }\n    cdn: { surrogate_keys: [\"t-{id}\"] }\n";
+    let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+    let redis = Recording::new("redis", REDIS, 1);
+    let sinks: Vec<Arc<dyn Sink>> = vec![redis.clone(), Arc::new(Broken)];
+    let pipeline = Pipeline::new(pipeline_config(500, 5, 1), rules, sinks, dead_letters, metrics)
+        .with_layers(vec![0, 2], LayerTiming::default());
+    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel();
+    // The source stays open (it never closes the queue): the error alone must end the run.
+    let (tx, rx) = mpsc::channel(10);
+    let ack = crate::source::Ack::new(acks_tx, crate::source::Finished { stream: 0, seq: 1 });
+    tx.send(SourceEvent { ack, ..change(1) }).await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(60), pipeline.run(rx, &Shutdown::never())).await;
+    let error = result.expect("stopped at once").expect_err("a fatal error");
+    assert!(error.to_string().contains("sink broken: no credentials"), "{error}");
+    assert_eq!(redis.confirmed().len(), 1, "Redis had done its part");
+    assert!(acks_rx.try_recv().is_err(), "nothing acknowledged");
+    drop(tx);
+}
+
+#[tokio::test(start_paused = true)]
+async fn abandoning_leaves_every_unfinished_event_unacknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let dead = crate::config::DeadLetterConfig { file: Some(dir.path().join("dl.jsonl")), ..Default::default() };
+    let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
+    let rules = "version: 1\nrules:\n  - name: t\n    table: public.t\n    redis: { keys: [\"t:{id}\"] }\n  - name: u\n    table: public.u\n    cdn: { surrogate_keys: [\"u-{id}\"] }\n";
+    let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+    // The CDN never finishes within the test.
+    let (redis, cdn) = (Recording::new("redis", REDIS, 1), Recording::new("cdn", CDN, 3_600_000));
+    let sinks: Vec<Arc<dyn Sink>> = vec![redis.clone(), cdn.clone()];
+    let pipeline = Pipeline::new(pipeline_config(500, 5, 1), rules, sinks, dead_letters, metrics)
+        .with_layers(vec![0, 2], LayerTiming::default());
+    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(10);
+    // Event 1 needs the CDN (held there); event 2 only Redis (finished, though after event 1).
+    let cdn_event = {
+        let mut e = change(1);
+        if let Ok(Decoded::Change(c)) = &mut e.decoded {
+            c.table = "public.u".into();
+        }
+        e
+    };
+    for (seq, event) in [(1, cdn_event), (2, change(2))] {
+        let ack = crate::source::Ack::new(acks_tx.clone(), crate::source::Finished { stream: 0, seq });
+        tx.send(SourceEvent { ack, ..event }).await.unwrap();
+    }
+    let (trigger, shutdown) = crate::shutdown::channel();
+    let run = tokio::spawn(async move { pipeline.run(rx, &shutdown).await });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(redis.confirmed().len(), 1, "Redis did its part at once");
+    trigger.abandon();
+    run.await.unwrap().expect("abandoning is not an error");
+    let mut acked = Vec::new();
+    while let Ok(f) = acks_rx.try_recv() {
+        acked.push(f.seq);
+    }
+    // Event 2 waits behind event 1 (units keep their order to `finish`), so neither is
+    // acknowledged: both are redelivered, nothing is lost.
+    assert!(acked.is_empty(), "{acked:?}");
+    assert!(cdn.confirmed().is_empty());
+    drop(tx);
+}
