@@ -41,6 +41,13 @@ pub struct PostgresConfig {
     /// Create the publication `FOR ALL TABLES` at start when it is missing.
     #[serde(default)]
     pub create_publication: bool,
+    /// Create the slot as a failover slot (PostgreSQL 17+), which standbys with
+    /// `sync_replication_slots = on` keep a copy of: after a promotion the daemon resumes from
+    /// it instead of a new slot that skipped every change since its last confirmation. Unset:
+    /// on where the server supports it (a 17+ primary). `true` on an older server is a fatal
+    /// error at start and at `check --against-db` (the server, not the file, tells the version).
+    #[serde(default)]
+    pub failover: Option<bool>,
     /// Throttle of standby status updates: a moved confirmed LSN reaches the server within
     /// this interval (and at once on a keepalive that asks for a reply).
     #[serde(default = "default_feedback_interval", with = "duration")]

@@ -34,6 +34,7 @@
 pub mod check;
 mod pgoutput;
 mod relation;
+mod server;
 pub mod sql;
 mod tracker;
 
@@ -56,8 +57,6 @@ use crate::shutdown::Shutdown;
 use crate::source::{Ack, Finished, Malformed, Position, RawMessage, SourceEvent};
 use crate::telemetry::Metrics;
 
-/// Where operators find the recovery steps for a lost slot.
-const RECOVERY_DOC: &str = "docs/postgres.md, \"Recovering from a lost slot\"";
 /// How long the final status update at shutdown may take.
 const FINAL_FEEDBACK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -68,14 +67,18 @@ pub enum PostgresSourceError {
     Config(String),
     #[error("replication slot {slot:?} does not exist: create it with SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput'); or set source.postgres.create_slot: true (a slot created after changes were made has skipped them: flush the caches first)")]
     SlotMissing { slot: String },
-    #[error("replication slot {slot:?} is lost (wal_status = lost: the server removed WAL the slot still needed, so changes were missed): follow the recovery steps in {RECOVERY_DOC}")]
-    SlotLost { slot: String },
+    /// Invalidated by the server; `reason` is its `invalidation_reason` (PostgreSQL 17+), quoted
+    /// with the recovery steps.
+    #[error("{}", server::invalidated_sentence(slot, reason.as_deref()))]
+    SlotLost { slot: String, reason: Option<String> },
     #[error("replication slot {slot:?} cannot be used: {why}")]
     SlotUnusable { slot: String, why: String },
     #[error("publication {publication:?} does not exist: create it with CREATE PUBLICATION {publication} FOR TABLE schema.table, ...; or set source.postgres.create_publication: true")]
     PublicationMissing { publication: String },
-    #[error("the server runs with wal_level = {0}: logical replication needs wal_level = logical in postgresql.conf (then restart PostgreSQL)")]
-    WalLevel(String),
+    /// What the server is does not fit the config (wal_level, version, standby settings): the
+    /// sentences of `server::server_problems`, each naming the setting to change.
+    #[error("{0}")]
+    Server(String),
     #[error("{0}")]
     Refused(String),
     #[error("{0}")]
@@ -104,9 +107,17 @@ fn classify(e: &PgWireError, slot: &str) -> Verdict {
     match e {
         PgWireError::Server(text) => match sqlstate(text) {
             Some("55006") => Verdict::Standby,
-            Some("58P01") => Verdict::Fatal(PostgresSourceError::SlotLost { slot: slot.into() }),
+            Some("58P01") => Verdict::Fatal(PostgresSourceError::SlotLost { slot: slot.into(), reason: None }),
             Some("55000") if text.contains("invalidated") || text.contains("no longer") => {
-                Verdict::Fatal(PostgresSourceError::SlotLost { slot: slot.into() })
+                Verdict::Fatal(PostgresSourceError::SlotLost { slot: slot.into(), reason: None })
+            }
+            // A slot a standby synchronises from its primary (PostgreSQL 17+): the server's
+            // own words ("cannot use replication slot ... for logical decoding").
+            Some("55000") if text.contains("for logical decoding") => {
+                Verdict::Fatal(PostgresSourceError::SlotUnusable {
+                    slot: slot.into(),
+                    why: format!("{text}; a slot being synchronized from the primary (synced = true) cannot be decoded on the standby until it is promoted: point source.postgres.url at the primary"),
+                })
             }
             Some("42704") if text.contains("slot") => {
                 Verdict::Fatal(PostgresSourceError::SlotMissing { slot: slot.into() })
@@ -153,6 +164,7 @@ pub struct PostgresSource {
     publication: String,
     create_slot: bool,
     create_publication: bool,
+    failover: Option<bool>,
     feedback_interval: Duration,
     status_interval: Duration,
     standby_retry: Duration,
@@ -176,6 +188,7 @@ impl PostgresSource {
             publication: config.publication.clone(),
             create_slot: config.create_slot,
             create_publication: config.create_publication,
+            failover: config.failover,
             feedback_interval: config.feedback_interval,
             status_interval: config.status_interval,
             standby_retry: config.standby_retry,
@@ -230,25 +243,41 @@ impl PostgresSource {
             }
         };
         let sql_err = |e: sql::SqlError| PostgresSourceError::Sql(e.to_string());
-        let level = sql::wal_level(&client).await.map_err(sql_err)?;
-        if level != "logical" {
-            return Err(PostgresSourceError::WalLevel(level));
+        let info = sql::server_info(&client).await.map_err(sql_err)?;
+        if let Some(problem) = server::server_problems(&info, self.failover).into_iter().next() {
+            return Err(PostgresSourceError::Server(problem));
         }
         if !sql::publication_exists(&client, &self.publication).await.map_err(sql_err)? {
+            if info.in_recovery {
+                // A standby is read-only: the publication comes from the primary by replay.
+                return Err(PostgresSourceError::PublicationMissing { publication: self.publication.clone() });
+            }
             if !self.create_publication {
                 return Err(PostgresSourceError::PublicationMissing { publication: self.publication.clone() });
             }
             sql::create_publication(&client, &self.publication).await.map_err(sql_err)?;
             tracing::warn!(publication = %self.publication, "created publication FOR ALL TABLES (create_publication: true)");
         }
-        let mut status = sql::slot_status(&client, &self.slot).await.map_err(sql_err)?;
+        let mut status = sql::slot_status(&client, &self.slot, info.version_num).await.map_err(sql_err)?;
         if status.is_none() {
             if !self.create_slot {
                 return Err(PostgresSourceError::SlotMissing { slot: self.slot.clone() });
             }
-            sql::create_slot(&client, &self.slot).await.map_err(sql_err)?;
-            tracing::warn!(slot = %self.slot, "created replication slot (create_slot: true): changes made before now are not streamed");
-            status = sql::slot_status(&client, &self.slot).await.map_err(sql_err)?;
+            let failover = server::wants_failover(&info, self.failover);
+            if info.in_recovery {
+                // Creating a slot on a standby waits for a running-transactions record from
+                // the primary, which it logs only every 15 s and only while it is busy.
+                tracing::info!(slot = %self.slot, "creating the replication slot on a standby: it completes at the primary's next running-transactions record (run SELECT pg_log_standby_snapshot(); on the primary to finish at once)");
+            }
+            if let Err(e) = sql::create_slot(&client, &self.slot, failover).await {
+                let text = e.to_string();
+                return Err(match server::creation_failure(&text) {
+                    Some(sentence) => PostgresSourceError::Server(sentence),
+                    None => sql_err(e),
+                });
+            }
+            tracing::warn!(slot = %self.slot, failover, "created replication slot (create_slot: true): changes made before now are not streamed");
+            status = sql::slot_status(&client, &self.slot, info.version_num).await.map_err(sql_err)?;
         }
         let Some(status) = status else {
             return Err(PostgresSourceError::SlotMissing { slot: self.slot.clone() });
@@ -271,11 +300,26 @@ impl PostgresSource {
                 self.connection.database
             )));
         }
-        if status.wal_status.as_deref() == Some("lost") {
-            return Err(PostgresSourceError::SlotLost { slot: self.slot.clone() });
+        if status.is_invalidated() {
+            return Err(PostgresSourceError::SlotLost {
+                slot: self.slot.clone(),
+                reason: status.invalidation_reason.clone(),
+            });
+        }
+        if let Some(problem) = server::slot_problems(&self.slot, &info, &status).into_iter().next() {
+            return Err(PostgresSourceError::Server(problem));
+        }
+        if !info.in_recovery && info.major() >= 17 {
+            let standbys = sql::standbys_attached(&client).await.unwrap_or(0);
+            if let Some(warning) = server::failover_warning(&self.slot, &info, &status, standbys) {
+                tracing::warn!("{warning}");
+            }
         }
         tracing::info!(
             server = %self.connection,
+            version = %info.version,
+            standby = info.in_recovery,
+            failover = status.failover,
             slot = %self.slot,
             publication = %self.publication,
             confirmed_flush = %Lsn(status.confirmed_flush.unwrap_or(0)),
@@ -311,6 +355,19 @@ impl PostgresSource {
         .with_status_interval(self.feedback_interval)
         .with_buffer_size(self.buffer_messages)
         .with_application_name(self.application_name.clone())
+    }
+
+    /// The replication protocol's error for an invalidated slot does not carry the server's
+    /// reason: read it from `pg_replication_slots` (best effort, bounded by connect_timeout).
+    async fn with_reason(&self, e: PostgresSourceError) -> PostgresSourceError {
+        let PostgresSourceError::SlotLost { slot, reason: None } = e else { return e };
+        let read = async {
+            let c = sql::connect(&self.connection, &self.application_name, self.connect_timeout).await.ok()?;
+            let info = sql::server_info(&c).await.ok()?;
+            sql::slot_status(&c, &slot, info.version_num).await.ok()??.invalidation_reason
+        };
+        let reason = tokio::time::timeout(self.connect_timeout, read).await.ok().flatten();
+        PostgresSourceError::SlotLost { slot, reason }
     }
 
     fn set_role(&self, role: Option<&str>) {
@@ -360,7 +417,7 @@ impl PostgresSource {
                         }
                         SessionEnd::Fatal(e) => return Err(e),
                         SessionEnd::Broken(e) => match classify(&e, &self.slot) {
-                            Verdict::Fatal(f) => return Err(f),
+                            Verdict::Fatal(f) => return Err(self.with_reason(f).await),
                             Verdict::Standby | Verdict::Transient(_) => {
                                 self.set_role(None);
                                 self.metrics.postgres_reconnects.inc();
@@ -374,7 +431,7 @@ impl PostgresSource {
                     }
                 }
                 Err(e) => match classify(&e, &self.slot) {
-                    Verdict::Fatal(f) => return Err(f),
+                    Verdict::Fatal(f) => return Err(self.with_reason(f).await),
                     Verdict::Standby => {
                         self.set_role(Some("standby"));
                         if !standby_logged {
@@ -653,11 +710,23 @@ async fn poll_slot(
     fatal: mpsc::Sender<PostgresSourceError>,
 ) {
     let mut client = None;
+    let mut version_num = 0;
     let mut warned = false;
     loop {
         if client.is_none() {
-            match sql::connect(&connection, &application_name, timeout).await {
-                Ok(c) => client = Some(c),
+            let connected = match sql::connect(&connection, &application_name, timeout).await {
+                Ok(c) => match tokio::time::timeout(timeout, sql::server_info(&c)).await {
+                    Ok(Ok(info)) => Ok((c, info.version_num)),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer within {timeout:?}")),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            match connected {
+                Ok((c, v)) => {
+                    client = Some(c);
+                    version_num = v;
+                }
                 Err(e) if !warned => {
                     warned = true;
                     tracing::warn!(error = %e, "cannot read slot figures; retrying");
@@ -666,7 +735,7 @@ async fn poll_slot(
             }
         }
         if let Some(c) = &client {
-            match tokio::time::timeout(timeout, sql::slot_status(c, &slot)).await {
+            match tokio::time::timeout(timeout, sql::slot_status(c, &slot, version_num)).await {
                 Ok(Ok(Some(s))) => {
                     warned = false;
                     if let Some(lag) = s.lag_bytes {
@@ -675,9 +744,10 @@ async fn poll_slot(
                     if let Some(retained) = s.retained_bytes {
                         metrics.postgres_retained_wal_bytes.set(retained.max(0));
                     }
-                    if s.wal_status.as_deref() == Some("lost") {
-                        tracing::error!(slot = %slot, "replication slot is lost (wal_status = lost)");
-                        let _ = fatal.send(PostgresSourceError::SlotLost { slot: slot.clone() }).await;
+                    if s.is_invalidated() {
+                        let reason = s.invalidation_reason.clone();
+                        tracing::error!(slot = %slot, reason = reason.as_deref().unwrap_or("wal_status = lost"), "replication slot is invalidated");
+                        let _ = fatal.send(PostgresSourceError::SlotLost { slot: slot.clone(), reason }).await;
                         return;
                     }
                 }
