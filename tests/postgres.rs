@@ -876,6 +876,18 @@ async fn pg18_failover_slot_survives_promotion() {
     let redis_url = redis.url();
     let dir = tempfile::tempdir().unwrap();
     let url = primary.url();
+
+    // A plain slot while a standby streams: check warns that it would not survive a failover.
+    primary.sql("SELECT pg_create_logical_replication_slot('plain_slot', 'pgoutput')").await;
+    let (config, _) = write_config(dir.path(), &PgSetup::new(&url, "plain_slot", PUBLICATION, &redis_url, ITEM_RULES));
+    let (code, stdout, stderr) = check_against_db(&config);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("warning: replication slot \"plain_slot\" is not a failover slot while 1 standby(s)"),
+        "{stdout}"
+    );
+    primary.sql("SELECT pg_drop_replication_slot('plain_slot')").await;
+
     let setup = PgSetup::new(&url, SLOT, PUBLICATION, &redis_url, ITEM_RULES);
     let (config, port) = write_config(dir.path(), &PgSetup { source_extra: "    create_slot: true\n", ..setup });
     let mut daemon = DaemonProcess::start(&config, dir.path());
@@ -902,6 +914,15 @@ async fn pg18_failover_slot_survives_promotion() {
     })
     .await;
     assert!(ready, "the standby synchronises the slot; standby log:\n{}", standby.log());
+    // The synced copy cannot be decoded on the standby: said at start, not a generic error.
+    let standby_url = standby.url();
+    std::fs::create_dir_all(dir.path().join("on-standby")).unwrap();
+    let (standby_config, _) = write_config(
+        &dir.path().join("on-standby"),
+        &PgSetup::new(&standby_url, SLOT, PUBLICATION, &redis_url, ITEM_RULES),
+    );
+    let err = run_to_error(&standby_config).await;
+    assert!(err.contains("is being synchronized from the primary (synced = true"), "{err}");
 
     // Changes the daemon cannot finish: Redis is frozen.
     let keys: Vec<String> = (10..20).map(|i| format!("i:{i}")).collect();

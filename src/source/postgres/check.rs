@@ -295,7 +295,7 @@ async fn server_report(client: &Client, pg: &PostgresConfig, report: &mut Report
     match status {
         Some(status) => {
             report.errors.extend(server::slot_problems(&pg.slot, &info, &status));
-            if !info.in_recovery && info.major() >= 17 {
+            if !info.in_recovery && info.major() >= 17 && pg.failover != Some(false) {
                 let standbys = sql::standbys_attached(client).await?;
                 report.warnings.extend(server::failover_warning(&pg.slot, &info, &status, standbys));
             }

@@ -309,7 +309,7 @@ impl PostgresSource {
         if let Some(problem) = server::slot_problems(&self.slot, &info, &status).into_iter().next() {
             return Err(PostgresSourceError::Server(problem));
         }
-        if !info.in_recovery && info.major() >= 17 {
+        if !info.in_recovery && info.major() >= 17 && self.failover != Some(false) {
             let standbys = sql::standbys_attached(&client).await.unwrap_or(0);
             if let Some(warning) = server::failover_warning(&self.slot, &info, &status, standbys) {
                 tracing::warn!("{warning}");
