@@ -202,7 +202,7 @@ pub fn check(rules: &Rules, publication: &str, schema: &Schema) -> Report {
                             rule.name
                         )),
                         Some(_) if table.published && !publishes(schema, table, column) => {
-                            report.errors.push(unpublished(&rule.name, template, name, column, publication, schema, table))
+                            report.errors.push(unpublished(rule.name, template, name, column, publication, schema, table))
                         }
                         Some((type_name, key)) => {
                             if renders_differently(type_name) {

@@ -8,11 +8,16 @@
 //!         └──────── update_applied_lsn(confirmed) ◀── tracker ┘
 //! ```
 //!
-//! - **Start-up** (`prepare`): over ordinary SQL, `wal_level` must be `logical`, the
-//!   publication must exist (or `create_publication`), the slot must exist (or `create_slot`),
-//!   be logical, use pgoutput, belong to this database and not be `lost`. Each failure is one
-//!   fatal sentence naming the thing and the fix. An unreachable server is retried (the
-//!   daemon is not ready meanwhile).
+//! - **Start-up** (`prepare`): over ordinary SQL, the server must fit the config
+//!   (`server.rs`: `wal_level`, `failover` only on 17+, a standby only on 16+ and with
+//!   `hot_standby_feedback`), the publication must exist (or `create_publication`), the slot
+//!   must exist (or `create_slot`: a failover slot on a 17+ primary unless `failover: false`),
+//!   be logical, use pgoutput, belong to this database, not be invalidated (the server's
+//!   reason is quoted) and not be a copy a standby synchronises. Each failure is one fatal
+//!   sentence naming the thing and the fix. An unreachable server is retried (the daemon is not
+//!   ready meanwhile).
+//! - **On a physical standby** (16+) everything works alike; the slot figures are measured
+//!   against the replay position, as `pg_current_wal_lsn()` fails in recovery.
 //! - **Streaming**: changes are emitted as they arrive, never buffered per transaction; each
 //!   gets a sequence number. The confirmed flush LSN is the Commit `end_lsn` of the newest
 //!   transaction whose every event (and every earlier one) is finished (`tracker.rs`); it is
@@ -29,7 +34,7 @@
 //!   the daemon then waits as a standby (`cdc_invalidator_postgres_role{role="standby"} 1`,
 //!   not ready) and retries every `standby_retry` until the active daemon's session is gone.
 //! - **Slot health**: every `status_interval` the slot's lag and retained WAL are read into
-//!   metrics; `wal_status = lost` is fatal (docs/postgres.md has the recovery steps).
+//!   metrics; an invalidated slot is fatal (docs/postgres.md has the recovery steps).
 
 pub mod check;
 mod pgoutput;

@@ -13,7 +13,7 @@
 use super::sql::{ServerInfo, SlotStatus};
 
 /// Where the recovery steps for an invalidated slot are.
-pub(super) const RECOVERY_DOC: &str = "docs/postgres.md, \"Recovering from a lost slot\"";
+pub(super) const RECOVERY_DOC: &str = "docs/postgres.md, \"Recovering from an invalidated slot\"";
 
 /// Whether slots are created as failover slots: the option, else on where the server can (a
 /// 17+ primary). A standby cannot create failover slots (it keeps synced copies of the

@@ -274,14 +274,6 @@ pub async fn publication_exists(client: &Client, publication: &str) -> Result<bo
         .map_err(|e| SqlError::Statement { what: "reading pg_publication", reason: describe(&e) })
 }
 
-pub async fn wal_level(client: &Client) -> Result<String, SqlError> {
-    let row = client
-        .query_one("SELECT current_setting('wal_level')", &[])
-        .await
-        .map_err(|e| SqlError::Statement { what: "reading wal_level", reason: describe(&e) })?;
-    row.try_get(0).map_err(|e| SqlError::Statement { what: "reading wal_level", reason: describe(&e) })
-}
-
 /// Creates a pgoutput slot; `failover` (PostgreSQL 17+ only) makes it a failover slot.
 pub async fn create_slot(client: &Client, slot: &str, failover: bool) -> Result<(), SqlError> {
     let statement = if failover {
