@@ -567,6 +567,32 @@ async fn bad_input_and_check_against_db(version: PgVersion) {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("table public.ghosts does not exist"), "{stderr}");
     assert!(stderr.contains("reads column \"sku\", which table public.items does not have"), "{stderr}");
+    if version == PgVersion::V15 {
+        return;
+    }
+
+    // 18: a slot left idle longer than idle_replication_slot_timeout is invalidated at the next
+    // checkpoint; the server's reason is quoted, with the fix, at start and at check.
+    std::fs::write(dir.path().join("rules.yaml"), rules).unwrap();
+    pg.sql("ALTER SYSTEM SET idle_replication_slot_timeout = '1s'").await;
+    pg.sql("SELECT pg_reload_conf()").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    pg.sql("CHECKPOINT").await;
+    let err = run_to_error(&config).await;
+    assert!(
+        err.contains("replication slot \"cdc_slot\" is invalidated (the server's reason is idle_timeout")
+            && err.contains("raise idle_replication_slot_timeout above the daemon's longest planned downtime")
+            && err.contains("Recovering from an invalidated slot"),
+        "{err}"
+    );
+    let out = std::process::Command::new(crate::support::daemon::binary())
+        .args(["check", "--against-db", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("reason is idle_timeout"), "{stderr}");
 }
 
 /// Generates a CA and a server certificate for localhost and 127.0.0.1 in `dir`; returns (ca, cert, key).

@@ -145,7 +145,7 @@ impl PgCluster {
         let out = as_postgres(
             &primary.bin,
             "pg_basebackup",
-            &["-d", &conninfo, "-D", data.to_str().unwrap(), "-R", "-X", "stream", "-S", physical_slot],
+            &["-d", &conninfo, "-D", data.to_str().unwrap(), "-R", "-X", "stream", "-S", physical_slot, "-c", "fast"],
         );
         assert!(out.status.success(), "pg_basebackup failed: {}", String::from_utf8_lossy(&out.stderr));
         let mut conf = std::fs::read_to_string(data.join("postgresql.auto.conf")).unwrap_or_default();

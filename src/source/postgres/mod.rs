@@ -795,6 +795,15 @@ mod tests {
             Verdict::Fatal(PostgresSourceError::SlotLost { .. })
         ));
         assert!(matches!(classify(&server("password authentication failed (SQLSTATE 28P01)"), "s"), Verdict::Fatal(_)));
+        // A slot a standby synchronises: the server's words, and what to do.
+        match classify(&server("cannot use replication slot \"s\" for logical decoding (SQLSTATE 55000)"), "s") {
+            Verdict::Fatal(e) => {
+                let text = e.to_string();
+                assert!(text.contains("cannot use replication slot \"s\" for logical decoding"), "{text}");
+                assert!(text.contains("point source.postgres.url at the primary"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
             classify(&PgWireError::Io(Arc::new(std::io::Error::other("reset"))), "s"),
             Verdict::Transient(_)
