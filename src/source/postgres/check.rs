@@ -46,6 +46,8 @@ pub struct Schema {
     pub tables: BTreeMap<String, TableInfo>,
     /// The publication's `publish_generated_columns = stored` (`pubgencols`, PostgreSQL 18+).
     pub publishes_stored_generated: bool,
+    /// `server_version_num` (0: unknown, taken as older than 18).
+    pub version_num: i32,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -122,7 +124,7 @@ pub async fn read_schema(client: &Client, publication: &str) -> Result<Schema, s
     } else {
         false
     };
-    Ok(Schema { publication_exists, tables, publishes_stored_generated })
+    Ok(Schema { publication_exists, tables, publishes_stored_generated, version_num: version })
 }
 
 /// Types whose rendering differs from Debezium's (which sends epoch numbers or base64).
@@ -244,8 +246,13 @@ pub fn check(rules: &Rules, publication: &str, schema: &Schema) -> Report {
 
 /// Whether the publication sends `column` of a published `table`.
 fn publishes(schema: &Schema, table: &TableInfo, column: &str) -> bool {
-    if table.generated.get(column) == Some(&'v') {
-        return false; // VIRTUAL generated columns are never published.
+    match table.generated.get(column) {
+        // VIRTUAL generated columns are never published.
+        Some('v') => return false,
+        // Before 18 no generated column is (pgoutput skips them, although 15's attnames lists
+        // them for a table published without a column list).
+        Some(_) if schema.version_num < 180_000 => return false,
+        _ => {}
     }
     match &table.published_columns {
         Some(columns) => columns.contains(column),
@@ -272,7 +279,7 @@ fn unpublished(
             "{head}: it is a VIRTUAL generated column, which logical replication never sends: make it STORED, or write the template on the columns it is computed from"
         ),
         Some(_) if !schema.publishes_stored_generated => format!(
-            "{head}: it is a generated column, published only by PostgreSQL 18 with ALTER PUBLICATION {publication} SET (publish_generated_columns = stored); (before 18, write the template on the columns it is computed from)"
+            "{head}: it is a generated column, published only by PostgreSQL 18, with ALTER PUBLICATION {publication} SET (publish_generated_columns = stored); or in the publication's column list (before 18, write the template on the columns it is computed from)"
         ),
         _ => {
             let mut columns: Vec<&str> =
@@ -472,6 +479,8 @@ rules:
         let t = schema.tables.get_mut("public.products").unwrap();
         t.published_columns = Some(["id".to_string(), "category_id".to_string()].into_iter().collect());
         schema.publishes_stored_generated = true;
+        assert_eq!(check(&rules(RULES), "cdc", &schema).errors.len(), 1, "before 18: never");
+        schema.version_num = 180_006;
         assert!(check(&rules(RULES), "cdc", &schema).errors.is_empty());
 
         // VIRTUAL: never, whatever the publication says.
@@ -485,6 +494,7 @@ rules:
         t.published_columns = None;
         t.generated.insert("category_id".into(), 's');
         schema.publishes_stored_generated = false;
+        schema.version_num = 140_000;
         assert_eq!(check(&rules(RULES), "cdc", &schema).errors.len(), 1);
     }
 }
