@@ -89,9 +89,14 @@ impl PgCluster {
         PgCluster::start_with(&[])
     }
 
-    /// With extra `-c name=value` server settings.
+    /// With extra `-c name=value` server settings. On 15, or on the version `PG_TEST_VERSION`
+    /// names (`PG_TEST_VERSION=18` runs every such test on 18; CI runs a subset there).
     pub fn start_with(settings: &[&str]) -> PgCluster {
-        PgCluster::start_version(PgVersion::V15, settings)
+        let version = match std::env::var("PG_TEST_VERSION").as_deref() {
+            Ok("18") => PgVersion::V18,
+            _ => PgVersion::V15,
+        };
+        PgCluster::start_version(version, settings)
     }
 
     fn private_dir() -> tempfile::TempDir {
