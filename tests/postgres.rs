@@ -998,8 +998,9 @@ async fn pg18_failover_slot_survives_promotion() {
 /// primary are invalidated only once the standby replayed them (it applies WAL 1 s late), and
 /// `check --against-db` on the standby says ok. Bad input, at start and at check, one sentence
 /// each naming the setting: `hot_standby_feedback = off`; the primary restarted with
-/// `wal_level = replica` (the slot is invalidated: the server's reason
-/// `wal_level_insufficient` is quoted; a new slot cannot be created).
+/// `wal_level = replica` (the running daemon stops naming the primary's setting; at the next
+/// start the slot's invalidation reason `wal_level_insufficient` is quoted; a new slot cannot be
+/// created).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg18_decoding_on_a_standby() {
     let mut primary = PgCluster::start_version(PgVersion::V18, &[]);
@@ -1053,17 +1054,25 @@ async fn pg18_decoding_on_a_standby() {
         .await,
         "slot figures are read on the standby"
     );
-    daemon.stop().await.unwrap();
 
     let (code, stdout, stderr) = check_against_db(&config);
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert!(stdout.trim_end().ends_with("ok"), "{stdout}");
 
-    // hot_standby_feedback off.
+    // hot_standby_feedback off: a second daemon (own metrics port) refuses to start.
     standby.sql("ALTER SYSTEM SET hot_standby_feedback = off").await;
     standby.sql("SELECT pg_reload_conf()").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let err = run_to_error(&config).await;
+    let second = dir.path().join("second");
+    std::fs::create_dir_all(&second).unwrap();
+    let (second, _) = write_config(
+        &second,
+        &PgSetup {
+            source_extra: "    create_slot: true\n",
+            ..PgSetup::new(&url, SLOT, PUBLICATION, &redis_url, ITEM_RULES)
+        },
+    );
+    let err = run_to_error(&second).await;
     assert!(err.contains("hot_standby_feedback = on in the standby's postgresql.conf"), "{err}");
     let (code, _, stderr) = check_against_db(&config);
     assert_eq!(code, Some(2), "{stderr}");
@@ -1071,7 +1080,8 @@ async fn pg18_decoding_on_a_standby() {
     standby.sql("ALTER SYSTEM SET hot_standby_feedback = on").await;
     standby.sql("SELECT pg_reload_conf()").await;
 
-    // The primary drops to wal_level = replica: the standby invalidates the slot.
+    // The primary drops to wal_level = replica: the standby invalidates the slot, and the
+    // running daemon stops with the server's reason.
     primary.reconfigure(&["wal_level = replica"]);
     assert!(
         wait_until_async(Duration::from_secs(30), || async {
@@ -1081,6 +1091,9 @@ async fn pg18_decoding_on_a_standby() {
         "standby log:\n{}",
         standby.log()
     );
+    assert!(wait_until(Duration::from_secs(20), || daemon.is_finished()).await, "the daemon stops by itself");
+    let err = daemon.stop().await.expect_err("the running daemon stops").to_string();
+    assert!(err.contains("set wal_level = logical on the primary"), "{err}");
     let err = run_to_error(&config).await;
     assert!(
         err.contains("reason is wal_level_insufficient") && err.contains("wal_level = logical on the primary"),

@@ -116,6 +116,11 @@ fn classify(e: &PgWireError, slot: &str) -> Verdict {
             Some("55000") if text.contains("invalidated") || text.contains("no longer") => {
                 Verdict::Fatal(PostgresSourceError::SlotLost { slot: slot.into(), reason: None })
             }
+            // On a standby whose primary dropped below wal_level = logical (the standby has
+            // invalidated its slots as it replayed the change).
+            Some("55000") if server::creation_failure(text).is_some() => Verdict::Fatal(PostgresSourceError::Server(
+                server::creation_failure(text).unwrap_or_default(),
+            )),
             // A slot a standby synchronises from its primary (PostgreSQL 17+): the server's
             // own words ("cannot use replication slot ... for logical decoding").
             Some("55000") if text.contains("for logical decoding") => {
@@ -795,6 +800,15 @@ mod tests {
             Verdict::Fatal(PostgresSourceError::SlotLost { .. })
         ));
         assert!(matches!(classify(&server("password authentication failed (SQLSTATE 28P01)"), "s"), Verdict::Fatal(_)));
+        assert!(matches!(
+            classify(
+                &server(
+                    "logical decoding on standby requires \"wal_level\" >= \"logical\" on the primary (SQLSTATE 55000)"
+                ),
+                "s"
+            ),
+            Verdict::Fatal(PostgresSourceError::Server(_))
+        ));
         // A slot a standby synchronises: the server's words, and what to do.
         match classify(&server("cannot use replication slot \"s\" for logical decoding (SQLSTATE 55000)"), "s") {
             Verdict::Fatal(e) => {
