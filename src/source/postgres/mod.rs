@@ -260,7 +260,10 @@ impl PostgresSource {
         if !sql::publication_exists(&client, &self.publication).await.map_err(sql_err)? {
             if info.in_recovery {
                 // A standby is read-only: the publication comes from the primary by replay.
-                return Err(PostgresSourceError::PublicationMissing { publication: self.publication.clone() });
+                return Err(PostgresSourceError::Server(format!(
+                    "publication {:?} does not exist on this standby: create it on the primary with CREATE PUBLICATION {} FOR TABLE schema.table, ...; (a standby receives it by replay)",
+                    self.publication, self.publication
+                )));
             }
             if !self.create_publication {
                 return Err(PostgresSourceError::PublicationMissing { publication: self.publication.clone() });

@@ -8,7 +8,7 @@
 //! | failover slots, slot sync       | no | no | yes| yes|
 //! | `invalidation_reason`           | no | no*| yes| yes (+ `idle_timeout`) |
 //!
-//! (*) 16 says only `conflicting`, read as `rows_removed`.
+//! (*) 16 says only `conflicting` (a standby's slot conflicted with recovery).
 
 use super::sql::{ServerInfo, SlotStatus};
 
@@ -83,6 +83,11 @@ pub(super) fn invalidated_sentence(slot: &str, reason: Option<&str>) -> String {
         Some("wal_level_insufficient") => (
             "wal_level_insufficient: the primary runs with a wal_level below logical",
             "set wal_level = logical on the primary and restart it",
+        ),
+        // PostgreSQL 16 says only that a standby's slot conflicted with recovery.
+        Some("conflicting") => (
+            "conflicting: on this standby it conflicted with recovery (the primary's vacuum removed rows it needed, or the primary's wal_level dropped below logical)",
+            "set hot_standby_feedback = on and primary_slot_name on the standby and keep wal_level = logical on the primary",
         ),
         Some("idle_timeout") => (
             "idle_timeout: it was unused longer than idle_replication_slot_timeout",

@@ -148,7 +148,7 @@ pub struct SlotStatus {
     pub synced: bool,
     /// Why the server invalidated the slot: PostgreSQL 17+'s `invalidation_reason`
     /// (`wal_removed`, `rows_removed`, `wal_level_insufficient`, `idle_timeout`); on 16,
-    /// `conflicting = true` (a conflict with recovery on a standby) reads as `rows_removed`.
+    /// `conflicting = true` (a conflict with recovery on a standby) reads as `conflicting`.
     pub invalidation_reason: Option<String>,
 }
 
@@ -207,7 +207,7 @@ fn slot_query(version_num: i32) -> String {
     let extra = if version_num >= 170_000 {
         "failover, synced, invalidation_reason"
     } else if version_num >= 160_000 {
-        "false, false, CASE WHEN conflicting THEN 'rows_removed' END"
+        "false, false, CASE WHEN conflicting THEN 'conflicting' END"
     } else {
         "false, false, NULL::text"
     };
