@@ -1111,3 +1111,57 @@ async fn pg18_decoding_on_a_standby() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("set wal_level = logical on the primary"), "{stderr}");
 }
+
+/// A host list with `target_session_attrs=read-write` (18): the daemon streams from the
+/// primary; the primary dies and the standby (synchronising the failover slot) is promoted; the
+/// same daemon moves to it by itself and streams on from the synced slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg18_host_list_follows_a_promotion() {
+    let mut primary = PgCluster::start_version(PgVersion::V18, &[]);
+    primary.sql("CREATE TABLE items (id int PRIMARY KEY, n int); CREATE PUBLICATION cdc_pub FOR TABLE items;").await;
+    let standby = PgCluster::standby_of(&primary, "standby1", &["sync_replication_slots = on"]).await;
+    primary.sql("ALTER SYSTEM SET synchronized_standby_slots = 'standby1'").await;
+    primary.sql("SELECT pg_reload_conf()").await;
+    let redis = RedisServer::start();
+    let redis_url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    // The standby first: read-write picks the primary anyway.
+    let url = format!(
+        "postgresql://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?sslmode=disable&target_session_attrs=read-write",
+        standby.port(),
+        primary.port()
+    );
+    let setup = PgSetup::new(&url, SLOT, PUBLICATION, &redis_url, ITEM_RULES);
+    let (config, port) = write_config(dir.path(), &PgSetup { source_extra: "    create_slot: true\n", ..setup });
+    let daemon = Daemon::from_config(dir.path(), &config, port);
+    assert!(
+        wait_until(Duration::from_secs(30), || daemon.metrics.value("cdc_invalidator_source_ready", &[]) == 1.0).await
+    );
+    assert_eq!(slot_flags(&primary, SLOT).await.map(|f| f.0), Some(true), "on the primary, as a failover slot");
+    cache(&redis, &["i:1"]);
+    primary.sql("INSERT INTO items VALUES (1, 0)").await;
+    assert!(gone(&redis, &["i:1"], Duration::from_secs(20)).await);
+    let ready = wait_until_async(Duration::from_secs(90), || async {
+        primary.sql("SELECT pg_log_standby_snapshot()").await;
+        let row = standby
+            .client()
+            .await
+            .query_opt("SELECT synced AND NOT temporary FROM pg_replication_slots WHERE slot_name = $1", &[&SLOT])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        row.is_some_and(|r| r.get::<_, bool>(0))
+    })
+    .await;
+    assert!(ready, "the standby synchronises the slot");
+
+    primary.stop("immediate");
+    standby.promote();
+    cache(&redis, &["i:2"]);
+    standby.sql("INSERT INTO items VALUES (2, 0)").await;
+    if !gone(&redis, &["i:2"], Duration::from_secs(30)).await {
+        panic!("the daemon follows the promotion: {:?}", daemon.stop().await);
+    }
+    assert_eq!(slot_flags(&standby, SLOT).await.map(|f| f.0), Some(true));
+    daemon.stop().await.unwrap();
+}

@@ -169,7 +169,10 @@ enum SessionEnd {
 }
 
 pub struct PostgresSource {
+    /// As configured: with a host list, every host.
     connection: Connection,
+    /// The host in use: the one `target_session_attrs` picked at the last start-up check.
+    current: std::sync::Mutex<Connection>,
     slot: String,
     publication: String,
     create_slot: bool,
@@ -193,6 +196,7 @@ impl PostgresSource {
         let backoff =
             RetryPolicy { initial: config.reconnect_initial, max: config.reconnect_max, ..RetryPolicy::default() };
         Ok(PostgresSource {
+            current: std::sync::Mutex::new(connection.clone()),
             connection,
             slot: config.slot.clone(),
             publication: config.publication.clone(),
@@ -212,33 +216,80 @@ impl PostgresSource {
 
     /// Checks the slot and publication, then streams until shutdown, then drains: keeps
     /// confirming while the pipeline finishes what it holds, and sends the final position.
+    ///
+    /// With a host list, a stream that breaks because its server is no longer the one
+    /// `target_session_attrs` asks for (a failover) starts over on the one that is: the checks
+    /// again, then the stream from that server's slot (a synced failover slot), so what the old
+    /// server had not confirmed is delivered again.
     pub async fn run(self, out: mpsc::Sender<SourceEvent>, shutdown: Shutdown) -> Result<(), PostgresSourceError> {
-        let Some(start) = self.prepare(&shutdown).await? else {
-            return Ok(()); // Shutdown while the server was unreachable.
-        };
-        self.metrics.postgres_confirmed_lsn.set(start as f64);
-        let (fatal_tx, fatal_rx) = mpsc::channel(1);
-        let poller = tokio::spawn(poll_slot(
-            self.connection.clone(),
-            self.application_name.clone(),
-            self.slot.clone(),
-            self.status_interval,
-            self.connect_timeout,
-            self.metrics.clone(),
-            fatal_tx,
-        ));
-        let result = self.stream(out, &shutdown, start, fatal_rx).await;
-        poller.abort();
-        self.set_role(None);
-        result
+        let mut out = out;
+        let mut after_failover = false;
+        loop {
+            let Some(start) = self.prepare(&shutdown, after_failover).await? else {
+                return Ok(()); // Shutdown while the server was unreachable.
+            };
+            self.metrics.postgres_confirmed_lsn.set(start as f64);
+            let (fatal_tx, fatal_rx) = mpsc::channel(1);
+            let poller = tokio::spawn(poll_slot(
+                self.current(),
+                self.application_name.clone(),
+                self.slot.clone(),
+                self.status_interval,
+                self.connect_timeout,
+                self.metrics.clone(),
+                fatal_tx,
+            ));
+            let result = self.stream(out, &shutdown, start, fatal_rx).await;
+            poller.abort();
+            self.set_role(None);
+            match result {
+                Ok(Some(handed_back)) => {
+                    out = handed_back;
+                    after_failover = true;
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
     }
 
-    /// Start-up checks over ordinary SQL. `None` when shutdown came first.
-    async fn prepare(&self, shutdown: &Shutdown) -> Result<Option<u64>, PostgresSourceError> {
+    /// The host in use.
+    fn current(&self) -> Connection {
+        match self.current.lock() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// With a host list: whether another host is now the one to use (the current one is gone
+    /// or no longer fits `target_session_attrs`).
+    async fn moved(&self) -> bool {
+        if self.connection.alternates.is_empty() {
+            return false;
+        }
+        let current = self.current();
+        match sql::connect_target(&self.connection, &self.application_name, self.connect_timeout).await {
+            Ok((_, chosen)) => (chosen.host != current.host || chosen.port != current.port).then(|| {
+                tracing::warn!(from = %current, to = %chosen, "the server to stream from changed (failover): starting over there from its slot");
+            }).is_some(),
+            Err(_) => false,
+        }
+    }
+
+    /// Start-up checks over ordinary SQL. `None` when shutdown came first. `after_failover`:
+    /// the stream moved to another host, where a missing slot is never created (a new slot
+    /// would have skipped every change since the last confirmation).
+    async fn prepare(&self, shutdown: &Shutdown, after_failover: bool) -> Result<Option<u64>, PostgresSourceError> {
         let mut attempt = 0u32;
         let client = loop {
-            match sql::connect(&self.connection, &self.application_name, self.connect_timeout).await {
-                Ok(c) => break c,
+            match sql::connect_target(&self.connection, &self.application_name, self.connect_timeout).await {
+                Ok((c, chosen)) => {
+                    match self.current.lock() {
+                        Ok(mut current) => *current = chosen,
+                        Err(poisoned) => *poisoned.into_inner() = chosen,
+                    }
+                    break c;
+                }
                 Err(e) if e.is_transient() => {
                     self.metrics.source_errors.inc();
                     attempt += 1;
@@ -272,6 +323,14 @@ impl PostgresSource {
             tracing::warn!(publication = %self.publication, "created publication FOR ALL TABLES (create_publication: true)");
         }
         let mut status = sql::slot_status(&client, &self.slot, info.version_num).await.map_err(sql_err)?;
+        if status.is_none() && after_failover {
+            return Err(PostgresSourceError::Server(format!(
+                "after a failover to {} replication slot {:?} is missing there (it was not a failover slot, or the standby had not synchronised it yet), so changes since the last confirmation were never streamed: flush the caches the rules cover, create the slot (pg_create_logical_replication_slot('{}', 'pgoutput', false, false, true)) and restart",
+                self.current(),
+                self.slot,
+                self.slot
+            )));
+        }
         if status.is_none() {
             if !self.create_slot {
                 return Err(PostgresSourceError::SlotMissing { slot: self.slot.clone() });
@@ -329,7 +388,7 @@ impl PostgresSource {
             }
         }
         tracing::info!(
-            server = %self.connection,
+            server = %self.current(),
             version = %info.version,
             standby = info.in_recovery,
             failover = status.failover,
@@ -342,7 +401,7 @@ impl PostgresSource {
     }
 
     fn replication_config(&self, start: u64) -> ReplicationConfig {
-        let c = &self.connection;
+        let c = &self.current();
         let password = c.password.as_ref().map(|p| p.expose().to_string()).unwrap_or_default();
         let tls = match c.ssl_mode {
             SslMode::Disable => TlsConfig::disabled(),
@@ -375,7 +434,7 @@ impl PostgresSource {
     async fn with_reason(&self, e: PostgresSourceError) -> PostgresSourceError {
         let PostgresSourceError::SlotLost { slot, reason: None } = e else { return e };
         let read = async {
-            let c = sql::connect(&self.connection, &self.application_name, self.connect_timeout).await.ok()?;
+            let c = sql::connect(&self.current(), &self.application_name, self.connect_timeout).await.ok()?;
             let info = sql::server_info(&c).await.ok()?;
             sql::slot_status(&c, &slot, info.version_num).await.ok()??.invalidation_reason
         };
@@ -396,7 +455,7 @@ impl PostgresSource {
         shutdown: &Shutdown,
         start: u64,
         mut fatal_rx: mpsc::Receiver<PostgresSourceError>,
-    ) -> Result<(), PostgresSourceError> {
+    ) -> Result<Option<mpsc::Sender<SourceEvent>>, PostgresSourceError> {
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Finished>();
         let mut stream_id = 1;
         let mut tracker = Tracker::new(stream_id, start);
@@ -464,6 +523,12 @@ impl PostgresSource {
                     }
                 },
             };
+            // With a host list, a failover: start over on the server that fits now, from its
+            // slot. Events in flight are finished by the pipeline, but their acks go nowhere:
+            // the new server's slot delivers them again.
+            if failures > 0 && self.moved().await {
+                return Ok(Some(out));
+            }
             // A new connection replays everything after the confirmed LSN: a new stream.
             stream_id += 1;
             tracker.reset(stream_id);
@@ -507,7 +572,7 @@ impl PostgresSource {
             c.stop();
             let _ = tokio::time::timeout(FINAL_FEEDBACK_TIMEOUT, c.shutdown()).await;
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Reads one active session until it ends.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use crate::config::postgres::{Connection, SslMode};
+use crate::config::postgres::{Connection, SslMode, TargetSession};
 
 /// A failed SQL connection or statement, classified.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +102,60 @@ pub async fn connect(c: &Connection, application_name: &str, timeout: Duration) 
                 Err(SqlError::Unreachable { target, reason })
             }
         }
+    }
+}
+
+/// Connects to the first host of the URL that is what `target_session_attrs` asks for (every
+/// host in order, as libpq does); returns the session and that host's single-host connection.
+/// None fitting (say, mid-failover, before a standby is promoted) is `Unreachable`: retried.
+pub async fn connect_target(
+    c: &Connection,
+    application_name: &str,
+    timeout: Duration,
+) -> Result<(Client, Connection), SqlError> {
+    let candidates = c.candidates();
+    if candidates.len() == 1 && c.target == TargetSession::Any {
+        let client = connect(c, application_name, timeout).await?;
+        return Ok((client, c.clone()));
+    }
+    let mut seen = Vec::new();
+    let mut last_error = None;
+    for candidate in candidates {
+        match connect(&candidate, application_name, timeout).await {
+            Ok(client) => {
+                let check = match c.target {
+                    TargetSession::Any => "SELECT true",
+                    TargetSession::ReadWrite => {
+                        "SELECT NOT pg_is_in_recovery() AND current_setting('default_transaction_read_only') = 'off'"
+                    }
+                    TargetSession::Primary => "SELECT NOT pg_is_in_recovery()",
+                    TargetSession::Standby => "SELECT pg_is_in_recovery()",
+                };
+                let fits = tokio::time::timeout(timeout, client.query_one(check, &[]))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .and_then(|row| row.try_get::<_, bool>(0).ok());
+                match fits {
+                    Some(true) => return Ok((client, candidate)),
+                    Some(false) => seen.push(format!("{}:{} is not {}", candidate.host, candidate.port, c.target)),
+                    None => seen.push(format!("{}:{} did not answer", candidate.host, candidate.port)),
+                }
+            }
+            Err(e) => {
+                seen.push(format!("{}:{}: {e}", candidate.host, candidate.port));
+                last_error = Some(e);
+            }
+        }
+    }
+    // A refusal (password, TLS) on the only host is fatal; anything else waits for a server
+    // to fit (a promotion under way).
+    match last_error {
+        Some(e @ SqlError::Refused { .. }) if seen.len() == 1 => Err(e),
+        _ => Err(SqlError::Unreachable {
+            target: c.to_string(),
+            reason: format!("no host fits target_session_attrs ({})", seen.join("; ")),
+        }),
     }
 }
 
