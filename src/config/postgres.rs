@@ -307,6 +307,8 @@ pub fn parse_url(url: &str, config_file: &Path) -> Result<Connection, String> {
     }
     let (mut host, mut port) = hosts.first().cloned().unwrap_or((None, None));
     let mut target = TargetSession::Any;
+    // A `port=` parameter applies to every host that names none (a host's own port only to it).
+    let mut port_param = None;
     let mut database = database.filter(|d| !d.is_empty());
     let mut ssl_mode = SslMode::Prefer;
     let mut ssl_root_cert = None;
@@ -330,7 +332,10 @@ pub fn parse_url(url: &str, config_file: &Path) -> Result<Connection, String> {
             }
             "sslrootcert" => ssl_root_cert = Some(super::relative_to(config_file, Path::new(&value))),
             "host" => host = Some(value),
-            "port" => port = Some(value.parse().map_err(|_| format!("port {value:?} is not a port number"))?),
+            "port" => {
+                port = Some(value.parse().map_err(|_| format!("port {value:?} is not a port number"))?);
+                port_param = port;
+            }
             "user" => user = Some(value),
             "password" => password = Some(value),
             "dbname" => database = Some(value),
@@ -362,7 +367,7 @@ pub fn parse_url(url: &str, config_file: &Path) -> Result<Connection, String> {
         if h.starts_with('/') {
             return Err("a host list names TCP hosts only".into());
         }
-        alternates.push((h, p.or(port).unwrap_or(5432)));
+        alternates.push((h, p.or(port_param).unwrap_or(5432)));
     }
     Ok(Connection {
         database: database.unwrap_or_else(|| user.clone()),
