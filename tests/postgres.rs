@@ -1165,3 +1165,38 @@ async fn pg18_host_list_follows_a_promotion() {
     assert_eq!(slot_flags(&standby, SLOT).await.map(|f| f.0), Some(true));
     daemon.stop().await.unwrap();
 }
+
+/// A host list with a plain slot (`failover: false`, 18): after the promotion the slot is not
+/// on the new primary, and the daemon stops with the sentence that says to flush the caches
+/// instead of quietly creating a new slot that skipped the changes in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg18_host_list_never_creates_a_slot_after_a_failover() {
+    let mut primary = PgCluster::start_version(PgVersion::V18, &[]);
+    primary.sql("CREATE TABLE items (id int PRIMARY KEY, n int); CREATE PUBLICATION cdc_pub FOR TABLE items;").await;
+    let standby = PgCluster::standby_of(&primary, "standby1", &[]).await;
+    let redis = RedisServer::start();
+    let redis_url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "postgresql://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?sslmode=disable&target_session_attrs=read-write",
+        primary.port(),
+        standby.port()
+    );
+    let setup = PgSetup::new(&url, SLOT, PUBLICATION, &redis_url, ITEM_RULES);
+    let (config, port) =
+        write_config(dir.path(), &PgSetup { source_extra: "    create_slot: true\n    failover: false\n", ..setup });
+    let daemon = Daemon::from_config(dir.path(), &config, port);
+    assert!(
+        wait_until(Duration::from_secs(30), || daemon.metrics.value("cdc_invalidator_source_ready", &[]) == 1.0).await
+    );
+    assert_eq!(slot_flags(&primary, SLOT).await.map(|f| f.0), Some(false), "failover: false makes a plain slot");
+    primary.stop("immediate");
+    standby.promote();
+    assert!(wait_until(Duration::from_secs(30), || daemon.is_finished()).await, "the daemon stops by itself");
+    let err = daemon.stop().await.expect_err("fatal").to_string();
+    assert!(
+        err.contains("after a failover to") && err.contains("is missing there") && err.contains("flush the caches"),
+        "{err}"
+    );
+    assert!(slot_flags(&standby, SLOT).await.is_none(), "no slot was created on the new primary");
+}
