@@ -474,6 +474,8 @@ impl PostgresSource {
                 Some(e) = fatal_rx.recv() => return Err(e),
                 r = c.wait_started() => r,
             };
+            // Whether the stream broke (not: another daemon holds the slot).
+            let mut broke = false;
             let wait = match started {
                 Ok(()) => {
                     self.set_role(Some("active"));
@@ -491,6 +493,7 @@ impl PostgresSource {
                         SessionEnd::Broken(e) => match classify(&e, &self.slot) {
                             Verdict::Fatal(f) => return Err(self.with_reason(f).await),
                             Verdict::Standby | Verdict::Transient(_) => {
+                                broke = true;
                                 self.set_role(None);
                                 self.metrics.postgres_reconnects.inc();
                                 self.metrics.source_errors.inc();
@@ -513,6 +516,7 @@ impl PostgresSource {
                         self.standby_retry
                     }
                     Verdict::Transient(why) => {
+                        broke = true;
                         self.set_role(None);
                         self.metrics.postgres_reconnects.inc();
                         self.metrics.source_errors.inc();
@@ -526,7 +530,7 @@ impl PostgresSource {
             // With a host list, a failover: start over on the server that fits now, from its
             // slot. Events in flight are finished by the pipeline, but their acks go nowhere:
             // the new server's slot delivers them again.
-            if failures > 0 && self.moved().await {
+            if broke && self.moved().await {
                 return Ok(Some(out));
             }
             // A new connection replays everything after the confirmed LSN: a new stream.
