@@ -891,7 +891,9 @@ async fn slot_flags_15(pg: &PgCluster) -> i64 {
         .get(0)
 }
 
-/// Failover on 18: the daemon creates its slot as a failover slot on the primary; a standby
+/// Failover on 18. A plain slot while a standby streams is warned about (check and start); a
+/// synced copy on the standby is refused with the server's reason. The daemon creates its slot
+/// as a failover slot on the primary; a standby
 /// with `sync_replication_slots` keeps a copy. Changes committed while the daemon could not
 /// finish them (Redis frozen), then the primary dies, the standby is promoted and the daemon is
 /// pointed at it with `create_slot: true`: it resumes from the synced slot, so nothing committed
@@ -919,6 +921,18 @@ async fn pg18_failover_slot_survives_promotion() {
         stdout.contains("warning: replication slot \"plain_slot\" is not a failover slot while 1 standby(s)"),
         "{stdout}"
     );
+    // ...and so does the daemon at start (it streams all the same).
+    let (plain_config, plain_port) =
+        write_config(dir.path(), &PgSetup::new(&url, "plain_slot", PUBLICATION, &redis_url, ITEM_RULES));
+    let mut plain = DaemonProcess::start(&plain_config, dir.path());
+    let ready =
+        wait_until(Duration::from_secs(30), || http_get(plain_port, "/readyz").is_some_and(|(s, _)| s == 200)).await;
+    assert!(ready, "ready; log:\n{}", plain.log_text());
+    let log = plain.log_text();
+    assert!(log.contains("is not a failover slot while 1 standby(s)"), "{log}");
+    plain.child.kill().unwrap();
+    let _ = plain.child.wait();
+    assert!(wait_until_async(Duration::from_secs(10), || async { !primary.slot_active("plain_slot").await }).await);
     primary.sql("SELECT pg_drop_replication_slot('plain_slot')").await;
 
     let setup = PgSetup::new(&url, SLOT, PUBLICATION, &redis_url, ITEM_RULES);
