@@ -1177,6 +1177,11 @@ async fn pg18_host_list_follows_a_promotion() {
         panic!("the daemon follows the promotion: {:?}", daemon.stop().await);
     }
     assert_eq!(slot_flags(&standby, SLOT).await.map(|f| f.0), Some(true));
+    assert!(
+        wait_until(Duration::from_secs(10), || daemon.metrics.value("cdc_invalidator_pending_events", &[]) == 0.0)
+            .await,
+        "nothing counted as pending after the move"
+    );
     daemon.stop().await.unwrap();
 }
 

@@ -173,6 +173,9 @@ pub struct PostgresSource {
     connection: Connection,
     /// The host in use: the one `target_session_attrs` picked at the last start-up check.
     current: std::sync::Mutex<Connection>,
+    /// This source's share of `pending_events`: what to take back when a stream is abandoned
+    /// for another host (the acks of its events then go nowhere).
+    pending: std::sync::atomic::AtomicI64,
     slot: String,
     publication: String,
     create_slot: bool,
@@ -197,6 +200,7 @@ impl PostgresSource {
             RetryPolicy { initial: config.reconnect_initial, max: config.reconnect_max, ..RetryPolicy::default() };
         Ok(PostgresSource {
             current: std::sync::Mutex::new(connection.clone()),
+            pending: std::sync::atomic::AtomicI64::new(0),
             connection,
             slot: config.slot.clone(),
             publication: config.publication.clone(),
@@ -251,6 +255,11 @@ impl PostgresSource {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    fn pending_sub(&self, n: i64) {
+        self.pending.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.pending_events.sub(n);
     }
 
     /// The host in use.
@@ -531,6 +540,8 @@ impl PostgresSource {
             // slot. Events in flight are finished by the pipeline, but their acks go nowhere:
             // the new server's slot delivers them again.
             if broke && self.moved().await {
+                let abandoned = self.pending.swap(0, std::sync::atomic::Ordering::Relaxed);
+                self.metrics.pending_events.sub(abandoned);
                 return Ok(Some(out));
             }
             // A new connection replays everything after the confirmed LSN: a new stream.
@@ -639,7 +650,7 @@ impl PostgresSource {
             }
         };
         // Held events were never handed over: their acks drop, they are replayed.
-        self.metrics.pending_events.sub(held.len() as i64);
+        self.pending_sub(held.len() as i64);
         end
     }
 
@@ -658,7 +669,7 @@ impl PostgresSource {
             tracker.finish(f);
             n += 1;
         }
-        self.metrics.pending_events.sub(n);
+        self.pending_sub(n);
         if let (Some(client), true) = (client, tracker.confirmed() != before) {
             self.confirm(tracker, client);
         }
@@ -732,6 +743,7 @@ impl PostgresSource {
         ack_tx: &mpsc::UnboundedSender<Finished>,
     ) -> SourceEvent {
         let finished = tracker.start();
+        self.pending.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.metrics.pending_events.inc();
         self.metrics.last_event_timestamp.set(unix_seconds(SystemTime::now()));
         let lsn = match position {
