@@ -189,6 +189,9 @@ pub(crate) struct Rendered {
     /// Expansions over [`MAX_ITEM_BYTES`] (not appended), and the largest such size.
     pub(crate) oversize: usize,
     pub(crate) largest: usize,
+    /// Expansions holding a connector's unavailable-value placeholder (not appended: see
+    /// [`Rendered::keep`]).
+    pub(crate) placeholder: usize,
 }
 
 impl Template {
@@ -388,6 +391,11 @@ impl Rendered {
     fn keep(&mut self, item: String, out: &mut Vec<String>) {
         if item.is_empty() {
             self.empty += 1;
+        } else if crate::source::debezium::placeholders().found_in(&item) {
+            // Belt and braces: the Debezium decoder already makes placeholder columns unknown,
+            // but an item holding one (however it got into a row) names a key nobody uses while
+            // the real one stays cached. Never sent; the rule reports it.
+            self.placeholder += 1;
         } else if item.len() > MAX_ITEM_BYTES {
             self.oversize += 1;
             self.largest = self.largest.max(item.len());
@@ -497,6 +505,18 @@ mod tests {
         let r2 = t.render(Some(&r), &[], &mut out).unwrap();
         assert_eq!((r2.items, r2.oversize, r2.largest), (0, 1, MAX_ITEM_BYTES + 2));
         assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn items_holding_a_placeholder_are_counted_not_kept() {
+        let r = row(json!({"body": "__debezium_unavailable_value", "b64": "X19kZWJleml1bV91bmF2YWlsYWJsZV92YWx1ZQ=="}));
+        let mut out = Vec::new();
+        for text in ["product:{body}", "https://shop.example.com/{b64}"] {
+            let t = Template::compile(text, &[]).unwrap();
+            let rendered = t.render(Some(&r), &[], &mut out).unwrap();
+            assert_eq!((rendered.items, rendered.placeholder), (0, 1), "{text}");
+        }
+        assert!(out.is_empty());
     }
 
     #[test]

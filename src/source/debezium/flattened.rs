@@ -1,7 +1,12 @@
 //! The flattened form written by Debezium's `ExtractNewRecordState` transform: the row's
 //! columns at the top level, plus the metadata asked for with `add.fields` under the `__`
-//! prefix (`__op`, `__table`, `__schema`, `__db`, `__source_ts_ms`, …) and, with
-//! `delete.handling.mode=rewrite`, `__deleted`.
+//! prefix (`__op`, `__table`, `__schema`, `__db`, `__source_ts_ms`, …; `add.fields=source.table`
+//! gives `__source_table`, read like `__table`) and, with
+//! `delete.tombstone.handling.mode=rewrite`, `__deleted`.
+//!
+//! MongoDB's `ExtractNewDocumentState` writes the same form, the document's fields at the top
+//! level and `__collection` (or `__source_collection`) naming the collection: its values are
+//! read as MongoDB extended JSON (`mongodb.rs`) and the message key's `id` as `_id`.
 //!
 //! Every `__` field is metadata, never a column: it is taken off the row, the ones we know are
 //! read, the others dropped.
@@ -9,7 +14,7 @@
 use serde_json::Value;
 
 use super::json::{self, kind_of};
-use super::{schema, DecodeError, Images, Message};
+use super::{mongodb, schema, DecodeError, Images, Message, Placeholders};
 use crate::event::{Decoded, NoChangeKind, Op, Row};
 
 /// Decodes a flattened row.
@@ -19,7 +24,12 @@ use crate::event::{Decoded, NoChangeKind, Op, Row};
 /// compare `when_changed` against) and invalidate what the row renders. Invalidating too much
 /// is safe, too little is not; and an insert would be rendered the same way, from `after`.
 /// `__deleted: "true"` makes it a delete whatever `__op` says, the row being its before image.
-pub(super) fn decode(topic: &str, message: Message<'_>, key: Option<&[u8]>) -> Result<Decoded, DecodeError> {
+pub(super) fn decode(
+    topic: &str,
+    message: Message<'_>,
+    key: Option<&[u8]>,
+    placeholders: &Placeholders,
+) -> Result<Decoded, DecodeError> {
     let mut meta = Metadata::default();
     let mut row = Row::new();
     for (name, slot) in message.fields.into_entries() {
@@ -32,7 +42,9 @@ pub(super) fn decode(topic: &str, message: Message<'_>, key: Option<&[u8]>) -> R
             }
         }
     }
-    let Metadata { op: op_code, table, schema: schema_name, db, deleted, .. } = meta;
+    let Metadata { op: op_code, table, schema: schema_name, db, deleted, collection, .. } = meta;
+    let mongo = collection.is_some();
+    let table = table.or(collection);
     let committed_at =
         [(meta.ts_ns, super::NANOS_PER_NS), (meta.ts_us, super::NANOS_PER_US), (meta.ts_ms, super::NANOS_PER_MS)]
             .into_iter()
@@ -55,14 +67,20 @@ pub(super) fn decode(topic: &str, message: Message<'_>, key: Option<&[u8]>) -> R
     let qualifier = schema_name.as_deref().filter(|s| !s.is_empty()).or(db.as_deref());
     let table = super::table_name(qualifier, table.as_deref(), topic)?;
 
-    if let Some(columns) = &message.decimals {
-        schema::decode_decimals(&mut row, &columns.top)?;
+    if let Some(columns) = &message.logical {
+        schema::decode_logical(&mut row, &columns.top)?;
     }
+    let key = if mongo {
+        mongodb::normalise(&mut row);
+        mongodb::key_row(key)
+    } else {
+        super::key_row(key)
+    };
     let images = match op {
         Op::Delete => Images { before: Some(row), after: None },
         _ => Images { before: None, after: Some(row) },
     };
-    super::finish(table, op, images, committed_at, key)
+    super::finish(table, op, images, committed_at, key, placeholders)
 }
 
 /// The `__` fields we read; the others are dropped.
@@ -72,6 +90,8 @@ struct Metadata {
     table: Option<String>,
     schema: Option<String>,
     db: Option<String>,
+    /// MongoDB's `ExtractNewDocumentState`: the collection (the table of the rules).
+    collection: Option<String>,
     deleted: bool,
     ts_ns: Option<i64>,
     ts_us: Option<i64>,
@@ -83,9 +103,17 @@ impl Metadata {
     fn read(&mut self, field: &str, value: Value) -> Result<(), DecodeError> {
         match field {
             "op" => self.op = string(value, "`__op`")?,
+            // `add.fields=source.table` writes `__source_table` (the SMT joins struct and field
+            // names with an underscore): the same table, named as the database knows it even
+            // after a router changed the topic.
             "table" => self.table = string(value, "`__table`")?,
+            "source_table" => self.table = string(value, "`__source_table`")?,
             "schema" => self.schema = string(value, "`__schema`")?,
+            "source_schema" => self.schema = string(value, "`__source_schema`")?,
             "db" => self.db = string(value, "`__db`")?,
+            "source_db" => self.db = string(value, "`__source_db`")?,
+            "collection" => self.collection = string(value, "`__collection`")?,
+            "source_collection" => self.collection = string(value, "`__source_collection`")?,
             // Debezium writes "true"/"false"; a boolean is accepted too.
             "deleted" => self.deleted = matches!(&value, Value::Bool(true)) || value.as_str() == Some("true"),
             "source_ts_ns" => self.ts_ns = value.as_i64(),
