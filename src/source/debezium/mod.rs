@@ -64,6 +64,8 @@ mod flattened;
 mod json;
 mod mongodb;
 mod placeholder;
+#[cfg(test)]
+mod real_tests;
 mod schema;
 #[cfg(test)]
 mod tests;

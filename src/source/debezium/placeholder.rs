@@ -5,7 +5,11 @@
 //! Oracle's LOB columns in `before` and unchanged LOBs in `after`. A bytes column gets the
 //! placeholder's UTF-8 bytes, which JsonConverter writes as base64
 //! (`X19kZWJleml1bV91bmF2YWlsYWJsZV92YWx1ZQ==`), and an array or map column holds it as an
-//! element. Rendered into a key, any of these invalidates a key nobody uses while the real one
+//! element. The PostgreSQL connector's tests (`DecoderDifferences.java`,
+//! `PostgresDefaultValueConverterIT.java` in debezium/debezium) show three more spellings, all
+//! recognised: a `uuid` column gets the name-based UUID of the text
+//! (`b68a35a7-17ad-35b3-af2a-ae46edb4545a` for the default), an integer array the text's bytes
+//! as numbers (`[95, 95, 100, …]`), a `json` column the text `{"<p>":"<p>"}`. Rendered into a key, any of these invalidates a key nobody uses while the real one
 //! stays cached, so the decoder drops such a column from its image: it is then **unknown**, as
 //! an absent column (the pgoutput source treats unchanged TOAST the same way), and a template
 //! needing it renders from the other image or is a rule error.
@@ -25,6 +29,9 @@ use crate::event::Row;
 /// Debezium's default `unavailable.value.placeholder` (`CommonConnectorConfig`).
 pub const DEFAULT_PLACEHOLDER: &str = "__debezium_unavailable_value";
 
+/// The default placeholder in a `uuid` column (`DecoderDifferences.TOASTED_VALUE_UUID_STRING`).
+const DEFAULT_UUID: &str = "b68a35a7-17ad-35b3-af2a-ae46edb4545a";
+
 /// Nesting we look into for a placeholder inside arrays and maps; deeper values are not
 /// searched (no connector nests one deeper than an array of arrays).
 const MAX_DEPTH: usize = 8;
@@ -43,21 +50,28 @@ pub struct DebeziumConfig {
 #[derive(Debug, Clone)]
 pub struct Placeholders {
     texts: Vec<String>,
+    /// Each placeholder's bytes: an integer array column holds them as numbers.
+    bytes: Vec<Vec<u8>>,
 }
 
 impl Placeholders {
     /// Debezium's default placeholder and, if given and not empty, a custom one.
     pub fn new(custom: Option<&str>) -> Placeholders {
-        let mut texts = Vec::with_capacity(4);
+        let mut texts = vec![DEFAULT_UUID.to_owned()];
+        let mut bytes = Vec::with_capacity(2);
         for text in std::iter::once(DEFAULT_PLACEHOLDER).chain(custom.filter(|c| !c.is_empty())) {
             let encoded = STANDARD.encode(text.as_bytes());
-            for candidate in [text.to_owned(), encoded] {
+            let json = serde_json::json!({ text: text }).to_string();
+            for candidate in [text.to_owned(), encoded, json] {
                 if !texts.contains(&candidate) {
                     texts.push(candidate);
                 }
             }
+            if !bytes.iter().any(|b: &Vec<u8>| b == text.as_bytes()) {
+                bytes.push(text.as_bytes().to_vec());
+            }
         }
-        Placeholders { texts }
+        Placeholders { texts, bytes }
     }
 
     /// Whether `value` is a placeholder: one of the texts, or an array or map holding one.
@@ -68,10 +82,17 @@ impl Placeholders {
     fn holds(&self, value: &Value, depth: usize) -> bool {
         match value {
             Value::String(s) => self.texts.iter().any(|t| t == s),
+            Value::Array(items) if self.is_byte_list(items) => true,
             Value::Array(items) if depth < MAX_DEPTH => items.iter().any(|v| self.holds(v, depth + 1)),
             Value::Object(map) if depth < MAX_DEPTH => map.values().any(|v| self.holds(v, depth + 1)),
             _ => false,
         }
+    }
+
+    fn is_byte_list(&self, items: &[Value]) -> bool {
+        self.bytes.iter().any(|bytes| {
+            bytes.len() == items.len() && bytes.iter().zip(items).all(|(b, v)| v.as_u64() == Some(u64::from(*b)))
+        })
     }
 
     /// Drops every placeholder column from `row`, making it unknown in this image.
@@ -117,6 +138,13 @@ mod tests {
         assert!(p.is_placeholder(&json!({"k": "__debezium_unavailable_value"})));
         assert!(!p.is_placeholder(&json!("a__debezium_unavailable_value")));
         assert!(!p.is_placeholder(&json!(["x"])));
+        // DecoderDifferences.java: the uuid and integer-array spellings.
+        assert!(p.is_placeholder(&json!("b68a35a7-17ad-35b3-af2a-ae46edb4545a")));
+        let ints: Vec<u8> = DEFAULT_PLACEHOLDER.bytes().collect();
+        assert!(p.is_placeholder(&json!(ints)));
+        assert!(!p.is_placeholder(&json!([95, 95])));
+        // PostgresDefaultValueConverterIT.java: a json column.
+        assert!(p.is_placeholder(&json!(r#"{"__debezium_unavailable_value":"__debezium_unavailable_value"}"#)));
         assert!(p.found_in("product:__debezium_unavailable_value"));
         assert!(!p.found_in("product:42"));
 

@@ -319,7 +319,7 @@ mod tests {
 
     #[test]
     fn schema_without_decimals_has_none() {
-        let schema = r#"{"type":"struct","fields":[{"type":"int32","field":"day","name":"io.debezium.time.Date"}]}"#;
+        let schema = r#"{"type":"struct","fields":[{"type":"int32","field":"year","name":"io.debezium.time.Year"}]}"#;
         assert_eq!(logical_columns(schema).as_deref(), Ok(&LogicalColumns::default()));
     }
 
