@@ -96,6 +96,27 @@ pub(crate) fn zoned_time(text: &str) -> Option<String> {
     Some(out)
 }
 
+/// Debezium's `IsoDate`, `IsoTime`, `IsoTimestamp` (`time.precision.mode=isostring`): a value
+/// without a zone written with the UTC offset `Z` (`2017-09-15Z`, `04:05:11.789Z`,
+/// `2019-07-09T02:28:57.123456Z`), which is dropped: the wall-clock value is what the column
+/// holds and what pgoutput sends.
+pub(crate) fn iso_local(text: &str, kind: IsoKind) -> Option<String> {
+    let text = text.strip_suffix('Z')?;
+    match kind {
+        IsoKind::Date => pg_date(text),
+        IsoKind::Time => pg_time(text),
+        IsoKind::Timestamp => pg_timestamp(text),
+    }
+}
+
+/// Which of the `isostring` types [`iso_local`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IsoKind {
+    Date,
+    Time,
+    Timestamp,
+}
+
 /// PostgreSQL's text for a `date` (DateStyle ISO): validated and returned as is.
 pub(crate) fn pg_date(text: &str) -> Option<String> {
     let mut p = Parser(text.as_bytes());
@@ -319,5 +340,17 @@ mod tests {
         assert_eq!(pg_timestamp("2024-03-15 10:04:05").as_deref(), Some("2024-03-15T10:04:05"));
         assert_eq!(pg_timestamp("2024-03-15 10:04:05.123456").as_deref(), Some("2024-03-15T10:04:05.123456"));
         assert_eq!(pg_timestamp("-infinity"), None);
+    }
+
+    #[test]
+    fn isostring_values_drop_their_utc_marker() {
+        // postgresql.adoc, `time.precision.mode=isostring` examples.
+        assert_eq!(iso_local("2017-09-15Z", IsoKind::Date).as_deref(), Some("2017-09-15"));
+        assert_eq!(iso_local("04:05:11.789Z", IsoKind::Time).as_deref(), Some("04:05:11.789"));
+        assert_eq!(
+            iso_local("2019-07-09T02:28:57.123456Z", IsoKind::Timestamp).as_deref(),
+            Some("2019-07-09T02:28:57.123456")
+        );
+        assert_eq!(iso_local("2019-07-09T02:28:57+01:00", IsoKind::Timestamp), None);
     }
 }

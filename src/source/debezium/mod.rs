@@ -2,12 +2,18 @@
 //!
 //! [`decode`] takes one Kafka message and says what it is:
 //!
+//! - **Confluent wire format** (first byte 0): malformed, the error naming the encoding and the
+//!   schema id (`confluent.rs`).
 //! - **Tombstone**: no value, or the JSON literal `null` (also as a schema envelope's
-//!   `payload`). The table comes from the topic.
+//!   `payload` with a null or non-row schema). The table comes from the topic. A JSON `null`
+//!   value (not an absent one) logs a warning once: see [`warn_null_value`].
+//! - **`ExtractNewRecordState` delete** in its default `delete.tombstone.handling.mode`: a
+//!   schema envelope whose `payload` is null but whose `schema` describes a row. A delete whose
+//!   row image is the message key's fields (the contract, "Values the database did not send").
 //! - **Heartbeat**: anything on a topic starting `__debezium-heartbeat`, or a value holding
 //!   nothing but `ts_ms` (schema-wrapped or not); `at` is that `ts_ms`.
 //! - **Standard envelope** (`envelope.rs`): an object with a `source` object and at least one of
-//!   `op`, `before`, `after`. Debezium always writes `source`; requiring it keeps a flattened
+//!   `op`, `before`, `after`. A `source.collection` makes it a MongoDB event (`mongodb.rs`). Debezium always writes `source`; requiring it keeps a flattened
 //!   row whose table happens to have an `op` or `after` column from being mistaken for one.
 //! - **Schema change** (`source` plus `ddl` or `tableChanges`) and **transaction metadata**
 //!   (`status` BEGIN/END with `id` and `event_count`/`data_collections`): no row change.
@@ -24,8 +30,8 @@
 //! # Choices a user can see
 //!
 //! - **Table name**: `source.schema` (PostgreSQL, SQL Server, Oracle) or else `source.db`
-//!   (MySQL/MariaDB), a dot, `source.table`; for flattened rows `__schema`/`__db` and
-//!   `__table`. When the event names no table, the last two dot-separated parts of the topic
+//!   (MySQL/MariaDB), a dot, `source.table` (MongoDB: `source.db`, a dot, `source.collection`);
+//!   for flattened rows `__schema`/`__db` and `__table`, or their `__source_*` forms. When the event names no table, the last two dot-separated parts of the topic
 //!   (`shop.public.products` → `public.products`, and for SQL Server's
 //!   `prefix.db.schema.table` → `schema.table`); a one-part topic is the table name itself.
 //!   When the event names the table but not its schema or database, the topic's second-to-last
@@ -46,8 +52,13 @@
 //!   converter must not make every message malformed.
 //! - **Decimals**: with a schema envelope, Connect `Decimal` and Debezium
 //!   `VariableScaleDecimal` columns become plain decimal strings (`"100.00"`), the same text
-//!   `decimal.handling.mode=string` sends, so one rules file works with either setting. Other
-//!   values stay as Debezium sent them.
+//!   `decimal.handling.mode=string` sends, so one rules file works with either setting.
+//! - **Temporal values**: with a schema envelope, every `io.debezium.time.*` date, time and
+//!   timestamp type and Connect `Date`/`Time`/`Timestamp` become ISO 8601 strings
+//!   (`crate::source::temporal`), as pgoutput's values do. Without a schema an integer cannot be
+//!   known to be a date and stays the integer. Other values stay as Debezium sent them.
+//! - **Unavailable values**: a column holding the connector's placeholder (`placeholder.rs`) is
+//!   dropped from its image, so it is unknown there, like an absent column.
 //!
 //! # Limits
 //!

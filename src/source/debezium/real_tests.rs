@@ -140,7 +140,10 @@ fn debezium_temporal_types_render_as_iso() {
             "local_ts_ms": "2024-03-15T10:04:05.25",
             "local_ts_ns": "2024-03-15T10:04:05.25",
             "zoned_ts": "2024-03-15T09:04:05.25Z",
-            "zoned_t": "09:04:05Z"
+            "zoned_t": "09:04:05Z",
+            "iso_day": "2024-03-15",
+            "iso_at": "10:04:05.25",
+            "iso_ts": "2024-03-15T10:04:05.25"
         })))
     );
 }
@@ -278,4 +281,25 @@ fn confluent_framed_values_name_the_encoding() {
         Err("the message value is in the Confluent wire format, schema id 7: set source.kafka.format to avro or auto"
             .to_owned())
     );
+}
+
+// The belt and braces: a placeholder that reaches a row by any path (here an event built by
+// hand) is never rendered into an item; the rule reports it.
+#[test]
+fn a_rendered_item_holding_a_placeholder_is_a_rule_error() {
+    let event = ChangeEvent {
+        table: "public.products".into(),
+        op: Op::Insert,
+        before: None,
+        after: Some(row(json!({"id": 42, "slug": "x-__debezium_unavailable_value"}))),
+        committed_at: None,
+    };
+    let rules = rules(
+        "version: 1\nrules:\n  - name: pages\n    table: public.products\n    redis:\n      keys: [\"product:{id}\"]\n    cdn:\n      urls: [\"https://shop.example.com/p/{slug}\"]\n",
+    );
+    let eval = rules.evaluate(&event);
+    assert_eq!(eval.invalidations.redis_keys, ["product:42"]);
+    assert!(eval.invalidations.urls.is_empty(), "{eval:?}");
+    assert_eq!(eval.errors.len(), 1, "{eval:?}");
+    assert!(eval.errors[0].message.contains("unavailable-value placeholder"), "{eval:?}");
 }

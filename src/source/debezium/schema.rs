@@ -23,6 +23,7 @@ use super::decimal::{self, DecimalError};
 use super::json::{kind_of, Kind};
 use super::DecodeError;
 use crate::event::Row;
+use crate::source::temporal::IsoKind;
 
 const CONNECT_DECIMAL: &str = "org.apache.kafka.connect.data.Decimal";
 const VARIABLE_SCALE_DECIMAL: &str = "io.debezium.data.VariableScaleDecimal";
@@ -74,6 +75,8 @@ enum LogicalKind {
     ZonedTimestamp,
     /// `io.debezium.time.ZonedTime`: an ISO time with an offset.
     ZonedTime,
+    /// `io.debezium.time.IsoDate`/`IsoTime`/`IsoTimestamp` (`time.precision.mode=isostring`).
+    Iso(crate::source::temporal::IsoKind),
 }
 
 /// Schemas seen, by [`sample_hash`]; each bucket holds the full texts that share it.
@@ -206,6 +209,9 @@ fn logical(fields: &[&Map<String, Value>]) -> Vec<LogicalColumn> {
                 "io.debezium.time.NanoTimestamp" => LogicalKind::Timestamp { unit_nanos: 1 },
                 "io.debezium.time.ZonedTimestamp" => LogicalKind::ZonedTimestamp,
                 "io.debezium.time.ZonedTime" => LogicalKind::ZonedTime,
+                "io.debezium.time.IsoDate" => LogicalKind::Iso(IsoKind::Date),
+                "io.debezium.time.IsoTime" => LogicalKind::Iso(IsoKind::Time),
+                "io.debezium.time.IsoTimestamp" => LogicalKind::Iso(IsoKind::Timestamp),
                 _ => return None,
             };
             Some(LogicalColumn { name: name.to_owned(), kind })
@@ -266,6 +272,7 @@ fn temporal(kind: &LogicalKind, value: &Value) -> Option<String> {
         }
         (LogicalKind::ZonedTimestamp, Value::String(text)) => temporal::zoned_timestamp(text),
         (LogicalKind::ZonedTime, Value::String(text)) => temporal::zoned_time(text),
+        (LogicalKind::Iso(kind), Value::String(text)) => temporal::iso_local(text, *kind),
         _ => None,
     }
 }
