@@ -246,3 +246,61 @@ async fn pgoutput_and_debezium_render_one_row_alike() {
     assert!(daemon.dead_letters().is_empty(), "{:?}", daemon.dead_letters());
     daemon.stop().await.unwrap();
 }
+
+/// `source.debezium.unavailable_value_placeholder` reaches the decoder of the commands that load
+/// the config (here `replay --dry-run`, which decodes as the daemon does), and an empty one is
+/// a config error.
+#[test]
+fn a_custom_placeholder_from_the_config_is_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = write_config(
+        dir.path(),
+        &Setup {
+            bootstrap: "127.0.0.1:1",
+            topics: &["shop.public.products"],
+            group: "placeholder",
+            redis_url: "redis://127.0.0.1:1",
+            extra: "",
+            librdkafka: &[],
+        },
+    );
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        "version: 1\nrules:\n  - name: pages\n    table: public.products\n    redis: { keys: [\"product:{id}\", \"slug:{slug}\"] }\n",
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let with = |placeholder: &str| {
+        text.replacen(
+            "source:\n",
+            &format!("source:\n  debezium:\n    unavailable_value_placeholder: \"{placeholder}\"\n"),
+            1,
+        )
+    };
+    std::fs::write(&config, with("N/A")).unwrap();
+    let input = dir.path().join("events.jsonl");
+    std::fs::write(
+        &input,
+        "{\"before\":null,\"after\":{\"id\":42,\"slug\":\"N/A\"},\"source\":{\"schema\":\"public\",\"table\":\"products\"},\"op\":\"c\"}\n",
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .args(["replay", "-c"])
+        .arg(&config)
+        .arg("--file")
+        .arg(&input)
+        .args(["--topic", "shop.public.products", "--dry-run"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {stdout} {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(line["redis_keys"], serde_json::json!(["product:42"]), "{line}");
+    assert_eq!(line["errors"].as_array().map(Vec::len), Some(1), "{line}");
+
+    std::fs::write(&config, with("")).unwrap();
+    let out = Command::new(binary()).args(["check", "-c"]).arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unavailable_value_placeholder must not be empty"), "{stderr}");
+}
