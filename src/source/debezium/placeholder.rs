@@ -52,6 +52,9 @@ pub struct Placeholders {
     texts: Vec<String>,
     /// Each placeholder's bytes: an integer array column holds them as numbers.
     bytes: Vec<Vec<u8>>,
+    /// The shortest text: an item shorter than this holds none, which settles most cache keys
+    /// without a substring search (the rules engine asks about every rendered item).
+    min_len: usize,
 }
 
 impl Placeholders {
@@ -71,7 +74,8 @@ impl Placeholders {
                 bytes.push(text.as_bytes().to_vec());
             }
         }
-        Placeholders { texts, bytes }
+        let min_len = texts.iter().map(String::len).min().unwrap_or(0);
+        Placeholders { texts, bytes, min_len }
     }
 
     /// Whether `value` is a placeholder: one of the texts, or an array or map holding one.
@@ -105,7 +109,7 @@ impl Placeholders {
     /// Whether a rendered item contains a placeholder anywhere (a template that concatenates a
     /// placeholder into a key, however it got into the row).
     pub fn found_in(&self, item: &str) -> bool {
-        self.texts.iter().any(|t| item.contains(t.as_str()))
+        item.len() >= self.min_len && self.texts.iter().any(|t| item.contains(t.as_str()))
     }
 }
 
