@@ -11,6 +11,8 @@
 //! Every `__` field is metadata, never a column: it is taken off the row, the ones we know are
 //! read, the others dropped.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde_json::Value;
 
 use super::json::{self, kind_of};
@@ -42,8 +44,11 @@ pub(super) fn decode(
             }
         }
     }
-    let Metadata { op: op_code, table, schema: schema_name, db, deleted, collection, .. } = meta;
+    let Metadata { op: op_code, table, schema: schema_name, db, deleted, deleted_field, collection, .. } = meta;
     let mongo = collection.is_some();
+    if !deleted_field && !mongo && message.logical.is_none() {
+        warn_no_deleted_field(topic);
+    }
     let table = table.or(collection);
     let committed_at =
         [(meta.ts_ns, super::NANOS_PER_NS), (meta.ts_us, super::NANOS_PER_US), (meta.ts_ms, super::NANOS_PER_MS)]
@@ -83,6 +88,24 @@ pub(super) fn decode(
     super::finish(table, op, images, committed_at, key, placeholders)
 }
 
+/// `delete.tombstone.handling.mode=rewrite` adds `__deleted` to every row it writes (`"false"`
+/// on inserts and updates; `DefaultDeleteHandlingStrategy.handleRecord`), so a flattened row
+/// without it comes from another mode, in which deletes reach us as bare `null`s (the default
+/// `tombstone` mode without a value schema) or not at all (`drop`, `delete-to-tombstone`): every
+/// delete is lost. The typical cause is the removed `delete.handling.mode=rewrite`, which Kafka
+/// Connect ignores. Said once per process, on the first such row.
+fn warn_no_deleted_field(topic: &str) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            topic,
+            "ExtractNewRecordState rows without a `__deleted` field and without a value schema: deletes on this \
+             topic cannot be seen and are never invalidated; set the SMT's delete.tombstone.handling.mode=rewrite \
+             (delete.handling.mode was removed in Debezium 3.2 and is ignored)"
+        );
+    }
+}
+
 /// The `__` fields we read; the others are dropped.
 #[derive(Default)]
 struct Metadata {
@@ -93,6 +116,8 @@ struct Metadata {
     /// MongoDB's `ExtractNewDocumentState`: the collection (the table of the rules).
     collection: Option<String>,
     deleted: bool,
+    /// Whether `__deleted` was there at all: the rewrite mode writes it on every row.
+    deleted_field: bool,
     ts_ns: Option<i64>,
     ts_us: Option<i64>,
     ts_ms: Option<i64>,
@@ -115,7 +140,10 @@ impl Metadata {
             "collection" => self.collection = string(value, "`__collection`")?,
             "source_collection" => self.collection = string(value, "`__source_collection`")?,
             // Debezium writes "true"/"false"; a boolean is accepted too.
-            "deleted" => self.deleted = matches!(&value, Value::Bool(true)) || value.as_str() == Some("true"),
+            "deleted" => {
+                self.deleted_field = true;
+                self.deleted = matches!(&value, Value::Bool(true)) || value.as_str() == Some("true");
+            }
             "source_ts_ns" => self.ts_ns = value.as_i64(),
             "source_ts_us" => self.ts_us = value.as_i64(),
             "source_ts_ms" => self.ts_ms = value.as_i64(),

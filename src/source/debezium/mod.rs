@@ -13,8 +13,9 @@
 //! - **Heartbeat**: anything on a topic starting `__debezium-heartbeat`, or a value holding
 //!   nothing but `ts_ms` (schema-wrapped or not); `at` is that `ts_ms`.
 //! - **Standard envelope** (`envelope.rs`): an object with a `source` object and at least one of
-//!   `op`, `before`, `after`. A `source.collection` makes it a MongoDB event (`mongodb.rs`). Debezium always writes `source`; requiring it keeps a flattened
-//!   row whose table happens to have an `op` or `after` column from being mistaken for one.
+//!   `op`, `before`, `after`. Debezium always writes `source`; requiring it keeps a flattened
+//!   row whose table happens to have an `op` or `after` column from being mistaken for one. A
+//!   `source.collection` makes it a MongoDB event (`mongodb.rs`).
 //! - **Schema change** (`source` plus `ddl` or `tableChanges`) and **transaction metadata**
 //!   (`status` BEGIN/END with `id` and `event_count`/`data_collections`): no row change.
 //! - **Flattened row** (`flattened.rs`): everything else, i.e. the `ExtractNewRecordState`
@@ -31,7 +32,9 @@
 //!
 //! - **Table name**: `source.schema` (PostgreSQL, SQL Server, Oracle) or else `source.db`
 //!   (MySQL/MariaDB), a dot, `source.table` (MongoDB: `source.db`, a dot, `source.collection`);
-//!   for flattened rows `__schema`/`__db` and `__table`, or their `__source_*` forms. When the event names no table, the last two dot-separated parts of the topic
+//!   for flattened rows `__schema`/`__db` and `__table`, or their `__source_*` forms (and
+//!   `__collection` for MongoDB's `ExtractNewDocumentState`). When the event names no table,
+//!   the last two dot-separated parts of the topic
 //!   (`shop.public.products` → `public.products`, and for SQL Server's
 //!   `prefix.db.schema.table` → `schema.table`); a one-part topic is the table name itself.
 //!   When the event names the table but not its schema or database, the topic's second-to-last

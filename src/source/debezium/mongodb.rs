@@ -14,7 +14,7 @@
 //! | `{"$numberLong": "1004"}`, `{"$numberInt": "7"}` | `1004`, `7` |
 //! | `{"$numberDouble": "1.5"}` | `1.5` |
 //! | `{"$numberDecimal": "19.90"}` | `19.90` |
-//! | `{"$date": …}` (epoch ms, `$numberLong` or ISO text) | `2024-03-15T09:04:05Z` (UTC, as zoned timestamps) |
+//! | `{"$date": …}` (epoch ms, or ISO text) | `2024-03-15T09:04:05Z` (UTC) |
 //!
 //! Other wrappers (`$binary`, `$regularExpression`, …) stay objects, which cannot render. A
 //! delete without a pre-image (the default: MongoDB sends no `before` unless pre-images are

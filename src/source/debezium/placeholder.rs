@@ -9,9 +9,11 @@
 //! `PostgresDefaultValueConverterIT.java` in debezium/debezium) show three more spellings, all
 //! recognised: a `uuid` column gets the name-based UUID of the text
 //! (`b68a35a7-17ad-35b3-af2a-ae46edb4545a` for the default), an integer array the text's bytes
-//! as numbers (`[95, 95, 100, …]`), a `json` column the text `{"<p>":"<p>"}`. Rendered into a key, any of these invalidates a key nobody uses while the real one
-//! stays cached, so the decoder drops such a column from its image: it is then **unknown**, as
-//! an absent column (the pgoutput source treats unchanged TOAST the same way), and a template
+//! as numbers (`[95, 95, 100, …]`), a `json` column the text `{"<p>":"<p>"}`.
+//!
+//! Rendered into a key, any of these invalidates a key nobody uses while the real one stays
+//! cached, so the decoder drops such a column from its image: it is then **unknown**, as an
+//! absent column (the pgoutput source treats unchanged TOAST the same way), and a template
 //! needing it renders from the other image or is a rule error.
 //!
 //! The belt and braces: [`Placeholders::found_in`] lets the rules engine refuse any rendered

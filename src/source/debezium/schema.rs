@@ -3,9 +3,9 @@
 //! value a rule should render).
 //!
 //! A schema envelope repeats the whole schema in every message, several kilobytes of which we
-//! need one fact per decimal or temporal column. So what a schema says is cached per distinct schema text
-//! (a table has one schema until its DDL changes), per thread, so the decoder stays free of
-//! locks; and a schema is only parsed when its text names a decimal or temporal type at all.
+//! need one fact per decimal or temporal column. So what a schema says is cached per distinct
+//! schema text (a table has one schema until its DDL changes), per thread, so the decoder stays
+//! free of locks; and a schema is only parsed when its text names such a type at all.
 //!
 //! The cache also remembers that a text is valid JSON, which lets [`super::Message::read`]
 //! skip a known schema with a plain bracket scan instead of a full JSON parse, and the schema
