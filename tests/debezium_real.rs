@@ -54,6 +54,7 @@ const MESSAGES: [(&str, Option<&str>, &str); 4] = [
 ];
 
 const FRAMED_TOPIC: &str = "shop.public.framed";
+const UNWRAPPED_TOPIC: &str = "shop.products_all";
 /// Magic byte 0 and schema id 7: the Confluent wire format.
 const FRAMED: [u8; 7] = [0, 0, 0, 0, 7, 2, 0x54];
 
@@ -110,7 +111,7 @@ async fn real_debezium_shapes_explain_and_daemon_agree() {
     // The daemon on Kafka invalidates exactly those, and nothing a placeholder or a day count
     // would have named.
     let broker = crate::support::tansu::TansuBroker::start();
-    let topics: Vec<&str> = MESSAGES.iter().map(|(t, _, _)| *t).chain([FRAMED_TOPIC]).collect();
+    let topics: Vec<&str> = MESSAGES.iter().map(|(t, _, _)| *t).chain([FRAMED_TOPIC, UNWRAPPED_TOPIC]).collect();
     for topic in &topics {
         broker.create_topic(topic, 1);
     }
@@ -143,6 +144,14 @@ async fn real_debezium_shapes_explain_and_daemon_agree() {
     }
     let framed: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(FRAMED_TOPIC).payload(&FRAMED);
     producer.send(framed, Duration::from_secs(10)).await.expect("produce to tansu");
+    // What a misconfigured ExtractNewRecordState writes: a schemaless row without `__deleted`
+    // (event-flattening.adoc, `add.fields=source.table`), and a delete as a bare JSON null.
+    let unwrapped = std::fs::read(fixture("unwrap-source-table.json")).unwrap();
+    let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(UNWRAPPED_TOPIC).payload(&unwrapped);
+    producer.send(record, Duration::from_secs(10)).await.expect("produce to tansu");
+    let null: FutureRecord<'_, [u8], [u8]> =
+        FutureRecord::to(UNWRAPPED_TOPIC).key(&b"{\"id\":42}"[..]).payload(&b"null"[..]);
+    producer.send(null, Duration::from_secs(10)).await.expect("produce to tansu");
 
     let done =
         wait_until(Duration::from_secs(30), || expected.iter().all(|k| !c.exists::<_, bool>(k).unwrap_or(true))).await;
@@ -157,6 +166,12 @@ async fn real_debezium_shapes_explain_and_daemon_agree() {
     for k in canaries {
         assert!(c.exists::<_, bool>(k).unwrap(), "{k} is never invalidated");
     }
+    let warned = wait_until(Duration::from_secs(30), || {
+        let log = daemon.log_text();
+        log.contains("without a `__deleted` field") && log.contains("a message value is JSON null")
+    })
+    .await;
+    assert!(warned, "both SMT warnings are logged; log:\n{}", daemon.log_text());
     daemon.signal("TERM");
     let code = tokio::task::spawn_blocking(move || daemon.wait(Duration::from_secs(30))).await.unwrap();
     assert_eq!(code, Some(0));
