@@ -68,10 +68,14 @@ pub(super) fn decode(
     let mut before = super::image(fields.take("before"), "`before`")?;
     let mut after = super::image(fields.take("after"), "`after`")?;
     if let Some(columns) = logical {
+        // Placeholders first: the base64 placeholder in a Connect Decimal column would
+        // otherwise decode to a plausible number.
         if let Some(before) = &mut before {
+            placeholders.strip(before);
             schema::decode_logical(before, &columns.before)?;
         }
         if let Some(after) = &mut after {
+            placeholders.strip(after);
             schema::decode_logical(after, &columns.after)?;
         }
     }

@@ -73,6 +73,9 @@ pub(super) fn decode(
     let table = super::table_name(qualifier, table.as_deref(), topic)?;
 
     if let Some(columns) = &message.logical {
+        // Placeholders first: the base64 placeholder in a Connect Decimal column would
+        // otherwise decode to a plausible number.
+        placeholders.strip(&mut row);
         schema::decode_logical(&mut row, &columns.top)?;
     }
     let key = if mongo {
