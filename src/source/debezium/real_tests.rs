@@ -319,3 +319,35 @@ fn a_rendered_item_holding_a_placeholder_is_a_rule_error() {
     assert_eq!(eval.errors.len(), 1, "{eval:?}");
     assert!(eval.errors[0].message.contains("unavailable-value placeholder"), "{eval:?}");
 }
+
+// DefaultDeleteHandlingStrategy.java, handleDeleteRecord / handleTombstoneRecord: what each
+// `delete.tombstone.handling.mode` puts on the topic for one deleted row (key `{"id":42}`),
+// and what the decoder makes of it. `drop` writes nothing at all.
+#[test]
+fn extract_new_record_state_every_delete_mode() {
+    let key = Some(&br#"{"id":42}"#[..]);
+    let schema_null = fixture("unwrap-delete-tombstone-mode.json");
+    let rewritten = br#"{"id":42,"slug":"blue-widget","__deleted":"true"}"#;
+    let kinds = |messages: &[Option<&[u8]>]| -> Vec<String> {
+        messages
+            .iter()
+            .map(|value| match decode("shop.public.products", key, *value) {
+                Ok(Decoded::Change(event)) => {
+                    format!("{}:{}", event.op, event.before.map(|b| b["id"].clone()).unwrap_or_default())
+                }
+                Ok(Decoded::NoChange(n)) => n.kind.as_str().to_owned(),
+                Err(e) => e.to_string(),
+            })
+            .collect()
+    };
+    // tombstone (the default): the delete record keeps the value schema, its value null; the
+    // connector's own tombstone is dropped.
+    assert_eq!(kinds(&[Some(&schema_null)]), ["delete:42"]);
+    // rewrite: the before image with `__deleted: "true"`, tombstone dropped.
+    assert_eq!(kinds(&[Some(rewritten)]), ["delete:42"]);
+    // rewrite-with-tombstone: the same, then the tombstone (no value).
+    assert_eq!(kinds(&[Some(rewritten), None]), ["delete:42", "tombstone"]);
+    // delete-to-tombstone: a true tombstone only (null schema and value): the delete is lost,
+    // as the documentation says.
+    assert_eq!(kinds(&[None]), ["tombstone"]);
+}
