@@ -54,8 +54,8 @@ pub struct Placeholders {
     texts: Vec<String>,
     /// Each placeholder's bytes: an integer array column holds them as numbers.
     bytes: Vec<Vec<u8>>,
-    /// The shortest text: an item shorter than this holds none, which settles most cache keys
-    /// without a substring search (the rules engine asks about every rendered item).
+    /// The shortest text: a value shorter than this is none and holds none, which settles most
+    /// values with one comparison (every column of every image is asked about).
     min_len: usize,
 }
 
@@ -87,7 +87,7 @@ impl Placeholders {
 
     fn holds(&self, value: &Value, depth: usize) -> bool {
         match value {
-            Value::String(s) => self.texts.iter().any(|t| t == s),
+            Value::String(s) => s.len() >= self.min_len && self.texts.iter().any(|t| t == s),
             Value::Array(items) if self.is_byte_list(items) => true,
             Value::Array(items) if depth < MAX_DEPTH => items.iter().any(|v| self.holds(v, depth + 1)),
             Value::Object(map) if depth < MAX_DEPTH => map.values().any(|v| self.holds(v, depth + 1)),
