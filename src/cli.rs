@@ -100,7 +100,10 @@ fn print_problems(err: &dyn std::fmt::Display) {
 fn load(config_path: &Path) -> Result<(Config, Rules), u8> {
     let mut failed = false;
     let config = match config::load(config_path) {
-        Ok(c) => Some(c),
+        Ok(c) => {
+            crate::source::debezium::configure(&c.source.debezium);
+            Some(c)
+        }
         Err(e) => {
             print_problems(&e);
             failed = true;

@@ -11,6 +11,7 @@ mod cdn_signed;
 mod cdn_varnish;
 mod cdn_webhook;
 mod cli;
+mod debezium_real;
 mod end_to_end;
 mod operator_alerts;
 mod operator_kit;

@@ -207,6 +207,8 @@ fn connectors_have_the_settings_the_daemon_needs() {
         assert!(cfg["topic.prefix"].as_str().is_some(), "{file}");
         assert!(cfg["decimal.handling.mode"] == "string" || cfg["decimal.handling.mode"] == "precise", "{file}");
         assert!(cfg.get("transforms").is_none(), "{file}: no ExtractNewRecordState: both row images are kept");
+        // Issue 11: the value schema tells a date from a number; without it `19797`, not `2024-03-15`.
+        assert_eq!(cfg["value.converter.schemas.enable"], "true", "{file}: temporal values need the schema");
         let password = cfg["database.password"].as_str().unwrap_or_default();
         assert!(password.starts_with("${file:/kafka/secrets/"), "{file}: the password comes from a file");
     }

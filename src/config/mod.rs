@@ -68,6 +68,9 @@ pub struct SourceConfig {
     pub kafka: Option<KafkaConfig>,
     /// The PostgreSQL logical replication source (`kind: postgres`).
     pub postgres: Option<PostgresConfig>,
+    /// How Debezium messages are read (`source.debezium`), whichever transport brings them.
+    #[serde(default)]
+    pub debezium: crate::source::debezium::DebeziumConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -547,6 +550,13 @@ impl Config {
     fn validate(&mut self, origin: &Origin) -> Vec<Problem> {
         let mut problems = Vec::new();
         self.rules = relative_to(origin.file, &self.rules);
+
+        if self.source.debezium.unavailable_value_placeholder.as_deref().is_some_and(str::is_empty) {
+            problems.push(origin.problem(
+                &["source", "debezium", "unavailable_value_placeholder"],
+                "source.debezium.unavailable_value_placeholder must not be empty (it would match every empty string)",
+            ));
+        }
 
         match self.source.kind {
             SourceKind::Kafka => match self.source.kafka.as_mut() {

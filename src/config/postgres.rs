@@ -41,6 +41,13 @@ pub struct PostgresConfig {
     /// Create the publication `FOR ALL TABLES` at start when it is missing.
     #[serde(default)]
     pub create_publication: bool,
+    /// Create the slot as a failover slot (PostgreSQL 17+), which standbys with
+    /// `sync_replication_slots = on` keep a copy of: after a promotion the daemon resumes from
+    /// it instead of a new slot that skipped every change since its last confirmation. Unset:
+    /// on where the server supports it (a 17+ primary). `true` on an older server is a fatal
+    /// error at start and at `check --against-db` (the server, not the file, tells the version).
+    #[serde(default)]
+    pub failover: Option<bool>,
     /// Throttle of standby status updates: a moved confirmed LSN reaches the server within
     /// this interval (and at once on a keepalive that asks for a reply).
     #[serde(default = "default_feedback_interval", with = "duration")]
@@ -107,12 +114,41 @@ pub enum SslMode {
     VerifyFull,
 }
 
+/// libpq's `target_session_attrs`: which of several hosts to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TargetSession {
+    /// The first host that answers.
+    #[default]
+    Any,
+    /// A primary that accepts writes (not in recovery, `default_transaction_read_only` off).
+    ReadWrite,
+    /// A primary (not in recovery).
+    Primary,
+    /// A physical standby (in recovery): decoding on a standby, PostgreSQL 16+.
+    Standby,
+}
+
+impl std::fmt::Display for TargetSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TargetSession::Any => "any",
+            TargetSession::ReadWrite => "read-write",
+            TargetSession::Primary => "primary",
+            TargetSession::Standby => "standby",
+        })
+    }
+}
+
 /// Where and as whom to connect: the URL, parsed. `Debug` never shows the password.
 #[derive(Clone)]
 pub struct Connection {
     /// A host name or address, or a socket directory (starting with `/`).
     pub host: String,
     pub port: u16,
+    /// Further hosts of a multi-host URL (`host1:5432,host2:5432`), tried in order after the
+    /// first; which one is used depends on `target`.
+    pub alternates: Vec<(String, u16)>,
+    pub target: TargetSession,
     pub user: String,
     pub password: Option<Secret>,
     pub database: String,
@@ -129,7 +165,21 @@ impl std::fmt::Debug for Connection {
 impl std::fmt::Display for Connection {
     /// What logs may show: never the password.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}@{}:{}/{}", self.user, self.host, self.port, self.database)
+        write!(f, "{}@{}:{}", self.user, self.host, self.port)?;
+        for (host, port) in &self.alternates {
+            write!(f, ",{host}:{port}")?;
+        }
+        write!(f, "/{}", self.database)
+    }
+}
+
+impl Connection {
+    /// One single-host connection per host of the URL, in order.
+    pub fn candidates(&self) -> Vec<Connection> {
+        std::iter::once((self.host.clone(), self.port))
+            .chain(self.alternates.iter().cloned())
+            .map(|(host, port)| Connection { host, port, alternates: Vec::new(), ..self.clone() })
+            .collect()
     }
 }
 
@@ -251,7 +301,14 @@ pub fn parse_url(url: &str, config_file: &Path) -> Result<Connection, String> {
         },
         None => (None, None),
     };
-    let (mut host, mut port) = split_host_port(hostport)?;
+    let mut hosts = Vec::new();
+    for one in hostport.split(',') {
+        hosts.push(split_host_port(one)?);
+    }
+    let (mut host, mut port) = hosts.first().cloned().unwrap_or((None, None));
+    let mut target = TargetSession::Any;
+    // A `port=` parameter applies to every host that names none (a host's own port only to it).
+    let mut port_param = None;
     let mut database = database.filter(|d| !d.is_empty());
     let mut ssl_mode = SslMode::Prefer;
     let mut ssl_root_cert = None;
@@ -275,12 +332,28 @@ pub fn parse_url(url: &str, config_file: &Path) -> Result<Connection, String> {
             }
             "sslrootcert" => ssl_root_cert = Some(super::relative_to(config_file, Path::new(&value))),
             "host" => host = Some(value),
-            "port" => port = Some(value.parse().map_err(|_| format!("port {value:?} is not a port number"))?),
+            "port" => {
+                port = Some(value.parse().map_err(|_| format!("port {value:?} is not a port number"))?);
+                port_param = port;
+            }
             "user" => user = Some(value),
             "password" => password = Some(value),
             "dbname" => database = Some(value),
+            "target_session_attrs" => {
+                target = match value.as_str() {
+                    "any" => TargetSession::Any,
+                    "read-write" => TargetSession::ReadWrite,
+                    "primary" => TargetSession::Primary,
+                    "standby" => TargetSession::Standby,
+                    _ => {
+                        return Err(format!(
+                            "target_session_attrs {value:?} is not one of any, read-write, primary, standby"
+                        ))
+                    }
+                }
+            }
             "replication" | "application_name" | "connect_timeout" => {}
-            other => return Err(format!("the parameter {other:?} is not supported (supported: sslmode, sslrootcert, host, port, user, password, dbname)")),
+            other => return Err(format!("the parameter {other:?} is not supported (supported: sslmode, sslrootcert, host, port, user, password, dbname, target_session_attrs)")),
         }
     }
     let host = host.filter(|h| !h.is_empty()).ok_or("it names no host")?;
@@ -288,10 +361,20 @@ pub fn parse_url(url: &str, config_file: &Path) -> Result<Connection, String> {
         return Err("TLS cannot be used over a Unix socket: use a TCP host or sslmode=disable".into());
     }
     let user = user.filter(|u| !u.is_empty()).ok_or("it names no user (postgresql://USER@host/db)")?;
+    let mut alternates = Vec::new();
+    for (h, p) in hosts.into_iter().skip(1) {
+        let h = h.filter(|h| !h.is_empty()).ok_or("a host of the host list is empty")?;
+        if h.starts_with('/') {
+            return Err("a host list names TCP hosts only".into());
+        }
+        alternates.push((h, p.or(port_param).unwrap_or(5432)));
+    }
     Ok(Connection {
         database: database.unwrap_or_else(|| user.clone()),
         host,
         port: port.unwrap_or(5432),
+        alternates,
+        target,
         user,
         password: password.map(Secret::new),
         ssl_mode,
@@ -302,9 +385,6 @@ pub fn parse_url(url: &str, config_file: &Path) -> Result<Connection, String> {
 fn split_host_port(s: &str) -> Result<(Option<String>, Option<u16>), String> {
     if s.is_empty() {
         return Ok((None, None));
-    }
-    if s.contains(',') {
-        return Err("several hosts are not supported: name one server".into());
     }
     // [::1]:5432
     if let Some(v6) = s.strip_prefix('[') {
@@ -379,7 +459,22 @@ mod tests {
         assert!(parse("postgresql://u@h:port/db").unwrap_err().contains("port"));
         assert!(parse("postgresql://u@h/db?sslmode=maybe").unwrap_err().contains("sslmode"));
         assert!(parse("postgresql://u@h/db?frobnicate=1").unwrap_err().contains("frobnicate"));
-        assert!(parse("postgresql://u@a,b/db").unwrap_err().contains("several hosts"));
+        assert!(parse("postgresql://u@a,/db").unwrap_err().contains("host list"));
+        assert!(parse("postgresql://u@a/db?target_session_attrs=prefer-standby")
+            .unwrap_err()
+            .contains("target_session_attrs"));
+    }
+
+    #[test]
+    fn several_hosts_with_target_session_attrs() {
+        let c = parse("postgresql://u@a:5433,b,[::1]:7/db?target_session_attrs=read-write").unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("a", 5433));
+        assert_eq!(c.alternates, vec![("b".to_string(), 5432), ("::1".to_string(), 7)]);
+        assert_eq!(c.target, TargetSession::ReadWrite);
+        let hosts: Vec<String> = c.candidates().iter().map(|c| format!("{}:{}", c.host, c.port)).collect();
+        assert_eq!(hosts, ["a:5433", "b:5432", "::1:7"]);
+        assert_eq!(c.to_string(), "u@a:5433,b:5432,::1:7/db");
+        assert_eq!(parse("postgresql://u@a/db").unwrap().target, TargetSession::Any);
     }
 
     #[test]

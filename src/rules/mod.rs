@@ -367,6 +367,7 @@ impl Rule {
         let mut empty = 0;
         let mut oversize = 0;
         let mut largest = 0;
+        let mut placeholder = 0;
         // (image, first column that failed): at most two images.
         let mut failures: [Option<(&'static str, Unrenderable<'_>)>; 2] = [None, None];
         let mut tally = |r: template::Rendered| {
@@ -374,6 +375,7 @@ impl Rule {
             empty += r.empty;
             oversize += r.oversize;
             largest = largest.max(r.largest);
+            placeholder += r.placeholder;
         };
         if template.columns().is_empty() {
             match template.render(None, &self.vars, out) {
@@ -402,10 +404,16 @@ impl Rule {
                 }
             }
         }
-        if items == 0 && empty == 0 && oversize == 0 {
+        if items == 0 && empty == 0 && oversize == 0 && placeholder == 0 {
             return Some(self.unrenderable(template, event.op, &failures));
         }
         let source = template.source();
+        if placeholder > 0 {
+            return Some(format!(
+                "rule {:?}: template {source:?} rendered an item holding a connector's unavailable-value placeholder (a value the database did not send), which is never invalidated",
+                self.name
+            ));
+        }
         if empty > 0 {
             return Some(format!(
                 "rule {:?}: template {source:?} rendered an empty string, which is never invalidated",

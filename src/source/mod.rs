@@ -20,6 +20,7 @@ use crate::event::Decoded;
 pub mod debezium;
 pub mod kafka;
 pub mod postgres;
+pub(crate) mod temporal;
 pub mod watermark;
 
 /// Where an event sits in its source; printed in dead letters and logs.

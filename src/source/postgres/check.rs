@@ -1,8 +1,14 @@
 //! `check -c CONFIG --against-db`: the rules file checked against the live schema.
 //!
 //! Errors (exit 2): a table a rule names does not exist or is not in the publication; a
-//! template column does not exist; a published table without a replica identity (its updates
-//! and deletes fail on the database itself); the publication does not exist.
+//! template column does not exist, or exists but the publication does not publish it (left out
+//! of its column list, PostgreSQL 15+; a generated column: never published when VIRTUAL, and
+//! STORED ones only with PostgreSQL 18's `publish_generated_columns = stored`), so every change
+//! would be a rule error at run time; a published table without a replica identity (its updates
+//! and deletes fail on the database itself); the publication does not exist; the server cannot
+//! serve the source as configured (the start-up checks of `server.rs`: `wal_level`, `failover`
+//! before 17, a standby before 16 or without `hot_standby_feedback`, a primary whose
+//! `wal_level` is below logical, a missing, invalidated or synced slot).
 //! Warnings (exit 0): a delete or update that needs a non-key column which REPLICA IDENTITY
 //! DEFAULT does not log (with the `ALTER TABLE ... REPLICA IDENTITY FULL;` that fixes it); a
 //! template column whose type renders differently from Debezium; a glob matching no
@@ -13,7 +19,7 @@ use std::process::ExitCode;
 
 use tokio_postgres::Client;
 
-use super::sql;
+use super::{server, sql};
 use crate::config::{Config, PostgresConfig, SourceKind};
 use crate::event::Op;
 use crate::rules::Rules;
@@ -26,6 +32,11 @@ pub struct TableInfo {
     /// Column name → (type name, is a replica identity key column).
     pub columns: BTreeMap<String, (String, bool)>,
     pub published: bool,
+    /// The columns the publication sends (`pg_publication_tables.attnames`, PostgreSQL 15+);
+    /// `None` where the server does not say.
+    pub published_columns: Option<BTreeSet<String>>,
+    /// Generated columns: `s` stored, `v` virtual (PostgreSQL 18).
+    pub generated: BTreeMap<String, char>,
 }
 
 /// The schema facts the check needs, by `schema.table`.
@@ -33,6 +44,10 @@ pub struct TableInfo {
 pub struct Schema {
     pub publication_exists: bool,
     pub tables: BTreeMap<String, TableInfo>,
+    /// The publication's `publish_generated_columns = stored` (`pubgencols`, PostgreSQL 18+).
+    pub publishes_stored_generated: bool,
+    /// `server_version_num` (0: unknown, taken as older than 18).
+    pub version_num: i32,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -50,7 +65,7 @@ pub async fn read_schema(client: &Client, publication: &str) -> Result<Schema, s
     let rows = client
         .query(
             "SELECT n.nspname::text, c.relname::text, c.relreplident::text, a.attname::text, \
-                    format_type(a.atttypid, a.atttypmod), \
+                    format_type(a.atttypid, a.atttypmod), a.attgenerated::text, \
                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND a.attnum = ANY(i.indkey) \
                             AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident))) \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -67,12 +82,26 @@ pub async fn read_schema(client: &Client, publication: &str) -> Result<Schema, s
         let name = format!("{}.{}", get(0), get(1));
         let t = tables.entry(name).or_default();
         t.replica_identity = get(2).chars().next().unwrap_or('d');
-        let key = row.try_get::<_, Option<bool>>(5).ok().flatten().unwrap_or(false);
+        let key = row.try_get::<_, Option<bool>>(6).ok().flatten().unwrap_or(false);
+        if let Some(g) = get(5).chars().next() {
+            t.generated.insert(get(3), g);
+        }
         t.columns.insert(get(3), (get(4), key));
     }
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(err("reading server_version_num"))?;
+    // attnames (15+) lists what the publication sends: its column list, or every column it
+    // publishes (generated ones only as publish_generated_columns allows).
     let published = client
         .query(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            if version >= 150_000 {
+                "SELECT schemaname::text, tablename::text, attnames::text[] FROM pg_publication_tables WHERE pubname = $1"
+            } else {
+                "SELECT schemaname::text, tablename::text, NULL::text[] FROM pg_publication_tables WHERE pubname = $1"
+            },
             &[&publication],
         )
         .await
@@ -81,25 +110,28 @@ pub async fn read_schema(client: &Client, publication: &str) -> Result<Schema, s
         let get = |i: usize| row.try_get::<_, Option<String>>(i).ok().flatten().unwrap_or_default();
         if let Some(t) = tables.get_mut(&format!("{}.{}", get(0), get(1))) {
             t.published = true;
+            t.published_columns =
+                row.try_get::<_, Option<Vec<String>>>(2).ok().flatten().map(|names| names.into_iter().collect());
         }
     }
-    Ok(Schema { publication_exists, tables })
+    let publishes_stored_generated = if version >= 180_000 && publication_exists {
+        client
+            .query_opt("SELECT pubgencols::text = 's' FROM pg_publication WHERE pubname = $1", &[&publication])
+            .await
+            .map_err(err("reading pg_publication.pubgencols"))?
+            .and_then(|r| r.try_get::<_, Option<bool>>(0).ok().flatten())
+            .unwrap_or(false)
+    } else {
+        false
+    };
+    Ok(Schema { publication_exists, tables, publishes_stored_generated, version_num: version })
 }
 
-/// Types whose rendering differs from Debezium's (which sends epoch numbers or base64).
+/// Types whose rendering differs from Debezium's (which sends base64 or a duration count).
+/// Dates, times and timestamps render alike from both sources (`crate::source::temporal`).
 fn renders_differently(type_name: &str) -> bool {
     let t = type_name.split('(').next().unwrap_or(type_name).trim();
-    matches!(
-        t,
-        "date"
-            | "time without time zone"
-            | "time with time zone"
-            | "timestamp without time zone"
-            | "timestamp with time zone"
-            | "interval"
-            | "bytea"
-            | "money"
-    ) || t.ends_with("[]")
+    matches!(t, "interval" | "bytea" | "money") || t.ends_with("[]")
 }
 
 /// The check itself: pure, so it is tested without a database.
@@ -162,6 +194,9 @@ pub fn check(rules: &Rules, publication: &str, schema: &Schema) -> Report {
                             "rule {:?}: template {template:?} reads column {column:?}, which table {name} does not have",
                             rule.name
                         )),
+                        Some(_) if table.published && !publishes(schema, table, column) => {
+                            report.errors.push(unpublished(rule.name, template, name, column, publication, schema, table))
+                        }
                         Some((type_name, key)) => {
                             if renders_differently(type_name) {
                                 report.warnings.push(format!(
@@ -198,6 +233,100 @@ pub fn check(rules: &Rules, publication: &str, schema: &Schema) -> Report {
         }
     }
     report
+}
+
+/// Whether the publication sends `column` of a published `table`.
+fn publishes(schema: &Schema, table: &TableInfo, column: &str) -> bool {
+    match table.generated.get(column) {
+        // VIRTUAL generated columns are never published.
+        Some('v') => return false,
+        // Before 18 no generated column is (pgoutput skips them, although 15's attnames lists
+        // them for a table published without a column list).
+        Some(_) if schema.version_num < 180_000 => return false,
+        _ => {}
+    }
+    match &table.published_columns {
+        Some(columns) => columns.contains(column),
+        // Before 15: no column lists; generated columns are not published.
+        None => !table.generated.contains_key(column) || schema.publishes_stored_generated,
+    }
+}
+
+/// The error for a template column the publication does not send, with the fix.
+fn unpublished(
+    rule: &str,
+    template: &str,
+    table_name: &str,
+    column: &str,
+    publication: &str,
+    schema: &Schema,
+    table: &TableInfo,
+) -> String {
+    let head = format!(
+        "rule {rule:?}: template {template:?} reads column {column:?} of {table_name}, which publication {publication:?} does not publish (every change would be a rule error and the key would stay cached)"
+    );
+    match table.generated.get(column) {
+        Some('v') => format!(
+            "{head}: it is a VIRTUAL generated column, which logical replication never sends: make it STORED, or write the template on the columns it is computed from"
+        ),
+        Some(_) if !schema.publishes_stored_generated => format!(
+            "{head}: it is a generated column, published only by PostgreSQL 18, with ALTER PUBLICATION {publication} SET (publish_generated_columns = stored); or in the publication's column list (before 18, write the template on the columns it is computed from)"
+        ),
+        _ => {
+            let mut columns: Vec<&str> =
+                table.published_columns.iter().flatten().map(String::as_str).chain([column]).collect();
+            columns.sort_unstable();
+            format!(
+                "{head}: its column list leaves it out: run ALTER PUBLICATION {publication} SET TABLE {table_name} ({});",
+                columns.join(", ")
+            )
+        }
+    }
+}
+
+/// The server and slot checks the daemon makes at start, as `check --against-db` errors and
+/// warnings: the same sentences.
+async fn server_report(client: &Client, pg: &PostgresConfig, report: &mut Report) -> Result<(), sql::SqlError> {
+    let info = sql::server_info(client).await?;
+    report.errors.extend(server::server_problems(&info, pg.failover));
+    let status = sql::slot_status(client, &pg.slot, info.version_num).await?;
+    match status {
+        Some(status) => {
+            report.errors.extend(server::slot_problems(&pg.slot, &info, &status));
+            if !info.in_recovery && info.major() >= 17 && pg.failover != Some(false) {
+                let standbys = sql::standbys_attached(client).await?;
+                report.warnings.extend(server::failover_warning(&pg.slot, &info, &status, standbys));
+            }
+        }
+        None => {
+            if !pg.create_slot {
+                report.errors.push(format!(
+                    "replication slot {:?} does not exist: create it with SELECT pg_create_logical_replication_slot('{}', 'pgoutput'); or set source.postgres.create_slot: true",
+                    pg.slot, pg.slot
+                ));
+            }
+            if info.in_recovery && info.major() >= 16 && info.wal_level == "logical" {
+                report.errors.extend(probe_standby_decoding(client).await);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// On a standby without the slot, whether a slot could be created there: the server refuses at
+/// once when the primary's `wal_level` is below logical (which no SQL function shows on a
+/// standby). A temporary slot, given a second: it is dropped with the session, and a creation
+/// still waiting for the primary's snapshot is cancelled (that wait is no problem).
+async fn probe_standby_decoding(client: &Client) -> Option<String> {
+    let attempt = client
+        .batch_execute(
+            "SET statement_timeout = '1s'; \
+             SELECT pg_create_logical_replication_slot('cdc_invalidator_check_' || pg_backend_pid(), 'pgoutput', true); \
+             RESET statement_timeout;",
+        )
+        .await;
+    let _ = client.batch_execute("RESET statement_timeout").await;
+    attempt.err().and_then(|e| server::creation_failure(&sql::describe(&e)))
 }
 
 /// `check --against-db` for the CLI: prints `warning: ...` lines and `ok`, or the errors.
@@ -242,7 +371,9 @@ async fn against(pg: &PostgresConfig, rules: &Rules) -> Result<Report, sql::SqlE
     };
     let client = sql::connect(connection, &pg.application_name, pg.connect_timeout).await?;
     let schema = read_schema(&client, &pg.publication).await?;
-    Ok(check(rules, &pg.publication, &schema))
+    let mut report = check(rules, &pg.publication, &schema);
+    server_report(&client, pg, &mut report).await?;
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -254,6 +385,7 @@ mod tests {
             replica_identity: ident,
             published,
             columns: cols.iter().map(|(n, t, k)| (n.to_string(), (t.to_string(), *k))).collect(),
+            ..TableInfo::default()
         }
     }
 
@@ -312,9 +444,51 @@ rules:
     fn temporal_columns_warn() {
         let text = "version: 1\nrules:\n  - name: days\n    table: public.*\n    redis:\n      keys: [\"day:{d}\"]\n    ops: [insert]\n";
         let mut schema = Schema { publication_exists: true, ..Default::default() };
-        schema.tables.insert("public.t".into(), table('d', true, &[("d", "date", false)]));
+        schema.tables.insert("public.t".into(), table('d', true, &[("d", "bytea", false)]));
         let r = check(&rules(text), "cdc", &schema);
         assert!(r.errors.is_empty(), "{r:?}");
-        assert!(r.warnings.iter().any(|w| w.contains("type date")), "{r:?}");
+        assert!(r.warnings.iter().any(|w| w.contains("type bytea")), "{r:?}");
+        // Dates render alike from pgoutput and Debezium now: no warning for them.
+        schema.tables.insert("public.t".into(), table('d', true, &[("d", "date", false)]));
+        assert!(check(&rules(text), "cdc", &schema).warnings.is_empty());
+    }
+
+    #[test]
+    fn columns_the_publication_does_not_send_are_errors() {
+        let mut schema = Schema { publication_exists: true, ..Default::default() };
+        let mut t = table('f', true, &[("id", "integer", true), ("category_id", "integer", false)]);
+        t.published_columns = Some(["id".to_string()].into_iter().collect());
+        schema.tables.insert("public.products".into(), t);
+        let r = check(&rules(RULES), "cdc", &schema);
+        assert_eq!(r.errors.len(), 1, "{r:?}");
+        assert!(r.errors[0].contains("does not publish"), "{r:?}");
+        assert!(r.errors[0].contains("ALTER PUBLICATION cdc SET TABLE public.products (category_id, id);"), "{r:?}");
+
+        // A stored generated column: published only with publish_generated_columns = stored.
+        let t = schema.tables.get_mut("public.products").unwrap();
+        t.published_columns = Some(["id".to_string()].into_iter().collect());
+        t.generated.insert("category_id".into(), 's');
+        let r = check(&rules(RULES), "cdc", &schema);
+        assert!(r.errors[0].contains("publish_generated_columns = stored"), "{r:?}");
+        let t = schema.tables.get_mut("public.products").unwrap();
+        t.published_columns = Some(["id".to_string(), "category_id".to_string()].into_iter().collect());
+        schema.publishes_stored_generated = true;
+        assert_eq!(check(&rules(RULES), "cdc", &schema).errors.len(), 1, "before 18: never");
+        schema.version_num = 180_006;
+        assert!(check(&rules(RULES), "cdc", &schema).errors.is_empty());
+
+        // VIRTUAL: never, whatever the publication says.
+        let t = schema.tables.get_mut("public.products").unwrap();
+        t.generated.insert("category_id".into(), 'v');
+        let r = check(&rules(RULES), "cdc", &schema);
+        assert!(r.errors[0].contains("VIRTUAL generated column"), "{r:?}");
+
+        // Before 15 (no attnames): generated columns are not published.
+        let t = schema.tables.get_mut("public.products").unwrap();
+        t.published_columns = None;
+        t.generated.insert("category_id".into(), 's');
+        schema.publishes_stored_generated = false;
+        schema.version_num = 140_000;
+        assert_eq!(check(&rules(RULES), "cdc", &schema).errors.len(), 1);
     }
 }

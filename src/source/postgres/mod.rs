@@ -8,11 +8,16 @@
 //!         └──────── update_applied_lsn(confirmed) ◀── tracker ┘
 //! ```
 //!
-//! - **Start-up** (`prepare`): over ordinary SQL, `wal_level` must be `logical`, the
-//!   publication must exist (or `create_publication`), the slot must exist (or `create_slot`),
-//!   be logical, use pgoutput, belong to this database and not be `lost`. Each failure is one
-//!   fatal sentence naming the thing and the fix. An unreachable server is retried (the
-//!   daemon is not ready meanwhile).
+//! - **Start-up** (`prepare`): over ordinary SQL, the server must fit the config
+//!   (`server.rs`: `wal_level`, `failover` only on 17+, a standby only on 16+ and with
+//!   `hot_standby_feedback`), the publication must exist (or `create_publication`), the slot
+//!   must exist (or `create_slot`: a failover slot on a 17+ primary unless `failover: false`),
+//!   be logical, use pgoutput, belong to this database, not be invalidated (the server's
+//!   reason is quoted) and not be a copy a standby synchronises. Each failure is one fatal
+//!   sentence naming the thing and the fix. An unreachable server is retried (the daemon is not
+//!   ready meanwhile).
+//! - **On a physical standby** (16+) everything works alike; the slot figures are measured
+//!   against the replay position, as `pg_current_wal_lsn()` fails in recovery.
 //! - **Streaming**: changes are emitted as they arrive, never buffered per transaction; each
 //!   gets a sequence number. The confirmed flush LSN is the Commit `end_lsn` of the newest
 //!   transaction whose every event (and every earlier one) is finished (`tracker.rs`); it is
@@ -29,11 +34,12 @@
 //!   the daemon then waits as a standby (`cdc_invalidator_postgres_role{role="standby"} 1`,
 //!   not ready) and retries every `standby_retry` until the active daemon's session is gone.
 //! - **Slot health**: every `status_interval` the slot's lag and retained WAL are read into
-//!   metrics; `wal_status = lost` is fatal (docs/postgres.md has the recovery steps).
+//!   metrics; an invalidated slot is fatal (docs/postgres.md has the recovery steps).
 
 pub mod check;
 mod pgoutput;
 mod relation;
+mod server;
 pub mod sql;
 mod tracker;
 
@@ -56,8 +62,6 @@ use crate::shutdown::Shutdown;
 use crate::source::{Ack, Finished, Malformed, Position, RawMessage, SourceEvent};
 use crate::telemetry::Metrics;
 
-/// Where operators find the recovery steps for a lost slot.
-const RECOVERY_DOC: &str = "docs/postgres.md, \"Recovering from a lost slot\"";
 /// How long the final status update at shutdown may take.
 const FINAL_FEEDBACK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -68,14 +72,18 @@ pub enum PostgresSourceError {
     Config(String),
     #[error("replication slot {slot:?} does not exist: create it with SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput'); or set source.postgres.create_slot: true (a slot created after changes were made has skipped them: flush the caches first)")]
     SlotMissing { slot: String },
-    #[error("replication slot {slot:?} is lost (wal_status = lost: the server removed WAL the slot still needed, so changes were missed): follow the recovery steps in {RECOVERY_DOC}")]
-    SlotLost { slot: String },
+    /// Invalidated by the server; `reason` is its `invalidation_reason` (PostgreSQL 17+), quoted
+    /// with the recovery steps.
+    #[error("{}", server::invalidated_sentence(slot, reason.as_deref()))]
+    SlotLost { slot: String, reason: Option<String> },
     #[error("replication slot {slot:?} cannot be used: {why}")]
     SlotUnusable { slot: String, why: String },
     #[error("publication {publication:?} does not exist: create it with CREATE PUBLICATION {publication} FOR TABLE schema.table, ...; or set source.postgres.create_publication: true")]
     PublicationMissing { publication: String },
-    #[error("the server runs with wal_level = {0}: logical replication needs wal_level = logical in postgresql.conf (then restart PostgreSQL)")]
-    WalLevel(String),
+    /// What the server is does not fit the config (wal_level, version, standby settings): the
+    /// sentences of `server::server_problems`, each naming the setting to change.
+    #[error("{0}")]
+    Server(String),
     #[error("{0}")]
     Refused(String),
     #[error("{0}")]
@@ -104,9 +112,22 @@ fn classify(e: &PgWireError, slot: &str) -> Verdict {
     match e {
         PgWireError::Server(text) => match sqlstate(text) {
             Some("55006") => Verdict::Standby,
-            Some("58P01") => Verdict::Fatal(PostgresSourceError::SlotLost { slot: slot.into() }),
+            Some("58P01") => Verdict::Fatal(PostgresSourceError::SlotLost { slot: slot.into(), reason: None }),
             Some("55000") if text.contains("invalidated") || text.contains("no longer") => {
-                Verdict::Fatal(PostgresSourceError::SlotLost { slot: slot.into() })
+                Verdict::Fatal(PostgresSourceError::SlotLost { slot: slot.into(), reason: None })
+            }
+            // On a standby whose primary dropped below wal_level = logical (the standby has
+            // invalidated its slots as it replayed the change).
+            Some("55000") if server::creation_failure(text).is_some() => Verdict::Fatal(PostgresSourceError::Server(
+                server::creation_failure(text).unwrap_or_default(),
+            )),
+            // A slot a standby synchronises from its primary (PostgreSQL 17+): the server's
+            // own words ("cannot use replication slot ... for logical decoding").
+            Some("55000") if text.contains("for logical decoding") => {
+                Verdict::Fatal(PostgresSourceError::SlotUnusable {
+                    slot: slot.into(),
+                    why: format!("{text}; a slot being synchronized from the primary (synced = true) cannot be decoded on the standby until it is promoted: point source.postgres.url at the primary"),
+                })
             }
             Some("42704") if text.contains("slot") => {
                 Verdict::Fatal(PostgresSourceError::SlotMissing { slot: slot.into() })
@@ -148,11 +169,18 @@ enum SessionEnd {
 }
 
 pub struct PostgresSource {
+    /// As configured: with a host list, every host.
     connection: Connection,
+    /// The host in use: the one `target_session_attrs` picked at the last start-up check.
+    current: std::sync::Mutex<Connection>,
+    /// This source's share of `pending_events`: what to take back when a stream is abandoned
+    /// for another host (the acks of its events then go nowhere).
+    pending: std::sync::atomic::AtomicI64,
     slot: String,
     publication: String,
     create_slot: bool,
     create_publication: bool,
+    failover: Option<bool>,
     feedback_interval: Duration,
     status_interval: Duration,
     standby_retry: Duration,
@@ -171,11 +199,14 @@ impl PostgresSource {
         let backoff =
             RetryPolicy { initial: config.reconnect_initial, max: config.reconnect_max, ..RetryPolicy::default() };
         Ok(PostgresSource {
+            current: std::sync::Mutex::new(connection.clone()),
+            pending: std::sync::atomic::AtomicI64::new(0),
             connection,
             slot: config.slot.clone(),
             publication: config.publication.clone(),
             create_slot: config.create_slot,
             create_publication: config.create_publication,
+            failover: config.failover,
             feedback_interval: config.feedback_interval,
             status_interval: config.status_interval,
             standby_retry: config.standby_retry,
@@ -189,33 +220,85 @@ impl PostgresSource {
 
     /// Checks the slot and publication, then streams until shutdown, then drains: keeps
     /// confirming while the pipeline finishes what it holds, and sends the final position.
+    ///
+    /// With a host list, a stream that breaks because its server is no longer the one
+    /// `target_session_attrs` asks for (a failover) starts over on the one that is: the checks
+    /// again, then the stream from that server's slot (a synced failover slot), so what the old
+    /// server had not confirmed is delivered again.
     pub async fn run(self, out: mpsc::Sender<SourceEvent>, shutdown: Shutdown) -> Result<(), PostgresSourceError> {
-        let Some(start) = self.prepare(&shutdown).await? else {
-            return Ok(()); // Shutdown while the server was unreachable.
-        };
-        self.metrics.postgres_confirmed_lsn.set(start as f64);
-        let (fatal_tx, fatal_rx) = mpsc::channel(1);
-        let poller = tokio::spawn(poll_slot(
-            self.connection.clone(),
-            self.application_name.clone(),
-            self.slot.clone(),
-            self.status_interval,
-            self.connect_timeout,
-            self.metrics.clone(),
-            fatal_tx,
-        ));
-        let result = self.stream(out, &shutdown, start, fatal_rx).await;
-        poller.abort();
-        self.set_role(None);
-        result
+        let mut out = out;
+        let mut after_failover = false;
+        loop {
+            let Some(start) = self.prepare(&shutdown, after_failover).await? else {
+                return Ok(()); // Shutdown while the server was unreachable.
+            };
+            self.metrics.postgres_confirmed_lsn.set(start as f64);
+            let (fatal_tx, fatal_rx) = mpsc::channel(1);
+            let poller = tokio::spawn(poll_slot(
+                self.current(),
+                self.application_name.clone(),
+                self.slot.clone(),
+                self.status_interval,
+                self.connect_timeout,
+                self.metrics.clone(),
+                fatal_tx,
+            ));
+            let result = self.stream(out, &shutdown, start, fatal_rx).await;
+            poller.abort();
+            self.set_role(None);
+            match result {
+                Ok(Some(handed_back)) => {
+                    out = handed_back;
+                    after_failover = true;
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
     }
 
-    /// Start-up checks over ordinary SQL. `None` when shutdown came first.
-    async fn prepare(&self, shutdown: &Shutdown) -> Result<Option<u64>, PostgresSourceError> {
+    fn pending_sub(&self, n: i64) {
+        self.pending.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.pending_events.sub(n);
+    }
+
+    /// The host in use.
+    fn current(&self) -> Connection {
+        match self.current.lock() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// With a host list: whether another host is now the one to use (the current one is gone
+    /// or no longer fits `target_session_attrs`).
+    async fn moved(&self) -> bool {
+        if self.connection.alternates.is_empty() {
+            return false;
+        }
+        let current = self.current();
+        match sql::connect_target(&self.connection, &self.application_name, self.connect_timeout).await {
+            Ok((_, chosen)) => (chosen.host != current.host || chosen.port != current.port).then(|| {
+                tracing::warn!(from = %current, to = %chosen, "the server to stream from changed (failover): starting over there from its slot");
+            }).is_some(),
+            Err(_) => false,
+        }
+    }
+
+    /// Start-up checks over ordinary SQL. `None` when shutdown came first. `after_failover`:
+    /// the stream moved to another host, where a missing slot is never created (a new slot
+    /// would have skipped every change since the last confirmation).
+    async fn prepare(&self, shutdown: &Shutdown, after_failover: bool) -> Result<Option<u64>, PostgresSourceError> {
         let mut attempt = 0u32;
         let client = loop {
-            match sql::connect(&self.connection, &self.application_name, self.connect_timeout).await {
-                Ok(c) => break c,
+            match sql::connect_target(&self.connection, &self.application_name, self.connect_timeout).await {
+                Ok((c, chosen)) => {
+                    match self.current.lock() {
+                        Ok(mut current) => *current = chosen,
+                        Err(poisoned) => *poisoned.into_inner() = chosen,
+                    }
+                    break c;
+                }
                 Err(e) if e.is_transient() => {
                     self.metrics.source_errors.inc();
                     attempt += 1;
@@ -230,25 +313,52 @@ impl PostgresSource {
             }
         };
         let sql_err = |e: sql::SqlError| PostgresSourceError::Sql(e.to_string());
-        let level = sql::wal_level(&client).await.map_err(sql_err)?;
-        if level != "logical" {
-            return Err(PostgresSourceError::WalLevel(level));
+        let info = sql::server_info(&client).await.map_err(sql_err)?;
+        if let Some(problem) = server::server_problems(&info, self.failover).into_iter().next() {
+            return Err(PostgresSourceError::Server(problem));
         }
         if !sql::publication_exists(&client, &self.publication).await.map_err(sql_err)? {
+            if info.in_recovery {
+                // A standby is read-only: the publication comes from the primary by replay.
+                return Err(PostgresSourceError::Server(format!(
+                    "publication {:?} does not exist on this standby: create it on the primary with CREATE PUBLICATION {} FOR TABLE schema.table, ...; (a standby receives it by replay)",
+                    self.publication, self.publication
+                )));
+            }
             if !self.create_publication {
                 return Err(PostgresSourceError::PublicationMissing { publication: self.publication.clone() });
             }
             sql::create_publication(&client, &self.publication).await.map_err(sql_err)?;
             tracing::warn!(publication = %self.publication, "created publication FOR ALL TABLES (create_publication: true)");
         }
-        let mut status = sql::slot_status(&client, &self.slot).await.map_err(sql_err)?;
+        let mut status = sql::slot_status(&client, &self.slot, info.version_num).await.map_err(sql_err)?;
+        if status.is_none() && after_failover {
+            return Err(PostgresSourceError::Server(format!(
+                "after a failover to {} replication slot {:?} is missing there (it was not a failover slot, or the standby had not synchronised it yet), so changes since the last confirmation were never streamed: flush the caches the rules cover, create the slot (pg_create_logical_replication_slot('{}', 'pgoutput', false, false, true)) and restart",
+                self.current(),
+                self.slot,
+                self.slot
+            )));
+        }
         if status.is_none() {
             if !self.create_slot {
                 return Err(PostgresSourceError::SlotMissing { slot: self.slot.clone() });
             }
-            sql::create_slot(&client, &self.slot).await.map_err(sql_err)?;
-            tracing::warn!(slot = %self.slot, "created replication slot (create_slot: true): changes made before now are not streamed");
-            status = sql::slot_status(&client, &self.slot).await.map_err(sql_err)?;
+            let failover = server::wants_failover(&info, self.failover);
+            if info.in_recovery {
+                // Creating a slot on a standby waits for a running-transactions record from
+                // the primary, which it logs only every 15 s and only while it is busy.
+                tracing::info!(slot = %self.slot, "creating the replication slot on a standby: it completes at the primary's next running-transactions record (run SELECT pg_log_standby_snapshot(); on the primary to finish at once)");
+            }
+            if let Err(e) = sql::create_slot(&client, &self.slot, failover).await {
+                let text = e.to_string();
+                return Err(match server::creation_failure(&text) {
+                    Some(sentence) => PostgresSourceError::Server(sentence),
+                    None => sql_err(e),
+                });
+            }
+            tracing::warn!(slot = %self.slot, failover, "created replication slot (create_slot: true): changes made before now are not streamed");
+            status = sql::slot_status(&client, &self.slot, info.version_num).await.map_err(sql_err)?;
         }
         let Some(status) = status else {
             return Err(PostgresSourceError::SlotMissing { slot: self.slot.clone() });
@@ -271,11 +381,26 @@ impl PostgresSource {
                 self.connection.database
             )));
         }
-        if status.wal_status.as_deref() == Some("lost") {
-            return Err(PostgresSourceError::SlotLost { slot: self.slot.clone() });
+        if status.is_invalidated() {
+            return Err(PostgresSourceError::SlotLost {
+                slot: self.slot.clone(),
+                reason: status.invalidation_reason.clone(),
+            });
+        }
+        if let Some(problem) = server::slot_problems(&self.slot, &info, &status).into_iter().next() {
+            return Err(PostgresSourceError::Server(problem));
+        }
+        if !info.in_recovery && info.major() >= 17 && self.failover != Some(false) {
+            let standbys = sql::standbys_attached(&client).await.unwrap_or(0);
+            if let Some(warning) = server::failover_warning(&self.slot, &info, &status, standbys) {
+                tracing::warn!("{warning}");
+            }
         }
         tracing::info!(
-            server = %self.connection,
+            server = %self.current(),
+            version = %info.version,
+            standby = info.in_recovery,
+            failover = status.failover,
             slot = %self.slot,
             publication = %self.publication,
             confirmed_flush = %Lsn(status.confirmed_flush.unwrap_or(0)),
@@ -285,7 +410,7 @@ impl PostgresSource {
     }
 
     fn replication_config(&self, start: u64) -> ReplicationConfig {
-        let c = &self.connection;
+        let c = &self.current();
         let password = c.password.as_ref().map(|p| p.expose().to_string()).unwrap_or_default();
         let tls = match c.ssl_mode {
             SslMode::Disable => TlsConfig::disabled(),
@@ -313,6 +438,19 @@ impl PostgresSource {
         .with_application_name(self.application_name.clone())
     }
 
+    /// The replication protocol's error for an invalidated slot does not carry the server's
+    /// reason: read it from `pg_replication_slots` (best effort, bounded by connect_timeout).
+    async fn with_reason(&self, e: PostgresSourceError) -> PostgresSourceError {
+        let PostgresSourceError::SlotLost { slot, reason: None } = e else { return e };
+        let read = async {
+            let c = sql::connect(&self.current(), &self.application_name, self.connect_timeout).await.ok()?;
+            let info = sql::server_info(&c).await.ok()?;
+            sql::slot_status(&c, &slot, info.version_num).await.ok()??.invalidation_reason
+        };
+        let reason = tokio::time::timeout(self.connect_timeout, read).await.ok().flatten();
+        PostgresSourceError::SlotLost { slot, reason }
+    }
+
     fn set_role(&self, role: Option<&str>) {
         for r in ["active", "standby"] {
             self.metrics.postgres_role.with_label_values(&[r]).set((role == Some(r)) as i64);
@@ -326,7 +464,7 @@ impl PostgresSource {
         shutdown: &Shutdown,
         start: u64,
         mut fatal_rx: mpsc::Receiver<PostgresSourceError>,
-    ) -> Result<(), PostgresSourceError> {
+    ) -> Result<Option<mpsc::Sender<SourceEvent>>, PostgresSourceError> {
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Finished>();
         let mut stream_id = 1;
         let mut tracker = Tracker::new(stream_id, start);
@@ -345,6 +483,8 @@ impl PostgresSource {
                 Some(e) = fatal_rx.recv() => return Err(e),
                 r = c.wait_started() => r,
             };
+            // Whether the stream broke (not: another daemon holds the slot).
+            let mut broke = false;
             let wait = match started {
                 Ok(()) => {
                     self.set_role(Some("active"));
@@ -360,8 +500,9 @@ impl PostgresSource {
                         }
                         SessionEnd::Fatal(e) => return Err(e),
                         SessionEnd::Broken(e) => match classify(&e, &self.slot) {
-                            Verdict::Fatal(f) => return Err(f),
+                            Verdict::Fatal(f) => return Err(self.with_reason(f).await),
                             Verdict::Standby | Verdict::Transient(_) => {
+                                broke = true;
                                 self.set_role(None);
                                 self.metrics.postgres_reconnects.inc();
                                 self.metrics.source_errors.inc();
@@ -374,7 +515,7 @@ impl PostgresSource {
                     }
                 }
                 Err(e) => match classify(&e, &self.slot) {
-                    Verdict::Fatal(f) => return Err(f),
+                    Verdict::Fatal(f) => return Err(self.with_reason(f).await),
                     Verdict::Standby => {
                         self.set_role(Some("standby"));
                         if !standby_logged {
@@ -384,6 +525,7 @@ impl PostgresSource {
                         self.standby_retry
                     }
                     Verdict::Transient(why) => {
+                        broke = true;
                         self.set_role(None);
                         self.metrics.postgres_reconnects.inc();
                         self.metrics.source_errors.inc();
@@ -394,6 +536,14 @@ impl PostgresSource {
                     }
                 },
             };
+            // With a host list, a failover: start over on the server that fits now, from its
+            // slot. Events in flight are finished by the pipeline, but their acks go nowhere:
+            // the new server's slot delivers them again.
+            if broke && self.moved().await {
+                let abandoned = self.pending.swap(0, std::sync::atomic::Ordering::Relaxed);
+                self.metrics.pending_events.sub(abandoned);
+                return Ok(Some(out));
+            }
             // A new connection replays everything after the confirmed LSN: a new stream.
             stream_id += 1;
             tracker.reset(stream_id);
@@ -437,7 +587,7 @@ impl PostgresSource {
             c.stop();
             let _ = tokio::time::timeout(FINAL_FEEDBACK_TIMEOUT, c.shutdown()).await;
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Reads one active session until it ends.
@@ -500,7 +650,7 @@ impl PostgresSource {
             }
         };
         // Held events were never handed over: their acks drop, they are replayed.
-        self.metrics.pending_events.sub(held.len() as i64);
+        self.pending_sub(held.len() as i64);
         end
     }
 
@@ -519,7 +669,7 @@ impl PostgresSource {
             tracker.finish(f);
             n += 1;
         }
-        self.metrics.pending_events.sub(n);
+        self.pending_sub(n);
         if let (Some(client), true) = (client, tracker.confirmed() != before) {
             self.confirm(tracker, client);
         }
@@ -593,6 +743,7 @@ impl PostgresSource {
         ack_tx: &mpsc::UnboundedSender<Finished>,
     ) -> SourceEvent {
         let finished = tracker.start();
+        self.pending.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.metrics.pending_events.inc();
         self.metrics.last_event_timestamp.set(unix_seconds(SystemTime::now()));
         let lsn = match position {
@@ -653,11 +804,23 @@ async fn poll_slot(
     fatal: mpsc::Sender<PostgresSourceError>,
 ) {
     let mut client = None;
+    let mut version_num = 0;
     let mut warned = false;
     loop {
         if client.is_none() {
-            match sql::connect(&connection, &application_name, timeout).await {
-                Ok(c) => client = Some(c),
+            let connected = match sql::connect(&connection, &application_name, timeout).await {
+                Ok(c) => match tokio::time::timeout(timeout, sql::server_info(&c)).await {
+                    Ok(Ok(info)) => Ok((c, info.version_num)),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer within {timeout:?}")),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            match connected {
+                Ok((c, v)) => {
+                    client = Some(c);
+                    version_num = v;
+                }
                 Err(e) if !warned => {
                     warned = true;
                     tracing::warn!(error = %e, "cannot read slot figures; retrying");
@@ -666,7 +829,7 @@ async fn poll_slot(
             }
         }
         if let Some(c) = &client {
-            match tokio::time::timeout(timeout, sql::slot_status(c, &slot)).await {
+            match tokio::time::timeout(timeout, sql::slot_status(c, &slot, version_num)).await {
                 Ok(Ok(Some(s))) => {
                     warned = false;
                     if let Some(lag) = s.lag_bytes {
@@ -675,9 +838,10 @@ async fn poll_slot(
                     if let Some(retained) = s.retained_bytes {
                         metrics.postgres_retained_wal_bytes.set(retained.max(0));
                     }
-                    if s.wal_status.as_deref() == Some("lost") {
-                        tracing::error!(slot = %slot, "replication slot is lost (wal_status = lost)");
-                        let _ = fatal.send(PostgresSourceError::SlotLost { slot: slot.clone() }).await;
+                    if s.is_invalidated() {
+                        let reason = s.invalidation_reason.clone();
+                        tracing::error!(slot = %slot, reason = reason.as_deref().unwrap_or("wal_status = lost"), "replication slot is invalidated");
+                        let _ = fatal.send(PostgresSourceError::SlotLost { slot: slot.clone(), reason }).await;
                         return;
                     }
                 }
@@ -720,6 +884,24 @@ mod tests {
             Verdict::Fatal(PostgresSourceError::SlotLost { .. })
         ));
         assert!(matches!(classify(&server("password authentication failed (SQLSTATE 28P01)"), "s"), Verdict::Fatal(_)));
+        assert!(matches!(
+            classify(
+                &server(
+                    "logical decoding on standby requires \"wal_level\" >= \"logical\" on the primary (SQLSTATE 55000)"
+                ),
+                "s"
+            ),
+            Verdict::Fatal(PostgresSourceError::Server(_))
+        ));
+        // A slot a standby synchronises: the server's words, and what to do.
+        match classify(&server("cannot use replication slot \"s\" for logical decoding (SQLSTATE 55000)"), "s") {
+            Verdict::Fatal(e) => {
+                let text = e.to_string();
+                assert!(text.contains("cannot use replication slot \"s\" for logical decoding"), "{text}");
+                assert!(text.contains("point source.postgres.url at the primary"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
             classify(&PgWireError::Io(Arc::new(std::io::Error::other("reset"))), "s"),
             Verdict::Transient(_)

@@ -8,8 +8,11 @@
 //! - `boolean`: `true` / `false`;
 //! - `numeric`: the decimal string PostgreSQL prints (`"19.90"`), as the Debezium decoder
 //!   renders Connect decimals;
-//! - everything else (text, varchar, uuid, json, dates, arrays...): PostgreSQL's text output, as
-//!   a string. Debezium renders temporal types and bytea differently (epoch numbers, base64);
+//! - `date`, `time`, `timetz`, `timestamp`, `timestamptz`: ISO 8601 strings as the contract's
+//!   table fixes them (`2024-03-15`, `10:04:05.25`, `2024-03-15T10:04:05`, zoned values in UTC
+//!   with `Z`), the spelling the Debezium decoder gives its temporal logical types;
+//! - everything else (text, varchar, uuid, json, arrays...): PostgreSQL's text output, as
+//!   a string. Debezium renders bytea differently (base64);
 //!   `check --against-db` warns about template columns of such types.
 //! - SQL NULL: `null`. An unchanged TOASTed value: the column is *absent* (unknown).
 
@@ -31,6 +34,11 @@ pub(crate) mod oid {
     pub const FLOAT4: u32 = 700;
     pub const FLOAT8: u32 = 701;
     pub const NUMERIC: u32 = 1700;
+    pub const DATE: u32 = 1082;
+    pub const TIME: u32 = 1083;
+    pub const TIMESTAMP: u32 = 1114;
+    pub const TIMESTAMPTZ: u32 = 1184;
+    pub const TIMETZ: u32 = 1266;
 }
 
 /// One cached table.
@@ -221,6 +229,21 @@ pub(crate) fn render(type_oid: u32, bytes: &[u8]) -> Result<Value, String> {
             }
             Value::String(text.to_owned())
         }
+        // ISO 8601 as the Debezium decoder spells its temporal types (`crate::source::temporal`),
+        // so one rules file gives one key from either source. PostgreSQL prints these in the
+        // session's DateStyle (ISO by default); a text we cannot read (`infinity`, a BC date,
+        // another DateStyle) is kept as PostgreSQL printed it.
+        oid::DATE | oid::TIME | oid::TIMESTAMP | oid::TIMESTAMPTZ | oid::TIMETZ => {
+            use crate::source::temporal;
+            let iso = match type_oid {
+                oid::DATE => temporal::pg_date(text),
+                oid::TIME => temporal::pg_time(text),
+                oid::TIMESTAMP => temporal::pg_timestamp(text),
+                oid::TIMESTAMPTZ => temporal::zoned_timestamp(text),
+                _ => temporal::zoned_time(text),
+            };
+            Value::String(iso.unwrap_or_else(|| text.to_owned()))
+        }
         _ => Value::String(text.to_owned()),
     })
 }
@@ -278,6 +301,16 @@ mod tests {
                 Some(t) => Datum::Text(t.as_bytes().to_vec()),
             })
             .collect()
+    }
+
+    #[test]
+    fn temporal_values_render_as_iso() {
+        assert_eq!(render(oid::DATE, b"2024-03-15").unwrap(), json!("2024-03-15"));
+        assert_eq!(render(oid::TIME, b"10:04:05.25").unwrap(), json!("10:04:05.25"));
+        assert_eq!(render(oid::TIMESTAMP, b"2024-03-15 10:04:05").unwrap(), json!("2024-03-15T10:04:05"));
+        assert_eq!(render(oid::TIMESTAMPTZ, b"2024-03-15 10:04:05.25+01").unwrap(), json!("2024-03-15T09:04:05.25Z"));
+        assert_eq!(render(oid::TIMETZ, b"10:04:05+01").unwrap(), json!("09:04:05Z"));
+        assert_eq!(render(oid::TIMESTAMP, b"infinity").unwrap(), json!("infinity"));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use crate::config::postgres::{Connection, SslMode};
+use crate::config::postgres::{Connection, SslMode, TargetSession};
 
 /// A failed SQL connection or statement, classified.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +105,60 @@ pub async fn connect(c: &Connection, application_name: &str, timeout: Duration) 
     }
 }
 
+/// Connects to the first host of the URL that is what `target_session_attrs` asks for (every
+/// host in order, as libpq does); returns the session and that host's single-host connection.
+/// None fitting (say, mid-failover, before a standby is promoted) is `Unreachable`: retried.
+pub async fn connect_target(
+    c: &Connection,
+    application_name: &str,
+    timeout: Duration,
+) -> Result<(Client, Connection), SqlError> {
+    let candidates = c.candidates();
+    if candidates.len() == 1 && c.target == TargetSession::Any {
+        let client = connect(c, application_name, timeout).await?;
+        return Ok((client, c.clone()));
+    }
+    let mut seen = Vec::new();
+    let mut last_error = None;
+    for candidate in candidates {
+        match connect(&candidate, application_name, timeout).await {
+            Ok(client) => {
+                let check = match c.target {
+                    TargetSession::Any => "SELECT true",
+                    TargetSession::ReadWrite => {
+                        "SELECT NOT pg_is_in_recovery() AND current_setting('default_transaction_read_only') = 'off'"
+                    }
+                    TargetSession::Primary => "SELECT NOT pg_is_in_recovery()",
+                    TargetSession::Standby => "SELECT pg_is_in_recovery()",
+                };
+                let fits = tokio::time::timeout(timeout, client.query_one(check, &[]))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .and_then(|row| row.try_get::<_, bool>(0).ok());
+                match fits {
+                    Some(true) => return Ok((client, candidate)),
+                    Some(false) => seen.push(format!("{}:{} is not {}", candidate.host, candidate.port, c.target)),
+                    None => seen.push(format!("{}:{} did not answer", candidate.host, candidate.port)),
+                }
+            }
+            Err(e) => {
+                seen.push(format!("{}:{}: {e}", candidate.host, candidate.port));
+                last_error = Some(e);
+            }
+        }
+    }
+    // A refusal (password, TLS) on the only host is fatal; anything else waits for a server
+    // to fit (a promotion under way).
+    match last_error {
+        Some(e @ SqlError::Refused { .. }) if seen.len() == 1 => Err(e),
+        _ => Err(SqlError::Unreachable {
+            target: c.to_string(),
+            reason: format!("no host fits target_session_attrs ({})", seen.join("; ")),
+        }),
+    }
+}
+
 fn tls_connector(c: &Connection) -> Result<postgres_native_tls::MakeTlsConnector, String> {
     let mut b = native_tls::TlsConnector::builder();
     match c.ssl_mode {
@@ -127,7 +181,7 @@ fn tls_connector(c: &Connection) -> Result<postgres_native_tls::MakeTlsConnector
 }
 
 /// What `pg_replication_slots` says about our slot.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct SlotStatus {
     pub plugin: Option<String>,
     pub logical: bool,
@@ -136,41 +190,134 @@ pub struct SlotStatus {
     /// `reserved`, `extended`, `unreserved` or `lost`.
     pub wal_status: Option<String>,
     pub confirmed_flush: Option<u64>,
-    /// Server WAL position minus the confirmed flush LSN.
+    /// Server WAL position minus the confirmed flush LSN. On a standby the position is the
+    /// replay position: WAL the standby has not replayed cannot be decoded there yet.
     pub lag_bytes: Option<i64>,
     /// Server WAL position minus the slot's restart LSN: what the slot keeps on disk.
     pub retained_bytes: Option<i64>,
+    /// A failover slot (PostgreSQL 17+; false before).
+    pub failover: bool,
+    /// A copy a standby keeps in sync from its primary (PostgreSQL 17+): not decodable there
+    /// until the standby is promoted.
+    pub synced: bool,
+    /// Why the server invalidated the slot: PostgreSQL 17+'s `invalidation_reason`
+    /// (`wal_removed`, `rows_removed`, `wal_level_insufficient`, `idle_timeout`); on 16,
+    /// `conflicting = true` (a conflict with recovery on a standby) reads as `conflicting`.
+    pub invalidation_reason: Option<String>,
 }
 
-pub async fn slot_status(client: &Client, slot: &str) -> Result<Option<SlotStatus>, SqlError> {
+impl SlotStatus {
+    /// The slot can no longer be decoded from: invalidated for whatever reason.
+    pub fn is_invalidated(&self) -> bool {
+        self.invalidation_reason.is_some() || self.wal_status.as_deref() == Some("lost")
+    }
+}
+
+/// What the server is: its version and whether it is a standby, and the settings that decide
+/// what the source may do there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerInfo {
+    /// `server_version_num`: 150004, 180006, ...
+    pub version_num: i32,
+    /// `server_version`, for messages.
+    pub version: String,
+    /// A physical standby (in recovery).
+    pub in_recovery: bool,
+    pub wal_level: String,
+    pub hot_standby_feedback: bool,
+}
+
+impl ServerInfo {
+    pub fn major(&self) -> i32 {
+        self.version_num / 10_000
+    }
+}
+
+pub async fn server_info(client: &Client) -> Result<ServerInfo, SqlError> {
+    let what = "reading the server version and settings";
     let row = client
-        .query_opt(
-            "SELECT plugin::text, slot_type = 'logical', database::text, active, wal_status, \
-                    pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::bigint, \
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, \
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint \
-             FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, current_setting('server_version'), \
+                    pg_is_in_recovery(), current_setting('wal_level'), current_setting('hot_standby_feedback') = 'on'",
+            &[],
         )
         .await
-        .map_err(|e| SqlError::Statement { what: "reading pg_replication_slots", reason: describe(&e) })?;
+        .map_err(|e| SqlError::Statement { what, reason: describe(&e) })?;
+    let err = |e: tokio_postgres::Error| SqlError::Statement { what, reason: describe(&e) };
+    Ok(ServerInfo {
+        version_num: row.try_get(0).map_err(err)?,
+        version: row.try_get(1).map_err(err)?,
+        in_recovery: row.try_get(2).map_err(err)?,
+        wal_level: row.try_get(3).map_err(err)?,
+        hot_standby_feedback: row.try_get(4).map_err(err)?,
+    })
+}
+
+/// The slot query for a server of `version_num`. The WAL position is the replay position in
+/// recovery: `pg_current_wal_lsn()` fails there ("recovery is in progress"), and a standby
+/// decodes only what it replayed. CASE evaluates only the branch it takes, so one statement
+/// serves a primary, a standby, and a standby promoted while the daemon runs.
+fn slot_query(version_num: i32) -> String {
+    let extra = if version_num >= 170_000 {
+        "failover, synced, invalidation_reason"
+    } else if version_num >= 160_000 {
+        "false, false, CASE WHEN conflicting THEN 'conflicting' END"
+    } else {
+        "false, false, NULL::text"
+    };
+    format!(
+        "SELECT plugin::text, slot_type = 'logical', database::text, active, wal_status, \
+                pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::bigint, \
+                pg_wal_lsn_diff(w.lsn, confirmed_flush_lsn)::bigint, \
+                pg_wal_lsn_diff(w.lsn, restart_lsn)::bigint, {extra} \
+         FROM pg_replication_slots, \
+              (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END AS lsn) w \
+         WHERE slot_name = $1"
+    )
+}
+
+pub async fn slot_status(client: &Client, slot: &str, version_num: i32) -> Result<Option<SlotStatus>, SqlError> {
+    let what = "reading pg_replication_slots";
+    let row = client
+        .query_opt(&slot_query(version_num), &[&slot])
+        .await
+        .map_err(|e| SqlError::Statement { what, reason: describe(&e) })?;
     let Some(row) = row else { return Ok(None) };
     let get = |i: usize| -> Result<Option<String>, SqlError> {
-        row.try_get(i).map_err(|e| SqlError::Statement { what: "reading pg_replication_slots", reason: describe(&e) })
+        row.try_get(i).map_err(|e| SqlError::Statement { what, reason: describe(&e) })
     };
     let num = |i: usize| -> Result<Option<i64>, SqlError> {
-        row.try_get(i).map_err(|e| SqlError::Statement { what: "reading pg_replication_slots", reason: describe(&e) })
+        row.try_get(i).map_err(|e| SqlError::Statement { what, reason: describe(&e) })
     };
+    let flag = |i: usize| row.try_get::<_, Option<bool>>(i).ok().flatten().unwrap_or(false);
     Ok(Some(SlotStatus {
         plugin: get(0)?,
-        logical: row.try_get::<_, Option<bool>>(1).ok().flatten().unwrap_or(false),
+        logical: flag(1),
         database: get(2)?,
-        active: row.try_get::<_, Option<bool>>(3).ok().flatten().unwrap_or(false),
+        active: flag(3),
         wal_status: get(4)?,
         confirmed_flush: num(5)?.and_then(|v| u64::try_from(v).ok()),
         lag_bytes: num(6)?,
         retained_bytes: num(7)?,
+        failover: flag(8),
+        synced: flag(9),
+        invalidation_reason: get(10)?,
     }))
+}
+
+/// Physical standbys streaming from this server now (`pg_stat_replication` rows of walsenders
+/// that are not logical decoding sessions).
+pub async fn standbys_attached(client: &Client) -> Result<i64, SqlError> {
+    let what = "reading pg_stat_replication";
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_replication r \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots s WHERE s.active_pid = r.pid AND s.slot_type = 'logical')",
+            &[],
+        )
+        .await
+        .map_err(|e| SqlError::Statement { what, reason: describe(&e) })?;
+    row.try_get(0).map_err(|e| SqlError::Statement { what, reason: describe(&e) })
 }
 
 pub async fn publication_exists(client: &Client, publication: &str) -> Result<bool, SqlError> {
@@ -181,17 +328,16 @@ pub async fn publication_exists(client: &Client, publication: &str) -> Result<bo
         .map_err(|e| SqlError::Statement { what: "reading pg_publication", reason: describe(&e) })
 }
 
-pub async fn wal_level(client: &Client) -> Result<String, SqlError> {
-    let row = client
-        .query_one("SELECT current_setting('wal_level')", &[])
-        .await
-        .map_err(|e| SqlError::Statement { what: "reading wal_level", reason: describe(&e) })?;
-    row.try_get(0).map_err(|e| SqlError::Statement { what: "reading wal_level", reason: describe(&e) })
-}
-
-pub async fn create_slot(client: &Client, slot: &str) -> Result<(), SqlError> {
+/// Creates a pgoutput slot; `failover` (PostgreSQL 17+ only) makes it a failover slot.
+pub async fn create_slot(client: &Client, slot: &str, failover: bool) -> Result<(), SqlError> {
+    let statement = if failover {
+        // (name, plugin, temporary, twophase, failover)
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+    } else {
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')"
+    };
     client
-        .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
+        .execute(statement, &[&slot])
         .await
         .map(|_| ())
         .map_err(|e| SqlError::Statement { what: "creating the replication slot", reason: describe(&e) })
