@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cdc_invalidator::shutdown::Shutdown;
-use cdc_invalidator::sink::{Invalidations, Sink};
+use cdc_invalidator::sink::{Invalidations, ItemKind, Sink};
 use cdc_invalidator::telemetry::Metrics;
 use rand::Rng;
 use serde_json::json;
@@ -76,11 +76,10 @@ fn workload() -> (Vec<Invalidations>, usize) {
             urls.insert(format!("https://shop.example.com/p/{id}"));
             asked += 2;
         }
-        batches.push(Invalidations {
-            surrogate_keys: keys.into_iter().collect(),
-            urls: urls.into_iter().collect(),
-            ..Default::default()
-        });
+        batches.push(
+            Invalidations::of(ItemKind::SurrogateKey, keys.into_iter().collect())
+                .with(ItemKind::Url, urls.into_iter().collect()),
+        );
     }
     (batches, asked)
 }
@@ -119,11 +118,11 @@ async fn run(
     let mut items = 0;
     for b in batches {
         let b = if keys_only {
-            Invalidations { surrogate_keys: b.surrogate_keys.clone(), ..Default::default() }
+            Invalidations::of(ItemKind::SurrogateKey, b.items(ItemKind::SurrogateKey).to_vec())
         } else {
             b.clone()
         };
-        items += b.surrogate_keys.len() + b.urls.len();
+        items += b.items(ItemKind::SurrogateKey).len() + b.items(ItemKind::Url).len();
         let report = sink.invalidate(&b, &Shutdown::never()).await.expect("batch done");
         assert!(report.rejected.is_empty(), "{:?}", report.rejected);
     }
@@ -135,8 +134,8 @@ async fn run(
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let (batches, asked) = workload();
-    let keys: usize = batches.iter().map(|b| b.surrogate_keys.len()).sum();
-    let urls: usize = batches.iter().map(|b| b.urls.len()).sum();
+    let keys: usize = batches.iter().map(|b| b.items(ItemKind::SurrogateKey).len()).sum();
+    let urls: usize = batches.iter().map(|b| b.items(ItemKind::Url).len()).sum();
     let events = BATCHES * BATCH_EVENTS;
     println!(
         "workload: {BATCHES} batches x {BATCH_EVENTS} events, Zipf(1.1) over {PRODUCTS} products: {asked} surrogate keys asked, {keys} after per-batch coalescing ({:.2}x), {urls} URLs",
@@ -159,7 +158,7 @@ async fn main() {
         metrics.clone(),
     );
     let url_batches: Vec<Invalidations> =
-        batches.iter().map(|b| Invalidations { urls: b.urls.clone(), ..Default::default() }).collect();
+        batches.iter().map(|b| Invalidations::of(ItemKind::Url, b.items(ItemKind::Url).to_vec())).collect();
     run("varnish: URLs (PURGE, 8 in flight)", sink, &metrics, &url_batches, false).await.print(events);
     let evicted =
         (1..=WARM).filter(|id| varnish.get("shop.example.com", &format!("/p/{id}")).x_cache == "MISS").count();

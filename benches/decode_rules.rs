@@ -58,7 +58,9 @@ fn main() {
             if let Ok(Decoded::Change(c)) = debezium::decode(topic, None, value.as_deref()) {
                 let e = rules.evaluate(&c);
                 changes += 1;
-                items += (e.invalidations.redis_keys.len() + e.invalidations.redis_tags.len()) as u64;
+                items += (e.invalidations.items(cdc_invalidator::sink::ItemKind::RedisKey).len()
+                    + e.invalidations.items(cdc_invalidator::sink::ItemKind::RedisTag).len())
+                    as u64;
             }
         }
     }

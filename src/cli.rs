@@ -9,13 +9,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use serde::Serialize;
 
 use crate::config::{self, Config};
-use crate::event::Decoded;
 use crate::rules::Rules;
 use crate::shutdown;
-use crate::source::debezium;
 use crate::telemetry::{self, Metrics};
 
 #[derive(Debug, Parser)]
@@ -184,56 +181,6 @@ pub fn run(config_path: &Path) -> ExitCode {
     }
 }
 
-/// The `explain` output: field order as in the contract.
-#[derive(Debug, Serialize, PartialEq)]
-pub struct Explanation {
-    pub table: Option<String>,
-    pub op: &'static str,
-    pub redis_keys: Vec<String>,
-    pub redis_tags: Vec<String>,
-    pub surrogate_keys: Vec<String>,
-    pub urls: Vec<String>,
-    pub matched_rules: Vec<String>,
-    pub errors: Vec<String>,
-}
-
-/// Decodes one message and evaluates it: the heart of `explain`, shared with `replay --dry-run`.
-pub fn explain_message(
-    rules: &Rules,
-    topic: &str,
-    key: Option<&[u8]>,
-    value: Option<&[u8]>,
-) -> Result<Explanation, debezium::DecodeError> {
-    Ok(match debezium::decode(topic, key, value)? {
-        Decoded::NoChange(n) => Explanation {
-            table: n.table,
-            op: "none",
-            redis_keys: vec![],
-            redis_tags: vec![],
-            surrogate_keys: vec![],
-            urls: vec![],
-            matched_rules: vec![],
-            errors: vec![],
-        },
-        Decoded::Change(change) => {
-            let eval = rules.evaluate(&change);
-            let mut matched: Vec<String> = eval.matched_rules.iter().map(|r| r.to_string()).collect();
-            matched.sort();
-            matched.dedup();
-            Explanation {
-                table: Some(change.table.clone()),
-                op: change.op.as_str(),
-                redis_keys: eval.invalidations.redis_keys,
-                redis_tags: eval.invalidations.redis_tags,
-                surrogate_keys: eval.invalidations.surrogate_keys,
-                urls: eval.invalidations.urls,
-                matched_rules: matched,
-                errors: eval.errors.into_iter().map(|e| e.message).collect(),
-            }
-        }
-    })
-}
-
 fn read_input(path: &Path) -> std::io::Result<Vec<u8>> {
     if path == Path::new("-") {
         let mut buf = Vec::new();
@@ -280,7 +227,7 @@ pub fn explain(rules_path: &Path, event: &Path, key: Option<&Path>, topic: Optio
     };
     // An empty file is a tombstone too (kcat writes a null value as nothing).
     let value = (!value.iter().all(u8::is_ascii_whitespace)).then_some(value);
-    match explain_message(&rules, topic.unwrap_or(""), key.as_deref(), value.as_deref()) {
+    match crate::explain::explain_message(&rules, topic.unwrap_or(""), key.as_deref(), value.as_deref()) {
         Ok(explanation) => {
             match serde_json::to_string(&explanation) {
                 Ok(json) => println!("{json}"),

@@ -3,12 +3,16 @@
 //! Keeps caches honest by reading the database's own change log.
 //!
 //! ```text
-//!   source ──SourceEvent──▶ pipeline ──Invalidations──▶ sinks
-//!   (kafka+debezium,        (decode ▸ rules ▸ batch      (redis: UNLINK + tag fan-out,
-//!    postgres)               ▸ coalesce ▸ dead letters)   cdn/…: purges)
-//!      ▲                                                     │
-//!      └───────────── Ack (after every sink is done) ◀──────┘
+//!   source ──SourceEvent──▶ intake ──Unit──▶ layer 0 ──▶ layer 1 ──▶ layer 2 ──▶ finish
+//!   (kafka+debezium,        (batch ▸ rules   (Redis)     (HTTP       (CDNs)      (dead letters,
+//!    postgres)               ▸ coalesce)                  caches)                 acks, 2nd pass)
+//!      ▲                                                                            │
+//!      └──────────────── Ack (after every layer is done with the event) ◀──────────┘
 //! ```
+//!
+//! Each stage is its own task; each layer has its own bounded queue and batching and runs its
+//! sinks at once, so a slow CDN never makes Redis stale. The delivery guarantee is enforced in
+//! one place: an event's ack travels with it, and only [`pipeline`]'s finish stage calls it.
 //!
 //! - [`event`]: the one change-event type every source decodes into.
 //! - [`source`]: Kafka with Debezium JSON ([`source::kafka`], [`source::debezium`]) and
@@ -18,10 +22,13 @@
 //!   to invalidate.
 //! - [`sink`]: the sink trait and its contract (delete only, idempotent, at-least-once, says
 //!   when done); [`sink::redis`] and the HTTP caches and CDNs under [`sink::cdn`].
-//! - [`app`]: the pipeline that wires them together: batching, coalescing, layers in order,
-//!   dead letters ([`dead_letter`]), acknowledgements, hot-reloaded rules, shutdown.
+//! - [`pipeline`]: the stages between source and sinks: batching, rules, coalescing, one task
+//!   per layer, dead letters ([`dead_letter`]), acknowledgements, the second pass.
+//! - [`app`]: builds source, sinks, dead letters and telemetry from the config and runs the
+//!   pipeline with hot-reloaded rules until shutdown.
 //! - [`telemetry`]: Prometheus metrics, health endpoints, logging.
 //! - [`cli`]: `run`, `check`, `explain` (the user-facing contract) and `replay`.
+//! - [`explain`]: what the rules make of one message (`explain`, `replay --dry-run`).
 //! - [`replay`]: `cdc-invalidator replay`, dead letters back through the pipeline.
 //! - [`config`], [`retry`], [`shutdown`]: the plumbing.
 
@@ -30,6 +37,8 @@ pub mod cli;
 pub mod config;
 pub mod dead_letter;
 pub mod event;
+pub mod explain;
+pub mod pipeline;
 pub mod replay;
 pub mod retry;
 pub mod rules;

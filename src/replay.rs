@@ -2,10 +2,10 @@
 //! the current rules and sinks, after the cause was fixed.
 //!
 //! ```text
-//! input (file lines | Kafka topic) ──▶ read_record ──▶ debezium::decode ──▶ app::Pipeline ──▶ sinks
+//! input (file lines | Kafka topic) ──▶ read_record ──▶ debezium::decode ──▶ pipeline::Pipeline ──▶ sinks
 //!   a dead-letter record: original key, value and topic      (the daemon's own pipeline: batching,
 //!   anything else: one Debezium message value                 layers, dead letters, metrics)
-//!                                   └── --dry-run: cli::explain_message, printed, nothing touched
+//!                                   └── --dry-run: explain::explain_message, printed, nothing touched
 //! ```
 //!
 //! Every input item is either a dead-letter record (as written by [`crate::dead_letter`]:
@@ -34,7 +34,6 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::app::{self, Pipeline};
-use crate::cli;
 use crate::config::Config;
 use crate::dead_letter::{self, DeadLetters};
 use crate::event::Decoded;
@@ -345,7 +344,10 @@ pub async fn replay(
             .with_layers(layers, config.sinks.timing.clone());
         let (etx, erx) = mpsc::channel(config.pipeline.queue_capacity.max(1));
         let pipeline_shutdown = shutdown.clone();
-        events = Some((etx, tokio::spawn(async move { pipeline.run(erx, &pipeline_shutdown).await })));
+        events = Some((
+            etx,
+            tokio::spawn(async move { pipeline.run(erx, &pipeline_shutdown).await.map_err(app::AppError::from) }),
+        ));
     }
 
     let mut sent = 0usize;
@@ -372,7 +374,7 @@ pub async fn replay(
         match &events {
             None => {
                 // Dry run: what `explain` would print, with the record's position first.
-                match cli::explain_message(&rules, &topic, key.as_deref(), value.as_deref()) {
+                match crate::explain::explain_message(&rules, &topic, key.as_deref(), value.as_deref()) {
                     Ok(ex) => {
                         if !ex.errors.is_empty() {
                             summary.dead_lettered += 1;

@@ -45,7 +45,7 @@ async fn tags_and_files_go_in_separate_requests_of_at_most_100() {
     let double = CloudflareDouble::with_buckets(Bucket::new(500, 50.0), Bucket::new(3000, 3000.0));
     let (sink, _, _dir) = sink(&double, TOKEN, json!({}));
     let urls: Vec<String> = (0..150).map(|i| format!("https://shop.example.com/p/{i}")).collect();
-    let batch = Invalidations { surrogate_keys: tags(250), urls: urls.clone(), ..Default::default() };
+    let batch = Invalidations::of(ItemKind::SurrogateKey, tags(250)).with(ItemKind::Url, urls.clone());
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert!(report.rejected.is_empty(), "{:?}", report.rejected);
     assert_eq!(report.confirmed, vec![(ItemKind::SurrogateKey, 250), (ItemKind::Url, 150)]);
@@ -73,11 +73,8 @@ async fn tags_and_files_go_in_separate_requests_of_at_most_100() {
 async fn urls_as_prefixes_and_keys_as_hosts() {
     let double = CloudflareDouble::start();
     let (sink, _, _dir) = sink(&double, TOKEN, json!({ "urls_as": "prefixes", "surrogate_keys_as": "hosts" }));
-    let batch = Invalidations {
-        surrogate_keys: vec!["static.example.com".into(), "not/a/host".into()],
-        urls: vec!["https://shop.example.com/c/5/".into()],
-        ..Default::default()
-    };
+    let batch = Invalidations::of(ItemKind::SurrogateKey, vec!["static.example.com".into(), "not/a/host".into()])
+        .with(ItemKind::Url, vec!["https://shop.example.com/c/5/".into()]);
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert_eq!(report.rejected.len(), 1);
     assert!(report.rejected[0].reason.contains("host name"));
@@ -93,7 +90,7 @@ async fn success_false_inside_a_200_is_a_failure_and_only_the_culprit_is_rejecte
     let mut t = tags(20);
     t.push(POISON_TAG.into());
     t.sort();
-    let batch = Invalidations { surrogate_keys: t.clone(), ..Default::default() };
+    let batch = Invalidations::of(ItemKind::SurrogateKey, t.clone());
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert_eq!(report.rejected.len(), 1, "{:?}", report.rejected);
     assert_eq!(t[report.rejected[0].index], POISON_TAG);
@@ -107,7 +104,7 @@ async fn success_false_inside_a_200_is_a_failure_and_only_the_culprit_is_rejecte
 async fn a_wrong_token_is_refused_with_cloudflares_message() {
     let double = CloudflareDouble::start();
     let (sink, _, _dir) = sink(&double, "wrong-token", json!({}));
-    let batch = Invalidations { surrogate_keys: tags(3), ..Default::default() };
+    let batch = Invalidations::of(ItemKind::SurrogateKey, tags(3));
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert_eq!(report.rejected.len(), 3);
     assert!(report.rejected[0].reason.contains("HTTP 403"));
@@ -127,7 +124,7 @@ async fn the_plans_tag_rate_is_never_exceeded() {
         TOKEN,
         json!({ "limits": { "items_per_request": 1, "requests_per_second": 10.0, "burst": 5, "concurrency": 4 } }),
     );
-    let batch = Invalidations { surrogate_keys: tags(40), ..Default::default() };
+    let batch = Invalidations::of(ItemKind::SurrogateKey, tags(40));
     let started = Instant::now();
     sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert!(started.elapsed() >= Duration::from_millis(3400), "{:?}", started.elapsed());
@@ -160,14 +157,11 @@ async fn a_minute_of_503_then_429_loses_nothing() {
     };
     let mut sent = Vec::new();
     for round in 0..3 {
-        let batch = Invalidations {
-            surrogate_keys: (0..120).map(|i| format!("r{round}-{i}")).collect(),
-            urls: vec![format!("https://shop.example.com/r{round}")],
-            ..Default::default()
-        };
+        let batch = Invalidations::of(ItemKind::SurrogateKey, (0..120).map(|i| format!("r{round}-{i}")).collect())
+            .with(ItemKind::Url, vec![format!("https://shop.example.com/r{round}")]);
         let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
         assert!(report.rejected.is_empty(), "{:?}", report.rejected);
-        sent.extend(batch.surrogate_keys);
+        sent.extend(batch.items(ItemKind::SurrogateKey).iter().cloned());
     }
     switch.await.unwrap();
     assert!(storm_start.elapsed() >= Duration::from_secs(60), "the first batch only passed after the storm");

@@ -43,11 +43,8 @@ fn keys(n: usize, prefix: &str) -> Vec<String> {
 async fn keys_go_in_bulk_within_256_and_urls_one_by_one() {
     let double = FastlyDouble::start();
     let (sink, metrics, _dir) = sink(&double, TOKEN, json!({ "soft": true }));
-    let batch = Invalidations {
-        surrogate_keys: keys(600, "product"),
-        urls: vec!["https://shop.example.com/p/1".into(), "https://shop.example.com/p/2?x=1".into()],
-        ..Default::default()
-    };
+    let batch = Invalidations::of(ItemKind::SurrogateKey, keys(600, "product"))
+        .with(ItemKind::Url, vec!["https://shop.example.com/p/1".into(), "https://shop.example.com/p/2?x=1".into()]);
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert!(report.rejected.is_empty(), "{:?}", report.rejected);
     assert_eq!(report.confirmed, vec![(ItemKind::SurrogateKey, 600), (ItemKind::Url, 2)]);
@@ -57,7 +54,7 @@ async fn keys_go_in_bulk_within_256_and_urls_one_by_one() {
     assert_eq!(sizes, vec![88, 256, 256]);
     let mut purged: Vec<String> = st.keys.iter().map(|(k, _)| k.clone()).collect();
     purged.sort();
-    let mut want = batch.surrogate_keys.clone();
+    let mut want = batch.items(ItemKind::SurrogateKey).to_vec();
     want.sort();
     assert_eq!(purged, want);
     assert!(st.keys.iter().all(|(_, soft)| *soft), "Fastly-Soft-Purge: 1 on every request");
@@ -72,7 +69,7 @@ async fn keys_go_in_bulk_within_256_and_urls_one_by_one() {
 async fn a_wrong_token_rejects_every_item_with_fastlys_message_in_one_request() {
     let double = FastlyDouble::start();
     let (sink, _, _dir) = sink(&double, "not-the-token", json!({}));
-    let batch = Invalidations { surrogate_keys: keys(10, "k"), ..Default::default() };
+    let batch = Invalidations::of(ItemKind::SurrogateKey, keys(10, "k"));
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert_eq!(report.rejected.len(), 10);
     assert!(report.rejected[0].reason.contains("HTTP 401"), "{}", report.rejected[0].reason);
@@ -86,10 +83,10 @@ async fn one_bad_key_is_isolated_and_the_rest_purged() {
     let double = FastlyDouble::start();
     double.state.lock().unwrap().refuse.push("k-37".into());
     let (sink, _, _dir) = sink(&double, TOKEN, json!({}));
-    let batch = Invalidations { surrogate_keys: keys(100, "k"), ..Default::default() };
+    let batch = Invalidations::of(ItemKind::SurrogateKey, keys(100, "k"));
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert_eq!(report.rejected.len(), 1);
-    assert_eq!(batch.surrogate_keys[report.rejected[0].index], "k-37");
+    assert_eq!(batch.items(ItemKind::SurrogateKey)[report.rejected[0].index], "k-37");
     assert!(report.rejected[0].reason.contains("invalid surrogate key k-37"), "{}", report.rejected[0].reason);
     assert_eq!(double.purged_keys().len(), 99);
     assert!(double.state.lock().unwrap().log.len() <= 15, "found by bisection, not one request per key");
@@ -103,7 +100,7 @@ async fn a_429_storm_is_waited_out_until_the_reset_and_nothing_is_lost() {
     let started = Instant::now();
     double.state.lock().unwrap().storm = Some(Storm::for_(Duration::from_secs(3), 429));
     let (sink, metrics, _dir) = sink(&double, TOKEN, json!({ "limits": { "items_per_request": 50 } }));
-    let batch = Invalidations { surrogate_keys: keys(200, "k"), ..Default::default() };
+    let batch = Invalidations::of(ItemKind::SurrogateKey, keys(200, "k"));
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert!(report.rejected.is_empty());
     assert!(started.elapsed() >= Duration::from_secs(3));
@@ -127,7 +124,7 @@ async fn the_configured_request_rate_is_never_exceeded() {
         TOKEN,
         json!({ "limits": { "items_per_request": 1, "requests_per_second": 8.0, "burst": 4, "concurrency": 8 } }),
     );
-    let batch = Invalidations { surrogate_keys: keys(36, "k"), ..Default::default() };
+    let batch = Invalidations::of(ItemKind::SurrogateKey, keys(36, "k"));
     let started = Instant::now();
     sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     // 36 requests, 4 at once, then 8/s: at least 4 s.

@@ -79,13 +79,30 @@ fn sigv4_matches_the_aws_test_suite() {
         let mut sent = req.headers.clone();
         sent.push(("Authorization".into(), signed.authorization.clone()));
         let verify = |headers: &[(String, String)], body: &[u8], creds: &sigv4::Credentials| {
-            sigv4::verify(creds, "us-east-1", "service", &req.method, &req.path, &req.query, headers, body)
+            crate::support::signatures::sigv4_verify(
+                creds,
+                "us-east-1",
+                "service",
+                &req.method,
+                &req.path,
+                &req.query,
+                headers,
+                body,
+            )
         };
         assert_eq!(verify(&sent, &req.body, &suite_credentials()), Ok(()), "{name}: verify");
         // ...and refuses it with another secret, another body or a changed signed header.
         let wrong = sigv4::Credentials { secret_access_key: Secret::new("not-the-secret"), ..suite_credentials() };
-        assert_eq!(verify(&sent, &req.body, &wrong), Err(sigv4::SigV4Error::Mismatch), "{name}: wrong secret");
-        assert_eq!(verify(&sent, b"tampered", &suite_credentials()), Err(sigv4::SigV4Error::Mismatch), "{name}: body");
+        assert_eq!(
+            verify(&sent, &req.body, &wrong),
+            Err(crate::support::signatures::Refusal::Mismatch),
+            "{name}: wrong secret"
+        );
+        assert_eq!(
+            verify(&sent, b"tampered", &suite_credentials()),
+            Err(crate::support::signatures::Refusal::Mismatch),
+            "{name}: body"
+        );
         let mut moved = sent.clone();
         for (n, v) in moved.iter_mut() {
             if n.eq_ignore_ascii_case("x-amz-date") {
@@ -114,15 +131,33 @@ fn sigv4_verify_refuses_unsigned_host_and_unknown_keys() {
     let mut sent = headers.clone();
     sent.push(("Authorization".into(), signed.authorization.replace("AKIDEXAMPLE", "AKIDOTHER")));
     assert_eq!(
-        sigv4::verify(&suite_credentials(), "us-east-1", "service", "GET", "/", "", &sent, b""),
-        Err(sigv4::SigV4Error::UnknownKey)
+        crate::support::signatures::sigv4_verify(
+            &suite_credentials(),
+            "us-east-1",
+            "service",
+            "GET",
+            "/",
+            "",
+            &sent,
+            b""
+        ),
+        Err(crate::support::signatures::Refusal::UnknownKey)
     );
     // A signature for another region is refused even with the right key.
     let mut sent = headers.clone();
     sent.push(("Authorization".into(), signed.authorization.clone()));
     assert!(matches!(
-        sigv4::verify(&suite_credentials(), "eu-west-1", "service", "GET", "/", "", &sent, b""),
-        Err(sigv4::SigV4Error::Mismatch | sigv4::SigV4Error::WrongScope(_))
+        crate::support::signatures::sigv4_verify(
+            &suite_credentials(),
+            "eu-west-1",
+            "service",
+            "GET",
+            "/",
+            "",
+            &sent,
+            b""
+        ),
+        Err(crate::support::signatures::Refusal::Mismatch | crate::support::signatures::Refusal::WrongScope(_))
     ));
 }
 
@@ -192,26 +227,33 @@ fn edgegrid_matches_akamai_test_data() {
         sent.push(("Authorization".into(), header.clone()));
         let signed = edgegrid::Request { headers: &sent, ..request };
         assert!(
-            edgegrid::verify(&creds, &settings, &signed, at, Duration::from_secs(60)).is_ok(),
+            crate::support::signatures::edgegrid_verify(&creds, &settings, &signed, at, Duration::from_secs(60))
+                .is_ok(),
             "{}",
             case.test_name
         );
         let wrong = edgegrid::Credentials { client_secret: Secret::new("another-secret"), ..creds.clone() };
         assert_eq!(
-            edgegrid::verify(&wrong, &settings, &signed, at, Duration::from_secs(60)),
-            Err(edgegrid::EdgeGridError::Mismatch),
+            crate::support::signatures::edgegrid_verify(&wrong, &settings, &signed, at, Duration::from_secs(60)),
+            Err(crate::support::signatures::Refusal::Mismatch),
             "{}",
             case.test_name
         );
         let moved = edgegrid::Request { path_and_query: "/other", ..signed };
         assert_eq!(
-            edgegrid::verify(&creds, &settings, &moved, at, Duration::from_secs(60)),
-            Err(edgegrid::EdgeGridError::Mismatch)
+            crate::support::signatures::edgegrid_verify(&creds, &settings, &moved, at, Duration::from_secs(60)),
+            Err(crate::support::signatures::Refusal::Mismatch)
         );
         // A replay long after the timestamp is stale.
         assert_eq!(
-            edgegrid::verify(&creds, &settings, &signed, at + Duration::from_secs(3600), Duration::from_secs(60)),
-            Err(edgegrid::EdgeGridError::Stale)
+            crate::support::signatures::edgegrid_verify(
+                &creds,
+                &settings,
+                &signed,
+                at + Duration::from_secs(3600),
+                Duration::from_secs(60)
+            ),
+            Err(crate::support::signatures::Refusal::Stale)
         );
     }
 }
@@ -283,7 +325,7 @@ async fn cloudfront_double_rejects_a_wrong_signature() {
     let wrong =
         sigv4::Credentials { secret_access_key: Secret::new("not-the-secret"), ..CloudFrontDouble::credentials() };
     let sink = cloudfront_sink(&double.endpoint(), serde_json::json!({}), wrong);
-    let batch = Invalidations { urls: urls(2), ..Default::default() };
+    let batch = Invalidations::of(ItemKind::Url, urls(2));
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert_eq!(report.rejected.len(), 2, "{report:?}");
     assert!(report.rejected[0].reason.contains("403 AccessDenied"), "{}", report.rejected[0].reason);
@@ -304,7 +346,7 @@ async fn akamai_double_rejects_a_wrong_signature() {
     let wrong =
         edgegrid::Credentials { client_secret: Secret::new("bm90LXRoZS1zZWNyZXQ="), ..AkamaiDouble::credentials() };
     let sink = akamai_sink(&double.base_url(), serde_json::json!({}), wrong);
-    let batch = Invalidations { surrogate_keys: vec!["product-42".into()], ..Default::default() };
+    let batch = Invalidations::of(ItemKind::SurrogateKey, vec!["product-42".into()]);
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert_eq!(report.rejected.len(), 1);
     assert!(report.rejected[0].reason.contains("HTTP 401"), "{}", report.rejected[0].reason);
@@ -337,11 +379,8 @@ async fn cloudfront_batches_stay_under_the_in_flight_limits() {
         }),
         CloudFrontDouble::credentials(),
     );
-    let batch = Invalidations {
-        urls: urls(25),
-        surrogate_keys: (0..7).map(|i| format!("category-{i}")).collect(),
-        ..Default::default()
-    };
+    let batch = Invalidations::of(ItemKind::Url, urls(25))
+        .with(ItemKind::SurrogateKey, (0..7).map(|i| format!("category-{i}")).collect());
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert!(report.rejected.is_empty(), "{report:?}");
     let st = double.state();
@@ -370,7 +409,7 @@ async fn cloudfront_reuses_the_caller_reference_when_retrying_a_batch() {
     // The first answer is lost after the invalidation was created.
     double.state().lose_answers = 1;
     let sink = cloudfront_sink(&double.endpoint(), serde_json::json!({}), CloudFrontDouble::credentials());
-    let batch = Invalidations { urls: urls(3), ..Default::default() };
+    let batch = Invalidations::of(ItemKind::Url, urls(3));
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert!(report.rejected.is_empty(), "{report:?}");
     {
@@ -382,7 +421,7 @@ async fn cloudfront_reuses_the_caller_reference_when_retrying_a_batch() {
 
     // Another batch gets another reference.
     sink.invalidate(
-        &Invalidations { urls: vec!["https://shop.example.com/other".into()], ..Default::default() },
+        &Invalidations::of(ItemKind::Url, vec!["https://shop.example.com/other".into()]),
         &Shutdown::never(),
     )
     .await
@@ -395,17 +434,14 @@ async fn cloudfront_reuses_the_caller_reference_when_retrying_a_batch() {
 async fn cloudfront_paths_it_would_refuse_are_rejected_before_sending() {
     let double = CloudFrontDouble::start(CfLimits::default());
     let sink = cloudfront_sink(&double.endpoint(), serde_json::json!({}), CloudFrontDouble::credentials());
-    let batch = Invalidations {
-        urls: vec![
-            "https://shop.example.com/ok".into(),
-            "/relative/path".into(),
-            "https://shop.example.com/a*/b".into(),
-            format!("https://shop.example.com/{}", "x".repeat(4_100)),
-        ],
-        // No surrogate_key_path: keys are not this sink's business.
-        surrogate_keys: vec!["ignored".into()],
-        ..Default::default()
-    };
+    let urls = vec![
+        "https://shop.example.com/ok".into(),
+        "/relative/path".into(),
+        "https://shop.example.com/a*/b".into(),
+        format!("https://shop.example.com/{}", "x".repeat(4_100)),
+    ];
+    // No surrogate_key_path: keys are not this sink's business.
+    let batch = Invalidations::of(ItemKind::Url, urls).with(ItemKind::SurrogateKey, vec!["ignored".into()]);
     assert_eq!(sink.kinds(), &[ItemKind::Url]);
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     let rejected: Vec<usize> = report.rejected.iter().map(|r| r.index).collect();
@@ -426,7 +462,7 @@ async fn cloudfront_can_wait_until_invalidations_complete() {
         CloudFrontDouble::credentials(),
     );
     let started = std::time::Instant::now();
-    sink.invalidate(&Invalidations { urls: urls(2), ..Default::default() }, &Shutdown::never()).await.unwrap();
+    sink.invalidate(&Invalidations::of(ItemKind::Url, urls(2)), &Shutdown::never()).await.unwrap();
     assert!(started.elapsed() >= Duration::from_millis(600), "returned before CloudFront said Completed");
     assert!(double.state().status_reads >= 1);
 }
@@ -438,18 +474,12 @@ async fn cloudfront_busy_distribution_is_retried_not_dead_lettered() {
     let double = CloudFrontDouble::start(limits);
     let other = cloudfront_sink(&double.endpoint(), serde_json::json!({}), CloudFrontDouble::credentials());
     other
-        .invalidate(
-            &Invalidations { urls: vec!["https://x.example/*".into()], ..Default::default() },
-            &Shutdown::never(),
-        )
+        .invalidate(&Invalidations::of(ItemKind::Url, vec!["https://x.example/*".into()]), &Shutdown::never())
         .await
         .unwrap();
     let sink = cloudfront_sink(&double.endpoint(), serde_json::json!({}), CloudFrontDouble::credentials());
     let report = sink
-        .invalidate(
-            &Invalidations { urls: vec!["https://x.example/img/*".into()], ..Default::default() },
-            &Shutdown::never(),
-        )
+        .invalidate(&Invalidations::of(ItemKind::Url, vec!["https://x.example/img/*".into()]), &Shutdown::never())
         .await
         .unwrap();
     assert!(report.rejected.is_empty(), "{report:?}");
@@ -468,7 +498,7 @@ async fn akamai_bodies_are_split_under_50_kb() {
     );
     let long: Vec<String> =
         (0..2_000).map(|i| format!("https://shop.example.com/catalogue/products/{i:05}/{}", "x".repeat(60))).collect();
-    let batch = Invalidations { urls: long.clone(), ..Default::default() };
+    let batch = Invalidations::of(ItemKind::Url, long.clone());
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert!(report.rejected.is_empty(), "{report:?}");
     let st = double.state();
@@ -490,8 +520,7 @@ async fn akamai_413_splits_the_request_until_it_fits() {
     // The server's limit is lower than the sink's: 413s, then halves, then everything fits.
     let double = AkamaiDouble::start(AkLimits { max_body: 4_000, ..AkLimits::default() });
     let sink = akamai_sink(&double.base_url(), serde_json::json!({}), AkamaiDouble::credentials());
-    let batch =
-        Invalidations { surrogate_keys: (0..300).map(|i| format!("product-{i:04}")).collect(), ..Default::default() };
+    let batch = Invalidations::of(ItemKind::SurrogateKey, (0..300).map(|i| format!("product-{i:04}")).collect());
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert!(report.rejected.is_empty(), "{report:?}");
     let st = double.state();
@@ -499,7 +528,7 @@ async fn akamai_413_splits_the_request_until_it_fits() {
     drop(st);
     let mut purged = double.purged();
     purged.sort();
-    assert_eq!(purged, batch.surrogate_keys);
+    assert_eq!(purged, batch.items(ItemKind::SurrogateKey));
 }
 
 #[tokio::test]
@@ -513,7 +542,7 @@ async fn akamai_429_storm_waits_at_least_5s_and_loses_nothing() {
         serde_json::json!({ "limits": { "items_per_request": 10, "concurrency": 1 } }),
         AkamaiDouble::credentials(),
     );
-    let batch = Invalidations { surrogate_keys: (0..30).map(|i| format!("k{i}")).collect(), ..Default::default() };
+    let batch = Invalidations::of(ItemKind::SurrogateKey, (0..30).map(|i| format!("k{i}")).collect());
     let started = std::time::Instant::now();
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert!(report.rejected.is_empty(), "{report:?}");
@@ -534,7 +563,7 @@ async fn akamai_429_storm_waits_at_least_5s_and_loses_nothing() {
     drop(st);
     let mut purged = double.purged();
     purged.sort();
-    let mut expected = batch.surrogate_keys.clone();
+    let mut expected = batch.items(ItemKind::SurrogateKey).to_vec();
     expected.sort();
     assert_eq!(purged, expected);
 }
@@ -549,11 +578,17 @@ async fn akamai_client_side_buckets_keep_under_the_provider_rate() {
         serde_json::json!({ "limits": { "items_per_request": 1, "requests_per_second": 8, "burst": 4 } }),
         AkamaiDouble::credentials(),
     );
-    let batch = Invalidations { surrogate_keys: (0..20).map(|i| format!("k{i}")).collect(), ..Default::default() };
+    // Warm-up: open the connections and spend the burst on both sides, then let both buckets
+    // refill. Otherwise the first requests' connection set-up (slow on a busy machine) delays
+    // their arrival but not the client's clock, and a warm fifth request arrives early.
+    let warm = Invalidations::of(ItemKind::SurrogateKey, (0..4).map(|i| format!("w{i}")).collect());
+    sink.invalidate(&warm, &Shutdown::never()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(750)).await;
+    let batch = Invalidations::of(ItemKind::SurrogateKey, (0..20).map(|i| format!("k{i}")).collect());
     sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     let st = double.state();
-    assert_eq!(st.purges.len(), 20);
-    assert!(st.requests.iter().all(|(_, s)| *s == 201), "the provider never had to answer 429");
+    assert_eq!(st.purges.len(), 24);
+    assert!(st.requests.iter().all(|(_, s)| *s == 201), "the provider never had to answer 429: {:?}", st.requests);
 }
 
 #[tokio::test]
@@ -562,7 +597,7 @@ async fn akamai_bad_object_is_the_only_one_rejected() {
     double.state().reject.insert("product-13".into());
     let sink = akamai_sink(&double.base_url(), serde_json::json!({}), AkamaiDouble::credentials());
     let keys: Vec<String> = (0..32).map(|i| format!("product-{i}")).collect();
-    let batch = Invalidations { surrogate_keys: keys.clone(), urls: vec!["not a url".into()], ..Default::default() };
+    let batch = Invalidations::of(ItemKind::SurrogateKey, keys.clone()).with(ItemKind::Url, vec!["not a url".into()]);
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     let rejected: Vec<(ItemKind, usize)> = report.rejected.iter().map(|r| (r.kind, r.index)).collect();
     assert_eq!(rejected, vec![(ItemKind::SurrogateKey, 13), (ItemKind::Url, 0)]);
@@ -578,7 +613,7 @@ async fn akamai_cpcodes_delete_on_staging() {
         serde_json::json!({ "surrogate_keys_as": "cpcode", "action": "delete", "network": "staging" }),
         AkamaiDouble::credentials(),
     );
-    let batch = Invalidations { surrogate_keys: vec!["12345".into(), "cp-x".into()], ..Default::default() };
+    let batch = Invalidations::of(ItemKind::SurrogateKey, vec!["12345".into(), "cp-x".into()]);
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert_eq!(report.rejected.len(), 1);
     assert!(report.rejected[0].reason.contains("CP code must be a number"));

@@ -17,11 +17,11 @@ use crate::support::varnish::{Origin, Varnish};
 const HOST: &str = "shop.example.com";
 
 fn keys(k: &[&str]) -> Invalidations {
-    Invalidations { surrogate_keys: k.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+    Invalidations::of(ItemKind::SurrogateKey, k.iter().map(|s| s.to_string()).collect())
 }
 
 fn urls(u: &[&str]) -> Invalidations {
-    Invalidations { urls: u.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+    Invalidations::of(ItemKind::Url, u.iter().map(|s| s.to_string()).collect())
 }
 
 fn sink(nodes: &[&Varnish], extra: serde_json::Value) -> (Arc<dyn Sink>, Arc<Metrics>) {
@@ -146,11 +146,8 @@ async fn bad_items_are_rejected_and_never_sent() {
     let origin = Origin::start();
     let v = Varnish::start(origin.server.port);
     let (sink, metrics) = sink(&[&v], json!({ "max_key_bytes": 16 }));
-    let batch = Invalidations {
-        surrogate_keys: vec!["has space".into(), "k".repeat(17), "ok-key".into()],
-        urls: vec!["/relative".into(), "https://shop.example.com/fine".into()],
-        ..Default::default()
-    };
+    let batch = Invalidations::of(ItemKind::SurrogateKey, vec!["has space".into(), "k".repeat(17), "ok-key".into()])
+        .with(ItemKind::Url, vec!["/relative".into(), "https://shop.example.com/fine".into()]);
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     let reasons: Vec<(ItemKind, usize)> = report.rejected.iter().map(|r| (r.kind, r.index)).collect();
     assert_eq!(reasons, vec![(ItemKind::SurrogateKey, 0), (ItemKind::SurrogateKey, 1), (ItemKind::Url, 0)]);

@@ -27,10 +27,10 @@ async fn signed_batches_arrive_and_a_refused_key_is_isolated() {
     let mut keys: Vec<String> = (0..25).map(|i| format!("k-{i}")).collect();
     keys.push("refused-key".into());
     let batch =
-        Invalidations { surrogate_keys: keys, urls: vec!["https://shop.example.com/x".into()], ..Default::default() };
+        Invalidations::of(ItemKind::SurrogateKey, keys).with(ItemKind::Url, vec!["https://shop.example.com/x".into()]);
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert_eq!(report.rejected.len(), 1);
-    assert_eq!(batch.surrogate_keys[report.rejected[0].index], "refused-key");
+    assert_eq!(batch.items(ItemKind::SurrogateKey)[report.rejected[0].index], "refused-key");
     assert!(report.rejected[0].reason.contains("HTTP 422: refused key"), "{}", report.rejected[0].reason);
     assert_eq!(report.confirmed, vec![(ItemKind::SurrogateKey, 25), (ItemKind::Url, 1)]);
     let st = double.state.lock().unwrap();
@@ -42,7 +42,7 @@ async fn signed_batches_arrive_and_a_refused_key_is_isolated() {
 async fn a_wrong_secret_is_refused_and_dead_lettered() {
     let double = WebhookDouble::start();
     let (sink, _dir) = sink(&double, "not-the-secret");
-    let batch = Invalidations { surrogate_keys: vec!["a".into()], ..Default::default() };
+    let batch = Invalidations::of(ItemKind::SurrogateKey, vec!["a".into()]);
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert_eq!(report.rejected.len(), 1);
     assert!(report.rejected[0].reason.contains("HTTP 401"));
@@ -54,7 +54,7 @@ async fn a_busy_receiver_is_retried_until_it_accepts() {
     let double = WebhookDouble::start();
     double.state.lock().unwrap().storm = Some(Storm::for_(Duration::from_secs(2), 503));
     let (sink, _dir) = sink(&double, SECRET);
-    let batch = Invalidations { surrogate_keys: vec!["a".into(), "b".into()], ..Default::default() };
+    let batch = Invalidations::of(ItemKind::SurrogateKey, vec!["a".into(), "b".into()]);
     let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert!(report.rejected.is_empty());
     assert_eq!(double.state.lock().unwrap().keys, vec!["a", "b"]);

@@ -237,7 +237,7 @@ async fn pgoutput_and_debezium_render_one_row_alike() {
     let Decoded::Change(event) = decoded else { panic!("{decoded:?}") };
     let eval = rules.evaluate(&event);
     assert!(eval.errors.is_empty(), "{eval:?}");
-    let keys = eval.invalidations.redis_keys;
+    let keys = eval.invalidations.items(cdc_invalidator::sink::ItemKind::RedisKey).to_vec();
     assert_eq!(
         keys,
         ["at:10:04:05.25", "ev:1:2024-03-15", "lt:2024-03-15T10:04:05.25", "zt:2024-03-15T09:04:05.25Z"],

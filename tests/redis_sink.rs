@@ -31,11 +31,8 @@ fn sink(config: &RedisConfig) -> (Arc<RedisSink>, Arc<Metrics>) {
 }
 
 fn batch(keys: &[&str], tags: &[&str]) -> Invalidations {
-    Invalidations {
-        redis_keys: keys.iter().map(|k| k.to_string()).collect(),
-        redis_tags: tags.iter().map(|t| t.to_string()).collect(),
-        ..Invalidations::default()
-    }
+    Invalidations::of(ItemKind::RedisKey, keys.iter().map(|k| k.to_string()).collect())
+        .with(ItemKind::RedisTag, tags.iter().map(|t| t.to_string()).collect())
 }
 
 fn metric(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -105,8 +102,8 @@ async fn unlinks_the_given_keys_in_batches_and_nothing_else() {
     let (sink, metrics) = sink(&cfg);
     redis::cmd("CONFIG").arg("RESETSTAT").exec(&mut con).expect("RESETSTAT");
 
-    let mut b = Invalidations { redis_keys: products.clone(), ..Invalidations::default() };
-    b.redis_keys.push("product:never-cached".into());
+    let mut b = Invalidations::of(ItemKind::RedisKey, products.clone());
+    b.items_mut(ItemKind::RedisKey).push("product:never-cached".into());
     let report = sink.invalidate(&b, &Shutdown::never()).await.expect("invalidated");
 
     assert_eq!(report.confirmed, vec![(ItemKind::RedisKey, 1001)]);
@@ -300,7 +297,7 @@ async fn an_outage_is_retried_until_redis_is_back() {
     let (sink, metrics) = sink(&config(&server.url()));
     server.stop();
 
-    let b = Invalidations { redis_keys: keys.clone(), redis_tags: vec!["t".into()], ..Invalidations::default() };
+    let b = Invalidations::of(ItemKind::RedisKey, keys.clone()).with(ItemKind::RedisTag, vec!["t".into()]);
     let task = spawn_invalidate(&sink, b, Shutdown::never());
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(!task.is_finished(), "invalidate must wait for Redis, not give up");
@@ -516,7 +513,7 @@ fn builds_while_redis_is_down_and_refuses_unusable_urls() {
 async fn an_empty_batch_needs_no_redis() {
     let port = crate::support::free_port();
     let (sink, _metrics) = sink(&config(&format!("redis://127.0.0.1:{port}")));
-    let b = Invalidations { surrogate_keys: vec!["product-1".into()], ..Invalidations::default() };
+    let b = Invalidations::of(ItemKind::SurrogateKey, vec!["product-1".into()]);
     let report = sink.invalidate(&b, &Shutdown::never()).await.expect("nothing to do");
     assert_eq!(report, SinkReport::default());
 }

@@ -48,6 +48,7 @@ async fn sigterm_drains_commits_and_exits_zero() {
     .unwrap();
     assert_eq!(code.0, Some(0), "exit 0 after a clean drain; log:\n{}", code.1);
     assert!(code.1.contains("final offsets committed"), "{}", code.1);
+    assert!(!code.1.contains('\u{1b}'), "no ANSI colour codes in human logs written to a file:\n{}", code.1);
     let offsets = committed(&bootstrap, "sig", TOPIC, 2).await;
     assert_eq!(offsets.iter().sum::<i64>(), 20, "{offsets:?}");
 }

@@ -22,7 +22,10 @@ use crate::retry::RetryPolicy;
 
 pub mod duration;
 pub mod postgres;
+pub mod secret;
 pub mod yaml;
+
+pub use secret::{relative_to, Secret};
 
 pub use postgres::PostgresConfig;
 
@@ -132,26 +135,6 @@ impl fmt::Display for Scalar {
 impl fmt::Debug for Scalar {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Passthrough maps may hold passwords: never print them.
-        f.write_str("<redacted>")
-    }
-}
-
-/// A secret string: not `Serialize`, and `Debug` never shows it.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Secret {
-        Secret(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
     }
 }
@@ -560,14 +543,6 @@ fn resolve_passthrough(
         }
     }
     out
-}
-
-/// A path relative to the config file's folder (absolute paths stay as they are).
-pub fn relative_to(config_file: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        return p.to_path_buf();
-    }
-    config_file.parent().map(|d| d.join(p)).unwrap_or_else(|| p.to_path_buf())
 }
 
 impl Config {

@@ -231,11 +231,7 @@ impl Rules {
                 rule.apply(event, &mut eval);
             }
         }
-        let inv = &mut eval.invalidations;
-        for list in [&mut inv.redis_keys, &mut inv.redis_tags, &mut inv.surrogate_keys, &mut inv.urls] {
-            list.sort_unstable();
-            list.dedup();
-        }
+        eval.invalidations.normalize();
         eval.matched_rules.sort_unstable();
         eval.matched_rules.dedup();
         eval
@@ -345,12 +341,7 @@ impl Rule {
         }
         eval.matched_rules.push(self.name.clone());
         for (kind, template) in templates.iter() {
-            let out = match kind {
-                ItemKind::RedisKey => &mut eval.invalidations.redis_keys,
-                ItemKind::RedisTag => &mut eval.invalidations.redis_tags,
-                ItemKind::SurrogateKey => &mut eval.invalidations.surrogate_keys,
-                ItemKind::Url => &mut eval.invalidations.urls,
-            };
+            let out = eval.invalidations.items_mut(*kind);
             if let Some(message) = self.render(template, event, out) {
                 eval.errors.push(RuleError { rule: self.name.clone(), message });
             }

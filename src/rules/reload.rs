@@ -148,8 +148,6 @@ impl Reloader {
     }
 
     fn reject(&mut self, trigger: Trigger, err: RulesError, content: Option<String>) -> Outcome {
-        self.metrics.rules_reloads.with_label_values(&["error"]).inc();
-        self.metrics.rules_reload_failed.set(1);
         // A signal always logs (the operator asked); a poll logs a given broken text once.
         let repeat = trigger == Trigger::FileChanged && content.is_some() && content == self.failed_hash;
         if !repeat {
@@ -165,6 +163,9 @@ impl Reloader {
                 tracing::error!(trigger = trigger.as_str(), "rules reload: {p}");
             }
         }
+        // Counted after the problems are logged, so whoever sees the gauge finds them in the log.
+        self.metrics.rules_reloads.with_label_values(&["error"]).inc();
+        self.metrics.rules_reload_failed.set(1);
         self.failed_hash = content;
         Outcome::Rejected(err)
     }

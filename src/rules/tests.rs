@@ -104,17 +104,18 @@ fn update_moving_category_invalidates_both_categories() {
     let mut after = product(42, 7, "blue-widget");
     after["price"] = json!("80.00");
     let eval = r.evaluate(&event("public.products", Op::Update, Some(product(42, 5, "blue-widget")), Some(after)));
-    let expected = Invalidations {
-        redis_keys: vec![
+    let expected = Invalidations::of(
+        ItemKind::RedisKey,
+        vec![
             "product:42".into(),
             "product:42:page:de".into(),
             "product:42:page:en-us".into(),
             "product:42:page:fr".into(),
         ],
-        redis_tags: vec!["category:5".into(), "category:7".into()],
-        surrogate_keys: vec!["category-5".into(), "category-7".into(), "product-42".into()],
-        urls: vec!["https://shop.example.com/p/blue-widget".into()],
-    };
+    )
+    .with(ItemKind::RedisTag, vec!["category:5".into(), "category:7".into()])
+    .with(ItemKind::SurrogateKey, vec!["category-5".into(), "category-7".into(), "product-42".into()])
+    .with(ItemKind::Url, vec!["https://shop.example.com/p/blue-widget".into()]);
     assert_eq!(eval.invalidations, expected);
     assert_eq!(matched(&eval), ["product-pages"]);
     assert!(eval.errors.is_empty(), "{:?}", eval.errors);
@@ -137,7 +138,7 @@ rules:
     );
     let eval = r.evaluate(&event("public.products", Op::Insert, None, Some(product(1, 1, "s"))));
     assert_eq!(
-        eval.invalidations.redis_keys,
+        eval.invalidations.items(ItemKind::RedisKey),
         ["p:1:en-us:1:true", "p:1:en-us:2:true", "p:1:fr:1:true", "p:1:fr:2:true", "static:en-us", "static:fr"]
     );
 }
@@ -146,7 +147,10 @@ rules:
 fn urlencode_percent_encodes_spaces_and_non_ascii() {
     let r = rules(CONTRACT_EXAMPLE);
     let eval = r.evaluate(&event("public.products", Op::Insert, None, Some(product(43, 7, "Crème brûlée/2 pack"))));
-    assert_eq!(eval.invalidations.urls, ["https://shop.example.com/p/Cr%C3%A8me%20br%C3%BBl%C3%A9e%2F2%20pack"]);
+    assert_eq!(
+        eval.invalidations.items(ItemKind::Url),
+        ["https://shop.example.com/p/Cr%C3%A8me%20br%C3%BBl%C3%A9e%2F2%20pack"]
+    );
 
     let chained = rules(
         r#"version: 1
@@ -157,7 +161,7 @@ rules:
 "#,
     );
     let eval = chained.evaluate(&event("public.products", Op::Insert, None, Some(product(43, 7, "Ünïcode Slug"))));
-    assert_eq!(eval.invalidations.urls, ["/P/ÜNÏCODE SLUG", "/p/%C3%BCn%C3%AFcode%20slug"]);
+    assert_eq!(eval.invalidations.items(ItemKind::Url), ["/P/ÜNÏCODE SLUG", "/p/%C3%BCn%C3%AFcode%20slug"]);
 }
 
 #[test]
@@ -177,8 +181,8 @@ fn when_changed_treats_a_missing_before_image_as_changed() {
     let r = rules(CONTRACT_EXAMPLE);
     let eval = r.evaluate(&event("public.products", Op::Update, None, Some(product(42, 5, "red-widget"))));
     assert_eq!(matched(&eval), ["product-pages"]);
-    assert_eq!(eval.invalidations.redis_tags, ["category:5"]);
-    assert_eq!(eval.invalidations.urls, ["https://shop.example.com/p/red-widget"]);
+    assert_eq!(eval.invalidations.items(ItemKind::RedisTag), ["category:5"]);
+    assert_eq!(eval.invalidations.items(ItemKind::Url), ["https://shop.example.com/p/red-widget"]);
     assert!(eval.errors.is_empty(), "{:?}", eval.errors);
 }
 
@@ -190,7 +194,7 @@ fn when_changed_treats_an_absent_column_as_changed() {
     after.as_object_mut().map(|o| o.remove("name"));
     let eval = r.evaluate(&event("public.products", Op::Update, Some(product(42, 5, "blue-widget")), Some(after)));
     assert_eq!(matched(&eval), ["product-pages"]);
-    assert_eq!(eval.invalidations.redis_tags, ["category:5"]);
+    assert_eq!(eval.invalidations.items(ItemKind::RedisTag), ["category:5"]);
 }
 
 #[test]
@@ -200,12 +204,12 @@ fn delete_with_a_key_only_before_image_renders_keys_and_reports_the_rest() {
     let before = json!({"id": 43, "name": null, "price": null, "category_id": null, "slug": null});
     let eval = r.evaluate(&event("public.products", Op::Delete, Some(before), None));
     assert_eq!(
-        eval.invalidations.redis_keys,
+        eval.invalidations.items(ItemKind::RedisKey),
         ["product:43", "product:43:page:de", "product:43:page:en-us", "product:43:page:fr"]
     );
-    assert_eq!(eval.invalidations.surrogate_keys, ["product-43"]);
-    assert!(eval.invalidations.redis_tags.is_empty());
-    assert!(eval.invalidations.urls.is_empty());
+    assert_eq!(eval.invalidations.items(ItemKind::SurrogateKey), ["product-43"]);
+    assert!(eval.invalidations.items(ItemKind::RedisTag).is_empty());
+    assert!(eval.invalidations.items(ItemKind::Url).is_empty());
     assert_eq!(matched(&eval), ["product-pages"]);
     assert!(eval.errors.iter().all(|e| &*e.rule == "product-pages"));
     assert_eq!(
@@ -230,8 +234,8 @@ rules:
     );
     // The before image lacks `b`, the after image has it: rendered from the after image.
     let eval = r.evaluate(&event("public.t", Op::Update, Some(json!({"a": 1})), Some(json!({"a": 2, "b": "x"}))));
-    assert_eq!(eval.invalidations.redis_keys, ["k:2:x"]);
-    assert_eq!(eval.invalidations.redis_tags, ["t:1", "t:2"]);
+    assert_eq!(eval.invalidations.items(ItemKind::RedisKey), ["k:2:x"]);
+    assert_eq!(eval.invalidations.items(ItemKind::RedisTag), ["t:1", "t:2"]);
     assert!(eval.errors.is_empty());
     // Neither image can: the error names each image's failure.
     let eval = r.evaluate(&event("public.t", Op::Update, Some(json!({"a": 1})), Some(json!({"a": 2, "b": [1]}))));
@@ -241,7 +245,7 @@ rules:
             r#"rule "r": template "k:{a}:{b}" could not be rendered: column "b" is absent from the before image and is a list (which cannot be rendered) in the after image"#
         ]
     );
-    assert_eq!(eval.invalidations.redis_tags, ["t:1", "t:2"]);
+    assert_eq!(eval.invalidations.items(ItemKind::RedisTag), ["t:1", "t:2"]);
     // A delete without any image.
     let eval = r.evaluate(&event("public.t", Op::Delete, None, None));
     assert_eq!(
@@ -265,8 +269,8 @@ rules:
 "#,
     );
     let eval = r.evaluate(&event("public.t", Op::Insert, None, Some(json!({"id": 1, "slug": ""}))));
-    assert_eq!(eval.invalidations.redis_keys, ["k:1"]);
-    assert_eq!(eval.invalidations.redis_tags, ["t:"]);
+    assert_eq!(eval.invalidations.items(ItemKind::RedisKey), ["k:1"]);
+    assert_eq!(eval.invalidations.items(ItemKind::RedisTag), ["t:"]);
     assert_eq!(
         messages(&eval),
         [r#"rule "r": template "{slug}" rendered an empty string, which is never invalidated"#]
@@ -274,8 +278,8 @@ rules:
 
     let big = "x".repeat(template::MAX_ITEM_BYTES);
     let eval = r.evaluate(&event("public.t", Op::Insert, None, Some(json!({"id": 1, "slug": big}))));
-    assert_eq!(eval.invalidations.redis_keys, ["k:1", big.as_str()]);
-    assert!(eval.invalidations.redis_tags.is_empty());
+    assert_eq!(eval.invalidations.items(ItemKind::RedisKey), ["k:1", big.as_str()]);
+    assert!(eval.invalidations.items(ItemKind::RedisTag).is_empty());
     assert_eq!(
         messages(&eval),
         [
@@ -293,15 +297,12 @@ fn truncate_applies_on_truncate_templates_only() {
 "#
     ));
     let eval = r.evaluate(&event("public.products", Op::Truncate, None, None));
-    assert_eq!(
-        eval.invalidations,
-        Invalidations { redis_tags: vec!["products:all".into()], ..Invalidations::default() }
-    );
+    assert_eq!(eval.invalidations, Invalidations::of(ItemKind::RedisTag, vec!["products:all".into()]));
     assert_eq!(matched(&eval), ["product-pages"]);
     assert!(eval.errors.is_empty());
     // ...and on_truncate templates are not rendered for row changes.
     let eval = r.evaluate(&event("public.products", Op::Insert, None, Some(product(1, 1, "a"))));
-    assert!(!eval.invalidations.redis_tags.contains(&"products:all".to_string()));
+    assert!(!eval.invalidations.items(ItemKind::RedisTag).contains(&"products:all".to_string()));
     assert_eq!(matched(&eval), ["no-truncate-handling", "product-pages"]);
 }
 
@@ -319,7 +320,7 @@ rules:
 "#,
     );
     let eval = r.evaluate(&event("public.products", Op::Truncate, None, None));
-    assert_eq!(eval.invalidations.surrogate_keys, ["all-DE", "all-FR"]);
+    assert_eq!(eval.invalidations.items(ItemKind::SurrogateKey), ["all-DE", "all-FR"]);
     // A rule with only on_truncate templates does not apply to row changes.
     let eval = r.evaluate(&event("public.products", Op::Delete, Some(product(1, 1, "a")), None));
     assert_eq!(eval, Evaluation::default());
@@ -333,7 +334,7 @@ fn snapshot_reads_apply_only_when_opted_in() {
         rules(&CONTRACT_EXAMPLE.replace("ops: [insert, update, delete]", "ops: [insert, update, delete, snapshot]"));
     let eval = opted_in.evaluate(&snapshot);
     assert_eq!(matched(&eval), ["product-pages"]);
-    assert_eq!(eval.invalidations.redis_tags, ["category:1"]);
+    assert_eq!(eval.invalidations.items(ItemKind::RedisTag), ["category:1"]);
 }
 
 #[test]
@@ -349,7 +350,7 @@ rules:
     );
     assert_eq!(r.evaluate(&event("public.t", Op::Insert, None, Some(json!({"id": 1})))), Evaluation::default());
     let eval = r.evaluate(&event("public.t", Op::Delete, Some(json!({"id": 1})), None));
-    assert_eq!(eval.invalidations.redis_keys, ["k:1"]);
+    assert_eq!(eval.invalidations.items(ItemKind::RedisKey), ["k:1"]);
 }
 
 #[test]
@@ -370,7 +371,7 @@ rules:
     );
     let eval = r.evaluate(&event("public.order_items", Op::Insert, None, Some(json!({"id": 3}))));
     assert_eq!(matched(&eval), ["a-any-schema", "exact", "z-orders"]);
-    assert_eq!(eval.invalidations.redis_tags, ["items"]);
+    assert_eq!(eval.invalidations.items(ItemKind::RedisTag), ["items"]);
     // Errors come in rule order (file order), whatever the index path.
     let rules_in_error: Vec<&str> = eval.errors.iter().map(|e| &*e.rule).collect();
     assert_eq!(rules_in_error, ["z-orders", "exact"]);
@@ -393,7 +394,7 @@ rules:
     );
     let after = json!({"id": 1004, "active": false, "ratio": 0.25, "email": "annek@noanswer.org"});
     let eval = r.evaluate(&event("inventory.customers", Op::Insert, None, Some(after)));
-    assert_eq!(eval.invalidations.redis_keys, ["1004|false|0.25|ANNEK@NOANSWER.ORG"]);
+    assert_eq!(eval.invalidations.items(ItemKind::RedisKey), ["1004|false|0.25|ANNEK@NOANSWER.ORG"]);
 }
 
 #[test]
@@ -407,7 +408,7 @@ rules:
 "#,
     );
     let eval = r.evaluate(&event("public.t", Op::Insert, None, Some(json!({"id": 42}))));
-    assert_eq!(eval.invalidations.redis_keys, [r#"{"id":42}"#]);
+    assert_eq!(eval.invalidations.items(ItemKind::RedisKey), [r#"{"id":42}"#]);
 }
 
 #[test]

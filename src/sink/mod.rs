@@ -28,55 +28,134 @@ use crate::shutdown::Shutdown;
 pub mod cdn;
 pub mod redis;
 
-/// What one batch asks of the sinks. Each list is deduplicated; each sink takes the kinds it
-/// serves (Redis: keys and tags; HTTP caches and CDNs: surrogate keys and URLs) and ignores
-/// the rest.
+/// What one batch asks of the sinks: one deduplicated list per [`ItemKind`]. Each sink takes
+/// the kinds it serves (Redis: keys and tags; HTTP caches and CDNs: surrogate keys and URLs)
+/// and ignores the rest. Indexed by kind, so a new kind is one line in the `item_kinds!`
+/// invocation below and nothing here changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Invalidations {
-    pub redis_keys: Vec<String>,
-    pub redis_tags: Vec<String>,
-    pub surrogate_keys: Vec<String>,
-    pub urls: Vec<String>,
+    /// In [`ItemKind::ALL`] order: `lists[kind as usize]`.
+    lists: [Vec<String>; ItemKind::COUNT],
 }
 
 impl Invalidations {
+    /// A set holding `items` of one kind.
+    pub fn of(kind: ItemKind, items: Vec<String>) -> Invalidations {
+        Invalidations::default().with(kind, items)
+    }
+
+    /// This set with `items` added to the list of `kind` (builder style, for tests and tools).
+    pub fn with(mut self, kind: ItemKind, items: Vec<String>) -> Invalidations {
+        self.items_mut(kind).extend(items);
+        self
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.redis_keys.is_empty()
-            && self.redis_tags.is_empty()
-            && self.surrogate_keys.is_empty()
-            && self.urls.is_empty()
+        self.lists.iter().all(Vec::is_empty)
+    }
+
+    /// Items of every kind.
+    pub fn len(&self) -> usize {
+        self.lists.iter().map(Vec::len).sum()
+    }
+
+    /// The union of `sets`, each list deduplicated and sorted (how a batch's events, and a
+    /// layer's queued batches, become one set).
+    pub fn union<'a>(sets: impl IntoIterator<Item = &'a Invalidations>) -> Invalidations {
+        let sets: Vec<&Invalidations> = sets.into_iter().collect();
+        let mut all = Invalidations::default();
+        for kind in ItemKind::ALL {
+            // Borrowed while deduplicating: only the distinct items are copied.
+            let mut items: Vec<&str> = sets.iter().flat_map(|s| s.items(kind)).map(String::as_str).collect();
+            items.sort_unstable();
+            items.dedup();
+            *all.items_mut(kind) = items.into_iter().map(str::to_owned).collect();
+        }
+        all
+    }
+
+    /// Sorts and deduplicates every list.
+    pub fn normalize(&mut self) {
+        for list in &mut self.lists {
+            list.sort_unstable();
+            list.dedup();
+        }
     }
 
     /// The items of one kind.
     pub fn items(&self, kind: ItemKind) -> &[String] {
-        match kind {
-            ItemKind::RedisKey => &self.redis_keys,
-            ItemKind::RedisTag => &self.redis_tags,
-            ItemKind::SurrogateKey => &self.surrogate_keys,
-            ItemKind::Url => &self.urls,
-        }
+        self.lists.get(kind.index()).map_or(&[], Vec::as_slice)
+    }
+
+    /// The list of one kind, to add to.
+    pub fn items_mut(&mut self, kind: ItemKind) -> &mut Vec<String> {
+        // In range by construction: `item_kinds!` numbers the kinds 0..COUNT.
+        &mut self.lists[kind.index()]
     }
 }
 
-/// The kinds of thing a rule can invalidate; also the `kind` label of invalidation metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ItemKind {
-    RedisKey,
-    RedisTag,
-    SurrogateKey,
-    Url,
+/// Defines [`ItemKind`] and its list [`ItemKind::ALL`] from one list, so the two cannot drift
+/// and every kind's index is below [`ItemKind::COUNT`].
+macro_rules! item_kinds {
+    ($($(#[$doc:meta])* $variant:ident => $label:literal, $field:literal;)+) => {
+        /// The kinds of thing a rule can invalidate; also the `kind` label of invalidation
+        /// metrics.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum ItemKind {
+            $($(#[$doc])* $variant,)+
+        }
+
+        impl ItemKind {
+            /// Every kind, in declaration order (the order of [`Invalidations`]' lists).
+            pub const ALL: [ItemKind; [$(ItemKind::$variant),+].len()] = [$(ItemKind::$variant),+];
+
+            /// The `kind` label and the word in messages.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ItemKind::$variant => $label,)+
+                }
+            }
+
+            /// The name of this kind's list in `explain` output (the contract's field name).
+            pub fn field(self) -> &'static str {
+                match self {
+                    $(ItemKind::$variant => $field,)+
+                }
+            }
+        }
+    };
+}
+
+item_kinds! {
+    /// `redis.keys`: a Redis key, unlinked.
+    RedisKey => "key", "redis_keys";
+    /// `redis.tags`: a Redis set of keys, each unlinked, then the set.
+    RedisTag => "tag", "redis_tags";
+    /// `cdn.surrogate_keys`: a surrogate key (cache tag), purged at HTTP caches and CDNs.
+    SurrogateKey => "surrogate_key", "surrogate_keys";
+    /// `cdn.urls`: an absolute URL, purged at HTTP caches and CDNs.
+    Url => "url", "urls";
 }
 
 impl ItemKind {
-    pub const ALL: [ItemKind; 4] = [ItemKind::RedisKey, ItemKind::RedisTag, ItemKind::SurrogateKey, ItemKind::Url];
+    pub const COUNT: usize = ItemKind::ALL.len();
 
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ItemKind::RedisKey => "key",
-            ItemKind::RedisTag => "tag",
-            ItemKind::SurrogateKey => "surrogate_key",
-            ItemKind::Url => "url",
+    /// The position of this kind in [`ItemKind::ALL`] (the enum is numbered in that order).
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One field per kind (`"redis_keys": [...]`, ...), in [`ItemKind::ALL`] order: `explain`
+/// flattens it into its output.
+impl serde::Serialize for Invalidations {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(ItemKind::COUNT))?;
+        for kind in ItemKind::ALL {
+            map.serialize_entry(kind.field(), self.items(kind))?;
         }
+        map.end()
     }
 }
 
@@ -133,4 +212,32 @@ pub trait Sink: Send + Sync {
 
     /// Whether the cache answers right now (for `/readyz`). Must return within a few seconds.
     async fn ping(&self) -> bool;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_its_own_list_and_a_union_keeps_each_sorted_and_deduplicated() {
+        // Whatever kinds exist: each is its own list, found by `items`, and `union` handles all
+        // of them (the fixed-size array of the old `coalesce` panicked on a fifth kind).
+        let sets: Vec<Invalidations> = ItemKind::ALL
+            .iter()
+            .map(|&k| Invalidations::of(k, vec![format!("{k}-b"), format!("{k}-a"), format!("{k}-b")]))
+            .collect();
+        let all = Invalidations::union(&sets);
+        for kind in ItemKind::ALL {
+            assert_eq!(all.items(kind), [format!("{kind}-a"), format!("{kind}-b")], "{kind}");
+        }
+        assert_eq!(all.len(), 2 * ItemKind::COUNT);
+        assert!(!all.is_empty() && Invalidations::default().is_empty());
+    }
+
+    #[test]
+    fn a_set_serializes_as_one_field_per_kind_in_declaration_order() {
+        let set = Invalidations::of(ItemKind::Url, vec!["https://x.example/".into()]);
+        let json = serde_json::to_string(&set).unwrap();
+        assert_eq!(json, r#"{"redis_keys":[],"redis_tags":[],"surrogate_keys":[],"urls":["https://x.example/"]}"#);
+    }
 }

@@ -116,6 +116,12 @@ pub struct Metrics {
     pub postgres_reconnects: IntCounter,
     /// PostgreSQL: the LSN confirmed as flushed (everything before it is invalidated).
     pub postgres_confirmed_lsn: Gauge,
+    /// Events waiting in a layer's queue (`layer`: 0 Redis, 1 HTTP caches, 2 CDNs): a layer
+    /// whose queue stays near `pipeline.queue_capacity` is the one holding the pipeline back.
+    pub layer_queue_events: IntGaugeVec,
+    /// Seconds the stages before a layer waited for room in its full queue: the backpressure
+    /// that layer puts on the rest of the pipeline (and, through intake, on the source).
+    pub layer_queue_wait: CounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -455,6 +461,24 @@ impl Metrics {
                 .expect("valid");
                 r.register(Box::new(g.clone())).expect("unique");
                 g
+            },
+            layer_queue_events: gauge_vec(
+                &r,
+                "cdc_invalidator_layer_queue_events",
+                "Events waiting in a layer's queue, by layer (0 Redis, 1 HTTP caches, 2 CDNs).",
+                &["layer"],
+            ),
+            layer_queue_wait: {
+                let c = CounterVec::new(
+                    Opts::new(
+                        "cdc_invalidator_layer_queue_wait_seconds_total",
+                        "Seconds the stages before a layer waited for room in its full queue, by layer.",
+                    ),
+                    &["layer"],
+                )
+                .expect("metric definition is valid");
+                r.register(Box::new(c.clone())).expect("metric names are unique");
+                c
             },
             registry: r,
         };

@@ -26,14 +26,14 @@ use serde::Deserialize;
 use super::edgegrid;
 use super::http::{self, Answer, Failure, Sender};
 use super::limit::TokenBucket;
+use super::purge::{purge_sink, Provider};
 use super::verify::{Verifier, VerifyConfig};
 use super::{
-    base_and_host, check_base_url, check_key, check_url, chunk, finish, partition, run_jobs, CdnError, Job, Limits,
-    LimitsConfig, SecretRef,
+    base_and_host, check_base_url, check_key, check_url, chunk, CdnError, Job, Limits, LimitsConfig, SecretRef,
 };
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
-use crate::sink::{Invalidations, ItemKind, Sink, SinkError, SinkReport};
+use crate::sink::{Invalidations, ItemKind, SinkError};
 use crate::telemetry::Metrics;
 
 /// Requests: Akamai's request bucket (100, refilling 50/s). Objects per request are bounded by
@@ -301,7 +301,7 @@ fn interpret(answer: Answer) -> Result<(), Failure> {
 }
 
 #[async_trait]
-impl Sink for AkamaiSink {
+impl Provider for AkamaiSink {
     fn name(&self) -> &str {
         &self.name
     }
@@ -310,60 +310,74 @@ impl Sink for AkamaiSink {
         &[ItemKind::SurrogateKey, ItemKind::Url]
     }
 
-    async fn invalidate(&self, batch: &Invalidations, shutdown: &Shutdown) -> Result<SinkReport, SinkError> {
-        let mut rejected = Vec::new();
-        let keys = partition(batch, ItemKind::SurrogateKey, |k| self.check_key(k), &mut rejected);
-        let urls = partition(batch, ItemKind::Url, |u| check_url(u).map(|_| ()), &mut rejected);
-        // Cut by count and by JSON size (each object quoted and escaped, plus its comma).
-        let room = Some(self.max_body_bytes - BODY_OVERHEAD);
-        let size = |kind: ItemKind| {
-            move |i: usize| serde_json::to_string(&batch.items(kind)[i]).map(|s| s.len()).unwrap_or(0) + 1
-        };
-        let mut jobs: Vec<Job> = Vec::new();
-        for (kind, indices) in [(ItemKind::SurrogateKey, &keys), (ItemKind::Url, &urls)] {
-            for items in chunk(indices, self.limits.items_per_request, room, size(kind)) {
-                jobs.push(Job { node: 0, kind, items });
-            }
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn verifier(&self) -> Option<&Verifier> {
+        self.verifier.as_ref()
+    }
+
+    fn check(&self, kind: ItemKind, item: &str) -> Result<(), String> {
+        match kind {
+            ItemKind::SurrogateKey => self.check_key(item),
+            _ => check_url(item).map(|_| ()),
         }
-        let send = |job: Job| async move {
-            let (object_type, objects) = self.object_type(job.kind);
-            let path = self.path(object_type);
-            let url = format!("{}{path}", self.base_url);
-            let body = self.body(&job, batch);
-            let mut buckets: Vec<(&TokenBucket, u32)> = self.requests.iter().map(|b| (b, 1)).collect();
-            buckets.push((objects, job.items.len() as u32));
-            let build = |client: &reqwest::Client| {
-                // A fresh timestamp and nonce per attempt: Akamai refuses stale and replayed ones.
-                let headers = [("Content-Type".to_string(), "application/json".to_string())];
-                let request = edgegrid::Request {
-                    method: "POST",
-                    scheme: &self.scheme,
-                    host: &self.host,
-                    path_and_query: &path,
-                    headers: &headers,
-                    body: body.as_bytes(),
-                };
-                let authorization = edgegrid::authorization(
-                    &self.credentials,
-                    &self.settings,
-                    &request,
-                    &edgegrid::timestamp(SystemTime::now()),
-                    &edgegrid::nonce(),
-                );
-                client
-                    .post(&url)
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
-                    .header(reqwest::header::ACCEPT, "application/json")
-                    .header(reqwest::header::AUTHORIZATION, authorization)
-                    .body(body.clone())
+    }
+
+    /// Cut by count and by JSON size (each object quoted and escaped, plus its comma).
+    fn jobs(&self, batch: &Invalidations, kind: ItemKind, accepted: &[usize]) -> Vec<Job> {
+        let room = Some(self.max_body_bytes - BODY_OVERHEAD);
+        let size = |i: usize| serde_json::to_string(super::item(batch, kind, i)).map(|s| s.len()).unwrap_or(0) + 1;
+        chunk(accepted, self.limits.items_per_request, room, size)
+            .into_iter()
+            .map(|items| Job { node: 0, kind, items })
+            .collect()
+    }
+
+    async fn send(
+        &self,
+        job: Job,
+        batch: &Invalidations,
+        shutdown: &Shutdown,
+    ) -> Result<Result<(), Failure>, SinkError> {
+        let (object_type, objects) = self.object_type(job.kind);
+        let path = self.path(object_type);
+        let url = format!("{}{path}", self.base_url);
+        let body = self.body(&job, batch);
+        let mut buckets: Vec<(&TokenBucket, u32)> = self.requests.iter().map(|b| (b, 1)).collect();
+        buckets.push((objects, job.items.len() as u32));
+        let build = |client: &reqwest::Client| {
+            // A fresh timestamp and nonce per attempt: Akamai refuses stale and replayed ones.
+            let headers = [("Content-Type".to_string(), "application/json".to_string())];
+            let request = edgegrid::Request {
+                method: "POST",
+                scheme: &self.scheme,
+                host: &self.host,
+                path_and_query: &path,
+                headers: &headers,
+                body: body.as_bytes(),
             };
-            self.sender.send(shutdown, job.items.len(), &buckets, build, interpret).await
+            let authorization = edgegrid::authorization(
+                &self.credentials,
+                &self.settings,
+                &request,
+                &edgegrid::timestamp(SystemTime::now()),
+                &edgegrid::nonce(),
+            );
+            client
+                .post(&url)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header(reqwest::header::ACCEPT, "application/json")
+                .header(reqwest::header::AUTHORIZATION, authorization)
+                .body(body.clone())
         };
-        rejected.extend(run_jobs(jobs, self.limits.concurrency, send).await?);
-        Ok(finish(batch, self.kinds(), rejected, self.verifier.as_ref()))
+        self.sender.send(shutdown, job.items.len(), &buckets, build, interpret).await
     }
 
     async fn ping(&self) -> bool {
         self.sender.ping(&self.base_url).await
     }
 }
+
+purge_sink!(AkamaiSink);

@@ -30,15 +30,13 @@ use serde::Deserialize;
 
 use super::http::{self, Answer, Failure, Sender};
 use super::limit::TokenBucket;
+use super::purge::{purge_sink, Provider};
 use super::verify::{Verifier, VerifyConfig};
-use super::{
-    check_base_url, check_key, check_url, chunk, finish, partition, run_jobs, CdnError, Job, Limits, LimitsConfig,
-    SecretRef,
-};
-use crate::config::Secret;
+use super::{check_base_url, check_key, check_url, CdnError, Job, Limits, LimitsConfig, SecretRef};
+use crate::config::secret::Secret;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
-use crate::sink::{Invalidations, ItemKind, Sink, SinkError, SinkReport};
+use crate::sink::{Invalidations, ItemKind, SinkError};
 use crate::telemetry::Metrics;
 
 /// Cloudflare's per-request ceiling on its largest plan.
@@ -217,7 +215,7 @@ impl CloudflareSink {
 
     /// The body of one job.
     fn body(&self, job: &Job, batch: &Invalidations) -> serde_json::Value {
-        let items = job.items.iter().map(|&i| batch.items(job.kind)[i].as_str());
+        let items = job.values(batch).into_iter();
         match (job.kind, self.keys_as, self.urls_as) {
             (ItemKind::SurrogateKey, KeysAs::Tags, _) => serde_json::json!({ "tags": items.collect::<Vec<_>>() }),
             (ItemKind::SurrogateKey, KeysAs::Hosts, _) => serde_json::json!({ "hosts": items.collect::<Vec<_>>() }),
@@ -282,7 +280,7 @@ fn interpret(answer: Answer) -> Result<(), Failure> {
 }
 
 #[async_trait]
-impl Sink for CloudflareSink {
+impl Provider for CloudflareSink {
     fn name(&self) -> &str {
         &self.name
     }
@@ -291,45 +289,50 @@ impl Sink for CloudflareSink {
         &[ItemKind::SurrogateKey, ItemKind::Url]
     }
 
-    async fn invalidate(&self, batch: &Invalidations, shutdown: &Shutdown) -> Result<SinkReport, SinkError> {
-        let mut rejected = Vec::new();
-        let keys = partition(batch, ItemKind::SurrogateKey, |k| self.check_key(k), &mut rejected);
-        let urls = partition(batch, ItemKind::Url, |u| check_url(u).map(|_| ()), &mut rejected);
-        let per = self.limits.items_per_request;
-        let mut jobs: Vec<Job> = chunk(&keys, per, None, |_| 0)
-            .into_iter()
-            .map(|items| Job { node: 0, kind: ItemKind::SurrogateKey, items })
-            .collect();
-        jobs.extend(chunk(&urls, per, None, |_| 0).into_iter().map(|items| Job {
-            node: 0,
-            kind: ItemKind::Url,
-            items,
-        }));
-        let send = |job: Job| async move {
-            let body = self.body(&job, batch).to_string();
-            let n = job.items.len() as u32;
-            let mut buckets: Vec<(&TokenBucket, u32)> = vec![(&self.api_bucket, 1)];
-            match (job.kind, self.urls_as) {
-                (ItemKind::Url, UrlsAs::Files) => buckets.push((&self.url_bucket, n)),
-                _ => buckets.extend(self.purge_bucket.iter().map(|b| (b, 1))),
-            }
-            let build = |client: &reqwest::Client| {
-                client
-                    .post(&self.endpoint)
-                    .bearer_auth(self.token.expose())
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
-                    .body(body.clone())
-            };
-            self.sender.send(shutdown, job.items.len(), &buckets, build, interpret).await
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn verifier(&self) -> Option<&Verifier> {
+        self.verifier.as_ref()
+    }
+
+    fn check(&self, kind: ItemKind, item: &str) -> Result<(), String> {
+        match kind {
+            ItemKind::SurrogateKey => self.check_key(item),
+            _ => check_url(item).map(|_| ()),
+        }
+    }
+
+    async fn send(
+        &self,
+        job: Job,
+        batch: &Invalidations,
+        shutdown: &Shutdown,
+    ) -> Result<Result<(), Failure>, SinkError> {
+        let body = self.body(&job, batch).to_string();
+        let n = job.items.len() as u32;
+        let mut buckets: Vec<(&TokenBucket, u32)> = vec![(&self.api_bucket, 1)];
+        match (job.kind, self.urls_as) {
+            (ItemKind::Url, UrlsAs::Files) => buckets.push((&self.url_bucket, n)),
+            _ => buckets.extend(self.purge_bucket.iter().map(|b| (b, 1))),
+        }
+        let build = |client: &reqwest::Client| {
+            client
+                .post(&self.endpoint)
+                .bearer_auth(self.token.expose())
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone())
         };
-        rejected.extend(run_jobs(jobs, self.limits.concurrency, send).await?);
-        Ok(finish(batch, self.kinds(), rejected, self.verifier.as_ref()))
+        self.sender.send(shutdown, job.items.len(), &buckets, build, interpret).await
     }
 
     async fn ping(&self) -> bool {
         self.sender.ping(&self.endpoint).await
     }
 }
+
+purge_sink!(CloudflareSink);
 
 #[cfg(test)]
 mod tests {

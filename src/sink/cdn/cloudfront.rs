@@ -29,15 +29,13 @@ use tokio::sync::Mutex;
 
 use super::http::{self, Answer, Failure, Sender};
 use super::limit::TokenBucket;
+use super::purge::{purge_sink, Provider};
 use super::sigv4;
 use super::verify::{Verifier, VerifyConfig};
-use super::{
-    base_and_host, check_base_url, check_url, finish, partition, run_jobs, CdnError, Job, Limits, LimitsConfig,
-    SecretRef,
-};
+use super::{base_and_host, check_base_url, check_url, CdnError, Job, Limits, LimitsConfig, SecretRef};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
-use crate::sink::{Invalidations, ItemKind, Sink, SinkError, SinkReport};
+use crate::sink::{Invalidations, ItemKind, SinkError};
 use crate::telemetry::Metrics;
 
 /// One invalidation may carry every path the distribution allows in progress; the API is
@@ -286,12 +284,11 @@ impl CloudfrontSink {
 
     /// The paths of one job, deduplicated, in order.
     fn paths(&self, job: &Job, batch: &Invalidations) -> Vec<String> {
-        let items = batch.items(job.kind);
         let mut out: Vec<String> = Vec::with_capacity(job.items.len());
-        for &i in &job.items {
+        for item in job.values(batch) {
             let path = match job.kind {
-                ItemKind::Url => url_path(&items[i]),
-                _ => self.key_path(&items[i]),
+                ItemKind::Url => url_path(item),
+                _ => self.key_path(item),
             };
             if let Ok(p) = path {
                 if !out.contains(&p) {
@@ -304,11 +301,10 @@ impl CloudfrontSink {
 
     /// Cuts one kind's valid items into jobs: wildcard paths at most `max_wildcards` per job,
     /// others at most `items_per_request` (and `max_paths`).
-    fn jobs(&self, kind: ItemKind, indices: &[usize], batch: &Invalidations) -> Vec<Job> {
-        let items = batch.items(kind);
+    fn path_jobs(&self, kind: ItemKind, indices: &[usize], batch: &Invalidations) -> Vec<Job> {
         let path = |i: usize| match kind {
-            ItemKind::Url => url_path(&items[i]).unwrap_or_default(),
-            _ => self.key_path(&items[i]).unwrap_or_default(),
+            ItemKind::Url => url_path(super::item(batch, kind, i)).unwrap_or_default(),
+            _ => self.key_path(super::item(batch, kind, i)).unwrap_or_default(),
         };
         let (wild, plain): (Vec<usize>, Vec<usize>) = indices.iter().partition(|&&i| is_wildcard(&path(i)));
         let mut jobs = Vec::new();
@@ -565,7 +561,7 @@ pub fn xml_all(doc: &str, tag: &str) -> Vec<String> {
 }
 
 #[async_trait]
-impl Sink for CloudfrontSink {
+impl Provider for CloudfrontSink {
     fn name(&self) -> &str {
         &self.name
     }
@@ -578,24 +574,40 @@ impl Sink for CloudfrontSink {
         }
     }
 
-    async fn invalidate(&self, batch: &Invalidations, shutdown: &Shutdown) -> Result<SinkReport, SinkError> {
-        let mut rejected = Vec::new();
-        let mut jobs = Vec::new();
-        if self.key_path.is_some() {
-            let keys = partition(batch, ItemKind::SurrogateKey, |k| self.key_path(k).map(|_| ()), &mut rejected);
-            jobs.extend(self.jobs(ItemKind::SurrogateKey, &keys, batch));
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn verifier(&self) -> Option<&Verifier> {
+        self.verifier.as_ref()
+    }
+
+    fn check(&self, kind: ItemKind, item: &str) -> Result<(), String> {
+        match kind {
+            ItemKind::SurrogateKey => self.key_path(item).map(|_| ()),
+            _ => url_path(item).map(|_| ()),
         }
-        let urls = partition(batch, ItemKind::Url, |u| url_path(u).map(|_| ()), &mut rejected);
-        jobs.extend(self.jobs(ItemKind::Url, &urls, batch));
-        let send = |job: Job| self.send_job(job, batch, shutdown);
-        rejected.extend(run_jobs(jobs, self.limits.concurrency, send).await?);
-        Ok(finish(batch, self.kinds(), rejected, self.verifier.as_ref()))
+    }
+
+    fn jobs(&self, batch: &Invalidations, kind: ItemKind, accepted: &[usize]) -> Vec<Job> {
+        self.path_jobs(kind, accepted, batch)
+    }
+
+    async fn send(
+        &self,
+        job: Job,
+        batch: &Invalidations,
+        shutdown: &Shutdown,
+    ) -> Result<Result<(), Failure>, SinkError> {
+        self.send_job(job, batch, shutdown).await
     }
 
     async fn ping(&self) -> bool {
         self.sender.ping(&self.base).await
     }
 }
+
+purge_sink!(CloudfrontSink);
 
 #[cfg(test)]
 mod tests {

@@ -20,15 +20,13 @@ use serde::Deserialize;
 
 use super::http::{self, Answer, Failure, Sender};
 use super::limit::TokenBucket;
+use super::purge::{purge_sink, Provider};
 use super::verify::{Verifier, VerifyConfig};
-use super::{
-    check_base_url, check_key, check_url, chunk, finish, partition, run_jobs, CdnError, Job, Limits, LimitsConfig,
-    SecretRef,
-};
-use crate::config::Secret;
+use super::{check_base_url, check_key, check_url, chunk, CdnError, Job, Limits, LimitsConfig, SecretRef};
+use crate::config::secret::Secret;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
-use crate::sink::{Invalidations, ItemKind, Sink, SinkError, SinkReport};
+use crate::sink::{Invalidations, ItemKind, SinkError};
 use crate::telemetry::Metrics;
 
 pub const DEFAULT_LIMITS: Limits =
@@ -123,12 +121,12 @@ impl FastlySink {
     fn request(&self, job: &Job, batch: &Invalidations) -> (String, Option<String>) {
         match job.kind {
             ItemKind::SurrogateKey => {
-                let keys: Vec<&str> = job.items.iter().map(|&i| batch.surrogate_keys[i].as_str()).collect();
+                let keys = job.values(batch);
                 let body = serde_json::json!({ "surrogate_keys": keys }).to_string();
                 (format!("{}/service/{}/purge", self.api, self.service_id), Some(body))
             }
             _ => {
-                let url = &batch.urls[job.items[0]];
+                let url = job.items.first().map_or("", |&i| super::item(batch, ItemKind::Url, i));
                 let bare = url.split_once("://").map(|(_, rest)| rest).unwrap_or(url);
                 (format!("{}/purge/{bare}", self.api), None)
             }
@@ -145,7 +143,7 @@ fn interpret(answer: Answer) -> Result<(), Failure> {
 }
 
 #[async_trait]
-impl Sink for FastlySink {
+impl Provider for FastlySink {
     fn name(&self) -> &str {
         &self.name
     }
@@ -154,41 +152,59 @@ impl Sink for FastlySink {
         &[ItemKind::SurrogateKey, ItemKind::Url]
     }
 
-    async fn invalidate(&self, batch: &Invalidations, shutdown: &Shutdown) -> Result<SinkReport, SinkError> {
-        let mut rejected = Vec::new();
-        let keys = partition(batch, ItemKind::SurrogateKey, |k| check_key(k, MAX_KEY_BYTES), &mut rejected);
-        let urls = partition(batch, ItemKind::Url, |u| check_url(u).map(|_| ()), &mut rejected);
-        let mut jobs: Vec<Job> = chunk(&keys, self.limits.items_per_request, None, |_| 0)
-            .into_iter()
-            .map(|items| Job { node: 0, kind: ItemKind::SurrogateKey, items })
-            .collect();
-        jobs.extend(urls.into_iter().map(|i| Job { node: 0, kind: ItemKind::Url, items: vec![i] }));
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn verifier(&self) -> Option<&Verifier> {
+        self.verifier.as_ref()
+    }
+
+    fn check(&self, kind: ItemKind, item: &str) -> Result<(), String> {
+        match kind {
+            ItemKind::SurrogateKey => check_key(item, MAX_KEY_BYTES),
+            _ => check_url(item).map(|_| ()),
+        }
+    }
+
+    /// Keys in bulk requests; URLs one per request (Fastly purges a URL by requesting it).
+    fn jobs(&self, _: &Invalidations, kind: ItemKind, accepted: &[usize]) -> Vec<Job> {
+        match kind {
+            ItemKind::SurrogateKey => chunk(accepted, self.limits.items_per_request, None, |_| 0)
+                .into_iter()
+                .map(|items| Job { node: 0, kind, items })
+                .collect(),
+            _ => accepted.iter().map(|&i| Job { node: 0, kind, items: vec![i] }).collect(),
+        }
+    }
+
+    async fn send(
+        &self,
+        job: Job,
+        batch: &Invalidations,
+        shutdown: &Shutdown,
+    ) -> Result<Result<(), Failure>, SinkError> {
         let buckets: Vec<(&TokenBucket, u32)> = self.bucket.iter().map(|b| (b, 1)).collect();
-        let send = |job: Job| {
-            let buckets = &buckets;
-            async move {
-                let (url, body) = self.request(&job, batch);
-                let build = |client: &reqwest::Client| {
-                    let mut b = client
-                        .post(&url)
-                        .header("Fastly-Key", self.token.expose())
-                        .header(reqwest::header::ACCEPT, "application/json");
-                    if self.soft {
-                        b = b.header("Fastly-Soft-Purge", "1");
-                    }
-                    if let Some(body) = &body {
-                        b = b.header(reqwest::header::CONTENT_TYPE, "application/json").body(body.clone());
-                    }
-                    b
-                };
-                self.sender.send(shutdown, job.items.len(), buckets, build, interpret).await
+        let (url, body) = self.request(&job, batch);
+        let build = |client: &reqwest::Client| {
+            let mut b = client
+                .post(&url)
+                .header("Fastly-Key", self.token.expose())
+                .header(reqwest::header::ACCEPT, "application/json");
+            if self.soft {
+                b = b.header("Fastly-Soft-Purge", "1");
             }
+            if let Some(body) = &body {
+                b = b.header(reqwest::header::CONTENT_TYPE, "application/json").body(body.clone());
+            }
+            b
         };
-        rejected.extend(run_jobs(jobs, self.limits.concurrency, send).await?);
-        Ok(finish(batch, self.kinds(), rejected, self.verifier.as_ref()))
+        self.sender.send(shutdown, job.items.len(), &buckets, build, interpret).await
     }
 
     async fn ping(&self) -> bool {
         self.sender.ping(&self.api).await
     }
 }
+
+purge_sink!(FastlySink);

@@ -32,20 +32,24 @@
 //!   for them with the reason.
 //! - [`report`]: the [`SinkReport`] from what was rejected.
 //!
+//! - [`purge`]: the one HTTP purge sink. Every provider's `invalidate` is [`purge::purge`]:
+//!   check items → cut into [`Job`]s → [`run_jobs`] → verify → [`report`]; the provider
+//!   supplies only [`purge::Provider`] (kinds, item check, how to cut when the default does not
+//!   fit, request building and answer interpretation through [`http::Sender::send`]).
+//!
 //! # Adding a provider
 //!
 //! A file `<provider>.rs` with a `<Provider>Config` (`#[serde(deny_unknown_fields)]`, the
-//! common fields above, `fn validate`) and a sink implementing [`crate::sink::Sink`] whose
-//! `invalidate` is: validate items → cut into [`Job`]s → [`run_jobs`] with a closure that calls
-//! [`http::Sender::send`] → [`report`] → `verify`. Then one variant in [`CdnSinkConfig`] and one
-//! arm in the `each!` macro below.
+//! common fields above, `fn validate`), a struct implementing [`purge::Provider`] and the line
+//! `purge_sink!(<Provider>Sink);`. Then one variant in [`CdnSinkConfig`] and one arm each in the
+//! `each!` macro, `kind()` and `build()` below.
 //!
 //! # Order and timing
 //!
 //! `layer` orders sinks (Redis is 0; Varnish-like caches default to 1, CDNs to 2): the
 //! pipeline purges a layer only after every inner layer confirmed the batch, waits
 //! `sinks.timing.layer_delay` between layers, and optionally repeats the whole batch after
-//! `sinks.timing.repeat_after` (see `crate::app`).
+//! `sinks.timing.repeat_after` (see [`crate::pipeline`]).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -56,7 +60,7 @@ use std::time::Duration;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Deserialize;
 
-use crate::config::Secret;
+use crate::config::secret::Secret;
 use crate::sink::{Invalidations, ItemKind, Rejected, Sink, SinkError, SinkReport};
 use crate::telemetry::Metrics;
 
@@ -67,6 +71,7 @@ pub mod edgegrid;
 pub mod fastly;
 pub mod http;
 pub mod limit;
+pub mod purge;
 pub mod sigv4;
 pub mod varnish;
 pub mod verify;
@@ -284,7 +289,7 @@ impl SecretRef {
                 }
             },
             (None, Some(file)) => {
-                let path = crate::config::relative_to(config_file, file);
+                let path = crate::config::secret::relative_to(config_file, file);
                 match std::fs::read_to_string(&path) {
                     Ok(v) if !v.trim().is_empty() => Some(Secret::new(v.trim_end_matches(['\n', '\r']))),
                     Ok(_) => {
@@ -409,6 +414,19 @@ pub struct Job {
     pub kind: ItemKind,
     /// Indices into the batch's list of `kind`.
     pub items: Vec<usize>,
+}
+
+impl Job {
+    /// The job's items, read from the batch it was cut from.
+    pub fn values<'a>(&self, batch: &'a Invalidations) -> Vec<&'a str> {
+        self.items.iter().map(|&i| item(batch, self.kind, i)).collect()
+    }
+}
+
+/// Item `index` of `kind` in `batch`; empty when out of range, which an index from
+/// [`partition`] over the same batch never is.
+pub fn item(batch: &Invalidations, kind: ItemKind, index: usize) -> &str {
+    batch.items(kind).get(index).map_or("", String::as_str)
 }
 
 /// Sends every job through `send`, at most `per_node` in flight per node, and collects the
@@ -588,11 +606,8 @@ mod tests {
 
     #[test]
     fn report_counts_what_was_not_rejected() {
-        let batch = Invalidations {
-            surrogate_keys: vec!["a".into(), "b".into()],
-            urls: vec!["u".into()],
-            ..Default::default()
-        };
+        let batch = Invalidations::of(ItemKind::SurrogateKey, vec!["a".into(), "b".into()])
+            .with(ItemKind::Url, vec!["u".into()]);
         let r = report(
             &batch,
             &[ItemKind::SurrogateKey, ItemKind::Url],

@@ -22,7 +22,7 @@ use std::time::SystemTime;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-use crate::config::Secret;
+use crate::config::secret::Secret;
 
 pub const ALGORITHM: &str = "AWS4-HMAC-SHA256";
 
@@ -70,16 +70,6 @@ pub enum SigV4Error {
     MissingHeader(&'static str),
     #[error("X-Amz-Date is not of the form YYYYMMDDTHHMMSSZ")]
     BadDate,
-    #[error("the Authorization header is not AWS4-HMAC-SHA256 Credential=..., SignedHeaders=..., Signature=...")]
-    Malformed,
-    #[error("unknown access key id")]
-    UnknownKey,
-    #[error("the credential scope {0} does not match this request")]
-    WrongScope(String),
-    #[error("signed header {0} is missing from the request")]
-    SignedHeaderMissing(String),
-    #[error("the signature does not match")]
-    Mismatch,
 }
 
 /// Signs `request` and returns the `Authorization` header with the texts behind it.
@@ -131,94 +121,6 @@ pub fn sign(
         credentials.access_key_id
     );
     Ok(Signed { canonical_request, string_to_sign, signature, authorization })
-}
-
-/// The parts of a received `Authorization` header.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Authorization {
-    pub access_key_id: String,
-    /// `date/region/service/aws4_request`.
-    pub scope: String,
-    pub signed_headers: Vec<String>,
-    pub signature: String,
-}
-
-impl Authorization {
-    pub fn parse(header: &str) -> Result<Authorization, SigV4Error> {
-        let rest = header.strip_prefix(ALGORITHM).ok_or(SigV4Error::Malformed)?.trim_start();
-        let (mut credential, mut signed, mut signature) = (None, None, None);
-        for part in rest.split(',') {
-            let (key, value) = part.trim().split_once('=').ok_or(SigV4Error::Malformed)?;
-            match key {
-                "Credential" => credential = Some(value),
-                "SignedHeaders" => signed = Some(value),
-                "Signature" => signature = Some(value),
-                _ => return Err(SigV4Error::Malformed),
-            }
-        }
-        let (credential, signed, signature) = (
-            credential.ok_or(SigV4Error::Malformed)?,
-            signed.ok_or(SigV4Error::Malformed)?,
-            signature.ok_or(SigV4Error::Malformed)?,
-        );
-        let (access_key_id, scope) = credential.split_once('/').ok_or(SigV4Error::Malformed)?;
-        Ok(Authorization {
-            access_key_id: access_key_id.to_string(),
-            scope: scope.to_string(),
-            signed_headers: signed.split(';').map(str::to_string).collect(),
-            signature: signature.to_string(),
-        })
-    }
-}
-
-/// Checks a received request the way AWS does: recomputes the signature over the headers the
-/// client says it signed and compares. `headers` are all the request's headers.
-// The inputs of AWS's algorithm, each named as AWS names it: a struct would only rename them.
-#[allow(clippy::too_many_arguments)]
-pub fn verify(
-    credentials: &Credentials,
-    region: &str,
-    service: &str,
-    method: &str,
-    path: &str,
-    query: &str,
-    headers: &[(String, String)],
-    payload: &[u8],
-) -> Result<(), SigV4Error> {
-    let header = headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case("authorization"))
-        .map(|(_, v)| v.as_str())
-        .ok_or(SigV4Error::MissingHeader("authorization"))?;
-    let auth = Authorization::parse(header)?;
-    if auth.access_key_id != credentials.access_key_id {
-        return Err(SigV4Error::UnknownKey);
-    }
-    let mut signed: Vec<(String, String)> = Vec::new();
-    for name in &auth.signed_headers {
-        let mut found = false;
-        for (n, v) in headers {
-            if n.eq_ignore_ascii_case(name) {
-                signed.push((name.clone(), v.clone()));
-                found = true;
-            }
-        }
-        if !found {
-            return Err(SigV4Error::SignedHeaderMissing(name.clone()));
-        }
-    }
-    if !auth.signed_headers.iter().any(|n| n == "host") {
-        return Err(SigV4Error::SignedHeaderMissing("host".into()));
-    }
-    let expected = sign(credentials, region, service, &Request { method, path, query, headers: &signed, payload })?;
-    let expected_scope = expected.string_to_sign.lines().nth(2).map(str::to_string).unwrap_or_default();
-    if auth.scope != expected_scope {
-        return Err(SigV4Error::WrongScope(auth.scope));
-    }
-    if !constant_time_eq(auth.signature.as_bytes(), expected.signature.as_bytes()) {
-        return Err(SigV4Error::Mismatch);
-    }
-    Ok(())
 }
 
 /// `X-Amz-Date` for a moment: `YYYYMMDDTHHMMSSZ`.
@@ -353,12 +255,6 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     out
 }
 
-/// Compares without stopping at the first difference (a verifier should not leak how much of
-/// a signature was right).
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// A moment as UTC calendar fields (both signers format timestamps; no date crate needed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct UtcTime {
@@ -423,18 +319,5 @@ mod tests {
         assert_eq!(percent_decode("a%20b"), b"a b");
         assert_eq!(percent_decode("100%"), b"100%");
         assert_eq!(percent_decode("%zz"), b"%zz");
-    }
-
-    #[test]
-    fn authorization_parses_and_rejects_garbage() {
-        let a = Authorization::parse(
-            "AWS4-HMAC-SHA256 Credential=AKID/20150830/us-east-1/service/aws4_request, SignedHeaders=host;x-amz-date, Signature=abc",
-        )
-        .unwrap();
-        assert_eq!(a.access_key_id, "AKID");
-        assert_eq!(a.scope, "20150830/us-east-1/service/aws4_request");
-        assert_eq!(a.signed_headers, vec!["host", "x-amz-date"]);
-        assert_eq!(Authorization::parse("Bearer x"), Err(SigV4Error::Malformed));
-        assert_eq!(Authorization::parse("AWS4-HMAC-SHA256 Credential=a"), Err(SigV4Error::Malformed));
     }
 }

@@ -28,11 +28,12 @@ use serde::Deserialize;
 
 use super::http::{self, Sender};
 use super::limit::TokenBucket;
+use super::purge::{purge_sink, Provider};
 use super::verify::{Verifier, VerifyConfig};
-use super::{check_key, check_url, chunk, finish, partition, run_jobs, CdnError, Job, Limits, LimitsConfig};
+use super::{check_key, check_url, chunk, CdnError, Job, Limits, LimitsConfig};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
-use crate::sink::{Invalidations, ItemKind, Sink, SinkError, SinkReport};
+use crate::sink::{Invalidations, ItemKind, SinkError};
 use crate::telemetry::Metrics;
 
 /// Varnish has no rate limits: no client-side bucket, 4 requests in flight per node, and up to
@@ -194,7 +195,7 @@ impl VarnishSink {
         let node = &self.nodes[job.node];
         match job.kind {
             ItemKind::SurrogateKey => {
-                let keys: Vec<&str> = job.items.iter().map(|&i| batch.surrogate_keys[i].as_str()).collect();
+                let keys = job.values(batch);
                 Ok(Request {
                     method: purge(),
                     url: format!("{node}/"),
@@ -202,7 +203,7 @@ impl VarnishSink {
                 })
             }
             _ => {
-                let url = check_url(&batch.urls[job.items[0]])?;
+                let url = check_url(job.items.first().map_or("", |&i| super::item(batch, ItemKind::Url, i)))?;
                 let path = match url.query() {
                     Some(q) => format!("{}?{q}", url.path()),
                     None => url.path().to_string(),
@@ -238,7 +239,7 @@ struct Request {
 }
 
 #[async_trait]
-impl Sink for VarnishSink {
+impl Provider for VarnishSink {
     fn name(&self) -> &str {
         &self.name
     }
@@ -247,42 +248,56 @@ impl Sink for VarnishSink {
         &[ItemKind::SurrogateKey, ItemKind::Url]
     }
 
-    async fn invalidate(&self, batch: &Invalidations, shutdown: &Shutdown) -> Result<SinkReport, SinkError> {
-        let mut rejected = Vec::new();
-        let keys = partition(batch, ItemKind::SurrogateKey, |k| check_key(k, self.max_key_bytes), &mut rejected);
-        let urls = partition(batch, ItemKind::Url, |u| check_url(u).map(|_| ()), &mut rejected);
-        let key_chunks = chunk(&keys, self.limits.items_per_request, Some(self.max_header_bytes), |i| {
-            batch.surrogate_keys[i].len() + 1
-        });
-        let mut jobs = Vec::new();
-        for node in 0..self.nodes.len() {
-            for items in &key_chunks {
-                jobs.push(Job { node, kind: ItemKind::SurrogateKey, items: items.clone() });
-            }
-            for &i in &urls {
-                jobs.push(Job { node, kind: ItemKind::Url, items: vec![i] });
-            }
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn verifier(&self) -> Option<&Verifier> {
+        self.verifier.as_ref()
+    }
+
+    fn check(&self, kind: ItemKind, item: &str) -> Result<(), String> {
+        match kind {
+            ItemKind::SurrogateKey => check_key(item, self.max_key_bytes),
+            _ => check_url(item).map(|_| ()),
         }
-        let buckets: Vec<(&TokenBucket, u32)> = self.bucket.iter().map(|b| (b, 1)).collect();
-        let send = |job: Job| {
-            let buckets = &buckets;
-            async move {
-                let request = match self.request(&job, batch) {
-                    Ok(r) => r,
-                    Err(reason) => return Ok(Err(http::Failure::Permanent { item_level: false, message: reason })),
-                };
-                let build = |client: &reqwest::Client| {
-                    let mut b = client.request(request.method.clone(), &request.url);
-                    for (name, value) in &request.headers {
-                        b = b.header(name, value);
-                    }
-                    b
-                };
-                Ok(self.sender.send(shutdown, job.items.len(), buckets, build, http::expect_success).await?.map(|_| ()))
+    }
+
+    /// Every request to every node: keys space-separated in one header (bounded by
+    /// `max_header_bytes`), URLs one per request.
+    fn jobs(&self, batch: &Invalidations, kind: ItemKind, accepted: &[usize]) -> Vec<Job> {
+        let requests: Vec<Vec<usize>> = match kind {
+            ItemKind::SurrogateKey => {
+                chunk(accepted, self.limits.items_per_request, Some(self.max_header_bytes), |i| {
+                    super::item(batch, ItemKind::SurrogateKey, i).len() + 1
+                })
             }
+            _ => accepted.iter().map(|&i| vec![i]).collect(),
         };
-        rejected.extend(run_jobs(jobs, self.limits.concurrency, send).await?);
-        Ok(finish(batch, self.kinds(), rejected, self.verifier.as_ref()))
+        (0..self.nodes.len())
+            .flat_map(|node| requests.iter().map(move |items| Job { node, kind, items: items.clone() }))
+            .collect()
+    }
+
+    async fn send(
+        &self,
+        job: Job,
+        batch: &Invalidations,
+        shutdown: &Shutdown,
+    ) -> Result<Result<(), http::Failure>, SinkError> {
+        let buckets: Vec<(&TokenBucket, u32)> = self.bucket.iter().map(|b| (b, 1)).collect();
+        let request = match self.request(&job, batch) {
+            Ok(r) => r,
+            Err(reason) => return Ok(Err(http::Failure::Permanent { item_level: false, message: reason })),
+        };
+        let build = |client: &reqwest::Client| {
+            let mut b = client.request(request.method.clone(), &request.url);
+            for (name, value) in &request.headers {
+                b = b.header(name, value);
+            }
+            b
+        };
+        Ok(self.sender.send(shutdown, job.items.len(), &buckets, build, http::expect_success).await?.map(|_| ()))
     }
 
     /// Every node accepts a TCP connection within 2 s (no request: a GET would reach the
@@ -300,3 +315,5 @@ impl Sink for VarnishSink {
         up
     }
 }
+
+purge_sink!(VarnishSink);

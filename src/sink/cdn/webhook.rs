@@ -25,17 +25,16 @@ use reqwest::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use sha2::Sha256;
 
+use super::http::Failure;
 use super::http::{self, Sender};
 use super::limit::TokenBucket;
+use super::purge::{purge_sink, Provider};
 use super::verify::{Verifier, VerifyConfig};
-use super::{
-    check_base_url, check_key, check_url, chunk, finish, partition, run_jobs, CdnError, Job, Limits, LimitsConfig,
-    SecretRef,
-};
-use crate::config::Secret;
+use super::{check_base_url, check_key, check_url, CdnError, Job, Limits, LimitsConfig, SecretRef};
+use crate::config::secret::Secret;
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
-use crate::sink::{Invalidations, ItemKind, Sink, SinkError, SinkReport};
+use crate::sink::{Invalidations, ItemKind, SinkError};
 use crate::telemetry::Metrics;
 
 /// No provider limits to respect: no client-side bucket, 2 requests in flight, 1,000 items.
@@ -164,7 +163,7 @@ pub fn signature(secret: &[u8], t: u64, body: &[u8]) -> String {
 }
 
 #[async_trait]
-impl Sink for WebhookSink {
+impl Provider for WebhookSink {
     fn name(&self) -> &str {
         &self.name
     }
@@ -173,51 +172,52 @@ impl Sink for WebhookSink {
         &[ItemKind::SurrogateKey, ItemKind::Url]
     }
 
-    async fn invalidate(&self, batch: &Invalidations, shutdown: &Shutdown) -> Result<SinkReport, SinkError> {
-        let mut rejected = Vec::new();
-        let keys = partition(batch, ItemKind::SurrogateKey, |k| check_key(k, self.max_key_bytes), &mut rejected);
-        let urls = partition(batch, ItemKind::Url, |u| check_url(u).map(|_| ()), &mut rejected);
-        let per = self.limits.items_per_request;
-        let mut jobs: Vec<Job> = chunk(&keys, per, None, |_| 0)
-            .into_iter()
-            .map(|items| Job { node: 0, kind: ItemKind::SurrogateKey, items })
-            .collect();
-        jobs.extend(chunk(&urls, per, None, |_| 0).into_iter().map(|items| Job {
-            node: 0,
-            kind: ItemKind::Url,
-            items,
-        }));
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn verifier(&self) -> Option<&Verifier> {
+        self.verifier.as_ref()
+    }
+
+    fn check(&self, kind: ItemKind, item: &str) -> Result<(), String> {
+        match kind {
+            ItemKind::SurrogateKey => check_key(item, self.max_key_bytes),
+            _ => check_url(item).map(|_| ()),
+        }
+    }
+
+    async fn send(
+        &self,
+        job: Job,
+        batch: &Invalidations,
+        shutdown: &Shutdown,
+    ) -> Result<Result<(), Failure>, SinkError> {
         let buckets: Vec<(&TokenBucket, u32)> = self.bucket.iter().map(|b| (b, 1)).collect();
-        let send = |job: Job| {
-            let buckets = &buckets;
-            async move {
-                let items: Vec<&str> = job.items.iter().map(|&i| batch.items(job.kind)[i].as_str()).collect();
-                let empty: Vec<&str> = Vec::new();
-                let (keys, urls) = if job.kind == ItemKind::SurrogateKey { (&items, &empty) } else { (&empty, &items) };
-                let body = serde_json::json!({ "surrogate_keys": keys, "urls": urls }).to_string();
-                let build = |client: &reqwest::Client| {
-                    let mut b = client.post(&self.url).header(reqwest::header::CONTENT_TYPE, "application/json");
-                    for (k, v) in &self.headers {
-                        b = b.header(k, v);
-                    }
-                    if let Some(secret) = &self.secret {
-                        let t =
-                            SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-                        b = b.header(&self.signature_header, signature(secret.expose().as_bytes(), t, body.as_bytes()));
-                    }
-                    b.body(body.clone())
-                };
-                Ok(self.sender.send(shutdown, job.items.len(), buckets, build, http::expect_success).await?.map(|_| ()))
+        let items = job.values(batch);
+        let empty: Vec<&str> = Vec::new();
+        let (keys, urls) = if job.kind == ItemKind::SurrogateKey { (&items, &empty) } else { (&empty, &items) };
+        let body = serde_json::json!({ "surrogate_keys": keys, "urls": urls }).to_string();
+        let build = |client: &reqwest::Client| {
+            let mut b = client.post(&self.url).header(reqwest::header::CONTENT_TYPE, "application/json");
+            for (k, v) in &self.headers {
+                b = b.header(k, v);
             }
+            if let Some(secret) = &self.secret {
+                let t = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                b = b.header(&self.signature_header, signature(secret.expose().as_bytes(), t, body.as_bytes()));
+            }
+            b.body(body.clone())
         };
-        rejected.extend(run_jobs(jobs, self.limits.concurrency, send).await?);
-        Ok(finish(batch, self.kinds(), rejected, self.verifier.as_ref()))
+        Ok(self.sender.send(shutdown, job.items.len(), &buckets, build, http::expect_success).await?.map(|_| ()))
     }
 
     async fn ping(&self) -> bool {
         self.sender.ping(&self.url).await
     }
 }
+
+purge_sink!(WebhookSink);
 
 #[cfg(test)]
 mod tests {

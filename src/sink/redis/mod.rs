@@ -222,12 +222,13 @@ impl Sink for RedisSink {
 
     async fn invalidate(&self, batch: &Invalidations, shutdown: &Shutdown) -> Result<SinkReport, SinkError> {
         let mut report = SinkReport::default();
-        if !batch.redis_keys.is_empty() {
-            self.unlink_keys(&batch.redis_keys, shutdown).await?;
-            report.confirmed.push((ItemKind::RedisKey, batch.redis_keys.len() as u64));
+        let (keys, tags) = (batch.items(ItemKind::RedisKey), batch.items(ItemKind::RedisTag));
+        if !keys.is_empty() {
+            self.unlink_keys(keys, shutdown).await?;
+            report.confirmed.push((ItemKind::RedisKey, keys.len() as u64));
         }
-        if !batch.redis_tags.is_empty() {
-            let fanout = self.fan_out(&batch.redis_tags, shutdown).await?;
+        if !tags.is_empty() {
+            let fanout = self.fan_out(tags, shutdown).await?;
             let done = fanout.confirmed();
             if done > 0 {
                 report.confirmed.push((ItemKind::RedisTag, done));

@@ -59,7 +59,7 @@ fn postgres_toast_placeholder_is_unknown_not_data() {
         "version: 1\nrules:\n  - name: docs\n    table: dbz1258.toast_test\n    redis:\n      keys: [\"doc:{payload}\", \"row:{pk}\"]\n",
     );
     let eval = rules.evaluate(&event);
-    assert_eq!(eval.invalidations.redis_keys, ["row:1"]);
+    assert_eq!(eval.invalidations.items(crate::sink::ItemKind::RedisKey), ["row:1"]);
     assert_eq!(eval.errors.len(), 1, "{eval:?}");
     assert!(eval.errors[0].message.contains("\"payload\" is absent from the after image"), "{eval:?}");
 }
@@ -81,7 +81,7 @@ fn oracle_lob_placeholder_in_a_delete_is_unknown() {
     assert_eq!(event.before, Some(row(json!({"ID": 7}))));
     let rules = rules("version: 1\nrules:\n  - name: docs\n    table: DEBEZIUM.DOCS\n    cdn:\n      urls: [\"https://x.example/{SLUG}\"]\n");
     let eval = rules.evaluate(&event);
-    assert!(eval.invalidations.urls.is_empty());
+    assert!(eval.invalidations.items(crate::sink::ItemKind::Url).is_empty());
     assert_eq!(eval.errors.len(), 1, "{eval:?}");
 }
 
@@ -254,7 +254,7 @@ fn mongodb_extended_json_values() {
     );
     let rules = rules("version: 1\nrules:\n  - name: orders\n    table: inventory.orders\n    redis:\n      keys: [\"order:{_id}:{placed}\"]\n");
     assert_eq!(
-        rules.evaluate(&event).invalidations.redis_keys,
+        rules.evaluate(&event).invalidations.items(crate::sink::ItemKind::RedisKey),
         ["order:596e275826f08b2730779e1f:2024-03-15T10:04:05.25Z"]
     );
 }
@@ -314,8 +314,8 @@ fn a_rendered_item_holding_a_placeholder_is_a_rule_error() {
         "version: 1\nrules:\n  - name: pages\n    table: public.products\n    redis:\n      keys: [\"product:{id}\"]\n    cdn:\n      urls: [\"https://shop.example.com/p/{slug}\"]\n",
     );
     let eval = rules.evaluate(&event);
-    assert_eq!(eval.invalidations.redis_keys, ["product:42"]);
-    assert!(eval.invalidations.urls.is_empty(), "{eval:?}");
+    assert_eq!(eval.invalidations.items(crate::sink::ItemKind::RedisKey), ["product:42"]);
+    assert!(eval.invalidations.items(crate::sink::ItemKind::Url).is_empty(), "{eval:?}");
     assert_eq!(eval.errors.len(), 1, "{eval:?}");
     assert!(eval.errors[0].message.contains("unavailable-value placeholder"), "{eval:?}");
 }

@@ -282,8 +282,9 @@ impl KafkaSource {
     /// librdkafka's own auto-commit does: a commit lost without any report heals on its own.
     fn commit(&self, force: bool) {
         let tick = self.commit_ticks.fetch_add(1, Ordering::Relaxed) + 1;
-        let force =
-            force || tick % REFRESH_EVERY == 0 || self.consumer.context().commit_failed.swap(false, Ordering::Relaxed);
+        let force = force
+            || tick.is_multiple_of(REFRESH_EVERY)
+            || self.consumer.context().commit_failed.swap(false, Ordering::Relaxed);
         let points = lock(&self.tracker).commits_due(force);
         if points.is_empty() {
             return;

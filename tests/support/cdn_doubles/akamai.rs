@@ -145,7 +145,7 @@ fn akamai_inner(st: &mut AkState, r: &Recorded) -> Reply {
         body: &r.body,
     };
     let settings = edgegrid::Settings::default();
-    match edgegrid::verify(
+    match crate::support::signatures::edgegrid_verify(
         &AkamaiDouble::credentials(),
         &settings,
         &request,

@@ -128,9 +128,16 @@ fn cloudfront(state: &Mutex<CfState>, limits: CfLimits, r: Recorded) -> Reply {
     let decoded = String::from_utf8_lossy(&sigv4::percent_decode(path)).into_owned();
     let headers: Vec<(String, String)> = r.headers.clone().into_iter().collect();
     let credentials = CloudFrontDouble::credentials();
-    if let Err(e) =
-        sigv4::verify(&credentials, "us-east-1", "cloudfront", &r.method, &decoded, query, &headers, &r.body)
-    {
+    if let Err(e) = crate::support::signatures::sigv4_verify(
+        &credentials,
+        "us-east-1",
+        "cloudfront",
+        &r.method,
+        &decoded,
+        query,
+        &headers,
+        &r.body,
+    ) {
         state.lock().unwrap_or_else(|p| p.into_inner()).denied += 1;
         return cf_error(403, "AccessDenied", &format!("Access denied: {e}"));
     }

@@ -15,6 +15,9 @@ pub const SECRET: &str = "webhook-test-secret";
 #[derive(Debug, Default)]
 pub struct State {
     pub storm: Option<Storm>,
+    /// How long each purge (POST) takes to answer: a slow receiver. Requests are answered one
+    /// at a time, so a slow one also holds those behind it.
+    pub delay: Option<std::time::Duration>,
     pub log: Vec<(Instant, u16)>,
     pub keys: Vec<String>,
     pub urls: Vec<String>,
@@ -30,6 +33,10 @@ impl WebhookDouble {
         let state: Shared<State> = Arc::new(Mutex::new(State::default()));
         let s = state.clone();
         let server = Server::start(move |req| {
+            let delay = s.lock().unwrap().delay.filter(|_| req.method == "POST");
+            if let Some(delay) = delay {
+                std::thread::sleep(delay);
+            }
             let mut st = s.lock().unwrap();
             let reply = handle(&mut st, &req);
             st.log.push((req.at, reply.status));

@@ -1,0 +1,363 @@
+//! The pipeline driven in process with test sinks.
+
+use std::time::Duration;
+
+use super::batching::tests::{arrival, pipeline_config};
+use super::*;
+use crate::sink::SinkError;
+
+fn item(keys: &[&str], tags: &[&str]) -> Item {
+    let invalidations = Invalidations::of(ItemKind::RedisKey, keys.iter().map(|s| s.to_string()).collect())
+        .with(ItemKind::RedisTag, tags.iter().map(|s| s.to_string()).collect());
+    Item { event: arrival(), evaluation: Some(Evaluation { invalidations, ..Default::default() }), dead: None }
+}
+
+/// A sink that takes `per_batch` to confirm and records how many keys each batch held and
+/// when it came.
+struct SlowSink {
+    per_batch: Duration,
+    batches: std::sync::Mutex<Vec<(usize, tokio::time::Instant)>>,
+}
+
+#[async_trait::async_trait]
+impl Sink for SlowSink {
+    fn name(&self) -> &str {
+        "slow"
+    }
+
+    async fn invalidate(&self, batch: &Invalidations, _: &Shutdown) -> Result<crate::sink::SinkReport, SinkError> {
+        self.batches.lock().unwrap().push((batch.items(ItemKind::RedisKey).len(), tokio::time::Instant::now()));
+        tokio::time::sleep(self.per_batch).await;
+        Ok(crate::sink::SinkReport::default())
+    }
+
+    async fn ping(&self) -> bool {
+        true
+    }
+}
+
+/// An insert of row `id` into `public.t`, which the rules map to the key `t:{id}`.
+fn change(id: i64) -> SourceEvent {
+    let mut row = crate::event::Row::new();
+    row.insert("id".into(), id.into());
+    SourceEvent {
+        decoded: Ok(Decoded::Change(ChangeEvent {
+            table: "public.t".into(),
+            op: crate::event::Op::Insert,
+            before: None,
+            after: Some(row),
+            committed_at: None,
+        })),
+        ..arrival()
+    }
+}
+
+/// Runs a pipeline with one sink taking `sink_ms` per batch over events arriving one every
+/// `gap_ms`, and returns the batches the sink got: their sizes, and when (in ms from the
+/// first event).
+async fn batches_over(
+    events: i64,
+    gap_ms: u64,
+    sink_ms: u64,
+    config: PipelineConfig,
+) -> (Vec<(usize, u128)>, Arc<Metrics>) {
+    let start = tokio::time::Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let dead = crate::config::DeadLetterConfig { file: Some(dir.path().join("dl.jsonl")), ..Default::default() };
+    let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
+    let rules = "version: 1\nrules:\n  - name: t\n    table: public.t\n    redis: { keys: [\"t:{id}\"] }\n";
+    let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+    let sink = Arc::new(SlowSink { per_batch: Duration::from_millis(sink_ms), batches: Default::default() });
+    let pipeline = Pipeline::new(config, rules, vec![sink.clone()], dead_letters, metrics.clone());
+    let (tx, rx) = mpsc::channel(1000);
+    tokio::spawn(async move {
+        for id in 0..events {
+            tx.send(change(id)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(gap_ms)).await;
+        }
+    });
+    pipeline.run(rx, &Shutdown::never()).await.unwrap();
+    let batches: Vec<_> = sink.batches.lock().unwrap().iter().map(|(n, at)| (*n, (*at - start).as_millis())).collect();
+    assert_eq!(batches.iter().map(|b| b.0).sum::<usize>(), events as usize, "every event once: {batches:?}");
+    (batches, metrics)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_pipeline_sends_at_once_when_light_and_a_slow_layer_takes_what_queued_behind_it() {
+    // Light: one event every 5 ms, each confirmed in 1 ms: every event is its own batch,
+    // sent at once (a 2 ms idle wait would not gather more, but would delay each).
+    let (batches, metrics) = batches_over(10, 5, 1, pipeline_config(500, 50, 2)).await;
+    assert_eq!(batches, (0..10).map(|i| (1, i * 5)).collect::<Vec<_>>());
+    let count = |m: &Metrics, load| m.value("cdc_invalidator_batches_total", &[("load", load)]);
+    assert_eq!((count(&metrics, "light"), count(&metrics, "backlog")), (10.0, 0.0));
+    // A sink slower than the arrivals (one event every 1 ms, each batch taking 3 ms): the
+    // first batch goes out at once; then the layer takes everything that queued while it was
+    // busy as its next batch, back to back, without waiting for more (no idle gaps).
+    let (batches, _) = batches_over(200, 1, 3, pipeline_config(500, 50, 2)).await;
+    assert_eq!(batches[0], (1, 0), "{batches:?}");
+    assert!(batches.windows(2).all(|w| w[1].1 - w[0].1 == 3), "back to back: {batches:?}");
+    assert!(batches.iter().all(|&(n, _)| n <= 4), "what queued during one call: {batches:?}");
+}
+
+#[test]
+fn a_batch_is_coalesced_into_one_deduplicated_sorted_set() {
+    let items = vec![
+        item(&["product:2", "product:1"], &["category:5"]),
+        item(&["product:1"], &["category:5", "category:7"]),
+        item(&[], &["category:7"]),
+    ];
+    let batch = coalesce(&items);
+    assert_eq!(batch.items(ItemKind::RedisKey), vec!["product:1", "product:2"]);
+    assert_eq!(batch.items(ItemKind::RedisTag), vec!["category:5", "category:7"]);
+    assert!(batch.items(ItemKind::SurrogateKey).is_empty() && batch.items(ItemKind::Url).is_empty());
+}
+
+/// A sink of the given kinds that takes `per_batch` to confirm, and records when each item
+/// arrived and when it was confirmed.
+struct Recording {
+    name: &'static str,
+    kinds: &'static [ItemKind],
+    per_batch: Duration,
+    /// (item, when the call started, when it confirmed)
+    log: std::sync::Mutex<Vec<(String, tokio::time::Instant, tokio::time::Instant)>>,
+}
+
+impl Recording {
+    fn new(name: &'static str, kinds: &'static [ItemKind], per_batch_ms: u64) -> Arc<Recording> {
+        Arc::new(Recording { name, kinds, per_batch: Duration::from_millis(per_batch_ms), log: Default::default() })
+    }
+
+    /// When each item was first confirmed.
+    fn confirmed(&self) -> HashMap<String, tokio::time::Instant> {
+        let mut at = HashMap::new();
+        for (item, _, done) in self.log.lock().unwrap().iter() {
+            at.entry(item.clone()).or_insert(*done);
+        }
+        at
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for Recording {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn kinds(&self) -> &'static [ItemKind] {
+        self.kinds
+    }
+
+    async fn invalidate(&self, batch: &Invalidations, _: &Shutdown) -> Result<crate::sink::SinkReport, SinkError> {
+        let started = tokio::time::Instant::now();
+        tokio::time::sleep(self.per_batch).await;
+        let done = tokio::time::Instant::now();
+        let mut log = self.log.lock().unwrap();
+        for &kind in self.kinds {
+            log.extend(batch.items(kind).iter().map(|i| (i.clone(), started, done)));
+        }
+        Ok(crate::sink::SinkReport::default())
+    }
+
+    async fn ping(&self) -> bool {
+        true
+    }
+}
+
+const REDIS: &[ItemKind] = &[ItemKind::RedisKey, ItemKind::RedisTag];
+const CDN: &[ItemKind] = &[ItemKind::SurrogateKey, ItemKind::Url];
+
+/// Runs `events` changes of `public.t` (one every `gap_ms`) through a pipeline of `sinks` in
+/// `layers`, and returns when each event was received and acknowledged (by id), and the metrics.
+async fn run_layers(
+    events: i64,
+    gap_ms: u64,
+    sinks: Vec<Arc<dyn Sink>>,
+    layers: Vec<u8>,
+    timing: LayerTiming,
+    config: PipelineConfig,
+) -> (Vec<(tokio::time::Instant, Option<tokio::time::Instant>)>, Arc<Metrics>) {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let dead = crate::config::DeadLetterConfig { file: Some(dir.path().join("dl.jsonl")), ..Default::default() };
+    let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
+    let rules = "version: 1\nrules:\n  - name: t\n    table: public.t\n    redis: { keys: [\"t:{id}\"] }\n    cdn: { surrogate_keys: [\"t-{id}\"] }\n";
+    let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+    let pipeline = Pipeline::new(config, rules, sinks, dead_letters, metrics.clone()).with_layers(layers, timing);
+    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(10_000);
+    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sent = received.clone();
+    tokio::spawn(async move {
+        for id in 0..events {
+            let ack = crate::source::Ack::new(acks_tx.clone(), crate::source::Finished { stream: 0, seq: id });
+            sent.lock().unwrap().push(tokio::time::Instant::now());
+            tx.send(SourceEvent { ack, ..change(id) }).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(gap_ms)).await;
+        }
+    });
+    pipeline.run(rx, &Shutdown::never()).await.unwrap();
+    let mut acked = vec![None; events as usize];
+    while let Ok(f) = acks_rx.try_recv() {
+        acked[f.seq as usize] = Some(tokio::time::Instant::now());
+    }
+    let received = received.lock().unwrap().clone();
+    (received.into_iter().zip(acked).collect(), metrics)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_outer_layer_holds_neither_the_inner_layer_nor_the_order_nor_the_acks() {
+    // 200 events/s for 2 s; Redis confirms in 1 ms, the CDN takes 2 s per batch.
+    let (redis, cdn) = (Recording::new("redis", REDIS, 1), Recording::new("cdn", CDN, 2000));
+    let timing = LayerTiming { layer_delay: Duration::from_millis(50), ..LayerTiming::default() };
+    let sinks: Vec<Arc<dyn Sink>> = vec![redis.clone(), cdn.clone()];
+    let (events, metrics) = run_layers(400, 5, sinks, vec![0, 2], timing, pipeline_config(500, 5, 1)).await;
+
+    let (at_redis, at_cdn) = (redis.confirmed(), cdn.confirmed());
+    let cdn_started: HashMap<String, tokio::time::Instant> =
+        cdn.log.lock().unwrap().iter().map(|(i, s, _)| (i.clone(), *s)).collect();
+    for (id, (received, acked)) in events.iter().enumerate() {
+        let key = at_redis[&format!("t:{id}")];
+        assert!(key - *received <= Duration::from_millis(2), "event {id}: Redis at the pace of Redis");
+        let started = cdn_started[&format!("t-{id}")];
+        assert!(started >= key + Duration::from_millis(50), "event {id}: the CDN only after Redis + layer_delay");
+        let acked = acked.expect("every event acknowledged");
+        assert!(acked >= at_cdn[&format!("t-{id}")], "event {id}: acknowledged only after the last layer");
+    }
+    // The CDN got everything, in few, large batches (its own batching), and was never so far
+    // behind that Redis had to wait for room in its queue.
+    let cdn_calls = cdn.log.lock().unwrap().iter().map(|(_, s, _)| *s).collect::<std::collections::HashSet<_>>().len();
+    assert!(cdn_calls <= 4, "{cdn_calls} calls");
+    for layer in ["0", "2"] {
+        assert_eq!(metrics.value("cdc_invalidator_layer_queue_wait_seconds_total", &[("layer", layer)]), 0.0);
+    }
+    assert_eq!(metrics.value("cdc_invalidator_layer_queue_events", &[("layer", "2")]), 0.0, "drained");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_holds_the_layer_before_it_and_the_metrics_say_which() {
+    // The CDN layer's queue holds 50 events; the CDN takes 1 s per batch of at most 50, while
+    // 200 events/s arrive.
+    let (redis, cdn) = (Recording::new("redis", REDIS, 1), Recording::new("cdn", CDN, 1000));
+    let sinks: Vec<Arc<dyn Sink>> = vec![redis.clone(), cdn.clone()];
+    let config = PipelineConfig { queue_capacity: 50, ..pipeline_config(50, 5, 1) };
+    let (events, metrics) = run_layers(300, 5, sinks, vec![0, 2], LayerTiming::default(), config).await;
+    assert!(events.iter().all(|(_, acked)| acked.is_some()), "everything finished in the end");
+    assert_eq!(cdn.confirmed().len(), 300);
+    let waited = |layer| metrics.value("cdc_invalidator_layer_queue_wait_seconds_total", &[("layer", layer)]);
+    assert!(waited("2") > 1.0, "Redis waited for room in the CDN's queue: {}", waited("2"));
+    // Redis, held, stopped taking events: its queue filled too, and intake waited for it (and,
+    // in the daemon, the source). The outermost layer that is waited on is the one holding.
+    assert!(waited("0") > 0.0, "the hold reached intake");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_pass_repeats_every_layer_in_order_and_acknowledges_after_it() {
+    let (redis, cdn) = (Recording::new("redis", REDIS, 1), Recording::new("cdn", CDN, 10));
+    let timing = LayerTiming { repeat_after: Duration::from_millis(500), ..LayerTiming::default() };
+    let sinks: Vec<Arc<dyn Sink>> = vec![redis.clone(), cdn.clone()];
+    let (events, _) = run_layers(20, 5, sinks, vec![0, 2], timing, pipeline_config(500, 5, 1)).await;
+    let (redis_log, cdn_log) = (redis.log.lock().unwrap().clone(), cdn.log.lock().unwrap().clone());
+    for (id, (received, acked)) in events.iter().enumerate() {
+        let key = format!("t:{id}");
+        let passes: Vec<_> = redis_log.iter().filter(|(i, _, _)| *i == key).map(|(_, _, done)| *done).collect();
+        assert_eq!(passes.len(), 2, "event {id}: two passes");
+        assert!(passes[1] - *received >= Duration::from_millis(500), "event {id}: the second after repeat_after");
+        let surrogate = format!("t-{id}");
+        let cdn_passes: Vec<_> = cdn_log.iter().filter(|(i, _, _)| *i == surrogate).collect();
+        assert_eq!(cdn_passes.len(), 2, "event {id}: the CDN twice too");
+        assert!(cdn_passes[1].1 >= passes[1], "event {id}: in layer order");
+        assert!(acked.expect("acknowledged") >= cdn_passes[1].2, "event {id}: acknowledged after the second pass");
+    }
+}
+
+/// A sink that cannot work at all.
+struct Broken;
+
+#[async_trait::async_trait]
+impl Sink for Broken {
+    fn name(&self) -> &str {
+        "broken"
+    }
+
+    fn kinds(&self) -> &'static [ItemKind] {
+        CDN
+    }
+
+    async fn invalidate(&self, _: &Invalidations, _: &Shutdown) -> Result<crate::sink::SinkReport, SinkError> {
+        Err(SinkError::Fatal("no credentials".into()))
+    }
+
+    async fn ping(&self) -> bool {
+        false
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fatal_sink_error_in_an_outer_layer_stops_the_pipeline_at_once_unacknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let dead = crate::config::DeadLetterConfig { file: Some(dir.path().join("dl.jsonl")), ..Default::default() };
+    let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
+    let rules = "version: 1\nrules:\n  - name: t\n    table: public.t\n    redis: { keys: [\"t:{id}\"] }\n    cdn: { surrogate_keys: [\"t-{id}\"] }\n";
+    let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+    let redis = Recording::new("redis", REDIS, 1);
+    let sinks: Vec<Arc<dyn Sink>> = vec![redis.clone(), Arc::new(Broken)];
+    let pipeline = Pipeline::new(pipeline_config(500, 5, 1), rules, sinks, dead_letters, metrics)
+        .with_layers(vec![0, 2], LayerTiming::default());
+    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel();
+    // The source stays open (it never closes the queue): the error alone must end the run.
+    let (tx, rx) = mpsc::channel(10);
+    let ack = crate::source::Ack::new(acks_tx, crate::source::Finished { stream: 0, seq: 1 });
+    tx.send(SourceEvent { ack, ..change(1) }).await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(60), pipeline.run(rx, &Shutdown::never())).await;
+    let error = result.expect("stopped at once").expect_err("a fatal error");
+    assert!(error.to_string().contains("sink broken: no credentials"), "{error}");
+    assert_eq!(redis.confirmed().len(), 1, "Redis had done its part");
+    assert!(acks_rx.try_recv().is_err(), "nothing acknowledged");
+    drop(tx);
+}
+
+#[tokio::test(start_paused = true)]
+async fn abandoning_leaves_every_unfinished_event_unacknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let dead = crate::config::DeadLetterConfig { file: Some(dir.path().join("dl.jsonl")), ..Default::default() };
+    let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
+    let rules = "version: 1\nrules:\n  - name: t\n    table: public.t\n    redis: { keys: [\"t:{id}\"] }\n  - name: u\n    table: public.u\n    cdn: { surrogate_keys: [\"u-{id}\"] }\n";
+    let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+    // The CDN never finishes within the test.
+    let (redis, cdn) = (Recording::new("redis", REDIS, 1), Recording::new("cdn", CDN, 3_600_000));
+    let sinks: Vec<Arc<dyn Sink>> = vec![redis.clone(), cdn.clone()];
+    let pipeline = Pipeline::new(pipeline_config(500, 5, 1), rules, sinks, dead_letters, metrics)
+        .with_layers(vec![0, 2], LayerTiming::default());
+    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(10);
+    // Event 1 needs the CDN (held there); event 2 only Redis (finished, though after event 1).
+    let cdn_event = {
+        let mut e = change(1);
+        if let Ok(Decoded::Change(c)) = &mut e.decoded {
+            c.table = "public.u".into();
+        }
+        e
+    };
+    for (seq, event) in [(1, cdn_event), (2, change(2))] {
+        let ack = crate::source::Ack::new(acks_tx.clone(), crate::source::Finished { stream: 0, seq });
+        tx.send(SourceEvent { ack, ..event }).await.unwrap();
+    }
+    let (trigger, shutdown) = crate::shutdown::channel();
+    let run = tokio::spawn(async move { pipeline.run(rx, &shutdown).await });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(redis.confirmed().len(), 1, "Redis did its part at once");
+    trigger.abandon();
+    run.await.unwrap().expect("abandoning is not an error");
+    let mut acked = Vec::new();
+    while let Ok(f) = acks_rx.try_recv() {
+        acked.push(f.seq);
+    }
+    // Event 2 waits behind event 1 (units keep their order to `finish`), so neither is
+    // acknowledged: both are redelivered, nothing is lost.
+    assert!(acked.is_empty(), "{acked:?}");
+    assert!(cdn.confirmed().is_empty());
+    drop(tx);
+}
