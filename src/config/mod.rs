@@ -22,6 +22,7 @@ use crate::retry::RetryPolicy;
 
 pub mod duration;
 pub mod postgres;
+mod ranges;
 pub mod yaml;
 
 pub use postgres::PostgresConfig;
@@ -737,6 +738,7 @@ impl Config {
         if self.log.level.trim().is_empty() {
             problems.push(origin.problem(&["log", "level"], "log.level must not be empty"));
         }
+        ranges::check(self, origin, &mut problems);
         problems
     }
 }
