@@ -98,7 +98,7 @@ const INVALID: u8 = 2;
 const INCOMPLETE: u8 = 3;
 
 fn print_problems(err: &dyn std::fmt::Display) {
-    for line in err.to_string().lines() {
+    for line in crate::redact::scrub(&err.to_string()).lines() {
         eprintln!("{line}");
     }
 }
@@ -187,7 +187,7 @@ pub fn run(config_path: &Path) -> ExitCode {
         }
         Err(e) => {
             tracing::error!(error = %e, "fatal");
-            eprintln!("cdc-invalidator: {e}");
+            eprintln!("cdc-invalidator: {}", crate::redact::scrub(&e.to_string()));
             ExitCode::from(FAILED)
         }
     }

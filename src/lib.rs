@@ -30,6 +30,7 @@ pub mod cli;
 pub mod config;
 pub mod dead_letter;
 pub mod event;
+pub mod redact;
 pub mod replay;
 pub mod retry;
 pub mod rules;

@@ -20,6 +20,7 @@ use serde::Deserialize;
 
 use crate::retry::RetryPolicy;
 
+mod build;
 pub mod duration;
 pub mod postgres;
 mod ranges;
@@ -140,7 +141,16 @@ impl fmt::Debug for Scalar {
 pub struct Secret(String);
 
 impl Secret {
+    /// A secret value; registered with [`crate::redact`] so no output ever shows it.
     pub fn new(s: impl Into<String>) -> Secret {
+        let s = s.into();
+        crate::redact::register(&s);
+        Secret(s)
+    }
+
+    /// A value kept like a secret but not hidden from outputs: a librdkafka setting that is not
+    /// one (`security.protocol: SASL_SSL`), whose text errors may quote usefully.
+    pub fn plain(s: impl Into<String>) -> Secret {
         Secret(s.into())
     }
     pub fn expose(&self) -> &str {
@@ -475,7 +485,11 @@ pub fn load_with_env(path: &Path, env: impl IntoIterator<Item = (String, String)
         ConfigError::Invalid(vec![problem])
     })?;
 
-    let problems = cfg.validate(&origin);
+    let mut problems = cfg.validate(&origin);
+    if problems.is_empty() {
+        // Only a config that is valid so far: the builders assume resolved settings.
+        build::check(&cfg, &origin, &mut problems);
+    }
     if !problems.is_empty() {
         return Err(ConfigError::Invalid(problems));
     }
@@ -501,6 +515,8 @@ fn resolve_secret(
         return None;
     }
     if let Some(v) = value {
+        // Deserialized as is, so not registered yet.
+        crate::redact::register(v.expose());
         return Some(v.clone());
     }
     if let Some(var) = env {
@@ -553,11 +569,19 @@ fn resolve_passthrough(
                     problems.push(origin.problem(&here, format!("`{key}` {}: cannot read it: {e}", file.display())))
                 }
             }
-        } else {
+        } else if is_sensitive_key(key) {
             out.push((key.clone(), Secret::new(text)));
+        } else {
+            out.push((key.clone(), Secret::plain(text)));
         }
     }
     out
+}
+
+/// A librdkafka property whose value is a credential (`sasl.password`, `ssl.key.pem`,
+/// `sasl.oauthbearer.client.secret`, `sasl.jaas.config`, ...), given inline.
+fn is_sensitive_key(key: &str) -> bool {
+    ["password", "secret", "token", "pem", "jaas", "oauthbearer.config", "key"].iter().any(|w| key.contains(w))
 }
 
 /// A path relative to the config file's folder (absolute paths stay as they are).
@@ -915,7 +939,7 @@ metrics:
         let text = CORE.replace(
             "    librdkafka: {}",
             &format!(
-                "    librdkafka:\n      security.protocol: SASL_SSL\n      sasl.username_env: CDC_TEST_KAFKA_USER_7f3a\n      sasl.password_file: {}\n      fetch.wait.max.ms: 10",
+                "    librdkafka:\n      security.protocol: SASL_SSL\n      sasl.mechanisms: PLAIN\n      sasl.username_env: CDC_TEST_KAFKA_USER_7f3a\n      sasl.password_file: {}\n      fetch.wait.max.ms: 10",
                 secret.display()
             ),
         );
