@@ -12,6 +12,7 @@ mod cdn_varnish;
 mod cdn_webhook;
 mod cli;
 mod end_to_end;
+mod hardening;
 mod operator_alerts;
 mod operator_kit;
 mod operator_metrics;
