@@ -35,6 +35,25 @@ pub(super) fn check(config: &Config, origin: &Origin, problems: &mut Vec<Problem
         let client = crate::dead_letter::kafka::client_config(dl, config.source.kafka.as_ref());
         kafka::<BaseProducer>(origin, &path, &dl.librdkafka, client, problems);
     }
+    if let (Some(file), None) = (&config.dead_letter.file, &config.dead_letter.kafka) {
+        // `run` creates the file (or appends to it); what `check` can see without writing.
+        let why = if file.as_os_str().is_empty() || file.to_string_lossy().ends_with('/') {
+            Some("names no file".to_string())
+        } else if file.is_dir() {
+            Some("is a directory".to_string())
+        } else {
+            match file.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+                    Some(format!("is in {}, which is not an existing directory", dir.display()))
+                }
+                _ => None,
+            }
+        };
+        if let Some(why) = why {
+            problems
+                .push(origin.problem(&["dead_letter", "file"], format!("dead_letter.file {}: {why}", file.display())));
+        }
+    }
     // A registry of its own: building registers each sink's series.
     let metrics = Arc::new(crate::telemetry::Metrics::new());
     for (i, cdn) in config.sinks.cdn.iter().enumerate() {
