@@ -23,6 +23,7 @@ use crate::retry::RetryPolicy;
 mod build;
 pub mod duration;
 pub mod postgres;
+mod problems;
 mod ranges;
 pub mod yaml;
 
@@ -447,6 +448,13 @@ pub fn load_with_env(path: &Path, env: impl IntoIterator<Item = (String, String)
         Some(yaml::parse(&text).map_err(|e| one(Some(e.location), format!("invalid YAML: {}", e.message)))?)
     };
     let origin = Origin { file: path, doc };
+    if let Some(doc) = &origin.doc {
+        // Before the `config` crate, which reports only the first, in Rust debug output.
+        let duplicates = problems::duplicate_keys(&origin, doc);
+        if !duplicates.is_empty() {
+            return Err(ConfigError::Invalid(duplicates));
+        }
+    }
 
     let format = if is_toml { config::FileFormat::Toml } else { config::FileFormat::Yaml };
     let env_map: std::collections::HashMap<String, String> =
@@ -463,27 +471,18 @@ pub fn load_with_env(path: &Path, env: impl IntoIterator<Item = (String, String)
                 .source(Some(env_map)),
         )
         .build()
-        .map_err(|e| one(None, e.to_string()))?;
+        .map_err(|e| one(None, problems::plain_words(&e.to_string())))?;
 
-    let mut cfg: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
-        let mut path: Vec<String> = e.path().iter().map(|s| s.to_string()).collect();
-        let inner = e.into_inner();
-        let message = inner.to_string();
-        // For an unknown field, point at that key rather than its parent.
-        let unknown = message.strip_prefix("unknown field `").and_then(|m| m.split('`').next()).map(str::to_string);
-        if let Some(field) = &unknown {
-            if path.last() != Some(field) {
-                path.push(field.clone());
-            }
+    let mut cfg: Config = match serde_path_to_error::deserialize(merged.clone()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            let (first, path) = problems::from_serde(&origin, e);
+            let mut all = vec![first];
+            problems::more::<Config>(&origin, &merged, path, &mut all);
+            all.sort_by_key(|p| p.location);
+            return Err(ConfigError::Invalid(all));
         }
-        let segs: Vec<&str> = path.iter().map(String::as_str).filter(|s| *s != "?").collect();
-        let text = if segs.is_empty() { message } else { format!("{}: {message}", segs.join(".")) };
-        let mut problem = origin.problem(&segs, text);
-        if unknown.is_some() {
-            problem.location = origin.doc.as_ref().map(|d| d.locate_key(&segs));
-        }
-        ConfigError::Invalid(vec![problem])
-    })?;
+    };
 
     let mut problems = cfg.validate(&origin);
     if problems.is_empty() {
@@ -491,6 +490,8 @@ pub fn load_with_env(path: &Path, env: impl IntoIterator<Item = (String, String)
         build::check(&cfg, &origin, &mut problems);
     }
     if !problems.is_empty() {
+        // File order: the same file gives the same report, top to bottom.
+        problems.sort_by_key(|p| p.location);
         return Err(ConfigError::Invalid(problems));
     }
     Ok(cfg)
