@@ -235,3 +235,59 @@ async fn every_config_check_accepts_starts_under_run() {
     }
     assert!(accepted > 50 && rejected > 100, "accepted {accepted}, rejected {rejected}");
 }
+
+/// After an outage, the backlog starts within a second of Redis answering again, although the
+/// next retry was scheduled up to `retry.max` (20 s here) ahead: the health probe sees Redis
+/// back and wakes the waiting retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backlog_starts_within_a_second_of_redis_answering() {
+    use redis::Commands;
+    let mut redis = RedisServer::start();
+    {
+        let mut c = redis.connection();
+        for id in 1..=5 {
+            let _: () = c.set(format!("product:{id}"), "cached").unwrap();
+        }
+        let _: () = redis::cmd("SAVE").query(&mut c).unwrap();
+    }
+    redis.stop();
+    let kafka = MockKafka::start(1);
+    kafka.create_topic(TOPIC, 1);
+    for id in 1..=5 {
+        kafka.produce(TOPIC, Some(0), Some(&format!("{{\"id\":{id}}}")), Some(&product_insert(id, 1))).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let url = redis.url();
+    let setup = Setup {
+        bootstrap: &kafka.bootstrap(),
+        topics: &[TOPIC],
+        group: "recover",
+        redis_url: &url,
+        extra: "",
+        librdkafka: &[],
+    };
+    let (path, port) = write_config(dir.path(), &setup);
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("retry: { initial: 20ms, max: 250ms }", "retry: { initial: 20s, max: 20s }");
+    std::fs::write(&path, text).unwrap();
+    let daemon = crate::support::daemon::Daemon::from_config(dir.path(), &path, port);
+    let retries = || daemon.metrics.value("cdc_invalidator_sink_retries_total", &[("sink", "redis")]);
+    assert!(wait_until(Duration::from_secs(30), || retries() >= 1.0).await, "the batch fails while Redis is down");
+    // Let the retry settle into its backoff (up to 20 s).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    tokio::task::block_in_place(|| redis.restart());
+    let back = std::time::Instant::now();
+    let mut c = redis.connection();
+    let started = wait_until(Duration::from_secs(30), || !c.exists::<_, bool>("product:1").unwrap_or(true)).await;
+    let after = back.elapsed();
+    assert!(started, "the backlog never started");
+    assert!(after < Duration::from_secs(1), "the backlog started {after:?} after Redis answered");
+    assert!(
+        wait_until(Duration::from_secs(5), || (1..=5)
+            .all(|id| !c.exists::<_, bool>(format!("product:{id}")).unwrap_or(true)))
+        .await
+    );
+    daemon.stop().await.unwrap();
+}
