@@ -291,3 +291,62 @@ async fn the_backlog_starts_within_a_second_of_redis_answering() {
     );
     daemon.stop().await.unwrap();
 }
+
+/// How long a daemon restarted after kill -9 takes to invalidate a new change, against Tansu (a
+/// real broker, out of process), with a 10 s session timeout; with or without static membership.
+async fn rejoin_after_kill_9(group_instance_id: Option<&str>) -> Duration {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use redis::Commands;
+    let broker = crate::support::tansu::TansuBroker::start();
+    broker.create_topic(TOPIC, 1);
+    let redis = RedisServer::start();
+    let mut c = redis.connection();
+    let producer: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create().unwrap();
+    let produce = |id: i64| {
+        let value = product_insert(id, 1);
+        let producer = producer.clone();
+        async move {
+            let key = format!("{{\"id\":{id}}}");
+            producer.send(FutureRecord::to(TOPIC).key(&key).payload(&value), Duration::from_secs(10)).await.unwrap();
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = redis.url();
+    let bootstrap = broker.bootstrap();
+    let group = format!("rejoin-{}", group_instance_id.is_some());
+    let setup = Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: &group, redis_url: &url, extra: "", librdkafka: &[] };
+    let (config, _) = write_config(dir.path(), &setup);
+    let mut text = std::fs::read_to_string(&config).unwrap().replace("session.timeout.ms: 6000", "session.timeout.ms: 10000");
+    if let Some(id) = group_instance_id {
+        text = text.replace("    commit_interval: 100ms\n", &format!("    commit_interval: 100ms\n    group_instance_id: {id}\n"));
+    }
+    std::fs::write(&config, text).unwrap();
+
+    let _: () = c.set("product:1", "cached").unwrap();
+    produce(1).await;
+    let first = DaemonProcess::start(&config, dir.path());
+    let consumed = wait_until(Duration::from_secs(60), || !c.exists::<_, bool>("product:1").unwrap_or(true)).await;
+    assert!(consumed, "the first daemon consumes; log:\n{}", first.log_text());
+    drop(first); // SIGKILL, reaped
+
+    let _: () = c.set("product:2", "cached").unwrap();
+    let restarted = std::time::Instant::now();
+    let second = DaemonProcess::start(&config, dir.path());
+    produce(2).await;
+    let consumed = wait_until(Duration::from_secs(60), || !c.exists::<_, bool>("product:2").unwrap_or(true)).await;
+    assert!(consumed, "the restarted daemon consumes; log:\n{}", second.log_text());
+    restarted.elapsed()
+}
+
+/// kill -9, then restart: with static membership the restarted daemon takes its partition back
+/// without waiting for the dead member's session (10 s) to time out. Figures in
+/// docs/benchmarks.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_membership_rejoins_after_kill_9_without_the_session_timeout() {
+    let dynamic = rejoin_after_kill_9(None).await;
+    let fixed = rejoin_after_kill_9(Some("cdc-invalidator-0")).await;
+    eprintln!("rejoin after kill -9: dynamic membership {dynamic:?}, static membership {fixed:?}");
+    assert!(dynamic > Duration::from_secs(8), "dynamic membership waits for the session timeout: {dynamic:?}");
+    assert!(fixed < Duration::from_secs(6), "static membership does not: {fixed:?}");
+}

@@ -95,6 +95,12 @@ pub struct KafkaConfig {
     pub max_message_bytes: usize,
     #[serde(skip)]
     pub resolved_librdkafka: Vec<(String, Secret)>,
+    /// Static group membership (librdkafka `group.instance.id`): an id that stays the same
+    /// across restarts, such as a StatefulSet pod's name, or `hostname` for the host's name. A
+    /// restarted member then gets its partitions back at once instead of after
+    /// `session.timeout.ms` (docs/operations.md, "Static membership").
+    #[serde(default)]
+    pub group_instance_id: Option<String>,
 }
 
 fn default_group_id() -> String {
@@ -655,6 +661,9 @@ impl Config {
                     }
                     k.resolved_librdkafka =
                         resolve_passthrough(origin, &["source", "kafka", "librdkafka"], &k.librdkafka, &mut problems);
+                    crate::source::kafka::membership::validate(k, |path, message| {
+                        problems.push(origin.problem(path, message))
+                    });
                 }
             },
             SourceKind::Postgres => match self.source.postgres.as_mut() {
