@@ -28,12 +28,26 @@ pub(super) fn check(config: &Config, origin: &Origin, problems: &mut Vec<Problem
     }
     if let Some(k) = &config.source.kafka {
         let path = ["source", "kafka", "librdkafka"];
-        kafka::<BaseConsumer>(origin, &path, &k.librdkafka, crate::source::kafka::client_config(k), problems);
+        if let Some(consumer) =
+            kafka::<BaseConsumer>(origin, &path, &k.librdkafka, crate::source::kafka::client_config(k), problems)
+        {
+            // The subscription `run` makes (a topic_pattern is a regex librdkafka compiles).
+            let (at, topics): (&str, Vec<&str>) = match &k.topic_pattern {
+                Some(p) => ("topic_pattern", vec![p.as_str()]),
+                None => ("topics", k.topics.iter().map(String::as_str).collect()),
+            };
+            if let Err(e) = rdkafka::consumer::Consumer::subscribe(&consumer, &topics) {
+                let hint = if at == "topic_pattern" { " (is it a valid regular expression?)" } else { "" };
+                problems.push(
+                    origin.problem(&["source", "kafka", at], format!("source.kafka.{at}: {}{hint}", describe(&e))),
+                );
+            }
+        }
     }
     if let Some(dl) = &config.dead_letter.kafka {
         let path = ["dead_letter", "kafka", "librdkafka"];
         let client = crate::dead_letter::kafka::client_config(dl, config.source.kafka.as_ref());
-        kafka::<BaseProducer>(origin, &path, &dl.librdkafka, client, problems);
+        let _ = kafka::<BaseProducer>(origin, &path, &dl.librdkafka, client, problems);
     }
     if let (Some(file), None) = (&config.dead_letter.file, &config.dead_letter.kafka) {
         // `run` creates the file (or appends to it); what `check` can see without writing.
@@ -80,14 +94,14 @@ fn redis_reason(e: &redis::RedisError) -> String {
 }
 
 /// Sets every property through librdkafka's conf API one by one (so every bad one is reported,
-/// each at its own key), then creates the client with no broker to contact.
+/// each at its own key), then creates the client with no broker to contact, and returns it.
 fn kafka<T: rdkafka::config::FromClientConfig>(
     origin: &Origin,
     path: &[&str],
     given: &BTreeMap<String, Scalar>,
     client: ClientConfig,
     problems: &mut Vec<Problem>,
-) {
+) -> Option<T> {
     let mut failed = false;
     for (key, value) in client.config_map() {
         let mut one = ClientConfig::new();
@@ -98,14 +112,18 @@ fn kafka<T: rdkafka::config::FromClientConfig>(
         }
     }
     if failed {
-        return;
+        return None;
     }
     // librdkafka checks how the properties fit together only when the client is made; without
     // bootstrap servers it makes no connection.
     let mut offline = client.clone();
     offline.set("bootstrap.servers", "");
-    if let Err(e) = offline.create::<T>() {
-        problems.push(origin.problem(path, format!("{}: {}", path.join("."), describe(&e))));
+    match offline.create::<T>() {
+        Ok(client) => Some(client),
+        Err(e) => {
+            problems.push(origin.problem(path, format!("{}: {}", path.join("."), describe(&e))));
+            None
+        }
     }
 }
 
@@ -178,5 +196,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("c.yaml:9:26: source.kafka.librdkafka.fetch.wait.max.ms: Invalid value"), "{text}");
+
+        let pattern = config("redis://127.0.0.1:6379", "      fetch.wait.max.ms: 10\n")
+            .replace("    topics: [t]\n", "    topic_pattern: \"^dbz.((\"\n");
+        let text = load(&pattern);
+        assert!(text.starts_with("c.yaml:6:20: source.kafka.topic_pattern: Subscription error"), "{text}");
     }
 }
