@@ -461,7 +461,7 @@ pub fn main(config: Config, rules: Rules, options: Options) -> u8 {
             summary.exit_code()
         }
         Err(e) => {
-            eprintln!("replay: {e}");
+            eprintln!("replay: {}", crate::redact::scrub(&e.to_string()));
             FAILED
         }
     }
