@@ -248,7 +248,9 @@ fn kafka_client(config: &Config) -> Result<rdkafka::ClientConfig, ReplayError> {
         .set("group.id", "cdc-invalidator-replay")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
-        .remove("statistics.interval.ms");
+        .remove("statistics.interval.ms")
+        // Never the daemon's static identity: the same id would fence the running daemon.
+        .remove("group.instance.id");
     Ok(client)
 }
 
