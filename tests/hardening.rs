@@ -359,3 +359,46 @@ async fn static_membership_rejoins_after_kill_9_without_the_session_timeout() {
     assert!(dynamic > Duration::from_secs(9), "dynamic membership waits for the session timeout: {dynamic:?}");
     assert!(fixed + Duration::from_secs(5) < dynamic, "static membership does not: {fixed:?} vs {dynamic:?}");
 }
+
+/// Integers beyond 64 bits render exactly as written (they rendered `1.8446744073709552e19`, the
+/// wrong key); floats as before; Connect decimals as decimal strings as before. The fixture is
+/// `pg-update-no-schema.json` (tests/fixtures/debezium/README.md) with the id widened, as a
+/// NUMERIC(20,0) key arrives from a JsonConverter writing decimals as numbers, and a double
+/// column added.
+#[test]
+fn integers_beyond_64_bits_render_as_written() {
+    use cdc_invalidator::{cli::explain_message, rules::Rules};
+    let rules = Rules::parse(
+        "version: 1\nrules:\n  - name: p\n    table: public.products\n    redis:\n      keys: [\"product:{id}\", \"w:{weight}\", \"price:{price}\", \"neg:{delta}\"]\n",
+        std::path::Path::new("rules.yaml"),
+    )
+    .unwrap();
+    let fixture = |name: &str| {
+        std::fs::read_to_string(format!("{}/tests/fixtures/debezium/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    };
+    let value = fixture("pg-update-no-schema.json").replace(
+        "\"after\":{\"id\":42,",
+        "\"after\":{\"id\":18446744073709551616,\"weight\":1.50,\"delta\":-99999999999999999999,",
+    );
+    let out = explain_message(&rules, TOPIC, None, Some(value.as_bytes())).unwrap();
+    assert_eq!(
+        out.redis_keys,
+        [
+            "neg:-99999999999999999999",
+            "price:100.00",
+            "price:80.00",
+            "product:18446744073709551616",
+            "product:42",
+            "w:1.5"
+        ],
+        "{out:?}"
+    );
+    let value = fixture("pg-update-with-schema.json");
+    let rules = Rules::parse(
+        "version: 1\nrules:\n  - name: p\n    table: public.products\n    redis:\n      keys: [\"product:{id}:{price}\"]\n",
+        std::path::Path::new("rules.yaml"),
+    )
+    .unwrap();
+    let out = explain_message(&rules, TOPIC, None, Some(value.as_bytes())).unwrap();
+    assert_eq!(out.redis_keys, ["product:42:100.00", "product:42:80.00"], "{out:?}");
+}
