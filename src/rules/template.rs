@@ -412,6 +412,13 @@ impl Rendered {
     }
 }
 
+/// An integer written in full (`-`, digits), beyond what `i64`/`u64` hold.
+fn is_integer_literal(n: &serde_json::Number) -> bool {
+    let text = n.to_string();
+    let digits = text.strip_prefix('-').unwrap_or(&text);
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,11 +535,4 @@ mod tests {
         );
         assert_eq!(err(&"k".repeat(MAX_ITEM_BYTES + 1)), [TemplateError::TooLong(MAX_ITEM_BYTES + 1)]);
     }
-}
-
-/// An integer written in full (`-`, digits), beyond what `i64`/`u64` hold.
-fn is_integer_literal(n: &serde_json::Number) -> bool {
-    let text = n.to_string();
-    let digits = text.strip_prefix('-').unwrap_or(&text);
-    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
 }
