@@ -27,16 +27,28 @@ pub fn register(secret: &str) {
     if secret.chars().count() < MIN_LEN {
         return;
     }
-    let mut all = SECRETS.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if !all.iter().any(|s| s == secret) {
-        all.push(secret.to_string());
-        // Longest first, so a URL is replaced whole before the password inside it.
-        all.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    add(secret.to_string());
+    // As JSON log lines and `{:?}` print it: a password holding `"` or `\` is escaped there.
+    // Added as is, never escaped again (escaping an escaped text never ends).
+    if let Ok(quoted) = serde_json::to_string(secret) {
+        if let Some(escaped) = quoted.strip_prefix('"').and_then(|q| q.strip_suffix('"')) {
+            if escaped != secret {
+                add(escaped.to_string());
+            }
+        }
     }
-    drop(all);
     // The password inside a URL on its own: an error may quote just that part.
     if let Some(password) = url_password(secret) {
         register(password);
+    }
+}
+
+fn add(secret: String) {
+    let mut all = SECRETS.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !all.contains(&secret) {
+        all.push(secret);
+        // Longest first, so a URL is replaced whole before the password inside it.
+        all.sort_by_key(|s| std::cmp::Reverse(s.len()));
     }
 }
 
@@ -141,5 +153,7 @@ mod tests {
         assert_eq!(scrub("AUTH failed for urlpass-4f2a"), "AUTH failed for <redacted>");
         register("on");
         assert_eq!(scrub("on"), "on");
+        register("quo\"te\\pw");
+        assert_eq!(scrub(r#"{"error":"bad quo\"te\\pw"}"#), r#"{"error":"bad <redacted>"}"#);
     }
 }
