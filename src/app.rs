@@ -41,6 +41,8 @@ pub enum AppError {
 
 /// How often sinks are pinged for `/readyz` and `cdc_invalidator_sink_up`.
 const PING_INTERVAL: Duration = Duration::from_secs(2);
+/// How often a sink that is down is pinged: recovery is noticed within this.
+const DOWN_PING_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Runs the daemon until `shutdown` stops it and everything in flight is finished or abandoned.
 pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: Shutdown) -> Result<(), AppError> {
@@ -114,17 +116,27 @@ pub fn build_sinks(config: &Config, metrics: &Arc<Metrics>) -> Result<LayeredSin
 }
 
 async fn ping_sinks(sinks: Vec<Arc<dyn Sink>>, health: Arc<Health>, metrics: Arc<Metrics>, shutdown: Shutdown) {
+    let mut up_now = vec![false; sinks.len()];
+    let mut last_full = None::<tokio::time::Instant>;
     loop {
-        let mut all = true;
-        for sink in &sinks {
-            let up = tokio::time::timeout(Duration::from_secs(2), sink.ping()).await.unwrap_or(false);
-            metrics.sink_up.with_label_values(&[sink.name()]).set(up as i64);
-            all &= up;
+        // Every sink each PING_INTERVAL; a sink that is down each DOWN_PING_INTERVAL, so its
+        // return is seen (and its waiting retries woken, see `crate::retry::Recovery`) at once.
+        let full = last_full.is_none_or(|t| t.elapsed() >= PING_INTERVAL);
+        if full {
+            last_full = Some(tokio::time::Instant::now());
         }
-        health.sinks_ready.store(all, Ordering::Relaxed);
+        for (sink, up_now) in sinks.iter().zip(up_now.iter_mut()) {
+            if full || !*up_now {
+                let up = tokio::time::timeout(Duration::from_secs(2), sink.ping()).await.unwrap_or(false);
+                metrics.sink_up.with_label_values(&[sink.name()]).set(up as i64);
+                *up_now = up;
+            }
+        }
+        health.sinks_ready.store(up_now.iter().all(|u| *u), Ordering::Relaxed);
+        let wait = if up_now.iter().all(|u| *u) { PING_INTERVAL } else { DOWN_PING_INTERVAL };
         tokio::select! {
             _ = shutdown.abandoned() => return,
-            _ = tokio::time::sleep(PING_INTERVAL) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }

@@ -89,9 +89,13 @@ pub enum Command {
 const OK: u8 = 0;
 const FAILED: u8 = 1;
 const INVALID: u8 = 2;
+/// `run`: the shutdown grace period ran out and in-flight work was abandoned unacknowledged
+/// (it is redelivered on the next start). Not 0, so a supervisor can tell it from a clean drain;
+/// not 1, since nothing is broken. `replay` uses 3 alike for "done, but not everything".
+const INCOMPLETE: u8 = 3;
 
 fn print_problems(err: &dyn std::fmt::Display) {
-    for line in err.to_string().lines() {
+    for line in crate::redact::scrub(&err.to_string()).lines() {
         eprintln!("{line}");
     }
 }
@@ -155,6 +159,7 @@ pub fn run(config_path: &Path) -> ExitCode {
     let grace = config.shutdown.grace;
     let result = runtime.block_on(async move {
         let (trigger, shutdown) = shutdown::channel();
+        let abandoned = shutdown.clone();
         let metrics = Arc::new(Metrics::new());
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let signals = tokio::spawn(shutdown::on_signals(trigger, grace, async move {
@@ -164,18 +169,25 @@ pub fn run(config_path: &Path) -> ExitCode {
         let result = crate::app::run(config, rules, metrics, shutdown).await;
         let _ = done_tx.send(());
         let _ = signals.await;
-        result
+        result.map(|()| abandoned.is_abandoned())
     });
     // librdkafka threads may still be winding down; do not wait for them forever.
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     match result {
-        Ok(()) => {
+        Ok(false) => {
             tracing::info!("drained; exiting");
             ExitCode::from(OK)
         }
+        Ok(true) => {
+            tracing::warn!(
+                code = INCOMPLETE,
+                "exiting before the drain finished: abandoned work is redelivered on the next start"
+            );
+            ExitCode::from(INCOMPLETE)
+        }
         Err(e) => {
             tracing::error!(error = %e, "fatal");
-            eprintln!("cdc-invalidator: {e}");
+            eprintln!("cdc-invalidator: {}", crate::redact::scrub(&e.to_string()));
             ExitCode::from(FAILED)
         }
     }

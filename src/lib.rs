@@ -39,6 +39,7 @@ pub mod dead_letter;
 pub mod event;
 pub mod explain;
 pub mod pipeline;
+pub mod redact;
 pub mod replay;
 pub mod retry;
 pub mod rules;

@@ -247,7 +247,9 @@ fn kafka_client(config: &Config) -> Result<rdkafka::ClientConfig, ReplayError> {
         .set("group.id", "cdc-invalidator-replay")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
-        .remove("statistics.interval.ms");
+        .remove("statistics.interval.ms")
+        // Never the daemon's static identity: the same id would fence the running daemon.
+        .remove("group.instance.id");
     Ok(client)
 }
 
@@ -463,7 +465,7 @@ pub fn main(config: Config, rules: Rules, options: Options) -> u8 {
             summary.exit_code()
         }
         Err(e) => {
-            eprintln!("replay: {e}");
+            eprintln!("replay: {}", crate::redact::scrub(&e.to_string()));
             FAILED
         }
     }

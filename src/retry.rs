@@ -7,10 +7,12 @@
 //! cache must pause the pipeline (backpressure), never drop an invalidation.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
 use serde::Deserialize;
+use tokio::sync::Notify;
 
 use crate::shutdown::Shutdown;
 
@@ -77,6 +79,19 @@ pub enum RetryError<E> {
     Abandoned { attempts: u32, last: Option<E> },
 }
 
+/// Ends the backoff of every retry waiting on it: fired when the target is seen answering again
+/// (the Redis sink's health probe), so a backlog restarts at once instead of up to `retry.max`
+/// later. Cloning shares it. A `Retry-After` floor is not cut short: the server asked for it.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery(Arc<Notify>);
+
+impl Recovery {
+    /// Every retry waiting now tries again at once.
+    pub fn recovered(&self) {
+        self.0.notify_waiters();
+    }
+}
+
 /// Runs `op` until it succeeds, fails permanently, runs out of attempts or shutdown abandons it.
 ///
 /// `classify` is the caller's retriable-or-fatal split; `on_retry` is told of every failure that
@@ -84,6 +99,24 @@ pub enum RetryError<E> {
 pub async fn retry<T, E, Op, Fut, Classify, OnRetry>(
     policy: &RetryPolicy,
     shutdown: &Shutdown,
+    op: Op,
+    classify: Classify,
+    on_retry: OnRetry,
+) -> Result<T, RetryError<E>>
+where
+    Op: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    Classify: Fn(&E) -> Verdict,
+    OnRetry: FnMut(&E, u32, Duration),
+{
+    retry_with_recovery(policy, shutdown, None, op, classify, on_retry).await
+}
+
+/// [`retry`], whose backoff waits also end when `recovery` fires.
+pub async fn retry_with_recovery<T, E, Op, Fut, Classify, OnRetry>(
+    policy: &RetryPolicy,
+    shutdown: &Shutdown,
+    recovery: Option<&Recovery>,
     mut op: Op,
     classify: Classify,
     mut on_retry: OnRetry,
@@ -100,6 +133,8 @@ where
             return Err(RetryError::Abandoned { attempts: attempt, last: None });
         }
         attempt += 1;
+        // Registered before the attempt, so a recovery seen while it was failing is not missed.
+        let recovered = recovery.map(|r| r.0.notified());
         let err = tokio::select! {
             biased;
             _ = shutdown.abandoned() => return Err(RetryError::Abandoned { attempts: attempt, last: None }),
@@ -117,9 +152,16 @@ where
         }
         let wait = policy.wait(attempt, floor);
         on_retry(&err, attempt, wait);
+        let woken = async {
+            match (recovered, floor) {
+                (Some(r), None) => r.await,
+                _ => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             _ = shutdown.abandoned() => return Err(RetryError::Abandoned { attempts: attempt, last: Some(err) }),
+            _ = woken => {}
             _ = tokio::time::sleep(wait) => {}
         }
     }
@@ -264,5 +306,45 @@ mod tests {
         .await;
         assert!(matches!(out, Err(RetryError::Exhausted { attempts: 3, .. })));
         assert_eq!(calls, 3);
+    }
+
+    /// A retry waiting out a long backoff goes at once when its target is seen answering.
+    #[tokio::test(start_paused = true)]
+    async fn recovery_ends_the_backoff_at_once() {
+        let p = RetryPolicy { initial: Duration::from_secs(3600), max: Duration::from_secs(3600), max_attempts: None };
+        let recovery = Recovery::default();
+        let calls = Arc::new(AtomicU32::new(0));
+        let (r, c) = (recovery.clone(), calls.clone());
+        let task = tokio::spawn(async move {
+            retry_with_recovery(
+                &p,
+                &Shutdown::never(),
+                Some(&r),
+                || {
+                    let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                    async move {
+                        if n < 3 {
+                            Err("down")
+                        } else {
+                            Ok(n)
+                        }
+                    }
+                },
+                |_| Verdict::Retry { floor: None },
+                |_, _, _| {},
+            )
+            .await
+        });
+        // Each wait is up to an hour (the paused clock moves only in these 10 ms steps).
+        let start = tokio::time::Instant::now();
+        for target in [2, 3] {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            recovery.recovered();
+            while calls.load(Ordering::SeqCst) < target && start.elapsed() < Duration::from_secs(1) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+        assert_eq!(task.await.unwrap().unwrap(), 3);
     }
 }

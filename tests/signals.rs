@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use redis::Commands;
 
-use crate::support::daemon::{binary, http_get, wait_until, write_config, DaemonProcess, Setup};
+use crate::support::daemon::{binary, http_get, series_sum, wait_until, write_config, DaemonProcess, Setup};
 use crate::support::events::product_insert;
 use crate::support::kafka::{committed, MockKafka};
 use crate::support::redis::RedisServer;
@@ -93,4 +93,35 @@ async fn json_logs_are_one_object_per_line() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
     }
+}
+
+/// A drain that runs out of grace (Redis is down, so the batch cannot finish) exits 3, not 0:
+/// a supervisor can tell abandoned work from a clean drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_runs_out_of_grace_exits_3() {
+    let kafka = MockKafka::start(1);
+    kafka.create_topic(TOPIC, 1);
+    kafka.produce(TOPIC, None, Some("{\"id\":1}"), Some(&product_insert(1, 1))).await;
+    let bootstrap = kafka.bootstrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens there: every UNLINK is retried until shutdown abandons it.
+    let url = format!("redis://127.0.0.1:{}", crate::support::free_port());
+    let (config, port) = write_config(
+        dir.path(),
+        &Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "grace", redis_url: &url, extra: "", librdkafka: &[] },
+    );
+    let text = std::fs::read_to_string(&config).unwrap().replace("grace: 5s", "grace: 1s");
+    std::fs::write(&config, text).unwrap();
+    let mut daemon = DaemonProcess::start(&config, dir.path());
+    let retrying = wait_until(Duration::from_secs(30), || {
+        http_get(port, "/metrics")
+            .is_some_and(|(_, body)| series_sum(&body, "cdc_invalidator_sink_retries_total") > 0.0)
+    })
+    .await;
+    assert!(retrying, "daemon log:\n{}", daemon.log_text());
+    daemon.signal("TERM");
+    let (code, log) =
+        tokio::task::spawn_blocking(move || (daemon.wait(Duration::from_secs(30)), daemon.log_text())).await.unwrap();
+    assert_eq!(code, Some(3), "abandoned work is not a clean drain; log:\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
 }

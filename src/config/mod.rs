@@ -20,8 +20,11 @@ use serde::Deserialize;
 
 use crate::retry::RetryPolicy;
 
+mod build;
 pub mod duration;
 pub mod postgres;
+mod problems;
+mod ranges;
 pub mod secret;
 pub mod yaml;
 
@@ -98,6 +101,12 @@ pub struct KafkaConfig {
     pub max_message_bytes: usize,
     #[serde(skip)]
     pub resolved_librdkafka: Vec<(String, Secret)>,
+    /// Static group membership (librdkafka `group.instance.id`): an id that stays the same
+    /// across restarts, such as a StatefulSet pod's name, or `hostname` for the host's name. A
+    /// restarted member then gets its partitions back at once instead of after
+    /// `session.timeout.ms` (docs/operations.md, "Static membership").
+    #[serde(default)]
+    pub group_instance_id: Option<String>,
 }
 
 fn default_group_id() -> String {
@@ -422,6 +431,13 @@ pub fn load_with_env(path: &Path, env: impl IntoIterator<Item = (String, String)
         Some(yaml::parse(&text).map_err(|e| one(Some(e.location), format!("invalid YAML: {}", e.message)))?)
     };
     let origin = Origin { file: path, doc };
+    if let Some(doc) = &origin.doc {
+        // Before the `config` crate, which reports only the first, in Rust debug output.
+        let duplicates = problems::duplicate_keys(&origin, doc);
+        if !duplicates.is_empty() {
+            return Err(ConfigError::Invalid(duplicates));
+        }
+    }
 
     let format = if is_toml { config::FileFormat::Toml } else { config::FileFormat::Yaml };
     let env_map: std::collections::HashMap<String, String> =
@@ -438,30 +454,27 @@ pub fn load_with_env(path: &Path, env: impl IntoIterator<Item = (String, String)
                 .source(Some(env_map)),
         )
         .build()
-        .map_err(|e| one(None, e.to_string()))?;
+        .map_err(|e| one(None, problems::plain_words(&e.to_string())))?;
 
-    let mut cfg: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
-        let mut path: Vec<String> = e.path().iter().map(|s| s.to_string()).collect();
-        let inner = e.into_inner();
-        let message = inner.to_string();
-        // For an unknown field, point at that key rather than its parent.
-        let unknown = message.strip_prefix("unknown field `").and_then(|m| m.split('`').next()).map(str::to_string);
-        if let Some(field) = &unknown {
-            if path.last() != Some(field) {
-                path.push(field.clone());
-            }
+    let mut cfg: Config = match serde_path_to_error::deserialize(merged.clone()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            let (first, path) = problems::from_serde(&origin, e);
+            let mut all = vec![first];
+            problems::more::<Config>(&origin, &merged, path, &mut all);
+            all.sort_by_key(|p| p.location);
+            return Err(ConfigError::Invalid(all));
         }
-        let segs: Vec<&str> = path.iter().map(String::as_str).filter(|s| *s != "?").collect();
-        let text = if segs.is_empty() { message } else { format!("{}: {message}", segs.join(".")) };
-        let mut problem = origin.problem(&segs, text);
-        if unknown.is_some() {
-            problem.location = origin.doc.as_ref().map(|d| d.locate_key(&segs));
-        }
-        ConfigError::Invalid(vec![problem])
-    })?;
+    };
 
-    let problems = cfg.validate(&origin);
+    let mut problems = cfg.validate(&origin);
+    if problems.is_empty() {
+        // Only a config that is valid so far: the builders assume resolved settings.
+        build::check(&cfg, &origin, &mut problems);
+    }
     if !problems.is_empty() {
+        // File order: the same file gives the same report, top to bottom.
+        problems.sort_by_key(|p| p.location);
         return Err(ConfigError::Invalid(problems));
     }
     Ok(cfg)
@@ -486,6 +499,8 @@ fn resolve_secret(
         return None;
     }
     if let Some(v) = value {
+        // Deserialized as is, so not registered yet.
+        crate::redact::register(v.expose());
         return Some(v.clone());
     }
     if let Some(var) = env {
@@ -538,11 +553,19 @@ fn resolve_passthrough(
                     problems.push(origin.problem(&here, format!("`{key}` {}: cannot read it: {e}", file.display())))
                 }
             }
-        } else {
+        } else if is_sensitive_key(key) {
             out.push((key.clone(), Secret::new(text)));
+        } else {
+            out.push((key.clone(), Secret::plain(text)));
         }
     }
     out
+}
+
+/// A librdkafka property whose value is a credential (`sasl.password`, `ssl.key.pem`,
+/// `sasl.oauthbearer.client.secret`, `sasl.jaas.config`, ...), given inline.
+fn is_sensitive_key(key: &str) -> bool {
+    ["password", "secret", "token", "pem", "jaas", "oauthbearer.config", "key"].iter().any(|w| key.contains(w))
 }
 
 impl Config {
@@ -614,6 +637,9 @@ impl Config {
                     }
                     k.resolved_librdkafka =
                         resolve_passthrough(origin, &["source", "kafka", "librdkafka"], &k.librdkafka, &mut problems);
+                    crate::source::kafka::membership::validate(k, |path, message| {
+                        problems.push(origin.problem(path, message))
+                    });
                 }
             },
             SourceKind::Postgres => match self.source.postgres.as_mut() {
@@ -722,6 +748,7 @@ impl Config {
         if self.log.level.trim().is_empty() {
             problems.push(origin.problem(&["log", "level"], "log.level must not be empty"));
         }
+        ranges::check(self, origin, &mut problems);
         problems
     }
 }
@@ -898,7 +925,7 @@ metrics:
         let text = CORE.replace(
             "    librdkafka: {}",
             &format!(
-                "    librdkafka:\n      security.protocol: SASL_SSL\n      sasl.username_env: CDC_TEST_KAFKA_USER_7f3a\n      sasl.password_file: {}\n      fetch.wait.max.ms: 10",
+                "    librdkafka:\n      security.protocol: SASL_SSL\n      sasl.mechanisms: PLAIN\n      sasl.username_env: CDC_TEST_KAFKA_USER_7f3a\n      sasl.password_file: {}\n      fetch.wait.max.ms: 10",
                 secret.display()
             ),
         );

@@ -14,7 +14,16 @@ use serde::Deserialize;
 pub struct Secret(String);
 
 impl Secret {
+    /// A secret value; registered with [`crate::redact`] so no output ever shows it.
     pub fn new(s: impl Into<String>) -> Secret {
+        let s = s.into();
+        crate::redact::register(&s);
+        Secret(s)
+    }
+
+    /// A value kept like a secret but not hidden from outputs: a librdkafka setting that is not
+    /// one (`security.protocol: SASL_SSL`), whose text errors may quote usefully.
+    pub fn plain(s: impl Into<String>) -> Secret {
         Secret(s.into())
     }
     pub fn expose(&self) -> &str {

@@ -15,9 +15,12 @@ pub(super) struct FileDestination {
 
 impl FileDestination {
     pub(super) async fn open(path: &Path) -> Result<FileDestination, DeadLetterError> {
+        // 0600 when created: dead letters hold full row images (personal data, maybe secrets), so
+        // only the daemon's user may read them. An existing file keeps the mode it was given.
         let file = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(path)
             .await
             .map_err(|e| DeadLetterError::Open(format!("{}: {e}", path.display())))?;
@@ -42,5 +45,21 @@ impl FileDestination {
         // Durable before the events are acknowledged.
         file.sync_data().await.map_err(werr)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_new_dead_letter_file_is_readable_by_its_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dead-letters.jsonl");
+        let _ = FileDestination::open(&path).await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{mode:o}");
     }
 }

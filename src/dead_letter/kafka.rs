@@ -14,28 +14,35 @@ pub(super) struct KafkaDestination {
     topic: String,
 }
 
+/// The dead-letter producer's librdkafka settings: what [`KafkaDestination::new`] creates, and
+/// what the config loader builds without connecting (so `check` sees what `run` would reject).
+pub(crate) fn client_config(config: &DeadLetterKafka, source: Option<&KafkaConfig>) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    // Default to the source cluster and its security settings.
+    if let Some(s) = source {
+        c.set("bootstrap.servers", &s.brokers);
+        for (k, v) in &s.resolved_librdkafka {
+            if is_common_client_setting(k) {
+                c.set(k, v.expose());
+            }
+        }
+    }
+    if let Some(b) = &config.brokers {
+        c.set("bootstrap.servers", b);
+    }
+    c.set("acks", "all").set("enable.idempotence", "true").set("message.timeout.ms", "30000");
+    for (k, v) in &config.resolved_librdkafka {
+        c.set(k, v.expose());
+    }
+    c
+}
+
 impl KafkaDestination {
     pub(super) fn new(
         config: &DeadLetterKafka,
         source: Option<&KafkaConfig>,
     ) -> Result<KafkaDestination, DeadLetterError> {
-        let mut c = ClientConfig::new();
-        // Default to the source cluster and its security settings.
-        if let Some(s) = source {
-            c.set("bootstrap.servers", &s.brokers);
-            for (k, v) in &s.resolved_librdkafka {
-                if is_common_client_setting(k) {
-                    c.set(k, v.expose());
-                }
-            }
-        }
-        if let Some(b) = &config.brokers {
-            c.set("bootstrap.servers", b);
-        }
-        c.set("acks", "all").set("enable.idempotence", "true").set("message.timeout.ms", "30000");
-        for (k, v) in &config.resolved_librdkafka {
-            c.set(k, v.expose());
-        }
+        let c = client_config(config, source);
         let producer = c.create().map_err(|e| DeadLetterError::Open(format!("dead-letter producer: {e}")))?;
         Ok(KafkaDestination { producer, topic: config.topic.clone() })
     }

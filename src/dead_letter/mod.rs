@@ -13,7 +13,7 @@
 //! so `replay` can feed them back through the decoder exactly.
 
 mod file;
-mod kafka;
+pub(crate) mod kafka;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -74,6 +74,8 @@ impl Letter {
             }
             Position::File { line } => json!({"kind": "file", "line": line}),
         };
+        // The reason may be a CDN's answer that echoes our request headers (a token).
+        let error = crate::redact::scrub(&error).into_owned();
         let mut record = json!({
             "reason": reason.as_str(),
             "error": &error,

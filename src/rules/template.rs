@@ -379,13 +379,27 @@ impl Template {
                             push_filtered(buf, s, filters);
                         }
                         serde_json::Value::Bool(b) => push_filtered(buf, if *b { "true" } else { "false" }, filters),
-                        // serde_json prints integers as integers and floats in their shortest
-                        // round-trip form (ryu): 1.5, 1.0, 1e+21.
-                        serde_json::Value::Number(n) if filters.is_empty() => {
-                            // Writing to a String cannot fail.
-                            let _ = write!(buf, "{n}");
+                        // Integers exactly as written, however long (serde_json keeps the digits:
+                        // `arbitrary_precision`), so 18446744073709551616 is not 1.8e19; floats
+                        // in their shortest round-trip form (ryu) as before: 1.5, 1.0, 1e+21.
+                        serde_json::Value::Number(n) if filters.is_empty() => match n.as_f64() {
+                            Some(x) if !(n.is_i64() || n.is_u64() || is_integer_literal(n)) => {
+                                // Writing to a String cannot fail.
+                                let _ = write!(buf, "{}", serde_json::Value::from(x));
+                            }
+                            _ => {
+                                let _ = write!(buf, "{n}");
+                            }
+                        },
+                        serde_json::Value::Number(n) => {
+                            let text = match n.as_f64() {
+                                Some(x) if !(n.is_i64() || n.is_u64() || is_integer_literal(n)) => {
+                                    serde_json::Value::from(x).to_string()
+                                }
+                                _ => n.to_string(),
+                            };
+                            push_filtered(buf, &text, filters)
                         }
-                        serde_json::Value::Number(n) => push_filtered(buf, &n.to_string(), filters),
                         serde_json::Value::Null => return Err(fail(Why::Null)),
                         serde_json::Value::Array(_) => return Err(fail(Why::List)),
                         serde_json::Value::Object(_) => return Err(fail(Why::Object)),
@@ -416,6 +430,13 @@ impl Rendered {
             out.push(item);
         }
     }
+}
+
+/// An integer written in full (`-`, digits), beyond what `i64`/`u64` hold.
+fn is_integer_literal(n: &serde_json::Number) -> bool {
+    let text = n.to_string();
+    let digits = text.strip_prefix('-').unwrap_or(&text);
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
 #[cfg(test)]

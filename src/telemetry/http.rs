@@ -84,7 +84,12 @@ fn respond<B>(req: &Request<B>, metrics: &Metrics, health: &Health) -> Response<
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into(), "text/plain; charset=utf-8");
     }
     match req.uri().path() {
-        "/metrics" => text(StatusCode::OK, metrics.render(), "text/plain; version=0.0.4; charset=utf-8"),
+        // Labels never carry a secret by design; scrubbing is the second line of defence.
+        "/metrics" => text(
+            StatusCode::OK,
+            crate::redact::scrub(&metrics.render()).into_owned(),
+            "text/plain; version=0.0.4; charset=utf-8",
+        ),
         "/healthz" => {
             if health.alive.load(Ordering::Relaxed) {
                 text(StatusCode::OK, "ok\n".into(), "text/plain; charset=utf-8")

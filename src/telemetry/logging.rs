@@ -13,10 +13,12 @@ pub fn init(format: LogFormat, level: &str) {
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a person at a terminal: written to a file or a pipe (systemd, Docker,
-    // `2> log`) the escape codes would only garble the lines and break greps.
+    // `2> log`) the escape codes would only garble the lines and break greps. Every line is
+    // scrubbed of registered secrets (crate::redact): librdkafka and other libraries write
+    // texts we cannot review, at every level down to trace.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| crate::redact::ScrubbingWriter(std::io::stderr()))
         .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Human => builder.try_init(),

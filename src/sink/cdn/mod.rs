@@ -139,6 +139,12 @@ impl CdnSinkConfig {
         problems
     }
 
+    /// The settings every provider has, for the config's shared range checks: the retry
+    /// policy, the request timeout, and the optional verification.
+    pub(crate) fn shared_settings(&self) -> (&crate::retry::RetryPolicy, Duration, Option<&verify::VerifyConfig>) {
+        each!(self, c => (&c.retry, c.timeout, c.verify.as_ref()))
+    }
+
     /// Builds the sink (no network traffic: the daemon starts while a provider is down).
     pub fn build(&self, metrics: Arc<Metrics>) -> Result<Arc<dyn Sink>, CdnError> {
         Ok(match self {

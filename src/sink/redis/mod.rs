@@ -66,6 +66,10 @@ pub struct RedisSink {
     retry: RetryPolicy,
     script: redis::Script,
     metrics: Arc<Metrics>,
+    /// Ends the backoff of waiting retries when the health probe sees Redis answer again
+    /// after a failure (`down`), so a backlog restarts at once, not up to `retry.max` later.
+    recovery: crate::retry::Recovery,
+    down: std::sync::atomic::AtomicBool,
 }
 
 impl RedisSink {
@@ -98,6 +102,8 @@ impl RedisSink {
             retry: config.retry.clone(),
             script: fanout::script(),
             metrics,
+            recovery: Default::default(),
+            down: Default::default(),
         })
     }
 
@@ -164,6 +170,7 @@ impl RedisSink {
                 match &result {
                     Ok(_) => self.metrics.sink_up.with_label_values(&[name]).set(1),
                     Err(e) => {
+                        self.down.store(true, std::sync::atomic::Ordering::Relaxed);
                         self.metrics.sink_up.with_label_values(&[name]).set(0);
                         self.metrics.sink_errors.with_label_values(&[name, e.class().label()]).inc();
                     }
@@ -187,7 +194,8 @@ impl RedisSink {
                 }
             }
         };
-        match crate::retry::retry(&self.retry, shutdown, attempt, classify, on_retry).await {
+        let recovery = Some(&self.recovery);
+        match crate::retry::retry_with_recovery(&self.retry, shutdown, recovery, attempt, classify, on_retry).await {
             Ok(v) => Ok(v),
             Err(RetryError::Abandoned { attempts, .. }) => {
                 tracing::warn!(sink = name, attempts, "shutdown abandoned the batch before Redis confirmed it");
@@ -266,6 +274,11 @@ impl Sink for RedisSink {
             Err(_) => false,
         };
         self.metrics.sink_up.with_label_values(&[&self.name]).set(up as i64);
+        let was_down = self.down.swap(!up, std::sync::atomic::Ordering::Relaxed);
+        if up && was_down {
+            tracing::info!(sink = %self.name, "Redis answers again: waiting retries go now");
+            self.recovery.recovered();
+        }
         up
     }
 }

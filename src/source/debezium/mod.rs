@@ -240,7 +240,10 @@ impl<'a> Message<'a> {
         let invalid = |e: serde_json::Error| DecodeError::InvalidJson(e.to_string());
         let first = bytes.iter().copied().find(|b| !b.is_ascii_whitespace());
         match first {
-            None => Err(DecodeError::Empty),
+            // An empty value means what a null one means, a tombstone, in the daemon as in
+            // `explain` (tools such as kcat cannot tell the two apart, and a compacting producer
+            // may write either); dead-lettering it would make the two disagree.
+            None => Ok(Read::Null { row_schema: false }),
             Some(b'{') => {
                 let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
                 if let Some(message) = Message::read_known_envelope(text) {

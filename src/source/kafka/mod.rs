@@ -14,6 +14,7 @@
 //! - Errors from `recv()` are transient: librdkafka reconnects by itself.
 
 mod context;
+pub mod membership;
 mod tracker;
 
 use std::collections::VecDeque;
@@ -77,6 +78,9 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
         .set("statistics.interval.ms", "5000");
     for (key, value) in &config.resolved_librdkafka {
         c.set(key, value.expose());
+    }
+    if let Some(id) = membership::instance_id(config) {
+        c.set("group.instance.id", id);
     }
     c
 }

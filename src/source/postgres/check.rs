@@ -345,7 +345,8 @@ pub fn run_cli(config: &Config, rules: &Rules) -> ExitCode {
     };
     match runtime.block_on(against(pg, rules)) {
         Err(e) => {
-            eprintln!("{e}");
+            // A connection error may quote the server's answer; never a password (crate::redact).
+            eprintln!("{}", crate::redact::scrub(&e.to_string()));
             ExitCode::from(1)
         }
         Ok(report) => {
