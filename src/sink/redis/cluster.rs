@@ -17,7 +17,7 @@ use redis::cluster_routing::RoutingInfo;
 use redis::{ErrorKind, RedisError, Value};
 use tokio::sync::Mutex;
 
-use super::connection::CommandError;
+use super::connection::{item, CommandError};
 
 /// The crate's own attempts per request (MOVED/ASK redirections and reconnections included).
 const CRATE_RETRIES: u32 = 3;
@@ -96,7 +96,8 @@ impl Cluster {
         let mut connection = self.get().await?;
         let bound = self.request_bound();
         let result = match tokio::time::timeout(bound, connection.req_packed_command(cmd)).await {
-            Ok(Ok(v)) => Ok(v),
+            // An error reply may come back as a value: make it an error.
+            Ok(Ok(v)) => item(v).map_err(cluster_error),
             Ok(Err(e)) => Err(cluster_error(e)),
             Err(_) => Err(CommandError::ResponseTimeout(bound)),
         };

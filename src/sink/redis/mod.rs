@@ -40,8 +40,11 @@
 //! every round trip that deletes ends with `WAIT count timeout` *in the same pipeline*, so it
 //! runs on the same connection, right after those deletes: a round counts as done only once
 //! `count` replicas hold its deletes, and a WAIT that falls short fails the round, which is
-//! sent again whole (to whichever node holds the slot by then). In cluster mode this is on by
-//! default (`count: 1, timeout: 1s`): a failover must lose nothing. `count: 0` turns it off.
+//! sent again whole (to whichever node holds the slot by then). The pipeline also asks `ROLE`:
+//! a primary with fewer replicas connected than `count` (none, right after its own promotion)
+//! is waited for by all it has, since a replica that is not there can neither be read nor be
+//! promoted. In cluster mode this is on by default (`count: 1, timeout: 1s`): a failover must
+//! lose nothing. `count: 0` turns it off.
 //!
 //! Logs and metric labels carry the sink name, error codes and counts; never the URL (it may
 //! hold a password) nor a key.
@@ -50,7 +53,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use async_trait::async_trait;
 use futures::stream::{FuturesOrdered, StreamExt};
@@ -116,7 +119,18 @@ pub struct RedisSink {
     wait: Option<WaitReplicas>,
     /// Cluster mode: pending sets left by an earlier run have been finished.
     recovered: AtomicBool,
+    /// Replicas connected to the primary of each slot (one entry outside a cluster), as `ROLE`
+    /// last said; `wait.count` until it has said anything.
+    replicas: Vec<AtomicU32>,
     metrics: Arc<Metrics>,
+}
+
+/// What [`RedisSink::add_wait`] added to a pipeline.
+#[derive(Debug, Clone, Copy)]
+struct WaitPlan {
+    slot: u16,
+    /// Replicas asked for; 0: no WAIT, only ROLE.
+    count: u32,
 }
 
 /// A client's URL error in words that never quote the URL (it may hold a password).
@@ -167,6 +181,14 @@ impl RedisSink {
     /// Builds the sink without connecting: the daemon starts (and `/readyz` says not ready)
     /// while Redis is down. Only an unusable URL fails here.
     pub fn new(name: &str, config: &RedisConfig, metrics: Arc<Metrics>) -> Result<RedisSink, RedisSinkError> {
+        let wait = match (&config.wait_replicas, config.mode) {
+            (Some(w), _) if w.count == 0 => None,
+            (Some(w), _) => Some(w.clone()),
+            (None, RedisMode::Cluster) => Some(CLUSTER_DEFAULT_WAIT),
+            (None, _) => None,
+        };
+        // A round trip ending in WAIT may take the WAIT's timeout on top of the reply's.
+        let response_timeout = config.response_timeout + wait.as_ref().map_or(Duration::ZERO, |w| w.timeout);
         let backend = match config.mode {
             RedisMode::Standalone => {
                 let url = config.url().ok_or_else(|| RedisSinkError::InvalidUrl("no URL configured".into()))?.expose();
@@ -177,14 +199,12 @@ impl RedisSink {
                     config.response_timeout,
                 ))
             }
-            RedisMode::Sentinel => Backend::Single(Connection::new(
-                sentinel_dialer(config)?,
-                config.connect_timeout,
-                config.response_timeout,
-            )),
+            RedisMode::Sentinel => {
+                Backend::Single(Connection::new(sentinel_dialer(config)?, config.connect_timeout, response_timeout))
+            }
             RedisMode::Cluster => {
                 let nodes: Vec<String> = config.nodes.iter().map(|n| n.expose().to_string()).collect();
-                let cluster = Cluster::new(&nodes, config.connect_timeout, config.response_timeout).map_err(|e| {
+                let cluster = Cluster::new(&nodes, config.connect_timeout, response_timeout).map_err(|e| {
                     RedisSinkError::InvalidUrl(format!(
                         "sinks.redis.nodes: {:?}; expected redis://[user:password@]host:port",
                         e.kind()
@@ -192,12 +212,6 @@ impl RedisSink {
                 })?;
                 Backend::Cluster(cluster)
             }
-        };
-        let wait = match (&config.wait_replicas, config.mode) {
-            (Some(w), _) if w.count == 0 => None,
-            (Some(w), _) => Some(w.clone()),
-            (None, RedisMode::Cluster) => Some(CLUSTER_DEFAULT_WAIT),
-            (None, _) => None,
         };
         metrics.sink_up.with_label_values(&[name]).set(0);
         Ok(RedisSink {
@@ -213,28 +227,61 @@ impl RedisSink {
                 RedisMode::Cluster => fanout::cluster_script(),
                 _ => fanout::script(),
             },
+            replicas: (0..if config.mode == RedisMode::Cluster { slot::SLOTS } else { 1 })
+                .map(|_| AtomicU32::new(wait.as_ref().map_or(0, |w| w.count)))
+                .collect(),
             wait,
             recovered: AtomicBool::new(false),
             metrics,
         })
     }
 
-    /// Appends `WAIT` (when configured) to a pipeline of deletes.
-    fn add_wait(&self, pipe: &mut redis::Pipeline) {
-        if let Some(w) = &self.wait {
-            pipe.cmd("WAIT").arg(w.count).arg(w.timeout.as_millis().max(1) as u64);
+    /// Appends `WAIT` and `ROLE` (when configured) to a pipeline of deletes bound for `slot`
+    /// (0 outside a cluster). `ROLE` says how many replicas the primary has right now: one left
+    /// without replicas (its replica was just promoted away from a dead peer, or was never
+    /// there) has nobody to wait for, and nobody who could be promoted with the deleted values
+    /// either; what it says is remembered per slot, and the next WAIT asks for no more replicas
+    /// than are there (none: no WAIT, only ROLE, until one is back).
+    fn add_wait(&self, pipe: &mut redis::Pipeline, slot: u16) -> Option<WaitPlan> {
+        let w = self.wait.as_ref()?;
+        let known = self.replicas.get(slot as usize).map_or(w.count, |k| k.load(Ordering::Relaxed));
+        let count = w.count.min(known);
+        if count > 0 {
+            pipe.cmd("WAIT").arg(count).arg(w.timeout.as_millis().max(1) as u64);
         }
+        pipe.cmd("ROLE");
+        Some(WaitPlan { slot, count })
     }
 
-    /// Takes the `WAIT` reply off the end of `replies` (when configured) and checks it.
-    fn check_wait(&self, replies: &mut Vec<Value>) -> Result<(), CommandError> {
-        let Some(w) = &self.wait else { return Ok(()) };
-        match replies.pop().map(item) {
-            Some(Ok(Value::Int(n))) if n >= i64::from(w.count) => Ok(()),
-            Some(Ok(Value::Int(n))) => Err(CommandError::WaitTimeout { acked: n, wanted: w.count }),
-            Some(Err(e)) => Err(CommandError::Redis(e)),
-            other => Err(CommandError::UnexpectedReply(format!("WAIT answered {other:?}"))),
+    /// Takes the replies of what [`RedisSink::add_wait`] added off the end of `replies` and
+    /// checks that enough replicas acknowledged.
+    fn check_wait(&self, plan: Option<WaitPlan>, replies: &mut Vec<Value>) -> Result<(), CommandError> {
+        let Some(plan) = plan else { return Ok(()) };
+        let role = replies.pop().map(item);
+        let acked = if plan.count > 0 {
+            match replies.pop().map(item) {
+                Some(Ok(Value::Int(n))) => n,
+                Some(Err(e)) => return Err(CommandError::Redis(e)),
+                other => return Err(CommandError::UnexpectedReply(format!("WAIT answered {other:?}"))),
+            }
+        } else {
+            0
+        };
+        let connected = match role {
+            Some(Ok(Value::Array(fields))) => match fields.as_slice() {
+                [_, _, Value::Array(replicas)] => Some(replicas.len() as u32),
+                _ => None,
+            },
+            Some(Err(e)) => return Err(CommandError::Redis(e)),
+            _ => None,
+        };
+        if let (Some(n), Some(known)) = (connected, self.replicas.get(plan.slot as usize)) {
+            known.store(n, Ordering::Relaxed);
         }
+        if acked >= i64::from(plan.count) {
+            return Ok(());
+        }
+        Err(CommandError::WaitTimeout { acked, wanted: plan.count })
     }
 
     /// UNLINKs every key: round trip after round trip, or in cluster mode slot by slot.
@@ -249,11 +296,12 @@ impl RedisSink {
             for keys in round {
                 pipe.cmd("UNLINK").arg(*keys);
             }
-            self.add_wait(&mut pipe);
             let pipe = &pipe;
             self.with_retries(shutdown, move || async move {
-                let mut replies = connection.round_trip(pipe).await?;
-                self.check_wait(&mut replies)?;
+                let mut pipe = pipe.clone();
+                let plan = self.add_wait(&mut pipe, 0);
+                let mut replies = connection.round_trip(&pipe).await?;
+                self.check_wait(plan, &mut replies)?;
                 for reply in replies {
                     item(reply).map_err(CommandError::Redis)?;
                 }
@@ -276,15 +324,14 @@ impl RedisSink {
         for key in keys {
             by_slot.entry(slot::slot(key.as_bytes())).or_default().push(key);
         }
-        let pipes: Vec<redis::Pipeline> = by_slot
-            .values()
-            .map(|keys| {
+        let pipes: Vec<(u16, redis::Pipeline)> = by_slot
+            .iter()
+            .map(|(slot, keys)| {
                 let mut pipe = redis::pipe();
                 for chunk in keys.chunks(self.unlink_batch) {
                     pipe.cmd("UNLINK").arg(chunk);
                 }
-                self.add_wait(&mut pipe);
-                pipe
+                (*slot, pipe)
             })
             .collect();
         let done = Mutex::new(vec![false; pipes.len()]);
@@ -293,11 +340,16 @@ impl RedisSink {
             let todo: Vec<usize> = lock(done).iter().enumerate().filter(|(_, d)| !**d).map(|(i, _)| i).collect();
             let mut attempts = Vec::with_capacity(todo.len());
             for &i in &todo {
-                if let Some(pipe) = pipes.get(i) {
-                    attempts.push(self.unlink_slot(cluster, pipe));
+                if let Some((slot, pipe)) = pipes.get(i) {
+                    attempts.push(self.unlink_slot(cluster, *slot, pipe));
                 }
             }
             let results = in_flight(attempts).await;
+            if results.iter().any(|r| matches!(r, Err(CommandError::WaitTimeout { .. }))) {
+                // A primary may have lost its replica (a failover): learn every slot's replicas
+                // at once rather than one timed-out WAIT per slot.
+                self.refresh_replicas(cluster).await;
+            }
             let mut first = None;
             let mut done = lock(done);
             for (i, result) in todo.into_iter().zip(results) {
@@ -330,7 +382,7 @@ impl RedisSink {
             let fanout = &fanout;
             self.with_retries(shutdown, move || async move {
                 let mut round = lock(fanout).next_round(&self.script);
-                self.add_wait(&mut round.pipe);
+                let plan = self.add_wait(&mut round.pipe, 0);
                 let mut replies = match connection.round_trip(&round.pipe).await {
                     Ok(replies) => replies,
                     Err(e) => {
@@ -341,7 +393,7 @@ impl RedisSink {
                 // A WAIT that fell short: the round's pops happened on the primary, but were they
                 // replicated? Start over: if a failover lost them, the members are back in the set
                 // (a script's effects replicate together), and the new measure takes them again.
-                let waited = self.check_wait(&mut replies);
+                let waited = self.check_wait(plan, &mut replies);
                 let outcome = lock(fanout).apply(&round, replies);
                 if let Err(e) = waited {
                     lock(fanout).start_over();
@@ -359,10 +411,33 @@ impl RedisSink {
         Ok(fanout.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 
+    /// Cluster mode: how many replicas serve each slot now, from `CLUSTER SLOTS` (which leaves
+    /// out failed nodes). Best effort: without an answer, what `ROLE` said stays.
+    async fn refresh_replicas(&self, cluster: &Cluster) {
+        let mut cmd = redis::cmd("CLUSTER");
+        cmd.arg("SLOTS");
+        let Ok(Value::Array(ranges)) = cluster.route(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random)).await
+        else {
+            return;
+        };
+        for range in ranges {
+            let Value::Array(parts) = range else { continue };
+            let (Some(Value::Int(from)), Some(Value::Int(to))) = (parts.first(), parts.get(1)) else { continue };
+            let replicas = parts.len().saturating_sub(3) as u32;
+            for slot in (*from).max(0)..=(*to).min(slot::SLOTS as i64 - 1) {
+                if let Some(known) = self.replicas.get(slot as usize) {
+                    known.store(replicas, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
     /// One slot's pipeline of UNLINKs (and WAIT).
-    async fn unlink_slot(&self, cluster: &Cluster, pipe: &redis::Pipeline) -> Result<(), CommandError> {
-        let mut replies = cluster.pipeline(pipe).await?;
-        self.check_wait(&mut replies)?;
+    async fn unlink_slot(&self, cluster: &Cluster, slot: u16, pipe: &redis::Pipeline) -> Result<(), CommandError> {
+        let mut pipe = pipe.clone();
+        let plan = self.add_wait(&mut pipe, slot);
+        let mut replies = cluster.pipeline(&pipe).await?;
+        self.check_wait(plan, &mut replies)?;
         for reply in replies {
             item(reply).map_err(cluster_error)?;
         }
@@ -459,6 +534,10 @@ impl RedisSink {
     async fn recover_pending(&self, cluster: &Cluster, shutdown: &Shutdown) -> Result<(), SinkError> {
         if self.recovered.load(Ordering::Acquire) {
             return Ok(());
+        }
+        if self.wait.is_some() {
+            // A cluster without replicas must not pay a WAIT timeout per slot to find out.
+            self.refresh_replicas(cluster).await;
         }
         let pending = self.with_retries(shutdown, || scan_primaries(cluster)).await?;
         if !pending.is_empty() {
