@@ -360,7 +360,12 @@ impl RedisSentinel {
     pub fn start() -> RedisSentinel {
         let dir = tempfile::tempdir().expect("temp dir for sentinel");
         let data = |port: u16, extra: &[String]| -> Vec<String> {
+            // Its own --dir: a replica's full sync writes an RDB file there.
+            let node_dir = dir.path().join(port.to_string());
+            std::fs::create_dir_all(&node_dir).expect("node dir");
             let mut args: Vec<String> = [
+                "--dir",
+                &node_dir.display().to_string(),
                 "--port",
                 &port.to_string(),
                 "--bind",
