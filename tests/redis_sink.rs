@@ -597,3 +597,42 @@ async fn tls_comes_through_the_url() {
     let (plain, _) = sink(&config(&format!("redis://127.0.0.1:{}", server.port)));
     assert!(!plain.ping().await);
 }
+
+/// `wait_replicas`: while the replica is frozen, WAIT falls short; the batch is not confirmed,
+/// the shortfall is counted and retried; once the replica answers, the batch is confirmed and
+/// the replica holds the deletes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_replicas_holds_the_batch_until_a_replica_has_the_deletes() {
+    let primary = RedisServer::start();
+    let replica = RedisServer::start();
+    let mut r = replica.connection();
+    redis::cmd("REPLICAOF").arg("127.0.0.1").arg(primary.port()).exec(&mut r).unwrap();
+    let mut p = primary.connection();
+    let keys: Vec<String> = (0..50).map(|i| format!("product:{i}")).collect();
+    set_keys(&mut p, &keys);
+    let synced = (0..500).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        let n: i64 = redis::cmd("WAIT").arg(1).arg(100).query(&mut p).unwrap_or(0);
+        n == 1 && existing(&mut r, &keys) == keys.len()
+    });
+    assert!(synced, "the replica syncs");
+
+    let mut c = config(&primary.url());
+    c.wait_replicas = Some(cdc_invalidator::config::WaitReplicas { count: 1, timeout: Duration::from_millis(100) });
+    let (sink, metrics) = sink(&c);
+    replica.pause();
+    let (_trigger, shutdown) = shutdown::channel();
+    let keys_batch = Invalidations { redis_keys: keys.clone(), ..Invalidations::default() };
+    let task = spawn_invalidate(&sink, keys_batch, shutdown);
+    let counted = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        metric(&metrics, "cdc_invalidator_redis_wait_timeouts_total", &[("sink", SINK)]) >= 2.0
+    });
+    assert!(counted, "WAIT shortfalls are counted");
+    assert!(!task.is_finished(), "the batch is not confirmed while no replica has it");
+    replica.resume();
+    let report = tokio::time::timeout(Duration::from_secs(30), task).await.expect("confirmed").unwrap().unwrap();
+    assert_eq!(report.confirmed, vec![(ItemKind::RedisKey, 50)]);
+    let mut r = replica.connection();
+    assert_eq!(existing(&mut r, &keys), 0, "the replica holds the deletes");
+}

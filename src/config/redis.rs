@@ -289,3 +289,79 @@ pub(super) fn validate(targets: &mut RedisTargets, origin: &Origin, cdn_names: &
 fn url_scheme_ok(u: &str) -> bool {
     u.starts_with("redis://") || u.starts_with("rediss://")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{load_with_env, ConfigError};
+    use super::*;
+
+    const HEAD: &str = "rules: rules.yaml\nsource:\n  kind: kafka\n  kafka:\n    brokers: \"b:9092\"\n    topics: [\"t\"]\n";
+
+    fn load(sinks: &str) -> Result<super::super::Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, format!("{HEAD}sinks:\n{sinks}")).unwrap();
+        load_with_env(&path, [])
+    }
+
+    fn messages(e: ConfigError) -> String {
+        e.problems().iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n")
+    }
+
+    #[test]
+    fn a_single_object_is_the_target_named_redis() {
+        let cfg = load("  redis:\n    url: \"redis://127.0.0.1:6379\"\n").unwrap();
+        let targets = cfg.sinks.redis.as_ref().unwrap();
+        assert_eq!(targets.0.len(), 1);
+        assert_eq!(targets.target_name(), "redis");
+        assert_eq!(targets.mode, RedisMode::Standalone);
+        assert_eq!(targets.wait_replicas, None);
+    }
+
+    #[test]
+    fn a_list_names_each_target_and_takes_every_mode() {
+        let cfg = load(
+            "  redis:\n    - name: eu\n      mode: cluster\n      nodes: [\"redis://10.0.0.1:6379\", \"redis://10.0.0.2:6379\"]\n      wait_replicas: { count: 1, timeout: 50ms }\n    - name: us\n      mode: sentinel\n      sentinel: { nodes: [\"redis://10.0.1.9:26379\"], master: mymaster }\n    - name: local\n      url: \"redis://127.0.0.1:6379\"\n",
+        )
+        .unwrap();
+        let targets = cfg.sinks.redis.as_ref().unwrap();
+        let names: Vec<&str> = targets.iter().map(|t| t.target_name()).collect();
+        assert_eq!(names, ["eu", "us", "local"]);
+        assert_eq!(targets.0[0].mode, RedisMode::Cluster);
+        assert_eq!(targets.0[0].nodes.len(), 2);
+        assert_eq!(
+            targets.0[0].wait_replicas,
+            Some(WaitReplicas { count: 1, timeout: Duration::from_millis(50) })
+        );
+        assert_eq!(targets.0[1].sentinel.as_ref().unwrap().master, "mymaster");
+    }
+
+    #[test]
+    fn listed_targets_need_unique_names() {
+        let e = load("  redis:\n    - url: \"redis://a:6379\"\n    - name: x\n      url: \"redis://b:6379\"\n    - name: x\n      url: \"redis://c:6379\"\n")
+            .unwrap_err();
+        let text = messages(e);
+        assert!(text.contains("sinks.redis[0] needs a `name`"), "{text}");
+        assert!(text.contains("the sink name \"x\" is used twice"), "{text}");
+        assert!(text.contains("c.yaml:"), "{text}");
+    }
+
+    #[test]
+    fn each_mode_needs_its_own_settings() {
+        let text = messages(load("  redis:\n    mode: cluster\n").unwrap_err());
+        assert!(text.contains("mode: cluster needs `nodes`"), "{text}");
+        let text = messages(load("  redis:\n    mode: sentinel\n").unwrap_err());
+        assert!(text.contains("mode: sentinel needs `sentinel"), "{text}");
+        let text =
+            messages(load("  redis:\n    url: \"redis://a:1\"\n    nodes: [\"redis://b:1\"]\n").unwrap_err());
+        assert!(text.contains("need mode: cluster or mode: sentinel"), "{text}");
+        let text = messages(
+            load("  redis:\n    mode: cluster\n    nodes: [\"http://b:1\"]\n    wait_replicas: { count: 500 }\n")
+                .unwrap_err(),
+        );
+        assert!(text.contains("nodes[0] must start with redis://"), "{text}");
+        assert!(text.contains("wait_replicas.count must be between 0 (off) and 100"), "{text}");
+        let text = messages(load("  redis: []\n").unwrap_err());
+        assert!(text.contains("empty list"), "{text}");
+    }
+}

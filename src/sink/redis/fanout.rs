@@ -21,7 +21,7 @@
 //!
 //! A writer that keeps tagging faster than we pop must not keep us here forever, so per tag we
 //! pop at most the set's size when first seen plus one chunk. Members added after that stay in
-//! the set, tracked for the next invalidation of the tag. But SPOP picks at random, so when the
+//! the set, tracked for the next invalidation of the tag. But the pop picks at random, so when the
 //! bound stops us with members left, some of those can be *old* ones (a simulation with 20,000
 //! members, 50 per call and a writer adding one member per call left about 320 old members):
 //! stale values nobody would invalidate. So the pop phase is followed, only in that case, by one
@@ -89,7 +89,7 @@ pub(super) fn pending_key(tag_key: &str) -> String {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
-    /// SPOP chunks until the set is gone or `budget` members were popped in this phase. The
+    /// Pop chunks until the set is gone or `budget` members were popped in this phase. The
     /// budget (the set's size plus one chunk) is `None` until the first reply measures it.
     Pop { popped: u64, budget: Option<u64> },
     /// One SSCAN walk, resumed from `cursor`, for at most `calls_left` more calls.
@@ -294,7 +294,7 @@ impl Fanout {
                 let limit = *budget.get_or_insert(*popped + before + chunk);
                 *popped += taken;
                 if *popped >= limit || taken == 0 {
-                    // Members are left, and some may be old ones SPOP did not pick: walk them.
+                    // Members are left, and some may be old ones the pop did not pick: walk them.
                     let calls = SWEEP_CALLS_PER_CHUNK * limit.div_ceil(chunk) + SWEEP_SPARE_CALLS;
                     *phase = Phase::Sweep { cursor: "0".into(), calls_left: calls };
                 }

@@ -15,8 +15,11 @@
 //!   failed round trip always dials again (see `connection.rs`).
 //!
 //! Nothing here ever writes a cached value: the only commands sent are UNLINK, PING, SCRIPT
-//! LOAD and EVALSHA of the fan-out script (which runs TYPE, SCARD, SPOP, SSCAN, SREM and UNLINK;
-//! the only things it changes are tag sets, by removing members, and the keys it unlinks).
+//! LOAD and EVALSHA of the fan-out script (which runs TYPE, SCARD, SRANDMEMBER, SSCAN, SREM and
+//! UNLINK, or in cluster mode SADD to a pending set instead of UNLINK), WAIT and ROLE (with
+//! `wait_replicas`), and in cluster mode SREM, SRANDMEMBER and SCAN on pending sets and CLUSTER
+//! SLOTS. The only things changed are tag sets and pending sets (members moved or removed) and
+//! the keys unlinked.
 //!
 //! # Deployments (`sinks.redis.mode`)
 //!

@@ -18,6 +18,11 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Problems with the deployments the config names, one per target that is not what its `mode`
 /// says. Runs its own small runtime: called before the daemon's.
 pub fn check(config_path: &Path, config: &Config) -> Vec<Problem> {
+    // On a thread of its own: a caller already inside a runtime could not block on another.
+    std::thread::scope(|s| s.spawn(|| check_here(config_path, config)).join().unwrap_or_default())
+}
+
+fn check_here(config_path: &Path, config: &Config) -> Vec<Problem> {
     let Some(targets) = &config.sinks.redis else { return Vec::new() };
     let listed = targets.0.len() > 1 || targets.0.first().is_some_and(|t| t.name.is_some());
     let wanted: Vec<(usize, &RedisConfig)> =
