@@ -138,6 +138,37 @@ async fn cluster_failover_mid_stream_leaves_nothing_undeleted() {
     );
 }
 
+/// Slots not covered (a primary and its replica both down): the batch is held, retried and
+/// counted, never reported done; once the nodes are back it is confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_with_uncovered_slots_holds_the_batch() {
+    let mut cluster = RedisCluster::start(3);
+    let primary = cluster.master_of("product:1");
+    let replicas = cluster.replicas_of(primary);
+    assert_eq!(replicas.len(), 1);
+    let keys: Vec<String> = (0..300).map(|i| format!("product:{i}")).collect();
+    let (sink, metrics) = sink("cluster", &cluster_config(&cluster));
+    let (_trigger, shutdown) = shutdown::channel();
+    sink.invalidate(&batch(&keys[..1], &[]), &shutdown).await.expect("connected");
+    cluster.kill(replicas[0]);
+    cluster.kill(primary);
+    let task = {
+        let (sink, work) = (sink.clone(), batch(&keys, &[]));
+        tokio::spawn(async move { sink.invalidate(&work, &shutdown).await })
+    };
+    let retried = wait_until(Duration::from_secs(30), || {
+        metrics.value("cdc_invalidator_sink_retries_total", &[("sink", "cluster")]) >= 3.0
+    })
+    .await;
+    assert!(retried, "the batch is retried while slots are not served");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!task.is_finished(), "nothing is reported done while slots are not served");
+    cluster.restart(primary);
+    cluster.restart(replicas[0]);
+    let result = tokio::time::timeout(Duration::from_secs(90), task).await.expect("confirmed once back").unwrap();
+    assert!(result.is_ok(), "{result:?}");
+}
+
 /// Pending sets a crashed run left (members moved out of a tag set, not yet unlinked) are
 /// finished by the next start, before its first batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -295,7 +295,8 @@ mod tests {
     use super::super::{load_with_env, ConfigError};
     use super::*;
 
-    const HEAD: &str = "rules: rules.yaml\nsource:\n  kind: kafka\n  kafka:\n    brokers: \"b:9092\"\n    topics: [\"t\"]\n";
+    const HEAD: &str =
+        "rules: rules.yaml\nsource:\n  kind: kafka\n  kafka:\n    brokers: \"b:9092\"\n    topics: [\"t\"]\n";
 
     fn load(sinks: &str) -> Result<super::super::Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
@@ -329,10 +330,7 @@ mod tests {
         assert_eq!(names, ["eu", "us", "local"]);
         assert_eq!(targets.0[0].mode, RedisMode::Cluster);
         assert_eq!(targets.0[0].nodes.len(), 2);
-        assert_eq!(
-            targets.0[0].wait_replicas,
-            Some(WaitReplicas { count: 1, timeout: Duration::from_millis(50) })
-        );
+        assert_eq!(targets.0[0].wait_replicas, Some(WaitReplicas { count: 1, timeout: Duration::from_millis(50) }));
         assert_eq!(targets.0[1].sentinel.as_ref().unwrap().master, "mymaster");
     }
 
@@ -352,8 +350,7 @@ mod tests {
         assert!(text.contains("mode: cluster needs `nodes`"), "{text}");
         let text = messages(load("  redis:\n    mode: sentinel\n").unwrap_err());
         assert!(text.contains("mode: sentinel needs `sentinel"), "{text}");
-        let text =
-            messages(load("  redis:\n    url: \"redis://a:1\"\n    nodes: [\"redis://b:1\"]\n").unwrap_err());
+        let text = messages(load("  redis:\n    url: \"redis://a:1\"\n    nodes: [\"redis://b:1\"]\n").unwrap_err());
         assert!(text.contains("need mode: cluster or mode: sentinel"), "{text}");
         let text = messages(
             load("  redis:\n    mode: cluster\n    nodes: [\"http://b:1\"]\n    wait_replicas: { count: 500 }\n")

@@ -328,6 +328,24 @@ impl RedisCluster {
         node.kill();
     }
 
+    /// Starts a killed node again with its own `nodes.conf`: it rejoins the cluster (a former
+    /// primary whose replica took over comes back as a replica).
+    pub fn restart(&mut self, port: u16) {
+        let node = self.nodes.iter_mut().find(|n| n.port == port).expect("a node of this cluster");
+        node.kill();
+        node.spawn();
+    }
+
+    /// The replica ports of the primary `port`, as it reports them.
+    pub fn replicas_of(&self, port: u16) -> Vec<u16> {
+        let node = self.nodes.iter().find(|n| n.port == port).expect("a node of this cluster");
+        let info: String = redis::cmd("INFO").arg("replication").query(&mut node.connection()).unwrap_or_default();
+        info.lines()
+            .filter(|l| l.starts_with("slave") && l.contains("port="))
+            .filter_map(|l| l.split("port=").nth(1)?.split(',').next()?.parse().ok())
+            .collect()
+    }
+
     /// A blocking cluster client for setting up and checking data.
     pub fn client(&self) -> redis::cluster::ClusterConnection {
         let live: Vec<String> =

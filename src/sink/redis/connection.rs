@@ -29,7 +29,7 @@ pub(super) enum Dialer {
     /// Asked again at every dial: after a failover the old primary answers `READONLY` (or not
     /// at all), the round trip fails, the connection is discarded, and the next dial asks the
     /// sentinels, which name the promoted replica.
-    Sentinel(Box<Mutex<redis::sentinel::SentinelClient>>),
+    Sentinel(Mutex<redis::sentinel::SentinelClient>),
 }
 
 impl Dialer {

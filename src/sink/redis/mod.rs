@@ -177,7 +177,7 @@ fn sentinel_dialer(config: &RedisConfig) -> Result<Dialer, RedisSinkError> {
         redis::sentinel::SentinelServerType::Master,
     )
     .map_err(|e| RedisSinkError::InvalidUrl(format!("sinks.redis.sentinel: {:?}", e.kind())))?;
-    Ok(Dialer::Sentinel(Box::new(tokio::sync::Mutex::new(client))))
+    Ok(Dialer::Sentinel(tokio::sync::Mutex::new(client)))
 }
 
 impl RedisSink {
