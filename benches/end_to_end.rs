@@ -13,7 +13,8 @@
 //! Knobs: BENCH_PARTS (b, c), BENCH_EVENTS, BENCH_C_BROKERS (mock,tansu), BENCH_DAEMON
 //! (process, in_process), BENCH_FETCH_WAIT_MS, BENCH_STATS_MS, BENCH_DAEMON_EXTRA, BENCH_REF_EXTRA,
 //! BENCH_REF_SECONDS, BENCH_COMMIT_INTERVAL, BENCH_REDIS (standalone, or cluster: a private
-//! 3-primary/3-replica Redis Cluster, `mode: cluster`, WAIT 1 per slot pipeline by default).
+//! 3-primary/3-replica Redis Cluster, `mode: cluster`, WAIT 1 per slot pipeline by default;
+//! cluster_nowait: the same with `wait_replicas: { count: 0 }`).
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -253,7 +254,14 @@ impl UnderTest {
         let text = match CLUSTER_NODES.get() {
             Some(nodes) => text.replace(
                 &format!("    url: \"{}\"\n", setup.redis_url),
-                &format!("    mode: cluster\n    nodes: [{nodes}]\n"),
+                &format!(
+                    "    mode: cluster\n    nodes: [{nodes}]\n{}",
+                    if std::env::var("BENCH_REDIS").as_deref() == Ok("cluster_nowait") {
+                        "    wait_replicas: { count: 0 }\n"
+                    } else {
+                        ""
+                    }
+                ),
             ),
             None => text,
         };
@@ -331,7 +339,7 @@ async fn main() {
     let url = redis.url();
     let p = producer(&bootstrap);
     let _cluster = match std::env::var("BENCH_REDIS").as_deref() {
-        Ok("cluster") => {
+        Ok("cluster" | "cluster_nowait") => {
             let cluster = support::redis::RedisCluster::start(3);
             let nodes = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", ");
             println!("Redis: a private 3-primary/3-replica cluster (mode: cluster)");
