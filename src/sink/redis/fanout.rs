@@ -478,6 +478,42 @@ mod tests {
     }
 
     #[test]
+    fn a_pending_set_shares_its_tag_sets_slot() {
+        use super::super::slot::slot;
+        for key in ["tag:category:5", "tag:{user1}:x", "tag:a{}b", "tag:}{x", "tag:{", "t:\u{e9}t\u{e9}"] {
+            let pending = pending_key(key);
+            assert!(pending.starts_with(PENDING_PREFIX) && pending.ends_with(key), "{pending}");
+            assert_eq!(slot(pending.as_bytes()), slot(key.as_bytes()), "{key}");
+        }
+    }
+
+    #[test]
+    fn cluster_calls_name_the_pending_set_and_replies_carry_the_members() {
+        let script = cluster_script();
+        let mut f = Fanout::new("tag:", &["t".to_string()], 10, true);
+        let r = f.next_round(&script);
+        let call = r.pipe.cmd_iter().next().expect("one call");
+        let args: Vec<String> = call
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                _ => "?".into(),
+            })
+            .collect();
+        assert_eq!(&args[2..5], ["2", "tag:t", pending_key("tag:t").as_str()]);
+        let members = Value::Array(vec![Value::BulkString(b"k1".to_vec()), Value::BulkString(b"k2".to_vec())]);
+        let mut reply = match reply(2, 2, 0, "0") {
+            Value::Array(v) => v,
+            _ => unreachable!(),
+        };
+        reply.push(members);
+        let out = f.apply(&r, vec![Value::Array(reply)]);
+        assert!(out.error.is_none());
+        assert_eq!(out.moved, vec![(pending_key("tag:t"), vec!["k1".to_string(), "k2".to_string()])]);
+        assert!(f.is_finished());
+    }
+
+    #[test]
     fn nonsense_replies_are_errors() {
         let script = script();
         let mut f = Fanout::new("tag:", &["t".to_string()], 10, false);
