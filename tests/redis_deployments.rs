@@ -247,8 +247,8 @@ async fn standalone_fanout_on_a_cluster_node_keeps_the_tag_set_whole() {
     }
 }
 
-/// Issue 10 item 0: `check` (and so `run`) refuses a cluster node behind mode: standalone with
-/// exit 2 and one sentence naming the setting.
+/// Issue 10 item 0: `check` and `run` refuse a cluster node behind mode: standalone with exit 2
+/// and one sentence naming the setting.
 #[test]
 fn check_refuses_a_cluster_behind_mode_standalone() {
     let cluster = RedisCluster::start(3);
@@ -275,6 +275,16 @@ fn check_refuses_a_cluster_behind_mode_standalone() {
     assert!(stderr.contains("config.yaml:"), "names the file and line: {stderr}");
     assert!(stderr.contains("set mode: cluster"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // `run` refuses it the same way, before starting anything.
+    let out = std::process::Command::new(crate::support::daemon::binary())
+        .arg("run")
+        .arg("-c")
+        .arg(&config)
+        .output()
+        .expect("run run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("set mode: cluster"), "{stderr}");
 
     // The same file with mode: cluster and the nodes passes.
     let text = std::fs::read_to_string(&config).unwrap().replace(
