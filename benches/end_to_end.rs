@@ -12,7 +12,9 @@
 //! `cargo bench --bench end_to_end` (needs TANSU_BIN or scripts/install-deps.sh first).
 //! Knobs: BENCH_PARTS (b, c), BENCH_EVENTS, BENCH_C_BROKERS (mock,tansu), BENCH_DAEMON
 //! (process, in_process), BENCH_FETCH_WAIT_MS, BENCH_STATS_MS, BENCH_DAEMON_EXTRA, BENCH_REF_EXTRA,
-//! BENCH_REF_SECONDS, BENCH_COMMIT_INTERVAL.
+//! BENCH_REF_SECONDS, BENCH_COMMIT_INTERVAL, BENCH_REDIS (standalone, or cluster: a private
+//! 3-primary/3-replica Redis Cluster, `mode: cluster`, WAIT 1 per slot pipeline by default;
+//! cluster_nowait: the same with `wait_replicas: { count: 0 }`).
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -29,6 +31,9 @@ use support::redis::RedisServer;
 use support::tansu::TansuBroker;
 
 static SEND_ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// BENCH_REDIS=cluster: the cluster's seed URLs, quoted and comma-separated, for the config.
+static CLUSTER_NODES: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn producer(bootstrap: &str) -> FutureProducer {
     ClientConfig::new()
@@ -246,6 +251,20 @@ impl UnderTest {
         let interval = std::env::var("BENCH_COMMIT_INTERVAL").unwrap_or_else(|_| "1s".into());
         let text = std::fs::read_to_string(&config).expect("read config");
         let text = text.replace("commit_interval: 100ms", &format!("commit_interval: {interval}"));
+        let text = match CLUSTER_NODES.get() {
+            Some(nodes) => text.replace(
+                &format!("    url: \"{}\"\n", setup.redis_url),
+                &format!(
+                    "    mode: cluster\n    nodes: [{nodes}]\n{}",
+                    if std::env::var("BENCH_REDIS").as_deref() == Ok("cluster_nowait") {
+                        "    wait_replicas: { count: 0 }\n"
+                    } else {
+                        ""
+                    }
+                ),
+            ),
+            None => text,
+        };
         std::fs::write(&config, text).expect("write config");
         match std::env::var("BENCH_DAEMON").as_deref() {
             Ok("in_process") => UnderTest::InProcess(Daemon::from_config(dir, &config, port)),
@@ -319,6 +338,16 @@ async fn main() {
     let redis = RedisServer::start();
     let url = redis.url();
     let p = producer(&bootstrap);
+    let _cluster = match std::env::var("BENCH_REDIS").as_deref() {
+        Ok("cluster" | "cluster_nowait") => {
+            let cluster = support::redis::RedisCluster::start(3);
+            let nodes = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", ");
+            println!("Redis: a private 3-primary/3-replica cluster (mode: cluster)");
+            let _ = CLUSTER_NODES.set(nodes);
+            Some(cluster)
+        }
+        _ => None,
+    };
 
     let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "bc".into());
 

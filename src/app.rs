@@ -104,8 +104,10 @@ pub type LayeredSinks = (Vec<u8>, Vec<Arc<dyn Sink>>);
 /// within a layer; with each sink's layer. Shared by `run` and `replay`.
 pub fn build_sinks(config: &Config, metrics: &Arc<Metrics>) -> Result<LayeredSinks, AppError> {
     let mut layered: Vec<(u8, Arc<dyn Sink>)> = Vec::new();
-    if let Some(redis) = &config.sinks.redis {
-        let sink = RedisSink::new("redis", redis, metrics.clone()).map_err(|e| AppError::Sink(e.to_string()))?;
+    // One sink per named Redis target: each gets every Redis invalidation.
+    for redis in config.sinks.redis.iter().flat_map(|targets| targets.iter()) {
+        let sink =
+            RedisSink::new(redis.target_name(), redis, metrics.clone()).map_err(|e| AppError::Sink(e.to_string()))?;
         layered.push((0, Arc::new(sink)));
     }
     for cdn in &config.sinks.cdn {

@@ -114,6 +114,11 @@ fn load(config_path: &Path) -> Result<(Config, Rules), u8> {
             None
         }
     };
+    // A Redis deployment that contradicts sinks.redis.mode (a cluster behind mode: standalone).
+    for problem in config.as_ref().map(|c| crate::sink::redis::preflight::check(config_path, c)).unwrap_or_default() {
+        print_problems(&problem);
+        failed = true;
+    }
     let rules = match &config {
         Some(c) => match Rules::from_file(&c.rules) {
             Ok(r) => Some(r),

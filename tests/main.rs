@@ -21,6 +21,7 @@ mod operator_reload;
 mod operator_replay;
 mod pipeline;
 mod postgres;
+mod redis_deployments;
 mod redis_sink;
 mod signals;
 mod tansu_smoke;

@@ -161,9 +161,10 @@ async fn a_200k_member_tag_is_invalidated_in_bounded_chunks() {
     let dbsize: u64 = redis::cmd("DBSIZE").query(&mut con).expect("DBSIZE");
     assert_eq!(dbsize, 0, "every member and the set are gone");
     assert_eq!(unlinked_members(&metrics), 200_000.0);
-    // SPOP takes at most its count, and each call asked for at most 1000: 200,000 members need
-    // at least 200 calls, and the loop stopped as soon as the set was empty.
-    assert_eq!(server.command_calls("spop"), 200);
+    // SRANDMEMBER takes at most its count, and each call asked for at most 1000: 200,000
+    // members need at least 200 calls, and the loop stopped as soon as the set was empty.
+    assert_eq!(server.command_calls("srandmember"), 200);
+    assert_eq!(server.command_calls("spop"), 0, "members leave the set only after their UNLINK");
     // The 200 chunks, and the very first call, which found the script not loaded yet.
     assert_eq!(server.command_calls("evalsha"), 201);
     assert_eq!(server.command_calls("sscan"), 0, "no sweep without concurrent writers");
@@ -234,8 +235,8 @@ async fn concurrent_tagging_never_orphans_a_key_nor_spares_an_old_one() {
     }
     assert!(orphans.is_empty(), "cached but no longer tagged: {orphans:?}");
     eprintln!(
-        "{during} members tagged during the fan-out; {} SPOP and {} SSCAN calls",
-        server.command_calls("spop"),
+        "{during} members tagged during the fan-out; {} SRANDMEMBER and {} SSCAN calls",
+        server.command_calls("srandmember"),
         server.command_calls("sscan")
     );
 }
@@ -593,4 +594,43 @@ async fn tls_comes_through_the_url() {
     // Plain redis:// to a TLS port is never ready.
     let (plain, _) = sink(&config(&format!("redis://127.0.0.1:{}", server.port)));
     assert!(!plain.ping().await);
+}
+
+/// `wait_replicas`: while the replica is frozen, WAIT falls short; the batch is not confirmed,
+/// the shortfall is counted and retried; once the replica answers, the batch is confirmed and
+/// the replica holds the deletes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_replicas_holds_the_batch_until_a_replica_has_the_deletes() {
+    let primary = RedisServer::start();
+    let replica = RedisServer::start();
+    let mut r = replica.connection();
+    redis::cmd("REPLICAOF").arg("127.0.0.1").arg(primary.port()).exec(&mut r).unwrap();
+    let mut p = primary.connection();
+    let keys: Vec<String> = (0..50).map(|i| format!("product:{i}")).collect();
+    set_keys(&mut p, &keys);
+    let synced = (0..500).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        let n: i64 = redis::cmd("WAIT").arg(1).arg(100).query(&mut p).unwrap_or(0);
+        n == 1 && existing(&mut r, &keys) == keys.len()
+    });
+    assert!(synced, "the replica syncs");
+
+    let mut c = config(&primary.url());
+    c.wait_replicas = Some(cdc_invalidator::config::WaitReplicas { count: 1, timeout: Duration::from_millis(100) });
+    let (sink, metrics) = sink(&c);
+    replica.pause();
+    let (_trigger, shutdown) = shutdown::channel();
+    let keys_batch = Invalidations::of(ItemKind::RedisKey, keys.clone());
+    let task = spawn_invalidate(&sink, keys_batch, shutdown);
+    let counted = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        metric(&metrics, "cdc_invalidator_redis_wait_timeouts_total", &[("sink", SINK)]) >= 2.0
+    });
+    assert!(counted, "WAIT shortfalls are counted");
+    assert!(!task.is_finished(), "the batch is not confirmed while no replica has it");
+    replica.resume();
+    let report = tokio::time::timeout(Duration::from_secs(30), task).await.expect("confirmed").unwrap().unwrap();
+    assert_eq!(report.confirmed, vec![(ItemKind::RedisKey, 50)]);
+    let mut r = replica.connection();
+    assert_eq!(existing(&mut r, &keys), 0, "the replica holds the deletes");
 }

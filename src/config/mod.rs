@@ -25,12 +25,14 @@ pub mod duration;
 pub mod postgres;
 mod problems;
 mod ranges;
+pub mod redis;
 pub mod secret;
 pub mod yaml;
 
 pub use secret::{relative_to, Secret};
 
 pub use postgres::PostgresConfig;
+pub use redis::{RedisMode, RedisTargets, SentinelConfig, WaitReplicas};
 
 pub use yaml::Location;
 
@@ -151,7 +153,8 @@ impl fmt::Debug for Scalar {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinksConfig {
-    pub redis: Option<RedisConfig>,
+    /// One Redis target, or a list of named ones (`config/redis.rs`).
+    pub redis: Option<RedisTargets>,
     /// HTTP caches and CDNs, each named (docs/cdn.md).
     #[serde(default)]
     pub cdn: Vec<crate::sink::cdn::CdnSinkConfig>,
@@ -209,6 +212,18 @@ pub struct RedisConfig {
     pub connect_timeout: Duration,
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// The target's name (metric label, log field); required in the list form, `redis` otherwise.
+    pub name: Option<String>,
+    /// standalone (default), cluster or sentinel.
+    #[serde(default)]
+    pub mode: RedisMode,
+    /// Cluster seed nodes (`mode: cluster`); may carry credentials, so secrets.
+    #[serde(default)]
+    pub nodes: Vec<Secret>,
+    /// Sentinels and the master's name (`mode: sentinel`).
+    pub sentinel: Option<SentinelConfig>,
+    /// `WAIT count timeout` after each batch (docs/design.md: the async replication gap).
+    pub wait_replicas: Option<WaitReplicas>,
     /// The resolved URL (from `url`, `url_env` or `url_file`), filled by validation.
     #[serde(skip)]
     pub resolved_url: Option<Secret>,
@@ -243,8 +258,18 @@ impl RedisConfig {
             response_timeout: default_response_timeout(),
             connect_timeout: default_connect_timeout(),
             retry: RetryPolicy::default(),
+            name: None,
+            mode: RedisMode::Standalone,
+            nodes: Vec::new(),
+            sentinel: None,
+            wait_replicas: None,
             resolved_url: Some(Secret::new(url)),
         }
+    }
+
+    /// The target's name: a metric label and log field.
+    pub fn target_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(redis::DEFAULT_TARGET_NAME)
     }
 
     /// The connection URL (validation resolves it; `None` only for an unvalidated config).
@@ -656,43 +681,9 @@ impl Config {
             None => {
                 problems.push(origin.problem(&["sinks"], "sinks needs at least one sink: add sinks.redis or sinks.cdn"))
             }
-            Some(r) => {
-                r.resolved_url = resolve_secret(
-                    origin,
-                    &["sinks", "redis", "url"],
-                    r.url.as_ref(),
-                    r.url_env.as_deref(),
-                    r.url_file.as_deref(),
-                    &mut problems,
-                );
-                if let Some(url) = &r.resolved_url {
-                    let u = url.expose();
-                    if !(u.starts_with("redis://")
-                        || u.starts_with("rediss://")
-                        || u.starts_with("redis+unix://")
-                        || u.starts_with("unix://"))
-                    {
-                        // Never echo the URL: it may hold a password.
-                        problems.push(origin.problem(
-                            &["sinks", "redis", "url"],
-                            "sinks.redis.url must start with redis://, rediss:// (TLS) or unix://",
-                        ));
-                    }
-                }
-                if r.tag_prefix.is_empty() {
-                    problems.push(origin.problem(
-                        &["sinks", "redis", "tag_prefix"],
-                        "sinks.redis.tag_prefix must not be empty (tag sets would collide with cache keys)",
-                    ));
-                }
-                for (field, v, max) in [("unlink_batch", r.unlink_batch, 100_000), ("tag_chunk", r.tag_chunk, 5_000)] {
-                    if v == 0 || v > max {
-                        problems.push(origin.problem(
-                            &["sinks", "redis", field],
-                            format!("sinks.redis.{field} must be between 1 and {max}"),
-                        ));
-                    }
-                }
+            Some(targets) => {
+                let cdn_names: Vec<String> = self.sinks.cdn.iter().map(|c| c.name().to_string()).collect();
+                redis::validate(targets, origin, &cdn_names, &mut problems);
             }
         }
 

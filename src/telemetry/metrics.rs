@@ -30,6 +30,9 @@ pub struct Metrics {
     pub invalidations: IntCounterVec,
     /// Keys unlinked through tag fan-out (members of tag sets), by sink.
     pub tag_members_unlinked: IntCounterVec,
+    /// `WAIT` replies with fewer replicas than `sinks.redis.wait_replicas.count`, by sink
+    /// (each one fails its round, which is retried).
+    pub redis_wait_timeouts: IntCounterVec,
     /// Seconds from the database commit to the sink confirming, per sink.
     pub staleness: HistogramVec,
     /// Seconds from the database commit to the event being acknowledged to the source.
@@ -183,6 +186,12 @@ impl Metrics {
                 &r,
                 "cdc_invalidator_tag_members_unlinked_total",
                 "Keys unlinked through tag fan-out.",
+                &["sink"],
+            ),
+            redis_wait_timeouts: counter(
+                &r,
+                "cdc_invalidator_redis_wait_timeouts_total",
+                "WAIT replies with fewer replicas than sinks.redis.wait_replicas.count (the round is retried).",
                 &["sink"],
             ),
             staleness: histogram(

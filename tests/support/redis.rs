@@ -159,3 +159,330 @@ impl Drop for RedisServer {
         self.stop();
     }
 }
+
+/// One `redis-server` process of a cluster or sentinel setup, with its own port and directory.
+struct Node {
+    port: u16,
+    args: Vec<String>,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("redis-{}.log", self.port)))
+            .expect("log file");
+        let child = Command::new(REDIS_SERVER)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {REDIS_SERVER}: {e}"));
+        self.child = Some(child);
+        assert!(wait_for_port(self.port, Duration::from_secs(10)), "redis-server did not listen on {}", self.port);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn connection(&self) -> redis::Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{}", self.port))
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(5)))
+            .expect("connect to a test redis-server")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A private Redis Cluster: `masters` primaries with one replica each, created with
+/// `redis-cli --cluster create` (test-services.md, "Redis Cluster and Sentinel").
+pub struct RedisCluster {
+    dir: tempfile::TempDir,
+    nodes: Vec<Node>,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize) -> RedisCluster {
+        let dir = tempfile::tempdir().expect("temp dir for the cluster");
+        let mut nodes = Vec::new();
+        for _ in 0..masters * 2 {
+            let (port, bus) = (free_port(), free_port());
+            let node_dir = dir.path().join(port.to_string());
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            let args: Vec<String> = [
+                "--port",
+                &port.to_string(),
+                "--cluster-port",
+                &bus.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &node_dir.join("nodes.conf").display().to_string(),
+                "--cluster-node-timeout",
+                "2000",
+                "--dir",
+                &node_dir.display().to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let mut node = Node { port, args, dir: dir.path().to_path_buf(), child: None };
+            node.spawn();
+            nodes.push(node);
+        }
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for n in &nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        let out =
+            create.args(["--cluster-replicas", "1", "--cluster-yes"]).output().expect("run redis-cli --cluster create");
+        assert!(out.status.success(), "redis-cli --cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        let cluster = RedisCluster { dir, nodes };
+        cluster.wait_healthy();
+        cluster
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and every live replica has finished
+    /// its first sync with a live primary.
+    pub fn wait_healthy(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let ok = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                let mut con = n.connection();
+                let cluster: String = redis::cmd("CLUSTER").arg("INFO").query(&mut con).unwrap_or_default();
+                let repl: String = redis::cmd("INFO").arg("replication").query(&mut con).unwrap_or_default();
+                cluster.contains("cluster_state:ok")
+                    && (repl.contains("role:master") || repl.contains("master_link_status:up"))
+            });
+            if ok && self.masters().len() == self.nodes.len() / 2 {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "the test cluster did not become healthy within 60 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Seed URLs of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| format!("redis://127.0.0.1:{}", n.port)).collect()
+    }
+
+    /// Ports of the live primaries.
+    pub fn masters(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .filter(|n| {
+                let info: String = redis::cmd("INFO").arg("replication").query(&mut n.connection()).unwrap_or_default();
+                info.contains("role:master")
+            })
+            .map(|n| n.port)
+            .collect()
+    }
+
+    /// The primary serving `key`'s slot, asked of any live node.
+    pub fn master_of(&self, key: &str) -> u16 {
+        let node = self.nodes.iter().find(|n| n.child.is_some()).expect("a live node");
+        let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut node.connection()).expect("KEYSLOT");
+        let slots: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut node.connection()).expect("SLOTS");
+        for range in slots {
+            let redis::Value::Array(parts) = range else { continue };
+            let (Some(redis::Value::Int(from)), Some(redis::Value::Int(to)), Some(redis::Value::Array(primary))) =
+                (parts.first(), parts.get(1), parts.get(2))
+            else {
+                continue;
+            };
+            if (*from..=*to).contains(&i64::from(slot)) {
+                if let Some(redis::Value::Int(port)) = primary.get(1) {
+                    return *port as u16;
+                }
+            }
+        }
+        panic!("slot {slot} is not served");
+    }
+
+    /// Kills a node (SIGKILL): its replica is promoted after `cluster-node-timeout`.
+    pub fn kill(&mut self, port: u16) {
+        let node = self.nodes.iter_mut().find(|n| n.port == port).expect("a node of this cluster");
+        node.kill();
+    }
+
+    /// Starts a killed node again with its own `nodes.conf`: it rejoins the cluster (a former
+    /// primary whose replica took over comes back as a replica).
+    pub fn restart(&mut self, port: u16) {
+        let node = self.nodes.iter_mut().find(|n| n.port == port).expect("a node of this cluster");
+        node.kill();
+        node.spawn();
+    }
+
+    /// The replica ports of the primary `port`, as it reports them.
+    pub fn replicas_of(&self, port: u16) -> Vec<u16> {
+        let node = self.nodes.iter().find(|n| n.port == port).expect("a node of this cluster");
+        let info: String = redis::cmd("INFO").arg("replication").query(&mut node.connection()).unwrap_or_default();
+        info.lines()
+            .filter(|l| l.starts_with("slave") && l.contains("port="))
+            .filter_map(|l| l.split("port=").nth(1)?.split(',').next()?.parse().ok())
+            .collect()
+    }
+
+    /// A blocking cluster client for setting up and checking data.
+    pub fn client(&self) -> redis::cluster::ClusterConnection {
+        let live: Vec<String> =
+            self.nodes.iter().filter(|n| n.child.is_some()).map(|n| format!("redis://127.0.0.1:{}", n.port)).collect();
+        redis::cluster::ClusterClient::builder(live)
+            .connection_timeout(Duration::from_secs(5))
+            .response_timeout(Duration::from_secs(5))
+            .retries(20)
+            .build()
+            .and_then(|c| c.get_connection())
+            .expect("connect to the test cluster")
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+/// A private Sentinel setup: one primary, one replica, three sentinels watching `master`.
+pub struct RedisSentinel {
+    _dir: tempfile::TempDir,
+    primary: Node,
+    replica: Node,
+    sentinels: Vec<Node>,
+}
+
+pub const SENTINEL_MASTER: &str = "mymaster";
+
+impl RedisSentinel {
+    pub fn start() -> RedisSentinel {
+        let dir = tempfile::tempdir().expect("temp dir for sentinel");
+        let data = |port: u16, extra: &[String]| -> Vec<String> {
+            // Its own --dir: a replica's full sync writes an RDB file there.
+            let node_dir = dir.path().join(port.to_string());
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            let mut args: Vec<String> = [
+                "--dir",
+                &node_dir.display().to_string(),
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            args.extend(extra.iter().cloned());
+            args
+        };
+        let primary_port = free_port();
+        let mut primary =
+            Node { port: primary_port, args: data(primary_port, &[]), dir: dir.path().to_path_buf(), child: None };
+        primary.spawn();
+        let replica_port = free_port();
+        let replicaof = ["--replicaof".to_string(), "127.0.0.1".to_string(), primary_port.to_string()];
+        let mut replica = Node {
+            port: replica_port,
+            args: data(replica_port, &replicaof),
+            dir: dir.path().to_path_buf(),
+            child: None,
+        };
+        replica.spawn();
+        let mut sentinels = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let conf = dir.path().join(format!("sentinel-{port}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\nsentinel monitor {SENTINEL_MASTER} 127.0.0.1 {primary_port} 2\n\
+                     sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\nsentinel failover-timeout {SENTINEL_MASTER} 5000\n\
+                     sentinel parallel-syncs {SENTINEL_MASTER} 1\n"
+                ),
+            )
+            .expect("sentinel config");
+            let args = vec![conf.display().to_string(), "--sentinel".to_string()];
+            let mut node = Node { port, args, dir: dir.path().to_path_buf(), child: None };
+            node.spawn();
+            sentinels.push(node);
+        }
+        let setup = RedisSentinel { _dir: dir, primary, replica, sentinels };
+        setup.wait_replica_synced(&setup.replica);
+        setup
+    }
+
+    fn wait_replica_synced(&self, replica: &Node) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let info: String =
+                redis::cmd("INFO").arg("replication").query(&mut replica.connection()).unwrap_or_default();
+            if info.contains("master_link_status:up") {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "the replica did not sync within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn sentinel_urls(&self) -> Vec<String> {
+        self.sentinels.iter().map(|n| format!("redis://127.0.0.1:{}", n.port)).collect()
+    }
+
+    /// The port the sentinels currently name as primary.
+    pub fn current_primary(&self) -> u16 {
+        for s in &self.sentinels {
+            let reply: redis::RedisResult<Vec<String>> =
+                redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(SENTINEL_MASTER).query(&mut s.connection());
+            if let Ok(addr) = reply {
+                if let Some(port) = addr.get(1).and_then(|p| p.parse().ok()) {
+                    return port;
+                }
+            }
+        }
+        panic!("no sentinel names a primary");
+    }
+
+    pub fn primary_port(&self) -> u16 {
+        self.primary.port
+    }
+
+    pub fn replica_port(&self) -> u16 {
+        self.replica.port
+    }
+
+    /// Kills the original primary (SIGKILL).
+    pub fn kill_primary(&mut self) {
+        self.primary.kill();
+    }
+
+    /// A blocking connection to a data node by port.
+    pub fn connection(&self, port: u16) -> redis::Connection {
+        [&self.primary, &self.replica].into_iter().find(|n| n.port == port).expect("a data node").connection()
+    }
+}

@@ -23,8 +23,29 @@ struct Slot {
     connection: MultiplexedConnection,
 }
 
+/// How a connection is made: to one address, or to whatever primary Sentinel names right now.
+pub(super) enum Dialer {
+    Client(redis::Client),
+    /// Asked again at every dial: after a failover the old primary answers `READONLY` (or not
+    /// at all), the round trip fails, the connection is discarded, and the next dial asks the
+    /// sentinels, which name the promoted replica.
+    Sentinel(Mutex<redis::sentinel::SentinelClient>),
+}
+
+impl Dialer {
+    async fn dial(&self, config: &AsyncConnectionConfig) -> Result<MultiplexedConnection, RedisError> {
+        match self {
+            Dialer::Client(client) => client.get_multiplexed_async_connection_with_config(config).await,
+            Dialer::Sentinel(sentinel) => {
+                let client = sentinel.lock().await.async_get_client().await?;
+                client.get_multiplexed_async_connection_with_config(config).await
+            }
+        }
+    }
+}
+
 pub(super) struct Connection {
-    client: redis::Client,
+    client: Dialer,
     config: AsyncConnectionConfig,
     connect_timeout: Duration,
     response_timeout: Duration,
@@ -34,7 +55,7 @@ pub(super) struct Connection {
 }
 
 impl Connection {
-    pub(super) fn new(client: redis::Client, connect_timeout: Duration, response_timeout: Duration) -> Connection {
+    pub(super) fn new(client: Dialer, connect_timeout: Duration, response_timeout: Duration) -> Connection {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(Some(response_timeout));
@@ -54,7 +75,7 @@ impl Connection {
         if let Some(s) = slot.as_ref() {
             return Ok((s.generation, s.connection.clone()));
         }
-        let connect = self.client.get_multiplexed_async_connection_with_config(&self.config);
+        let connect = self.client.dial(&self.config);
         let connection = match tokio::time::timeout(connect_timeout, connect).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(CommandError::Redis(e)),
@@ -163,6 +184,13 @@ pub(super) enum CommandError {
     Redis(RedisError),
     #[error("unexpected reply from Redis: {0}")]
     UnexpectedReply(String),
+    /// `WAIT` returned before enough replicas acknowledged the batch's deletes.
+    #[error("WAIT: {acked} of {wanted} replicas acknowledged within the timeout (sinks.redis.wait_replicas; count: 0 turns it off, for a deployment without replicas)")]
+    WaitTimeout { acked: i64, wanted: u32 },
+    /// Cluster mode: the slot map moved under us (a redirection the client gave up following,
+    /// a node it has no connection to). Passes once the cluster settles.
+    #[error("cluster topology is changing: {0}")]
+    Topology(RedisError),
 }
 
 impl CommandError {
@@ -170,6 +198,7 @@ impl CommandError {
         match self {
             CommandError::ConnectTimeout(_) | CommandError::ResponseTimeout(_) => Class::Transient,
             CommandError::UnexpectedReply(_) => Class::Fatal,
+            CommandError::WaitTimeout { .. } | CommandError::Topology(_) => Class::Transient,
             CommandError::Redis(e) => classify(e),
         }
     }
@@ -180,6 +209,8 @@ impl CommandError {
             CommandError::ConnectTimeout(_) => "connect_timeout",
             CommandError::ResponseTimeout(_) => "response_timeout",
             CommandError::UnexpectedReply(_) => "unexpected_reply",
+            CommandError::WaitTimeout { .. } => "wait_timeout",
+            CommandError::Topology(_) => "topology",
             CommandError::Redis(e) => match e.kind() {
                 ErrorKind::Io => "io",
                 ErrorKind::AuthenticationFailed => "auth",
@@ -214,11 +245,23 @@ fn classify(e: &RedisError) -> Class {
     }
 }
 
+/// Whether an error says the server is a Redis Cluster node (reached in standalone mode).
+pub(super) fn means_cluster(e: &RedisError) -> bool {
+    matches!(e.kind(), ErrorKind::Server(ServerErrorKind::Moved | ServerErrorKind::Ask | ServerErrorKind::CrossSlot))
+        || e.to_string().contains("non local key")
+}
+
 /// The error in words, with a hint where the fix is on our side.
 fn describe(e: &RedisError) -> String {
+    if means_cluster(e) {
+        return format!(
+            "Redis answered as a Redis Cluster node ({}): set sinks.redis.mode: cluster and list the cluster's nodes under sinks.redis.nodes",
+            e.code().unwrap_or("cluster error")
+        );
+    }
     match classify(e) {
         Class::Refused => format!(
-            "Redis refused our credentials or permissions ({e}): check the user and password in sinks.redis.url and the ACL of that user (it needs UNLINK, EVALSHA, SCRIPT LOAD and PING)"
+            "Redis refused our credentials or permissions ({e}): check the user and password in sinks.redis.url and the ACL of that user (it needs UNLINK, EVALSHA, SCRIPT LOAD and PING; with wait_replicas also WAIT and ROLE; in cluster mode also SCAN, SREM, SRANDMEMBER and CLUSTER)"
         ),
         _ => e.to_string(),
     }

@@ -1,20 +1,26 @@
 -- Tag fan-out, one chunk. See fanout.rs for the whole design.
 --
 -- KEYS[1]: the tag set. ARGV[1]: how many members to take (at most).
--- Without ARGV[2] ("pop"): SPOP up to ARGV[1] members and UNLINK them.
+-- Without ARGV[2] ("pop"): take up to ARGV[1] random members (SRANDMEMBER), UNLINK them, then
+-- SREM them from the set.
 -- With ARGV[2] = an SSCAN cursor ("sweep"): SSCAN one page from it, UNLINK what it returned
 -- and SREM it from the set.
--- Either way a member leaves the set only in the same atomic step that unlinks its key.
+-- Either way a member leaves the set only in the same atomic step that unlinks its key, and
+-- only after its UNLINK succeeded: members are read first and removed last, so a script that
+-- fails halfway (a Redis Cluster node refusing a key of another slot, an OOM) leaves every
+-- member it did not unlink in the set (SPOP would have removed them before the failure, and a
+-- script's writes are not rolled back).
 --
 -- Returns {members before, members taken, members left, next cursor ("0" when popping)},
 -- {0, 0, 0, "0"} when the set does not exist (already invalidated, or never tagged), or
 -- {-1, type} when KEYS[1] holds something other than a set.
 --
 -- Member keys are not declared in KEYS: standalone Redis (or a Sentinel-managed primary) only;
--- Redis Cluster would reject keys of other slots.
+-- Redis Cluster rejects keys of other slots (cluster mode uses fanout_cluster.lua).
 
--- Effects replication (the default since Redis 5) keeps replicas exact despite SPOP's random
--- choice; Redis 4 has to be asked for it.
+-- Effects replication (the default since Redis 5) keeps replicas exact despite SRANDMEMBER's
+-- random choice; Redis 4 has to be asked for it (and refuses writes after a random command
+-- without it).
 if redis.replicate_commands then
   redis.replicate_commands()
 end
@@ -33,7 +39,7 @@ local before = redis.call('SCARD', tag)
 local members
 local cursor = '0'
 if ARGV[2] == nil then
-  members = redis.call('SPOP', tag, count)
+  members = redis.call('SRANDMEMBER', tag, count)
 else
   local page = redis.call('SSCAN', tag, ARGV[2], 'COUNT', count)
   cursor = page[1]
@@ -46,9 +52,12 @@ local first = 1
 while first <= taken do
   local last = math.min(first + 999, taken)
   redis.call('UNLINK', unpack(members, first, last))
-  if ARGV[2] ~= nil then
-    redis.call('SREM', tag, unpack(members, first, last))
-  end
+  first = last + 1
+end
+first = 1
+while first <= taken do
+  local last = math.min(first + 999, taken)
+  redis.call('SREM', tag, unpack(members, first, last))
   first = last + 1
 end
 return {before, taken, redis.call('SCARD', tag), cursor}

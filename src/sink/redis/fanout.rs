@@ -1,13 +1,14 @@
 //! Tag fan-out: every key listed in the set `<tag_prefix><tag>` is unlinked, then the set.
 //!
-//! # Why SPOP, not SSCAN-then-DEL
+//! # Why pop, not SSCAN-then-DEL
 //!
 //! The obvious way, SSCAN the set, UNLINK what it returns, DEL the set at the end, loses keys:
 //! the application keeps tagging while we scan, and a key added to the set after the cursor
 //! passed its slot is deleted with the set without ever being unlinked. Nothing can find that
 //! cached value again: it is orphaned. Instead a server-side script (`fanout.lua`) atomically
-//! `SPOP`s up to `tag_chunk` members and `UNLINK`s exactly those, and we call it until the set
-//! is gone:
+//! takes up to `tag_chunk` random members, `UNLINK`s exactly those and then removes them from
+//! the set (SRANDMEMBER, UNLINK, SREM: a pop whose removal comes last, so that a script failing
+//! halfway removes nothing it did not unlink), and we call it until the set is gone:
 //!
 //! - a member leaves the set only in the same atomic step that unlinks its key, so a member
 //!   added concurrently is either unlinked or still in the set, never orphaned;
@@ -20,7 +21,7 @@
 //!
 //! A writer that keeps tagging faster than we pop must not keep us here forever, so per tag we
 //! pop at most the set's size when first seen plus one chunk. Members added after that stay in
-//! the set, tracked for the next invalidation of the tag. But SPOP picks at random, so when the
+//! the set, tracked for the next invalidation of the tag. But the pop picks at random, so when the
 //! bound stops us with members left, some of those can be *old* ones (a simulation with 20,000
 //! members, 50 per call and a writer adding one member per call left about 320 old members):
 //! stale values nobody would invalidate. So the pop phase is followed, only in that case, by one
@@ -40,6 +41,18 @@
 //!
 //! Script calls of several tags share one pipeline (one round trip per round of chunks), at most
 //! [`CALLS_PER_ROUND`] of them, so that one round trip holds Redis for a bounded time.
+//!
+//! # Redis Cluster: a pending set in the tag's slot
+//!
+//! In a cluster a script may only touch keys of its own slot, and a tag's members are spread
+//! over every slot. So in cluster mode (`Fanout::new(.., pending: true)`) the script
+//! (`fanout_cluster.lua`) moves a chunk of members from the tag set into a *pending set* that
+//! shares the tag set's slot ([`pending_key`]), atomically, and returns them; the sink unlinks
+//! them client-side, grouped by slot, and only then `SREM`s them from the pending set (which
+//! Redis deletes when it empties). A member is therefore always in the tag set, in a pending
+//! set, or unlinked: the guarantee above holds. A crash between the move and the unlink leaves
+//! a pending set, which the next start finds (`SCAN` on every primary) and finishes. Budget,
+//! sweep and start-over are the same as in standalone mode.
 
 use redis::{Script, ServerErrorKind, Value};
 
@@ -60,9 +73,23 @@ pub(super) fn script() -> Script {
     Script::new(include_str!("fanout.lua"))
 }
 
+/// The cluster variant, which moves members into a pending set instead of unlinking them.
+pub(super) fn cluster_script() -> Script {
+    Script::new(include_str!("fanout_cluster.lua"))
+}
+
+/// Every pending set's name starts with this (the start-up recovery looks for it).
+pub(super) const PENDING_PREFIX: &str = "cdc-invalidator:pending:";
+
+/// The pending set of a tag set: in the same hash slot, whatever the tag set's name holds.
+pub(super) fn pending_key(tag_key: &str) -> String {
+    let slot = super::slot::slot(tag_key.as_bytes());
+    format!("{PENDING_PREFIX}{{{}}}:{tag_key}", super::slot::tag_for(slot))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
-    /// SPOP chunks until the set is gone or `budget` members were popped in this phase. The
+    /// Pop chunks until the set is gone or `budget` members were popped in this phase. The
     /// budget (the set's size plus one chunk) is `None` until the first reply measures it.
     Pop { popped: u64, budget: Option<u64> },
     /// One SSCAN walk, resumed from `cursor`, for at most `calls_left` more calls.
@@ -91,13 +118,17 @@ pub(super) struct Round {
     /// Positions in [`Fanout::tags`] of the calls, in pipeline order.
     tags: Vec<usize>,
     /// Whether the pipeline starts with SCRIPT LOAD.
-    loads_script: bool,
+    pub(super) loads_script: bool,
 }
 
 /// What a round achieved.
 pub(super) struct RoundOutcome {
-    /// Members unlinked (and removed from their set) by the calls that succeeded.
+    /// Members unlinked (and removed from their set) by the calls that succeeded; in pending
+    /// mode, members moved to pending sets.
     pub(super) unlinked: u64,
+    /// Pending mode: the members each successful call moved, with their pending set; they
+    /// still have to be unlinked.
+    pub(super) moved: Vec<(String, Vec<String>)>,
     /// The first failure, if any call failed; the others' progress is kept either way.
     pub(super) error: Option<CommandError>,
 }
@@ -106,6 +137,8 @@ pub(super) struct RoundOutcome {
 pub(super) struct Fanout {
     tags: Vec<TagProgress>,
     chunk: u64,
+    /// Cluster mode: calls name the pending set and replies carry the members.
+    pending: bool,
     /// A call found the script missing (a restarted or flushed server): load it first next time.
     load_script: bool,
 }
@@ -113,13 +146,13 @@ pub(super) struct Fanout {
 const START: State = State::Active(Phase::Pop { popped: 0, budget: None });
 
 impl Fanout {
-    pub(super) fn new(tag_prefix: &str, tags: &[String], chunk: usize) -> Fanout {
+    pub(super) fn new(tag_prefix: &str, tags: &[String], chunk: usize, pending: bool) -> Fanout {
         let tags = tags
             .iter()
             .enumerate()
             .map(|(index, tag)| TagProgress { index, key: format!("{tag_prefix}{tag}"), state: START })
             .collect();
-        Fanout { tags, chunk: chunk.max(1) as u64, load_script: false }
+        Fanout { tags, chunk: chunk.max(1) as u64, pending, load_script: false }
     }
 
     pub(super) fn is_finished(&self) -> bool {
@@ -139,6 +172,9 @@ impl Fanout {
             }
             let State::Active(phase) = &tag.state else { continue };
             let mut call = script.key(&tag.key);
+            if self.pending {
+                call.key(pending_key(&tag.key));
+            }
             match phase {
                 Phase::Pop { popped, budget } => {
                     let left_in_budget = budget.map_or(self.chunk, |b| b.saturating_sub(*popped));
@@ -156,23 +192,37 @@ impl Fanout {
 
     /// Takes in the replies to `round`: progress of every call that succeeded is kept even when
     /// another one failed.
-    pub(super) fn apply(&mut self, round: &Round, mut replies: Vec<Value>) -> RoundOutcome {
-        let mut outcome = RoundOutcome { unlinked: 0, error: None };
+    pub(super) fn apply(&mut self, round: &Round, replies: Vec<Value>) -> RoundOutcome {
+        self.apply_results(round, replies.into_iter().map(|r| item(r).map_err(CommandError::Redis)).collect())
+    }
+
+    /// [`Fanout::apply`] for replies sent one by one (cluster mode), each with its own result.
+    pub(super) fn apply_results(
+        &mut self,
+        round: &Round,
+        mut replies: Vec<Result<Value, CommandError>>,
+    ) -> RoundOutcome {
+        let mut outcome = RoundOutcome { unlinked: 0, moved: Vec::new(), error: None };
         if round.loads_script && !replies.is_empty() {
-            match item(replies.remove(0)) {
+            match replies.remove(0) {
                 Ok(_) => self.load_script = false,
-                Err(e) => outcome.error = Some(CommandError::Redis(e)),
+                Err(e) => outcome.error = Some(e),
             }
         }
         for (&pos, reply) in round.tags.iter().zip(replies) {
-            match item(reply) {
+            match reply {
                 Ok(value) => match self.advance(pos, &value) {
-                    Ok(unlinked) => outcome.unlinked += unlinked,
+                    Ok((unlinked, members)) => {
+                        outcome.unlinked += unlinked;
+                        if let (false, Some(tag)) = (members.is_empty(), self.tags.get(pos)) {
+                            outcome.moved.push((pending_key(&tag.key), members));
+                        }
+                    }
                     Err(e) => {
                         outcome.error.get_or_insert(e);
                     }
                 },
-                Err(e) if e.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {
+                Err(CommandError::Redis(e)) if e.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {
                     // Nothing ran: the call goes again next round, after SCRIPT LOAD. If we had
                     // just loaded it, someone flushed scripts under us: back off and retry.
                     self.load_script = true;
@@ -181,7 +231,7 @@ impl Fanout {
                     }
                 }
                 Err(e) => {
-                    outcome.error.get_or_insert(CommandError::Redis(e));
+                    outcome.error.get_or_insert(e);
                 }
             }
         }
@@ -198,8 +248,9 @@ impl Fanout {
         }
     }
 
-    /// One script reply for the tag at `pos`; returns the members it unlinked.
-    fn advance(&mut self, pos: usize, reply: &Value) -> Result<u64, CommandError> {
+    /// One script reply for the tag at `pos`; returns how many members it took and, in pending
+    /// mode, which.
+    fn advance(&mut self, pos: usize, reply: &Value) -> Result<(u64, Vec<String>), CommandError> {
         let chunk = self.chunk;
         let Some(tag) = self.tags.get_mut(pos) else {
             return Err(CommandError::UnexpectedReply("a reply for a call that was not made".into()));
@@ -207,14 +258,25 @@ impl Fanout {
         let unexpected = || CommandError::UnexpectedReply(format!("the fan-out script answered {reply:?}"));
         let Value::Array(fields) = reply else { return Err(unexpected()) };
         let State::Active(phase) = &mut tag.state else { return Err(unexpected()) };
-        let (before, taken, left, cursor) = match fields.as_slice() {
+        let mut members = Vec::new();
+        let fields = match fields.as_slice() {
+            [head @ .., Value::Array(moved)] if self.pending && head.len() == 4 => {
+                for m in moved {
+                    members.push(text(m).ok_or_else(unexpected)?);
+                }
+                head
+            }
+            [head @ .., Value::Nil] if self.pending && head.len() == 4 => head,
+            all => all,
+        };
+        let (before, taken, left, cursor) = match fields {
             [Value::Int(-1), kind] => {
                 let kind = text(kind).ok_or_else(unexpected)?;
                 tag.state = State::Rejected(format!(
                     "the tag's Redis key {:?} holds a {kind}, not a set of cache keys; it was left as it is",
                     tag.key
                 ));
-                return Ok(0);
+                return Ok((0, members));
             }
             [Value::Int(before), Value::Int(taken), Value::Int(left), cursor]
                 if *before >= 0 && *taken >= 0 && *left >= 0 =>
@@ -225,14 +287,14 @@ impl Fanout {
         };
         if left == 0 {
             tag.state = State::Done;
-            return Ok(taken);
+            return Ok((taken, members));
         }
         match phase {
             Phase::Pop { popped, budget } => {
                 let limit = *budget.get_or_insert(*popped + before + chunk);
                 *popped += taken;
                 if *popped >= limit || taken == 0 {
-                    // Members are left, and some may be old ones SPOP did not pick: walk them.
+                    // Members are left, and some may be old ones the pop did not pick: walk them.
                     let calls = SWEEP_CALLS_PER_CHUNK * limit.div_ceil(chunk) + SWEEP_SPARE_CALLS;
                     *phase = Phase::Sweep { cursor: "0".into(), calls_left: calls };
                 }
@@ -253,7 +315,7 @@ impl Fanout {
                 }
             }
         }
-        Ok(taken)
+        Ok((taken, members))
     }
 
     /// Tags whose fan-out finished.
@@ -315,7 +377,7 @@ mod tests {
     #[test]
     fn pops_up_to_the_measured_size_plus_one_chunk_then_sweeps_once() {
         let script = script();
-        let mut f = Fanout::new("tag:", &["t".to_string()], 10);
+        let mut f = Fanout::new("tag:", &["t".to_string()], 10, false);
         // 25 members when first seen; a writer keeps the set from ever emptying.
         let r = f.next_round(&script);
         assert_eq!(calls(&r), [["10"]]);
@@ -344,7 +406,7 @@ mod tests {
     #[test]
     fn an_emptied_set_ends_the_tag() {
         let script = script();
-        let mut f = Fanout::new("tag:", &["t".to_string()], 10);
+        let mut f = Fanout::new("tag:", &["t".to_string()], 10, false);
         let r = f.next_round(&script);
         assert_eq!(f.apply(&r, vec![reply(3, 3, 0, "0")]).unlinked, 3);
         assert!(f.is_finished());
@@ -353,7 +415,7 @@ mod tests {
     #[test]
     fn the_sweep_is_capped_when_the_set_outgrows_it() {
         let script = script();
-        let mut f = Fanout::new("tag:", &["t".to_string()], 10);
+        let mut f = Fanout::new("tag:", &["t".to_string()], 10, false);
         let r = f.next_round(&script);
         f.apply(&r, vec![reply(10, 10, 50, "0")]); // budget 20
         let r = f.next_round(&script);
@@ -372,7 +434,7 @@ mod tests {
     fn wrong_type_is_rejected_and_others_go_on() {
         let script = script();
         let tags = ["s".to_string(), "t".to_string()];
-        let mut f = Fanout::new("tag:", &tags, 10);
+        let mut f = Fanout::new("tag:", &tags, 10, false);
         let r = f.next_round(&script);
         let wrong = Value::Array(vec![Value::Int(-1), Value::BulkString(b"string".to_vec())]);
         let out = f.apply(&r, vec![wrong, reply(3, 3, 0, "0")]);
@@ -389,7 +451,7 @@ mod tests {
     #[test]
     fn missing_script_is_loaded_in_the_next_round() {
         let script = script();
-        let mut f = Fanout::new("tag:", &["t".to_string()], 10);
+        let mut f = Fanout::new("tag:", &["t".to_string()], 10, false);
         let r = f.next_round(&script);
         let noscript = redis::parse_redis_value(b"-NOSCRIPT No matching script.\r\n").expect("parses");
         let out = f.apply(&r, vec![noscript]);
@@ -406,7 +468,7 @@ mod tests {
     fn a_failed_call_keeps_the_others_progress_and_starts_over() {
         let script = script();
         let tags = ["a".to_string(), "b".to_string()];
-        let mut f = Fanout::new("tag:", &tags, 10);
+        let mut f = Fanout::new("tag:", &tags, 10, false);
         let r = f.next_round(&script);
         let busy = redis::parse_redis_value(b"-BUSY Redis is busy running a script.\r\n").expect("parses");
         let out = f.apply(&r, vec![reply(100, 10, 90, "0"), busy]);
@@ -416,9 +478,45 @@ mod tests {
     }
 
     #[test]
+    fn a_pending_set_shares_its_tag_sets_slot() {
+        use super::super::slot::slot;
+        for key in ["tag:category:5", "tag:{user1}:x", "tag:a{}b", "tag:}{x", "tag:{", "t:\u{e9}t\u{e9}"] {
+            let pending = pending_key(key);
+            assert!(pending.starts_with(PENDING_PREFIX) && pending.ends_with(key), "{pending}");
+            assert_eq!(slot(pending.as_bytes()), slot(key.as_bytes()), "{key}");
+        }
+    }
+
+    #[test]
+    fn cluster_calls_name_the_pending_set_and_replies_carry_the_members() {
+        let script = cluster_script();
+        let mut f = Fanout::new("tag:", &["t".to_string()], 10, true);
+        let r = f.next_round(&script);
+        let call = r.pipe.cmd_iter().next().expect("one call");
+        let args: Vec<String> = call
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                _ => "?".into(),
+            })
+            .collect();
+        assert_eq!(&args[2..5], ["2", "tag:t", pending_key("tag:t").as_str()]);
+        let members = Value::Array(vec![Value::BulkString(b"k1".to_vec()), Value::BulkString(b"k2".to_vec())]);
+        let mut reply = match reply(2, 2, 0, "0") {
+            Value::Array(v) => v,
+            _ => unreachable!(),
+        };
+        reply.push(members);
+        let out = f.apply(&r, vec![Value::Array(reply)]);
+        assert!(out.error.is_none());
+        assert_eq!(out.moved, vec![(pending_key("tag:t"), vec!["k1".to_string(), "k2".to_string()])]);
+        assert!(f.is_finished());
+    }
+
+    #[test]
     fn nonsense_replies_are_errors() {
         let script = script();
-        let mut f = Fanout::new("tag:", &["t".to_string()], 10);
+        let mut f = Fanout::new("tag:", &["t".to_string()], 10, false);
         let r = f.next_round(&script);
         let out = f.apply(&r, vec![Value::Okay]);
         assert!(matches!(out.error, Some(CommandError::UnexpectedReply(_))));

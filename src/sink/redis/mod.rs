@@ -15,11 +15,39 @@
 //!   failed round trip always dials again (see `connection.rs`).
 //!
 //! Nothing here ever writes a cached value: the only commands sent are UNLINK, PING, SCRIPT
-//! LOAD and EVALSHA of the fan-out script (which runs TYPE, SCARD, SPOP, SSCAN, SREM and UNLINK;
-//! the only things it changes are tag sets, by removing members, and the keys it unlinks).
+//! LOAD and EVALSHA of the fan-out script (which runs TYPE, SCARD, SRANDMEMBER, SSCAN, SREM and
+//! UNLINK, or in cluster mode SADD to a pending set instead of UNLINK), WAIT and ROLE (with
+//! `wait_replicas`), and in cluster mode SREM, SRANDMEMBER and SCAN on pending sets and CLUSTER
+//! SLOTS. The only things changed are tag sets and pending sets (members moved or removed) and
+//! the keys unlinked.
 //!
-//! Scope: standalone Redis, or the primary of a Sentinel setup. The fan-out script touches keys
-//! it does not declare in `KEYS` (the members of the set), which Redis Cluster refuses.
+//! # Deployments (`sinks.redis.mode`)
+//!
+//! - **standalone**: one connection to `url` (`connection.rs`). A Redis Cluster node behind it
+//!   is refused before start (`preflight.rs`) and, if it slips through, on the first `MOVED`,
+//!   with a sentence saying to set `mode: cluster`.
+//! - **sentinel**: the same connection, but each dial asks the sentinels for the current
+//!   primary; after a failover the old primary fails a round trip (`READONLY`, or no answer),
+//!   the connection is discarded, and the next dial reaches the promoted replica.
+//! - **cluster** (`cluster.rs`): the `redis` crate's cluster client routes, follows `MOVED`/`ASK`
+//!   and refreshes the slot map. Keys are grouped by hash slot; each slot's UNLINKs go as one
+//!   pipeline, and all slots' pipelines are sent at once, so the client's one connection per
+//!   primary carries them back to back (pipelined per node). A slot whose pipeline failed is
+//!   sent again; the others are not. Tags fan out through a pending set in the tag's slot
+//!   (`fanout.rs`).
+//!
+//! # Replication (`wait_replicas`)
+//!
+//! Redis replicates asynchronously: a delete the primary confirmed but had not yet passed on is
+//! lost when that replica is promoted, and the stale value comes back. With `wait_replicas`
+//! every round trip that deletes ends with `WAIT count timeout` *in the same pipeline*, so it
+//! runs on the same connection, right after those deletes: a round counts as done only once
+//! `count` replicas hold its deletes, and a WAIT that falls short fails the round, which is
+//! sent again whole (to whichever node holds the slot by then). The pipeline also asks `ROLE`:
+//! a primary with fewer replicas connected than `count` (none, right after its own promotion)
+//! is waited for by all it has, since a replica that is not there can neither be read nor be
+//! promoted. In cluster mode this is on by default (`count: 1, timeout: 1s`): a failover must
+//! lose nothing. `count: 0` turns it off.
 //!
 //! Logs and metric labels carry the sink name, error codes and counts; never the URL (it may
 //! hold a password) nor a key.
@@ -28,19 +56,27 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
 use async_trait::async_trait;
+use futures::stream::{FuturesOrdered, StreamExt};
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
 use redis::Value;
 
-use crate::config::RedisConfig;
+use crate::config::{RedisConfig, RedisMode, WaitReplicas};
 use crate::retry::{RetryError, RetryPolicy, Verdict};
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, Sink, SinkError, SinkReport};
 use crate::telemetry::Metrics;
 
+mod cluster;
 mod connection;
 mod fanout;
+pub mod preflight;
+mod slot;
 
-use connection::{item, Class, CommandError, Connection};
+use cluster::{cluster_error, Cluster};
+use connection::{item, Class, CommandError, Connection, Dialer};
 use fanout::Fanout;
 
 /// UNLINK commands per round trip (with the default `unlink_batch`, 16k keys).
@@ -49,15 +85,32 @@ const UNLINKS_PER_ROUND: usize = 32;
 /// The readiness probe's bound on connecting and on the PING reply, each.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Cluster mode: slot pipelines (or script calls) in flight at once. The client queues them
+/// per primary, so this bounds memory, not parallelism per node.
+const CLUSTER_IN_FLIGHT: usize = 256;
+
+/// Cluster mode without `wait_replicas`: a failover must not bring deleted keys back.
+const CLUSTER_DEFAULT_WAIT: WaitReplicas = WaitReplicas { count: 1, timeout: Duration::from_secs(1) };
+
+/// Pending-set members read and finished per call of the start-up recovery.
+const RECOVERY_PAGE: usize = 1000;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RedisSinkError {
     #[error("invalid Redis URL: {0}")]
     InvalidUrl(String),
 }
 
+/// Where round trips go.
+enum Backend {
+    /// Standalone or Sentinel: one connection at a time.
+    Single(Connection),
+    Cluster(Cluster),
+}
+
 pub struct RedisSink {
     name: String,
-    connection: Connection,
+    backend: Backend,
     tag_prefix: String,
     unlink_batch: usize,
     tag_chunk: usize,
@@ -65,6 +118,13 @@ pub struct RedisSink {
     response_timeout: Duration,
     retry: RetryPolicy,
     script: redis::Script,
+    /// `WAIT` after each deleting round trip (module docs); `None` when off.
+    wait: Option<WaitReplicas>,
+    /// Cluster mode: pending sets left by an earlier run have been finished.
+    recovered: AtomicBool,
+    /// Replicas connected to the primary of each slot (one entry outside a cluster), as `ROLE`
+    /// last said; `wait.count` until it has said anything.
+    replicas: Vec<AtomicU32>,
     metrics: Arc<Metrics>,
     /// Ends the backoff of waiting retries when the health probe sees Redis answer again
     /// after a failure (`down`), so a backlog restarts at once, not up to `retry.max` later.
@@ -72,43 +132,173 @@ pub struct RedisSink {
     down: std::sync::atomic::AtomicBool,
 }
 
+/// What [`RedisSink::add_wait`] added to a pipeline.
+#[derive(Debug, Clone, Copy)]
+struct WaitPlan {
+    slot: u16,
+    /// Replicas asked for; 0: no WAIT, only ROLE.
+    count: u32,
+}
+
+/// A client's URL error in words that never quote the URL (it may hold a password).
+fn url_error(e: &redis::RedisError, url: &str) -> RedisSinkError {
+    // The client's messages are fixed sentences ("Redis URL did not parse", "Invalid
+    // database number"); a detail, if any, might quote the URL, password and all.
+    let text = e.to_string();
+    let reason = if e.detail().is_none() && !text.contains('@') && !text.contains(url) {
+        text
+    } else {
+        format!("{:?}", e.kind())
+    };
+    RedisSinkError::InvalidUrl(format!(
+        "{reason}; expected redis://[user:password@]host[:port][/db], rediss://... for TLS, or unix:///path/to/socket"
+    ))
+}
+
+/// Sentinel mode: a client that asks the sentinels for the master at every dial, with the
+/// master's user, password, database and TLS taken from `url` when given.
+fn sentinel_dialer(config: &RedisConfig) -> Result<Dialer, RedisSinkError> {
+    use redis::IntoConnectionInfo;
+    let Some(sentinel) = &config.sentinel else {
+        return Err(RedisSinkError::InvalidUrl("mode: sentinel needs sinks.redis.sentinel".into()));
+    };
+    let mut node = redis::sentinel::SentinelNodeConnectionInfo::default();
+    if let Some(url) = config.url() {
+        let info = url.expose().into_connection_info().map_err(|e| url_error(&e, url.expose()))?;
+        if let redis::ConnectionAddr::TcpTls { insecure, .. } = info.addr() {
+            node = node.set_tls_mode(if *insecure { redis::TlsMode::Insecure } else { redis::TlsMode::Secure });
+        }
+        node = node.set_redis_connection_info(info.redis_settings().clone());
+    }
+    let mut nodes = Vec::new();
+    for n in &sentinel.nodes {
+        nodes.push(n.expose().into_connection_info().map_err(|e| url_error(&e, n.expose()))?);
+    }
+    let client = redis::sentinel::SentinelClient::build(
+        nodes,
+        sentinel.master.clone(),
+        Some(node),
+        redis::sentinel::SentinelServerType::Master,
+    )
+    .map_err(|e| RedisSinkError::InvalidUrl(format!("sinks.redis.sentinel: {:?}", e.kind())))?;
+    Ok(Dialer::Sentinel(tokio::sync::Mutex::new(client)))
+}
+
 impl RedisSink {
     /// Builds the sink without connecting: the daemon starts (and `/readyz` says not ready)
     /// while Redis is down. Only an unusable URL fails here.
     pub fn new(name: &str, config: &RedisConfig, metrics: Arc<Metrics>) -> Result<RedisSink, RedisSinkError> {
-        let url = config.url().ok_or_else(|| RedisSinkError::InvalidUrl("no URL configured".into()))?.expose();
-        let client = redis::Client::open(url).map_err(|e| {
-            // The client's messages are fixed sentences ("Redis URL did not parse", "Invalid
-            // database number"); a detail, if any, might quote the URL, password and all.
-            let text = e.to_string();
-            let reason = if e.detail().is_none() && !text.contains('@') && !text.contains(url) {
-                text
-            } else {
-                format!("{:?}", e.kind())
-            };
-            RedisSinkError::InvalidUrl(format!(
-                "{reason}; expected redis://[user:password@]host[:port][/db], rediss://... for TLS, or unix:///path/to/socket"
-            ))
-        })?;
+        let wait = match (&config.wait_replicas, config.mode) {
+            (Some(w), _) if w.count == 0 => None,
+            (Some(w), _) => Some(w.clone()),
+            (None, RedisMode::Cluster) => Some(CLUSTER_DEFAULT_WAIT),
+            (None, _) => None,
+        };
+        // A round trip ending in WAIT may take the WAIT's timeout on top of the reply's.
+        let response_timeout = config.response_timeout + wait.as_ref().map_or(Duration::ZERO, |w| w.timeout);
+        let backend = match config.mode {
+            RedisMode::Standalone => {
+                let url = config.url().ok_or_else(|| RedisSinkError::InvalidUrl("no URL configured".into()))?.expose();
+                let client = redis::Client::open(url).map_err(|e| url_error(&e, url))?;
+                Backend::Single(Connection::new(
+                    Dialer::Client(client),
+                    config.connect_timeout,
+                    config.response_timeout,
+                ))
+            }
+            RedisMode::Sentinel => {
+                Backend::Single(Connection::new(sentinel_dialer(config)?, config.connect_timeout, response_timeout))
+            }
+            RedisMode::Cluster => {
+                let nodes: Vec<String> = config.nodes.iter().map(|n| n.expose().to_string()).collect();
+                let cluster = Cluster::new(&nodes, config.connect_timeout, response_timeout).map_err(|e| {
+                    RedisSinkError::InvalidUrl(format!(
+                        "sinks.redis.nodes: {:?}; expected redis://[user:password@]host:port",
+                        e.kind()
+                    ))
+                })?;
+                Backend::Cluster(cluster)
+            }
+        };
         metrics.sink_up.with_label_values(&[name]).set(0);
         Ok(RedisSink {
             name: name.to_string(),
-            connection: Connection::new(client, config.connect_timeout, config.response_timeout),
+            backend,
             tag_prefix: config.tag_prefix.clone(),
             unlink_batch: config.unlink_batch.max(1),
             tag_chunk: config.tag_chunk.max(1),
             connect_timeout: config.connect_timeout,
             response_timeout: config.response_timeout,
             retry: config.retry.clone(),
-            script: fanout::script(),
+            script: match config.mode {
+                RedisMode::Cluster => fanout::cluster_script(),
+                _ => fanout::script(),
+            },
+            replicas: (0..if config.mode == RedisMode::Cluster { slot::SLOTS } else { 1 })
+                .map(|_| AtomicU32::new(wait.as_ref().map_or(0, |w| w.count)))
+                .collect(),
+            wait,
+            recovered: AtomicBool::new(false),
             metrics,
             recovery: Default::default(),
             down: Default::default(),
         })
     }
 
-    /// UNLINKs every key, round trip after round trip.
+    /// Appends `WAIT` and `ROLE` (when configured) to a pipeline of deletes bound for `slot`
+    /// (0 outside a cluster). `ROLE` says how many replicas the primary has right now: one left
+    /// without replicas (its replica was just promoted away from a dead peer, or was never
+    /// there) has nobody to wait for, and nobody who could be promoted with the deleted values
+    /// either; what it says is remembered per slot, and the next WAIT asks for no more replicas
+    /// than are there (none: no WAIT, only ROLE, until one is back).
+    fn add_wait(&self, pipe: &mut redis::Pipeline, slot: u16) -> Option<WaitPlan> {
+        let w = self.wait.as_ref()?;
+        let known = self.replicas.get(slot as usize).map_or(w.count, |k| k.load(Ordering::Relaxed));
+        let count = w.count.min(known);
+        if count > 0 {
+            pipe.cmd("WAIT").arg(count).arg(w.timeout.as_millis().max(1) as u64);
+        }
+        pipe.cmd("ROLE");
+        Some(WaitPlan { slot, count })
+    }
+
+    /// Takes the replies of what [`RedisSink::add_wait`] added off the end of `replies` and
+    /// checks that enough replicas acknowledged.
+    fn check_wait(&self, plan: Option<WaitPlan>, replies: &mut Vec<Value>) -> Result<(), CommandError> {
+        let Some(plan) = plan else { return Ok(()) };
+        let role = replies.pop().map(item);
+        let acked = if plan.count > 0 {
+            match replies.pop().map(item) {
+                Some(Ok(Value::Int(n))) => n,
+                Some(Err(e)) => return Err(CommandError::Redis(e)),
+                other => return Err(CommandError::UnexpectedReply(format!("WAIT answered {other:?}"))),
+            }
+        } else {
+            0
+        };
+        let connected = match role {
+            Some(Ok(Value::Array(fields))) => match fields.as_slice() {
+                [_, _, Value::Array(replicas)] => Some(replicas.len() as u32),
+                _ => None,
+            },
+            Some(Err(e)) => return Err(CommandError::Redis(e)),
+            _ => None,
+        };
+        if let (Some(n), Some(known)) = (connected, self.replicas.get(plan.slot as usize)) {
+            known.store(n, Ordering::Relaxed);
+        }
+        if acked >= i64::from(plan.count) {
+            return Ok(());
+        }
+        Err(CommandError::WaitTimeout { acked, wanted: plan.count })
+    }
+
+    /// UNLINKs every key: round trip after round trip, or in cluster mode slot by slot.
     async fn unlink_keys(&self, keys: &[String], shutdown: &Shutdown) -> Result<(), SinkError> {
+        let connection = match &self.backend {
+            Backend::Single(c) => c,
+            Backend::Cluster(cluster) => return self.unlink_keys_cluster(cluster, keys, shutdown).await,
+        };
         let commands: Vec<&[String]> = keys.chunks(self.unlink_batch).collect();
         for round in commands.chunks(UNLINKS_PER_ROUND) {
             let mut pipe = redis::pipe();
@@ -117,7 +307,10 @@ impl RedisSink {
             }
             let pipe = &pipe;
             self.with_retries(shutdown, move || async move {
-                let replies = self.connection.round_trip(pipe).await?;
+                let mut pipe = pipe.clone();
+                let plan = self.add_wait(&mut pipe, 0);
+                let mut replies = connection.round_trip(&pipe).await?;
+                self.check_wait(plan, &mut replies)?;
                 for reply in replies {
                     item(reply).map_err(CommandError::Redis)?;
                 }
@@ -128,23 +321,94 @@ impl RedisSink {
         Ok(())
     }
 
+    /// Cluster mode: one pipeline per hash slot (its UNLINKs, then WAIT), all sent at once;
+    /// a retry sends again only the slots not yet confirmed.
+    async fn unlink_keys_cluster(
+        &self,
+        cluster: &Cluster,
+        keys: &[String],
+        shutdown: &Shutdown,
+    ) -> Result<(), SinkError> {
+        let mut by_slot: std::collections::BTreeMap<u16, Vec<&str>> = std::collections::BTreeMap::new();
+        for key in keys {
+            by_slot.entry(slot::slot(key.as_bytes())).or_default().push(key);
+        }
+        let pipes: Vec<(u16, redis::Pipeline)> = by_slot
+            .iter()
+            .map(|(slot, keys)| {
+                let mut pipe = redis::pipe();
+                for chunk in keys.chunks(self.unlink_batch) {
+                    pipe.cmd("UNLINK").arg(chunk);
+                }
+                (*slot, pipe)
+            })
+            .collect();
+        let done = Mutex::new(vec![false; pipes.len()]);
+        let (pipes, done) = (&pipes, &done);
+        self.with_retries(shutdown, move || async move {
+            let todo: Vec<usize> = lock(done).iter().enumerate().filter(|(_, d)| !**d).map(|(i, _)| i).collect();
+            let mut attempts = Vec::with_capacity(todo.len());
+            for &i in &todo {
+                if let Some((slot, pipe)) = pipes.get(i) {
+                    attempts.push(self.unlink_slot(cluster, *slot, pipe));
+                }
+            }
+            let results = in_flight(attempts).await;
+            if results.iter().any(|r| matches!(r, Err(CommandError::WaitTimeout { .. }))) {
+                // A primary may have lost its replica (a failover): learn every slot's replicas
+                // at once rather than one timed-out WAIT per slot.
+                self.refresh_replicas(cluster).await;
+            }
+            let mut first = None;
+            let mut done = lock(done);
+            for (i, result) in todo.into_iter().zip(results) {
+                match result {
+                    Ok(()) => {
+                        if let Some(d) = done.get_mut(i) {
+                            *d = true;
+                        }
+                    }
+                    Err(e) => {
+                        first.get_or_insert(e);
+                    }
+                }
+            }
+            first.map_or(Ok(()), Err)
+        })
+        .await
+    }
+
     /// Fans out every tag; the result says which finished and which were rejected.
     async fn fan_out(&self, tags: &[String], shutdown: &Shutdown) -> Result<Fanout, SinkError> {
+        let connection = match &self.backend {
+            Backend::Single(c) => c,
+            Backend::Cluster(cluster) => return self.fan_out_cluster(cluster, tags, shutdown).await,
+        };
         // A std mutex, held only between awaits: the retried closure needs shared access to
         // the progress it advances.
-        let fanout = Mutex::new(Fanout::new(&self.tag_prefix, tags, self.tag_chunk));
+        let fanout = Mutex::new(Fanout::new(&self.tag_prefix, tags, self.tag_chunk, false));
         while !lock(&fanout).is_finished() {
             let fanout = &fanout;
             self.with_retries(shutdown, move || async move {
-                let round = lock(fanout).next_round(&self.script);
-                let replies = match self.connection.round_trip(&round.pipe).await {
+                let mut round = lock(fanout).next_round(&self.script);
+                let plan = self.add_wait(&mut round.pipe, 0);
+                let mut replies = match connection.round_trip(&round.pipe).await {
                     Ok(replies) => replies,
                     Err(e) => {
                         lock(fanout).start_over();
                         return Err(e);
                     }
                 };
+                // A WAIT that fell short: the round's pops happened on the primary, but were they
+                // replicated? Start over: if a failover lost them, the members are back in the set
+                // (a script's effects replicate together), and the new measure takes them again.
+                let waited = self.check_wait(plan, &mut replies);
                 let outcome = lock(fanout).apply(&round, replies);
+                if let Err(e) = waited {
+                    lock(fanout).start_over();
+                    self.metrics.tag_members_unlinked.with_label_values(&[&self.name]).inc_by(outcome.unlinked);
+                    return Err(e);
+                }
                 self.metrics.tag_members_unlinked.with_label_values(&[&self.name]).inc_by(outcome.unlinked);
                 match outcome.error {
                     Some(e) => Err(e),
@@ -154,6 +418,163 @@ impl RedisSink {
             .await?;
         }
         Ok(fanout.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
+    /// Cluster mode: how many replicas serve each slot now, from `CLUSTER SLOTS` (which leaves
+    /// out failed nodes). Best effort: without an answer, what `ROLE` said stays.
+    async fn refresh_replicas(&self, cluster: &Cluster) {
+        let mut cmd = redis::cmd("CLUSTER");
+        cmd.arg("SLOTS");
+        let Ok(Value::Array(ranges)) = cluster.route(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random)).await
+        else {
+            return;
+        };
+        for range in ranges {
+            let Value::Array(parts) = range else { continue };
+            let (Some(Value::Int(from)), Some(Value::Int(to))) = (parts.first(), parts.get(1)) else { continue };
+            let replicas = parts.len().saturating_sub(3) as u32;
+            for slot in (*from).max(0)..=(*to).min(slot::SLOTS as i64 - 1) {
+                if let Some(known) = self.replicas.get(slot as usize) {
+                    known.store(replicas, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// One slot's pipeline of UNLINKs (and WAIT).
+    async fn unlink_slot(&self, cluster: &Cluster, slot: u16, pipe: &redis::Pipeline) -> Result<(), CommandError> {
+        let mut pipe = pipe.clone();
+        let plan = self.add_wait(&mut pipe, slot);
+        let mut replies = cluster.pipeline(&pipe).await?;
+        self.check_wait(plan, &mut replies)?;
+        for reply in replies {
+            item(reply).map_err(cluster_error)?;
+        }
+        Ok(())
+    }
+
+    /// Cluster mode: each round's script calls (one per tag, each in its tag's slot) go at
+    /// once; the members they moved to pending sets are unlinked slot by slot, then removed
+    /// from the pending sets, before the next round.
+    async fn fan_out_cluster(
+        &self,
+        cluster: &Cluster,
+        tags: &[String],
+        shutdown: &Shutdown,
+    ) -> Result<Fanout, SinkError> {
+        let fanout = Mutex::new(Fanout::new(&self.tag_prefix, tags, self.tag_chunk, true));
+        let moved: Mutex<Vec<(String, Vec<String>)>> = Mutex::new(Vec::new());
+        loop {
+            self.finish_pending(cluster, &moved, shutdown).await?;
+            if lock(&fanout).is_finished() {
+                break;
+            }
+            let (fanout, moved) = (&fanout, &moved);
+            self.with_retries(shutdown, move || async move {
+                let round = lock(fanout).next_round(&self.script);
+                let commands: Vec<&redis::Cmd> = round.pipe.cmd_iter().collect();
+                let mut results = Vec::with_capacity(commands.len());
+                let mut calls = commands.as_slice();
+                if round.loads_script {
+                    // SCRIPT LOAD goes to every primary, and must be there before the calls.
+                    if let Some((load, rest)) = calls.split_first() {
+                        results.push(cluster.command(load).await);
+                        calls = rest;
+                    }
+                }
+                let mut sends = Vec::with_capacity(calls.len());
+                for cmd in calls {
+                    sends.push(cluster.command(cmd));
+                }
+                results.extend(in_flight(sends).await);
+                let outcome = lock(fanout).apply_results(&round, results);
+                lock(moved).extend(outcome.moved);
+                match outcome.error {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                }
+            })
+            .await?;
+        }
+        Ok(fanout.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
+    /// Unlinks the members moved to pending sets, then removes them from those sets. Until
+    /// then they stay in `moved` (and in Redis, for the next start to find).
+    async fn finish_pending(
+        &self,
+        cluster: &Cluster,
+        moved: &Mutex<Vec<(String, Vec<String>)>>,
+        shutdown: &Shutdown,
+    ) -> Result<(), SinkError> {
+        let work = lock(moved).clone();
+        if work.is_empty() {
+            return Ok(());
+        }
+        let members: Vec<String> = work.iter().flat_map(|(_, m)| m.iter().cloned()).collect();
+        self.unlink_keys_cluster(cluster, &members, shutdown).await?;
+        self.metrics.tag_members_unlinked.with_label_values(&[&self.name]).inc_by(members.len() as u64);
+        let srems: Vec<redis::Cmd> = work
+            .iter()
+            .flat_map(|(pending, members)| {
+                members.chunks(RECOVERY_PAGE).map(move |chunk| {
+                    let mut c = redis::cmd("SREM");
+                    c.arg(pending).arg(chunk);
+                    c
+                })
+            })
+            .collect();
+        let srems = &srems;
+        self.with_retries(shutdown, move || async move {
+            let mut sends = Vec::with_capacity(srems.len());
+            for cmd in srems {
+                sends.push(cluster.command(cmd));
+            }
+            in_flight(sends).await.into_iter().try_for_each(|r| r.map(drop))
+        })
+        .await?;
+        lock(moved).clear();
+        Ok(())
+    }
+
+    /// Cluster mode, once per run before the first batch: finishes the pending sets an earlier
+    /// run left (a crash between moving members and unlinking them), found by `SCAN` on every
+    /// primary.
+    async fn recover_pending(&self, cluster: &Cluster, shutdown: &Shutdown) -> Result<(), SinkError> {
+        if self.recovered.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if self.wait.is_some() {
+            // A cluster without replicas must not pay a WAIT timeout per slot to find out.
+            self.refresh_replicas(cluster).await;
+        }
+        let pending = self.with_retries(shutdown, || scan_primaries(cluster)).await?;
+        if !pending.is_empty() {
+            tracing::info!(sink = %self.name, sets = pending.len(), "finishing tag fan-outs an earlier run left pending");
+        }
+        for key in pending {
+            loop {
+                let key = &key;
+                let members: Vec<String> = self
+                    .with_retries(shutdown, move || async move {
+                        let mut c = redis::cmd("SRANDMEMBER");
+                        c.arg(key).arg(RECOVERY_PAGE);
+                        match cluster.command(&c).await? {
+                            Value::Array(items) => Ok(items.iter().filter_map(text).collect()),
+                            Value::Nil => Ok(Vec::new()),
+                            other => Err(CommandError::UnexpectedReply(format!("SRANDMEMBER answered {other:?}"))),
+                        }
+                    })
+                    .await?;
+                if members.is_empty() {
+                    break;
+                }
+                let moved = Mutex::new(vec![(key.clone(), members)]);
+                self.finish_pending(cluster, &moved, shutdown).await?;
+            }
+        }
+        self.recovered.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Runs `op` until it succeeds, counting, logging and classifying each failure.
@@ -173,6 +594,9 @@ impl RedisSink {
                         self.down.store(true, std::sync::atomic::Ordering::Relaxed);
                         self.metrics.sink_up.with_label_values(&[name]).set(0);
                         self.metrics.sink_errors.with_label_values(&[name, e.class().label()]).inc();
+                        if matches!(e, CommandError::WaitTimeout { .. }) {
+                            self.metrics.redis_wait_timeouts.with_label_values(&[name]).inc();
+                        }
                     }
                 }
                 result
@@ -213,9 +637,72 @@ impl RedisSink {
     }
 }
 
-fn lock(fanout: &Mutex<Fanout>) -> MutexGuard<'_, Fanout> {
+fn lock<T>(progress: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing panics while holding it; if something did, the progress is still sound.
-    fanout.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    progress.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs `futures` at most [`CLUSTER_IN_FLIGHT`] at a time; the results in their order.
+async fn in_flight<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut pending = futures.into_iter();
+    let mut running = FuturesOrdered::new();
+    let mut out = Vec::with_capacity(pending.len());
+    for f in pending.by_ref().take(CLUSTER_IN_FLIGHT) {
+        running.push_back(f);
+    }
+    while let Some(result) = running.next().await {
+        out.push(result);
+        if let Some(f) = pending.next() {
+            running.push_back(f);
+        }
+    }
+    out
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// Every pending set on every primary: `SCAN` each primary to the end of its own cursor.
+async fn scan_primaries(cluster: &Cluster) -> Result<Vec<String>, CommandError> {
+    let scan = |cursor: &str| {
+        let mut c = redis::cmd("SCAN");
+        c.arg(cursor).arg("MATCH").arg(format!("{}*", fanout::PENDING_PREFIX)).arg("COUNT").arg(1000);
+        c
+    };
+    let first = cluster.route(scan("0"), RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None))).await?;
+    let Value::Map(per_node) = first else {
+        return Err(CommandError::UnexpectedReply(format!("SCAN on every primary answered {first:?}")));
+    };
+    let mut found = Vec::new();
+    for (address, mut reply) in per_node {
+        let address = text(&address).unwrap_or_default();
+        loop {
+            let Value::Array(page) = &reply else {
+                return Err(CommandError::UnexpectedReply(format!("SCAN answered {reply:?}")));
+            };
+            let (cursor, keys) = match page.as_slice() {
+                [cursor, Value::Array(keys)] => (text(cursor).unwrap_or_else(|| "0".into()), keys),
+                _ => return Err(CommandError::UnexpectedReply(format!("SCAN answered {reply:?}"))),
+            };
+            found.extend(keys.iter().filter_map(text));
+            if cursor == "0" {
+                break;
+            }
+            let Some((host, port)) = address.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse().ok()?))) else {
+                return Err(CommandError::UnexpectedReply(format!("a node address {address:?}")));
+            };
+            let at = SingleNodeRoutingInfo::ByAddress { host: host.to_string(), port };
+            reply = cluster.route(scan(&cursor), RoutingInfo::SingleNode(at)).await?;
+        }
+    }
+    found.sort();
+    found.dedup();
+    Ok(found)
 }
 
 #[async_trait]
@@ -230,6 +717,9 @@ impl Sink for RedisSink {
 
     async fn invalidate(&self, batch: &Invalidations, shutdown: &Shutdown) -> Result<SinkReport, SinkError> {
         let mut report = SinkReport::default();
+        if let Backend::Cluster(cluster) = &self.backend {
+            self.recover_pending(cluster, shutdown).await?;
+        }
         let (keys, tags) = (batch.items(ItemKind::RedisKey), batch.items(ItemKind::RedisTag));
         if !keys.is_empty() {
             self.unlink_keys(keys, shutdown).await?;
@@ -258,11 +748,23 @@ impl Sink for RedisSink {
         pipe.cmd("PING");
         let bounds = (self.connect_timeout.min(PING_TIMEOUT), self.response_timeout.min(PING_TIMEOUT));
         // The connection may be busy being made by `invalidate`: bound the wait for it too.
-        let reply =
-            tokio::time::timeout(bounds.0 + bounds.1, self.connection.round_trip_within(&pipe, bounds.0, bounds.1))
-                .await;
+        let reply = match &self.backend {
+            Backend::Single(connection) => {
+                tokio::time::timeout(bounds.0 + bounds.1, connection.round_trip_within(&pipe, bounds.0, bounds.1)).await
+            }
+            // Every node must answer (the client sends PING to all of them).
+            Backend::Cluster(cluster) => {
+                tokio::time::timeout(bounds.0 + bounds.1, async {
+                    cluster.command(&redis::cmd("PING")).await.map(|v| vec![v])
+                })
+                .await
+            }
+        };
         let up = match reply {
-            Ok(Ok(values)) => matches!(values.first(), Some(Value::SimpleString(s)) if s == "PONG"),
+            Ok(Ok(values)) => {
+                matches!(values.first(), Some(Value::SimpleString(s)) if s == "PONG")
+                    || matches!(values.first(), Some(Value::Okay))
+            }
             Ok(Err(e)) => {
                 if e.class() == Class::Refused {
                     tracing::error!(sink = %self.name, code = e.code(), error = %e, "Redis refused the readiness probe");
