@@ -21,6 +21,7 @@ use serde::Deserialize;
 use crate::retry::RetryPolicy;
 
 pub mod duration;
+pub mod freshness;
 pub mod postgres;
 pub mod secret;
 pub mod yaml;
@@ -52,6 +53,9 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Read replicas gating the second pass (`freshness`).
+    #[serde(default)]
+    pub freshness: freshness::FreshnessConfig,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -722,6 +726,7 @@ impl Config {
         if self.log.level.trim().is_empty() {
             problems.push(origin.problem(&["log", "level"], "log.level must not be empty"));
         }
+        self.freshness.validate(origin, &mut problems);
         problems
     }
 }

@@ -101,8 +101,10 @@ impl RedisSink {
         })
     }
 
-    /// UNLINKs every key, round trip after round trip.
-    async fn unlink_keys(&self, keys: &[String], shutdown: &Shutdown) -> Result<(), SinkError> {
+    /// UNLINKs every key, round trip after round trip; returns how many keys existed (the sum
+    /// of the UNLINK replies).
+    async fn unlink_keys(&self, keys: &[String], shutdown: &Shutdown) -> Result<u64, SinkError> {
+        let mut removed = 0;
         let commands: Vec<&[String]> = keys.chunks(self.unlink_batch).collect();
         for round in commands.chunks(UNLINKS_PER_ROUND) {
             let mut pipe = redis::pipe();
@@ -110,16 +112,20 @@ impl RedisSink {
                 pipe.cmd("UNLINK").arg(*keys);
             }
             let pipe = &pipe;
-            self.with_retries(shutdown, move || async move {
-                let replies = self.connection.round_trip(pipe).await?;
-                for reply in replies {
-                    item(reply).map_err(CommandError::Redis)?;
-                }
-                Ok(())
-            })
-            .await?;
+            removed += self
+                .with_retries(shutdown, move || async move {
+                    let replies = self.connection.round_trip(pipe).await?;
+                    let mut removed = 0;
+                    for reply in replies {
+                        if let Value::Int(n) = item(reply).map_err(CommandError::Redis)? {
+                            removed += u64::try_from(n).unwrap_or(0);
+                        }
+                    }
+                    Ok(removed)
+                })
+                .await?;
         }
-        Ok(())
+        Ok(removed)
     }
 
     /// Fans out every tag; the result says which finished and which were rejected.
@@ -224,7 +230,7 @@ impl Sink for RedisSink {
         let mut report = SinkReport::default();
         let (keys, tags) = (batch.items(ItemKind::RedisKey), batch.items(ItemKind::RedisTag));
         if !keys.is_empty() {
-            self.unlink_keys(keys, shutdown).await?;
+            report.removed = self.unlink_keys(keys, shutdown).await?;
             report.confirmed.push((ItemKind::RedisKey, keys.len() as u64));
         }
         if !tags.is_empty() {
