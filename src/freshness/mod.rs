@@ -55,12 +55,14 @@ pub struct Replicas {
     metrics: Arc<Metrics>,
 }
 
-/// How a wait for the replicas ended.
+/// How a step of the wait for the replicas ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Waited {
-    /// Every replica replayed the commit (and `margin` passed).
+    /// Every replica has now replayed the commit; `margin` is still to come.
     Replayed,
-    /// `max_wait` passed first.
+    /// The margin after the replay passed: the second pass may go.
+    Go,
+    /// `max_wait` passed first: the second pass goes anyway.
     TimedOut,
 }
 
@@ -105,40 +107,65 @@ impl Replicas {
         }
     }
 
-    /// Waits until every replica has replayed past `lsn`, then `margin`; or until `max_wait`
-    /// after `since` (counted per lagging replica, logged).
-    pub async fn wait(&self, lsn: u64, since: tokio::time::Instant) -> Waited {
+    /// Replicas whose replay positions the caller sets (tests and benchmarks drive the gate
+    /// without PostgreSQL): one slot per name, 0 until set.
+    pub fn manual(
+        names: &[&str],
+        margin: Duration,
+        max_wait: Duration,
+        metrics: Arc<Metrics>,
+    ) -> (Replicas, watch::Sender<Vec<u64>>) {
+        let (tx, rx) = watch::channel(vec![0u64; names.len()]);
+        let names = names.iter().map(|n| n.to_string()).collect();
+        (Replicas { names, replayed: rx, margin, max_wait, metrics }, tx)
+    }
+
+    /// Whether every replica has replayed past `lsn` (its commit is visible on all of them).
+    pub fn is_replayed(&self, lsn: u64) -> bool {
+        self.replayed.borrow().iter().all(|&at| at > lsn)
+    }
+
+    /// One step of the wait for an event's second pass (`since`: its first pass). Without
+    /// `replayed_at`, waits until every replica has replayed past `lsn` ([`Waited::Replayed`]:
+    /// the caller notes the instant, for this pass and every later one already replayed, so the
+    /// margin counts from the replay and not from when a pass reached the front) or until
+    /// `max_wait` ([`Waited::TimedOut`], counted per lagging replica and logged). With it,
+    /// sleeps until `replayed_at + margin` ([`Waited::Go`]); never past `max_wait`.
+    pub async fn wait(
+        &self,
+        lsn: u64,
+        since: tokio::time::Instant,
+        replayed_at: Option<tokio::time::Instant>,
+    ) -> Waited {
         let deadline = since + self.max_wait;
+        if let Some(at) = replayed_at {
+            tokio::time::sleep_until(deadline.min(at + self.margin)).await;
+            return Waited::Go;
+        }
         let mut rx = self.replayed.clone();
-        // The guard `wait_for` returns must not live across the margin's sleep.
+        // The guard `wait_for` returns must not live across an await.
         let replayed =
             matches!(tokio::time::timeout_at(deadline, rx.wait_for(|v| v.iter().all(|&at| at > lsn))).await, Ok(Ok(_)));
-        match replayed {
-            true => {
-                tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + self.margin)).await;
-                Waited::Replayed
-            }
-            false => {
-                let replayed = self.replayed.borrow().clone();
-                let behind: Vec<&str> = self
-                    .names
-                    .iter()
-                    .zip(replayed.iter())
-                    .filter(|(_, &at)| at <= lsn)
-                    .map(|(n, _)| n.as_str())
-                    .collect();
-                for name in &behind {
-                    self.metrics.freshness_max_wait.with_label_values(&[name]).inc();
-                }
-                tracing::warn!(
-                    replicas = %behind.join(","),
-                    lsn = %format_lsn(lsn),
-                    max_wait_ms = self.max_wait.as_millis() as u64,
-                    "freshness.max_wait reached before every replica replayed the commit: second pass sent anyway"
-                );
-                Waited::TimedOut
-            }
+        if replayed {
+            return Waited::Replayed;
         }
+        if tokio::time::Instant::now() < deadline {
+            // The pollers are gone (shutdown): nothing more will be replayed.
+            tokio::time::sleep_until(deadline).await;
+        }
+        let positions = self.replayed.borrow().clone();
+        let behind: Vec<&str> =
+            self.names.iter().zip(positions.iter()).filter(|(_, &at)| at <= lsn).map(|(n, _)| n.as_str()).collect();
+        for name in &behind {
+            self.metrics.freshness_max_wait.with_label_values(&[name]).inc();
+        }
+        tracing::warn!(
+            replicas = %behind.join(","),
+            lsn = %format_lsn(lsn),
+            max_wait_ms = self.max_wait.as_millis() as u64,
+            "freshness.max_wait reached before every replica replayed the commit: second pass sent anyway"
+        );
+        Waited::TimedOut
     }
 
     /// Notes the newest commit LSN awaited, for the replay lag in bytes.

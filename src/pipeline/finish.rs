@@ -27,6 +27,8 @@ pub(super) struct SecondPass {
     lsn: Option<u64>,
     /// When the first pass was done: `freshness.max_wait` counts from here.
     since: tokio::time::Instant,
+    /// When every replica was first seen to have replayed `lsn`.
+    replayed_at: Option<tokio::time::Instant>,
     batch: Invalidations,
     acks: Vec<Ack>,
     /// The waiting events' staleness origins: settled and acknowledged staleness are observed
@@ -139,12 +141,15 @@ impl Finish {
                 replicas.awaited(lsn);
             }
             repeat
-                .send(SecondPass { due, lsn, since, batch: unit.batch, acks: waiting, origins })
+                .send(SecondPass { due, lsn, since, replayed_at: None, batch: unit.batch, acks: waiting, origins })
                 .map_err(|_| StageError::Stopped)?;
         }
         Ok(())
     }
 }
+
+/// The front pass's schedule: due, LSN, first pass done, replayed.
+type Front = (tokio::time::Instant, Option<u64>, tokio::time::Instant, Option<tokio::time::Instant>);
 
 /// The second-pass stage: holds batches until they are due, then runs them through the layers
 /// in order (sinks of one layer at once, `layer_delay` between layers).
@@ -169,7 +174,8 @@ impl SecondPasses {
         let mut passes: VecDeque<SecondPass> = VecDeque::new();
         let mut open = true;
         loop {
-            let front = passes.front().map(|p| (p.due, p.lsn, p.since));
+            self.stamp(&mut passes);
+            let front = passes.front().map(|p| (p.due, p.lsn, p.since, p.replayed_at));
             if !open && front.is_none() {
                 return Ok(());
             }
@@ -184,7 +190,10 @@ impl SecondPasses {
                     }
                     None => open = false,
                 },
-                _ = self.ready(front), if front.is_some() => {
+                go = self.ready(front), if front.is_some() => {
+                    if !go {
+                        continue;
+                    }
                     let Some(pass) = passes.pop_front() else { continue };
                     let sinks = self.run_pass(&pass.batch, &shutdown).await?;
                     let now = SystemTime::now();
@@ -205,16 +214,33 @@ impl SecondPasses {
         }
     }
 
-    /// When the front pass may go: `repeat_after` after the first, or once the replicas have
-    /// replayed its LSN (plus margin, at most `max_wait`).
-    async fn ready(&self, front: Option<(tokio::time::Instant, Option<u64>, tokio::time::Instant)>) {
-        match (front, &self.freshness) {
-            (Some((_, Some(lsn), since)), Some(replicas)) => {
-                if replicas.wait(lsn, since).await == Waited::TimedOut {
-                    tracing::debug!("second pass released by freshness.max_wait");
-                }
+    /// Notes when each waiting pass's commit was first seen replayed on every replica (from
+    /// the front, while they are): the margin counts from there.
+    fn stamp(&self, passes: &mut VecDeque<SecondPass>) {
+        let Some(replicas) = &self.freshness else { return };
+        let now = tokio::time::Instant::now();
+        for pass in passes.iter_mut() {
+            match pass.lsn {
+                Some(_) if pass.replayed_at.is_some() => continue,
+                Some(lsn) if replicas.is_replayed(lsn) => pass.replayed_at = Some(now),
+                Some(_) => break,
+                None => continue,
             }
-            (Some((due, _, _)), _) => tokio::time::sleep_until(due).await,
+        }
+    }
+
+    /// Whether the front pass may go now (`false`: its state changed, look again): at
+    /// `repeat_after` after the first pass, or `margin` after the replicas have replayed its
+    /// LSN (at most `max_wait`).
+    async fn ready(&self, front: Option<Front>) -> bool {
+        match (front, &self.freshness) {
+            (Some((_, Some(lsn), since, replayed_at)), Some(replicas)) => {
+                replicas.wait(lsn, since, replayed_at).await != Waited::Replayed
+            }
+            (Some((due, _, _, _)), _) => {
+                tokio::time::sleep_until(due).await;
+                true
+            }
             (None, _) => std::future::pending().await,
         }
     }
