@@ -1,0 +1,112 @@
+//! `freshness.replicas` against real PostgreSQL physical standbys: the replica checks at start
+//! (and `check --against-db`), and the second-pass gate following a lagging standby's replay.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cdc_invalidator::config::freshness::{FreshnessConfig, ReplicaConfig};
+use cdc_invalidator::config::postgres::parse_url;
+use cdc_invalidator::freshness::{system_identifier, FreshnessError, Replicas, Waited};
+use cdc_invalidator::shutdown::Shutdown;
+use cdc_invalidator::telemetry::Metrics;
+
+use crate::support::postgres::{PgCluster, CDC_PASSWORD};
+
+fn freshness(replicas: &[(&str, &str)]) -> FreshnessConfig {
+    FreshnessConfig {
+        replicas: replicas
+            .iter()
+            .map(|(name, url)| ReplicaConfig {
+                name: name.to_string(),
+                url: None,
+                url_env: None,
+                url_file: None,
+                connection: Some(parse_url(url, Path::new("config.yaml")).unwrap()),
+            })
+            .collect(),
+        ..FreshnessConfig::default()
+    }
+}
+
+async fn start(replicas: &[(&str, &str)], source_id: Option<u64>) -> Result<Replicas, FreshnessError> {
+    Replicas::start(&freshness(replicas), source_id, Arc::new(Metrics::new()), Shutdown::never()).await
+}
+
+#[tokio::test]
+async fn freshness_bad_replicas_are_named_in_one_sentence_at_start() {
+    let primary = PgCluster::start();
+    primary.create_cdc_role().await;
+    let standby = PgCluster::standby_of(&primary, "replica1", &[]).await;
+    let source_id = system_identifier(&parse_url(&primary.url(), Path::new("c")).unwrap()).await;
+    assert!(source_id.is_some(), "the source's system identifier is readable");
+
+    // A good standby, over SCRAM.
+    let good = standby.cdc_url(CDC_PASSWORD);
+    start(&[("r1", &good)], source_id).await.expect("a standby of the source is accepted");
+
+    // A primary is not a replica.
+    let err = start(&[("r1", &primary.url())], source_id).await.err().expect("a primary is refused").to_string();
+    assert!(err.contains("r1") && err.contains("is a primary, not a standby in recovery"), "{err}");
+
+    // Wrong credentials: refused (not retried).
+    let err = start(&[("r1", &standby.cdc_url("wrong"))], source_id).await.err().expect("wrong password");
+    assert!(!err.is_transient(), "{err}");
+    assert!(err.to_string().contains("freshness.replicas r1") && err.to_string().contains("refused"), "{err}");
+
+    // Nothing listening.
+    let port = crate::support::free_port();
+    let url = format!("postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=disable");
+    let err = start(&[("r1", &url)], source_id).await.err().expect("unreachable");
+    assert!(err.to_string().contains("cannot reach PostgreSQL"), "{err}");
+
+    // A standby of another cluster.
+    let other = PgCluster::start();
+    let other_standby = PgCluster::standby_of(&other, "replica2", &[]).await;
+    let err = start(&[("r2", &other_standby.url())], source_id).await.err().expect("another cluster").to_string();
+    assert!(err.contains("belongs to another cluster"), "{err}");
+}
+
+#[tokio::test]
+async fn freshness_gate_follows_a_lagging_standbys_replay_and_reports_its_lag() {
+    let primary = PgCluster::start();
+    primary.sql("CREATE TABLE items (id int PRIMARY KEY, n int)").await;
+    let standby = PgCluster::standby_of(&primary, "replica1", &[]).await;
+    standby.sql("ALTER SYSTEM SET recovery_min_apply_delay = '1s'").await;
+    standby.client().await.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let metrics = Arc::new(Metrics::new());
+    let config = FreshnessConfig {
+        margin: Duration::from_millis(50),
+        max_wait: Duration::from_secs(20),
+        ..freshness(&[("r1", &standby.url())])
+    };
+    let replicas = Replicas::spawn(&config, metrics.clone(), Shutdown::never());
+
+    for n in 0..3 {
+        primary.sql(&format!("INSERT INTO items VALUES ({n}, {n})")).await;
+        // The end of the commit record: replayed only once the standby shows the row.
+        let lsn = primary.current_lsn().await - 1;
+        let since = tokio::time::Instant::now();
+        let waited = replicas.wait(lsn, since, None).await;
+        let elapsed = since.elapsed();
+        assert_eq!(waited, Waited::Replayed, "insert {n}");
+        // recovery_min_apply_delay counts from the commit: generous lower bound on a busy machine.
+        assert!(
+            elapsed >= Duration::from_millis(500),
+            "insert {n}: released after {elapsed:?}, before the standby applied it"
+        );
+        let row = standby.client().await.query_opt("SELECT n FROM items WHERE id = $1", &[&n]).await.unwrap();
+        assert!(row.is_some(), "insert {n}: the standby shows the row once the gate opens");
+        assert!(standby.replay_lsn().await > lsn);
+    }
+    // Lag appears in the metrics while the standby holds WAL back.
+    primary.sql("INSERT INTO items VALUES (100, 100)").await;
+    let mut seen = 0.0_f64;
+    for _ in 0..40 {
+        seen = seen.max(metrics.value("cdc_invalidator_replica_replay_lag_seconds", &[("replica", "r1")]));
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(seen > 0.0, "a replay lag in seconds was reported");
+}
