@@ -110,3 +110,22 @@ async fn freshness_gate_follows_a_lagging_standbys_replay_and_reports_its_lag() 
     }
     assert!(seen > 0.0, "a replay lag in seconds was reported");
 }
+
+/// The refills metric rests on this: the Redis sink reports how many keys an UNLINK found.
+#[tokio::test]
+async fn freshness_redis_report_counts_only_the_keys_that_were_there() {
+    use cdc_invalidator::config::RedisConfig;
+    use cdc_invalidator::sink::redis::RedisSink;
+    use cdc_invalidator::sink::{Invalidations, ItemKind, Sink};
+
+    let server = crate::support::redis::RedisServer::start();
+    let mut con = redis::Client::open(server.url()).unwrap().get_connection().unwrap();
+    let _: () = redis::cmd("MSET").arg("k:1").arg("v").arg("k:3").arg("v").query(&mut con).unwrap();
+    let sink = RedisSink::new("redis", &RedisConfig::for_url(&server.url()), Arc::new(Metrics::new())).unwrap();
+    let keys = ["k:1", "k:2", "k:3", "k:4"].iter().map(|k| k.to_string()).collect();
+    let batch = Invalidations::of(ItemKind::RedisKey, keys);
+    let report = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
+    assert_eq!(report.removed, 2, "two of the four keys existed");
+    let again = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
+    assert_eq!(again.removed, 0, "nothing refilled, nothing removed");
+}

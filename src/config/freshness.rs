@@ -129,3 +129,59 @@ impl FreshnessConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::config::load_with_env;
+
+    const CORE: &str = "rules: rules.yaml\nsource:\n  kind: kafka\n  kafka:\n    brokers: \"127.0.0.1:9092\"\n    topics: [t]\nsinks:\n  redis:\n    url: \"redis://127.0.0.1:6379\"\n";
+
+    fn load(extra: &str, env: Vec<(String, String)>) -> Result<crate::config::Config, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, format!("{CORE}{extra}")).unwrap();
+        std::fs::write(dir.path().join("replica-url"), "postgresql://cdc:pw@10.0.0.2:5432/shop?sslmode=require\n")
+            .unwrap();
+        load_with_env(&path, env).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn replicas_take_url_env_or_file_and_default_margins() {
+        let cfg = load("", vec![]).unwrap();
+        assert!(!cfg.freshness.enabled(), "off by default");
+        std::env::set_var("CDC_TEST_REPLICA1_URL", "postgresql://cdc:pw@10.0.0.1:5432/shop");
+        let cfg = load(
+            "freshness:\n  replicas:\n    - { name: replica-1, url_env: CDC_TEST_REPLICA1_URL }\n    - { name: replica-2, url_file: replica-url }\n  margin: 50ms\n",
+            vec![],
+        )
+        .unwrap();
+        let f = &cfg.freshness;
+        assert!(f.enabled());
+        assert_eq!(f.margin, Duration::from_millis(50));
+        assert_eq!(f.max_wait, Duration::from_secs(30));
+        let hosts: Vec<_> = f.replicas.iter().map(|r| r.connection.as_ref().unwrap().host.clone()).collect();
+        assert_eq!(hosts, ["10.0.0.1", "10.0.0.2"]);
+        assert!(!format!("{cfg:?}").contains(":pw@"), "the URL is a secret");
+    }
+
+    #[test]
+    fn bad_replica_settings_are_named_with_file_line_and_column() {
+        let err = load(
+            "freshness:\n  replicas:\n    - { name: r1, url: \"mysql://x\" }\n    - { name: r1, url: \"postgresql://a@b/c\", url_env: X }\n  margin: 40s\n",
+            vec![],
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("c.yaml:12:") && err.contains("freshness.replicas[0] (r1): the URL is not valid"),
+            "{err}"
+        );
+        assert!(err.contains("the replica name \"r1\" is used twice"), "{err}");
+        assert!(err.contains("exactly one of `url`, `url_env` and `url_file`"), "{err}");
+        assert!(
+            err.contains("c.yaml:14:") && err.contains("freshness.margin must be shorter than freshness.max_wait"),
+            "{err}"
+        );
+    }
+}
