@@ -129,3 +129,113 @@ async fn freshness_redis_report_counts_only_the_keys_that_were_there() {
     let again = sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     assert_eq!(again.removed, 0, "nothing refilled, nothing removed");
 }
+
+/// The freshness harness: a primary, a physical standby whose replay lags (200 ms, then 1 s
+/// mid-run), readers refilling Redis from the standby on a miss (cache-aside), a writer
+/// updating the primary, and the daemon on the primary's replication stream. Returns the keys
+/// stale (cached value differs from the primary's) at each checkpoint: after the 200 ms phase,
+/// after the 1 s phase (both once lag + margin + slack has passed), and at the end.
+async fn race(with_replicas: bool) -> (Vec<usize>, Arc<Metrics>) {
+    use crate::support::daemon::Daemon;
+    use crate::support::postgres::{write_config, PgSetup};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const ROWS: i32 = 20;
+    let primary = PgCluster::start();
+    primary.sql("CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL)").await;
+    primary.sql(&format!("INSERT INTO items SELECT g, 0 FROM generate_series(0, {}) g", ROWS - 1)).await;
+    primary.publish("fresh_pub", "items", "fresh_slot").await;
+    let standby = PgCluster::standby_of(&primary, "replica1", &["recovery_min_apply_delay = '200ms'"]).await;
+    let redis = crate::support::redis::RedisServer::start();
+    let redis_url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = if with_replicas {
+        format!(
+            "freshness:\n  replicas:\n    - {{ name: replica-1, url: \"{}\" }}\n  margin: 100ms\n  max_wait: 20s\n",
+            standby.url()
+        )
+    } else {
+        String::new()
+    };
+    let rules = "version: 1\nrules:\n  - name: items\n    table: public.items\n    redis: { keys: [\"item:{id}\"] }\n";
+    let url = primary.url();
+    let (config, port) = write_config(
+        dir.path(),
+        &PgSetup { extra: &extra, ..PgSetup::new(&url, "fresh_slot", "fresh_pub", &redis_url, rules) },
+    );
+    let daemon = Daemon::from_config(dir.path(), &config, port);
+    let metrics = daemon.metrics.clone();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Readers: on a miss, read the standby and fill the cache.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for r in 0..2 {
+        let (stop, standby_client) = (stop.clone(), standby.client().await);
+        let mut cache =
+            redis::Client::open(redis_url.clone()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        readers.push(tokio::spawn(async move {
+            let mut id = r;
+            while !stop.load(Ordering::Relaxed) {
+                id = (id + 7) % ROWS;
+                let key = format!("item:{id}");
+                let cached: Option<i32> = redis::cmd("GET").arg(&key).query_async(&mut cache).await.unwrap();
+                if cached.is_none() {
+                    let row = standby_client.query_one("SELECT v FROM items WHERE id = $1", &[&id]).await.unwrap();
+                    let v: i32 = row.get(0);
+                    let _: () = redis::cmd("SET").arg(&key).arg(v).query_async(&mut cache).await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    let writer = primary.client().await;
+    let mut cache = redis::Client::open(redis_url.clone()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut stale_counts = Vec::new();
+    let mut n = 0;
+    for (phase, settle) in [(0, Duration::from_secs(3)), (1, Duration::from_secs(5))] {
+        if phase == 1 {
+            standby.sql("ALTER SYSTEM SET recovery_min_apply_delay = '1s'").await;
+            standby.sql("SELECT pg_reload_conf()").await;
+        }
+        // 50 updates a second for 3 s.
+        for _ in 0..150 {
+            writer.execute("UPDATE items SET v = v + 1 WHERE id = $1", &[&(n % ROWS)]).await.unwrap();
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Lag + margin, and generous slack for a busy machine; readers keep refilling.
+        tokio::time::sleep(settle).await;
+        let mut stale = 0;
+        for id in 0..ROWS {
+            let v: i32 = writer.query_one("SELECT v FROM items WHERE id = $1", &[&id]).await.unwrap().get(0);
+            let cached: Option<i32> =
+                redis::cmd("GET").arg(format!("item:{id}")).query_async(&mut cache).await.unwrap();
+            stale += usize::from(cached.is_some_and(|c| c != v));
+        }
+        stale_counts.push(stale);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    daemon.stop().await.unwrap();
+    (stale_counts, metrics)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshness_harness_with_replicas_no_key_stays_stale_while_the_lag_changes() {
+    let (stale, metrics) = race(true).await;
+    assert_eq!(stale, vec![0, 0], "keys stale after lag + margin (200 ms phase, 1 s phase)");
+    let refills = metrics.value("cdc_invalidator_second_pass_refills_total", &[("sink", "redis")]);
+    eprintln!("with freshness.replicas: stale {stale:?}, refills caught {refills}");
+    assert!(refills > 0.0, "the race happened and the second pass caught it ({refills} refills)");
+    assert!(metrics.value("cdc_invalidator_settled_seconds", &[("sink", "redis")]) > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshness_harness_without_replicas_the_race_shows() {
+    let (stale, _) = race(false).await;
+    eprintln!("without freshness.replicas: stale keys at the checkpoints {stale:?} of 20");
+    assert!(stale.iter().sum::<usize>() > 0, "stale keys without freshness.replicas: {stale:?}");
+}
