@@ -58,6 +58,11 @@ pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: 
     let kafka_config = config.source.kafka.as_ref();
     let dead_letters = DeadLetters::open(&config.dead_letter, kafka_config, metrics.clone()).await?;
     tracing::info!(destination = %dead_letters.describe(), "dead letters");
+    // Before the source starts: a bad replica stops the daemon before it reads anything.
+    let freshness = match config.freshness.enabled() {
+        true => Some(start_freshness(&config, &metrics, &shutdown).await?),
+        false => None,
+    };
 
     let (tx, rx) = mpsc::channel(config.pipeline.queue_capacity);
     let source_task = match (config.source.kind, kafka_config, config.source.postgres.as_ref()) {
@@ -82,8 +87,8 @@ pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: 
     let mut pipeline = Pipeline::new(config.pipeline.clone(), initial, sinks, dead_letters, metrics.clone())
         .with_layers(layers, config.sinks.timing.clone())
         .with_rules_updates(rules);
-    if config.freshness.enabled() {
-        pipeline = pipeline.with_freshness(start_freshness(&config, &metrics, &shutdown).await?);
+    if let Some(replicas) = freshness {
+        pipeline = pipeline.with_freshness(replicas);
     }
     let result = pipeline.run(rx, &shutdown).await;
     health.alive.store(false, Ordering::Relaxed);

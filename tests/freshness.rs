@@ -239,3 +239,37 @@ async fn freshness_harness_without_replicas_the_race_shows() {
     eprintln!("without freshness.replicas: stale keys at the checkpoints {stale:?} of 20");
     assert!(stale.iter().sum::<usize>() > 0, "stale keys without freshness.replicas: {stale:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshness_a_primary_listed_as_replica_stops_the_daemon_and_fails_check() {
+    use crate::support::postgres::{write_config, PgSetup};
+
+    let primary = PgCluster::start();
+    primary.sql("CREATE TABLE items (id int PRIMARY KEY, v int)").await;
+    primary.publish("fresh_pub", "items", "fresh_slot").await;
+    let redis = crate::support::redis::RedisServer::start();
+    let redis_url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let url = primary.url();
+    let extra = format!("freshness:\n  replicas:\n    - {{ name: replica-1, url: \"{url}\" }}\n");
+    let rules = "version: 1\nrules:\n  - name: items\n    table: public.items\n    redis: { keys: [\"item:{id}\"] }\n";
+    let (config, _) = write_config(
+        dir.path(),
+        &PgSetup { extra: &extra, ..PgSetup::new(&url, "fresh_slot", "fresh_pub", &redis_url, rules) },
+    );
+    let loaded = cdc_invalidator::config::load_with_env(&config, []).unwrap();
+    let rules = cdc_invalidator::rules::Rules::from_file(&loaded.rules).unwrap();
+    let (_trigger, shutdown) = cdc_invalidator::shutdown::channel();
+    let run = cdc_invalidator::app::run(loaded, rules, Arc::new(Metrics::new()), shutdown);
+    let err = tokio::time::timeout(Duration::from_secs(20), run).await.expect("stops by itself").expect_err("fatal");
+    assert!(err.to_string().contains("replica-1") && err.to_string().contains("is a primary"), "{err}");
+
+    let out = std::process::Command::new(crate::support::daemon::binary())
+        .args(["check", "--against-db", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("freshness.replicas replica-1") && stderr.contains("is a primary"), "{stderr}");
+}
