@@ -239,7 +239,9 @@ pub async fn system_identifier(c: &Connection) -> Option<u64> {
     row.get::<_, String>(0).parse().ok()
 }
 
-/// Reads one replica's replay position every `interval`; reconnects with backoff.
+/// Reads one replica's replay position every `interval`; reconnects with backoff. Runs until
+/// shutdown abandons the work, not merely until intake stops: the drain's second passes still
+/// wait for the replicas.
 struct Poller {
     index: usize,
     name: String,
@@ -268,7 +270,7 @@ impl Poller {
                 }
                 Err(e) => e.to_string(),
             };
-            if shutdown.is_stopping() {
+            if shutdown.is_abandoned() {
                 return;
             }
             // Lost: its position is unknown, so passes wait for it until `max_wait`.
@@ -278,7 +280,7 @@ impl Poller {
                 tracing::warn!(replica = %self.name, error = %reason, "read replica lost: second passes wait for it at most freshness.max_wait; reconnecting");
             }
             tokio::select! {
-                _ = shutdown.stopping() => return,
+                _ = shutdown.abandoned() => return,
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(RECONNECT_MAX);
@@ -300,7 +302,7 @@ impl Poller {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = shutdown.stopping() => return "shutdown".into(),
+                _ = shutdown.abandoned() => return "shutdown".into(),
                 _ = tick.tick() => {}
             }
             let row = match tokio::time::timeout(Duration::from_secs(5), client.query_one(&statement, &[])).await {
@@ -332,5 +334,51 @@ impl Poller {
                 *at = lsn;
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{Ack, RawMessage};
+
+    fn event(position: Position, value: Option<&[u8]>) -> SourceEvent {
+        SourceEvent {
+            position,
+            decoded: Err(crate::source::Malformed("unused".into())),
+            raw: RawMessage { topic: None, key: None, value: value.map(<[u8]>::to_vec) },
+            logged_at: None,
+            received: std::time::Instant::now(),
+            ack: Ack::detached(),
+        }
+    }
+
+    #[test]
+    fn the_commit_lsn_comes_from_pgoutput_or_debeziums_source_lsn() {
+        let pg = event(Position::Postgres { lsn: 10, commit_end_lsn: 42 }, None);
+        assert_eq!(commit_lsn(&pg), Some(42), "pgoutput: the commit record's LSN");
+        let kafka = Position::Kafka { topic: "shop.public.products".into(), partition: 0, offset: 7 };
+        let value = include_bytes!("../../tests/fixtures/debezium/pg-insert.json");
+        assert_eq!(commit_lsn(&event(kafka.clone(), Some(value))), Some(24023400), "Debezium: source.lsn");
+        let mysql = include_bytes!("../../tests/fixtures/debezium/mysql-update.json");
+        assert_eq!(commit_lsn(&event(kafka, Some(mysql))), None, "MySQL events have no LSN");
+        assert_eq!(format_lsn(0x1_0000_00FF), "1/FF");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn margin_counts_from_the_replay_and_a_dead_feed_waits_out_max_wait() {
+        let metrics = Arc::new(Metrics::new());
+        let (replicas, tx) =
+            Replicas::manual(&["a"], Duration::from_millis(100), Duration::from_secs(5), metrics.clone());
+        let since = tokio::time::Instant::now();
+        tx.send_modify(|v| v[0] = 51);
+        assert!(replicas.is_replayed(50) && !replicas.is_replayed(51));
+        assert_eq!(replicas.wait(50, since, None).await, Waited::Replayed);
+        assert_eq!(replicas.wait(50, since, Some(since)).await, Waited::Go);
+        assert_eq!(since.elapsed(), Duration::from_millis(100));
+        drop(tx);
+        assert_eq!(replicas.wait(60, since, None).await, Waited::TimedOut);
+        assert_eq!(since.elapsed(), Duration::from_secs(5));
+        assert_eq!(metrics.value("cdc_invalidator_freshness_max_wait_total", &[("replica", "a")]), 1.0);
     }
 }
