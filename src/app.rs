@@ -37,6 +37,8 @@ pub enum AppError {
     SourceTask(String),
     #[error(transparent)]
     Pipeline(#[from] crate::pipeline::PipelineError),
+    #[error(transparent)]
+    Freshness(#[from] crate::freshness::FreshnessError),
 }
 
 /// How often sinks are pinged for `/readyz` and `cdc_invalidator_sink_up`.
@@ -58,6 +60,11 @@ pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: 
     let kafka_config = config.source.kafka.as_ref();
     let dead_letters = DeadLetters::open(&config.dead_letter, kafka_config, metrics.clone()).await?;
     tracing::info!(destination = %dead_letters.describe(), "dead letters");
+    // Before the source starts: a bad replica stops the daemon before it reads anything.
+    let freshness = match config.freshness.enabled() {
+        true => Some(start_freshness(&config, &metrics, &shutdown).await?),
+        false => None,
+    };
 
     let (tx, rx) = mpsc::channel(config.pipeline.queue_capacity);
     let source_task = match (config.source.kind, kafka_config, config.source.postgres.as_ref()) {
@@ -79,9 +86,12 @@ pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: 
     health.alive.store(true, Ordering::Relaxed);
 
     let initial = rules.borrow().clone();
-    let pipeline = Pipeline::new(config.pipeline.clone(), initial, sinks, dead_letters, metrics.clone())
+    let mut pipeline = Pipeline::new(config.pipeline.clone(), initial, sinks, dead_letters, metrics.clone())
         .with_layers(layers, config.sinks.timing.clone())
         .with_rules_updates(rules);
+    if let Some(replicas) = freshness {
+        pipeline = pipeline.with_freshness(replicas);
+    }
     let result = pipeline.run(rx, &shutdown).await;
     health.alive.store(false, Ordering::Relaxed);
     pinger.abort();
@@ -95,6 +105,23 @@ pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: 
         Ok(r) => r,
         Err(e) => Err(AppError::SourceTask(e.to_string())),
     }
+}
+
+/// The read replicas' pollers, after checking each replica once (a bad one is fatal at start;
+/// one lost later only delays second passes up to `freshness.max_wait`).
+async fn start_freshness(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    shutdown: &Shutdown,
+) -> Result<crate::freshness::Replicas, AppError> {
+    let source_id = match config.source.postgres.as_ref().and_then(|p| p.connection()) {
+        Some(c) if config.source.kind == SourceKind::Postgres => crate::freshness::system_identifier(c).await,
+        _ => None,
+    };
+    let replicas =
+        crate::freshness::Replicas::start(&config.freshness, source_id, metrics.clone(), shutdown.clone()).await?;
+    tracing::info!(replicas = config.freshness.replicas.len(), "second passes wait for the read replicas");
+    Ok(replicas)
 }
 
 /// Each sink's layer, and the sinks in layer order (parallel vectors).

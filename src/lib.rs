@@ -38,6 +38,7 @@ pub mod config;
 pub mod dead_letter;
 pub mod event;
 pub mod explain;
+pub mod freshness;
 pub mod pipeline;
 pub mod redact;
 pub mod replay;

@@ -13,6 +13,7 @@ mod cdn_webhook;
 mod cli;
 mod debezium_real;
 mod end_to_end;
+mod freshness;
 mod hardening;
 mod operator_alerts;
 mod operator_kit;

@@ -22,6 +22,7 @@ use crate::retry::RetryPolicy;
 
 mod build;
 pub mod duration;
+pub mod freshness;
 pub mod postgres;
 mod problems;
 mod ranges;
@@ -57,6 +58,9 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Read replicas gating the second pass (`freshness`).
+    #[serde(default)]
+    pub freshness: freshness::FreshnessConfig,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -740,6 +744,7 @@ impl Config {
             problems.push(origin.problem(&["log", "level"], "log.level must not be empty"));
         }
         ranges::check(self, origin, &mut problems);
+        self.freshness.validate(origin, &mut problems);
         problems
     }
 }

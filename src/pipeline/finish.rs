@@ -13,16 +13,27 @@ use super::{change_of, origin, StageError, Unit};
 use crate::config::LayerTiming;
 use crate::dead_letter::{DeadLetterError, DeadLetters, Letter, Reason};
 use crate::event::Decoded;
+use crate::freshness::{commit_lsn, Replicas, Waited};
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, Sink};
 use crate::source::Ack;
 use crate::telemetry::Metrics;
 
-/// A batch's invalidations, due again at `due`; its events are acknowledged after that.
+/// A batch's invalidations, due again at `due` (or, with `lsn`, once the read replicas have
+/// replayed it); its events are acknowledged after that.
 pub(super) struct SecondPass {
     due: tokio::time::Instant,
+    /// The newest commit LSN of the batch's events (`freshness.replicas`).
+    lsn: Option<u64>,
+    /// When the first pass was done: `freshness.max_wait` counts from here.
+    since: tokio::time::Instant,
+    /// When every replica was first seen to have replayed `lsn`.
+    replayed_at: Option<tokio::time::Instant>,
     batch: Invalidations,
     acks: Vec<Ack>,
+    /// The waiting events' staleness origins: settled and acknowledged staleness are observed
+    /// after this pass.
+    origins: Vec<SystemTime>,
 }
 
 /// Every unit ends here, once each layer with work for it confirmed it (or rejected some of it).
@@ -32,6 +43,7 @@ pub(super) struct Finish {
     pub(super) timing: LayerTiming,
     /// Where batches go for their second pass (set when `repeat_after` is).
     pub(super) repeat: Option<mpsc::UnboundedSender<SecondPass>>,
+    pub(super) freshness: Option<Replicas>,
 }
 
 impl Finish {
@@ -75,8 +87,21 @@ impl Finish {
         }
 
         let now = SystemTime::now();
-        let repeat = self.repeat.is_some() && !unit.batch.is_empty();
+        // With read replicas, the batch's second pass waits for its newest commit LSN; a batch
+        // without one (a source that has none) falls back to `repeat_after`, or has none.
+        let lsn = match &self.freshness {
+            Some(_) => unit
+                .items
+                .iter()
+                .filter(|i| i.evaluation.as_ref().is_some_and(|e| !e.invalidations.is_empty()))
+                .filter_map(|i| commit_lsn(&i.event))
+                .max(),
+            None => None,
+        };
+        let repeat =
+            self.repeat.is_some() && !unit.batch.is_empty() && (lsn.is_some() || !self.timing.repeat_after.is_zero());
         let mut waiting = Vec::new();
+        let mut origins = Vec::new();
         for item in unit.items {
             let (table, op) = match &item.event.decoded {
                 Ok(Decoded::Change(c)) => (c.table.as_str(), c.op.as_str()),
@@ -91,7 +116,11 @@ impl Finish {
                 (None, Some(_)) => "invalidated",
             };
             self.metrics.events.with_label_values(&[table, op, outcome]).inc();
-            if item.evaluation.is_some() {
+            let asked = item.evaluation.as_ref().is_some_and(|e| !e.invalidations.is_empty());
+            if repeat && asked {
+                // Acknowledged only after the second pass: observed there.
+                origins.extend(origin(&item.event));
+            } else if item.evaluation.is_some() {
                 if let Some(origin) = origin(&item.event) {
                     let seconds = now.duration_since(origin).unwrap_or_default().as_secs_f64();
                     self.metrics.end_to_end_staleness.observe(seconds);
@@ -99,7 +128,6 @@ impl Finish {
                 }
             }
             // With a second pass, events that asked for invalidations wait for it.
-            let asked = item.evaluation.as_ref().is_some_and(|e| !e.invalidations.is_empty());
             if repeat && asked {
                 waiting.push(item.event.ack);
             } else {
@@ -107,12 +135,21 @@ impl Finish {
             }
         }
         if let (Some(repeat), false) = (&self.repeat, waiting.is_empty()) {
-            let due = tokio::time::Instant::now() + self.timing.repeat_after;
-            repeat.send(SecondPass { due, batch: unit.batch, acks: waiting }).map_err(|_| StageError::Stopped)?;
+            let since = tokio::time::Instant::now();
+            let due = since + self.timing.repeat_after;
+            if let (Some(replicas), Some(lsn)) = (&self.freshness, lsn) {
+                replicas.awaited(lsn);
+            }
+            repeat
+                .send(SecondPass { due, lsn, since, replayed_at: None, batch: unit.batch, acks: waiting, origins })
+                .map_err(|_| StageError::Stopped)?;
         }
         Ok(())
     }
 }
+
+/// The front pass's schedule: due, LSN, first pass done, replayed.
+type Front = (tokio::time::Instant, Option<u64>, tokio::time::Instant, Option<tokio::time::Instant>);
 
 /// The second-pass stage: holds batches until they are due, then runs them through the layers
 /// in order (sinks of one layer at once, `layer_delay` between layers).
@@ -122,6 +159,7 @@ pub(super) struct SecondPasses {
     pub(super) metrics: Arc<Metrics>,
     /// Events waiting for their second pass; intake waits while there are `repeat_max_events`.
     pub(super) pending: watch::Sender<usize>,
+    pub(super) freshness: Option<Replicas>,
 }
 
 impl SecondPasses {
@@ -136,8 +174,9 @@ impl SecondPasses {
         let mut passes: VecDeque<SecondPass> = VecDeque::new();
         let mut open = true;
         loop {
-            let due = passes.front().map(|p| p.due);
-            if !open && due.is_none() {
+            self.stamp(&mut passes);
+            let front = passes.front().map(|p| (p.due, p.lsn, p.since, p.replayed_at));
+            if !open && front.is_none() {
                 return Ok(());
             }
             tokio::select! {
@@ -151,9 +190,20 @@ impl SecondPasses {
                     }
                     None => open = false,
                 },
-                _ = sleep_until_some(due), if due.is_some() => {
+                go = self.ready(front), if front.is_some() => {
+                    if !go {
+                        continue;
+                    }
                     let Some(pass) = passes.pop_front() else { continue };
-                    self.run_pass(&pass.batch, &shutdown).await?;
+                    let sinks = self.run_pass(&pass.batch, &shutdown).await?;
+                    let now = SystemTime::now();
+                    for origin in &pass.origins {
+                        let seconds = now.duration_since(*origin).unwrap_or_default().as_secs_f64();
+                        self.metrics.end_to_end_staleness.observe(seconds);
+                        for sink in &sinks {
+                            self.metrics.settled.with_label_values(&[sink]).observe(seconds);
+                        }
+                    }
                     self.pending.send_modify(|n| *n = n.saturating_sub(pass.acks.len()));
                     self.metrics.second_pass_pending_events.set(*self.pending.borrow() as i64);
                     for ack in pass.acks {
@@ -164,9 +214,42 @@ impl SecondPasses {
         }
     }
 
+    /// Notes when each waiting pass's commit was first seen replayed on every replica (from
+    /// the front, while they are): the margin counts from there.
+    fn stamp(&self, passes: &mut VecDeque<SecondPass>) {
+        let Some(replicas) = &self.freshness else { return };
+        let now = tokio::time::Instant::now();
+        for pass in passes.iter_mut() {
+            match pass.lsn {
+                Some(_) if pass.replayed_at.is_some() => continue,
+                Some(lsn) if replicas.is_replayed(lsn) => pass.replayed_at = Some(now),
+                Some(_) => break,
+                None => continue,
+            }
+        }
+    }
+
+    /// Whether the front pass may go now (`false`: its state changed, look again): at
+    /// `repeat_after` after the first pass, or `margin` after the replicas have replayed its
+    /// LSN (at most `max_wait`).
+    async fn ready(&self, front: Option<Front>) -> bool {
+        match (front, &self.freshness) {
+            (Some((_, Some(lsn), since, replayed_at)), Some(replicas)) => {
+                replicas.wait(lsn, since, replayed_at).await != Waited::Replayed
+            }
+            (Some((due, _, _, _)), _) => {
+                tokio::time::sleep_until(due).await;
+                true
+            }
+            (None, _) => std::future::pending().await,
+        }
+    }
+
     /// A second pass repeats deletes that already succeeded once: its rejections were
-    /// dead-lettered by the first pass and are only logged.
-    async fn run_pass(&self, batch: &Invalidations, shutdown: &Shutdown) -> Result<(), StageError> {
+    /// dead-lettered by the first pass and are only logged. Keys it removed again had been
+    /// refilled in between (counted). Returns the sinks that confirmed it.
+    async fn run_pass(&self, batch: &Invalidations, shutdown: &Shutdown) -> Result<Vec<String>, StageError> {
+        let mut confirmed = Vec::new();
         let mut worked = false;
         for (_, sinks) in &self.layers {
             if !sinks.iter().any(|s| s.kinds().iter().any(|&k| !batch.items(k).is_empty())) {
@@ -180,6 +263,10 @@ impl SecondPasses {
                 }
             }
             for done in invalidate_all(sinks, batch, shutdown).await? {
+                confirmed.push(done.sink.name().to_string());
+                if done.report.removed > 0 {
+                    self.metrics.second_pass_refills.with_label_values(&[done.sink.name()]).inc_by(done.report.removed);
+                }
                 if !done.report.rejected.is_empty() {
                     tracing::warn!(
                         sink = done.sink.name(),
@@ -190,12 +277,6 @@ impl SecondPasses {
             }
             worked = true;
         }
-        Ok(())
-    }
-}
-
-async fn sleep_until_some(at: Option<tokio::time::Instant>) {
-    if let Some(at) = at {
-        tokio::time::sleep_until(at).await;
+        Ok(confirmed)
     }
 }

@@ -95,6 +95,8 @@ pub struct Pipeline {
     /// Each sink's layer (parallel to `sinks`, which are in layer order) and the pacing.
     layers: Vec<u8>,
     timing: LayerTiming,
+    /// Read replicas gating the second pass (`freshness.replicas`).
+    freshness: Option<crate::freshness::Replicas>,
 }
 
 /// One event of a batch and what the rules made of it.
@@ -134,7 +136,22 @@ impl Pipeline {
         // Without `with_rules_updates` the rules never change (the sender is gone; the receiver
         // keeps the last value).
         let (_, rules) = watch::channel(rules);
-        Pipeline { config, rules, sinks, dead_letters, metrics, layers, timing: LayerTiming::default() }
+        Pipeline {
+            config,
+            rules,
+            sinks,
+            dead_letters,
+            metrics,
+            layers,
+            timing: LayerTiming::default(),
+            freshness: None,
+        }
+    }
+
+    /// Gates every event's second pass on the read replicas having replayed its commit.
+    pub fn with_freshness(mut self, replicas: crate::freshness::Replicas) -> Pipeline {
+        self.freshness = Some(replicas);
+        self
     }
 
     /// Sets each sink's layer (`sinks` must already be in layer order) and the pacing between
@@ -158,7 +175,7 @@ impl Pipeline {
     /// everything queued is finished, or until shutdown abandons the work, or until a stage
     /// fails (that error is returned).
     pub async fn run(self, rx: mpsc::Receiver<SourceEvent>, shutdown: &Shutdown) -> Result<(), PipelineError> {
-        let Pipeline { config, rules, sinks, dead_letters, metrics, layers, timing } = self;
+        let Pipeline { config, rules, sinks, dead_letters, metrics, layers, timing, freshness } = self;
         let mut stages: JoinSet<Result<(), StageError>> = JoinSet::new();
 
         // The sinks grouped by layer, in layer order.
@@ -173,7 +190,7 @@ impl Pipeline {
         // Second passes: the finish stage hands batches over; the pending count holds intake.
         let (pending_tx, pending_rx) = watch::channel(0usize);
         let (finish_tx, finish_rx) = mpsc::unbounded_channel::<Unit>();
-        let repeat = if timing.repeat_after.is_zero() {
+        let repeat = if timing.repeat_after.is_zero() && freshness.is_none() {
             None
         } else {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -182,6 +199,7 @@ impl Pipeline {
                 timing: timing.clone(),
                 metrics: metrics.clone(),
                 pending: pending_tx,
+                freshness: freshness.clone(),
             };
             stages.spawn(second.run(rx, shutdown.clone()));
             Some(tx)
@@ -208,7 +226,8 @@ impl Pipeline {
             };
             stages.spawn(stage.run(rx, route_to(i + 1), shutdown.clone()));
         }
-        let finisher = finish::Finish { dead_letters, metrics: metrics.clone(), timing: timing.clone(), repeat };
+        let finisher =
+            finish::Finish { dead_letters, metrics: metrics.clone(), timing: timing.clone(), repeat, freshness };
         stages.spawn(finisher.run(finish_rx, shutdown.clone()));
 
         let intake = Intake {

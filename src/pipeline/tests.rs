@@ -361,3 +361,113 @@ async fn abandoning_leaves_every_unfinished_event_unacknowledged() {
     assert!(cdn.confirmed().is_empty());
     drop(tx);
 }
+
+/// Runs `events` changes (one every 5 ms), event `id` committed at LSN `1000 + id`, through
+/// Redis and a CDN with the second pass gated on `replicas`; returns when each event was
+/// received and acknowledged.
+async fn run_gated(
+    events: i64,
+    replicas: crate::freshness::Replicas,
+    sinks: Vec<Arc<dyn Sink>>,
+    metrics: Arc<Metrics>,
+) -> Vec<(tokio::time::Instant, Option<tokio::time::Instant>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = crate::config::DeadLetterConfig { file: Some(dir.path().join("dl.jsonl")), ..Default::default() };
+    let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
+    let rules = "version: 1\nrules:\n  - name: t\n    table: public.t\n    redis: { keys: [\"t:{id}\"] }\n    cdn: { surrogate_keys: [\"t-{id}\"] }\n";
+    let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+    let pipeline = Pipeline::new(pipeline_config(500, 5, 1), rules, sinks, dead_letters, metrics.clone())
+        .with_layers(vec![0, 2], LayerTiming::default())
+        .with_freshness(replicas);
+    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel::<crate::source::Finished>();
+    let (tx, rx) = mpsc::channel(10_000);
+    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sent = received.clone();
+    let acked = Arc::new(std::sync::Mutex::new(vec![None; events as usize]));
+    let acked_in = acked.clone();
+    tokio::spawn(async move {
+        while let Some(f) = acks_rx.recv().await {
+            acked_in.lock().unwrap()[f.seq as usize] = Some(tokio::time::Instant::now());
+        }
+    });
+    tokio::spawn(async move {
+        for id in 0..events {
+            let ack = crate::source::Ack::new(acks_tx.clone(), crate::source::Finished { stream: 0, seq: id });
+            sent.lock().unwrap().push(tokio::time::Instant::now());
+            let position =
+                crate::source::Position::Postgres { lsn: 1000 + id as u64, commit_end_lsn: 1000 + id as u64 };
+            tx.send(SourceEvent { ack, position, ..change(id) }).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    pipeline.run(rx, &Shutdown::never()).await.unwrap();
+    tokio::task::yield_now().await;
+    let acked = acked.lock().unwrap().clone();
+    let received = received.lock().unwrap().clone();
+    received.into_iter().zip(acked).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_read_replicas_the_second_pass_waits_for_every_replica_to_replay_the_commit() {
+    let metrics = Arc::new(Metrics::new());
+    let margin = Duration::from_millis(100);
+    let (replicas, replayed) =
+        crate::freshness::Replicas::manual(&["a", "b"], margin, Duration::from_secs(30), metrics.clone());
+    // Replica a replays everything at once; replica b replays events 0..10 at 2 s, the rest at 4 s.
+    let start = tokio::time::Instant::now();
+    tokio::spawn(async move {
+        replayed.send_modify(|v| v[0] = u64::MAX);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        replayed.send_modify(|v| v[1] = 1010);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        replayed.send_modify(|v| v[1] = 2000);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    });
+    let (redis, cdn) = (Recording::new("redis", REDIS, 1), Recording::new("cdn", CDN, 1));
+    let events = run_gated(20, replicas, vec![redis.clone(), cdn.clone()], metrics.clone()).await;
+    let (redis_log, cdn_log) = (redis.log.lock().unwrap().clone(), cdn.log.lock().unwrap().clone());
+    for (id, (_, acked)) in events.iter().enumerate() {
+        let passes: Vec<_> = redis_log.iter().filter(|(i, _, _)| *i == format!("t:{id}")).collect();
+        assert_eq!(passes.len(), 2, "event {id}: two passes");
+        let released = start + Duration::from_secs(if id < 10 { 2 } else { 4 });
+        assert!(passes[0].2 < start + Duration::from_secs(1), "event {id}: the first pass at once");
+        assert!(passes[1].1 >= released + margin, "event {id}: the second after b replayed it, plus margin");
+        // A batch waits for its newest commit: an event batched with event 10 waits for 4 s.
+        let latest = start + Duration::from_secs(if id < 5 { 2 } else { 4 });
+        assert!(
+            passes[1].1 < latest + Duration::from_secs(1),
+            "event {id}: and not much later: {:?}",
+            passes[1].1 - start
+        );
+        let cdn_passes: Vec<_> = cdn_log.iter().filter(|(i, _, _)| *i == format!("t-{id}")).collect();
+        assert_eq!(cdn_passes.len(), 2, "event {id}: the CDN twice too");
+        assert!(acked.expect("acknowledged") >= cdn_passes[1].2, "event {id}: acknowledged after the second pass");
+    }
+    assert_eq!(metrics.value("cdc_invalidator_freshness_max_wait_total", &[]), 0.0);
+    assert_eq!(
+        metrics.value("cdc_invalidator_settled_seconds", &[("sink", "redis")]),
+        0.0,
+        "no commit time: nothing observed"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_never_replays_delays_the_second_pass_only_to_max_wait() {
+    let metrics = Arc::new(Metrics::new());
+    let max_wait = Duration::from_secs(3);
+    let (replicas, replayed) =
+        crate::freshness::Replicas::manual(&["dead"], Duration::from_millis(100), max_wait, metrics.clone());
+    let start = tokio::time::Instant::now();
+    let (redis, cdn) = (Recording::new("redis", REDIS, 1), Recording::new("cdn", CDN, 1));
+    let events = run_gated(10, replicas, vec![redis.clone(), cdn.clone()], metrics.clone()).await;
+    drop(replayed);
+    let redis_log = redis.log.lock().unwrap().clone();
+    for (id, (_, acked)) in events.iter().enumerate() {
+        let passes: Vec<_> = redis_log.iter().filter(|(i, _, _)| *i == format!("t:{id}")).collect();
+        assert_eq!(passes.len(), 2, "event {id}: two passes");
+        assert!(passes[1].1 >= start + max_wait, "event {id}: held up to max_wait");
+        assert!(passes[1].1 < start + max_wait + Duration::from_secs(1), "event {id}: not longer");
+        assert!(acked.is_some(), "event {id}: acknowledged after it");
+    }
+    assert!(metrics.value("cdc_invalidator_freshness_max_wait_total", &[("replica", "dead")]) >= 1.0, "counted");
+}

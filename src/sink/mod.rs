@@ -181,6 +181,10 @@ pub struct SinkReport {
     /// Items confirmed, by kind (for metrics). Rejected items are not counted here.
     pub confirmed: Vec<(ItemKind, u64)>,
     pub rejected: Vec<Rejected>,
+    /// Keys that were there and are now gone, when the sink can tell (Redis: the sum of the
+    /// UNLINK replies; tag fan-out not included). On a second pass these are keys refilled
+    /// between the passes: `cdc_invalidator_second_pass_refills_total`.
+    pub removed: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

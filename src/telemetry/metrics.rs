@@ -6,7 +6,7 @@
 //! rule name, topic and partition. Never a key, a URL or a row value.
 
 use prometheus::{
-    CounterVec, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -125,6 +125,17 @@ pub struct Metrics {
     /// Seconds the stages before a layer waited for room in its full queue: the backpressure
     /// that layer puts on the rest of the pipeline (and, through intake, on the source).
     pub layer_queue_wait: CounterVec,
+    /// Keys a second-pass UNLINK actually removed, by sink: readers refilled them from data
+    /// older than the change between the passes (the race, measured).
+    pub second_pass_refills: IntCounterVec,
+    /// Seconds from the database commit to the last pass confirmed, by sink.
+    pub settled: HistogramVec,
+    /// Each read replica's replay lag in seconds (`freshness.replicas`).
+    pub replica_replay_lag_seconds: GaugeVec,
+    /// Each read replica's replay lag in bytes: WAL received or awaited but not replayed.
+    pub replica_replay_lag_bytes: IntGaugeVec,
+    /// Second passes that went out at `freshness.max_wait`, by the replica that was behind.
+    pub freshness_max_wait: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -489,6 +500,40 @@ impl Metrics {
                 r.register(Box::new(c.clone())).expect("metric names are unique");
                 c
             },
+            second_pass_refills: counter(
+                &r,
+                "cdc_invalidator_second_pass_refills_total",
+                "Keys a second-pass UNLINK found refilled and removed again, by sink.",
+                &["sink"],
+            ),
+            settled: histogram(
+                &r,
+                "cdc_invalidator_settled_seconds",
+                "Seconds from the database commit to the last invalidation pass confirmed, by sink.",
+                &["sink"],
+                STALENESS_BUCKETS,
+            ),
+            replica_replay_lag_seconds: {
+                let g = GaugeVec::new(
+                    Opts::new("cdc_invalidator_replica_replay_lag_seconds", "Read replica replay lag in seconds."),
+                    &["replica"],
+                )
+                .expect("metric definition is valid");
+                r.register(Box::new(g.clone())).expect("metric names are unique");
+                g
+            },
+            replica_replay_lag_bytes: gauge_vec(
+                &r,
+                "cdc_invalidator_replica_replay_lag_bytes",
+                "Read replica replay lag in bytes (WAL received or awaited, not yet replayed).",
+                &["replica"],
+            ),
+            freshness_max_wait: counter(
+                &r,
+                "cdc_invalidator_freshness_max_wait_total",
+                "Second passes sent at freshness.max_wait because a replica had not replayed the commit, by replica.",
+                &["replica"],
+            ),
             registry: r,
         };
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);

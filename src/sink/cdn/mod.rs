@@ -500,7 +500,7 @@ pub fn report(batch: &Invalidations, kinds: &[ItemKind], rejected: Vec<Rejected>
             (total > bad).then(|| (kind, (total - bad) as u64))
         })
         .collect();
-    SinkReport { confirmed, rejected }
+    SinkReport { confirmed, rejected, removed: 0 }
 }
 
 /// The end of every provider's `invalidate`: rejections in batch order (each item once), the

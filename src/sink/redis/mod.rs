@@ -56,7 +56,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use futures::stream::{FuturesOrdered, StreamExt};
@@ -293,12 +293,14 @@ impl RedisSink {
         Err(CommandError::WaitTimeout { acked, wanted: plan.count })
     }
 
-    /// UNLINKs every key: round trip after round trip, or in cluster mode slot by slot.
-    async fn unlink_keys(&self, keys: &[String], shutdown: &Shutdown) -> Result<(), SinkError> {
+    /// UNLINKs every key: round trip after round trip, or in cluster mode slot by slot; returns
+    /// how many keys existed (the sum of the UNLINK replies: what a second pass found refilled).
+    async fn unlink_keys(&self, keys: &[String], shutdown: &Shutdown) -> Result<u64, SinkError> {
         let connection = match &self.backend {
             Backend::Single(c) => c,
             Backend::Cluster(cluster) => return self.unlink_keys_cluster(cluster, keys, shutdown).await,
         };
+        let mut removed = 0;
         let commands: Vec<&[String]> = keys.chunks(self.unlink_batch).collect();
         for round in commands.chunks(UNLINKS_PER_ROUND) {
             let mut pipe = redis::pipe();
@@ -306,19 +308,23 @@ impl RedisSink {
                 pipe.cmd("UNLINK").arg(*keys);
             }
             let pipe = &pipe;
-            self.with_retries(shutdown, move || async move {
-                let mut pipe = pipe.clone();
-                let plan = self.add_wait(&mut pipe, 0);
-                let mut replies = connection.round_trip(&pipe).await?;
-                self.check_wait(plan, &mut replies)?;
-                for reply in replies {
-                    item(reply).map_err(CommandError::Redis)?;
-                }
-                Ok(())
-            })
-            .await?;
+            removed += self
+                .with_retries(shutdown, move || async move {
+                    let mut pipe = pipe.clone();
+                    let plan = self.add_wait(&mut pipe, 0);
+                    let mut replies = connection.round_trip(&pipe).await?;
+                    self.check_wait(plan, &mut replies)?;
+                    let mut removed = 0;
+                    for reply in replies {
+                        if let Value::Int(n) = item(reply).map_err(CommandError::Redis)? {
+                            removed += u64::try_from(n).unwrap_or(0);
+                        }
+                    }
+                    Ok(removed)
+                })
+                .await?;
         }
-        Ok(())
+        Ok(removed)
     }
 
     /// Cluster mode: one pipeline per hash slot (its UNLINKs, then WAIT), all sent at once;
@@ -328,7 +334,7 @@ impl RedisSink {
         cluster: &Cluster,
         keys: &[String],
         shutdown: &Shutdown,
-    ) -> Result<(), SinkError> {
+    ) -> Result<u64, SinkError> {
         let mut by_slot: std::collections::BTreeMap<u16, Vec<&str>> = std::collections::BTreeMap::new();
         for key in keys {
             by_slot.entry(slot::slot(key.as_bytes())).or_default().push(key);
@@ -344,7 +350,9 @@ impl RedisSink {
             })
             .collect();
         let done = Mutex::new(vec![false; pipes.len()]);
-        let (pipes, done) = (&pipes, &done);
+        // Counted once per slot, when its pipeline is confirmed (a retried slot is not recounted).
+        let removed = AtomicU64::new(0);
+        let (pipes, done, removed_ref) = (&pipes, &done, &removed);
         self.with_retries(shutdown, move || async move {
             let todo: Vec<usize> = lock(done).iter().enumerate().filter(|(_, d)| !**d).map(|(i, _)| i).collect();
             let mut attempts = Vec::with_capacity(todo.len());
@@ -363,7 +371,8 @@ impl RedisSink {
             let mut done = lock(done);
             for (i, result) in todo.into_iter().zip(results) {
                 match result {
-                    Ok(()) => {
+                    Ok(n) => {
+                        removed_ref.fetch_add(n, Ordering::Relaxed);
                         if let Some(d) = done.get_mut(i) {
                             *d = true;
                         }
@@ -375,7 +384,8 @@ impl RedisSink {
             }
             first.map_or(Ok(()), Err)
         })
-        .await
+        .await?;
+        Ok(removed.into_inner())
     }
 
     /// Fans out every tag; the result says which finished and which were rejected.
@@ -442,15 +452,19 @@ impl RedisSink {
     }
 
     /// One slot's pipeline of UNLINKs (and WAIT).
-    async fn unlink_slot(&self, cluster: &Cluster, slot: u16, pipe: &redis::Pipeline) -> Result<(), CommandError> {
+    /// One slot's UNLINK pipeline; returns how many of its keys existed.
+    async fn unlink_slot(&self, cluster: &Cluster, slot: u16, pipe: &redis::Pipeline) -> Result<u64, CommandError> {
         let mut pipe = pipe.clone();
         let plan = self.add_wait(&mut pipe, slot);
         let mut replies = cluster.pipeline(&pipe).await?;
         self.check_wait(plan, &mut replies)?;
+        let mut removed = 0;
         for reply in replies {
-            item(reply).map_err(cluster_error)?;
+            if let Value::Int(n) = item(reply).map_err(cluster_error)? {
+                removed += u64::try_from(n).unwrap_or(0);
+            }
         }
-        Ok(())
+        Ok(removed)
     }
 
     /// Cluster mode: each round's script calls (one per tag, each in its tag's slot) go at
@@ -722,7 +736,7 @@ impl Sink for RedisSink {
         }
         let (keys, tags) = (batch.items(ItemKind::RedisKey), batch.items(ItemKind::RedisTag));
         if !keys.is_empty() {
-            self.unlink_keys(keys, shutdown).await?;
+            report.removed = self.unlink_keys(keys, shutdown).await?;
             report.confirmed.push((ItemKind::RedisKey, keys.len() as u64));
         }
         if !tags.is_empty() {

@@ -343,7 +343,19 @@ pub fn run_cli(config: &Config, rules: &Rules) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(against(pg, rules)) {
+    let checked = runtime.block_on(async {
+        let mut report = against(pg, rules).await?;
+        // The read replicas gating the second pass: reachable, standbys, of this cluster.
+        if config.freshness.enabled() {
+            let source_id = match pg.connection() {
+                Some(c) => crate::freshness::system_identifier(c).await,
+                None => None,
+            };
+            report.errors.extend(crate::freshness::check_all(&config.freshness, source_id).await);
+        }
+        Ok::<_, sql::SqlError>(report)
+    });
+    match checked {
         Err(e) => {
             // A connection error may quote the server's answer; never a password (crate::redact).
             eprintln!("{}", crate::redact::scrub(&e.to_string()));
