@@ -1,0 +1,114 @@
+//! Avro through a schema registry, end to end: bytes from Confluent's AvroSerializer
+//! (tests/fixtures/avro, written by scripts/gen-avro-fixtures.py from the JSON fixtures) through
+//! the Kafka protocol (librdkafka's mock cluster) and the daemon to a real Redis, the schemas
+//! served by the registry double (tests/support/registry.rs).
+
+use std::path::Path;
+use std::time::Duration;
+
+use redis::Commands;
+
+use crate::support::daemon::{wait_until, write_config, Daemon, Setup};
+use crate::support::kafka::{committed, MockKafka};
+use crate::support::redis::RedisServer;
+use crate::support::registry::RegistryDouble;
+
+const TOPIC: &str = "shop.public.products";
+
+fn avro(name: &str) -> Vec<u8> {
+    std::fs::read(format!("{}/tests/fixtures/avro/{name}.avro", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+fn start(dir: &Path, bootstrap: &str, group: &str, redis: &str, registry: &str) -> Daemon {
+    let setup = Setup { bootstrap, topics: &[TOPIC], group, redis_url: redis, extra: "", librdkafka: &[] };
+    let (path, port) = write_config(dir, &setup);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replacen(
+        "    commit_interval: 100ms\n",
+        &format!(
+            "    commit_interval: 100ms\n    format: avro\n    schema_registry:\n      url: \"{registry}\"\n      \
+             basic_auth_user: connect\n      basic_auth_password_file: registry-password\n"
+        ),
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    std::fs::write(dir.join("registry-password"), "s3cret\n").unwrap();
+    Daemon::from_config(dir, &path, port)
+}
+
+fn cache(redis: &RedisServer) -> redis::Connection {
+    let mut c = redis::Client::open(redis.url().as_str()).unwrap().get_connection().unwrap();
+    for k in ["product:42", "listing:5", "listing:7"] {
+        let _: () = c.set(k, "cached").unwrap();
+    }
+    let _: () = c.sadd("tag:category:5", "listing:5").unwrap();
+    let _: () = c.sadd("tag:category:7", "listing:7").unwrap();
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_update_invalidates_and_unknown_schema_id_is_dead_lettered_with_its_id() {
+    let redis = RedisServer::start();
+    let mut c = cache(&redis);
+    let registry = RegistryDouble::with_avro_fixtures();
+    registry.state.lock().unwrap().auth = Some(("connect".into(), "s3cret".into()));
+    let kafka = MockKafka::start(1);
+    kafka.create_topic(TOPIC, 1);
+    // Offset 0: a schema id the registry does not know (framing of id 999 over real bytes).
+    let mut unknown = avro("pg-update");
+    unknown[1..5].copy_from_slice(&999u32.to_be_bytes());
+    kafka.produce_bytes(TOPIC, None, Some(&unknown)).await;
+    // Offset 1: the update moving product 42 from category 5 to 7, Avro key and value.
+    kafka.produce_bytes(TOPIC, Some(&avro("pg-key-42")), Some(&avro("pg-update"))).await;
+    // Offset 2: a tombstone (no value) with an Avro key.
+    kafka.produce_bytes(TOPIC, Some(&avro("pg-key-42")), None).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = kafka.bootstrap();
+    let daemon = start(dir.path(), &bootstrap, "g-avro", &redis.url(), &registry.url());
+    let gone = || ["product:42", "listing:5", "listing:7"].iter().all(|k| !c.exists::<_, bool>(*k).unwrap_or(true));
+    assert!(wait_until(Duration::from_secs(30), gone).await, "the Avro update is invalidated");
+    assert!(wait_until(Duration::from_secs(10), || !daemon.dead_letters().is_empty()).await);
+    let letters = daemon.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let error = letters[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("999") && error.contains("404"), "{error}");
+    assert_eq!(letters[0]["source"]["offset"], serde_json::Value::from(0));
+    let mut all = 0;
+    for _ in 0..100 {
+        all = committed(&bootstrap, "g-avro", TOPIC, 1).await.first().copied().unwrap_or(-1);
+        if all == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(all, 3, "every offset is committed");
+    daemon.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_outage_holds_the_message_unacknowledged_until_it_answers() {
+    let redis = RedisServer::start();
+    let mut c = cache(&redis);
+    let registry = RegistryDouble::with_avro_fixtures();
+    registry.state.lock().unwrap().auth = Some(("connect".into(), "s3cret".into()));
+    registry.set_outage(true);
+    let kafka = MockKafka::start(1);
+    kafka.create_topic(TOPIC, 1);
+    kafka.produce_bytes(TOPIC, Some(&avro("pg-key-42")), Some(&avro("pg-update"))).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = kafka.bootstrap();
+    let daemon = start(dir.path(), &bootstrap, "g-avro-outage", &redis.url(), &registry.url());
+    assert!(wait_until(Duration::from_secs(30), || registry.lookups() >= 3).await, "the registry is retried");
+    assert!(c.exists::<_, bool>("product:42").unwrap(), "nothing invalidated without the schema");
+    assert!(daemon.dead_letters().is_empty(), "a registry outage is not a dead letter");
+    let offsets = committed(&bootstrap, "g-avro-outage", TOPIC, 1).await;
+    assert!(offsets.first().copied().unwrap_or(-1) <= 0, "nothing acknowledged: {offsets:?}");
+
+    registry.set_outage(false);
+    let gone = || !c.exists::<_, bool>("product:42").unwrap_or(true);
+    assert!(wait_until(Duration::from_secs(30), gone).await, "invalidated once the registry answers");
+    assert!(daemon.dead_letters().is_empty());
+    daemon.stop().await.expect("clean stop");
+}
