@@ -112,3 +112,47 @@ async fn registry_outage_holds_the_message_unacknowledged_until_it_answers() {
     assert!(daemon.dead_letters().is_empty());
     daemon.stop().await.expect("clean stop");
 }
+
+/// `explain --format avro --schema-registry URL` prints for Avro bytes what it prints for the
+/// same message as JSON.
+#[test]
+fn explain_decodes_an_avro_file_as_its_json_form() {
+    use std::process::Command;
+
+    let registry = RegistryDouble::with_avro_fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(&rules, include_str!("fixtures/rules/contract.yaml")).unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let run = |event: String, extra: &[&str]| {
+        let out = Command::new(crate::support::daemon::binary())
+            .args(["explain", "--rules"])
+            .arg(&rules)
+            .args(["--event", &event, "--topic", TOPIC])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, json_out, err) = run(format!("{root}/tests/fixtures/debezium/pg-update-with-schema.json"), &[]);
+    assert_eq!(code, Some(0), "{err}");
+    let url = registry.url();
+    let (code, avro_out, err) =
+        run(format!("{root}/tests/fixtures/avro/pg-update.avro"), &["--format", "avro", "--schema-registry", &url]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(avro_out, json_out);
+    assert!(avro_out.contains("category:7"), "{avro_out}");
+
+    // A schema id the registry does not have: exit 1, the id named.
+    let mut unknown = avro("pg-update");
+    unknown[1..5].copy_from_slice(&77u32.to_be_bytes());
+    let path = dir.path().join("unknown.avro");
+    std::fs::write(&path, unknown).unwrap();
+    let (code, _, err) = run(path.display().to_string(), &["--format", "avro", "--schema-registry", &url]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("schema id 77") || err.contains("id 77"), "{err}");
+}
