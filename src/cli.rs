@@ -215,7 +215,7 @@ pub fn explain_message(
 }
 
 /// What `rules` make of a decoded message.
-fn explanation(rules: &Rules, decoded: Decoded) -> Explanation {
+pub(crate) fn explanation(rules: &Rules, decoded: Decoded) -> Explanation {
     match decoded {
         Decoded::NoChange(n) => Explanation {
             table: n.table,

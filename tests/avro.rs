@@ -84,6 +84,26 @@ async fn avro_update_invalidates_and_unknown_schema_id_is_dead_lettered_with_its
     }
     assert_eq!(all, 3, "every offset is committed");
     daemon.stop().await.expect("clean stop");
+
+    // The dead letter keeps the binary value (base64); once the registry has schema 999, `replay`
+    // decodes it as the source would and invalidates.
+    let letter_value = letters[0]["value_base64"].as_str().unwrap_or_default();
+    assert!(!letter_value.is_empty(), "{:?}", letters[0]);
+    let update = avro("pg-update");
+    let id = u32::from_be_bytes([update[1], update[2], update[3], update[4]]);
+    let text = registry.state.lock().unwrap().schemas.iter().find(|s| s.0 == id).unwrap().3.clone();
+    registry.insert(999, "shop.public.products-value", "AVRO", &text);
+    let _: () = c.set("product:42", "cached").unwrap();
+    let config = dir.path().join("config.yaml");
+    let letters_file = dir.path().join("dead-letters.jsonl");
+    let out = std::process::Command::new(crate::support::daemon::binary())
+        .arg("replay")
+        .args(["-c", config.to_str().unwrap(), "--file", letters_file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!c.exists::<_, bool>("product:42").unwrap(), "replayed Avro dead letter invalidates: {stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
