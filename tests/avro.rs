@@ -176,3 +176,33 @@ fn explain_decodes_an_avro_file_as_its_json_form() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("schema id 77") || err.contains("id 77"), "{err}");
 }
+
+/// `format: avro` without a registry, a password without a user or from an unset variable:
+/// `check` exits 2 naming each, by file and line.
+#[test]
+fn check_rejects_avro_without_a_usable_registry() {
+    use std::process::Command;
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.yaml"), include_str!("fixtures/rules/contract.yaml")).unwrap();
+    let config = dir.path().join("config.yaml");
+    let base = "rules: rules.yaml\nsource:\n  kind: kafka\n  kafka:\n    brokers: \"127.0.0.1:9092\"\n    topics: [\"t\"]\n";
+    let sinks = "sinks:\n  redis:\n    url: \"redis://127.0.0.1:6379\"\n";
+    let check = |kafka_extra: &str| {
+        std::fs::write(&config, format!("{base}{kafka_extra}{sinks}")).unwrap();
+        let out = Command::new(crate::support::daemon::binary()).args(["check", "-c"]).arg(&config).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = check("    format: avro\n");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("config.yaml:7:") && err.contains("schema_registry"), "{err}");
+    let (code, err) = check(
+        "    format: auto\n    schema_registry:\n      url: \"registry:8081\"\n      basic_auth_user: u\n      \
+         basic_auth_password_env: CDC_TEST_UNSET_REGISTRY_PASSWORD\n",
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("must start with http://"), "{err}");
+    assert!(err.contains("CDC_TEST_UNSET_REGISTRY_PASSWORD, which is not set"), "{err}");
+    let (code, err) = check("    format: avro\n    schema_registry:\n      url: \"http://127.0.0.1:8081\"\n");
+    assert_eq!(code, Some(0), "{err}");
+}
