@@ -186,7 +186,8 @@ fn check_rejects_avro_without_a_usable_registry() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("rules.yaml"), include_str!("fixtures/rules/contract.yaml")).unwrap();
     let config = dir.path().join("config.yaml");
-    let base = "rules: rules.yaml\nsource:\n  kind: kafka\n  kafka:\n    brokers: \"127.0.0.1:9092\"\n    topics: [\"t\"]\n";
+    let base =
+        "rules: rules.yaml\nsource:\n  kind: kafka\n  kafka:\n    brokers: \"127.0.0.1:9092\"\n    topics: [\"t\"]\n";
     let sinks = "sinks:\n  redis:\n    url: \"redis://127.0.0.1:6379\"\n";
     let check = |kafka_extra: &str| {
         std::fs::write(&config, format!("{base}{kafka_extra}{sinks}")).unwrap();
