@@ -175,6 +175,31 @@ fn explain_decodes_an_avro_file_as_its_json_form() {
     let (code, _, err) = run(path.display().to_string(), &["--format", "avro", "--schema-registry", &url]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("schema id 77") || err.contains("id 77"), "{err}");
+
+    // A schema that does not parse, a Protobuf schema, a registry refusing the credentials:
+    // each a sentence naming the schema id, never a panic.
+    registry.insert(55, "broken-value", "AVRO", "{\"type\": \"record\", \"name\": \"X\"");
+    registry.insert(56, "proto-value", "PROTOBUF", "syntax = \"proto3\"; message X { int64 id = 1; }");
+    for (id, expected) in [(55u32, "schema id 55 from the schema registry does not parse"), (56, "PROTOBUF")] {
+        let mut bytes = avro("pg-update");
+        bytes[1..5].copy_from_slice(&id.to_be_bytes());
+        std::fs::write(&path, bytes).unwrap();
+        let (code, _, err) = run(path.display().to_string(), &["--format", "auto", "--schema-registry", &url]);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains(expected) && err.contains(&id.to_string()), "{err}");
+    }
+    registry.state.lock().unwrap().auth = Some(("connect".into(), "s3cret".into()));
+    let (code, _, err) =
+        run(format!("{root}/tests/fixtures/avro/pg-update.avro"), &["--format", "avro", "--schema-registry", &url]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("HTTP 401"), "{err}");
+    // A truncated record.
+    let whole = avro("pg-update");
+    std::fs::write(&path, &whole[..whole.len() - 7]).unwrap();
+    registry.state.lock().unwrap().auth = None;
+    let (code, _, err) = run(path.display().to_string(), &["--format", "avro", "--schema-registry", &url]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot be read") && err.contains("ends early"), "{err}");
 }
 
 /// `format: avro` without a registry, a password without a user or from an unset variable:
