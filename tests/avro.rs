@@ -232,3 +232,58 @@ fn check_rejects_avro_without_a_usable_registry() {
     let (code, err) = check("    format: avro\n    schema_registry:\n      url: \"http://127.0.0.1:8081\"\n");
     assert_eq!(code, Some(0), "{err}");
 }
+
+/// The released binary against Tansu (the Kafka protocol out of process) and a real Redis, Avro
+/// key and value through the registry double.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_against_tansu_decodes_avro() {
+    use crate::support::daemon::{http_get, DaemonProcess};
+    use crate::support::tansu::TansuBroker;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let broker = TansuBroker::start();
+    broker.create_topic(TOPIC, 1);
+    let redis = RedisServer::start();
+    let mut c = cache(&redis);
+    let registry = RegistryDouble::with_avro_fixtures();
+    registry.state.lock().unwrap().auth = Some(("connect".into(), "s3cret".into()));
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = broker.bootstrap();
+    let setup = Setup {
+        bootstrap: &bootstrap,
+        topics: &[TOPIC],
+        group: "avro-tansu",
+        redis_url: &redis.url(),
+        extra: "",
+        librdkafka: &[],
+    };
+    let (path, port) = write_config(dir.path(), &setup);
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "    commit_interval: 100ms\n",
+        &format!(
+            "    commit_interval: 100ms\n    format: auto\n    schema_registry:\n      url: \"{}\"\n      \
+             basic_auth_user: connect\n      basic_auth_password_file: registry-password\n",
+            registry.url()
+        ),
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    std::fs::write(dir.path().join("registry-password"), "s3cret\n").unwrap();
+    let mut daemon = DaemonProcess::start(&path, dir.path());
+    let ready = wait_until(Duration::from_secs(30), || http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)).await;
+    assert!(ready, "the daemon becomes ready; log:\n{}", daemon.log_text());
+
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
+    let key = avro("pg-key-42");
+    let value = avro("pg-update");
+    let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(TOPIC).key(&key[..]).payload(&value[..]);
+    producer.send(record, Duration::from_secs(10)).await.expect("produce to tansu");
+
+    let gone = || ["product:42", "listing:5", "listing:7"].iter().all(|k| !c.exists::<_, bool>(*k).unwrap_or(true));
+    assert!(wait_until(Duration::from_secs(30), gone).await, "invalidated; log:\n{}", daemon.log_text());
+    daemon.signal("TERM");
+    let (code, log) =
+        tokio::task::spawn_blocking(move || (daemon.wait(Duration::from_secs(30)), daemon.log_text())).await.unwrap();
+    assert_eq!(code, Some(0), "{log}");
+}
