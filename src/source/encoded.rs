@@ -226,6 +226,30 @@ mod tests {
     }
 
     #[test]
+    fn the_configured_format_decides_what_a_plain_or_framed_value_is() {
+        use super::{Codec, Resolved};
+        use crate::config::KafkaFormat;
+
+        let json = read("tests/fixtures/debezium/pg-update-with-schema.json");
+        let topic = "shop.public.products";
+        let plain = Resolved::plain();
+        let decode = |format, value: &[u8]| Codec::with_registry(format, None).decode(&plain, topic, None, Some(value));
+        assert!(decode(KafkaFormat::Auto, &json).is_ok(), "auto reads JSON as JSON");
+        assert_eq!(
+            decode(KafkaFormat::Json, &json),
+            debezium::decode(topic, None, Some(&json)).map_err(|e| e.to_string())
+        );
+        let err = decode(KafkaFormat::Avro, &json).unwrap_err();
+        assert!(
+            err.contains("not in the Confluent wire format (first byte 0x7b") && err.contains("json or auto"),
+            "{err}"
+        );
+        let framed_bytes = read("tests/fixtures/avro/pg-update.avro");
+        let err = decode(KafkaFormat::Json, &framed_bytes).unwrap_err();
+        assert!(err.contains("Confluent wire format, schema id") && err.contains("avro or auto"), "{err}");
+    }
+
+    #[test]
     fn truncated_avro_is_an_error_naming_the_schema_id() {
         let bytes = read("tests/fixtures/avro/pg-update.avro");
         let Some((id, datum)) = framed(&bytes) else { panic!() };
