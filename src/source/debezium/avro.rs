@@ -146,17 +146,8 @@ impl AvroSchema {
                 let n = r.long()?;
                 render_integer(n, *logical)
             }
-            Node::Float => {
-                let b = r.take(4)?;
-                let f = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                float(f64::from(f))
-            }
-            Node::Double => {
-                let b = r.take(8)?;
-                let mut a = [0u8; 8];
-                a.copy_from_slice(b);
-                float(f64::from_le_bytes(a))
-            }
+            Node::Float => float(f64::from(f32::from_le_bytes(r.array::<4>()?))),
+            Node::Double => float(f64::from_le_bytes(r.array::<8>()?)),
             Node::Bytes(logical) => {
                 let len = r.length()?;
                 let bytes = r.take(len)?;
@@ -310,6 +301,11 @@ impl<'a> Reader<'a> {
         let out = self.bytes.get(self.pos..end).ok_or(AvroError::Truncated(self.pos))?;
         self.pos = end;
         Ok(out)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], AvroError> {
+        let at = self.pos;
+        self.take(N)?.try_into().map_err(|_| AvroError::Truncated(at))
     }
 
     /// A zig-zag varint (Avro `int` and `long`).
