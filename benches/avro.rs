@@ -50,8 +50,7 @@ fn main() {
 
     let avro_decode = |case: &Case| {
         let (id, datum) = framed(&case.avro).unwrap();
-        let value = schemas[&id].read(datum).unwrap();
-        let json = serde_json::to_vec(&value).unwrap();
+        let json = schemas[&id].read_json(datum).unwrap();
         debezium::decode(&case.topic, None, Some(&json))
     };
     for case in &cases {

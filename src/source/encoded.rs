@@ -9,8 +9,6 @@
 
 use std::sync::Arc;
 
-use serde_json::Value;
-
 use crate::config::{KafkaConfig, KafkaFormat};
 use crate::event::Decoded;
 use crate::shutdown::Shutdown;
@@ -108,7 +106,7 @@ impl Codec {
         // alone is a complete event.
         let key_json = match (&resolved.key, key.and_then(framed)) {
             (Part::Schema(schema), Some((_, datum))) => match &**schema {
-                RegisteredSchema::Avro(avro) => avro.read(datum).ok().and_then(|v| serde_json::to_vec(&v).ok()),
+                RegisteredSchema::Avro(avro) => avro.read_json(datum).ok(),
                 RegisteredSchema::Other(_) => None,
             },
             (_, Some(_)) => None,
@@ -120,13 +118,10 @@ impl Codec {
                 (Some((id, datum)), Part::Schema(schema)) => match &**schema {
                     RegisteredSchema::Avro(avro) => {
                         let read = avro
-                            .read(datum)
+                            .read_json(datum)
                             .map_err(|e| format!("the message value (Avro, schema id {id}) cannot be read: {e}"))?;
                         // An Avro null value is a tombstone as a JSON null is.
-                        match read {
-                            Value::Null => None,
-                            other => Some(serde_json::to_vec(&other).map_err(|e| e.to_string())?),
-                        }
+                        (read != b"null").then_some(read)
                     }
                     RegisteredSchema::Other(kind) => {
                         return Err(format!(
@@ -188,7 +183,10 @@ mod tests {
         let text = schemas[id.to_string()].as_str().unwrap_or_else(|| panic!("no schema {id}"));
         let schema = AvroSchema::parse(text).unwrap_or_else(|e| panic!("schema {id}: {e}"));
         let value = schema.read(datum).unwrap_or_else(|e| panic!("{name}: {e}"));
-        serde_json::to_vec(&value).unwrap_or_else(|e| panic!("{e}"))
+        let text = schema.read_json(datum).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let reparsed: Value = serde_json::from_slice(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(reparsed, value, "{name}: the streamed JSON is the value read");
+        text
     }
 
     #[test]

@@ -127,6 +127,74 @@ impl AvroSchema {
         Ok(value)
     }
 
+    /// [`AvroSchema::read`] written straight out as JSON text, without building the value tree
+    /// (what the Kafka source does: the text then goes through the one Debezium decoder).
+    pub fn read_json(&self, datum: &[u8]) -> Result<Vec<u8>, AvroError> {
+        let mut reader = Reader { bytes: datum, pos: 0 };
+        let mut out = Vec::with_capacity(datum.len() * 2 + 16);
+        self.write(self.root, &mut reader, 0, &mut out)?;
+        if reader.pos != datum.len() {
+            return Err(AvroError::Invalid {
+                at: reader.pos,
+                reason: format!("{} bytes left over after the value", datum.len() - reader.pos),
+            });
+        }
+        Ok(out)
+    }
+
+    fn write(&self, index: usize, r: &mut Reader<'_>, depth: usize, out: &mut Vec<u8>) -> Result<(), AvroError> {
+        if depth > MAX_DEPTH {
+            return Err(AvroError::TooDeep);
+        }
+        match self.node(index)? {
+            Node::Null => out.extend_from_slice(b"null"),
+            Node::Boolean => match r.byte()? {
+                0 => out.extend_from_slice(b"false"),
+                1 => out.extend_from_slice(b"true"),
+                b => return Err(r.invalid(format!("a boolean byte is {b}"))),
+            },
+            Node::Int(Logical::None) | Node::Long(Logical::None) => {
+                let n = r.long()?;
+                out.extend_from_slice(n.to_string().as_bytes());
+            }
+            Node::String(Logical::None) => {
+                let len = r.length()?;
+                let at = r.pos;
+                let bytes = r.take(len)?;
+                let text = std::str::from_utf8(bytes)
+                    .map_err(|e| AvroError::Invalid { at, reason: format!("a string is not UTF-8: {e}") })?;
+                json(out, text);
+            }
+            Node::Record { fields, variable_decimal: false } => {
+                out.push(b'{');
+                for (i, (name, field)) in fields.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    json(out, name.as_str());
+                    out.push(b':');
+                    self.write(*field, r, depth + 1, out)?;
+                }
+                out.push(b'}');
+            }
+            Node::Union(branches) => {
+                let i = r.long()?;
+                let branch = usize::try_from(i).ok().and_then(|i| branches.get(i)).copied();
+                match branch {
+                    Some(b) => self.write(b, r, depth + 1, out)?,
+                    None => return Err(r.invalid(format!("union branch {i} is out of range"))),
+                }
+            }
+            Node::Link(target) => self.write(*target, r, depth + 1, out)?,
+            // The rest (logical types, arrays, maps, enums, bytes): through the value reader.
+            _ => {
+                let value = self.value(index, r, depth)?;
+                json(out, &value);
+            }
+        }
+        Ok(())
+    }
+
     fn node(&self, index: usize) -> Result<&Node, AvroError> {
         self.nodes.get(index).ok_or_else(|| AvroError::Schema("dangling type reference".into()))
     }
@@ -229,6 +297,11 @@ impl AvroSchema {
             Node::Named(name) => return Err(AvroError::Schema(format!("unresolved type `{name}`"))),
         })
     }
+}
+
+/// Appends the JSON text of `value` (writing to a `Vec` cannot fail).
+fn json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    let _ = serde_json::to_writer(out, value);
 }
 
 fn float(f: f64) -> Value {
