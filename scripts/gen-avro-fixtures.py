@@ -43,6 +43,7 @@ CASES = [
     ("mysql-connect-temporal", "tests/fixtures/debezium-real/mysql-connect-temporal.json", "shopdb.shop.orders", False),
     ("sqlserver-create", "tests/fixtures/debezium-real/sqlserver-create.json", "server1.testDB.dbo.customers", False),
     ("heartbeat", "tests/fixtures/debezium-real/heartbeat-schema.json", "__debezium-heartbeat.shop", False),
+    ("unwrap-update", "tests/fixtures/avro/unwrap-update.json", "shop.public.products", False),
 ]
 
 LOGICAL = {
@@ -172,11 +173,35 @@ class Registry(BaseHTTPRequestHandler):
         self._answer(200, {"schema": Registry.schemas[sid - 1]})
 
 
+def unwrapped(path, out_path):
+    """ExtractNewRecordState's form of an envelope fixture (`add.fields=op,table`,
+    `delete.handling.mode=rewrite`): the `after` struct, plus `__op`, `__table` and `__deleted`
+    as optional strings, as the SMT's schema update adds them (debezium/debezium,
+    debezium-core/src/main/java/io/debezium/transforms/ExtractNewRecordState.java). Written as
+    the JsonConverter message too, so the test compares the two forms."""
+    with open(os.path.join(ROOT, path)) as f:
+        doc = json.load(f)
+    after = next(f for f in doc["schema"]["fields"] if f["field"] == "after")
+    schema = {k: v for k, v in after.items() if k not in ("field", "optional")}
+    schema["optional"] = False
+    schema["fields"] = list(after["fields"]) + [
+        {"type": "string", "optional": True, "field": "__op"},
+        {"type": "string", "optional": True, "field": "__table"},
+        {"type": "string", "optional": True, "field": "__deleted"},
+    ]
+    payload = dict(doc["payload"]["after"])
+    payload.update({"__op": doc["payload"]["op"], "__table": doc["payload"]["source"]["table"], "__deleted": "false"})
+    with open(os.path.join(ROOT, out_path), "w") as f:
+        json.dump({"schema": schema, "payload": payload}, f)
+        f.write("\n")
+
+
 def main():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Registry)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     client = SchemaRegistryClient({"url": "http://127.0.0.1:%d" % server.server_address[1]})
     os.makedirs(OUT, exist_ok=True)
+    unwrapped("tests/fixtures/debezium/pg-update-with-schema.json", "tests/fixtures/avro/unwrap-update.json")
     manifest = []
     for name, path, topic, is_key in CASES:
         with open(os.path.join(ROOT, path)) as f:
