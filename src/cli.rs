@@ -57,6 +57,13 @@ pub enum Command {
         /// The topic the message came from (names the table when the event does not).
         #[arg(long)]
         topic: Option<String>,
+        /// How the key and value are encoded: json (default), avro, protobuf or auto, as
+        /// `source.kafka.format`.
+        #[arg(long)]
+        format: Option<String>,
+        /// The schema registry to fetch Avro/Protobuf schemas from (`http(s)://host:port`).
+        #[arg(long)]
+        schema_registry: Option<String>,
     },
     /// Re-run dead-lettered events (or any Debezium messages) through the current rules and sinks.
     ///
@@ -198,6 +205,88 @@ pub fn run(config_path: &Path) -> ExitCode {
     }
 }
 
+/// `explain --format F --schema-registry URL`: the message decoded as the Kafka source decodes
+/// it with `source.kafka.format: F` (one registry request per schema, no retries).
+fn explain_encoded(
+    rules_path: &Path,
+    event: &Path,
+    key: Option<&Path>,
+    topic: Option<&str>,
+    (format, registry_url): (Option<String>, Option<String>),
+) -> ExitCode {
+    use crate::config::{KafkaFormat, SchemaRegistryConfig};
+    let format = match format.as_deref().unwrap_or("auto") {
+        "json" => KafkaFormat::Json,
+        "avro" => KafkaFormat::Avro,
+        "protobuf" => KafkaFormat::Protobuf,
+        "auto" => KafkaFormat::Auto,
+        other => {
+            eprintln!("--format {other}: expected json, avro, protobuf or auto");
+            return ExitCode::from(INVALID);
+        }
+    };
+    let Some(url) = registry_url else {
+        eprintln!("--format {format:?} needs --schema-registry URL");
+        return ExitCode::from(INVALID);
+    };
+    let rules = match Rules::from_file(rules_path) {
+        Ok(r) => r,
+        Err(e) => {
+            print_problems(&e);
+            return ExitCode::from(INVALID);
+        }
+    };
+    let read = |path: &Path| std::fs::read(path).map_err(|e| eprintln!("{}: cannot read it: {e}", path.display()));
+    let Ok(value) = read(event) else { return ExitCode::from(FAILED) };
+    let key = match key.map(read).transpose() {
+        Ok(k) => k,
+        Err(()) => return ExitCode::from(FAILED),
+    };
+    let value = (!value.is_empty()).then_some(value);
+    let config = SchemaRegistryConfig {
+        url,
+        basic_auth_user: std::env::var("SCHEMA_REGISTRY_USER").ok(),
+        basic_auth_password: None,
+        basic_auth_password_env: None,
+        basic_auth_password_file: None,
+        ca_file: None,
+        timeout: std::time::Duration::from_secs(10),
+        resolved_password: std::env::var("SCHEMA_REGISTRY_PASSWORD").ok().map(crate::config::Secret::new),
+    };
+    let registry = match crate::source::registry::Registry::new(&config) {
+        Ok(r) => std::sync::Arc::new(r),
+        Err(e) => {
+            eprintln!("--schema-registry: {e}");
+            return ExitCode::from(INVALID);
+        }
+    };
+    let codec = crate::source::encoded::Codec::with_registry(format, Some(registry));
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start: {e}");
+            return ExitCode::from(FAILED);
+        }
+    };
+    let resolved = runtime.block_on(codec.resolve_once(key.as_deref(), value.as_deref()));
+    match codec.decode(&resolved, topic.unwrap_or(""), key.as_deref(), value.as_deref()) {
+        Ok(decoded) => match serde_json::to_string(&crate::explain::explanation(&rules, decoded)) {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::from(OK)
+            }
+            Err(e) => {
+                eprintln!("cannot print the explanation: {e}");
+                ExitCode::from(FAILED)
+            }
+        },
+        Err(e) => {
+            eprintln!("{}: {e}", event.display());
+            ExitCode::from(FAILED)
+        }
+    }
+}
+
 fn read_input(path: &Path) -> std::io::Result<Vec<u8>> {
     if path == Path::new("-") {
         let mut buf = Vec::new();
@@ -268,7 +357,14 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Run { config } => run(&config),
         Command::Check { config, against_db } => check(&config, against_db),
-        Command::Explain { rules, event, key, topic } => explain(&rules, &event, key.as_deref(), topic.as_deref()),
+        Command::Explain { rules, event, key, topic, format, schema_registry } => {
+            let encoding = (format, schema_registry);
+            if encoding.0.as_deref().is_some_and(|f| f != "json") || encoding.1.is_some() {
+                explain_encoded(&rules, &event, key.as_deref(), topic.as_deref(), encoding)
+            } else {
+                explain(&rules, &event, key.as_deref(), topic.as_deref())
+            }
+        }
         Command::Replay { config, file, kafka_topic, topic, dry_run } => {
             let input = match (file, kafka_topic) {
                 (Some(f), _) => crate::replay::Input::File(f),

@@ -28,7 +28,13 @@ pub fn explain_message(
     key: Option<&[u8]>,
     value: Option<&[u8]>,
 ) -> Result<Explanation, debezium::DecodeError> {
-    Ok(match debezium::decode(topic, key, value)? {
+    Ok(explanation(rules, debezium::decode(topic, key, value)?))
+}
+
+/// What `rules` make of a decoded message (whatever its encoding: JSON, or Avro decoded through
+/// the schema registry).
+pub(crate) fn explanation(rules: &Rules, decoded: Decoded) -> Explanation {
+    match decoded {
         Decoded::NoChange(n) => Explanation {
             table: n.table,
             op: "none",
@@ -49,5 +55,5 @@ pub fn explain_message(
                 errors: eval.errors.into_iter().map(|e| e.message).collect(),
             }
         }
-    })
+    }
 }

@@ -5,7 +5,7 @@
 //! input (file lines | Kafka topic) ──▶ read_record ──▶ debezium::decode ──▶ pipeline::Pipeline ──▶ sinks
 //!   a dead-letter record: original key, value and topic      (the daemon's own pipeline: batching,
 //!   anything else: one Debezium message value                 layers, dead letters, metrics)
-//!                                   └── --dry-run: explain::explain_message, printed, nothing touched
+//!                                   └── --dry-run: explain::explanation, printed, nothing touched
 //! ```
 //!
 //! Every input item is either a dead-letter record (as written by [`crate::dead_letter`]:
@@ -39,7 +39,7 @@ use crate::dead_letter::{self, DeadLetters};
 use crate::event::Decoded;
 use crate::rules::Rules;
 use crate::shutdown::{self, Shutdown};
-use crate::source::{debezium, Ack, Finished, Position, RawMessage, SourceEvent};
+use crate::source::{Ack, Finished, Position, RawMessage, SourceEvent};
 use crate::telemetry::Metrics;
 
 /// Exit code when replay finished but left something for the operator to look at.
@@ -76,6 +76,9 @@ pub enum ReplayError {
     DeadLetter(#[from] dead_letter::DeadLetterError),
     #[error("interrupted: {0} replayed events were not finished (run replay again)")]
     Interrupted(usize),
+    /// `source.kafka.schema_registry` unusable (CA file, client).
+    #[error("source.kafka.schema_registry: {0}")]
+    Registry(String),
 }
 
 /// One item read from the input, before decoding.
@@ -352,12 +355,26 @@ pub async fn replay(
         ));
     }
 
+    // Dead letters of Avro messages hold the Confluent-framed bytes: decoded as the source did.
+    let codec = match config.source.kafka.as_ref() {
+        Some(kafka) => crate::source::encoded::Codec::new(kafka).map_err(ReplayError::Registry)?,
+        None => crate::source::encoded::Codec::with_registry(crate::config::KafkaFormat::Json, None),
+    };
     let mut sent = 0usize;
     while let Some(item) = rx.recv().await {
         summary.read += 1;
         let position = item.position.to_string();
-        let decoded = read_record(&item, &default_topic).and_then(|(topic, key, value)| {
-            let decoded = debezium::decode(&topic, key.as_deref(), value.as_deref())
+        let record = read_record(&item, &default_topic);
+        let resolved = match &record {
+            Ok((_, key, value)) => match codec.resolve(key.as_deref(), value.as_deref(), &shutdown).await {
+                Some(resolved) => resolved,
+                None => break,
+            },
+            Err(_) => crate::source::encoded::Resolved::plain(),
+        };
+        let decoded = record.and_then(|(topic, key, value)| {
+            let decoded = codec
+                .decode(&resolved, &topic, key.as_deref(), value.as_deref())
                 .map_err(|e| format!("malformed event: {e}"))?;
             Ok((topic, key, value, decoded))
         });
@@ -376,24 +393,19 @@ pub async fn replay(
         match &events {
             None => {
                 // Dry run: what `explain` would print, with the record's position first.
-                match crate::explain::explain_message(&rules, &topic, key.as_deref(), value.as_deref()) {
-                    Ok(ex) => {
-                        if !ex.errors.is_empty() {
-                            summary.dead_lettered += 1;
-                        } else if ex.op == "none" {
-                            summary.no_change += 1;
-                        } else if ex.matched_rules.is_empty() {
-                            summary.no_match += 1;
-                        } else {
-                            summary.invalidated += 1;
-                        }
-                        let json = serde_json::to_string(&ex).unwrap_or_default();
-                        let position = serde_json::to_string(&position).unwrap_or_default();
-                        println!("{{\"position\":{position},{}", json.strip_prefix('{').unwrap_or(&json));
-                    }
-                    // Decoded once already; a second decode cannot disagree.
-                    Err(e) => summary.bad.push((position, format!("malformed event: {e}"))),
+                let ex = crate::explain::explanation(&rules, decoded);
+                if !ex.errors.is_empty() {
+                    summary.dead_lettered += 1;
+                } else if ex.op == "none" {
+                    summary.no_change += 1;
+                } else if ex.matched_rules.is_empty() {
+                    summary.no_match += 1;
+                } else {
+                    summary.invalidated += 1;
                 }
+                let json = serde_json::to_string(&ex).unwrap_or_default();
+                let position = serde_json::to_string(&position).unwrap_or_default();
+                println!("{{\"position\":{position},{}", json.strip_prefix('{').unwrap_or(&json));
             }
             Some((etx, _)) => {
                 let seq = sent as i64;

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod avro;
 mod cdn_cloudflare;
 mod cdn_daemon;
 mod cdn_fastly;

@@ -113,6 +113,46 @@ pub struct KafkaConfig {
     /// `session.timeout.ms` (docs/operations.md, "Static membership").
     #[serde(default)]
     pub group_instance_id: Option<String>,
+    /// How message keys and values are encoded (`json`, `avro`, `protobuf`, `auto`).
+    #[serde(default)]
+    pub format: KafkaFormat,
+    /// Where Avro/Protobuf schemas are fetched by id; required unless `format` is `json`.
+    pub schema_registry: Option<SchemaRegistryConfig>,
+}
+
+/// `source.kafka.format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KafkaFormat {
+    #[default]
+    Json,
+    Avro,
+    Protobuf,
+    /// Confluent wire format when the first byte is 0, JSON otherwise.
+    Auto,
+}
+
+/// `source.kafka.schema_registry`: a Confluent Schema Registry REST API.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaRegistryConfig {
+    /// `http://` or `https://` (TLS through the URL).
+    pub url: String,
+    pub basic_auth_user: Option<String>,
+    pub basic_auth_password: Option<Secret>,
+    pub basic_auth_password_env: Option<String>,
+    pub basic_auth_password_file: Option<PathBuf>,
+    /// A PEM CA certificate to trust besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Per request (connect and whole answer).
+    #[serde(default = "default_registry_timeout", with = "duration")]
+    pub timeout: Duration,
+    #[serde(skip)]
+    pub resolved_password: Option<Secret>,
+}
+
+fn default_registry_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_group_id() -> String {
@@ -509,6 +549,55 @@ pub fn load_with_env(path: &Path, env: impl IntoIterator<Item = (String, String)
     Ok(cfg)
 }
 
+/// `source.kafka.format` and `source.kafka.schema_registry` (issue 17).
+fn validate_schema_registry(origin: &Origin, k: &mut KafkaConfig, problems: &mut Vec<Problem>) {
+    let Some(registry) = k.schema_registry.as_mut() else {
+        if k.format != KafkaFormat::Json {
+            problems.push(origin.problem(
+                &["source", "kafka", "format"],
+                "source.kafka.format is not json: set source.kafka.schema_registry.url so schemas can be fetched",
+            ));
+        }
+        return;
+    };
+    let path = ["source", "kafka", "schema_registry"];
+    if !(registry.url.starts_with("http://") || registry.url.starts_with("https://")) {
+        problems.push(origin.problem(
+            &["source", "kafka", "schema_registry", "url"],
+            "source.kafka.schema_registry.url must start with http:// or https://",
+        ));
+    }
+    let any_password = registry.basic_auth_password.is_some()
+        || registry.basic_auth_password_env.is_some()
+        || registry.basic_auth_password_file.is_some();
+    if registry.basic_auth_user.is_some() || any_password {
+        let mut secret_path = path.to_vec();
+        secret_path.push("basic_auth_password");
+        registry.resolved_password = resolve_secret(
+            origin,
+            &secret_path,
+            registry.basic_auth_password.as_ref(),
+            registry.basic_auth_password_env.as_deref(),
+            registry.basic_auth_password_file.as_deref(),
+            problems,
+        );
+        if registry.basic_auth_user.is_none() {
+            problems
+                .push(origin.problem(&path, "source.kafka.schema_registry: a password is set without basic_auth_user"));
+        }
+    }
+    if let Some(ca) = &registry.ca_file {
+        let resolved = relative_to(origin.file, ca);
+        if std::fs::metadata(&resolved).is_err() {
+            problems.push(origin.problem(
+                &["source", "kafka", "schema_registry", "ca_file"],
+                format!("source.kafka.schema_registry.ca_file {}: cannot read it", resolved.display()),
+            ));
+        }
+        registry.ca_file = Some(resolved);
+    }
+}
+
 /// Reads a secret indirection: exactly one of the value, an environment variable, a file.
 fn resolve_secret(
     origin: &Origin,
@@ -649,6 +738,7 @@ impl Config {
                             ));
                         }
                     }
+                    validate_schema_registry(origin, k, &mut problems);
                     for reserved in ["enable.auto.commit", "group.id", "bootstrap.servers", "enable.auto.offset.store"]
                     {
                         if k.librdkafka.contains_key(reserved) {

@@ -18,8 +18,10 @@ use tokio::sync::mpsc;
 use crate::event::Decoded;
 
 pub mod debezium;
+pub mod encoded;
 pub mod kafka;
 pub mod postgres;
+pub mod registry;
 pub(crate) mod temporal;
 pub mod watermark;
 

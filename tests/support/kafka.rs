@@ -65,6 +65,19 @@ impl MockKafka {
         (delivery.partition, delivery.offset)
     }
 
+    /// [`MockKafka::produce`] with binary key and value (Confluent wire format).
+    pub async fn produce_bytes(&self, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> (i32, i64) {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).partition(0);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
+        let delivery = self.producer.send(record, Duration::from_secs(30)).await.expect("produce");
+        (delivery.partition, delivery.offset)
+    }
+
     pub fn flush(&self) {
         let _ = self.producer.flush(Duration::from_secs(10));
     }

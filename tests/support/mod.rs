@@ -7,6 +7,7 @@ pub mod events;
 pub mod kafka;
 pub mod postgres;
 pub mod redis;
+pub mod registry;
 pub mod signatures;
 pub mod tansu;
 pub mod varnish;

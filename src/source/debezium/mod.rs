@@ -71,6 +71,7 @@
 //! memory bounded by the message, never stack (`json.rs`). Decimals are bounded in size and
 //! scale (`decimal.rs`).
 
+mod avro;
 mod confluent;
 mod decimal;
 mod envelope;
@@ -93,6 +94,7 @@ use serde_json::Value;
 
 use crate::event::{ChangeEvent, Decoded, NoChange, NoChangeKind, Op, Row};
 
+pub use avro::{AvroError, AvroSchema};
 pub use decimal::DecimalError;
 use json::{Depth, Fields, Kind, Slot};
 pub use placeholder::{configure, current as placeholders, DebeziumConfig, Placeholders, DEFAULT_PLACEHOLDER};

@@ -32,7 +32,7 @@ use self::tracker::Tracker;
 use crate::config::KafkaConfig;
 use crate::event::Decoded;
 use crate::shutdown::Shutdown;
-use crate::source::{debezium, Ack, Finished, Malformed, Position, RawMessage, SourceEvent};
+use crate::source::{Ack, Finished, Malformed, Position, RawMessage, SourceEvent};
 use crate::telemetry::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,9 @@ pub enum KafkaSourceError {
     Create(rdkafka::error::KafkaError),
     #[error("cannot subscribe to {what}: {error}")]
     Subscribe { what: String, error: rdkafka::error::KafkaError },
+    /// `source.kafka.schema_registry` unusable (CA file, client): fatal at start.
+    #[error("source.kafka.schema_registry: {0}")]
+    Registry(String),
 }
 
 /// How long the pipeline queue may stay full before the partitions are paused.
@@ -61,6 +64,8 @@ pub struct KafkaSource {
     max_message_bytes: usize,
     /// Commit ticks so far (for the periodic refresh).
     commit_ticks: std::sync::atomic::AtomicU64,
+    /// `source.kafka.format` and its schema registry.
+    codec: crate::source::encoded::Codec,
 }
 
 /// The librdkafka settings for a consumer, before passthrough: exposed for tests and `check`.
@@ -89,6 +94,7 @@ impl KafkaSource {
     /// Creates the consumer and subscribes. Connecting happens in the background: a broker that
     /// is down now is not an error (the source just is not ready yet).
     pub fn new(config: &KafkaConfig, metrics: Arc<Metrics>) -> Result<KafkaSource, KafkaSourceError> {
+        let codec = crate::source::encoded::Codec::new(config).map_err(KafkaSourceError::Registry)?;
         let tracker = Arc::new(Mutex::new(Tracker::default()));
         let context =
             KafkaContext { tracker: tracker.clone(), metrics: metrics.clone(), commit_failed: Default::default() };
@@ -106,6 +112,7 @@ impl KafkaSource {
             commit_interval: config.commit_interval,
             max_message_bytes: config.max_message_bytes,
             commit_ticks: Default::default(),
+            codec,
         })
     }
 
@@ -161,7 +168,13 @@ impl KafkaSource {
                 // most what was already prefetched arrives, and waits in `held`).
                 msg = self.consumer.recv(), if held.is_empty() || paused => match msg {
                     Ok(m) => {
-                        let ev = self.to_event(&m, &ack_tx);
+                        // Schemas are fetched before the message is tracked: while the registry
+                        // is down the message waits, and a stop leaves it unread (redelivered).
+                        let payload = m.payload().filter(|v| v.len() <= self.max_message_bytes);
+                        let Some(resolved) = self.codec.resolve(m.key(), payload, &shutdown).await else {
+                            break;
+                        };
+                        let ev = self.to_event(&m, &ack_tx, &resolved);
                         if !held.is_empty() {
                             held.push_back(ev);
                             continue;
@@ -223,7 +236,12 @@ impl KafkaSource {
         self.metrics.pending_events.sub(n);
     }
 
-    fn to_event(&self, m: &BorrowedMessage<'_>, ack_tx: &mpsc::UnboundedSender<Finished>) -> SourceEvent {
+    fn to_event(
+        &self,
+        m: &BorrowedMessage<'_>,
+        ack_tx: &mpsc::UnboundedSender<Finished>,
+        resolved: &crate::source::encoded::Resolved,
+    ) -> SourceEvent {
         let (finished, topic) = lock(&self.tracker).start(m.topic(), m.partition(), m.offset());
         self.metrics.pending_events.inc();
         let now = SystemTime::now();
@@ -236,7 +254,7 @@ impl KafkaSource {
                 v.len(),
                 self.max_message_bytes
             ))),
-            _ => debezium::decode(&topic, key, value).map_err(|e| Malformed(e.to_string())),
+            _ => self.codec.decode(resolved, &topic, key, value).map_err(Malformed),
         };
         let origin = match &decoded {
             Ok(Decoded::Change(c)) => c.committed_at,

@@ -1,0 +1,261 @@
+//! `source.kafka.format`: keys and values in the Confluent wire format (Avro through a schema
+//! registry) read into the same JSON shape the JsonConverter writes, then decoded by the one
+//! Debezium decoder, so a row renders identically whatever the encoding (the contract, "Other
+//! encodings on Kafka").
+//!
+//! Fetching schemas ([`Codec::resolve`]) is async and happens before the message is tracked:
+//! while the registry is down or answers 5xx, the message waits, unacknowledged, and nothing
+//! after it is read (order is kept). Decoding ([`Codec::decode`]) is synchronous.
+
+use std::sync::Arc;
+
+use crate::config::{KafkaConfig, KafkaFormat};
+use crate::event::Decoded;
+use crate::shutdown::Shutdown;
+use crate::source::debezium;
+use crate::source::registry::{framed, RegisteredSchema, Registry, RegistryError};
+
+pub struct Codec {
+    format: KafkaFormat,
+    registry: Option<Arc<Registry>>,
+}
+
+/// What the registry said about one part (key or value) of a message.
+pub enum Part {
+    /// Not Confluent-framed, or the format is `json` (nothing fetched).
+    Plain,
+    Schema(Arc<RegisteredSchema>),
+    Failed(RegistryError),
+}
+
+pub struct Resolved {
+    key: Part,
+    value: Part,
+}
+
+impl Resolved {
+    /// Nothing fetched: the `json` format.
+    pub fn plain() -> Resolved {
+        Resolved { key: Part::Plain, value: Part::Plain }
+    }
+}
+
+impl Codec {
+    pub fn new(config: &KafkaConfig) -> Result<Codec, String> {
+        let registry = match &config.schema_registry {
+            Some(registry) if config.format != KafkaFormat::Json => Some(Arc::new(Registry::new(registry)?)),
+            _ => None,
+        };
+        Ok(Codec { format: config.format, registry })
+    }
+
+    /// A codec on a given registry (for `explain` and tests).
+    pub fn with_registry(format: KafkaFormat, registry: Option<Arc<Registry>>) -> Codec {
+        Codec { format, registry }
+    }
+
+    /// Fetches the schemas the message's key and value name. `None` when `shutdown` stopped
+    /// intake while the registry was being retried: the message is then left unread.
+    pub async fn resolve(&self, key: Option<&[u8]>, value: Option<&[u8]>, shutdown: &Shutdown) -> Option<Resolved> {
+        let Some(registry) = &self.registry else {
+            return Some(Resolved::plain());
+        };
+        let mut parts = [Part::Plain, Part::Plain];
+        for (part, bytes) in parts.iter_mut().zip([key, value]) {
+            if let Some((id, _)) = bytes.and_then(framed) {
+                *part = match registry.schema_retrying(id, shutdown.stopping()).await? {
+                    Ok(schema) => Part::Schema(schema),
+                    Err(e) => Part::Failed(e),
+                };
+            }
+        }
+        let [key, value] = parts;
+        Some(Resolved { key, value })
+    }
+
+    /// [`Codec::resolve`] without waiting: one attempt per schema (for `explain`).
+    pub async fn resolve_once(&self, key: Option<&[u8]>, value: Option<&[u8]>) -> Resolved {
+        let Some(registry) = &self.registry else {
+            return Resolved::plain();
+        };
+        let mut parts = [Part::Plain, Part::Plain];
+        for (part, bytes) in parts.iter_mut().zip([key, value]) {
+            if let Some((id, _)) = bytes.and_then(framed) {
+                *part = match registry.schema(id).await {
+                    Ok(schema) => Part::Schema(schema),
+                    Err(e) => Part::Failed(e),
+                };
+            }
+        }
+        let [key, value] = parts;
+        Resolved { key, value }
+    }
+
+    /// Decodes the message; the error is the dead letter's reason.
+    pub fn decode(
+        &self,
+        resolved: &Resolved,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Result<Decoded, String> {
+        if self.format == KafkaFormat::Json {
+            return debezium::decode(topic, key, value).map_err(|e| e.to_string());
+        }
+        // A key that cannot be read is ignored, as a non-JSON key is on the JSON path: the value
+        // alone is a complete event.
+        let key_json = match (&resolved.key, key.and_then(framed)) {
+            (Part::Schema(schema), Some((_, datum))) => match &**schema {
+                RegisteredSchema::Avro(avro) => avro.read_json(datum).ok(),
+                RegisteredSchema::Other(_) => None,
+            },
+            (_, Some(_)) => None,
+            (_, None) => key.map(<[u8]>::to_vec),
+        };
+        let value_json = match value {
+            None => None,
+            Some(bytes) => match (framed(bytes), &resolved.value) {
+                (Some((id, datum)), Part::Schema(schema)) => match &**schema {
+                    RegisteredSchema::Avro(avro) => {
+                        let read = avro
+                            .read_json(datum)
+                            .map_err(|e| format!("the message value (Avro, schema id {id}) cannot be read: {e}"))?;
+                        // An Avro null value is a tombstone as a JSON null is.
+                        (read != b"null").then_some(read)
+                    }
+                    RegisteredSchema::Other(kind) => {
+                        return Err(format!(
+                            "the message value is {kind} in the Confluent wire format, schema id {id}: this build \
+                             decodes only Avro (use the AvroConverter or the JsonConverter)"
+                        ))
+                    }
+                },
+                (Some((id, _)), Part::Failed(e)) => {
+                    return Err(format!("the message value's schema (id {id}) is not available: {e}"))
+                }
+                (Some((id, _)), Part::Plain) => {
+                    return Err(format!("the message value's schema (id {id}) was not fetched"));
+                }
+                (None, _) if self.format == KafkaFormat::Auto => Some(bytes.to_vec()),
+                (None, _) => {
+                    let first = bytes.first().copied().unwrap_or(0);
+                    return Err(format!(
+                        "the message value is not in the Confluent wire format (first byte {first:#04x}, expected 0x00): \
+                         set source.kafka.format to json or auto"
+                    ));
+                }
+            },
+        };
+        debezium::decode(topic, key_json.as_deref(), value_json.as_deref()).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The Avro fixtures are the JsonConverter fixtures of tests/fixtures/debezium*/ serialised by
+    //! Confluent's own AvroSerializer (scripts/gen-avro-fixtures.py): each must decode to exactly
+    //! the event its JSON form decodes to.
+
+    use std::path::PathBuf;
+
+    use serde_json::Value;
+
+    use crate::source::debezium::{self, AvroSchema};
+    use crate::source::registry::framed;
+
+    fn root() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    fn read(path: &str) -> Vec<u8> {
+        std::fs::read(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    fn schemas() -> Value {
+        serde_json::from_slice(&read("tests/fixtures/avro/schemas.json")).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The Avro datum as the JSON bytes the decoder reads.
+    fn avro_as_json(name: &str) -> Vec<u8> {
+        let bytes = read(&format!("tests/fixtures/avro/{name}.avro"));
+        let (id, datum) = framed(&bytes).unwrap_or_else(|| panic!("{name} is not Confluent-framed"));
+        let schemas = schemas();
+        let text = schemas[id.to_string()].as_str().unwrap_or_else(|| panic!("no schema {id}"));
+        let schema = AvroSchema::parse(text).unwrap_or_else(|e| panic!("schema {id}: {e}"));
+        let value = schema.read(datum).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let text = schema.read_json(datum).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let reparsed: Value = serde_json::from_slice(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(reparsed, value, "{name}: the streamed JSON is the value read");
+        text
+    }
+
+    #[test]
+    fn avro_serializer_output_decodes_exactly_as_its_json_form() {
+        let manifest: Value =
+            serde_json::from_slice(&read("tests/fixtures/avro/manifest.json")).unwrap_or_else(|e| panic!("{e}"));
+        let cases = manifest.as_array().cloned().unwrap_or_default();
+        assert!(cases.len() >= 6);
+        let key_json = read("tests/fixtures/debezium-real/key-products-42-schema.json");
+        let key_avro = avro_as_json("pg-key-42");
+        for case in cases {
+            let name = case["name"].as_str().unwrap_or_default();
+            let topic = case["topic"].as_str().unwrap_or_default();
+            let json = read(case["json"].as_str().unwrap_or_default());
+            if case["key"].as_bool() == Some(true) {
+                // A key is checked through what it does: the key-only delete of the products row.
+                let json_event = debezium::decode(topic, Some(&json), None);
+                let avro_event = debezium::decode(topic, Some(&key_avro), None);
+                assert_eq!(avro_event, json_event, "{name}");
+                continue;
+            }
+            let expected = debezium::decode(topic, Some(&key_json), Some(&json));
+            let got = debezium::decode(topic, Some(&key_avro), Some(&avro_as_json(name)));
+            assert!(expected.is_ok(), "{name}: {expected:?}");
+            assert_eq!(got, expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn avro_decimal_renders_as_decimal_string() {
+        let got = debezium::decode("shop.public.products", None, Some(&avro_as_json("pg-update")));
+        let Ok(crate::event::Decoded::Change(change)) = got else { panic!("{got:?}") };
+        let after = change.after.unwrap_or_default();
+        assert_eq!(after.get("price"), Some(&Value::String("80.00".into())));
+    }
+
+    #[test]
+    fn the_configured_format_decides_what_a_plain_or_framed_value_is() {
+        use super::{Codec, Resolved};
+        use crate::config::KafkaFormat;
+
+        let json = read("tests/fixtures/debezium/pg-update-with-schema.json");
+        let topic = "shop.public.products";
+        let plain = Resolved::plain();
+        let decode = |format, value: &[u8]| Codec::with_registry(format, None).decode(&plain, topic, None, Some(value));
+        assert!(decode(KafkaFormat::Auto, &json).is_ok(), "auto reads JSON as JSON");
+        assert_eq!(
+            decode(KafkaFormat::Json, &json),
+            debezium::decode(topic, None, Some(&json)).map_err(|e| e.to_string())
+        );
+        let err = decode(KafkaFormat::Avro, &json).unwrap_err();
+        assert!(
+            err.contains("not in the Confluent wire format (first byte 0x7b") && err.contains("json or auto"),
+            "{err}"
+        );
+        let framed_bytes = read("tests/fixtures/avro/pg-update.avro");
+        let err = decode(KafkaFormat::Json, &framed_bytes).unwrap_err();
+        assert!(err.contains("Confluent wire format, schema id") && err.contains("avro or auto"), "{err}");
+    }
+
+    #[test]
+    fn truncated_avro_is_an_error_naming_the_schema_id() {
+        let bytes = read("tests/fixtures/avro/pg-update.avro");
+        let Some((id, datum)) = framed(&bytes) else { panic!() };
+        let schemas = schemas();
+        let schema =
+            AvroSchema::parse(schemas[id.to_string()].as_str().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
+        for cut in [1, datum.len() / 2, datum.len() - 1] {
+            assert!(schema.read(&datum[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+}
