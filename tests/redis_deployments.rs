@@ -388,6 +388,14 @@ async fn two_named_targets_with_one_down_for_ten_seconds() {
     for id in 1..20 {
         kafka.produce(topic, None, Some(&format!("{{\"id\":{id}}}")), Some(&product_insert(id, 1))).await;
     }
+    // Every one of the 20 reaches the target that is up while the other is still down: the
+    // targets progress independently (up to the layer's queue), and only the acks wait for `us`.
+    let eu_all = wait_until(Duration::from_secs(10).saturating_sub(down.elapsed()), || {
+        (0..20).all(|id| !eu_con.exists::<_, bool>(format!("product:{id}")).unwrap_or(true))
+    })
+    .await;
+    assert!(eu_all, "the target that is up got all 20 invalidations while the other was down");
+    assert!(down.elapsed() < Duration::from_secs(10), "while us was down (it restarts at 10 s)");
     let remaining = Duration::from_secs(10).saturating_sub(down.elapsed());
     tokio::time::sleep(remaining).await;
     assert!(

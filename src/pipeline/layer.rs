@@ -1,12 +1,14 @@
-//! One layer of sinks as its own stage: a bounded queue in front, its own batching, every sink of
-//! the layer at once, then on to the next layer (in order; a unit the layer has nothing for
-//! passes through at once).
+//! One layer of sinks as its own stage: a bounded queue in front, one task per sink (each at its
+//! own pace, with its own batching), then on to the next layer in order once every sink of the
+//! layer is done with a unit (a unit the layer has nothing for passes through, in order).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus::{Counter, IntGauge};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::task::JoinSet;
 
 use super::{origin, StageError, Unit};
 use crate::shutdown::Shutdown;
@@ -80,18 +82,15 @@ impl LayerSender {
 }
 
 impl LayerReceiver {
-    async fn recv(&mut self) -> Option<Unit> {
-        let queued = self.rx.recv().await?;
-        Some(self.take(queued))
+    async fn recv(&mut self) -> Option<Queued> {
+        self.rx.recv().await
     }
 
-    fn try_recv(&mut self) -> Option<Unit> {
-        let queued = self.rx.try_recv().ok()?;
-        Some(self.take(queued))
-    }
-
-    /// The unit leaves the queue: its room is free again.
-    fn take(&self, queued: Queued) -> Unit {
+    /// The unit leaves the layer: its room is free again. A unit holds its room until every
+    /// sink of the layer is done with it, not only until the layer takes it: so the events a
+    /// healthy sink runs ahead of a stuck one are bounded by the queue's capacity, and the
+    /// gauge shows the layer holding while one of its sinks is.
+    fn leave(&self, queued: Queued) -> Unit {
         self.queued.sub(queued.events as i64);
         queued.unit
     }
@@ -116,7 +115,13 @@ impl Route {
     }
 }
 
-/// One layer's stage.
+/// One layer's stage: a dispatcher (this task) and one worker task per sink. The dispatcher
+/// takes each unit from the layer's queue and hands its batch to every sink that serves one of
+/// its kinds, each through the sink's own queue; each worker runs its sink at the sink's own
+/// pace, with its own batching. A unit leaves the layer, in order, once every one of those
+/// sinks confirmed it (or rejected some of it). So a sink that is down holds the units (and
+/// their acks) without holding the other sinks of the layer, which run ahead of it by up to
+/// the layer queue's capacity (every unit in the layer holds its room until it leaves).
 pub(super) struct Layer {
     pub(super) sinks: Vec<Arc<dyn Sink>>,
     /// Every kind some sink of the layer serves: a unit with none of them passes through.
@@ -129,106 +134,163 @@ pub(super) struct Layer {
     pub(super) metrics: Arc<Metrics>,
 }
 
+/// A unit in the layer, waiting for its sinks.
+struct InLayer {
+    seq: u64,
+    queued: Queued,
+    /// The unit's batch, shared with the workers while they work on it.
+    batch: Arc<Invalidations>,
+    /// How many sinks have not answered yet.
+    waiting: usize,
+    /// Whether some sink worked on it (else it passes through with its `not_before`).
+    worked: bool,
+    /// Each sink's rejections (kind, value, sentence), indexed like `Layer::sinks`, so that a
+    /// dead letter's sentence lists them in sink order whatever order the sinks answered in.
+    rejections: Vec<Vec<Rejection>>,
+}
+
+type Rejection = (ItemKind, String, String);
+
+/// A unit's batch for one sink.
+struct Work {
+    seq: u64,
+    batch: Arc<Invalidations>,
+    events: usize,
+    not_before: Option<tokio::time::Instant>,
+    /// The staleness origin and receipt instant of each event that asked this sink for
+    /// something (the per-sink staleness and processing figures).
+    stamps: Vec<(Option<SystemTime>, Instant)>,
+}
+
+/// A sink's answer for one unit.
+struct Answer {
+    seq: u64,
+    sink: usize,
+    rejections: Vec<Rejection>,
+}
+
 impl Layer {
-    /// Takes units from the queue until every stage before it is done and the queue is empty, or
-    /// shutdown abandons the work (the units it holds are dropped, unacknowledged).
+    /// Takes units from the queue until every stage before it is done, the queue is empty and
+    /// every sink is done with what it took; or until shutdown abandons the work or a sink
+    /// fails for good (the units it holds are dropped, unacknowledged).
     pub(super) async fn run(self, mut rx: LayerReceiver, route: Route, shutdown: Shutdown) -> Result<(), StageError> {
-        // A unit taken from the queue whose `layer_delay` is not over yet: the next batch
-        // starts with it.
-        let mut held: Option<Unit> = None;
-        loop {
-            let first = match held.take() {
-                Some(unit) => unit,
-                None => tokio::select! {
-                    biased;
-                    _ = shutdown.abandoned() => return Err(StageError::Stopped),
-                    unit = rx.recv() => match unit {
-                        Some(unit) => unit,
-                        None => return Ok(()),
-                    },
-                },
+        let (answers_tx, mut answers) = mpsc::unbounded_channel();
+        // Dropped with this task (an abandon, a failure, an abort): the workers stop with it.
+        let mut workers: JoinSet<Result<(), StageError>> = JoinSet::new();
+        let mut to_sinks = Vec::with_capacity(self.sinks.len());
+        for (index, sink) in self.sinks.iter().enumerate() {
+            // Unbounded: what it holds is bounded by the layer queue's room, which every unit
+            // holds until it leaves the layer.
+            let (tx, rx) = mpsc::unbounded_channel();
+            to_sinks.push(tx);
+            let worker = Worker {
+                index,
+                sink: sink.clone(),
+                batch_max_events: self.batch_max_events,
+                metrics: self.metrics.clone(),
+                answers: answers_tx.clone(),
             };
-            if !self.wants(&first) {
-                // Nothing here for it, and nothing before it in this layer: on at once, with the
-                // `layer_delay` of the layer that last worked on it still ahead of it.
-                route.forward(first, &shutdown).await?;
-                continue;
-            }
-            if let Some(at) = first.not_before {
-                tokio::select! {
-                    biased;
-                    _ = shutdown.abandoned() => return Err(StageError::Stopped),
-                    _ = tokio::time::sleep_until(at) => {}
+            workers.spawn(worker.run(rx, shutdown.clone()));
+        }
+        drop(answers_tx);
+
+        let mut in_layer: VecDeque<InLayer> = VecDeque::new();
+        let mut next_seq: u64 = 0;
+        let mut open = true;
+        while open || !in_layer.is_empty() {
+            tokio::select! {
+                biased;
+                _ = shutdown.abandoned() => return Err(StageError::Stopped),
+                // While the layer runs, a worker only ends when it failed or was stopped.
+                Some(joined) = workers.join_next() => {
+                    return Err(match super::failure(joined) {
+                        Some(e) => StageError::Fatal(e),
+                        None => StageError::Stopped,
+                    });
                 }
-            }
-            // The layer's own batching: whatever queued behind the first unit while the layer
-            // was busy goes out with it, so a slow layer sends fewer, larger batches.
-            let mut events = first.items.len();
-            let mut units = vec![first];
-            while events < self.batch_max_events {
-                let Some(next) = rx.try_recv() else { break };
-                // A unit this layer has nothing for, or must not start yet, waits for the next
-                // round (not overtaking the ones before it).
-                if !self.wants(&next) || next.not_before.is_some_and(|at| at > tokio::time::Instant::now()) {
-                    held = Some(next);
-                    break;
+                Some(answer) = answers.recv() => {
+                    let front = in_layer.front().map_or(0, |u| u.seq);
+                    let at = usize::try_from(answer.seq.saturating_sub(front)).unwrap_or(usize::MAX);
+                    if let Some(unit) = in_layer.get_mut(at) {
+                        unit.waiting = unit.waiting.saturating_sub(1);
+                        if let Some(slot) = unit.rejections.get_mut(answer.sink) {
+                            *slot = answer.rejections;
+                        }
+                    }
                 }
-                events += next.items.len();
-                units.push(next);
+                queued = rx.recv(), if open => match queued {
+                    None => open = false,
+                    Some(mut queued) => {
+                        let seq = next_seq;
+                        next_seq += 1;
+                        let batch = Arc::new(std::mem::take(&mut queued.unit.batch));
+                        let mut waiting = 0;
+                        if self.wants(&batch) {
+                            for (sink, tx) in self.sinks.iter().zip(&to_sinks) {
+                                if !sink.kinds().iter().any(|&k| !batch.items(k).is_empty()) {
+                                    continue;
+                                }
+                                let kinds = sink.kinds();
+                                let stamps = queued
+                                    .unit
+                                    .items
+                                    .iter()
+                                    .filter(|i| i.asks(kinds))
+                                    .map(|i| (origin(&i.event), i.event.received))
+                                    .collect();
+                                let work = Work {
+                                    seq,
+                                    batch: batch.clone(),
+                                    events: queued.events,
+                                    not_before: queued.unit.not_before,
+                                    stamps,
+                                };
+                                tx.send(work).map_err(|_| StageError::Stopped)?;
+                                waiting += 1;
+                            }
+                        }
+                        let rejections = vec![Vec::new(); self.sinks.len()];
+                        in_layer.push_back(InLayer { seq, queued, batch, waiting, worked: waiting > 0, rejections });
+                    }
+                },
             }
-            self.invalidate(&mut units, &shutdown).await?;
-            let not_before = (!self.delay.is_zero()).then(|| tokio::time::Instant::now() + self.delay);
-            for mut unit in units {
-                unit.not_before = not_before;
+            // Every unit at the front that all its sinks are done with leaves, in order.
+            while in_layer.front().is_some_and(|u| u.waiting == 0) {
+                let Some(done) = in_layer.pop_front() else { break };
+                let unit = self.leave(done, &rx);
                 route.forward(unit, &shutdown).await?;
             }
         }
-    }
-
-    /// Whether some sink of this layer has work in `unit`.
-    fn wants(&self, unit: &Unit) -> bool {
-        self.kinds.iter().any(|&k| !unit.batch.items(k).is_empty())
-    }
-
-    /// Runs every sink of the layer on the units' merged batch; marks the events that asked for
-    /// a rejected item for the dead-letter destination.
-    async fn invalidate(&self, units: &mut [Unit], shutdown: &Shutdown) -> Result<(), StageError> {
-        let rejections = {
-            let merged;
-            let batch = match &*units {
-                [one] => &one.batch,
-                _ => {
-                    merged = Invalidations::union(units.iter().map(|u| &u.batch));
-                    &merged
-                }
-            };
-            let done = invalidate_all(&self.sinks, batch, shutdown).await?;
-            let mut rejections = Vec::new();
-            for d in done {
-                let name = d.sink.name();
-                self.metrics.sink_batch_duration.with_label_values(&[name]).observe(d.took.as_secs_f64());
-                for (kind, n) in &d.report.confirmed {
-                    self.metrics.invalidations.with_label_values(&[name, kind.as_str()]).inc_by(*n);
-                }
-                let staleness = self.metrics.staleness.with_label_values(&[name]);
-                let processing = self.metrics.processing.with_label_values(&[name]);
-                let kinds = d.sink.kinds();
-                for item in units.iter().flat_map(|u| &u.items).filter(|i| i.asks(kinds)) {
-                    if let Some(origin) = origin(&item.event) {
-                        staleness.observe(d.at.duration_since(origin).unwrap_or_default().as_secs_f64());
-                    }
-                    processing.observe(d.at_instant.saturating_duration_since(item.event.received).as_secs_f64());
-                }
-                for rejected in &d.report.rejected {
-                    let Some(value) = batch.items(rejected.kind).get(rejected.index) else { continue };
-                    let sentence = format!("sink {name} rejected {} {value:?}: {}", rejected.kind, rejected.reason);
-                    rejections.push((rejected.kind, value.clone(), sentence));
-                }
+        // Everything is through: the workers end once their queues close.
+        drop(to_sinks);
+        while let Some(joined) = workers.join_next().await {
+            if let Some(e) = super::failure(joined) {
+                return Err(StageError::Fatal(e));
             }
-            rejections
-        };
-        for (kind, value, sentence) in rejections {
-            for item in units.iter_mut().flat_map(|u| u.items.iter_mut()) {
+        }
+        Ok(())
+    }
+
+    /// Whether some sink of this layer has work in `batch`.
+    fn wants(&self, batch: &Invalidations) -> bool {
+        self.kinds.iter().any(|&k| !batch.items(k).is_empty())
+    }
+
+    /// The unit leaves the layer: its batch back (the workers are done with it), the events
+    /// that asked for a rejected item marked for the dead-letter destination, and the next
+    /// layer's `layer_delay` ahead of it.
+    fn leave(&self, done: InLayer, rx: &LayerReceiver) -> Unit {
+        let InLayer { queued, batch, worked, rejections, .. } = done;
+        let mut unit = rx.leave(queued);
+        // The workers drop their share before they answer, so this rarely copies.
+        unit.batch = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
+        if !worked {
+            // Nothing here for it: on with the `layer_delay` of the layer that last worked on it
+            // still ahead of it.
+            return unit;
+        }
+        for (kind, value, sentence) in rejections.into_iter().flatten() {
+            for item in unit.items.iter_mut() {
                 let wanted =
                     item.evaluation.as_ref().is_some_and(|e| e.invalidations.items(kind).binary_search(&value).is_ok());
                 if wanted {
@@ -241,7 +303,105 @@ impl Layer {
                 }
             }
         }
-        Ok(())
+        unit.not_before = (!self.delay.is_zero()).then(|| tokio::time::Instant::now() + self.delay);
+        unit
+    }
+}
+
+/// One sink of a layer as its own task: takes the batches the layer hands it, merges what
+/// queued while it was busy, runs the sink, records its figures and answers for each unit.
+struct Worker {
+    index: usize,
+    sink: Arc<dyn Sink>,
+    batch_max_events: usize,
+    metrics: Arc<Metrics>,
+    answers: mpsc::UnboundedSender<Answer>,
+}
+
+impl Worker {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Work>, shutdown: Shutdown) -> Result<(), StageError> {
+        // A batch taken whose `layer_delay` is not over yet: the next round starts with it.
+        let mut held: Option<Work> = None;
+        loop {
+            let first = match held.take() {
+                Some(work) => work,
+                None => tokio::select! {
+                    biased;
+                    _ = shutdown.abandoned() => return Err(StageError::Stopped),
+                    work = rx.recv() => match work {
+                        Some(work) => work,
+                        None => return Ok(()),
+                    },
+                },
+            };
+            if let Some(at) = first.not_before {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.abandoned() => return Err(StageError::Stopped),
+                    _ = tokio::time::sleep_until(at) => {}
+                }
+            }
+            // The sink's own batching: whatever queued behind the first batch while the sink
+            // was busy goes out with it, so a slow sink sends fewer, larger batches.
+            let mut events = first.events;
+            let mut works = vec![first];
+            while events < self.batch_max_events {
+                let Ok(next) = rx.try_recv() else { break };
+                // One that must not start yet waits for the next round (not overtaking).
+                if next.not_before.is_some_and(|at| at > tokio::time::Instant::now()) {
+                    held = Some(next);
+                    break;
+                }
+                events += next.events;
+                works.push(next);
+            }
+            for answer in self.invalidate(works, &shutdown).await? {
+                self.answers.send(answer).map_err(|_| StageError::Stopped)?;
+            }
+        }
+    }
+
+    /// Runs the sink on the merged batch of `works`, records its figures, and says what it
+    /// rejected of each unit.
+    async fn invalidate(&self, works: Vec<Work>, shutdown: &Shutdown) -> Result<Vec<Answer>, StageError> {
+        let merged;
+        let batch = match works.as_slice() {
+            [one] => &*one.batch,
+            _ => {
+                merged = Invalidations::union(works.iter().map(|w| &*w.batch));
+                &merged
+            }
+        };
+        let done = invalidate_all(std::slice::from_ref(&self.sink), batch, shutdown).await?;
+        let mut answers: Vec<Answer> =
+            works.iter().map(|w| Answer { seq: w.seq, sink: self.index, rejections: Vec::new() }).collect();
+        for d in done {
+            let name = d.sink.name();
+            self.metrics.sink_batch_duration.with_label_values(&[name]).observe(d.took.as_secs_f64());
+            for (kind, n) in &d.report.confirmed {
+                self.metrics.invalidations.with_label_values(&[name, kind.as_str()]).inc_by(*n);
+            }
+            let staleness = self.metrics.staleness.with_label_values(&[name]);
+            let processing = self.metrics.processing.with_label_values(&[name]);
+            for (origin, received) in works.iter().flat_map(|w| &w.stamps) {
+                if let Some(origin) = origin {
+                    staleness.observe(d.at.duration_since(*origin).unwrap_or_default().as_secs_f64());
+                }
+                processing.observe(d.at_instant.saturating_duration_since(*received).as_secs_f64());
+            }
+            for rejected in &d.report.rejected {
+                let Some(value) = batch.items(rejected.kind).get(rejected.index) else { continue };
+                let sentence = format!("sink {name} rejected {} {value:?}: {}", rejected.kind, rejected.reason);
+                for (work, answer) in works.iter().zip(answers.iter_mut()) {
+                    if work.batch.items(rejected.kind).binary_search(value).is_ok() {
+                        answer.rejections.push((rejected.kind, value.clone(), sentence.clone()));
+                    }
+                }
+            }
+        }
+        // `works` (and their shares of each unit's batch) are dropped here, before the answers
+        // go out: the layer then takes each batch back without copying it.
+        Ok(answers)
     }
 }
 

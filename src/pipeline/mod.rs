@@ -5,8 +5,8 @@
 //! ```text
 //! source ─queue─▶ intake ──▶ layer 0 (Redis) ──▶ layer 1 (HTTP caches) ──▶ layer 2 (CDNs) ──▶ finish ──▶ ack
 //!                  │  batch   bounded queue,       bounded queue,             …                 │ dead letters
-//!                  │  rules   own batching,        sinks concurrently,                          └▶ second pass ─▶ ack
-//!                  │  coalesce sinks concurrently  after layer_delay                               (repeat_after)
+//!                  │  rules   a task per sink,     a task per sink,                             └▶ second pass ─▶ ack
+//!                  │  coalesce own batching        after layer_delay                               (repeat_after)
 //!                  └─ every unit through every layer in order; one with nothing for a layer passes through
 //! ```
 //!
@@ -14,11 +14,13 @@
 //!   evaluates the rules once per event, coalesces the batch into one [`Invalidations`] and
 //!   sends it on as a `Unit` (the batch's events travel with it, their acks included).
 //! - **layers** (`layer.rs`): one task per layer (Redis 0, HTTP caches 1, CDNs 2, as configured),
-//!   each with its own bounded queue (`pipeline.queue_capacity` events). A layer takes what is
-//!   queued (up to `pipeline.batch_max_events` events) as one merged batch, runs every sink of
-//!   the layer on it concurrently, and hands each unit to the next layer, which starts on it
-//!   only `layer_delay` after this layer confirmed it (a unit a layer has nothing for passes
-//!   through at once, in order). A slow layer therefore
+//!   each with its own bounded queue (`pipeline.queue_capacity` events, held by a unit until it
+//!   leaves the layer), and one task per sink of the layer: each sink takes what is queued for
+//!   it (up to `pipeline.batch_max_events` events) as one merged batch at its own pace, so one
+//!   sink that is down holds the units without holding the others. A unit goes on to the next
+//!   layer, in order, once every sink of the layer confirmed it; the next layer starts on it
+//!   only `layer_delay` after that (a unit a layer has nothing for passes through, in order).
+//!   A slow layer therefore
 //!   only slows itself: its queue fills while the layers before it keep going, and only when
 //!   its queue is full does the layer before it wait, then intake, then the source.
 //!   `cdc_invalidator_layer_queue_events{layer}` and

@@ -252,6 +252,36 @@ async fn a_full_queue_holds_the_layer_before_it_and_the_metrics_say_which() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_sink_that_is_down_holds_the_acks_but_not_the_other_sinks_of_its_layer() {
+    // Two Redis targets in layer 0: `eu` confirms in 1 ms, `us` is down for 10 s (its first
+    // call takes that long), while 20 events come one every 5 ms.
+    let (eu, us) = (Recording::new("eu", REDIS, 1), Recording::new("us", REDIS, 10_000));
+    let sinks: Vec<Arc<dyn Sink>> = vec![eu.clone(), us.clone()];
+    let (events, _) = run_layers(20, 5, sinks, vec![0, 0], LayerTiming::default(), pipeline_config(500, 5, 1)).await;
+    let (at_eu, at_us) = (eu.confirmed(), us.confirmed());
+    for (id, (received, acked)) in events.iter().enumerate() {
+        let key = format!("t:{id}");
+        assert!(at_eu[&key] - *received <= Duration::from_millis(2), "event {id}: eu at its own pace, not held by us");
+        assert!(at_us[&key] >= at_eu[&key] + Duration::from_secs(9), "event {id}: us only once it is back");
+        let acked = acked.expect("every event acknowledged");
+        assert!(acked >= at_us[&key], "event {id}: acknowledged only once every target confirmed it");
+    }
+    // How far ahead the healthy target runs is bounded by the layer's queue (50 events): then
+    // intake waits for room, and so, in the daemon, does the source.
+    let (eu, us) = (Recording::new("eu", REDIS, 1), Recording::new("us", REDIS, 10_000));
+    let sinks: Vec<Arc<dyn Sink>> = vec![eu.clone(), us.clone()];
+    let config = PipelineConfig { queue_capacity: 50, ..pipeline_config(50, 5, 1) };
+    let start = tokio::time::Instant::now();
+    let (events, metrics) = run_layers(300, 5, sinks, vec![0, 0], LayerTiming::default(), config).await;
+    assert!(events.iter().all(|(_, acked)| acked.is_some()), "everything finished in the end");
+    let ahead = eu.confirmed().values().filter(|&&at| at < start + Duration::from_secs(10)).count();
+    assert!((40..=50).contains(&ahead), "eu ran ahead by up to the queue's 50 events: {ahead}");
+    assert_eq!(us.confirmed().len(), 300);
+    let waited = metrics.value("cdc_invalidator_layer_queue_wait_seconds_total", &[("layer", "0")]);
+    assert!(waited > 5.0, "intake waited for room in the held layer: {waited}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_second_pass_repeats_every_layer_in_order_and_acknowledges_after_it() {
     let (redis, cdn) = (Recording::new("redis", REDIS, 1), Recording::new("cdn", CDN, 10));
     let timing = LayerTiming { repeat_after: Duration::from_millis(500), ..LayerTiming::default() };

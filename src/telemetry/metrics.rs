@@ -119,7 +119,8 @@ pub struct Metrics {
     pub postgres_reconnects: IntCounter,
     /// PostgreSQL: the LSN confirmed as flushed (everything before it is invalidated).
     pub postgres_confirmed_lsn: Gauge,
-    /// Events waiting in a layer's queue (`layer`: 0 Redis, 1 HTTP caches, 2 CDNs): a layer
+    /// Events in a layer not yet confirmed by every sink of it, queued or in progress (`layer`:
+    /// 0 Redis, 1 HTTP caches, 2 CDNs): a layer
     /// whose queue stays near `pipeline.queue_capacity` is the one holding the pipeline back.
     pub layer_queue_events: IntGaugeVec,
     /// Seconds the stages before a layer waited for room in its full queue: the backpressure
@@ -485,7 +486,7 @@ impl Metrics {
             layer_queue_events: gauge_vec(
                 &r,
                 "cdc_invalidator_layer_queue_events",
-                "Events waiting in a layer's queue, by layer (0 Redis, 1 HTTP caches, 2 CDNs).",
+                "Events in a layer not yet confirmed by every sink of it, by layer (0 Redis, 1 HTTP caches, 2 CDNs).",
                 &["layer"],
             ),
             layer_queue_wait: {
