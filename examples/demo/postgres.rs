@@ -3,7 +3,10 @@
 //! replication slot (plugin pgoutput). The demo performs UPDATEs, an INSERT, a DELETE and a
 //! TRUNCATE with an ordinary SQL session and shows each cached key disappearing, with the
 //! milliseconds since the commit returned; then the staleness the daemon measured and the slot
-//! it confirmed.
+//! it confirmed. A physical standby replaying `REPLICA_DELAY` behind is the shop's read replica,
+//! listed in `freshness.replicas`: after the first change a reader refills a key from it with the
+//! old row, and the second pass (released once the standby has replayed the commit, + margin)
+//! removes it again. Each change waits for its second pass before the next.
 //!
 //! Needs PostgreSQL's server binaries (`PG_BIN`, else the newest /usr/lib/postgresql/*/bin;
 //! scripts/install-deps.sh installs postgresql-15). PostgreSQL refuses to run as root: as root
@@ -297,7 +300,8 @@ pub async fn run(dir: &Path) -> DemoResult<()> {
             }
         }
         if i == 0 {
-            stale_refills += refill_from_replica(&replica_shop, &mut redis, t0, &dead_letters, &mut failures).await?;
+            stale_refills +=
+                refill_from_replica(&replica_shop, &mut redis, t0, metrics_port, &dead_letters, &mut failures).await?;
         }
         // The next change must not start before this one's second pass: the shop re-caches
         // keys between changes, and a late second pass would (rightly) remove them again.
@@ -458,6 +462,7 @@ async fn refill_from_replica(
     replica: &Client,
     redis: &mut redis::aio::MultiplexedConnection,
     t0: Instant,
+    metrics_port: u16,
     dead_letters: &Path,
     failures: &mut Vec<String>,
 ) -> DemoResult<u32> {
@@ -476,7 +481,16 @@ async fn refill_from_replica(
         println!("            (the replica had already replayed the change: nothing stale to catch this time)");
         return Ok(0);
     }
-    println!("            stale: the replica has not replayed the UPDATE yet. The second pass:");
+    println!("            stale: the replica has not replayed the UPDATE yet. The daemon sees it lagging:");
+    let exposition = http_get(metrics_port, "/metrics").await.map(|(_, body)| body).unwrap_or_default();
+    for line in exposition.lines().filter(|l| {
+        l.starts_with("cdc_invalidator_replica_replay_lag_")
+            || l.starts_with("cdc_invalidator_second_pass_pending_events ")
+    }) {
+        println!("     {:>5} ms  {line}", t0.elapsed().as_millis());
+    }
+    println!("            (lag seconds: since the newest commit the replica has replayed, which may be older)");
+    println!("            The second pass, once the replica has replayed the commit (+ margin):");
     let mut letters_seen = crate::cache::read_dead_letters(dead_letters).len();
     let expected = Expected { gone: &["product:42"], dead_letter: None };
     let missed = watch(redis, &expected, t0, dead_letters, &mut letters_seen).await?;
