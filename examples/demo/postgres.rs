@@ -31,6 +31,8 @@ const REPLICA_SLOT: &str = "demo_replica";
 /// How far behind the read replica replays (`recovery_min_apply_delay`): the window in which a
 /// reader refilling the cache from it writes the old row back.
 const REPLICA_DELAY: &str = "200ms";
+/// What the shop's reader asks the read replica when product 42 is not cached.
+const REPLICA_READ: &str = "SELECT price::text FROM products WHERE id = 42";
 /// The role the daemon connects as (SCRAM), as docs/postgres.md sets it up.
 const CDC_ROLE: &str = "cdc";
 const CDC_PASSWORD: &str = "demo-only-password";
@@ -468,7 +470,7 @@ async fn refill_from_replica(
     dead_letters: &Path,
     failures: &mut Vec<String>,
 ) -> DemoResult<u32> {
-    let row = replica.query_opt("SELECT price::text FROM products WHERE id = 42", &[]).await?;
+    let row = replica.query_opt(REPLICA_READ, &[]).await?;
     let price: String = match row {
         Some(row) => row.try_get(0)?,
         None => return Err("product 42 is missing on the replica".into()),
