@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The README's demo. By default it reads PostgreSQL's logical replication stream: it starts its own
-# PostgreSQL cluster (wal_level=logical) and Redis, runs the real cdc-invalidator against them,
-# performs UPDATEs, a DELETE and a TRUNCATE, and shows the cached keys disappearing with the time
-# since each commit, then the staleness the daemon measured. With `kafka` it takes the Kafka path
+# PostgreSQL cluster (wal_level=logical), a physical standby of it replaying 200 ms behind (listed
+# in freshness.replicas) and Redis, runs the real cdc-invalidator against them, performs UPDATEs,
+# a DELETE and a TRUNCATE, and shows the cached keys disappearing with the time since each
+# commit, a stale refill from the standby removed by the second pass, then the staleness, settled
+# seconds and replica lag the daemon measured. With `kafka` it takes the Kafka path
 # instead: its own Kafka-compatible broker (Tansu), Debezium change events, dead letters, explain.
 # Doubles as a smoke test: exits non-zero if an expected invalidation does not happen within 30 s
 # or the daemon does not drain cleanly.

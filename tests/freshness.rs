@@ -273,3 +273,49 @@ async fn freshness_a_primary_listed_as_replica_stops_the_daemon_and_fails_check(
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("freshness.replicas replica-1") && stderr.contains("is a primary"), "{stderr}");
 }
+
+/// A clean drain is not a lost replica: the poller saw the end of the daemon (its shutdown
+/// trigger dropped) as a failed connection and warned "read replica lost" on every SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshness_a_clean_sigterm_does_not_report_the_replica_lost() {
+    use crate::support::daemon::{http_get, wait_until, DaemonProcess};
+    use crate::support::postgres::{write_config, PgSetup};
+
+    let primary = PgCluster::start();
+    primary.sql("CREATE TABLE items (id int PRIMARY KEY, v int)").await;
+    primary.publish("quiet_pub", "items", "quiet_slot").await;
+    let standby = PgCluster::standby_of(&primary, "quiet_replica", &[]).await;
+    let redis = crate::support::redis::RedisServer::start();
+    let redis_url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let url = primary.url();
+    let extra = format!("freshness:\n  replicas:\n    - {{ name: replica-1, url: \"{}\" }}\n", standby.url());
+    let rules = "version: 1\nrules:\n  - name: items\n    table: public.items\n    redis: { keys: [\"item:{id}\"] }\n";
+    let (config, port) = write_config(
+        dir.path(),
+        &PgSetup { extra: &extra, ..PgSetup::new(&url, "quiet_slot", "quiet_pub", &redis_url, rules) },
+    );
+    let mut daemon = DaemonProcess::start(&config, dir.path());
+    let ready =
+        wait_until(Duration::from_secs(30), || http_get(port, "/readyz").is_some_and(|(status, _)| status == 200))
+            .await;
+    assert!(ready, "daemon log:\n{}", daemon.log_text());
+    // One change through both passes, so the poller has been polling for a while.
+    primary.sql("INSERT INTO items VALUES (1, 1)").await;
+    let settled = wait_until(Duration::from_secs(30), || {
+        http_get(port, "/metrics")
+            .is_some_and(|(_, body)| body.contains("cdc_invalidator_settled_seconds_count{sink=\"redis\"} 1"))
+    })
+    .await;
+    assert!(settled, "daemon log:\n{}", daemon.log_text());
+
+    daemon.signal("TERM");
+    let (code, log) = tokio::task::spawn_blocking(move || {
+        let code = daemon.wait(Duration::from_secs(30));
+        (code, daemon.log_text())
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "exit 0 after a clean drain; log:\n{log}");
+    assert!(!log.contains("read replica lost"), "a clean drain reported the replica lost:\n{log}");
+}

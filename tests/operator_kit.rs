@@ -378,6 +378,11 @@ fn example_configs_pass_check() {
     let vars = [
         ("REDIS_URL".to_string(), "redis://redis:6379".to_string()),
         ("CDC_PG_URL".to_string(), "postgresql://cdc:pw@db.example.com:5432/shop?sslmode=verify-full".to_string()),
+        // config.postgres.yaml lists a read replica (freshness.replicas).
+        (
+            "REPLICA1_URL".to_string(),
+            "postgresql://cdc:pw@replica1.example.com:5432/shop?sslmode=verify-full".to_string(),
+        ),
     ];
     // `url_env` reads the process environment (nextest runs each test in its own process).
     for (k, v) in &vars {

@@ -2,10 +2,12 @@
 //! and runs it.
 //!
 //! `demo` (or `demo postgres`) reads a PostgreSQL database's logical replication stream: it
-//! starts a private PostgreSQL cluster and redis-server on free loopback ports, fills Redis the
+//! starts a private PostgreSQL cluster, a physical standby of it replaying 200 ms behind (the
+//! read replica of `freshness.replicas`) and redis-server on free loopback ports, fills Redis the
 //! way a shop application would, runs the real `cdc-invalidator` binary, performs UPDATEs,
 //! a DELETE and a TRUNCATE, and shows each cached key disappearing with the milliseconds since
-//! the commit, then the staleness the daemon measured (`postgres.rs`).
+//! the commit, a stale refill from the replica removed by the second pass, then the staleness
+//! and settled seconds the daemon measured (`postgres.rs`).
 //! `demo kafka` does the same through Debezium change events on a Kafka-protocol broker
 //! (`kafka.rs`).
 //! Both end by stopping the daemon with SIGTERM and checking it drained cleanly (exit code 0).

@@ -3,7 +3,10 @@
 //! replication slot (plugin pgoutput). The demo performs UPDATEs, an INSERT, a DELETE and a
 //! TRUNCATE with an ordinary SQL session and shows each cached key disappearing, with the
 //! milliseconds since the commit returned; then the staleness the daemon measured and the slot
-//! it confirmed.
+//! it confirmed. A physical standby replaying `REPLICA_DELAY` behind is the shop's read replica,
+//! listed in `freshness.replicas`: after the first change a reader refills a key from it with the
+//! old row, and the second pass (released once the standby has replayed the commit, + margin)
+//! removes it again. Each change waits for its second pass before the next.
 //!
 //! Needs PostgreSQL's server binaries (`PG_BIN`, else the newest /usr/lib/postgresql/*/bin;
 //! scripts/install-deps.sh installs postgresql-15). PostgreSQL refuses to run as root: as root
@@ -16,13 +19,20 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
 
 use crate::cache::{cache, check_untouched, exists, register, watch, Expected};
-use crate::report::{print_dead_letters, print_indented, print_metrics, section, wrap};
+use crate::report::{print_dead_letters, print_indented, print_metrics, print_settled, section, wrap};
 use crate::services::{daemon_binary, free_port, http_get, start_redis, tail, wait_ready, Service, START_ATTEMPTS};
-use crate::{DemoResult, EXIT_TIMEOUT, RULES};
+use crate::{DemoResult, EXIT_TIMEOUT, INVALIDATION_DEADLINE, RULES, START_TIMEOUT};
 
 /// The slot and the publication the daemon reads (docs/postgres.md uses the same names).
 const SLOT: &str = "cdc_invalidator";
 const PUBLICATION: &str = "cdc_invalidator";
+/// The read replica's physical slot on the primary (keeps the WAL it has not received).
+const REPLICA_SLOT: &str = "demo_replica";
+/// How far behind the read replica replays (`recovery_min_apply_delay`): the window in which a
+/// reader refilling the cache from it writes the old row back.
+const REPLICA_DELAY: &str = "200ms";
+/// What the shop's reader asks the read replica when product 42 is not cached.
+const REPLICA_READ: &str = "SELECT price::text FROM products WHERE id = 42";
 /// The role the daemon connects as (SCRAM), as docs/postgres.md sets it up.
 const CDC_ROLE: &str = "cdc";
 const CDC_PASSWORD: &str = "demo-only-password";
@@ -89,6 +99,15 @@ pub async fn run(dir: &Path) -> DemoResult<()> {
         cluster.data.display(),
         cluster.log.display()
     );
+    let mut replica = cluster.standby(dir)?;
+    let replica_admin = replica.connect("postgres").await?;
+    let in_recovery: bool = replica_admin.query_one("SELECT pg_is_in_recovery()", &[]).await?.try_get(0)?;
+    println!(
+        "   read replica   127.0.0.1:{}   physical standby (pg_basebackup -R -X stream), \
+         recovery_min_apply_delay={REPLICA_DELAY}, in recovery: {in_recovery}   (log {})",
+        replica.port,
+        replica.log.display()
+    );
 
     section("2. The shop database: table, rows, replication role, publication, slot");
     run_sql(&admin, "CREATE DATABASE shop;").await?;
@@ -96,12 +115,17 @@ pub async fn run(dir: &Path) -> DemoResult<()> {
     run_sql(&shop, SCHEMA).await?;
     run_sql(&shop, &replication_setup()).await?;
     run_sql(&shop, &create_slot()).await?;
+    // The standby replays all this REPLICA_DELAY later (the database, the daemon's role): the
+    // daemon's replica check at start needs the role there. A fast machine gets here sooner.
+    let setup_end = lsn_number(&shop, "pg_current_wal_lsn()").await?;
+    wait_replayed(&replica_admin, setup_end).await?;
+    let replica_shop = replica.connect("shop").await?;
 
     section("3. Rules and config");
     let rules_path = dir.join("rules.yaml");
     std::fs::write(&rules_path, RULES)?;
     let metrics_port = free_port()?;
-    let config = config_text(cluster.port, &redis_url, metrics_port);
+    let config = config_text(cluster.port, replica.port, &redis_url, metrics_port);
     let config_path = dir.join("config.yaml");
     std::fs::write(&config_path, &config)?;
     println!("   {}:", rules_path.display());
@@ -159,6 +183,11 @@ pub async fn run(dir: &Path) -> DemoResult<()> {
     println!("   (an ordinary SQL session; times are from the COMMIT returning to the key being gone)");
     let dead_letters = dir.join("dead-letters.jsonl");
     let mut letters_seen = 0;
+    let mut stale_refills = 0u32;
+    println!(
+        "   (each change is invalidated twice: at once, and again once the read replica has replayed it,\n    \
+         {REPLICA_DELAY} later, plus freshness.margin)"
+    );
     let changes = [
         Change {
             title: "product 42's price: 100.00 -> 80.00",
@@ -274,6 +303,19 @@ pub async fn run(dir: &Path) -> DemoResult<()> {
                 failures.push(format!("{}: {key} was invalidated", change.title));
             }
         }
+        if i == 0 {
+            stale_refills +=
+                refill_from_replica(&replica_shop, &mut redis, t0, metrics_port, &dead_letters, &mut failures).await?;
+        }
+        // The next change must not start before this one's second pass: the shop re-caches
+        // keys between changes, and a late second pass would (rightly) remove them again.
+        match wait_settled(metrics_port).await {
+            true => println!(
+                "     {:>5} ms  settled: second pass done, the change acknowledged to the slot",
+                t0.elapsed().as_millis()
+            ),
+            false => failures.push(format!("{}: not acknowledged within {INVALIDATION_DEADLINE:?}", change.title)),
+        }
     }
     let last_commit = lsn_number(&shop, "pg_current_wal_insert_lsn()").await?;
 
@@ -293,8 +335,25 @@ pub async fn run(dir: &Path) -> DemoResult<()> {
             "cdc_invalidator_postgres_slot_retained_wal_bytes ",
             "cdc_invalidator_postgres_confirmed_flush_lsn ",
             "cdc_invalidator_postgres_reconnects_total ",
+            "cdc_invalidator_second_pass_refills_total{",
+            "cdc_invalidator_settled_seconds_count{",
+            "cdc_invalidator_settled_seconds_sum{",
+            "cdc_invalidator_replica_replay_lag_seconds{",
+            "cdc_invalidator_replica_replay_lag_bytes{",
+            "cdc_invalidator_freshness_max_wait_total{",
         ],
     );
+    print_settled(&exposition);
+    let refills = gauge(&exposition, "cdc_invalidator_second_pass_refills_total{sink=\"redis\"} ").unwrap_or(0.0);
+    println!(
+        "   second_pass_refills_total: keys the second pass found refilled and removed again \
+         (the race, caught; the demo refilled {stale_refills} with old data)"
+    );
+    if f64::from(stale_refills) > refills {
+        failures.push(format!(
+            "{stale_refills} key(s) refilled from the replica with old data, but second_pass_refills_total is {refills}"
+        ));
+    }
     match gauge(&exposition, "cdc_invalidator_postgres_confirmed_flush_lsn ") {
         Some(confirmed) => {
             let confirmed = confirmed as u64;
@@ -347,9 +406,12 @@ pub async fn run(dir: &Path) -> DemoResult<()> {
     drop(daemon);
     drop(shop);
     drop(admin);
+    drop(replica_shop);
+    drop(replica_admin);
+    replica.stop();
     cluster.stop();
     drop(redis_server);
-    println!("   stopped PostgreSQL and redis-server");
+    println!("   stopped PostgreSQL (primary and replica) and redis-server");
 
     if failures.is_empty() {
         Ok(())
@@ -361,7 +423,7 @@ pub async fn run(dir: &Path) -> DemoResult<()> {
 /// The demo's config: the contract's first block with `source.kind: postgres`, plus a few
 /// settings that make a short demo show settled numbers (documented inline, since the file is
 /// printed).
-fn config_text(pg_port: u16, redis_url: &str, metrics_port: u16) -> String {
+fn config_text(pg_port: u16, replica_port: u16, redis_url: &str, metrics_port: u16) -> String {
     format!(
         r#"rules: rules.yaml
 source:
@@ -376,6 +438,12 @@ sinks:
   redis:
     url: "{redis_url}"
     tag_prefix: "tag:"
+freshness:                             # the application refills caches from this read replica
+  replicas:
+    - name: replica-1
+      url: "postgresql://{CDC_ROLE}:{CDC_PASSWORD}@127.0.0.1:{replica_port}/shop?sslmode=disable"
+  margin: 100ms                        # after the replica has replayed a commit, wait this long
+  max_wait: 30s                        # a replica further behind: second pass anyway, counted
 pipeline:
   batch_max_wait: 5ms                  # the longest a batch gathers changes while catching up (default)
 metrics:
@@ -388,6 +456,87 @@ log:
   level: warn                          # demo: quiet; the log goes to daemon.log
 "#
     )
+}
+
+/// The race the second pass closes: a reader misses product:42 just after the first pass and
+/// refills it from the replica, which (replaying `REPLICA_DELAY` behind) still has the old
+/// price. The second pass must remove it again. Returns 1 when the refill was stale, 0 when the
+/// replica had already replayed the change (a very slow machine: nothing to show, not a failure).
+async fn refill_from_replica(
+    replica: &Client,
+    redis: &mut redis::aio::MultiplexedConnection,
+    t0: Instant,
+    metrics_port: u16,
+    dead_letters: &Path,
+    failures: &mut Vec<String>,
+) -> DemoResult<u32> {
+    let row = replica.query_opt(REPLICA_READ, &[]).await?;
+    let price: String = match row {
+        Some(row) => row.try_get(0)?,
+        None => return Err("product 42 is missing on the replica".into()),
+    };
+    println!(
+        "     {:>5} ms  a reader misses product:42 and refills it from the replica, which says price {price}:",
+        t0.elapsed().as_millis()
+    );
+    let json = format!(r#"{{"id":42,"name":"Blue Widget","price":"{price}","category_id":5}}"#);
+    cache(redis, "product:42", &json).await?;
+    if price != "100.00" {
+        println!("            (the replica had already replayed the change: nothing stale to catch this time)");
+        return Ok(0);
+    }
+    println!("            stale: the replica has not replayed the UPDATE yet. The daemon sees it lagging:");
+    let exposition = http_get(metrics_port, "/metrics").await.map(|(_, body)| body).unwrap_or_default();
+    for line in exposition.lines().filter(|l| {
+        l.starts_with("cdc_invalidator_replica_replay_lag_")
+            || l.starts_with("cdc_invalidator_second_pass_pending_events ")
+    }) {
+        println!("     {:>5} ms  {line}", t0.elapsed().as_millis());
+    }
+    println!("            (lag seconds: since the newest commit the replica has replayed, which may be older)");
+    println!("            The second pass, once the replica has replayed the commit (+ margin):");
+    let mut letters_seen = crate::cache::read_dead_letters(dead_letters).len();
+    let expected = Expected { gone: &["product:42"], dead_letter: None };
+    let missed = watch(redis, &expected, t0, dead_letters, &mut letters_seen).await?;
+    failures.extend(missed.into_iter().map(|m| format!("the stale refill from the replica: {m}")));
+    Ok(1)
+}
+
+/// Waits until the daemon holds no event (`pending_events` and `second_pass_pending_events`
+/// both 0): every change so far had its second pass and was acknowledged. False after
+/// `INVALIDATION_DEADLINE`.
+async fn wait_settled(port: u16) -> bool {
+    let deadline = Instant::now() + INVALIDATION_DEADLINE;
+    while Instant::now() < deadline {
+        let body = http_get(port, "/metrics").await.map(|(_, body)| body).unwrap_or_default();
+        let pending = gauge(&body, "cdc_invalidator_pending_events ");
+        let second = gauge(&body, "cdc_invalidator_second_pass_pending_events ");
+        if pending == Some(0.0) && second == Some(0.0) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    false
+}
+
+/// Waits until the standby behind `replica` has replayed the primary's WAL up to `lsn`.
+async fn wait_replayed(replica: &Client, lsn: u64) -> DemoResult<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let replayed = lsn_number(replica, "pg_last_wal_replay_lsn()").await.unwrap_or(0);
+        if replayed >= lsn {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the read replica replayed only up to {} after {START_TIMEOUT:?}, not {}",
+                lsn_text(replayed),
+                lsn_text(lsn)
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A product's JSON and its page in every locale the rules expand.
@@ -508,8 +657,10 @@ impl Cluster {
         )?;
         // The superuser connects without a password from loopback (the demo's SQL session); the
         // daemon's role uses SCRAM, as in production.
+        // `replication` for pg_basebackup and the standby's WAL stream (`all` does not cover it).
         let hba = format!(
-            "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost shop {CDC_ROLE} 127.0.0.1/32 scram-sha-256\n"
+            "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost replication postgres 127.0.0.1/32 trust\n\
+             host shop {CDC_ROLE} 127.0.0.1/32 scram-sha-256\n"
         );
         let settings = "listen_addresses = '127.0.0.1'\n\
                         wal_level = logical\n\
@@ -518,6 +669,48 @@ impl Cluster {
                         max_slot_wal_keep_size = 1GB\n";
         cluster.write_owned("data/pg_hba.conf", &hba)?;
         cluster.write_owned("data/postgresql.auto.conf", settings)?;
+        cluster.launch()?;
+        Ok(cluster)
+    }
+
+    /// A physical standby of this (running) cluster in `dir`/replica, replaying
+    /// `REPLICA_DELAY` behind it: `pg_basebackup -R -X stream` through a physical slot, as
+    /// /work/shared/reference/test-services.md ("A lagging replica") and the tests'
+    /// `PgCluster::standby_of` do. Its pg_hba.conf and roles are the primary's copies.
+    fn standby(&self, dir: &Path) -> DemoResult<Cluster> {
+        let home = dir.join("replica");
+        std::fs::create_dir_all(&home)?;
+        if self.as_postgres {
+            checked(Command::new("chown").arg("postgres:postgres").arg(&home).output(), "chown postgres")?;
+        }
+        let data = home.join("data");
+        let log = home.join("postgres.log");
+        let mut replica =
+            Cluster { bin: self.bin.clone(), data, home, log, port: 0, as_postgres: self.as_postgres, running: false };
+        let conninfo = format!("host=127.0.0.1 port={} user=postgres", self.port);
+        let data_arg = replica.data.display().to_string();
+        checked(
+            replica
+                .tool("pg_basebackup")
+                .args(["-d", &conninfo, "-D", &data_arg, "-R", "-X", "stream", "-C", "-S", REPLICA_SLOT, "-c", "fast"])
+                .output(),
+            "pg_basebackup",
+        )?;
+        // -R wrote primary_conninfo and primary_slot_name; the rest of the primary's settings
+        // came along. The delay makes the race visible: a reader on the replica sees the old
+        // row for this long after the commit.
+        let auto_conf = replica.data.join("postgresql.auto.conf");
+        let mut conf = std::fs::read_to_string(&auto_conf)?;
+        conf.push_str(&format!("recovery_min_apply_delay = '{REPLICA_DELAY}'\n"));
+        std::fs::write(&auto_conf, conf)?;
+        replica.launch()?;
+        Ok(replica)
+    }
+
+    /// `pg_ctl start` on a free loopback port, retried on a fresh port if it was taken meanwhile.
+    fn launch(&mut self) -> DemoResult<()> {
+        let cluster = self;
+        let data_arg = cluster.data.display().to_string();
         for _ in 0..START_ATTEMPTS {
             cluster.port = free_port()?;
             let options = format!("-p {} -k {}", cluster.port, cluster.home.display());
@@ -528,7 +721,7 @@ impl Cluster {
                 .args(["-D", &data_arg, "-l", &log_arg, "-w", "-t", "30", "-o", &options, "start"])
                 .output();
             match checked(started, "pg_ctl start") {
-                Ok(()) => return Ok(cluster),
+                Ok(()) => return Ok(()),
                 // Most likely the port was taken meanwhile ("could not bind"): try another.
                 Err(_) if tail(&cluster.log, 20).contains("could not bind") => cluster.running = false,
                 Err(e) => return Err(format!("{e}\n{}", tail(&cluster.log, 20)).into()),

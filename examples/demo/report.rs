@@ -119,6 +119,28 @@ pub fn print_metrics(exposition: &str, source_metrics: &[&str]) {
     println!("{line}\n   (p50/p99 estimated from the histogram buckets, as Prometheus' histogram_quantile does)");
 }
 
+/// `cdc_invalidator_settled_seconds{sink="redis"}` summarised: commit to the last pass confirmed,
+/// what readers of a replica see (the freshness second pass).
+pub fn print_settled(exposition: &str) {
+    const SETTLED: &str = "cdc_invalidator_settled_seconds";
+    let sample = |suffix: &str| -> Option<f64> {
+        let prefix = format!("{SETTLED}_{suffix}{{sink=\"redis\"}} ");
+        exposition.lines().find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+    };
+    let p50 = quantile(exposition, SETTLED, "redis", 0.50);
+    let p99 = quantile(exposition, SETTLED, "redis", 0.99);
+    match (sample("count"), sample("sum"), p50, p99) {
+        (Some(count), Some(sum), Some(p50), Some(p99)) if count > 0.0 => println!(
+            "   Settled, database commit -> second pass confirmed (the replica replayed it, + margin): \
+             {count} changes, mean {:.0} ms, p50 ~ {:.0} ms, p99 ~ {:.0} ms",
+            sum / count * 1e3,
+            p50 * 1e3,
+            p99 * 1e3
+        ),
+        _ => println!("   Settled: no observations"),
+    }
+}
+
 /// The q-quantile of a histogram's buckets for one sink, interpolated within the bucket as
 /// Prometheus' `histogram_quantile` does. None without observations.
 fn quantile(exposition: &str, metric: &str, sink: &str, q: f64) -> Option<f64> {

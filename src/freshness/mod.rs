@@ -266,7 +266,11 @@ impl Poller {
                         tracing::info!(replica = %self.name, "read replica reachable again");
                     }
                     backoff = RECONNECT_INITIAL;
-                    self.poll(&client, &shutdown).await
+                    match self.poll(&client, &shutdown).await {
+                        Some(reason) => reason,
+                        // The daemon is done: not a lost replica, nothing to warn about.
+                        None => return,
+                    }
                 }
                 Err(e) => e.to_string(),
             };
@@ -287,8 +291,10 @@ impl Poller {
         }
     }
 
-    /// Polls until the connection fails (returns why) or shutdown.
-    async fn poll(&self, client: &tokio_postgres::Client, shutdown: &Shutdown) -> String {
+    /// Polls until the connection fails (returns why) or shutdown (None). `abandoned()` also
+    /// resolves when the trigger is dropped at the end of a clean drain, while `is_abandoned()`
+    /// stays false: hence None here rather than a reason the caller must recognise.
+    async fn poll(&self, client: &tokio_postgres::Client, shutdown: &Shutdown) -> Option<String> {
         let query = "SELECT pg_is_in_recovery(), \
                      pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::text, \
                      pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::text, \
@@ -296,19 +302,19 @@ impl Poller {
                           ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 END";
         let statement = match client.prepare(query).await {
             Ok(s) => s,
-            Err(e) => return sql::describe(&e),
+            Err(e) => return Some(sql::describe(&e)),
         };
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = shutdown.abandoned() => return "shutdown".into(),
+                _ = shutdown.abandoned() => return None,
                 _ = tick.tick() => {}
             }
             let row = match tokio::time::timeout(Duration::from_secs(5), client.query_one(&statement, &[])).await {
                 Ok(Ok(row)) => row,
-                Ok(Err(e)) => return sql::describe(&e),
-                Err(_) => return "no answer within 5s".into(),
+                Ok(Err(e)) => return Some(sql::describe(&e)),
+                Err(_) => return Some("no answer within 5s".into()),
             };
             let in_recovery: bool = row.get(0);
             if !in_recovery {
