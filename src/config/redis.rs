@@ -158,16 +158,6 @@ pub(super) fn validate(targets: &mut RedisTargets, origin: &Origin, cdn_names: &
                         format!("{label}: `nodes` and `sentinel` need mode: cluster or mode: sentinel"),
                     ));
                 }
-                let path = at(&["url"]);
-                let path: Vec<&str> = path.iter().map(String::as_str).collect();
-                r.resolved_url = resolve_secret(
-                    origin,
-                    &path,
-                    r.url.as_ref(),
-                    r.url_env.as_deref(),
-                    r.url_file.as_deref(),
-                    problems,
-                );
             }
             RedisMode::Cluster => {
                 if r.nodes.is_empty() {
@@ -229,20 +219,16 @@ pub(super) fn validate(targets: &mut RedisTargets, origin: &Origin, cdn_names: &
                 if !r.nodes.is_empty() {
                     problems.push(problem(&["nodes"], format!("{label}: `nodes` is for mode: cluster")));
                 }
-                // Optional here: the user, password, database and TLS used on the master.
-                if r.url.is_some() || r.url_env.is_some() || r.url_file.is_some() {
-                    let path = at(&["url"]);
-                    let path: Vec<&str> = path.iter().map(String::as_str).collect();
-                    r.resolved_url = resolve_secret(
-                        origin,
-                        &path,
-                        r.url.as_ref(),
-                        r.url_env.as_deref(),
-                        r.url_file.as_deref(),
-                        problems,
-                    );
-                }
             }
+        }
+        // The URL: required standalone; optional with sentinel, where it gives the user,
+        // password, database and TLS used on the master; cluster mode takes `nodes` instead.
+        let has_url = r.url.is_some() || r.url_env.is_some() || r.url_file.is_some();
+        if r.mode == RedisMode::Standalone || (r.mode == RedisMode::Sentinel && has_url) {
+            let path = at(&["url"]);
+            let path: Vec<&str> = path.iter().map(String::as_str).collect();
+            r.resolved_url =
+                resolve_secret(origin, &path, r.url.as_ref(), r.url_env.as_deref(), r.url_file.as_deref(), problems);
         }
         if let Some(url) = &r.resolved_url {
             if !(url_scheme_ok(url.expose())
