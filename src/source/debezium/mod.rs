@@ -109,8 +109,6 @@ const HEARTBEAT_TOPIC_PREFIX: &str = "__debezium-heartbeat";
 /// Each displays as one sentence naming what is missing or wrong.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DecodeError {
-    #[error("the message value is empty")]
-    Empty,
     #[error("the message value is not valid JSON: {0}")]
     InvalidJson(String),
     #[error("{what} is {found}, expected {expected}")]
