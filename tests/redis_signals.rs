@@ -164,7 +164,10 @@ async fn a_warm_stream_key_of_another_type_is_a_permanent_rejection() {
         .unwrap();
     assert_eq!(report.rejected.iter().map(|r| r.index).collect::<Vec<_>>(), [0, 1]);
     let reason = &report.rejected[0].reason;
-    assert!(reason.contains("WRONGTYPE") && reason.contains("\"warm\" (sinks.redis.warm.stream) is not a stream"), "{reason}");
+    assert!(
+        reason.contains("WRONGTYPE") && reason.contains("\"warm\" (sinks.redis.warm.stream) is not a stream"),
+        "{reason}"
+    );
     assert!(!con.exists::<_, bool>("product:1").unwrap(), "the delete went first");
     assert_eq!(metric(&metrics, "cdc_invalidator_sink_retries_total"), 0.0);
     assert_eq!(metric(&metrics, "cdc_invalidator_redis_warm_entries_total"), 0.0);
@@ -178,7 +181,8 @@ async fn on_a_cluster_the_broadcast_is_a_shard_message_after_the_deletes() {
     let mut con = cluster.client();
     let cache = Arc::new(LocalCache::new(1000));
     let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let subscription = tokio::spawn(subscriber::run(Target::Cluster(cluster.urls()), CHANNEL.into(), cache.clone(), Some(tx)));
+    let subscription =
+        tokio::spawn(subscriber::run(Target::Cluster(cluster.urls()), CHANNEL.into(), cache.clone(), Some(tx)));
     let first = tokio::time::timeout(Duration::from_secs(10), events.recv()).await.expect("subscribed");
     assert_eq!(first, Some(Event::Subscribed));
 
@@ -230,7 +234,8 @@ async fn the_reference_subscriber_drops_entries_and_starts_clean_after_a_reconne
         assert!(cache.put(key, "cached", tags, cache.ticket()));
     }
     let (sink, _) = sink(&with_signals(fast(RedisConfig::for_url(&redis.url())), None));
-    let batch = Invalidations::of(ItemKind::RedisKey, vec!["product:1".into()]).with(ItemKind::RedisTag, vec!["category:5".into()]);
+    let batch = Invalidations::of(ItemKind::RedisKey, vec!["product:1".into()])
+        .with(ItemKind::RedisTag, vec!["category:5".into()]);
     sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
     let Event::Message { dropped, .. } = next(&mut events).await else { panic!("a message") };
     assert_eq!(dropped, 2, "product:1, and listing:5 under category:5");
@@ -244,7 +249,9 @@ async fn the_reference_subscriber_drops_entries_and_starts_clean_after_a_reconne
     assert!(!cache.put("product:3", "read before the loss", &[], ticket), "a read from before the loss is not cached");
     assert_eq!(next(&mut events).await, Event::Subscribed, "resubscribed by itself");
     assert!(cache.put("product:2", "cached", &[], cache.ticket()));
-    sink.invalidate(&Invalidations::of(ItemKind::RedisKey, vec!["product:2".into()]), &Shutdown::never()).await.unwrap();
+    sink.invalidate(&Invalidations::of(ItemKind::RedisKey, vec!["product:2".into()]), &Shutdown::never())
+        .await
+        .unwrap();
     let Event::Message { dropped, .. } = next(&mut events).await else { panic!("a message after resubscribing") };
     assert_eq!(dropped, 1);
     subscription.abort();
@@ -282,12 +289,16 @@ async fn through_the_daemon_messages_carry_the_position_and_entries_the_table_an
     assert_eq!(got.still_there, 0);
     assert_eq!(got.message["keys"], serde_json::json!(["product:7"]));
     assert_eq!(got.message["position"], "1", "the event's source.lsn");
-    let entries = wait_until(Duration::from_secs(10), || con.xlen::<_, u64>("cdc-invalidator:warm").unwrap_or(0) == 1).await;
+    let entries =
+        wait_until(Duration::from_secs(10), || con.xlen::<_, u64>("cdc-invalidator:warm").unwrap_or(0) == 1).await;
     assert!(entries, "one warm-up entry");
     let range: redis::streams::StreamRangeReply = con.xrange_all("cdc-invalidator:warm").unwrap();
     let entry = &range.ids[0];
     let field = |f: &str| entry.get::<String>(f).unwrap_or_default();
-    assert_eq!((field("key"), field("table"), field("op")), ("product:7".into(), "public.products".into(), "insert".into()));
+    assert_eq!(
+        (field("key"), field("table"), field("op")),
+        ("product:7".into(), "public.products".into(), "insert".into())
+    );
     daemon.stop().await.unwrap();
     listener.abort();
 }
