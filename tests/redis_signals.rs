@@ -201,9 +201,21 @@ async fn on_a_cluster_the_broadcast_is_a_shard_message_after_the_deletes() {
     }
     cache.put("listing:1", "cached", &["category:5"], cache.ticket());
     let batch = Invalidations::of(ItemKind::RedisKey, keys.clone()).with(ItemKind::RedisTag, vec!["category:5".into()]);
-    sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
-
+    // Asked at once on receipt, on every primary concurrently, while the sink may still work.
+    let checker = redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
+    let checker = checker.get_async_connection().await.unwrap();
+    let invalidating = {
+        let sink = sink.clone();
+        tokio::spawn(async move { sink.invalidate(&batch, &Shutdown::never()).await })
+    };
     let got = tokio::time::timeout(Duration::from_secs(10), events.recv()).await.expect("the shard message");
+    let asked = keys.iter().map(|k| {
+        let mut c = checker.clone();
+        async move { redis::cmd("EXISTS").arg(k).query_async::<i64>(&mut c).await.unwrap() }
+    });
+    let there_on_receipt: i64 = futures::future::join_all(asked).await.into_iter().sum();
+    assert_eq!(there_on_receipt, 0, "the message arrived before every delete");
+    invalidating.await.unwrap().unwrap();
     let Some(Event::Message { message, dropped }) = got else { panic!("a message, got {got:?}") };
     let mut heard = message.keys.clone();
     heard.sort();
