@@ -19,6 +19,7 @@ use redis::Commands;
 use crate::support::daemon::{wait_until, write_config, Daemon, Setup};
 use crate::support::events::product_insert;
 use crate::support::kafka::MockKafka;
+use crate::support::postgres::PgCluster;
 use crate::support::redis::{RedisCluster, RedisServer};
 
 /// The reference subscriber, exactly as shipped.
@@ -319,4 +320,65 @@ async fn through_the_daemon_messages_carry_the_position_and_entries_the_table_an
 async fn next(events: &mut tokio::sync::mpsc::UnboundedReceiver<Event>) -> Event {
     let wait = tokio::time::timeout(Duration::from_secs(15), events.recv());
     wait.await.expect("an event in time").expect("the subscriber runs")
+}
+
+/// An example's binary: built beside the test binary by `cargo test` / `cargo nextest`
+/// (`target/<profile>/deps/main-…` → `target/<profile>/examples/<name>`).
+fn example_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(|deps| deps.parent()).unwrap().join("examples").join(name)
+}
+
+/// The reference warmer (`examples/warmer/`): reads the stream as a consumer group, refills
+/// the keys it knows from PostgreSQL with a TTL, skips deletes and keys it does not build, and
+/// acknowledges every entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_warmer_refills_from_postgres_and_acknowledges() {
+    use cdc_invalidator::sink::origins::KeyOrigin;
+    use cdc_invalidator::sink::Origins;
+    let pg = PgCluster::start();
+    pg.sql("CREATE TABLE products (id bigint PRIMARY KEY, name text); INSERT INTO products VALUES (42, 'Widget');")
+        .await;
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    let bin = example_binary("warmer");
+    assert!(bin.exists(), "{bin:?} (built with the tests)");
+    let mut warmer = std::process::Command::new(bin)
+        .args([redis.url(), pg.url(), "--stream".into(), "warm".into(), "--consumer".into(), "w1".into()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The group starts at the end of the stream: invalidate only once it is there.
+    let grouped = wait_until(Duration::from_secs(15), || {
+        redis::cmd("XINFO").arg("GROUPS").arg("warm").query::<Vec<redis::Value>>(&mut con).is_ok_and(|g| g.len() == 1)
+    })
+    .await;
+    assert!(grouped, "the warmer created its consumer group");
+
+    let (sink, _) = sink(&with_signals(fast(RedisConfig::for_url(&redis.url())), Some(("warm", 1000))));
+    let keys = ["product:42", "product:43", "other:1"];
+    let mut batch = Invalidations::of(ItemKind::RedisKey, keys.iter().map(|k| k.to_string()).collect());
+    let origin = |op| KeyOrigin { table: Arc::from("public.products"), op };
+    let origins = [("product:42", origin("update")), ("product:43", origin("delete")), ("other:1", origin("insert"))];
+    batch.set_origins(Origins { position: None, keys: origins.into_iter().map(|(k, o)| (k.to_string(), o)).collect() });
+    sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
+
+    let refilled = wait_until(Duration::from_secs(15), || con.exists::<_, bool>("product:42").unwrap_or(false)).await;
+    assert!(refilled, "product:42 refilled from its row");
+    let value: String = con.get("product:42").unwrap();
+    let row: serde_json::Value = serde_json::from_str(&value).unwrap();
+    assert_eq!((row["id"].as_i64(), row["name"].as_str()), (Some(42), Some("Widget")));
+    let ttl: i64 = con.ttl("product:42").unwrap();
+    assert!(ttl > 0, "written with a TTL: {ttl}");
+    let acked = wait_until(Duration::from_secs(15), || {
+        let pending: redis::Value = redis::cmd("XPENDING").arg("warm").arg("warmers").query(&mut con).unwrap();
+        matches!(pending, redis::Value::Array(ref p) if p.first() == Some(&redis::Value::Int(0)))
+    })
+    .await;
+    assert!(acked, "every entry acknowledged");
+    assert!(!con.exists::<_, bool>("product:43").unwrap(), "a deleted row is not refilled");
+    assert!(!con.exists::<_, bool>("other:1").unwrap(), "a key the warmer does not build is left alone");
+    let _ = warmer.kill();
+    let _ = warmer.wait();
 }
