@@ -90,6 +90,21 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Invalidate the given items now, through the configured sinks in layer order; prints what
+    /// each sink confirmed or rejected as JSON.
+    ///
+    /// Exit codes: 0 every sink confirmed everything; 1 something was rejected, failed, timed
+    /// out or was skipped; 2 invalid config or arguments, or an item kind no configured sink
+    /// serves.
+    Purge {
+        #[arg(short = 'c', long = "config")]
+        config: PathBuf,
+        #[command(flatten)]
+        items: crate::purge::Items,
+        /// Give up on sinks still working after this long (`30s`, `500ms`, `2m`).
+        #[arg(long, default_value = "30s", value_parser = crate::config::duration::parse)]
+        timeout: std::time::Duration,
+    },
 }
 
 /// Exit codes of the contract.
@@ -374,5 +389,6 @@ pub fn main() -> ExitCode {
             };
             replay(&config, crate::replay::Options { input, topic, dry_run })
         }
+        Command::Purge { config, items, timeout } => ExitCode::from(crate::purge::main(&config, items, timeout)),
     }
 }

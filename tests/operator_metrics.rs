@@ -168,6 +168,12 @@ async fn dashboard_and_alert_metrics_exist_on_a_live_metrics_page() {
         ),
         1,
     );
+    // Applications told after the deletes (the broadcast and warm-up panels).
+    let text = text.replacen(
+        "    retry: { initial: 20ms, max: 250ms }\n",
+        "    retry: { initial: 20ms, max: 250ms }\n    broadcast: {}\n    warm: {}\n",
+        1,
+    );
     std::fs::write(&config, text).unwrap();
     let daemon = Daemon::from_config(dir.path(), &config, port);
     for id in 1..=5 {
