@@ -342,7 +342,7 @@ async fn the_reference_warmer_refills_from_postgres_and_acknowledges() {
     let redis = RedisServer::start();
     let mut con = redis.connection();
     let bin = example_binary("warmer");
-    assert!(bin.exists(), "{bin:?} (built with the tests)");
+    assert!(bin.exists(), "{bin:?} missing: `cargo build --examples` first (scripts/test.sh does)");
     let mut warmer = std::process::Command::new(bin)
         .args([redis.url(), pg.url(), "--stream".into(), "warm".into(), "--consumer".into(), "w1".into()])
         .stdout(std::process::Stdio::null())
