@@ -624,3 +624,37 @@ async fn freshness_debezium_events_on_kafka_wait_for_the_replica_and_commit_afte
     assert_eq!(metrics.value("cdc_invalidator_freshness_max_wait_total", &[]), 0.0, "the replica gated every pass");
     daemon.stop().await.unwrap();
 }
+
+/// Without a second pass the first pass is the last: settled seconds covers those events too
+/// (commit to the first pass), so the settled panel and alert watch every invalidated event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshness_an_event_without_a_second_pass_settles_at_its_first() {
+    use crate::support::daemon::{wait_until, Daemon, Setup};
+
+    let kafka = MockKafka::start(1);
+    kafka.create_topic("shop.public.products", 1);
+    let bootstrap = kafka.bootstrap();
+    let redis = crate::support::redis::RedisServer::start();
+    let redis_url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        bootstrap: &bootstrap,
+        topics: &["shop.public.products"],
+        group: "settled",
+        redis_url: &redis_url,
+        extra: "",
+        librdkafka: &[],
+    };
+    let daemon = Daemon::start(dir.path(), &setup);
+    let metrics = daemon.metrics.clone();
+    let event = crate::support::events::product_insert(42, 7);
+    kafka.produce("shop.public.products", Some(0), Some(r#"{"id":42}"#), Some(&event)).await;
+    let settled = wait_until(Duration::from_secs(30), || {
+        metrics.value("cdc_invalidator_settled_seconds", &[("sink", "redis")]) == 1.0
+    })
+    .await;
+    assert!(settled, "one settled observation for the one event");
+    assert_eq!(metrics.value("cdc_invalidator_staleness_seconds", &[("sink", "redis")]), 1.0);
+    assert_eq!(metrics.value("cdc_invalidator_second_pass_refills_total", &[]), 0.0);
+    daemon.stop().await.unwrap();
+}

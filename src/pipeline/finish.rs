@@ -39,6 +39,8 @@ pub(super) struct SecondPass {
 /// Every unit ends here, once each layer with work for it confirmed it (or rejected some of it).
 pub(super) struct Finish {
     pub(super) dead_letters: DeadLetters,
+    /// Every sink: settled seconds for an event without a second pass, per sink it asked.
+    pub(super) sinks: Vec<Arc<dyn Sink>>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) timing: LayerTiming,
     /// Where batches go for their second pass (set when `repeat_after` is).
@@ -125,6 +127,11 @@ impl Finish {
                     let seconds = now.duration_since(origin).unwrap_or_default().as_secs_f64();
                     self.metrics.end_to_end_staleness.observe(seconds);
                     self.metrics.table_staleness.with_label_values(&[table]).observe(seconds);
+                    // No second pass: the first was the last, so the event settled now. Observed
+                    // so that settled covers every invalidated event whatever the timing.
+                    for sink in self.sinks.iter().filter(|s| asked && item.asks(s.kinds())) {
+                        self.metrics.settled.with_label_values(&[sink.name()]).observe(seconds);
+                    }
                 }
             }
             // With a second pass, events that asked for invalidations wait for it.
