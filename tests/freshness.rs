@@ -132,6 +132,38 @@ async fn freshness_redis_report_counts_only_the_keys_that_were_there() {
     assert_eq!(again.removed, 0, "nothing refilled, nothing removed");
 }
 
+/// Two readers of `items` (ids 0..rows, each stepping by `step`): on a cache miss, read the
+/// standby and fill the cache (cache-aside), until `stop`.
+async fn start_readers(
+    standby: &PgCluster,
+    redis_url: &str,
+    rows: i32,
+    step: i32,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    use std::sync::atomic::Ordering;
+    let mut readers = Vec::new();
+    for r in 0..2 {
+        let (stop, standby_client) = (stop.clone(), standby.client().await);
+        let mut cache = redis::Client::open(redis_url).unwrap().get_multiplexed_async_connection().await.unwrap();
+        readers.push(tokio::spawn(async move {
+            let mut id = r;
+            while !stop.load(Ordering::Relaxed) {
+                id = (id + step) % rows;
+                let key = format!("item:{id}");
+                let cached: Option<i32> = redis::cmd("GET").arg(&key).query_async(&mut cache).await.unwrap();
+                if cached.is_none() {
+                    let row = standby_client.query_one("SELECT v FROM items WHERE id = $1", &[&id]).await.unwrap();
+                    let v: i32 = row.get(0);
+                    let _: () = redis::cmd("SET").arg(&key).arg(v).query_async(&mut cache).await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    readers
+}
+
 /// The freshness harness: a primary, a physical standby whose replay lags (200 ms, then 1 s
 /// mid-run), readers refilling Redis from the standby on a miss (cache-aside), a writer
 /// updating the primary, and the daemon on the primary's replication stream. Returns the keys
@@ -171,26 +203,7 @@ async fn race(with_replicas: bool) -> (Vec<usize>, Arc<Metrics>) {
 
     // Readers: on a miss, read the standby and fill the cache.
     let stop = Arc::new(AtomicBool::new(false));
-    let mut readers = Vec::new();
-    for r in 0..2 {
-        let (stop, standby_client) = (stop.clone(), standby.client().await);
-        let mut cache =
-            redis::Client::open(redis_url.clone()).unwrap().get_multiplexed_async_connection().await.unwrap();
-        readers.push(tokio::spawn(async move {
-            let mut id = r;
-            while !stop.load(Ordering::Relaxed) {
-                id = (id + 7) % ROWS;
-                let key = format!("item:{id}");
-                let cached: Option<i32> = redis::cmd("GET").arg(&key).query_async(&mut cache).await.unwrap();
-                if cached.is_none() {
-                    let row = standby_client.query_one("SELECT v FROM items WHERE id = $1", &[&id]).await.unwrap();
-                    let v: i32 = row.get(0);
-                    let _: () = redis::cmd("SET").arg(&key).arg(v).query_async(&mut cache).await.unwrap();
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }));
-    }
+    let readers = start_readers(&standby, &redis_url, ROWS, 7, &stop).await;
     let writer = primary.client().await;
     let mut cache = redis::Client::open(redis_url.clone()).unwrap().get_multiplexed_async_connection().await.unwrap();
     let mut stale_counts = Vec::new();
@@ -519,26 +532,7 @@ async fn freshness_debezium_events_on_kafka_wait_for_the_replica_and_commit_afte
 
     // Readers: on a miss, read the standby and fill the cache (cache-aside).
     let stop = Arc::new(AtomicBool::new(false));
-    let mut readers = Vec::new();
-    for r in 0..2 {
-        let (stop, standby_client) = (stop.clone(), standby.client().await);
-        let mut cache =
-            redis::Client::open(redis_url.clone()).unwrap().get_multiplexed_async_connection().await.unwrap();
-        readers.push(tokio::spawn(async move {
-            let mut id = r;
-            while !stop.load(Ordering::Relaxed) {
-                id = (id + 3) % ROWS;
-                let key = format!("item:{id}");
-                let cached: Option<i32> = redis::cmd("GET").arg(&key).query_async(&mut cache).await.unwrap();
-                if cached.is_none() {
-                    let row = standby_client.query_one("SELECT v FROM items WHERE id = $1", &[&id]).await.unwrap();
-                    let _: () =
-                        redis::cmd("SET").arg(&key).arg(row.get::<_, i32>(0)).query_async(&mut cache).await.unwrap();
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }));
-    }
+    let readers = start_readers(&standby, &redis_url, ROWS, 3, &stop).await;
 
     // Writers on the primary; the connector forwards each commit's changes at once. First a
     // burst (the standby replays each change's record only after the previous commit's delay),
