@@ -52,8 +52,8 @@ pub async fn system_identifier(c: &Connection) -> Option<u64> {
     read_system_identifier(&client).await
 }
 
-/// `pg_control_system()` needs `pg_monitor` (or superuser): without it, no identifier and no
-/// cluster comparison, rather than a replica refused for a missing grant.
+/// `pg_control_system()` is executable by every role by default, but EXECUTE may have been
+/// revoked: then no identifier and no cluster comparison, rather than a replica refused.
 async fn read_system_identifier(client: &tokio_postgres::Client) -> Option<u64> {
     let row = client.query_one("SELECT system_identifier::text FROM pg_control_system()", &[]).await.ok()?;
     row.get::<_, Option<String>>(0)?.parse().ok()
