@@ -39,7 +39,8 @@ pub enum Command {
         #[arg(short = 'c', long = "config")]
         config: PathBuf,
         /// Also check the rules against the PostgreSQL schema (source.kind: postgres): tables,
-        /// publication membership, columns and replica identities.
+        /// publication membership, columns and replica identities; and each of
+        /// `freshness.replicas` (any source).
         #[arg(long)]
         against_db: bool,
     },
@@ -215,7 +216,10 @@ pub fn run(config_path: &Path) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "fatal");
             eprintln!("cdc-invalidator: {}", crate::redact::scrub(&e.to_string()));
-            ExitCode::from(FAILED)
+            // A listed read replica that is a primary or another cluster's: the config is wrong,
+            // and a restart will not fix it.
+            let invalid = matches!(&e, crate::app::AppError::Freshness(f) if f.is_invalid_config());
+            ExitCode::from(if invalid { INVALID } else { FAILED })
         }
     }
 }
