@@ -55,6 +55,7 @@ use crate::telemetry::Metrics;
 mod batching;
 mod finish;
 mod layer;
+mod second_pass;
 
 use batching::{fill_batch, BusyStreak};
 use layer::{Layer, Route};
