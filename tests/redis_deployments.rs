@@ -420,3 +420,55 @@ async fn two_named_targets_with_one_down_for_ten_seconds() {
     }
     daemon.stop().await.expect("clean drain");
 }
+
+/// `check` warns about hash tags that put every key (or tag set) of a template in one slot of a
+/// cluster target, and still exits 0; a hash tag holding a column, and tags whose keys are in
+/// other slots, are not warned about; a standalone target gets no such warning.
+#[test]
+fn check_warns_about_constant_hash_tags_in_cluster_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        "version: 1\nrules:\n  - name: products\n    table: public.products\n    redis:\n      keys: [\"{{shop}}:product:{id}\", \"product:{{{id}}}:page\", \"product:{id}\"]\n      tags: [\"category:{category_id}\"]\n",
+    )
+    .unwrap();
+    // Nobody listens there: the start-up probe has nothing to say, only the rules are judged.
+    let node = format!("redis://127.0.0.1:{}", crate::support::free_port());
+    let check = |redis: &str| {
+        let config = dir.path().join("config.yaml");
+        std::fs::write(
+            &config,
+            format!("rules: rules.yaml\nsource:\n  kind: kafka\n  kafka:\n    brokers: \"127.0.0.1:9\"\n    topics: [\"t\"]\nsinks:\n{redis}"),
+        )
+        .unwrap();
+        let out = std::process::Command::new(crate::support::daemon::binary())
+            .arg("check")
+            .arg("-c")
+            .arg(&config)
+            .output()
+            .expect("run check");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, stderr) =
+        check(&format!("  redis:\n    mode: cluster\n    nodes: [\"{node}\"]\n    tag_prefix: \"{{tags}}:\"\n"));
+    assert_eq!(code, Some(0), "warnings do not fail the check: {stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert_eq!(warnings.len(), 2, "{stderr}");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("\"{{shop}}:product:{id}\" has the hash tag {shop}") && w.contains("one slot")),
+        "{stderr}"
+    );
+    assert!(
+        warnings.iter().any(|w| w.contains("tag sets of \"category:{category_id}\"") && w.contains("{tags}")),
+        "{stderr}"
+    );
+
+    let (code, stderr) = check(&format!("  redis:\n    mode: cluster\n    nodes: [\"{node}\"]\n"));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stderr.lines().filter(|l| l.starts_with("warning: ")).count(), 1, "only the key template: {stderr}");
+    let (code, stderr) = check(&format!("  redis:\n    url: \"{node}\"\n    tag_prefix: \"{{tags}}:\"\n"));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains("warning: "), "hash slots do not matter to a standalone Redis: {stderr}");
+}
