@@ -168,7 +168,7 @@ async fn sentinel_over_tls_with_a_password_follows_the_failover() {
     assert!(sentinels[0].starts_with("rediss://"));
     std::fs::write(dir.path().join("redis-password"), "wr0ng-pw\n").unwrap();
     let redis = format!(
-        "  redis:\n    mode: sentinel\n    sentinel: {{ nodes: [\"{}\", \"{}\"], master: {SENTINEL_MASTER} }}\n    password_file: redis-password\n    retry: {{ initial: 20ms, max: 250ms }}\n    connect_timeout: 500ms\n    response_timeout: 1s\n",
+        "  redis:\n    mode: sentinel\n    sentinel: {{ nodes: [\"{}\", \"{}\"], master: {SENTINEL_MASTER} }}\n    password_file: redis-password\n    connect_timeout: 500ms\n    response_timeout: 1s\n",
         sentinels[0], sentinels[1]
     );
     let (path, _) = config(dir.path(), &kafka.bootstrap(), topic, &redis);

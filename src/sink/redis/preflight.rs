@@ -55,7 +55,11 @@ fn check_here(config_path: &Path, config: &Config) -> Vec<Problem> {
 async fn probe(target: &RedisConfig) -> Option<(&'static str, String)> {
     let name = target.target_name();
     // Where a refused password was written.
-    let credentials_field = if target.resolved_password.is_some() {
+    let credentials_field = if target.password_env.is_some() {
+        "password_env"
+    } else if target.password_file.is_some() {
+        "password_file"
+    } else if target.password.is_some() {
         "password"
     } else {
         match target.mode {
