@@ -48,6 +48,17 @@ fn existing(con: &mut redis::cluster::ClusterConnection, keys: &[String]) -> Vec
     keys.iter().filter(|k| con.exists::<_, bool>(k.as_str()).unwrap_or(true)).cloned().collect()
 }
 
+/// `cdc-invalidator <command> -c <config>`: its exit code and stderr.
+fn cli(command: &str, config: &std::path::Path) -> (Option<i32>, String) {
+    let out = std::process::Command::new(crate::support::daemon::binary())
+        .arg(command)
+        .arg("-c")
+        .arg(config)
+        .output()
+        .unwrap_or_else(|e| panic!("run {command}: {e}"));
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// Every pending set left anywhere in the cluster.
 fn pending_sets(cluster: &RedisCluster) -> Vec<String> {
     let mut found = Vec::new();
@@ -264,26 +275,14 @@ fn check_refuses_a_cluster_behind_mode_standalone() {
             librdkafka: &[],
         },
     );
-    let out = std::process::Command::new(crate::support::daemon::binary())
-        .arg("check")
-        .arg("-c")
-        .arg(&config)
-        .output()
-        .expect("run check");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let (code, stderr) = cli("check", &config);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("config.yaml:"), "names the file and line: {stderr}");
     assert!(stderr.contains("set mode: cluster"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     // `run` refuses it the same way, before starting anything.
-    let out = std::process::Command::new(crate::support::daemon::binary())
-        .arg("run")
-        .arg("-c")
-        .arg(&config)
-        .output()
-        .expect("run run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let (code, stderr) = cli("run", &config);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("set mode: cluster"), "{stderr}");
 
     // The same file with mode: cluster and the nodes passes.
@@ -292,13 +291,8 @@ fn check_refuses_a_cluster_behind_mode_standalone() {
         &format!("    mode: cluster\n    nodes: [\"{}\"]\n", cluster.urls()[1]),
     );
     std::fs::write(&config, text).unwrap();
-    let out = std::process::Command::new(crate::support::daemon::binary())
-        .arg("check")
-        .arg("-c")
-        .arg(&config)
-        .output()
-        .expect("run check");
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, stderr) = cli("check", &config);
+    assert_eq!(code, Some(0), "{stderr}");
 }
 
 /// Sentinel: the primary is killed; a batch sent meanwhile is retried until the sentinels
@@ -441,13 +435,7 @@ fn check_warns_about_constant_hash_tags_in_cluster_mode() {
             format!("rules: rules.yaml\nsource:\n  kind: kafka\n  kafka:\n    brokers: \"127.0.0.1:9\"\n    topics: [\"t\"]\nsinks:\n{redis}"),
         )
         .unwrap();
-        let out = std::process::Command::new(crate::support::daemon::binary())
-            .arg("check")
-            .arg("-c")
-            .arg(&config)
-            .output()
-            .expect("run check");
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        cli("check", &config)
     };
     let (code, stderr) =
         check(&format!("  redis:\n    mode: cluster\n    nodes: [\"{node}\"]\n    tag_prefix: \"{{tags}}:\"\n"));

@@ -284,6 +284,15 @@ fn failure(joined: Result<Result<(), StageError>, tokio::task::JoinError>) -> Op
     }
 }
 
+/// Why a stage stops when one of its workers ended while it still ran: the worker failed for
+/// good, or was stopped.
+fn worker_ended(joined: Result<Result<(), StageError>, tokio::task::JoinError>) -> StageError {
+    match failure(joined) {
+        Some(e) => StageError::Fatal(e),
+        None => StageError::Stopped,
+    }
+}
+
 /// The first stage: batches from the source queue, rules, coalescing.
 struct Intake {
     route: Route,

@@ -107,12 +107,7 @@ impl SecondPasses {
                 biased;
                 _ = shutdown.abandoned() => return Err(StageError::Stopped),
                 // While passes run, a worker only ends when its sink failed or it was stopped.
-                Some(joined) = workers.join_next() => {
-                    return Err(match super::failure(joined) {
-                        Some(e) => StageError::Fatal(e),
-                        None => StageError::Stopped,
-                    });
-                }
+                Some(joined) = workers.join_next() => return Err(super::worker_ended(joined)),
                 Some(id) = answers.recv() => {
                     let finished = match running.get_mut(&id) {
                         Some(run) => {
