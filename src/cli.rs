@@ -160,7 +160,14 @@ fn load(config_path: &Path) -> Result<(Config, Rules), u8> {
 }
 
 pub fn check(config_path: &Path, against_db: bool) -> ExitCode {
-    match load(config_path) {
+    let loaded = load(config_path);
+    // Designs that work but will hurt: said, without failing the check.
+    if let Ok((config, rules)) = &loaded {
+        for warning in crate::sink::redis::hash_tags::warnings(config, rules) {
+            eprintln!("warning: {warning}");
+        }
+    }
+    match loaded {
         Ok((config, rules)) if against_db => crate::source::postgres::check::run_cli(&config, &rules),
         Ok(_) => {
             println!("ok");

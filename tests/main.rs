@@ -25,6 +25,7 @@ mod pipeline;
 mod postgres;
 mod purge;
 mod redis_deployments;
+mod redis_secure;
 mod redis_signals;
 mod redis_sink;
 mod signals;

@@ -48,6 +48,17 @@ fn existing(con: &mut redis::cluster::ClusterConnection, keys: &[String]) -> Vec
     keys.iter().filter(|k| con.exists::<_, bool>(k.as_str()).unwrap_or(true)).cloned().collect()
 }
 
+/// `cdc-invalidator <command> -c <config>`: its exit code and stderr.
+fn cli(command: &str, config: &std::path::Path) -> (Option<i32>, String) {
+    let out = std::process::Command::new(crate::support::daemon::binary())
+        .arg(command)
+        .arg("-c")
+        .arg(config)
+        .output()
+        .unwrap_or_else(|e| panic!("run {command}: {e}"));
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// Every pending set left anywhere in the cluster.
 fn pending_sets(cluster: &RedisCluster) -> Vec<String> {
     let mut found = Vec::new();
@@ -264,26 +275,14 @@ fn check_refuses_a_cluster_behind_mode_standalone() {
             librdkafka: &[],
         },
     );
-    let out = std::process::Command::new(crate::support::daemon::binary())
-        .arg("check")
-        .arg("-c")
-        .arg(&config)
-        .output()
-        .expect("run check");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let (code, stderr) = cli("check", &config);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("config.yaml:"), "names the file and line: {stderr}");
     assert!(stderr.contains("set mode: cluster"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     // `run` refuses it the same way, before starting anything.
-    let out = std::process::Command::new(crate::support::daemon::binary())
-        .arg("run")
-        .arg("-c")
-        .arg(&config)
-        .output()
-        .expect("run run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let (code, stderr) = cli("run", &config);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("set mode: cluster"), "{stderr}");
 
     // The same file with mode: cluster and the nodes passes.
@@ -292,13 +291,8 @@ fn check_refuses_a_cluster_behind_mode_standalone() {
         &format!("    mode: cluster\n    nodes: [\"{}\"]\n", cluster.urls()[1]),
     );
     std::fs::write(&config, text).unwrap();
-    let out = std::process::Command::new(crate::support::daemon::binary())
-        .arg("check")
-        .arg("-c")
-        .arg(&config)
-        .output()
-        .expect("run check");
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, stderr) = cli("check", &config);
+    assert_eq!(code, Some(0), "{stderr}");
 }
 
 /// Sentinel: the primary is killed; a batch sent meanwhile is retried until the sentinels
@@ -419,4 +413,50 @@ async fn two_named_targets_with_one_down_for_ten_seconds() {
         );
     }
     daemon.stop().await.expect("clean drain");
+}
+
+/// `check` warns about hash tags that put every key (or tag set) of a template in one slot of a
+/// cluster target, and still exits 0; a hash tag holding a column, and tags whose keys are in
+/// other slots, are not warned about; a standalone target gets no such warning.
+#[test]
+fn check_warns_about_constant_hash_tags_in_cluster_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        "version: 1\nrules:\n  - name: products\n    table: public.products\n    redis:\n      keys: [\"{{shop}}:product:{id}\", \"product:{{{id}}}:page\", \"product:{id}\"]\n      tags: [\"category:{category_id}\"]\n",
+    )
+    .unwrap();
+    // Nobody listens there: the start-up probe has nothing to say, only the rules are judged.
+    let node = format!("redis://127.0.0.1:{}", crate::support::free_port());
+    let check = |redis: &str| {
+        let config = dir.path().join("config.yaml");
+        std::fs::write(
+            &config,
+            format!("rules: rules.yaml\nsource:\n  kind: kafka\n  kafka:\n    brokers: \"127.0.0.1:9\"\n    topics: [\"t\"]\nsinks:\n{redis}"),
+        )
+        .unwrap();
+        cli("check", &config)
+    };
+    let (code, stderr) =
+        check(&format!("  redis:\n    mode: cluster\n    nodes: [\"{node}\"]\n    tag_prefix: \"{{tags}}:\"\n"));
+    assert_eq!(code, Some(0), "warnings do not fail the check: {stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert_eq!(warnings.len(), 2, "{stderr}");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("\"{{shop}}:product:{id}\" has the hash tag {shop}") && w.contains("one slot")),
+        "{stderr}"
+    );
+    assert!(
+        warnings.iter().any(|w| w.contains("tag sets of \"category:{category_id}\"") && w.contains("{tags}")),
+        "{stderr}"
+    );
+
+    let (code, stderr) = check(&format!("  redis:\n    mode: cluster\n    nodes: [\"{node}\"]\n"));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stderr.lines().filter(|l| l.starts_with("warning: ")).count(), 1, "only the key template: {stderr}");
+    let (code, stderr) = check(&format!("  redis:\n    url: \"{node}\"\n    tag_prefix: \"{{tags}}:\"\n"));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains("warning: "), "hash slots do not matter to a standalone Redis: {stderr}");
 }

@@ -275,6 +275,15 @@ pub struct RedisConfig {
     /// The resolved URL (from `url`, `url_env` or `url_file`), filled by validation.
     #[serde(skip)]
     pub resolved_url: Option<Secret>,
+    /// The data nodes' ACL user and password in every mode, kept out of the URLs: exactly one
+    /// of `password`, `password_env`, `password_file`, or none (config/redis.rs).
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub password_env: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// The resolved password, filled by validation.
+    #[serde(skip)]
+    pub resolved_password: Option<Secret>,
 }
 
 fn default_tag_prefix() -> String {
@@ -314,6 +323,11 @@ impl RedisConfig {
             broadcast: None,
             warm: None,
             resolved_url: Some(Secret::new(url)),
+            username: None,
+            password: None,
+            password_env: None,
+            password_file: None,
+            resolved_password: None,
         }
     }
 

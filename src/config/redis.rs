@@ -242,6 +242,30 @@ pub(super) fn validate(targets: &mut RedisTargets, origin: &Origin, cdn_names: &
                 ));
             }
         }
+        // Credentials beside the URLs: the way to keep a cluster's or a sentinel-found master's
+        // password out of the config file (`password_env`, `password_file`).
+        if r.password.is_some() || r.password_env.is_some() || r.password_file.is_some() {
+            let path = at(&["password"]);
+            let path: Vec<&str> = path.iter().map(String::as_str).collect();
+            r.resolved_password = resolve_secret(
+                origin,
+                &path,
+                r.password.as_ref(),
+                r.password_env.as_deref(),
+                r.password_file.as_deref(),
+                problems,
+            );
+            let data_urls = r.resolved_url.iter().chain(&r.nodes);
+            if data_urls.into_iter().any(|u| url_has_password(u.expose())) {
+                problems.push(problem(
+                    &["password"],
+                    format!("{label}: a password is given both in a URL and in password/password_env/password_file; keep one"),
+                ));
+            }
+        }
+        if r.username.as_deref().is_some_and(|u| u.trim().is_empty()) {
+            problems.push(problem(&["username"], format!("{label}.username must not be empty")));
+        }
         if r.tag_prefix.is_empty() {
             problems.push(problem(
                 &["tag_prefix"],
@@ -279,6 +303,12 @@ pub(super) fn validate(targets: &mut RedisTargets, origin: &Origin, cdn_names: &
 
 fn url_scheme_ok(u: &str) -> bool {
     u.starts_with("redis://") || u.starts_with("rediss://")
+}
+
+/// Whether a Redis URL carries a password (`redis://:pw@...`, `redis://user:pw@...`).
+fn url_has_password(u: &str) -> bool {
+    use ::redis::IntoConnectionInfo;
+    u.into_connection_info().is_ok_and(|info| info.redis_settings().password().is_some())
 }
 
 #[cfg(test)]
@@ -351,5 +381,29 @@ mod tests {
         assert!(text.contains("wait_replicas.count must be between 0 (off) and 100"), "{text}");
         let text = messages(load("  redis: []\n").unwrap_err());
         assert!(text.contains("empty list"), "{text}");
+    }
+
+    #[test]
+    fn credentials_come_beside_the_urls_once() {
+        std::env::set_var("CDC_TEST_REDIS_PASSWORD_H16", "s3cret");
+        let cfg = load(
+            "  redis:\n    mode: cluster\n    nodes: [\"rediss://10.0.0.1:6379\"]\n    username: cdc\n    password_env: CDC_TEST_REDIS_PASSWORD_H16\n",
+        )
+        .unwrap();
+        let target = &cfg.sinks.redis.as_ref().unwrap().0[0];
+        assert_eq!(target.username.as_deref(), Some("cdc"));
+        assert_eq!(target.resolved_password.as_ref().map(Secret::expose), Some("s3cret"));
+
+        let text = messages(
+            load("  redis:\n    url: \"redis://:inline@10.0.0.1:6379\"\n    password: other\n    username: \"\"\n")
+                .unwrap_err(),
+        );
+        assert!(text.contains("a password is given both in a URL and in password"), "{text}");
+        assert!(text.contains("username must not be empty"), "{text}");
+        assert!(!text.contains("inline"), "the password leaked: {text}");
+        let text = messages(
+            load("  redis:\n    url: \"redis://10.0.0.1:6379\"\n    password_env: CDC_TEST_UNSET_H16\n").unwrap_err(),
+        );
+        assert!(text.contains("CDC_TEST_UNSET_H16, which is not set"), "{text}");
     }
 }

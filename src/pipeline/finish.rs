@@ -1,19 +1,18 @@
-//! The last stages: dead letters and acknowledgements (`finish`), and the second pass
-//! (`sinks.timing.repeat_after`), which repeats a batch through the layers in order when it is
-//! due and acknowledges its events after that.
+//! The last stage: dead letters and acknowledgements (`finish`), or the hand-over of a batch
+//! to its second pass (`second_pass.rs`).
 
-use std::collections::VecDeque;
+pub(super) use super::second_pass::SecondPasses;
+
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
-use super::layer::invalidate_all;
 use super::{change_of, origin, StageError, Unit};
 use crate::config::LayerTiming;
 use crate::dead_letter::{DeadLetterError, DeadLetters, Letter, Reason};
 use crate::event::Decoded;
-use crate::freshness::{Commit, Replicas, Waited};
+use crate::freshness::{Commit, Replicas};
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, Sink};
 use crate::source::Ack;
@@ -22,18 +21,18 @@ use crate::telemetry::Metrics;
 /// A batch's invalidations, due again at `due` (or, with `lsn`, once the read replicas have
 /// replayed it); its events are acknowledged after that.
 pub(super) struct SecondPass {
-    due: tokio::time::Instant,
+    pub(super) due: tokio::time::Instant,
     /// The newest commit of the batch's events (`freshness.replicas`).
-    lsn: Option<Commit>,
+    pub(super) lsn: Option<Commit>,
     /// When the first pass was done: `freshness.max_wait` counts from here.
-    since: tokio::time::Instant,
+    pub(super) since: tokio::time::Instant,
     /// When every replica was first seen to have replayed that commit.
-    replayed_at: Option<tokio::time::Instant>,
-    batch: Invalidations,
-    acks: Vec<Ack>,
+    pub(super) replayed_at: Option<tokio::time::Instant>,
+    pub(super) batch: Invalidations,
+    pub(super) acks: Vec<Ack>,
     /// The waiting events' staleness origins: settled and acknowledged staleness are observed
     /// after this pass.
-    origins: Vec<SystemTime>,
+    pub(super) origins: Vec<SystemTime>,
 }
 
 /// Every unit ends here, once each layer with work for it confirmed it (or rejected some of it).
@@ -152,138 +151,5 @@ impl Finish {
                 .map_err(|_| StageError::Stopped)?;
         }
         Ok(())
-    }
-}
-
-/// The front pass's schedule: due, LSN, first pass done, replayed.
-type Front = (tokio::time::Instant, Option<Commit>, tokio::time::Instant, Option<tokio::time::Instant>);
-
-/// The second-pass stage: holds batches until they are due, then runs them through the layers
-/// in order (sinks of one layer at once, `layer_delay` between layers).
-pub(super) struct SecondPasses {
-    pub(super) layers: Vec<(u8, Vec<Arc<dyn Sink>>)>,
-    pub(super) timing: LayerTiming,
-    pub(super) metrics: Arc<Metrics>,
-    /// Events waiting for their second pass; intake waits while there are `repeat_max_events`.
-    pub(super) pending: watch::Sender<usize>,
-    pub(super) freshness: Option<Replicas>,
-}
-
-impl SecondPasses {
-    /// Runs until `finish` is gone and every pass it handed over is done (pending passes still
-    /// run when the source has stopped, within the shutdown grace period; abandoned ones stay
-    /// unacknowledged and are redone).
-    pub(super) async fn run(
-        self,
-        mut rx: mpsc::UnboundedReceiver<SecondPass>,
-        shutdown: Shutdown,
-    ) -> Result<(), StageError> {
-        let mut passes: VecDeque<SecondPass> = VecDeque::new();
-        let mut open = true;
-        loop {
-            self.stamp(&mut passes);
-            let front = passes.front().map(|p| (p.due, p.lsn, p.since, p.replayed_at));
-            if !open && front.is_none() {
-                return Ok(());
-            }
-            tokio::select! {
-                biased;
-                _ = shutdown.abandoned() => return Err(StageError::Stopped),
-                pass = rx.recv(), if open => match pass {
-                    Some(pass) => {
-                        self.pending.send_modify(|n| *n += pass.acks.len());
-                        self.metrics.second_pass_pending_events.set(*self.pending.borrow() as i64);
-                        passes.push_back(pass);
-                    }
-                    None => open = false,
-                },
-                go = self.ready(front), if front.is_some() => {
-                    if !go {
-                        continue;
-                    }
-                    let Some(pass) = passes.pop_front() else { continue };
-                    let sinks = self.run_pass(&pass.batch, &shutdown).await?;
-                    let now = SystemTime::now();
-                    for origin in &pass.origins {
-                        let seconds = now.duration_since(*origin).unwrap_or_default().as_secs_f64();
-                        self.metrics.end_to_end_staleness.observe(seconds);
-                        for sink in &sinks {
-                            self.metrics.settled.with_label_values(&[sink]).observe(seconds);
-                        }
-                    }
-                    self.pending.send_modify(|n| *n = n.saturating_sub(pass.acks.len()));
-                    self.metrics.second_pass_pending_events.set(*self.pending.borrow() as i64);
-                    for ack in pass.acks {
-                        ack.finish();
-                    }
-                }
-            }
-        }
-    }
-
-    /// Notes when each waiting pass's commit was first seen replayed on every replica (from
-    /// the front, while they are): the margin counts from there.
-    fn stamp(&self, passes: &mut VecDeque<SecondPass>) {
-        let Some(replicas) = &self.freshness else { return };
-        let now = tokio::time::Instant::now();
-        for pass in passes.iter_mut() {
-            match pass.lsn {
-                Some(_) if pass.replayed_at.is_some() => continue,
-                Some(lsn) if replicas.is_replayed(lsn) => pass.replayed_at = Some(now),
-                Some(_) => break,
-                None => continue,
-            }
-        }
-    }
-
-    /// Whether the front pass may go now (`false`: its state changed, look again): at
-    /// `repeat_after` after the first pass, or `margin` after the replicas have replayed its
-    /// LSN (at most `max_wait`).
-    async fn ready(&self, front: Option<Front>) -> bool {
-        match (front, &self.freshness) {
-            (Some((_, Some(lsn), since, replayed_at)), Some(replicas)) => {
-                replicas.wait(lsn, since, replayed_at).await != Waited::Replayed
-            }
-            (Some((due, _, _, _)), _) => {
-                tokio::time::sleep_until(due).await;
-                true
-            }
-            (None, _) => std::future::pending().await,
-        }
-    }
-
-    /// A second pass repeats deletes that already succeeded once: its rejections were
-    /// dead-lettered by the first pass and are only logged. Keys it removed again had been
-    /// refilled in between (counted). Returns the sinks that confirmed it.
-    async fn run_pass(&self, batch: &Invalidations, shutdown: &Shutdown) -> Result<Vec<String>, StageError> {
-        let mut confirmed = Vec::new();
-        let mut worked = false;
-        for (_, sinks) in &self.layers {
-            if !sinks.iter().any(|s| s.kinds().iter().any(|&k| !batch.items(k).is_empty())) {
-                continue;
-            }
-            if worked && !self.timing.layer_delay.is_zero() {
-                tokio::select! {
-                    biased;
-                    _ = shutdown.abandoned() => return Err(StageError::Stopped),
-                    _ = tokio::time::sleep(self.timing.layer_delay) => {}
-                }
-            }
-            for done in invalidate_all(sinks, batch, shutdown).await? {
-                confirmed.push(done.sink.name().to_string());
-                if done.report.removed > 0 {
-                    self.metrics.second_pass_refills.with_label_values(&[done.sink.name()]).inc_by(done.report.removed);
-                }
-                if !done.report.rejected.is_empty() {
-                    tracing::warn!(
-                        sink = done.sink.name(),
-                        rejected = done.report.rejected.len(),
-                        "second pass: items rejected again (dead-lettered by the first pass)"
-                    );
-                }
-            }
-            worked = true;
-        }
-        Ok(confirmed)
     }
 }

@@ -205,12 +205,7 @@ impl Layer {
                 biased;
                 _ = shutdown.abandoned() => return Err(StageError::Stopped),
                 // While the layer runs, a worker only ends when it failed or was stopped.
-                Some(joined) = workers.join_next() => {
-                    return Err(match super::failure(joined) {
-                        Some(e) => StageError::Fatal(e),
-                        None => StageError::Stopped,
-                    });
-                }
+                Some(joined) = workers.join_next() => return Err(super::worker_ended(joined)),
                 Some(answer) = answers.recv() => {
                     let front = in_layer.front().map_or(0, |u| u.seq);
                     let at = usize::try_from(answer.seq.saturating_sub(front)).unwrap_or(usize::MAX);

@@ -55,6 +55,7 @@ use crate::telemetry::Metrics;
 mod batching;
 mod finish;
 mod layer;
+mod second_pass;
 
 use batching::{fill_batch, BusyStreak};
 use layer::{Layer, Route};
@@ -286,6 +287,15 @@ fn failure(joined: Result<Result<(), StageError>, tokio::task::JoinError>) -> Op
         Ok(Err(StageError::Fatal(e))) => Some(e),
         Err(e) if e.is_cancelled() => None,
         Err(e) => Some(PipelineError::Stage(e.to_string())),
+    }
+}
+
+/// Why a stage stops when one of its workers ended while it still ran: the worker failed for
+/// good, or was stopped.
+fn worker_ended(joined: Result<Result<(), StageError>, tokio::task::JoinError>) -> StageError {
+    match failure(joined) {
+        Some(e) => StageError::Fatal(e),
+        None => StageError::Stopped,
     }
 }
 

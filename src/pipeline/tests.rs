@@ -501,3 +501,80 @@ async fn a_replica_that_never_replays_delays_the_second_pass_only_to_max_wait() 
     }
     assert!(metrics.value("cdc_invalidator_freshness_max_wait_total", &[("replica", "dead")]) >= 1.0, "counted");
 }
+
+/// A Redis target that is down (its calls wait until it is back, as its retries would) from
+/// `down` until `up`; records when each item was confirmed.
+struct Outage {
+    name: &'static str,
+    down: tokio::time::Instant,
+    up: tokio::time::Instant,
+    log: std::sync::Mutex<Vec<(String, tokio::time::Instant)>>,
+}
+
+#[async_trait::async_trait]
+impl Sink for Outage {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn kinds(&self) -> &'static [ItemKind] {
+        REDIS
+    }
+
+    async fn invalidate(&self, batch: &Invalidations, _: &Shutdown) -> Result<crate::sink::SinkReport, SinkError> {
+        let now = tokio::time::Instant::now();
+        if now >= self.down && now < self.up {
+            tokio::time::sleep_until(self.up).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let done = tokio::time::Instant::now();
+        self.log.lock().unwrap().extend(batch.items(ItemKind::RedisKey).iter().map(|k| (k.clone(), done)));
+        Ok(crate::sink::SinkReport::default())
+    }
+
+    async fn ping(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_target_that_is_down_delays_only_its_own_second_pass() {
+    // Two Redis targets and a CDN behind them; `us` goes down after the first passes and comes
+    // back 4.5 s later, while every event's second pass falls due 1 s after its first.
+    let start = tokio::time::Instant::now();
+    let eu = Recording::new("eu", REDIS, 1);
+    let us = Arc::new(Outage {
+        name: "us",
+        down: start + Duration::from_millis(500),
+        up: start + Duration::from_secs(5),
+        log: Default::default(),
+    });
+    let cdn = Recording::new("cdn", CDN, 1);
+    let timing = LayerTiming { repeat_after: Duration::from_secs(1), ..LayerTiming::default() };
+    let sinks: Vec<Arc<dyn Sink>> = vec![eu.clone(), us.clone(), cdn.clone()];
+    let (events, _) = run_layers(20, 5, sinks, vec![0, 0, 2], timing, pipeline_config(500, 5, 1)).await;
+    let (eu_log, us_log, cdn_log) =
+        (eu.log.lock().unwrap().clone(), us.log.lock().unwrap().clone(), cdn.log.lock().unwrap().clone());
+    for (id, (received, acked)) in events.iter().enumerate() {
+        let key = format!("t:{id}");
+        let eu_passes: Vec<_> = eu_log.iter().filter(|(i, _, _)| *i == key).map(|(_, _, done)| *done).collect();
+        assert_eq!(eu_passes.len(), 2, "event {id}: two passes at eu");
+        let late = eu_passes[1] - *received;
+        assert!(
+            late >= Duration::from_secs(1) && late <= Duration::from_millis(1020),
+            "event {id}: eu's second pass on time, {late:?} after it came"
+        );
+        let us_passes: Vec<_> = us_log.iter().filter(|(i, _)| *i == key).map(|(_, done)| *done).collect();
+        assert_eq!(us_passes.len(), 2, "event {id}: two passes at us");
+        assert!(us_passes[0] < us.down, "event {id}: the first pass before the outage");
+        assert!(us_passes[1] >= us.up, "event {id}: us repeats it once back");
+        // The CDN repeats only after every Redis target did (else it could refill from a stale
+        // cache in front of it), and the event is acknowledged only after all of that.
+        let surrogate = format!("t-{id}");
+        let cdn_passes: Vec<_> = cdn_log.iter().filter(|(i, _, _)| *i == surrogate).collect();
+        assert_eq!(cdn_passes.len(), 2, "event {id}: two passes at the CDN");
+        assert!(cdn_passes[1].1 >= us_passes[1], "event {id}: the CDN after both Redis targets");
+        let acked = acked.expect("acknowledged in the end");
+        assert!(acked >= cdn_passes[1].2, "event {id}: acknowledged only after every sink's second pass");
+    }
+}

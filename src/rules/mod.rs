@@ -89,6 +89,7 @@ mod template;
 mod tests;
 
 use glob::TablePattern;
+pub(crate) use template::HashTag;
 use template::{Template, Unrenderable, Var, Why};
 
 /// A loaded, validated rules file.
@@ -297,6 +298,25 @@ impl RuleColumns<'_> {
 
 impl Rules {
     /// Read-only: the tables, ops and columns each rule uses, in file order.
+    /// Each rule's Redis key and tag templates (not `on_truncate`'s, which render once per
+    /// truncate) with the hash tag of what they render, a tag with `tag_prefix` before it: for
+    /// `check`'s Redis Cluster warnings (`sink/redis/hash_tags.rs`).
+    pub(crate) fn redis_hash_tags<'a>(
+        &'a self,
+        tag_prefix: &'a str,
+    ) -> impl Iterator<Item = (&'a str, ItemKind, &'a str, HashTag)> + 'a {
+        self.rules.iter().flat_map(move |rule| {
+            rule.templates.iter().filter_map(move |(kind, template)| {
+                let prefix = match kind {
+                    ItemKind::RedisKey => "",
+                    ItemKind::RedisTag => tag_prefix,
+                    _ => return None,
+                };
+                Some((&*rule.name, *kind, template.source(), template.hash_tag(prefix)))
+            })
+        })
+    }
+
     pub fn columns_by_rule(&self) -> Vec<RuleColumns<'_>> {
         self.rules
             .iter()

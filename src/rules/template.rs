@@ -118,6 +118,19 @@ enum Segment {
     },
 }
 
+/// [`Template::hash_tag`]'s answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HashTag {
+    /// No hash tag: the whole item is hashed, so items spread over the slots like their text.
+    Whole,
+    /// The hash tag holds a placeholder: it varies with the row (or the var).
+    Varies,
+    /// The same hash tag, so the same slot, for every item.
+    Constant(String),
+    /// Cannot tell from the template (a placeholder comes before the first literal `{`).
+    Unknown,
+}
+
 /// A compiled template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Template {
@@ -290,6 +303,39 @@ impl Template {
 
     pub(crate) fn source(&self) -> &str {
         &self.source
+    }
+
+    /// What decides the Redis Cluster hash slot of the items this template renders, when the
+    /// template alone says it (`prefix`, such as `tag_prefix`, goes before the item). Redis
+    /// hashes only the text between the first `{` and the first `}` after it, when that is not
+    /// empty. A placeholder before the first literal `{` could render braces of its own, so the
+    /// answer is then unknown (without any literal `{`, braces are up to the data: `Whole`).
+    pub(crate) fn hash_tag(&self, prefix: &str) -> HashTag {
+        let mut open: Option<String> = None;
+        // A placeholder came before any literal `{`: its value might have opened a hash tag.
+        let mut value_first = false;
+        let prefix = Segment::Literal(prefix.into());
+        for segment in std::iter::once(&prefix).chain(self.segments.iter()) {
+            let Segment::Literal(text) = segment else {
+                match open {
+                    // A row's value (or a var's) is inside the hash tag: slots spread.
+                    Some(_) => return HashTag::Varies,
+                    None => value_first = true,
+                }
+                continue;
+            };
+            for c in text.chars() {
+                match (&mut open, c) {
+                    (None, '{') if value_first => return HashTag::Unknown,
+                    (None, '{') => open = Some(String::new()),
+                    (Some(inside), '}') if inside.is_empty() => return HashTag::Whole,
+                    (Some(inside), '}') => return HashTag::Constant(std::mem::take(inside)),
+                    (Some(inside), c) => inside.push(c),
+                    (None, _) => {}
+                }
+            }
+        }
+        HashTag::Whole
     }
 
     /// The columns the template reads; empty for a template of literals and vars only.
@@ -566,5 +612,25 @@ mod tests {
             [TemplateError::UnknownFilter("lowr".into()), TemplateError::EmptyFilter("x".into())]
         );
         assert_eq!(err(&"k".repeat(MAX_ITEM_BYTES + 1)), [TemplateError::TooLong(MAX_ITEM_BYTES + 1)]);
+    }
+
+    #[test]
+    fn hash_tags_as_redis_cluster_reads_them() {
+        let locale = Var { name: "locale".into(), values: vec!["en".into(), "fr".into()].into() };
+        let tag =
+            |text: &str, prefix: &str| Template::compile(text, std::slice::from_ref(&locale)).unwrap().hash_tag(prefix);
+        assert_eq!(tag("product:{id}", ""), HashTag::Whole);
+        assert_eq!(tag("{{shop}}:product:{id}", ""), HashTag::Constant("shop".into()));
+        assert_eq!(tag("product:{{{id}}}:page", ""), HashTag::Varies);
+        assert_eq!(tag("product:{{{locale}}}:{id}", ""), HashTag::Varies);
+        // `{}` is no hash tag: Redis hashes the whole key.
+        assert_eq!(tag("{{}}product:{id}", ""), HashTag::Whole);
+        // The prefix counts: `tag_prefix: "{tags}:"` puts every tag set in one slot.
+        assert_eq!(tag("category:{category_id}", "{tags}:"), HashTag::Constant("tags".into()));
+        assert_eq!(tag("category:{category_id}", "{"), HashTag::Varies);
+        // A value rendered before the first literal brace could hold braces itself.
+        assert_eq!(tag("{tenant}:{{all}}", ""), HashTag::Unknown);
+        // The first `}` after the first `{` closes it, even a later literal one.
+        assert_eq!(tag("{{a}}{{b}}:{id}", ""), HashTag::Constant("a".into()));
     }
 }

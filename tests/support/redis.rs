@@ -166,6 +166,7 @@ struct Node {
     args: Vec<String>,
     dir: PathBuf,
     child: Option<Child>,
+    access: Access,
 }
 
 impl Node {
@@ -194,9 +195,174 @@ impl Node {
     }
 
     fn connection(&self) -> redis::Connection {
-        redis::Client::open(format!("redis://127.0.0.1:{}", self.port))
+        redis::Client::open(self.access.url(self.port))
             .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(5)))
             .expect("connect to a test redis-server")
+    }
+}
+
+/// A node's URL as a user would write it: the scheme, no credentials.
+fn bare_url(access: &Access, port: u16) -> String {
+    let scheme = if access.tls { "rediss" } else { "redis" };
+    format!("{scheme}://127.0.0.1:{port}")
+}
+
+/// How test clients reach the nodes of a setup: TLS or not, and with which credentials.
+#[derive(Clone, Default)]
+struct Access {
+    tls: bool,
+    user: Option<String>,
+    password: Option<String>,
+}
+
+impl Access {
+    /// A URL for setting up and checking data (`#insecure`: these clients do not verify).
+    fn url(&self, port: u16) -> String {
+        let auth = match (&self.user, &self.password) {
+            (Some(u), Some(p)) => format!("{u}:{p}@"),
+            (None, Some(p)) => format!(":{p}@"),
+            _ => String::new(),
+        };
+        match self.tls {
+            true => format!("rediss://{auth}127.0.0.1:{port}/#insecure"),
+            false => format!("redis://{auth}127.0.0.1:{port}"),
+        }
+    }
+}
+
+/// A throwaway CA and a certificate it signed for 127.0.0.1, made with the openssl CLI.
+pub struct TestCa {
+    dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    pub fn create() -> TestCa {
+        let dir = tempfile::tempdir().expect("temp dir for the CA");
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).current_dir(dir.path()).output().expect("openssl CLI");
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=cdc-invalidator test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(
+            dir.path().join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+        )
+        .expect("extensions file");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.pem",
+        ]);
+        TestCa { dir }
+    }
+
+    /// The CA certificate (PEM): what a client trusts.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// redis-server's TLS settings: TLS only, also between nodes (cluster bus, replication).
+    fn server_args(&self, port: u16) -> Vec<String> {
+        let path = |f: &str| self.dir.path().join(f).display().to_string();
+        [
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &path("server.pem"),
+            "--tls-key-file",
+            &path("server.key"),
+            "--tls-ca-cert-file",
+            &path("ca.pem"),
+            "--tls-auth-clients",
+            "no",
+            "--tls-replication",
+            "yes",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
+
+/// TLS and credentials for every node of a cluster or sentinel setup.
+pub struct Secure {
+    pub ca: TestCa,
+    /// An ACL user (with `password`), else `requirepass` for the default user.
+    pub user: Option<String>,
+    pub password: String,
+}
+
+impl Secure {
+    fn access(&self) -> Access {
+        Access { tls: true, user: self.user.clone(), password: Some(self.password.clone()) }
+    }
+
+    /// A data node's TLS and auth settings (replicas authenticate to their primary alike).
+    fn server_args(&self, port: u16) -> Vec<String> {
+        let mut args = self.ca.server_args(port);
+        match &self.user {
+            Some(user) => {
+                // The default user is switched off: only our user gets in.
+                // One token per word: redis-server joins an option's arguments into one line.
+                let pass = format!(">{}", self.password);
+                args.extend(["--user", user, "on", &pass, "~*", "&*", "+@all"].map(String::from));
+                args.extend(["--user", "default", "off"].map(String::from));
+                args.extend(["--masteruser".into(), user.clone()]);
+            }
+            None => args.extend(["--requirepass".into(), self.password.clone()]),
+        }
+        args.extend(["--masterauth".into(), self.password.clone()]);
+        args
+    }
+
+    /// redis-cli's matching options.
+    fn cli_args(&self) -> Vec<String> {
+        let mut args = vec!["--tls".to_string(), "--cacert".into(), self.ca.ca_file().display().to_string()];
+        if let Some(user) = &self.user {
+            args.extend(["--user".into(), user.clone()]);
+        }
+        args.extend(["--pass".into(), self.password.clone()]);
+        args
     }
 }
 
@@ -211,19 +377,29 @@ impl Drop for Node {
 pub struct RedisCluster {
     dir: tempfile::TempDir,
     nodes: Vec<Node>,
+    access: Access,
 }
 
 impl RedisCluster {
     pub fn start(masters: usize) -> RedisCluster {
+        RedisCluster::launch(masters, None)
+    }
+
+    /// A cluster whose nodes speak only TLS (clients, cluster bus, replication) and require
+    /// `secure`'s credentials.
+    pub fn start_secure(masters: usize, secure: &Secure) -> RedisCluster {
+        RedisCluster::launch(masters, Some(secure))
+    }
+
+    fn launch(masters: usize, secure: Option<&Secure>) -> RedisCluster {
         let dir = tempfile::tempdir().expect("temp dir for the cluster");
+        let access = secure.map(Secure::access).unwrap_or_default();
         let mut nodes = Vec::new();
         for _ in 0..masters * 2 {
             let (port, bus) = (free_port(), free_port());
             let node_dir = dir.path().join(port.to_string());
             std::fs::create_dir_all(&node_dir).expect("node dir");
-            let args: Vec<String> = [
-                "--port",
-                &port.to_string(),
+            let mut args: Vec<String> = [
                 "--cluster-port",
                 &bus.to_string(),
                 "--bind",
@@ -246,19 +422,34 @@ impl RedisCluster {
             .iter()
             .map(|s| s.to_string())
             .collect();
-            let mut node = Node { port, args, dir: dir.path().to_path_buf(), child: None };
+            match secure {
+                Some(secure) => {
+                    args.extend(secure.server_args(port));
+                    args.extend(["--tls-cluster", "yes"].map(String::from));
+                }
+                None => args.extend(["--port".to_string(), port.to_string()]),
+            }
+            let mut node = Node { port, args, dir: dir.path().to_path_buf(), child: None, access: access.clone() };
             node.spawn();
             nodes.push(node);
         }
         let mut create = Command::new("redis-cli");
+        if let Some(secure) = secure {
+            create.args(secure.cli_args());
+        }
         create.arg("--cluster").arg("create");
         for n in &nodes {
             create.arg(format!("127.0.0.1:{}", n.port));
         }
         let out =
             create.args(["--cluster-replicas", "1", "--cluster-yes"]).output().expect("run redis-cli --cluster create");
-        assert!(out.status.success(), "redis-cli --cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
-        let cluster = RedisCluster { dir, nodes };
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = RedisCluster { dir, nodes, access };
         cluster.wait_healthy();
         cluster
     }
@@ -283,9 +474,10 @@ impl RedisCluster {
         }
     }
 
-    /// Seed URLs of every node.
+    /// Seed URLs of every node, without credentials; `rediss://` for a TLS cluster (verified:
+    /// the test CA is trusted through `SSL_CERT_FILE`).
     pub fn urls(&self) -> Vec<String> {
-        self.nodes.iter().map(|n| format!("redis://127.0.0.1:{}", n.port)).collect()
+        self.nodes.iter().map(|n| bare_url(&self.access, n.port)).collect()
     }
 
     /// Ports of the live primaries.
@@ -349,7 +541,7 @@ impl RedisCluster {
     /// A blocking cluster client for setting up and checking data.
     pub fn client(&self) -> redis::cluster::ClusterConnection {
         let live: Vec<String> =
-            self.nodes.iter().filter(|n| n.child.is_some()).map(|n| format!("redis://127.0.0.1:{}", n.port)).collect();
+            self.nodes.iter().filter(|n| n.child.is_some()).map(|n| self.access.url(n.port)).collect();
         redis::cluster::ClusterClient::builder(live)
             .connection_timeout(Duration::from_secs(5))
             .response_timeout(Duration::from_secs(5))
@@ -376,7 +568,18 @@ pub const SENTINEL_MASTER: &str = "mymaster";
 
 impl RedisSentinel {
     pub fn start() -> RedisSentinel {
+        RedisSentinel::launch(None)
+    }
+
+    /// Primary, replica and sentinels speaking only TLS; the data nodes require `secure`'s
+    /// credentials (the sentinels have none of their own).
+    pub fn start_secure(secure: &Secure) -> RedisSentinel {
+        RedisSentinel::launch(Some(secure))
+    }
+
+    fn launch(secure: Option<&Secure>) -> RedisSentinel {
         let dir = tempfile::tempdir().expect("temp dir for sentinel");
+        let access = secure.map(Secure::access).unwrap_or_default();
         let data = |port: u16, extra: &[String]| -> Vec<String> {
             // Its own --dir: a replica's full sync writes an RDB file there.
             let node_dir = dir.path().join(port.to_string());
@@ -384,8 +587,6 @@ impl RedisSentinel {
             let mut args: Vec<String> = [
                 "--dir",
                 &node_dir.display().to_string(),
-                "--port",
-                &port.to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -398,39 +599,65 @@ impl RedisSentinel {
             .iter()
             .map(|s| s.to_string())
             .collect();
+            match secure {
+                Some(secure) => args.extend(secure.server_args(port)),
+                None => args.extend(["--port".to_string(), port.to_string()]),
+            }
             args.extend(extra.iter().cloned());
             args
         };
+        let node = |port: u16, args: Vec<String>, access: &Access| Node {
+            port,
+            args,
+            dir: dir.path().to_path_buf(),
+            child: None,
+            access: access.clone(),
+        };
         let primary_port = free_port();
-        let mut primary =
-            Node { port: primary_port, args: data(primary_port, &[]), dir: dir.path().to_path_buf(), child: None };
+        let mut primary = node(primary_port, data(primary_port, &[]), &access);
         primary.spawn();
         let replica_port = free_port();
         let replicaof = ["--replicaof".to_string(), "127.0.0.1".to_string(), primary_port.to_string()];
-        let mut replica = Node {
-            port: replica_port,
-            args: data(replica_port, &replicaof),
-            dir: dir.path().to_path_buf(),
-            child: None,
-        };
+        let mut replica = node(replica_port, data(replica_port, &replicaof), &access);
         replica.spawn();
+        let sentinel_access = Access { tls: secure.is_some(), ..Access::default() };
         let mut sentinels = Vec::new();
         for _ in 0..3 {
             let port = free_port();
             let conf = dir.path().join(format!("sentinel-{port}.conf"));
+            let (listen, auth) = match secure {
+                // tls-replication: the sentinels reach the data nodes (and each other) over TLS.
+                Some(secure) => {
+                    let ca = |f: &str| secure.ca.dir.path().join(f).display().to_string();
+                    let listen = format!(
+                        "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+                         tls-auth-clients no\ntls-replication yes\n",
+                        ca("server.pem"),
+                        ca("server.key"),
+                        ca("ca.pem")
+                    );
+                    let mut auth = format!("sentinel auth-pass {SENTINEL_MASTER} {}\n", secure.password);
+                    if let Some(user) = &secure.user {
+                        auth.push_str(&format!("sentinel auth-user {SENTINEL_MASTER} {user}\n"));
+                    }
+                    (listen, auth)
+                }
+                None => (format!("port {port}\n"), String::new()),
+            };
+            // `monitor` before the lines about the master it names.
             std::fs::write(
                 &conf,
                 format!(
-                    "port {port}\nbind 127.0.0.1\nsentinel monitor {SENTINEL_MASTER} 127.0.0.1 {primary_port} 2\n\
+                    "{listen}bind 127.0.0.1\nsentinel monitor {SENTINEL_MASTER} 127.0.0.1 {primary_port} 2\n{auth}\
                      sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\nsentinel failover-timeout {SENTINEL_MASTER} 5000\n\
                      sentinel parallel-syncs {SENTINEL_MASTER} 1\n"
                 ),
             )
             .expect("sentinel config");
             let args = vec![conf.display().to_string(), "--sentinel".to_string()];
-            let mut node = Node { port, args, dir: dir.path().to_path_buf(), child: None };
-            node.spawn();
-            sentinels.push(node);
+            let mut sentinel = node(port, args, &sentinel_access);
+            sentinel.spawn();
+            sentinels.push(sentinel);
         }
         let setup = RedisSentinel { _dir: dir, primary, replica, sentinels };
         setup.wait_replica_synced(&setup.replica);
@@ -450,8 +677,10 @@ impl RedisSentinel {
         }
     }
 
+    /// The sentinels' URLs: `rediss://` for a TLS setup (no `#insecure`: the client verifies,
+    /// trusting the test CA through `SSL_CERT_FILE`).
     pub fn sentinel_urls(&self) -> Vec<String> {
-        self.sentinels.iter().map(|n| format!("redis://127.0.0.1:{}", n.port)).collect()
+        self.sentinels.iter().map(|n| bare_url(&n.access, n.port)).collect()
     }
 
     /// The port the sentinels currently name as primary.

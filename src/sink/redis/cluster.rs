@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
-use redis::cluster::ClusterClient;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::RoutingInfo;
 use redis::{ErrorKind, RedisError, Value};
@@ -30,12 +30,13 @@ pub(super) struct Cluster {
 }
 
 impl Cluster {
+    /// `seeds`: the seed nodes with the credentials (`endpoints.rs`).
     pub(super) fn new(
-        nodes: &[String],
+        seeds: ClusterClientBuilder,
         connect_timeout: Duration,
         response_timeout: Duration,
     ) -> Result<Cluster, RedisError> {
-        let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+        let client = seeds
             .connection_timeout(connect_timeout)
             .response_timeout(response_timeout)
             .retries(CRATE_RETRIES)

@@ -245,6 +245,12 @@ fn classify(e: &RedisError) -> Class {
     }
 }
 
+/// Whether the server refused who we say we are (not what we may do: `NOPERM` is about the
+/// ACL of a command, and a probe may run one the daemon never needs).
+pub(super) fn bad_credentials(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::AuthenticationFailed || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
+}
+
 /// Whether an error says the server is a Redis Cluster node (reached in standalone mode).
 pub(super) fn means_cluster(e: &RedisError) -> bool {
     matches!(e.kind(), ErrorKind::Server(ServerErrorKind::Moved | ServerErrorKind::Ask | ServerErrorKind::CrossSlot))

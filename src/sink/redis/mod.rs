@@ -74,7 +74,9 @@ use crate::telemetry::Metrics;
 pub mod broadcast;
 mod cluster;
 mod connection;
+mod endpoints;
 mod fanout;
+pub mod hash_tags;
 pub mod preflight;
 mod slot;
 pub mod warm;
@@ -163,35 +165,6 @@ fn url_error(e: &redis::RedisError, url: &str) -> RedisSinkError {
     ))
 }
 
-/// Sentinel mode: a client that asks the sentinels for the master at every dial, with the
-/// master's user, password, database and TLS taken from `url` when given.
-fn sentinel_dialer(config: &RedisConfig) -> Result<Dialer, RedisSinkError> {
-    use redis::IntoConnectionInfo;
-    let Some(sentinel) = &config.sentinel else {
-        return Err(RedisSinkError::InvalidUrl("mode: sentinel needs sinks.redis.sentinel".into()));
-    };
-    let mut node = redis::sentinel::SentinelNodeConnectionInfo::default();
-    if let Some(url) = config.url() {
-        let info = url.expose().into_connection_info().map_err(|e| url_error(&e, url.expose()))?;
-        if let redis::ConnectionAddr::TcpTls { insecure, .. } = info.addr() {
-            node = node.set_tls_mode(if *insecure { redis::TlsMode::Insecure } else { redis::TlsMode::Secure });
-        }
-        node = node.set_redis_connection_info(info.redis_settings().clone());
-    }
-    let mut nodes = Vec::new();
-    for n in &sentinel.nodes {
-        nodes.push(n.expose().into_connection_info().map_err(|e| url_error(&e, n.expose()))?);
-    }
-    let client = redis::sentinel::SentinelClient::build(
-        nodes,
-        sentinel.master.clone(),
-        Some(node),
-        redis::sentinel::SentinelServerType::Master,
-    )
-    .map_err(|e| RedisSinkError::InvalidUrl(format!("sinks.redis.sentinel: {:?}", e.kind())))?;
-    Ok(Dialer::Sentinel(tokio::sync::Mutex::new(client)))
-}
-
 impl RedisSink {
     /// Builds the sink without connecting: the daemon starts (and `/readyz` says not ready)
     /// while Redis is down. Only an unusable URL fails here.
@@ -205,21 +178,18 @@ impl RedisSink {
         // A round trip ending in WAIT may take the WAIT's timeout on top of the reply's.
         let response_timeout = config.response_timeout + wait.as_ref().map_or(Duration::ZERO, |w| w.timeout);
         let backend = match config.mode {
-            RedisMode::Standalone => {
-                let url = config.url().ok_or_else(|| RedisSinkError::InvalidUrl("no URL configured".into()))?.expose();
-                let client = redis::Client::open(url).map_err(|e| url_error(&e, url))?;
-                Backend::Single(Connection::new(
-                    Dialer::Client(client),
-                    config.connect_timeout,
-                    config.response_timeout,
-                ))
-            }
+            RedisMode::Standalone => Backend::Single(Connection::new(
+                Dialer::Client(endpoints::standalone(config)?),
+                config.connect_timeout,
+                config.response_timeout,
+            )),
             RedisMode::Sentinel => {
-                Backend::Single(Connection::new(sentinel_dialer(config)?, config.connect_timeout, response_timeout))
+                let sentinel = Dialer::Sentinel(tokio::sync::Mutex::new(endpoints::sentinel(config)?));
+                Backend::Single(Connection::new(sentinel, config.connect_timeout, response_timeout))
             }
             RedisMode::Cluster => {
-                let nodes: Vec<String> = config.nodes.iter().map(|n| n.expose().to_string()).collect();
-                let cluster = Cluster::new(&nodes, config.connect_timeout, response_timeout).map_err(|e| {
+                let seeds = endpoints::cluster(config)?;
+                let cluster = Cluster::new(seeds, config.connect_timeout, response_timeout).map_err(|e| {
                     RedisSinkError::InvalidUrl(format!(
                         "sinks.redis.nodes: {:?}; expected redis://[user:password@]host:port",
                         e.kind()

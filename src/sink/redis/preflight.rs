@@ -6,10 +6,18 @@
 //! refused with exit 2, like any other config error. A server that cannot be reached is not a
 //! problem here (the daemon starts while Redis is down, and the sink finds out on the first
 //! `MOVED` instead); only a server that answers and says `cluster_enabled:1` is.
+//!
+//! A server that answers and refuses our credentials (`WRONGPASS`, `NOAUTH`) is refused the
+//! same way, naming where the password was written: at start the config is what is wrong, and
+//! exit 2 says so at once instead of a daemon that runs and is never ready. A refusal while
+//! running (a password rotated on the server first) is retried instead (`mod.rs`), since
+//! invalidations must not be dropped while the two sides are brought in line.
 
 use std::path::Path;
 use std::time::Duration;
 
+use super::connection::bad_credentials;
+use super::endpoints;
 use crate::config::{yaml, Config, Problem, RedisConfig, RedisMode};
 
 /// Bound on connecting to and asking one server.
@@ -25,18 +33,12 @@ pub fn check(config_path: &Path, config: &Config) -> Vec<Problem> {
 fn check_here(config_path: &Path, config: &Config) -> Vec<Problem> {
     let Some(targets) = &config.sinks.redis else { return Vec::new() };
     let listed = targets.0.len() > 1 || targets.0.first().is_some_and(|t| t.name.is_some());
-    let wanted: Vec<(usize, &RedisConfig)> =
-        targets.iter().enumerate().filter(|(_, t)| t.mode != RedisMode::Sentinel).collect();
-    if wanted.is_empty() {
-        return Vec::new();
-    }
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return Vec::new() };
     let doc = std::fs::read_to_string(config_path).ok().and_then(|text| yaml::parse(&text).ok());
     let mut problems = Vec::new();
-    for (i, target) in wanted {
-        let Some(message) = runtime.block_on(probe(target)) else { continue };
+    for (i, target) in targets.iter().enumerate() {
+        let Some((field, message)) = runtime.block_on(probe(target)) else { continue };
         let idx = i.to_string();
-        let field = if target.mode == RedisMode::Cluster { "nodes" } else { "url" };
         let mut path = vec!["sinks", "redis"];
         if listed {
             path.push(&idx);
@@ -48,32 +50,67 @@ fn check_here(config_path: &Path, config: &Config) -> Vec<Problem> {
     problems
 }
 
-/// One target: `Some(sentence)` when the server answers and contradicts the mode.
-async fn probe(target: &RedisConfig) -> Option<String> {
-    let (url, mode) = match target.mode {
-        RedisMode::Standalone => (target.url()?.expose().to_string(), RedisMode::Standalone),
-        RedisMode::Cluster => (target.nodes.first()?.expose().to_string(), RedisMode::Cluster),
-        RedisMode::Sentinel => return None,
+/// One target: `Some((field, sentence))` when a server answers and contradicts the mode, or
+/// refuses the credentials.
+async fn probe(target: &RedisConfig) -> Option<(&'static str, String)> {
+    let name = target.target_name();
+    // Where a refused password was written.
+    let credentials_field = if target.password_env.is_some() {
+        "password_env"
+    } else if target.password_file.is_some() {
+        "password_file"
+    } else if target.password.is_some() {
+        "password"
+    } else {
+        match target.mode {
+            RedisMode::Standalone | RedisMode::Sentinel => "url",
+            RedisMode::Cluster => "nodes",
+        }
     };
-    let client = redis::Client::open(url.as_str()).ok()?;
-    let enabled = tokio::time::timeout(PROBE_TIMEOUT, async {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(PROBE_TIMEOUT))
-            .set_response_timeout(Some(PROBE_TIMEOUT));
-        let mut connection = client.get_multiplexed_async_connection_with_config(&config).await.ok()?;
-        let info: String = redis::cmd("INFO").arg("cluster").query_async(&mut connection).await.ok()?;
-        cluster_enabled(&info)
+    let refused = |e: &redis::RedisError| {
+        bad_credentials(e).then(|| {
+            (
+                credentials_field,
+                format!(
+                    "sinks.redis ({name}): Redis refused our credentials ({}): check sinks.redis username and password (or the user:password in the URL)",
+                    e.code().unwrap_or("authentication failed")
+                ),
+            )
+        })
+    };
+    let (client, mode) = match target.mode {
+        RedisMode::Standalone => (endpoints::standalone(target).ok()?, RedisMode::Standalone),
+        RedisMode::Cluster => (endpoints::first_seed(target).ok()??, RedisMode::Cluster),
+        RedisMode::Sentinel => {
+            // The sentinels name the master; its handshake says whether it takes our credentials.
+            let mut sentinel = endpoints::sentinel(target).ok()?;
+            let client = match tokio::time::timeout(PROBE_TIMEOUT, sentinel.async_get_client()).await.ok()? {
+                Ok(client) => client,
+                Err(e) => return refused(&e),
+            };
+            (client, RedisMode::Sentinel)
+        }
+    };
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(PROBE_TIMEOUT))
+        .set_response_timeout(Some(PROBE_TIMEOUT));
+    let info = tokio::time::timeout(PROBE_TIMEOUT * 2, async {
+        let mut connection = client.get_multiplexed_async_connection_with_config(&config).await?;
+        redis::cmd("INFO").arg("cluster").query_async::<String>(&mut connection).await
     })
     .await
-    .ok()??;
-    let name = target.target_name();
+    .ok()?;
+    let enabled = match info {
+        Ok(info) => cluster_enabled(&info)?,
+        Err(e) => return refused(&e),
+    };
     match (mode, enabled) {
-        (RedisMode::Standalone, true) => Some(format!(
+        (RedisMode::Standalone, true) => Some(("url", format!(
             "sinks.redis ({name}) has mode: standalone, but its url is a Redis Cluster node (cluster_enabled:1), whose other slots it cannot reach: set mode: cluster and list the cluster's nodes under `nodes`"
-        )),
-        (RedisMode::Cluster, false) => Some(format!(
+        ))),
+        (RedisMode::Cluster, false) => Some(("nodes", format!(
             "sinks.redis ({name}) has mode: cluster, but its first node is not a Redis Cluster node (cluster_enabled:0): set mode: standalone with `url`, or list cluster nodes"
-        )),
+        ))),
         _ => None,
     }
 }
