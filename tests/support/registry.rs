@@ -1,11 +1,15 @@
 //! A test double of the Confluent Schema Registry REST API, the calls a serializer and a
 //! consumer make: register (`POST /subjects/{subject}/versions` → `{"id":…}`), get by id
-//! (`GET /schemas/ids/{id}` → `{"schema":…}`, plus `schemaType` when not Avro), latest version
-//! (`GET /subjects/{subject}/versions/latest`), HTTP basic auth, and the documented error bodies
+//! (`GET /schemas/ids/{id}` → `{"schema":…}`, plus `schemaType` when not Avro and `references`
+//! when the schema has any), a subject's version (`GET /subjects/{subject}/versions/{n|latest}`,
+//! the subject percent-encoded: Protobuf references are subjects such as
+//! `confluent%2Fmeta.proto`), the schema types served (`GET /schemas/types`), HTTP basic auth,
+//! and the documented error bodies
 //! `{"error_code":…,"message":…}`: 40403 schema not found, 40401 subject not found, 50001 backend
 //! data store failure (https://docs.confluent.io/cloud/current/ccloud/get-schema-only/,
 //! https://docs.confluent.io/cloud/current/ccloud/register/).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
@@ -22,6 +26,8 @@ pub struct RegistryState {
     pub outage: bool,
     /// `GET /schemas/ids/…` requests answered, failed or not.
     pub lookups: usize,
+    /// The `references` array of a schema id, when it has one (Protobuf imports).
+    pub references: HashMap<u32, Value>,
 }
 
 pub struct RegistryDouble {
@@ -57,6 +63,25 @@ impl RegistryDouble {
         registry
     }
 
+    /// The committed Protobuf fixtures' schemas (tests/fixtures/protobuf/schemas.json) under
+    /// their ids, subjects, versions and references, as the generator's registry held them.
+    pub fn with_protobuf_fixtures() -> RegistryDouble {
+        let registry = RegistryDouble::start();
+        let path = format!("{}/tests/fixtures/protobuf/schemas.json", env!("CARGO_MANIFEST_DIR"));
+        let schemas: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let mut ids: Vec<(u32, &Value)> = schemas.as_object().unwrap().iter().map(|(id, s)| (id.parse().unwrap(), s)).collect();
+        // Versions are counted per subject in insertion order: insert by id.
+        ids.sort_by_key(|(id, _)| *id);
+        for (id, schema) in ids {
+            registry.insert(id, schema["subject"].as_str().unwrap(), "PROTOBUF", schema["schema"].as_str().unwrap());
+            let refs = &schema["references"];
+            if refs.as_array().is_some_and(|r| !r.is_empty()) {
+                registry.state.lock().unwrap().references.insert(id, refs.clone());
+            }
+        }
+        registry
+    }
+
     pub fn set_outage(&self, outage: bool) {
         self.state.lock().unwrap().outage = outage;
     }
@@ -88,15 +113,20 @@ fn handle(state: &Mutex<RegistryState>, req: Recorded) -> Reply {
             return error(401, 40101, "Unauthorized");
         }
     }
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let parts: Vec<String> = path.trim_matches('/').split('/').map(percent_decode).collect();
+    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
     match (req.method.as_str(), parts.as_slice()) {
+        ("GET", ["schemas", "types"]) => Reply::json(200, json!(["JSON", "PROTOBUF", "AVRO"])),
         ("GET", ["schemas", "ids", id]) => {
             let found = id.parse::<u32>().ok().and_then(|id| state.schemas.iter().find(|s| s.0 == id));
             match found {
-                Some((_, _, kind, text)) => {
+                Some((id, _, kind, text)) => {
                     let mut body = json!({ "schema": text });
                     if kind != "AVRO" {
                         body["schemaType"] = Value::from(kind.clone());
+                    }
+                    if let Some(refs) = state.references.get(id) {
+                        body["references"] = refs.clone();
                     }
                     Reply::json(200, body)
                 }
@@ -114,15 +144,49 @@ fn handle(state: &Mutex<RegistryState>, req: Recorded) -> Reply {
             state.schemas.push((id, subject.to_string(), kind, text));
             Reply::json(200, json!({ "id": id }))
         }
-        ("GET", ["subjects", subject, "versions", "latest"]) => {
+        ("GET", ["subjects", subject, "versions", version]) => {
             let versions: Vec<_> = state.schemas.iter().filter(|s| s.1 == *subject).collect();
-            match versions.last() {
-                Some((id, _, _, text)) => {
-                    Reply::json(200, json!({ "subject": subject, "version": versions.len(), "id": id, "schema": text }))
+            if versions.is_empty() {
+                return error(404, 40401, &format!("Subject '{subject}' not found."));
+            }
+            let n = match *version {
+                "latest" => versions.len(),
+                v => v.parse().unwrap_or(0),
+            };
+            match n.checked_sub(1).and_then(|i| versions.get(i)) {
+                Some((id, _, kind, text)) => {
+                    let mut body = json!({ "subject": subject, "version": n, "id": id, "schema": text });
+                    if kind != "AVRO" {
+                        body["schemaType"] = Value::from(kind.clone());
+                    }
+                    if let Some(refs) = state.references.get(id) {
+                        body["references"] = refs.clone();
+                    }
+                    Reply::json(200, body)
                 }
-                None => error(404, 40401, &format!("Subject '{subject}' not found.")),
+                None => error(404, 40402, &format!("Version {version} not found.")),
             }
         }
         _ => error(404, 404, "HTTP 404 Not Found"),
     }
+}
+
+/// `%2F` and the like in a path segment (subjects of references are file paths).
+fn percent_decode(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], bytes.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok())) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
