@@ -80,10 +80,7 @@ impl Codec {
                 tracing::info!(?schema_types, "schema registry reachable");
                 Ok(())
             }
-            Probe::Rejected { status, body } => Err(format!(
-                "the schema registry rejected the credentials (HTTP {status}: {body}): check \
-                 source.kafka.schema_registry.basic_auth_user and basic_auth_password (_env, _file)"
-            )),
+            Probe::Rejected { status, body } => Err(rejected(status, &body)),
             Probe::Unreachable { reason } => {
                 tracing::warn!(
                     %reason,
@@ -182,6 +179,61 @@ impl Codec {
         };
         debezium::decode(topic, key_json.as_deref(), value_json.as_deref()).map_err(|e| e.to_string())
     }
+}
+
+/// `check --against-registry`: the start-up check of `run`, once, as a verdict. Exit 0 when the
+/// registry answers and accepts the credentials, 1 when it rejects them or cannot be reached
+/// (where `run` would start and wait), 2 when there is no registry to check.
+pub fn check_cli(config: &crate::config::Config) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let kafka = config.source.kafka.as_ref().filter(|k| k.format != KafkaFormat::Json);
+    let Some(registry_config) = kafka.and_then(|k| k.schema_registry.as_ref()) else {
+        eprintln!("check --against-registry needs source.kafka.format avro, protobuf or auto and source.kafka.schema_registry");
+        return ExitCode::from(2);
+    };
+    let registry = match Registry::new(registry_config) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("source.kafka.schema_registry: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(registry.probe()) {
+        Probe::Reachable { schema_types } => {
+            match schema_types {
+                Some(types) => println!("ok: the schema registry answers (schema types {})", types.join(", ")),
+                None => println!("ok: the schema registry answers"),
+            }
+            ExitCode::from(0)
+        }
+        Probe::Rejected { status, body } => {
+            eprintln!("source.kafka.schema_registry: {}", rejected(status, &body));
+            ExitCode::from(1)
+        }
+        Probe::Unreachable { reason } => {
+            eprintln!(
+                "source.kafka.schema_registry: the registry cannot be reached ({}): `run` would start and make \
+                 messages that need a schema wait",
+                crate::redact::scrub(&reason)
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The sentence for credentials the registry refuses (at start and in `check`).
+fn rejected(status: u16, body: &str) -> String {
+    format!(
+        "the schema registry rejected the credentials (HTTP {status}: {body}): check \
+         source.kafka.schema_registry.basic_auth_user and basic_auth_password (_env, _file)"
+    )
 }
 
 /// A framed datum (after the schema id) as the JSON text the Debezium decoder reads.
