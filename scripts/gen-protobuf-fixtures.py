@@ -42,7 +42,7 @@ import json
 import os
 import tempfile
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import unquote
 
 import grpc_tools
@@ -85,57 +85,14 @@ LOGICAL = {
 }
 
 # Files every Confluent registry knows (ProtobufSchema.KNOWN_DEPENDENCIES) that protoc does not
-# ship: confluent/meta.proto and confluent/type/decimal.proto as in confluentinc/schema-registry
-# (protobuf-types/src/main/proto/confluent/), google/type/date.proto and timeofday.proto as in
-# googleapis (google/type/), comments and language options left out.
-KNOWN = {
-    "confluent/meta.proto": """syntax = "proto3";
-package confluent;
-import "google/protobuf/descriptor.proto";
-message Meta {
-  string doc = 1;
-  map<string, string> params = 2;
-  repeated string tags = 3;
-  repeated Rule rules = 4;
-}
-message Rule {
-  string name = 1;
-  string doc = 2;
-  string expr = 3;
-  string sql = 4;
-}
-extend google.protobuf.FileOptions { Meta file_meta = 1088; }
-extend google.protobuf.MessageOptions { Meta message_meta = 1088; }
-extend google.protobuf.FieldOptions { Meta field_meta = 1088; }
-extend google.protobuf.EnumOptions { Meta enum_meta = 1088; }
-extend google.protobuf.EnumValueOptions { Meta enum_value_meta = 1088; }
-""",
-    "confluent/type/decimal.proto": """syntax = "proto3";
-package confluent.type;
-message Decimal {
-  bytes value = 1;
-  uint32 precision = 2;
-  int32 scale = 3;
-}
-""",
-    "google/type/date.proto": """syntax = "proto3";
-package google.type;
-message Date {
-  int32 year = 1;
-  int32 month = 2;
-  int32 day = 3;
-}
-""",
-    "google/type/timeofday.proto": """syntax = "proto3";
-package google.type;
-message TimeOfDay {
-  int32 hours = 1;
-  int32 minutes = 2;
-  int32 seconds = 3;
-  int32 nanos = 4;
-}
-""",
-}
+# ship: confluent/meta.proto, confluent/type/decimal.proto, google/type/date.proto and
+# timeofday.proto, the same texts the daemon builds in (src/source/debezium/known-protos/).
+KNOWN_DIR = os.path.join(ROOT, "src", "source", "debezium", "known-protos")
+KNOWN = {}
+for _dir, _, _files in os.walk(KNOWN_DIR):
+    for _name in _files:
+        with open(os.path.join(_dir, _name)) as _f:
+            KNOWN[os.path.relpath(os.path.join(_dir, _name), KNOWN_DIR)] = _f.read()
 
 
 def short(name):
@@ -259,22 +216,11 @@ def put(msg, fname, schema, v):
         setattr(msg, fname, v)
 
 
-class Registry(BaseHTTPRequestHandler):
-    """The calls the serializer makes: register (POST /subjects/{s}/versions) and look up
-    (POST /subjects/{s}), with ids shared across subjects for equal schemas."""
+class Registry(gen_avro.Registry):
+    """The calls the Protobuf serializer makes: register (POST /subjects/{s}/versions) and look
+    up (POST /subjects/{s}), per subject with versions (the Avro stand-in's answering kept)."""
 
     schemas = []  # (subject, version, schema as registered, references)
-
-    def log_message(self, *args):
-        pass
-
-    def _answer(self, code, body):
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/vnd.schemaregistry.v1+json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def _find(self, subject, body):
         for i, (s, version, text, refs) in enumerate(Registry.schemas):
@@ -365,12 +311,8 @@ def main():
             raise RuntimeError("no .proto text for a schema registered under %s" % subject)
         schemas[str(i + 1)] = {"subject": subject, "version": version, "schemaType": "PROTOBUF",
                                "schema": text, "references": refs}
-    with open(os.path.join(OUT, "schemas.json"), "w") as f:
-        json.dump(schemas, f, indent=1, sort_keys=True)
-        f.write("\n")
-    with open(os.path.join(OUT, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
+    gen_avro.write_json(os.path.join(OUT, "schemas.json"), schemas, True)
+    gen_avro.write_json(os.path.join(OUT, "manifest.json"), manifest)
     server.shutdown()
 
 

@@ -14,7 +14,7 @@ use redis::Commands;
 use crate::support::daemon::{http_get, series_sum, wait_until, write_config, Daemon, Setup};
 use crate::support::kafka::{committed, MockKafka};
 use crate::support::redis::RedisServer;
-use crate::support::registry::RegistryDouble;
+use crate::support::registry::{cached_products, use_registry, Explain, RegistryDouble};
 
 const TOPIC: &str = "shop.public.products";
 
@@ -32,36 +32,24 @@ fn with_index_path(name: &str, path: &[u8]) -> Vec<u8> {
 
 /// A config for the fixtures' topic, format protobuf, the registry at `registry` with basic auth
 /// (password `password` from a file).
-fn config(dir: &Path, bootstrap: &str, group: &str, redis: &str, registry: &str, password: &str) -> (std::path::PathBuf, u16) {
+fn config(
+    dir: &Path,
+    bootstrap: &str,
+    group: &str,
+    redis: &str,
+    registry: &str,
+    password: &str,
+) -> (std::path::PathBuf, u16) {
     let setup = Setup { bootstrap, topics: &[TOPIC], group, redis_url: redis, extra: "", librdkafka: &[] };
     let (path, port) = write_config(dir, &setup);
-    let text = std::fs::read_to_string(&path).unwrap().replacen(
-        "    commit_interval: 100ms\n",
-        &format!(
-            "    commit_interval: 100ms\n    format: protobuf\n    schema_registry:\n      url: \"{registry}\"\n      \
-             basic_auth_user: connect\n      basic_auth_password_file: registry-password\n"
-        ),
-        1,
-    );
-    std::fs::write(&path, text).unwrap();
-    std::fs::write(dir.join("registry-password"), format!("{password}\n")).unwrap();
+    use_registry(&path, "protobuf", registry, password);
     (path, port)
-}
-
-fn cache(redis: &RedisServer) -> redis::Connection {
-    let mut c = redis::Client::open(redis.url().as_str()).unwrap().get_connection().unwrap();
-    for k in ["product:42", "listing:5", "listing:7"] {
-        let _: () = c.set(k, "cached").unwrap();
-    }
-    let _: () = c.sadd("tag:category:5", "listing:5").unwrap();
-    let _: () = c.sadd("tag:category:7", "listing:7").unwrap();
-    c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protobuf_update_invalidates_and_bad_index_paths_are_dead_lettered() {
     let redis = RedisServer::start();
-    let mut c = cache(&redis);
+    let mut c = cached_products(&redis);
     let registry = RegistryDouble::with_protobuf_fixtures();
     registry.state.lock().unwrap().auth = Some(("connect".into(), "s3cret".into()));
     let kafka = MockKafka::start(1);
@@ -85,7 +73,9 @@ async fn protobuf_update_invalidates_and_bad_index_paths_are_dead_lettered() {
     let letters = daemon.dead_letters();
     assert_eq!(letters.len(), 2, "{letters:?}");
     let id = u32::from_be_bytes(protobuf("pg-update")[1..5].try_into().unwrap()).to_string();
-    for (letter, (offset, detail)) in letters.iter().zip([(0, "[1] names no message type"), (1, "longer than 10 bytes")]) {
+    for (letter, (offset, detail)) in
+        letters.iter().zip([(0, "[1] names no message type"), (1, "longer than 10 bytes")])
+    {
         let error = letter["error"].as_str().unwrap_or_default();
         assert!(error.contains("message-index path") && error.contains(detail), "{error}");
         assert!(error.contains(&format!("Protobuf, schema id {id}")), "{error}");
@@ -186,36 +176,14 @@ fn check_against_registry_reports_credentials_and_reachability() {
 #[test]
 fn explain_decodes_a_protobuf_file_as_its_json_form() {
     let registry = RegistryDouble::with_protobuf_fixtures();
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules.yaml");
-    std::fs::write(&rules, include_str!("fixtures/rules/contract.yaml")).unwrap();
-    let root = env!("CARGO_MANIFEST_DIR");
-    let run = |event: String, extra: &[&str]| {
-        let out = Command::new(crate::support::daemon::binary())
-            .args(["explain", "--rules"])
-            .arg(&rules)
-            .args(["--event", &event, "--topic", TOPIC])
-            .args(extra)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    let (code, json_out, err) = run(format!("{root}/tests/fixtures/debezium/pg-update-with-schema.json"), &[]);
-    assert_eq!(code, Some(0), "{err}");
+    let explain = Explain::new(TOPIC);
     let url = registry.url();
     let args = ["--format", "protobuf", "--schema-registry", url.as_str()];
-    let (code, pb_out, err) = run(format!("{root}/tests/fixtures/protobuf/pg-update.pb"), &args);
-    assert_eq!(code, Some(0), "{err}");
-    assert_eq!(pb_out, json_out);
-    assert!(pb_out.contains("category:7"), "{pb_out}");
+    explain.assert_as_json("protobuf/pg-update.pb", &args);
 
-    let path = dir.path().join("bad-index.pb");
+    let path = explain.dir.path().join("bad-index.pb");
     std::fs::write(&path, with_index_path("pg-update", &[4, 0, 10])).unwrap();
-    let (code, _, err) = run(path.display().to_string(), &args);
+    let (code, _, err) = explain.run(&path.display().to_string(), &args);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("message-index path") && err.contains("schema id"), "{err}");
 }

@@ -156,8 +156,9 @@ impl Codec {
             None => None,
             Some(bytes) => match (framed(bytes), &resolved.value) {
                 (Some((id, datum)), Part::Schema(schema)) => {
-                    let read = read_json(schema, datum)
-                        .map_err(|e| format!("the message value ({}, schema id {id}) cannot be read: {e}", kind(schema)))?;
+                    let read = read_json(schema, datum).map_err(|e| {
+                        format!("the message value ({}, schema id {id}) cannot be read: {e}", kind(schema))
+                    })?;
                     // An Avro null value is a tombstone as a JSON null is.
                     (read != b"null").then_some(read)
                 }
@@ -295,36 +296,46 @@ mod tests {
         text
     }
 
-    #[test]
-    fn avro_serializer_output_decodes_exactly_as_its_json_form() {
-        let manifest: Value =
-            serde_json::from_slice(&read("tests/fixtures/avro/manifest.json")).unwrap_or_else(|e| panic!("{e}"));
+    /// Every non-key case of `manifest` decodes, read by `binary_as_json`, to what `expected`
+    /// (the case's name and JSON fixture) decodes to; the key case is checked through what it
+    /// does: the key-only delete of the products row.
+    fn assert_cases_decode_as(
+        manifest: &str,
+        binary_as_json: impl Fn(&str) -> Vec<u8>,
+        expected: impl Fn(&str, &[u8]) -> Vec<u8>,
+    ) {
+        let manifest: Value = serde_json::from_slice(&read(manifest)).unwrap_or_else(|e| panic!("{e}"));
         let cases = manifest.as_array().cloned().unwrap_or_default();
         assert!(cases.len() >= 6);
         let key_json = read("tests/fixtures/debezium-real/key-products-42-schema.json");
-        let key_avro = avro_as_json("pg-key-42");
+        let key_binary = binary_as_json("pg-key-42");
         for case in cases {
             let name = case["name"].as_str().unwrap_or_default();
             let topic = case["topic"].as_str().unwrap_or_default();
             let json = read(case["json"].as_str().unwrap_or_default());
             if case["key"].as_bool() == Some(true) {
-                // A key is checked through what it does: the key-only delete of the products row.
                 let json_event = debezium::decode(topic, Some(&json), None);
-                let avro_event = debezium::decode(topic, Some(&key_avro), None);
-                assert_eq!(avro_event, json_event, "{name}");
+                let binary_event = debezium::decode(topic, Some(&key_binary), None);
+                assert_eq!(binary_event, json_event, "{name}");
                 continue;
             }
-            let expected = debezium::decode(topic, Some(&key_json), Some(&json));
-            let got = debezium::decode(topic, Some(&key_avro), Some(&avro_as_json(name)));
-            assert!(expected.is_ok(), "{name}: {expected:?}");
-            assert_eq!(got, expected, "{name}");
+            let want = debezium::decode(topic, Some(&key_json), Some(&expected(name, &json)));
+            let got = debezium::decode(topic, Some(&key_binary), Some(&binary_as_json(name)));
+            assert!(want.is_ok(), "{name}: {want:?}");
+            assert_eq!(got, want, "{name}");
         }
+    }
+
+    #[test]
+    fn avro_serializer_output_decodes_exactly_as_its_json_form() {
+        assert_cases_decode_as("tests/fixtures/avro/manifest.json", avro_as_json, |_, json| json.to_vec());
     }
 
     /// The Protobuf fixture's schema, compiled with the files its references name (followed
     /// through schemas.json as the registry client follows them).
     fn protobuf_schema(id: u32) -> crate::source::debezium::ProtobufSchema {
-        let all: Value = serde_json::from_slice(&read("tests/fixtures/protobuf/schemas.json")).unwrap_or_else(|e| panic!("{e}"));
+        let all: Value =
+            serde_json::from_slice(&read("tests/fixtures/protobuf/schemas.json")).unwrap_or_else(|e| panic!("{e}"));
         let entry = &all[id.to_string()];
         let mut imports = Vec::new();
         let mut pending: Vec<Value> = entry["references"].as_array().cloned().unwrap_or_default();
@@ -352,36 +363,16 @@ mod tests {
 
     #[test]
     fn protobuf_serializer_output_decodes_exactly_as_its_json_form() {
-        let manifest: Value =
-            serde_json::from_slice(&read("tests/fixtures/protobuf/manifest.json")).unwrap_or_else(|e| panic!("{e}"));
-        let cases = manifest.as_array().cloned().unwrap_or_default();
-        assert!(cases.len() >= 7);
-        let key_json = read("tests/fixtures/debezium-real/key-products-42-schema.json");
-        let key_pb = protobuf_as_json("pg-key-42");
-        for case in cases {
-            let name = case["name"].as_str().unwrap_or_default();
-            let topic = case["topic"].as_str().unwrap_or_default();
-            let json = read(case["json"].as_str().unwrap_or_default());
-            if case["key"].as_bool() == Some(true) {
-                let json_event = debezium::decode(topic, Some(&json), None);
-                let pb_event = debezium::decode(topic, Some(&key_pb), None);
-                assert_eq!(pb_event, json_event, "{name}");
-                continue;
+        assert_cases_decode_as("tests/fixtures/protobuf/manifest.json", protobuf_as_json, |name, json| {
+            if name != "pg-adaptive-temporal" {
+                return json.to_vec();
             }
-            let expected = if name == "pg-adaptive-temporal" {
-                // The converter writes no Connect name on primitive types, so Debezium's own
-                // temporal types arrive as the numbers and strings the connector wrote: what
-                // the JsonConverter writes without its schema (schemas.enable=false).
-                let doc: Value = serde_json::from_slice(&json).unwrap_or_else(|e| panic!("{e}"));
-                let payload = serde_json::to_vec(&doc["payload"]).unwrap_or_default();
-                debezium::decode(topic, Some(&key_json), Some(&payload))
-            } else {
-                debezium::decode(topic, Some(&key_json), Some(&json))
-            };
-            let got = debezium::decode(topic, Some(&key_pb), Some(&protobuf_as_json(name)));
-            assert!(expected.is_ok(), "{name}: {expected:?}");
-            assert_eq!(got, expected, "{name}");
-        }
+            // The converter writes no Connect name on primitive types, so Debezium's own
+            // temporal types arrive as the numbers and strings the connector wrote: what the
+            // JsonConverter writes without its schema (schemas.enable=false).
+            let doc: Value = serde_json::from_slice(json).unwrap_or_else(|e| panic!("{e}"));
+            serde_json::to_vec(&doc["payload"]).unwrap_or_default()
+        });
     }
 
     #[test]
@@ -422,9 +413,15 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(lsn_of(debezium::decode("shop.public.products", None, Some(&json))), Some(24023184));
-        assert_eq!(lsn_of(debezium::decode("shop.public.products", None, Some(&avro_as_json("pg-update")))), Some(24023184));
+        assert_eq!(
+            lsn_of(debezium::decode("shop.public.products", None, Some(&avro_as_json("pg-update")))),
+            Some(24023184)
+        );
         // A MySQL event has no LSN in either form.
-        assert_eq!(lsn_of(debezium::decode("shopdb.shop.orders", None, Some(&avro_as_json("mysql-connect-temporal")))), None);
+        assert_eq!(
+            lsn_of(debezium::decode("shopdb.shop.orders", None, Some(&avro_as_json("mysql-connect-temporal")))),
+            None
+        );
     }
 
     #[test]

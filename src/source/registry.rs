@@ -265,20 +265,24 @@ impl Registry {
                     continue;
                 }
                 if files.len() >= MAX_REFERENCES {
-                    return Err(RegistryError::BadSchema { id, reason: format!("more than {MAX_REFERENCES} referenced files") });
+                    return Err(RegistryError::BadSchema {
+                        id,
+                        reason: format!("more than {MAX_REFERENCES} referenced files"),
+                    });
                 }
                 let version = reference.version.to_string();
-                let answer = self.get(&["subjects", &reference.subject, "versions", &version]).await.map_err(|f| match f {
-                    // A reference the registry does not have will not appear by waiting.
-                    Failure::NotFound => RegistryError::BadSchema {
-                        id,
-                        reason: format!(
-                            "the referenced file {} (subject {}, version {}) is not in the registry",
-                            reference.name, reference.subject, reference.version
-                        ),
-                    },
-                    other => failure(id, other),
-                })?;
+                let answer =
+                    self.get(&["subjects", &reference.subject, "versions", &version]).await.map_err(|f| match f {
+                        // A reference the registry does not have will not appear by waiting.
+                        Failure::NotFound => RegistryError::BadSchema {
+                            id,
+                            reason: format!(
+                                "the referenced file {} (subject {}, version {}) is not in the registry",
+                                reference.name, reference.subject, reference.version
+                            ),
+                        },
+                        other => failure(id, other),
+                    })?;
                 let answer: SchemaById = serde_json::from_slice(&answer).map_err(|e| RegistryError::BadSchema {
                     id,
                     reason: format!("the referenced file {} is not a schema: {e}", reference.name),
@@ -288,7 +292,10 @@ impl Registry {
             }
             level = next;
         }
-        Err(RegistryError::BadSchema { id, reason: format!("references nest deeper than {MAX_REFERENCE_DEPTH} levels") })
+        Err(RegistryError::BadSchema {
+            id,
+            reason: format!("references nest deeper than {MAX_REFERENCE_DEPTH} levels"),
+        })
     }
 
     /// [`Registry::schema`], retried with backoff (100 ms doubling to 10 s) while the error is

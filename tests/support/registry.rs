@@ -10,6 +10,7 @@
 //! https://docs.confluent.io/cloud/current/ccloud/register/).
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
@@ -69,7 +70,8 @@ impl RegistryDouble {
         let registry = RegistryDouble::start();
         let path = format!("{}/tests/fixtures/protobuf/schemas.json", env!("CARGO_MANIFEST_DIR"));
         let schemas: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-        let mut ids: Vec<(u32, &Value)> = schemas.as_object().unwrap().iter().map(|(id, s)| (id.parse().unwrap(), s)).collect();
+        let mut ids: Vec<(u32, &Value)> =
+            schemas.as_object().unwrap().iter().map(|(id, s)| (id.parse().unwrap(), s)).collect();
         // Versions are counted per subject in insertion order: insert by id.
         ids.sort_by_key(|(id, _)| *id);
         for (id, schema) in ids {
@@ -121,14 +123,7 @@ fn handle(state: &Mutex<RegistryState>, req: Recorded) -> Reply {
             let found = id.parse::<u32>().ok().and_then(|id| state.schemas.iter().find(|s| s.0 == id));
             match found {
                 Some((id, _, kind, text)) => {
-                    let mut body = json!({ "schema": text });
-                    if kind != "AVRO" {
-                        body["schemaType"] = Value::from(kind.clone());
-                    }
-                    if let Some(refs) = state.references.get(id) {
-                        body["references"] = refs.clone();
-                    }
-                    Reply::json(200, body)
+                    Reply::json(200, schema_body(&state, *id, kind, json!({ "schema": text })))
                 }
                 None => error(404, 40403, &format!("Schema {id} not found")),
             }
@@ -155,14 +150,8 @@ fn handle(state: &Mutex<RegistryState>, req: Recorded) -> Reply {
             };
             match n.checked_sub(1).and_then(|i| versions.get(i)) {
                 Some((id, _, kind, text)) => {
-                    let mut body = json!({ "subject": subject, "version": n, "id": id, "schema": text });
-                    if kind != "AVRO" {
-                        body["schemaType"] = Value::from(kind.clone());
-                    }
-                    if let Some(refs) = state.references.get(id) {
-                        body["references"] = refs.clone();
-                    }
-                    Reply::json(200, body)
+                    let body = json!({ "subject": subject, "version": n, "id": id, "schema": text });
+                    Reply::json(200, schema_body(&state, *id, kind, body))
                 }
                 None => error(404, 40402, &format!("Version {version} not found.")),
             }
@@ -171,13 +160,27 @@ fn handle(state: &Mutex<RegistryState>, req: Recorded) -> Reply {
     }
 }
 
+/// `body` with `schemaType` (absent for Avro, the API's default) and the schema's references.
+fn schema_body(state: &RegistryState, id: u32, kind: &str, mut body: Value) -> Value {
+    if kind != "AVRO" {
+        body["schemaType"] = Value::from(kind);
+    }
+    if let Some(refs) = state.references.get(&id) {
+        body["references"] = refs.clone();
+    }
+    body
+}
+
 /// `%2F` and the like in a path segment (subjects of references are file paths).
 fn percent_decode(segment: &str) -> String {
     let bytes = segment.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        match (bytes[i], bytes.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok())) {
+        match (
+            bytes[i],
+            bytes.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()),
+        ) {
             (b'%', Some(b)) => {
                 out.push(b);
                 i += 3;
@@ -189,4 +192,75 @@ fn percent_decode(segment: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A daemon config written by `support::daemon::write_config`, given `source.kafka.format` and
+/// a schema registry at `url` with basic auth (user `connect`, `password` from a file).
+pub fn use_registry(config: &Path, format: &str, url: &str, password: &str) {
+    let text = std::fs::read_to_string(config).unwrap().replacen(
+        "    commit_interval: 100ms\n",
+        &format!(
+            "    commit_interval: 100ms\n    format: {format}\n    schema_registry:\n      url: \"{url}\"\n      \
+             basic_auth_user: connect\n      basic_auth_password_file: registry-password\n"
+        ),
+        1,
+    );
+    std::fs::write(config, text).unwrap();
+    std::fs::write(config.parent().unwrap().join("registry-password"), format!("{password}\n")).unwrap();
+}
+
+/// A Redis holding what the contract rules invalidate for product 42's update (its key, and
+/// the listing of category 5 and 7 through their tags).
+pub fn cached_products(redis: &super::redis::RedisServer) -> redis::Connection {
+    use redis::Commands;
+    let mut c = redis::Client::open(redis.url().as_str()).unwrap().get_connection().unwrap();
+    for k in ["product:42", "listing:5", "listing:7"] {
+        let _: () = c.set(k, "cached").unwrap();
+    }
+    let _: () = c.sadd("tag:category:5", "listing:5").unwrap();
+    let _: () = c.sadd("tag:category:7", "listing:7").unwrap();
+    c
+}
+
+/// `cdc-invalidator explain` with the contract rules on the fixtures' topic.
+pub struct Explain {
+    pub dir: tempfile::TempDir,
+    rules: std::path::PathBuf,
+    topic: &'static str,
+}
+
+impl Explain {
+    pub fn new(topic: &'static str) -> Explain {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = dir.path().join("rules.yaml");
+        std::fs::write(&rules, include_str!("../fixtures/rules/contract.yaml")).unwrap();
+        Explain { dir, rules, topic }
+    }
+
+    /// `explain --rules … --event EVENT --topic … EXTRA…`: the exit code, standard output and
+    /// standard error.
+    pub fn run(&self, event: &str, extra: &[&str]) -> (Option<i32>, String, String) {
+        let out = std::process::Command::new(super::daemon::binary())
+            .args(["explain", "--rules"])
+            .arg(&self.rules)
+            .args(["--event", event, "--topic", self.topic])
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    }
+
+    /// The fixture `binary` (under tests/fixtures/), explained with `extra`, prints exactly what
+    /// the JSON form of product 42's update prints (which moves it to category 7).
+    pub fn assert_as_json(&self, binary: &str, extra: &[&str]) {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let (code, json_out, err) =
+            self.run(&format!("{root}/tests/fixtures/debezium/pg-update-with-schema.json"), &[]);
+        assert_eq!(code, Some(0), "{err}");
+        let (code, out, err) = self.run(&format!("{root}/tests/fixtures/{binary}"), extra);
+        assert_eq!(code, Some(0), "{err}");
+        assert_eq!(out, json_out);
+        assert!(out.contains("category:7"), "{out}");
+    }
 }

@@ -98,8 +98,8 @@ use crate::event::{ChangeEvent, Decoded, NoChange, NoChangeKind, Op, Row};
 pub use avro::{AvroError, AvroSchema};
 pub use decimal::DecimalError;
 use json::{Depth, Fields, Kind, Slot};
-pub use protobuf::{ProtobufError, ProtobufSchema};
 pub use placeholder::{configure, current as placeholders, DebeziumConfig, Placeholders, DEFAULT_PLACEHOLDER};
+pub use protobuf::{ProtobufError, ProtobufSchema};
 use schema::LogicalColumns;
 
 /// Debezium's default heartbeat topic prefix (`topic.heartbeat.prefix`); heartbeats on a

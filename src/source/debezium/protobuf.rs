@@ -40,7 +40,9 @@
 use std::collections::HashMap;
 
 use base64::Engine;
-use prost_reflect::{DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MapKey, MessageDescriptor, ReflectMessage, Value};
+use prost_reflect::{
+    DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MapKey, MessageDescriptor, ReflectMessage, Value,
+};
 use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver};
 use serde_json::{Map, Number, Value as Json};
 
@@ -242,11 +244,12 @@ fn logical(message: &DynamicMessage, descriptor: &MessageDescriptor) -> Result<O
         message: descriptor.full_name().to_owned(),
         reason: format!("{what}: {detail}"),
     };
-    let spelled = |text: Option<String>, what: &str| {
-        text.map(Json::String).ok_or_else(|| invalid(what, "out of range".into()))
-    };
+    let spelled =
+        |text: Option<String>, what: &str| text.map(Json::String).ok_or_else(|| invalid(what, "out of range".into()));
     Ok(Some(match descriptor.full_name() {
-        "confluent.type.Decimal" => decimal_value(&bytes("value"), int("scale")).map_err(|e| invalid("a decimal", e))?,
+        "confluent.type.Decimal" => {
+            decimal_value(&bytes("value"), int("scale")).map_err(|e| invalid("a decimal", e))?
+        }
         "google.type.Date" => spelled(temporal::civil_date(int("year"), int("month"), int("day")), "a date")?,
         "google.type.TimeOfDay" => {
             let nanos = ((int("hours") * 60 + int("minutes")) * 60 + int("seconds")) * 1_000_000_000 + int("nanos");
@@ -369,68 +372,15 @@ fn float(f: f64) -> Json {
 
 /// The files a Confluent registry resolves without references (`ProtobufSchema.KNOWN_DEPENDENCIES`
 /// in confluentinc/schema-registry): the ones the converter imports besides Google's
-/// well-known types (which `protox` carries). The texts are those files' definitions
-/// (confluentinc/schema-registry protobuf-types/src/main/proto/confluent/; googleapis
-/// google/type/), comments and language options left out.
+/// well-known types (which `protox` carries). The texts (in `known-protos/`, shared with
+/// scripts/gen-protobuf-fixtures.py) are those files' definitions (confluentinc/schema-registry
+/// protobuf-types/src/main/proto/confluent/; googleapis google/type/), comments and language
+/// options left out.
 const KNOWN_FILES: &[(&str, &str)] = &[
-    (
-        "confluent/meta.proto",
-        r#"syntax = "proto3";
-package confluent;
-import "google/protobuf/descriptor.proto";
-message Meta {
-  string doc = 1;
-  map<string, string> params = 2;
-  repeated string tags = 3;
-  repeated Rule rules = 4;
-}
-message Rule {
-  string name = 1;
-  string doc = 2;
-  string expr = 3;
-  string sql = 4;
-}
-extend google.protobuf.FileOptions { Meta file_meta = 1088; }
-extend google.protobuf.MessageOptions { Meta message_meta = 1088; }
-extend google.protobuf.FieldOptions { Meta field_meta = 1088; }
-extend google.protobuf.EnumOptions { Meta enum_meta = 1088; }
-extend google.protobuf.EnumValueOptions { Meta enum_value_meta = 1088; }
-"#,
-    ),
-    (
-        "confluent/type/decimal.proto",
-        r#"syntax = "proto3";
-package confluent.type;
-message Decimal {
-  bytes value = 1;
-  uint32 precision = 2;
-  int32 scale = 3;
-}
-"#,
-    ),
-    (
-        "google/type/date.proto",
-        r#"syntax = "proto3";
-package google.type;
-message Date {
-  int32 year = 1;
-  int32 month = 2;
-  int32 day = 3;
-}
-"#,
-    ),
-    (
-        "google/type/timeofday.proto",
-        r#"syntax = "proto3";
-package google.type;
-message TimeOfDay {
-  int32 hours = 1;
-  int32 minutes = 2;
-  int32 seconds = 3;
-  int32 nanos = 4;
-}
-"#,
-    ),
+    ("confluent/meta.proto", include_str!("known-protos/confluent/meta.proto")),
+    ("confluent/type/decimal.proto", include_str!("known-protos/confluent/type/decimal.proto")),
+    ("google/type/date.proto", include_str!("known-protos/google/type/date.proto")),
+    ("google/type/timeofday.proto", include_str!("known-protos/google/type/timeofday.proto")),
 ];
 
 #[cfg(test)]
@@ -484,7 +434,9 @@ message Other { int32 y = 1; }
 
     #[test]
     fn a_schema_that_does_not_compile_is_an_error() {
-        for text in ["syntax = \"proto3\"; message {", "syntax = \"proto3\"; import \"missing.proto\"; message A {}", ""] {
+        for text in
+            ["syntax = \"proto3\"; message {", "syntax = \"proto3\"; import \"missing.proto\"; message A {}", ""]
+        {
             assert!(matches!(ProtobufSchema::compile(text, Vec::new()), Err(ProtobufError::Schema(_))), "{text}");
         }
     }

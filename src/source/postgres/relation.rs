@@ -108,7 +108,14 @@ impl RelationCache {
 
     pub fn truncate(&self, oid: u32, at: Option<SystemTime>) -> Result<ChangeEvent, Undecodable> {
         let t = self.table(oid)?;
-        Ok(ChangeEvent { table: t.name.clone(), op: Op::Truncate, before: None, after: None, committed_at: at, lsn: None })
+        Ok(ChangeEvent {
+            table: t.name.clone(),
+            op: Op::Truncate,
+            before: None,
+            after: None,
+            committed_at: at,
+            lsn: None,
+        })
     }
 }
 
