@@ -11,7 +11,7 @@ use redis::Commands;
 use crate::support::daemon::{wait_until, write_config, Daemon, Setup};
 use crate::support::kafka::{committed, MockKafka};
 use crate::support::redis::RedisServer;
-use crate::support::registry::{cached_products, use_registry, Explain, RegistryDouble};
+use crate::support::registry::{cached_products, invalidates_through_tansu, use_registry, Explain, RegistryDouble};
 
 const TOPIC: &str = "shop.public.products";
 
@@ -198,43 +198,6 @@ fn check_rejects_avro_without_a_usable_registry() {
 /// key and value through the registry double.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_against_tansu_decodes_avro() {
-    use crate::support::daemon::{http_get, DaemonProcess};
-    use crate::support::tansu::TansuBroker;
-    use rdkafka::config::ClientConfig;
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-
-    let broker = TansuBroker::start();
-    broker.create_topic(TOPIC, 1);
-    let redis = RedisServer::start();
-    let mut c = cached_products(&redis);
     let registry = RegistryDouble::with_avro_fixtures();
-    registry.state.lock().unwrap().auth = Some(("connect".into(), "s3cret".into()));
-    let dir = tempfile::tempdir().unwrap();
-    let bootstrap = broker.bootstrap();
-    let setup = Setup {
-        bootstrap: &bootstrap,
-        topics: &[TOPIC],
-        group: "avro-tansu",
-        redis_url: &redis.url(),
-        extra: "",
-        librdkafka: &[],
-    };
-    let (path, port) = write_config(dir.path(), &setup);
-    use_registry(&path, "auto", &registry.url(), "s3cret");
-    let mut daemon = DaemonProcess::start(&path, dir.path());
-    let ready = wait_until(Duration::from_secs(30), || http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)).await;
-    assert!(ready, "the daemon becomes ready; log:\n{}", daemon.log_text());
-
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
-    let key = avro("pg-key-42");
-    let value = avro("pg-update");
-    let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(TOPIC).key(&key[..]).payload(&value[..]);
-    producer.send(record, Duration::from_secs(10)).await.expect("produce to tansu");
-
-    let gone = || ["product:42", "listing:5", "listing:7"].iter().all(|k| !c.exists::<_, bool>(*k).unwrap_or(true));
-    assert!(wait_until(Duration::from_secs(30), gone).await, "invalidated; log:\n{}", daemon.log_text());
-    daemon.signal("TERM");
-    let (code, log) =
-        tokio::task::spawn_blocking(move || (daemon.wait(Duration::from_secs(30)), daemon.log_text())).await.unwrap();
-    assert_eq!(code, Some(0), "{log}");
+    invalidates_through_tansu(&registry, "avro-tansu", &avro("pg-key-42"), &avro("pg-update")).await;
 }

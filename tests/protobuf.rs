@@ -14,7 +14,7 @@ use redis::Commands;
 use crate::support::daemon::{http_get, series_sum, wait_until, write_config, Daemon, Setup};
 use crate::support::kafka::{committed, MockKafka};
 use crate::support::redis::RedisServer;
-use crate::support::registry::{cached_products, use_registry, Explain, RegistryDouble};
+use crate::support::registry::{cached_products, invalidates_through_tansu, use_registry, Explain, RegistryDouble};
 
 const TOPIC: &str = "shop.public.products";
 
@@ -127,6 +127,13 @@ async fn credentials_the_registry_rejects_stop_the_daemon_at_start_and_an_unreac
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The released binary against Tansu decodes a Protobuf key and value (format auto).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_against_tansu_decodes_protobuf() {
+    let registry = RegistryDouble::with_protobuf_fixtures();
+    invalidates_through_tansu(&registry, "protobuf-tansu", &protobuf("pg-key-42"), &protobuf("pg-update")).await;
 }
 
 /// `check --against-registry`: exit 0 when the registry accepts the credentials, 1 naming the

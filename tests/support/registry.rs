@@ -264,3 +264,44 @@ impl Explain {
         assert!(out.contains("category:7"), "{out}");
     }
 }
+
+/// The released binary against Tansu (the Kafka protocol out of process) and a real Redis, with
+/// `format: auto` and `registry` (basic auth): product 42's update as `key` and `value` in the
+/// Confluent wire format invalidates what it should, and the daemon stops cleanly.
+pub async fn invalidates_through_tansu(registry: &RegistryDouble, group: &str, key: &[u8], value: &[u8]) {
+    use std::time::Duration;
+
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use redis::Commands;
+
+    use super::daemon::{http_get, wait_until, write_config, DaemonProcess, Setup};
+    use super::tansu::TansuBroker;
+
+    const TOPIC: &str = "shop.public.products";
+    let broker = TansuBroker::start();
+    broker.create_topic(TOPIC, 1);
+    let redis = super::redis::RedisServer::start();
+    let mut c = cached_products(&redis);
+    registry.state.lock().unwrap().auth = Some(("connect".into(), "s3cret".into()));
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = broker.bootstrap();
+    let url = redis.url();
+    let setup = Setup { bootstrap: &bootstrap, topics: &[TOPIC], group, redis_url: &url, extra: "", librdkafka: &[] };
+    let (path, port) = write_config(dir.path(), &setup);
+    use_registry(&path, "auto", &registry.url(), "s3cret");
+    let mut daemon = DaemonProcess::start(&path, dir.path());
+    let ready = wait_until(Duration::from_secs(30), || http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)).await;
+    assert!(ready, "the daemon becomes ready; log:\n{}", daemon.log_text());
+
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
+    let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(TOPIC).key(key).payload(value);
+    producer.send(record, Duration::from_secs(10)).await.expect("produce to tansu");
+
+    let gone = || ["product:42", "listing:5", "listing:7"].iter().all(|k| !c.exists::<_, bool>(*k).unwrap_or(true));
+    assert!(wait_until(Duration::from_secs(30), gone).await, "invalidated; log:\n{}", daemon.log_text());
+    daemon.signal("TERM");
+    let (code, log) =
+        tokio::task::spawn_blocking(move || (daemon.wait(Duration::from_secs(30)), daemon.log_text())).await.unwrap();
+    assert_eq!(code, Some(0), "{log}");
+}
