@@ -215,13 +215,16 @@ def main():
         with open(os.path.join(OUT, name + ".avro"), "wb") as f:
             f.write(data)
         manifest.append({"name": name, "json": path, "topic": topic, "key": is_key})
-    with open(os.path.join(OUT, "schemas.json"), "w") as f:
-        json.dump({str(i + 1): s for i, s in enumerate(Registry.schemas)}, f, indent=1, sort_keys=True)
-        f.write("\n")
-    with open(os.path.join(OUT, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
+    write_json(os.path.join(OUT, "schemas.json"), {str(i + 1): s for i, s in enumerate(Registry.schemas)}, True)
+    write_json(os.path.join(OUT, "manifest.json"), manifest)
     server.shutdown()
+
+
+def write_json(path, value, sort_keys=False):
+    """A fixture index as the tests read it: indented, one trailing newline."""
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1, sort_keys=sort_keys)
+        f.write("\n")
 
 
 if __name__ == "__main__":

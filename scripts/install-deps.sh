@@ -193,15 +193,20 @@ install_pg18() {
 # Confluent's own Avro serializer (PyPI confluent-kafka with its avro extra: fastavro), pinned:
 # scripts/gen-avro-fixtures.py uses it to write tests/fixtures/avro/ (issue 17). The tests read
 # the committed bytes and do not need it; it is installed so the fixtures can be regenerated.
-AVRO_GEN_REQ="confluent-kafka[avro]==2.6.1"
+# The Protobuf one (scripts/gen-protobuf-fixtures.py, tests/fixtures/protobuf/) needs the
+# protobuf extra, Google's protobuf runtime and protoc (PyPI grpcio-tools, which ships it), pinned
+# to versions that agree (grpcio-tools 1.68 wants protobuf 5.26-5.x).
+AVRO_GEN_REQ="confluent-kafka[avro,protobuf]==2.6.1"
+PROTOBUF_GEN_REQS=("protobuf==5.29.3" "grpcio-tools==1.68.1")
 install_avro_generator() {
-    if python3 -c 'import confluent_kafka, fastavro, sys; sys.exit(confluent_kafka.version()[0] != "2.6.1")' 2>/dev/null; then
+    if python3 -c 'import confluent_kafka, fastavro, google.protobuf, grpc_tools, sys
+sys.exit(confluent_kafka.version()[0] != "2.6.1" or google.protobuf.__version__ != "5.29.3")' 2>/dev/null; then
         return
     fi
-    command -v python3 >/dev/null || die "python3 (with pip) is needed for the Avro fixture generator"
-    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check "$AVRO_GEN_REQ" >&2 ||
-        die "pip install $AVRO_GEN_REQ failed"
-    log "installed $AVRO_GEN_REQ"
+    command -v python3 >/dev/null || die "python3 (with pip) is needed for the Avro and Protobuf fixture generators"
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check "$AVRO_GEN_REQ" \
+        "${PROTOBUF_GEN_REQS[@]}" >&2 || die "pip install $AVRO_GEN_REQ ${PROTOBUF_GEN_REQS[*]} failed"
+    log "installed $AVRO_GEN_REQ ${PROTOBUF_GEN_REQS[*]}"
 }
 
 # Serialize concurrent runs (parallel CI jobs, several worktrees): both steps touch shared state.

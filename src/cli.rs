@@ -43,6 +43,10 @@ pub enum Command {
         /// `freshness.replicas` (any source).
         #[arg(long)]
         against_db: bool,
+        /// Also check the schema registry (source.kafka.format avro, protobuf or auto): that it
+        /// answers and accepts the configured credentials.
+        #[arg(long)]
+        against_registry: bool,
     },
     /// Decode one change event and print what would be invalidated, touching nothing.
     Explain {
@@ -159,7 +163,7 @@ fn load(config_path: &Path) -> Result<(Config, Rules), u8> {
     }
 }
 
-pub fn check(config_path: &Path, against_db: bool) -> ExitCode {
+pub fn check(config_path: &Path, against_db: bool, against_registry: bool) -> ExitCode {
     let loaded = load(config_path);
     // Designs that work but will hurt: said, without failing the check.
     if let Ok((config, rules)) = &loaded {
@@ -168,7 +172,16 @@ pub fn check(config_path: &Path, against_db: bool) -> ExitCode {
         }
     }
     match loaded {
-        Ok((config, rules)) if against_db => crate::source::postgres::check::run_cli(&config, &rules),
+        Ok((config, rules)) if against_db || against_registry => {
+            let db = match against_db {
+                true => crate::source::postgres::check::run_cli(&config, &rules),
+                false => ExitCode::from(OK),
+            };
+            match (db == ExitCode::from(OK), against_registry) {
+                (true, true) => crate::source::encoded::check_cli(&config),
+                _ => db,
+            }
+        }
         Ok(_) => {
             println!("ok");
             ExitCode::from(OK)
@@ -382,7 +395,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => run(&config),
-        Command::Check { config, against_db } => check(&config, against_db),
+        Command::Check { config, against_db, against_registry } => check(&config, against_db, against_registry),
         Command::Explain { rules, event, key, topic, format, schema_registry } => {
             let encoding = (format, schema_registry);
             if encoding.0.as_deref().is_some_and(|f| f != "json") || encoding.1.is_some() {

@@ -78,6 +78,11 @@ pub struct ChangeEvent {
     /// `None` when the source does not say; the pipeline then falls back to the time the
     /// message was written to the log (Kafka timestamp) or received.
     pub committed_at: Option<SystemTime>,
+    /// The change's position in the PostgreSQL WAL as Debezium's PostgreSQL connector writes
+    /// it (`source.lsn`), whatever the encoding (JSON, Avro, Protobuf): what a second pass
+    /// waits for read replicas to replay (`freshness`). `None` for other connectors and
+    /// sources (the PostgreSQL source keeps its commit LSN in the event's position).
+    pub lsn: Option<u64>,
 }
 
 impl ChangeEvent {

@@ -357,7 +357,7 @@ pub async fn replay(
 
     // Dead letters of Avro messages hold the Confluent-framed bytes: decoded as the source did.
     let codec = match config.source.kafka.as_ref() {
-        Some(kafka) => crate::source::encoded::Codec::new(kafka).map_err(ReplayError::Registry)?,
+        Some(kafka) => crate::source::encoded::Codec::new(kafka, None).map_err(ReplayError::Registry)?,
         None => crate::source::encoded::Codec::with_registry(crate::config::KafkaFormat::Json, None),
     };
     let mut sent = 0usize;

@@ -11,7 +11,7 @@ use redis::Commands;
 use crate::support::daemon::{wait_until, write_config, Daemon, Setup};
 use crate::support::kafka::{committed, MockKafka};
 use crate::support::redis::RedisServer;
-use crate::support::registry::RegistryDouble;
+use crate::support::registry::{cached_products, invalidates_through_tansu, use_registry, Explain, RegistryDouble};
 
 const TOPIC: &str = "shop.public.products";
 
@@ -22,34 +22,14 @@ fn avro(name: &str) -> Vec<u8> {
 fn start(dir: &Path, bootstrap: &str, group: &str, redis: &str, registry: &str) -> Daemon {
     let setup = Setup { bootstrap, topics: &[TOPIC], group, redis_url: redis, extra: "", librdkafka: &[] };
     let (path, port) = write_config(dir, &setup);
-    let text = std::fs::read_to_string(&path).unwrap();
-    let text = text.replacen(
-        "    commit_interval: 100ms\n",
-        &format!(
-            "    commit_interval: 100ms\n    format: avro\n    schema_registry:\n      url: \"{registry}\"\n      \
-             basic_auth_user: connect\n      basic_auth_password_file: registry-password\n"
-        ),
-        1,
-    );
-    std::fs::write(&path, text).unwrap();
-    std::fs::write(dir.join("registry-password"), "s3cret\n").unwrap();
+    use_registry(&path, "avro", registry, "s3cret");
     Daemon::from_config(dir, &path, port)
-}
-
-fn cache(redis: &RedisServer) -> redis::Connection {
-    let mut c = redis::Client::open(redis.url().as_str()).unwrap().get_connection().unwrap();
-    for k in ["product:42", "listing:5", "listing:7"] {
-        let _: () = c.set(k, "cached").unwrap();
-    }
-    let _: () = c.sadd("tag:category:5", "listing:5").unwrap();
-    let _: () = c.sadd("tag:category:7", "listing:7").unwrap();
-    c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn avro_update_invalidates_and_unknown_schema_id_is_dead_lettered_with_its_id() {
     let redis = RedisServer::start();
-    let mut c = cache(&redis);
+    let mut c = cached_products(&redis);
     let registry = RegistryDouble::with_avro_fixtures();
     registry.state.lock().unwrap().auth = Some(("connect".into(), "s3cret".into()));
     let kafka = MockKafka::start(1);
@@ -109,7 +89,7 @@ async fn avro_update_invalidates_and_unknown_schema_id_is_dead_lettered_with_its
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_outage_holds_the_message_unacknowledged_until_it_answers() {
     let redis = RedisServer::start();
-    let mut c = cache(&redis);
+    let mut c = cached_products(&redis);
     let registry = RegistryDouble::with_avro_fixtures();
     registry.state.lock().unwrap().auth = Some(("connect".into(), "s3cret".into()));
     registry.set_outage(true);
@@ -137,35 +117,13 @@ async fn registry_outage_holds_the_message_unacknowledged_until_it_answers() {
 /// same message as JSON.
 #[test]
 fn explain_decodes_an_avro_file_as_its_json_form() {
-    use std::process::Command;
-
     let registry = RegistryDouble::with_avro_fixtures();
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules.yaml");
-    std::fs::write(&rules, include_str!("fixtures/rules/contract.yaml")).unwrap();
+    let explain = Explain::new(TOPIC);
+    let dir = &explain.dir;
     let root = env!("CARGO_MANIFEST_DIR");
-    let run = |event: String, extra: &[&str]| {
-        let out = Command::new(crate::support::daemon::binary())
-            .args(["explain", "--rules"])
-            .arg(&rules)
-            .args(["--event", &event, "--topic", TOPIC])
-            .args(extra)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    let (code, json_out, err) = run(format!("{root}/tests/fixtures/debezium/pg-update-with-schema.json"), &[]);
-    assert_eq!(code, Some(0), "{err}");
+    let run = |event: String, extra: &[&str]| explain.run(&event, extra);
     let url = registry.url();
-    let (code, avro_out, err) =
-        run(format!("{root}/tests/fixtures/avro/pg-update.avro"), &["--format", "avro", "--schema-registry", &url]);
-    assert_eq!(code, Some(0), "{err}");
-    assert_eq!(avro_out, json_out);
-    assert!(avro_out.contains("category:7"), "{avro_out}");
+    explain.assert_as_json("avro/pg-update.avro", &["--format", "avro", "--schema-registry", &url]);
 
     // A schema id the registry does not have: exit 1, the id named.
     let mut unknown = avro("pg-update");
@@ -180,7 +138,10 @@ fn explain_decodes_an_avro_file_as_its_json_form() {
     // each a sentence naming the schema id, never a panic.
     registry.insert(55, "broken-value", "AVRO", "{\"type\": \"record\", \"name\": \"X\"");
     registry.insert(56, "proto-value", "PROTOBUF", "syntax = \"proto3\"; message X { int64 id = 1; }");
-    for (id, expected) in [(55u32, "schema id 55 from the schema registry does not parse"), (56, "PROTOBUF")] {
+    for (id, expected) in [
+        (55u32, "schema id 55 from the schema registry does not parse"),
+        (56, "(Protobuf, schema id 56) cannot be read"),
+    ] {
         let mut bytes = avro("pg-update");
         bytes[1..5].copy_from_slice(&id.to_be_bytes());
         std::fs::write(&path, bytes).unwrap();
@@ -237,53 +198,6 @@ fn check_rejects_avro_without_a_usable_registry() {
 /// key and value through the registry double.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_against_tansu_decodes_avro() {
-    use crate::support::daemon::{http_get, DaemonProcess};
-    use crate::support::tansu::TansuBroker;
-    use rdkafka::config::ClientConfig;
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-
-    let broker = TansuBroker::start();
-    broker.create_topic(TOPIC, 1);
-    let redis = RedisServer::start();
-    let mut c = cache(&redis);
     let registry = RegistryDouble::with_avro_fixtures();
-    registry.state.lock().unwrap().auth = Some(("connect".into(), "s3cret".into()));
-    let dir = tempfile::tempdir().unwrap();
-    let bootstrap = broker.bootstrap();
-    let setup = Setup {
-        bootstrap: &bootstrap,
-        topics: &[TOPIC],
-        group: "avro-tansu",
-        redis_url: &redis.url(),
-        extra: "",
-        librdkafka: &[],
-    };
-    let (path, port) = write_config(dir.path(), &setup);
-    let text = std::fs::read_to_string(&path).unwrap().replacen(
-        "    commit_interval: 100ms\n",
-        &format!(
-            "    commit_interval: 100ms\n    format: auto\n    schema_registry:\n      url: \"{}\"\n      \
-             basic_auth_user: connect\n      basic_auth_password_file: registry-password\n",
-            registry.url()
-        ),
-        1,
-    );
-    std::fs::write(&path, text).unwrap();
-    std::fs::write(dir.path().join("registry-password"), "s3cret\n").unwrap();
-    let mut daemon = DaemonProcess::start(&path, dir.path());
-    let ready = wait_until(Duration::from_secs(30), || http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)).await;
-    assert!(ready, "the daemon becomes ready; log:\n{}", daemon.log_text());
-
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
-    let key = avro("pg-key-42");
-    let value = avro("pg-update");
-    let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(TOPIC).key(&key[..]).payload(&value[..]);
-    producer.send(record, Duration::from_secs(10)).await.expect("produce to tansu");
-
-    let gone = || ["product:42", "listing:5", "listing:7"].iter().all(|k| !c.exists::<_, bool>(*k).unwrap_or(true));
-    assert!(wait_until(Duration::from_secs(30), gone).await, "invalidated; log:\n{}", daemon.log_text());
-    daemon.signal("TERM");
-    let (code, log) =
-        tokio::task::spawn_blocking(move || (daemon.wait(Duration::from_secs(30)), daemon.log_text())).await.unwrap();
-    assert_eq!(code, Some(0), "{log}");
+    invalidates_through_tansu(&registry, "avro-tansu", &avro("pg-key-42"), &avro("pg-update")).await;
 }

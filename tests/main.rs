@@ -23,6 +23,7 @@ mod operator_reload;
 mod operator_replay;
 mod pipeline;
 mod postgres;
+mod protobuf;
 mod purge;
 mod redis_deployments;
 mod redis_secure;

@@ -30,10 +30,8 @@ use crate::source::{Position, SourceEvent};
 use crate::telemetry::Metrics;
 
 mod check;
-mod lsn;
 
 pub use check::{check_all, system_identifier};
-pub use lsn::debezium_lsn;
 
 /// Why a replica cannot gate the second pass (at `check` and at start: fatal). `replica` names
 /// it as the config does: `file:line:col: freshness.replicas NAME`.
@@ -280,13 +278,13 @@ fn has_replayed(position: Option<&u64>, committed_us: Option<&i64>, commit: Comm
 }
 
 /// The LSN a replica must have replayed before the event's change is visible there: the commit
-/// record's (pgoutput), or Debezium's `source.lsn` (the change's own record: see
-/// [`commit_time`] for the commit that follows it).
+/// record's (pgoutput), or Debezium's `source.lsn` as the decoder read it, whatever the message's
+/// encoding (the change's own record: see [`commit_time`] for the commit that follows it).
 pub fn commit_lsn(event: &SourceEvent) -> Option<u64> {
-    match &event.position {
-        Position::Postgres { commit_end_lsn, .. } => Some(*commit_end_lsn),
-        Position::Kafka { .. } => event.raw.value.as_deref().and_then(debezium_lsn),
-        Position::File { .. } => None,
+    match (&event.position, &event.decoded) {
+        (Position::Postgres { commit_end_lsn, .. }, _) => Some(*commit_end_lsn),
+        (Position::Kafka { .. }, Ok(Decoded::Change(change))) => change.lsn,
+        _ => None,
     }
 }
 
@@ -447,7 +445,8 @@ mod tests {
     fn event(position: Position, value: Option<&[u8]>) -> SourceEvent {
         SourceEvent {
             position,
-            decoded: Err(crate::source::Malformed("unused".into())),
+            decoded: crate::source::debezium::decode("shop.public.products", None, value)
+                .map_err(|e| crate::source::Malformed(e.to_string())),
             raw: RawMessage { topic: None, key: None, value: value.map(<[u8]>::to_vec) },
             logged_at: None,
             received: std::time::Instant::now(),
@@ -455,6 +454,9 @@ mod tests {
         }
     }
 
+    // The fixtures are the project's Debezium samples (their sources are cited in
+    // tests/fixtures/debezium/); one with the converter's schema envelope, one without. The Avro
+    // and Protobuf forms of the same messages are checked in `source::encoded`.
     #[test]
     fn the_commit_lsn_comes_from_pgoutput_or_debeziums_source_lsn() {
         let pg = event(Position::Postgres { lsn: 10, commit_end_lsn: 42 }, None);
@@ -462,8 +464,11 @@ mod tests {
         let kafka = Position::Kafka { topic: "shop.public.products".into(), partition: 0, offset: 7 };
         let value = include_bytes!("../../tests/fixtures/debezium/pg-insert.json");
         assert_eq!(commit_lsn(&event(kafka.clone(), Some(value))), Some(24023400), "Debezium: source.lsn");
+        let enveloped = include_bytes!("../../tests/fixtures/debezium/pg-update-with-schema.json");
+        assert_eq!(commit_lsn(&event(kafka.clone(), Some(enveloped))), Some(24023184), "with the schema envelope");
         let mysql = include_bytes!("../../tests/fixtures/debezium/mysql-update.json");
-        assert_eq!(commit_lsn(&event(kafka, Some(mysql))), None, "MySQL events have no LSN");
+        assert_eq!(commit_lsn(&event(kafka.clone(), Some(mysql))), None, "MySQL events have no LSN");
+        assert_eq!(commit_lsn(&event(kafka, Some(b"not json"))), None, "nothing decoded, no LSN");
         assert_eq!(format_lsn(0x1_0000_00FF), "1/FF");
     }
 

@@ -47,6 +47,7 @@ fn change(id: i64) -> SourceEvent {
             before: None,
             after: Some(row),
             committed_at: None,
+            lsn: None,
         })),
         ..arrival()
     }

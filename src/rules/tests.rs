@@ -38,7 +38,14 @@ fn row(value: Json) -> Row {
 }
 
 fn event(table: &str, op: Op, before: Option<Json>, after: Option<Json>) -> ChangeEvent {
-    ChangeEvent { table: table.into(), op, before: before.map(row), after: after.map(row), committed_at: None }
+    ChangeEvent {
+        table: table.into(),
+        op,
+        before: before.map(row),
+        after: after.map(row),
+        committed_at: None,
+        lsn: None,
+    }
 }
 
 /// The products row of the fixtures, with overrides.

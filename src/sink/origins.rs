@@ -115,6 +115,7 @@ mod tests {
                 before: None,
                 after: None,
                 committed_at: committed_us.map(|us| UNIX_EPOCH + Duration::from_micros(us)),
+                lsn: None,
             })),
             raw: RawMessage::default(),
             logged_at: Some(SystemTime::now()),

@@ -1,5 +1,5 @@
-//! `source.kafka.format`: keys and values in the Confluent wire format (Avro through a schema
-//! registry) read into the same JSON shape the JsonConverter writes, then decoded by the one
+//! `source.kafka.format`: keys and values in the Confluent wire format (Avro or Protobuf through
+//! a schema registry) read into the same JSON shape the JsonConverter writes, then decoded by the one
 //! Debezium decoder, so a row renders identically whatever the encoding (the contract, "Other
 //! encodings on Kafka").
 //!
@@ -13,7 +13,8 @@ use crate::config::{KafkaConfig, KafkaFormat};
 use crate::event::Decoded;
 use crate::shutdown::Shutdown;
 use crate::source::debezium;
-use crate::source::registry::{framed, RegisteredSchema, Registry, RegistryError};
+use crate::source::registry::{framed, Probe, RegisteredSchema, Registry, RegistryError};
+use crate::telemetry::Metrics;
 
 pub struct Codec {
     format: KafkaFormat,
@@ -41,12 +42,54 @@ impl Resolved {
 }
 
 impl Codec {
-    pub fn new(config: &KafkaConfig) -> Result<Codec, String> {
+    /// The codec `source.kafka` configures; `metrics` counts the registry's requests.
+    pub fn new(config: &KafkaConfig, metrics: Option<Arc<Metrics>>) -> Result<Codec, String> {
         let registry = match &config.schema_registry {
-            Some(registry) if config.format != KafkaFormat::Json => Some(Arc::new(Registry::new(registry)?)),
+            Some(registry) if config.format != KafkaFormat::Json => {
+                let registry = Registry::new(registry)?;
+                Some(Arc::new(match metrics {
+                    Some(metrics) => registry.with_metrics(metrics),
+                    None => registry,
+                }))
+            }
             _ => None,
         };
         Ok(Codec { format: config.format, registry })
+    }
+
+    /// The start-up check of the registry (none for the `json` format). Credentials the
+    /// registry rejects are an error: waiting will not fix them, and every message that needs a
+    /// schema would wait forever. A registry that is down is only logged: the daemon runs,
+    /// messages whose schema it needs wait (unacknowledged) and are retried until it is back.
+    pub async fn check_registry(&self) -> Result<(), String> {
+        let Some(registry) = &self.registry else {
+            return Ok(());
+        };
+        match registry.probe().await {
+            Probe::Reachable { schema_types } => {
+                let wanted = match self.format {
+                    KafkaFormat::Protobuf => Some("PROTOBUF"),
+                    KafkaFormat::Avro => Some("AVRO"),
+                    _ => None,
+                };
+                if let (Some(types), Some(wanted)) = (&schema_types, wanted) {
+                    if !types.iter().any(|t| t == wanted) {
+                        tracing::warn!(?types, wanted, "the schema registry does not list the format's schema type");
+                    }
+                }
+                tracing::info!(?schema_types, "schema registry reachable");
+                Ok(())
+            }
+            Probe::Rejected { status, body } => Err(rejected(status, &body)),
+            Probe::Unreachable { reason } => {
+                tracing::warn!(
+                    %reason,
+                    "schema registry unreachable at start: running anyway; messages that need a schema wait \
+                     (unacknowledged) and are retried until it answers"
+                );
+                Ok(())
+            }
+        }
     }
 
     /// A codec on a given registry (for `explain` and tests).
@@ -105,31 +148,20 @@ impl Codec {
         // A key that cannot be read is ignored, as a non-JSON key is on the JSON path: the value
         // alone is a complete event.
         let key_json = match (&resolved.key, key.and_then(framed)) {
-            (Part::Schema(schema), Some((_, datum))) => match &**schema {
-                RegisteredSchema::Avro(avro) => avro.read_json(datum).ok(),
-                RegisteredSchema::Other(_) => None,
-            },
+            (Part::Schema(schema), Some((_, datum))) => read_json(schema, datum).ok(),
             (_, Some(_)) => None,
             (_, None) => key.map(<[u8]>::to_vec),
         };
         let value_json = match value {
             None => None,
             Some(bytes) => match (framed(bytes), &resolved.value) {
-                (Some((id, datum)), Part::Schema(schema)) => match &**schema {
-                    RegisteredSchema::Avro(avro) => {
-                        let read = avro
-                            .read_json(datum)
-                            .map_err(|e| format!("the message value (Avro, schema id {id}) cannot be read: {e}"))?;
-                        // An Avro null value is a tombstone as a JSON null is.
-                        (read != b"null").then_some(read)
-                    }
-                    RegisteredSchema::Other(kind) => {
-                        return Err(format!(
-                            "the message value is {kind} in the Confluent wire format, schema id {id}: this build \
-                             decodes only Avro (use the AvroConverter or the JsonConverter)"
-                        ))
-                    }
-                },
+                (Some((id, datum)), Part::Schema(schema)) => {
+                    let read = read_json(schema, datum).map_err(|e| {
+                        format!("the message value ({}, schema id {id}) cannot be read: {e}", kind(schema))
+                    })?;
+                    // An Avro null value is a tombstone as a JSON null is.
+                    (read != b"null").then_some(read)
+                }
                 (Some((id, _)), Part::Failed(e)) => {
                     return Err(format!("the message value's schema (id {id}) is not available: {e}"))
                 }
@@ -147,6 +179,81 @@ impl Codec {
             },
         };
         debezium::decode(topic, key_json.as_deref(), value_json.as_deref()).map_err(|e| e.to_string())
+    }
+}
+
+/// `check --against-registry`: the start-up check of `run`, once, as a verdict. Exit 0 when the
+/// registry answers and accepts the credentials, 1 when it rejects them or cannot be reached
+/// (where `run` would start and wait), 2 when there is no registry to check.
+pub fn check_cli(config: &crate::config::Config) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let kafka = config.source.kafka.as_ref().filter(|k| k.format != KafkaFormat::Json);
+    let Some(registry_config) = kafka.and_then(|k| k.schema_registry.as_ref()) else {
+        eprintln!("check --against-registry needs source.kafka.format avro, protobuf or auto and source.kafka.schema_registry");
+        return ExitCode::from(2);
+    };
+    let registry = match Registry::new(registry_config) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("source.kafka.schema_registry: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(registry.probe()) {
+        Probe::Reachable { schema_types } => {
+            match schema_types {
+                Some(types) => println!("ok: the schema registry answers (schema types {})", types.join(", ")),
+                None => println!("ok: the schema registry answers"),
+            }
+            ExitCode::from(0)
+        }
+        Probe::Rejected { status, body } => {
+            eprintln!("source.kafka.schema_registry: {}", rejected(status, &body));
+            ExitCode::from(1)
+        }
+        Probe::Unreachable { reason } => {
+            eprintln!(
+                "source.kafka.schema_registry: the registry cannot be reached ({}): `run` would start and make \
+                 messages that need a schema wait",
+                crate::redact::scrub(&reason)
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The sentence for credentials the registry refuses (at start and in `check`).
+fn rejected(status: u16, body: &str) -> String {
+    format!(
+        "the schema registry rejected the credentials (HTTP {status}: {body}): check \
+         source.kafka.schema_registry.basic_auth_user and basic_auth_password (_env, _file)"
+    )
+}
+
+/// A framed datum (after the schema id) as the JSON text the Debezium decoder reads.
+fn read_json(schema: &RegisteredSchema, datum: &[u8]) -> Result<Vec<u8>, String> {
+    match schema {
+        RegisteredSchema::Avro(avro) => avro.read_json(datum).map_err(|e| e.to_string()),
+        RegisteredSchema::Protobuf(protobuf) => protobuf.read_json(datum).map_err(|e| e.to_string()),
+        RegisteredSchema::Other(kind) => Err(format!(
+            "{kind} in the Confluent wire format: this build decodes Avro and Protobuf (use the AvroConverter, \
+             the ProtobufConverter or the JsonConverter)"
+        )),
+    }
+}
+
+fn kind(schema: &RegisteredSchema) -> &str {
+    match schema {
+        RegisteredSchema::Avro(_) => "Avro",
+        RegisteredSchema::Protobuf(_) => "Protobuf",
+        RegisteredSchema::Other(kind) => kind,
     }
 }
 
@@ -189,30 +296,103 @@ mod tests {
         text
     }
 
-    #[test]
-    fn avro_serializer_output_decodes_exactly_as_its_json_form() {
-        let manifest: Value =
-            serde_json::from_slice(&read("tests/fixtures/avro/manifest.json")).unwrap_or_else(|e| panic!("{e}"));
+    /// Every non-key case of `manifest` decodes, read by `binary_as_json`, to what `expected`
+    /// (the case's name and JSON fixture) decodes to; the key case is checked through what it
+    /// does: the key-only delete of the products row.
+    fn assert_cases_decode_as(
+        manifest: &str,
+        binary_as_json: impl Fn(&str) -> Vec<u8>,
+        expected: impl Fn(&str, &[u8]) -> Vec<u8>,
+    ) {
+        let manifest: Value = serde_json::from_slice(&read(manifest)).unwrap_or_else(|e| panic!("{e}"));
         let cases = manifest.as_array().cloned().unwrap_or_default();
         assert!(cases.len() >= 6);
         let key_json = read("tests/fixtures/debezium-real/key-products-42-schema.json");
-        let key_avro = avro_as_json("pg-key-42");
+        let key_binary = binary_as_json("pg-key-42");
         for case in cases {
             let name = case["name"].as_str().unwrap_or_default();
             let topic = case["topic"].as_str().unwrap_or_default();
             let json = read(case["json"].as_str().unwrap_or_default());
             if case["key"].as_bool() == Some(true) {
-                // A key is checked through what it does: the key-only delete of the products row.
                 let json_event = debezium::decode(topic, Some(&json), None);
-                let avro_event = debezium::decode(topic, Some(&key_avro), None);
-                assert_eq!(avro_event, json_event, "{name}");
+                let binary_event = debezium::decode(topic, Some(&key_binary), None);
+                assert_eq!(binary_event, json_event, "{name}");
                 continue;
             }
-            let expected = debezium::decode(topic, Some(&key_json), Some(&json));
-            let got = debezium::decode(topic, Some(&key_avro), Some(&avro_as_json(name)));
-            assert!(expected.is_ok(), "{name}: {expected:?}");
-            assert_eq!(got, expected, "{name}");
+            let want = debezium::decode(topic, Some(&key_json), Some(&expected(name, &json)));
+            let got = debezium::decode(topic, Some(&key_binary), Some(&binary_as_json(name)));
+            assert!(want.is_ok(), "{name}: {want:?}");
+            assert_eq!(got, want, "{name}");
         }
+    }
+
+    #[test]
+    fn avro_serializer_output_decodes_exactly_as_its_json_form() {
+        assert_cases_decode_as("tests/fixtures/avro/manifest.json", avro_as_json, |_, json| json.to_vec());
+    }
+
+    /// The Protobuf fixture's schema, compiled with the files its references name (followed
+    /// through schemas.json as the registry client follows them).
+    fn protobuf_schema(id: u32) -> crate::source::debezium::ProtobufSchema {
+        let all: Value =
+            serde_json::from_slice(&read("tests/fixtures/protobuf/schemas.json")).unwrap_or_else(|e| panic!("{e}"));
+        let entry = &all[id.to_string()];
+        let mut imports = Vec::new();
+        let mut pending: Vec<Value> = entry["references"].as_array().cloned().unwrap_or_default();
+        while let Some(reference) = pending.pop() {
+            let found = all.as_object().and_then(|m| {
+                m.values().find(|s| s["subject"] == reference["subject"] && s["version"] == reference["version"])
+            });
+            let Some(found) = found else { panic!("reference {reference} is not in schemas.json") };
+            pending.extend(found["references"].as_array().cloned().unwrap_or_default());
+            imports.push((
+                reference["name"].as_str().unwrap_or_default().to_owned(),
+                found["schema"].as_str().unwrap_or_default().to_owned(),
+            ));
+        }
+        let text = entry["schema"].as_str().unwrap_or_else(|| panic!("no schema {id}"));
+        crate::source::debezium::ProtobufSchema::compile(text, imports).unwrap_or_else(|e| panic!("schema {id}: {e}"))
+    }
+
+    /// The Protobuf message (after the schema id) as the JSON bytes the decoder reads.
+    fn protobuf_as_json(name: &str) -> Vec<u8> {
+        let bytes = read(&format!("tests/fixtures/protobuf/{name}.pb"));
+        let (id, datum) = framed(&bytes).unwrap_or_else(|| panic!("{name} is not Confluent-framed"));
+        protobuf_schema(id).read_json(datum).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    #[test]
+    fn protobuf_serializer_output_decodes_exactly_as_its_json_form() {
+        assert_cases_decode_as("tests/fixtures/protobuf/manifest.json", protobuf_as_json, |name, json| {
+            if name != "pg-adaptive-temporal" {
+                return json.to_vec();
+            }
+            // The converter writes no Connect name on primitive types, so Debezium's own
+            // temporal types arrive as the numbers and strings the connector wrote: what the
+            // JsonConverter writes without its schema (schemas.enable=false).
+            let doc: Value = serde_json::from_slice(json).unwrap_or_else(|e| panic!("{e}"));
+            serde_json::to_vec(&doc["payload"]).unwrap_or_default()
+        });
+    }
+
+    #[test]
+    fn protobuf_nulls_without_optional_for_nullables_read_as_defaults() {
+        // The same message; only the optional.for.nullables setting of the converter differs.
+        let with: Value = serde_json::from_slice(&protobuf_as_json("pg-update")).unwrap_or_default();
+        let without: Value = serde_json::from_slice(&protobuf_as_json("pg-update-defaults")).unwrap_or_default();
+        assert_eq!(with["source"]["xmin"], Value::Null);
+        assert_eq!(without["source"]["xmin"], Value::from(0), "an unset int64 without presence is 0");
+        assert_eq!(with["transaction"], Value::Null);
+        assert_eq!(without["transaction"], Value::Null, "a message field has presence either way");
+        assert_eq!(with["after"]["price"], Value::from("80.00"));
+        assert_eq!(without["after"], with["after"]);
+    }
+
+    #[test]
+    fn protobuf_events_carry_source_lsn() {
+        let got = debezium::decode("shop.public.products", None, Some(&protobuf_as_json("pg-update")));
+        let Ok(crate::event::Decoded::Change(change)) = got else { panic!("{got:?}") };
+        assert_eq!(change.lsn, Some(24023184));
     }
 
     #[test]
@@ -221,6 +401,27 @@ mod tests {
         let Ok(crate::event::Decoded::Change(change)) = got else { panic!("{got:?}") };
         let after = change.after.unwrap_or_default();
         assert_eq!(after.get("price"), Some(&Value::String("80.00".into())));
+    }
+
+    #[test]
+    fn avro_events_carry_source_lsn_for_the_freshness_second_pass() {
+        // pg-update.avro is pg-update-with-schema.json (source.lsn 24023184) through the
+        // AvroSerializer: the LSN must come out of the binary form as it does out of the JSON one.
+        let json = read("tests/fixtures/debezium/pg-update-with-schema.json");
+        let lsn_of = |decoded| match decoded {
+            Ok(crate::event::Decoded::Change(change)) => change.lsn,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(lsn_of(debezium::decode("shop.public.products", None, Some(&json))), Some(24023184));
+        assert_eq!(
+            lsn_of(debezium::decode("shop.public.products", None, Some(&avro_as_json("pg-update")))),
+            Some(24023184)
+        );
+        // A MySQL event has no LSN in either form.
+        assert_eq!(
+            lsn_of(debezium::decode("shopdb.shop.orders", None, Some(&avro_as_json("mysql-connect-temporal")))),
+            None
+        );
     }
 
     #[test]

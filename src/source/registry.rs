@@ -6,6 +6,11 @@
 //! Built on the `reqwest` already in the tree rather than `schema_registry_converter`: that
 //! crate would bring a second reqwest major version and its own Avro stack for the ~100 lines
 //! the one call we need takes (docs/design.md).
+//!
+//! A Protobuf schema may import other files, which the registry names as `references`
+//! (subject and version of each); they are fetched with
+//! `GET /subjects/{subject}/versions/{version}` before the schema is compiled. Every request is
+//! counted in `cdc_invalidator_schema_registry_requests_total{outcome}`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,18 +19,26 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config::SchemaRegistryConfig;
-use crate::source::debezium::{AvroError, AvroSchema};
+use crate::source::debezium::{AvroError, AvroSchema, ProtobufSchema};
+use crate::telemetry::Metrics;
 
 /// Schemas kept; Debezium writes one key and one value schema per table and schema version, so
 /// this holds thousands of tables. When full, an arbitrary entry is dropped (and refetched if
 /// it is needed again).
 const CACHE_CAPACITY: usize = 10_000;
 
+/// Imports followed when fetching a Protobuf schema's references (a file importing a file...):
+/// deeper than this is a schema we refuse rather than a loop we follow.
+const MAX_REFERENCE_DEPTH: usize = 16;
+/// Referenced files fetched for one schema, all levels together.
+const MAX_REFERENCES: usize = 256;
+
 /// A schema the registry holds, parsed.
 #[derive(Debug)]
 pub enum RegisteredSchema {
     Avro(AvroSchema),
-    /// Protobuf or JSON Schema: recognised and named, not decoded by this build.
+    Protobuf(ProtobufSchema),
+    /// JSON Schema: recognised and named, not decoded by this build.
     Other(String),
 }
 
@@ -44,6 +57,18 @@ pub enum RegistryError {
     BadSchema { id: u32, reason: String },
 }
 
+/// What the start-up check ([`Registry::probe`]) found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// The registry answered and accepted the credentials (`schemaTypes` it serves, when it
+    /// says: an older registry or another implementation may not have that endpoint).
+    Reachable { schema_types: Option<Vec<String>> },
+    /// 401 or 403: the credentials are missing or wrong; waiting will not fix that.
+    Rejected { status: u16, body: String },
+    /// Down, timing out, or answering 5xx.
+    Unreachable { reason: String },
+}
+
 impl RegistryError {
     /// Down, 5xx, 401/403 (credentials are fixed by an operator, and dead-lettering every
     /// message meanwhile would turn a typo into a flood), 429: retried while the message waits.
@@ -56,13 +81,31 @@ impl RegistryError {
     }
 }
 
-/// The registry's answer to `GET /schemas/ids/{id}`.
+/// The registry's answer to `GET /schemas/ids/{id}` and `GET /subjects/{s}/versions/{v}`.
 #[derive(Deserialize)]
 struct SchemaById {
     schema: String,
     /// Absent for Avro (the API's default).
     #[serde(rename = "schemaType")]
     schema_type: Option<String>,
+    /// The files a Protobuf schema imports (or the named types an Avro one uses).
+    #[serde(default)]
+    references: Vec<Reference>,
+}
+
+#[derive(Deserialize)]
+struct Reference {
+    /// The import path in the schema (`import "confluent/type/decimal.proto";`).
+    name: String,
+    subject: String,
+    version: i64,
+}
+
+/// A failed request, before it is tied to the schema id it was for.
+enum Failure {
+    NotFound,
+    Refused { status: u16, body: String },
+    Unavailable(String),
 }
 
 pub struct Registry {
@@ -70,6 +113,7 @@ pub struct Registry {
     base: String,
     auth: Option<(String, String)>,
     cache: Mutex<HashMap<u32, Arc<RegisteredSchema>>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Registry {
@@ -91,7 +135,72 @@ impl Registry {
             base: config.url.trim_end_matches('/').to_owned(),
             auth,
             cache: Mutex::new(HashMap::new()),
+            metrics: None,
         })
+    }
+
+    /// Counts requests and cached schemas in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Registry {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// One GET of `segments` under the base URL (each segment percent-encoded, so a subject
+    /// such as `confluent/type/decimal.proto` stays one segment), counted by outcome.
+    async fn get(&self, segments: &[&str]) -> Result<Vec<u8>, Failure> {
+        let outcome = self.get_uncounted(segments).await;
+        if let Some(metrics) = &self.metrics {
+            let label = match &outcome {
+                Ok(_) => "ok",
+                Err(Failure::NotFound) => "not_found",
+                Err(Failure::Refused { status: 401 | 403, .. }) => "unauthorized",
+                Err(_) => "error",
+            };
+            metrics.schema_registry_requests.with_label_values(&[label]).inc();
+        }
+        outcome
+    }
+
+    async fn get_uncounted(&self, segments: &[&str]) -> Result<Vec<u8>, Failure> {
+        let mut url = reqwest::Url::parse(&self.base).map_err(|e| Failure::Unavailable(format!("bad URL: {e}")))?;
+        url.path_segments_mut()
+            .map_err(|()| Failure::Unavailable("the URL cannot have a path".into()))?
+            .pop_if_empty()
+            .extend(segments);
+        let mut request = self.client.get(url).header("Accept", "application/vnd.schemaregistry.v1+json");
+        if let Some((user, password)) = &self.auth {
+            request = request.basic_auth(user, Some(password));
+        }
+        let unavailable = |e: reqwest::Error| Failure::Unavailable(e.without_url().to_string());
+        let response = request.send().await.map_err(unavailable)?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await.map_err(unavailable)?;
+        if status == 404 {
+            return Err(Failure::NotFound);
+        }
+        if !(200..300).contains(&status) {
+            // The registry's error body is `{"error_code":…,"message":…}`; kept short.
+            let text: String = String::from_utf8_lossy(&body).chars().take(200).collect();
+            return Err(Failure::Refused { status, body: text });
+        }
+        Ok(body.to_vec())
+    }
+
+    /// The start-up check: `GET /schemas/types`, the smallest call that needs the credentials
+    /// and no particular subject (Confluent, Karapace and Apicurio's compatibility API serve it).
+    pub async fn probe(&self) -> Probe {
+        match self.get(&["schemas", "types"]).await {
+            Ok(body) => Probe::Reachable { schema_types: serde_json::from_slice(&body).ok() },
+            // An answer that is not about the credentials still proves the registry is there.
+            Err(Failure::NotFound) => Probe::Reachable { schema_types: None },
+            Err(Failure::Refused { status: status @ (401 | 403), body }) => Probe::Rejected { status, body },
+            Err(Failure::Refused { status, body }) if status < 500 => {
+                tracing::debug!(status, body, "schema registry: /schemas/types refused; the registry is reachable");
+                Probe::Reachable { schema_types: None }
+            }
+            Err(Failure::Refused { status, body }) => Probe::Unreachable { reason: format!("HTTP {status}: {body}") },
+            Err(Failure::Unavailable(reason)) => Probe::Unreachable { reason },
+        }
     }
 
     /// A schema already cached, without a request.
@@ -109,30 +218,22 @@ impl Registry {
         if let Some(schema) = self.cached(id) {
             return Ok(schema);
         }
-        let url = format!("{}/schemas/ids/{id}", self.base);
-        let mut request = self.client.get(&url).header("Accept", "application/vnd.schemaregistry.v1+json");
-        if let Some((user, password)) = &self.auth {
-            request = request.basic_auth(user, Some(password));
-        }
-        let unavailable = |e: reqwest::Error| RegistryError::Unavailable { id, reason: e.without_url().to_string() };
-        let response = request.send().await.map_err(unavailable)?;
-        let status = response.status().as_u16();
-        let body = response.bytes().await.map_err(unavailable)?;
-        if status == 404 {
-            return Err(RegistryError::NotFound { id });
-        }
-        if !(200..300).contains(&status) {
-            // The registry's error body is `{"error_code":…,"message":…}`; kept short.
-            let text: String = String::from_utf8_lossy(&body).chars().take(200).collect();
-            return Err(RegistryError::Refused { id, status, body: text });
-        }
-        let answer: SchemaById = serde_json::from_slice(&body)
+        let id_text = id.to_string();
+        let answer = self.get(&["schemas", "ids", &id_text]).await.map_err(|f| failure(id, f))?;
+        let answer: SchemaById = serde_json::from_slice(&answer)
             .map_err(|e| RegistryError::BadSchema { id, reason: format!("the answer is not a schema: {e}") })?;
         let schema = match answer.schema_type.as_deref().unwrap_or("AVRO") {
             "AVRO" => RegisteredSchema::Avro(
                 AvroSchema::parse(&answer.schema)
                     .map_err(|e: AvroError| RegistryError::BadSchema { id, reason: e.to_string() })?,
             ),
+            "PROTOBUF" => {
+                let imports = self.imports(id, answer.references).await?;
+                RegisteredSchema::Protobuf(
+                    ProtobufSchema::compile(&answer.schema, imports)
+                        .map_err(|e| RegistryError::BadSchema { id, reason: e.to_string() })?,
+                )
+            }
             other => RegisteredSchema::Other(other.to_owned()),
         };
         let schema = Arc::new(schema);
@@ -143,7 +244,58 @@ impl Registry {
             }
         }
         cache.insert(id, schema.clone());
+        if let Some(metrics) = &self.metrics {
+            metrics.schema_registry_cached_schemas.set(cache.len() as i64);
+        }
         Ok(schema)
+    }
+
+    /// The files a Protobuf schema imports, by import path, following references of references
+    /// (breadth first, each subject version once, bounded).
+    async fn imports(&self, id: u32, references: Vec<Reference>) -> Result<Vec<(String, String)>, RegistryError> {
+        let mut files: Vec<(String, String)> = Vec::new();
+        let mut level = references;
+        for _ in 0..MAX_REFERENCE_DEPTH {
+            if level.is_empty() {
+                return Ok(files);
+            }
+            let mut next = Vec::new();
+            for reference in level {
+                if files.iter().any(|(name, _)| *name == reference.name) {
+                    continue;
+                }
+                if files.len() >= MAX_REFERENCES {
+                    return Err(RegistryError::BadSchema {
+                        id,
+                        reason: format!("more than {MAX_REFERENCES} referenced files"),
+                    });
+                }
+                let version = reference.version.to_string();
+                let answer =
+                    self.get(&["subjects", &reference.subject, "versions", &version]).await.map_err(|f| match f {
+                        // A reference the registry does not have will not appear by waiting.
+                        Failure::NotFound => RegistryError::BadSchema {
+                            id,
+                            reason: format!(
+                                "the referenced file {} (subject {}, version {}) is not in the registry",
+                                reference.name, reference.subject, reference.version
+                            ),
+                        },
+                        other => failure(id, other),
+                    })?;
+                let answer: SchemaById = serde_json::from_slice(&answer).map_err(|e| RegistryError::BadSchema {
+                    id,
+                    reason: format!("the referenced file {} is not a schema: {e}", reference.name),
+                })?;
+                next.extend(answer.references);
+                files.push((reference.name, answer.schema));
+            }
+            level = next;
+        }
+        Err(RegistryError::BadSchema {
+            id,
+            reason: format!("references nest deeper than {MAX_REFERENCE_DEPTH} levels"),
+        })
     }
 
     /// [`Registry::schema`], retried with backoff (100 ms doubling to 10 s) while the error is
@@ -168,6 +320,14 @@ impl Registry {
                 other => return Some(other),
             }
         }
+    }
+}
+
+fn failure(id: u32, failure: Failure) -> RegistryError {
+    match failure {
+        Failure::NotFound => RegistryError::NotFound { id },
+        Failure::Refused { status, body } => RegistryError::Refused { id, status, body },
+        Failure::Unavailable(reason) => RegistryError::Unavailable { id, reason },
     }
 }
 

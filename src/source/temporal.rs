@@ -32,6 +32,15 @@ pub(crate) fn date(days: i64) -> Option<String> {
     Some(format!("{year:04}-{month:02}-{day:02}"))
 }
 
+/// A calendar date given as its parts (`google.type.Date`, which the Protobuf converter writes
+/// for a Connect `Date`) as `YYYY-MM-DD`; `None` for a date that does not exist.
+pub(crate) fn civil_date(year: i64, month: i64, day: i64) -> Option<String> {
+    if !(0..=9999).contains(&year) || !(1..=12).contains(&month) || !(1..=days_in_month(year, month)).contains(&day) {
+        return None;
+    }
+    date(days_from_civil(year, month, day))
+}
+
 /// A time of day given as a count of `unit_nanos` nanoseconds past midnight (Debezium `Time`
 /// in ms, `MicroTime` in µs, `NanoTime` in ns; Connect `Time` in ms). Up to and including
 /// 24:00:00, which PostgreSQL allows for `time` and prints as such.

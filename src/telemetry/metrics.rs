@@ -144,6 +144,11 @@ pub struct Metrics {
     pub replica_replay_lag_bytes: IntGaugeVec,
     /// Second passes that went out at `freshness.max_wait`, by the replica that was behind.
     pub freshness_max_wait: IntCounterVec,
+    /// Schema registry requests, by outcome (`ok`, `not_found`, `unauthorized`, `error`).
+    pub schema_registry_requests: IntCounterVec,
+    /// Schemas held in the registry client's cache (messages whose schema is cached decode
+    /// while the registry is down).
+    pub schema_registry_cached_schemas: IntGauge,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -560,6 +565,21 @@ impl Metrics {
                 "Second passes sent at freshness.max_wait because a replica had not replayed the commit, by replica.",
                 &["replica"],
             ),
+            schema_registry_requests: counter(
+                &r,
+                "cdc_invalidator_schema_registry_requests_total",
+                "Schema registry requests, by outcome (ok, not_found, unauthorized, error).",
+                &["outcome"],
+            ),
+            schema_registry_cached_schemas: {
+                let g = IntGauge::new(
+                    "cdc_invalidator_schema_registry_cached_schemas",
+                    "Schemas held in the schema registry client's cache.",
+                )
+                .expect("valid");
+                r.register(Box::new(g.clone())).expect("unique");
+                g
+            },
             registry: r,
         };
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use super::json::{self, Depth, Fields, Kind, Slot};
 use super::{mongodb, schema, DecodeError, Images, Message, Placeholders};
-use crate::event::{Decoded, NoChangeKind, Op};
+use crate::event::{ChangeEvent, Decoded, NoChangeKind, Op};
 
 pub(super) fn decode(
     topic: &str,
@@ -43,6 +43,7 @@ pub(super) fn decode(
         }
         other => return Err(DecodeError::UnknownOp { field: "op", value: other.to_owned() }),
     };
+    let lsn = source.lsn;
     // MongoDB names a collection where relational connectors name a table (`mongodb.rs`).
     let mongo = source.collection.is_some();
     let table = match &source.collection {
@@ -51,7 +52,7 @@ pub(super) fn decode(
     };
     if op == Op::Truncate {
         let images = Images { before: None, after: None };
-        return super::finish(table, op, images, source.committed_at, None, placeholders);
+        return super::finish(table, op, images, source.committed_at, None, placeholders).map(|d| with_lsn(d, lsn));
     }
     if mongo {
         let before = mongodb::image(fields.take("before"), "`before`")?;
@@ -62,7 +63,8 @@ pub(super) fn decode(
         if op == Op::Update && before.is_none() && after.is_none() && key.is_some() {
             after = Some(Default::default());
         }
-        return super::finish(table, op, Images { before, after }, source.committed_at, key, placeholders);
+        return super::finish(table, op, Images { before, after }, source.committed_at, key, placeholders)
+            .map(|d| with_lsn(d, lsn));
     }
 
     let mut before = super::image(fields.take("before"), "`before`")?;
@@ -80,6 +82,15 @@ pub(super) fn decode(
         }
     }
     super::finish(table, op, Images { before, after }, source.committed_at, super::key_row(key), placeholders)
+        .map(|d| with_lsn(d, lsn))
+}
+
+/// The change event with `source.lsn`, for the second pass with read replicas (`freshness`).
+fn with_lsn(decoded: Decoded, lsn: Option<u64>) -> Decoded {
+    match decoded {
+        Decoded::Change(change) => Decoded::Change(ChangeEvent { lsn, ..change }),
+        other => other,
+    }
 }
 
 /// What we use of the `source` block.
@@ -92,13 +103,15 @@ struct Source<'a> {
     /// MongoDB: the collection, with `db` its database.
     collection: Option<Cow<'a, str>>,
     committed_at: Option<SystemTime>,
+    /// PostgreSQL: the change's WAL position (a number; some converters write it as a string).
+    lsn: Option<u64>,
 }
 
 impl<'a> Source<'a> {
     fn read(slot: Option<&Slot<'a>>) -> Result<Source<'a>, DecodeError> {
         // The caller only gets here with `source` an object, which `Depth::Event` keeps raw.
         let Some(Slot::Raw(raw)) = slot else {
-            return Ok(Source { schema: None, db: None, table: None, collection: None, committed_at: None });
+            return Ok(Source { schema: None, db: None, table: None, collection: None, committed_at: None, lsn: None });
         };
         let kind = Kind::of(raw);
         if kind != Kind::Object {
@@ -112,6 +125,7 @@ impl<'a> Source<'a> {
             table: text(&fields, "table", "`source.table`")?,
             collection: text(&fields, "collection", "`source.collection`")?,
             committed_at: super::commit_time(fields.get("ts_ns"), fields.get("ts_us"), fields.get("ts_ms")),
+            lsn: lsn(fields.get("lsn")),
         })
     }
 
@@ -119,6 +133,19 @@ impl<'a> Source<'a> {
     fn qualifier(&self) -> Option<&str> {
         self.schema.as_deref().filter(|s| !s.is_empty()).or(self.db.as_deref())
     }
+}
+
+/// `source.lsn`: a number, or a number as a string; anything else (null, absent, other
+/// connectors) is no LSN, and so is 0, which no change has (the Protobuf converter writes an
+/// unset number as 0). Never an error: the LSN only tunes the second pass.
+fn lsn(slot: Option<&Slot<'_>>) -> Option<u64> {
+    let Some(Slot::Raw(raw)) = slot else { return None };
+    let lsn: u64 = match Kind::of(raw) {
+        Kind::Number => raw.get().parse().ok()?,
+        Kind::String => json::string(raw)?.parse().ok()?,
+        _ => return None,
+    };
+    (lsn != 0).then_some(lsn)
 }
 
 /// A string field of `fields`: `None` when absent or null, an error for any other type.

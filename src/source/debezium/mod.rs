@@ -79,6 +79,7 @@ mod flattened;
 mod json;
 mod mongodb;
 mod placeholder;
+mod protobuf;
 #[cfg(test)]
 mod real_tests;
 mod schema;
@@ -98,6 +99,7 @@ pub use avro::{AvroError, AvroSchema};
 pub use decimal::DecimalError;
 use json::{Depth, Fields, Kind, Slot};
 pub use placeholder::{configure, current as placeholders, DebeziumConfig, Placeholders, DEFAULT_PLACEHOLDER};
+pub use protobuf::{ProtobufError, ProtobufSchema};
 use schema::LogicalColumns;
 
 /// Debezium's default heartbeat topic prefix (`topic.heartbeat.prefix`); heartbeats on a
@@ -376,7 +378,7 @@ fn finish(
         Op::Delete if before.is_none() => return Err(DecodeError::DeleteWithoutRow),
         _ => {}
     }
-    Ok(Decoded::Change(ChangeEvent { table, op, before, after, committed_at }))
+    Ok(Decoded::Change(ChangeEvent { table, op, before, after, committed_at, lsn: None }))
 }
 
 /// The key columns a message key carries; `None` when there is no usable key.
@@ -452,7 +454,9 @@ const NANOS_PER_NS: i128 = 1;
 fn commit_time(ns: Option<&Slot<'_>>, us: Option<&Slot<'_>>, ms: Option<&Slot<'_>>) -> Option<SystemTime> {
     [(ns, NANOS_PER_NS), (us, NANOS_PER_US), (ms, NANOS_PER_MS)]
         .into_iter()
-        .find_map(|(slot, unit)| epoch_time(slot?.as_i64()?, unit))
+        // A zero count is an unset field (the Protobuf converter writes one as 0), never a
+        // commit time.
+        .find_map(|(slot, unit)| epoch_time(slot?.as_i64().filter(|n| *n != 0)?, unit))
 }
 
 /// An integer count of `unit` nanoseconds since the Unix epoch, as a time.

@@ -309,6 +309,7 @@ fn a_rendered_item_holding_a_placeholder_is_a_rule_error() {
         before: None,
         after: Some(row(json!({"id": 42, "slug": "x-__debezium_unavailable_value"}))),
         committed_at: None,
+        lsn: None,
     };
     let rules = rules(
         "version: 1\nrules:\n  - name: pages\n    table: public.products\n    redis:\n      keys: [\"product:{id}\"]\n    cdn:\n      urls: [\"https://shop.example.com/p/{slug}\"]\n",

@@ -77,6 +77,7 @@ fn pg_update_with_schema_decodes_decimals() {
         before: Some(blue_widget("100.00", 5)),
         after: Some(blue_widget("80.00", 7)),
         committed_at: ms(1_763_821_800_123),
+        lsn: Some(24023184),
     };
     assert_eq!(got, Decoded::Change(want));
 }
@@ -90,6 +91,7 @@ fn pg_update_no_schema() {
         before: Some(blue_widget("100.00", 5)),
         after: Some(blue_widget("80.00", 5)),
         committed_at: ms(1_763_821_800_123),
+        lsn: Some(24023184),
     };
     assert_eq!(got, Decoded::Change(want));
 }
@@ -105,6 +107,7 @@ fn pg_update_replica_identity_default_has_no_before_image() {
             json!({"id": 42, "name": "Red Widget", "price": "80.00", "category_id": 5, "slug": "red-widget"}),
         )),
         committed_at: ms(1_763_821_801_000),
+        lsn: Some(24023300),
     };
     assert_eq!(got, Decoded::Change(want.clone()));
     // The key does not invent a before image for an update: `when_changed` must see none.
@@ -126,6 +129,7 @@ fn pg_insert() {
             json!({"id": 43, "name": "Green Widget", "price": "12.50", "category_id": 7, "slug": "green-widget"}),
         )),
         committed_at: ms(1_763_821_802_000),
+        lsn: Some(24023400),
     };
     assert_eq!(got, Decoded::Change(want));
 }
@@ -139,6 +143,7 @@ fn pg_delete_key_only() {
         before: Some(row(json!({"id": 43, "name": null, "price": null, "category_id": null, "slug": null}))),
         after: None,
         committed_at: ms(1_763_821_803_000),
+        lsn: Some(24023500),
     };
     assert_eq!(got, Decoded::Change(want));
 }
@@ -152,6 +157,7 @@ fn pg_snapshot_read() {
         before: None,
         after: Some(row(json!({"id": 1, "name": "Starter", "price": "1.00", "category_id": 1, "slug": "starter"}))),
         committed_at: ms(1_763_821_700_000),
+        lsn: Some(24000000),
     };
     assert_eq!(got, Decoded::Change(want));
 }
@@ -165,6 +171,7 @@ fn pg_truncate() {
         before: None,
         after: None,
         committed_at: ms(1_763_821_804_000),
+        lsn: Some(24023600),
     };
     assert_eq!(got, Decoded::Change(want));
 }
@@ -181,6 +188,7 @@ fn mysql_update_uses_db_dot_table() {
         before: Some(customer("Anne")),
         after: Some(customer("Anne Marie")),
         committed_at: ms(1_763_821_805_000),
+        lsn: None,
     };
     assert_eq!(got, Decoded::Change(want));
 }
@@ -194,6 +202,7 @@ fn unwrapped_update_strips_metadata() {
         before: None,
         after: Some(blue_widget("80.00", 7)),
         committed_at: ms(1_763_821_806_000),
+        lsn: None,
     };
     assert_eq!(got, Decoded::Change(want));
 }
@@ -207,6 +216,7 @@ fn unwrapped_delete_rewrite_is_a_delete_of_the_row() {
         before: Some(blue_widget("80.00", 7)),
         after: None,
         committed_at: ms(1_763_821_807_000),
+        lsn: None,
     };
     assert_eq!(got, Decoded::Change(want));
 }
@@ -318,6 +328,7 @@ fn flattened_without_op_is_an_update_with_only_an_after_image() {
         before: None,
         after: Some(row(json!({"id": 42, "name": "Blue Widget", "op": "renamed", "after": "x"}))),
         committed_at: None,
+        lsn: None,
     };
     assert_eq!(got, want);
     // A flattened outbox row with a `payload` column is no schema envelope.

@@ -94,7 +94,8 @@ impl KafkaSource {
     /// Creates the consumer and subscribes. Connecting happens in the background: a broker that
     /// is down now is not an error (the source just is not ready yet).
     pub fn new(config: &KafkaConfig, metrics: Arc<Metrics>) -> Result<KafkaSource, KafkaSourceError> {
-        let codec = crate::source::encoded::Codec::new(config).map_err(KafkaSourceError::Registry)?;
+        let codec =
+            crate::source::encoded::Codec::new(config, Some(metrics.clone())).map_err(KafkaSourceError::Registry)?;
         let tracker = Arc::new(Mutex::new(Tracker::default()));
         let context =
             KafkaContext { tracker: tracker.clone(), metrics: metrics.clone(), commit_failed: Default::default() };
@@ -119,6 +120,8 @@ impl KafkaSource {
     /// Reads until `shutdown` stops intake, then keeps committing while the pipeline drains, and
     /// commits one last time once every event is finished or abandoned.
     pub async fn run(self, out: mpsc::Sender<SourceEvent>, shutdown: Shutdown) -> Result<(), KafkaSourceError> {
+        // Before anything is read: credentials the registry rejects stop the daemon here.
+        self.codec.check_registry().await.map_err(KafkaSourceError::Registry)?;
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Finished>();
         let mut commit_tick = tokio::time::interval(self.commit_interval);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
