@@ -146,7 +146,10 @@ fn load(config_path: &Path) -> Result<(Config, Rules), u8> {
 pub fn check(config_path: &Path, against_db: bool) -> ExitCode {
     match load(config_path) {
         Ok((config, rules)) if against_db => crate::source::postgres::check::run_cli(&config, &rules),
-        Ok(_) => {
+        Ok((_, rules)) => {
+            for notice in rules.notices() {
+                eprintln!("notice: {notice}");
+            }
             println!("ok");
             ExitCode::from(OK)
         }

@@ -24,6 +24,7 @@ mod operator_replay;
 mod pipeline;
 mod postgres;
 mod redis_deployments;
+mod redis_more_ways;
 mod redis_sink;
 mod signals;
 mod tansu_smoke;
