@@ -49,7 +49,8 @@ impl Target {
                 c
             }
         };
-        c.retry = RetryPolicy { initial: Duration::from_millis(20), max: Duration::from_millis(250), max_attempts: None };
+        c.retry =
+            RetryPolicy { initial: Duration::from_millis(20), max: Duration::from_millis(250), max_attempts: None };
         c.connect_timeout = Duration::from_millis(500);
         c.response_timeout = Duration::from_millis(2000);
         c.scan_count = 100;
@@ -166,12 +167,18 @@ async fn generations_only_move_forward(target: Target) {
     assert_eq!(metrics.value("cdc_invalidator_redis_generations_total", &kept), 4.0);
 
     // Coalesced: two events of one batch, the higher position wins.
-    let batch = Invalidations::union([&generations(&["gen:product:1"], Some(300)), &generations(&["gen:product:1"], Some(200))]);
+    let batch = Invalidations::union([
+        &generations(&["gen:product:1"], Some(300)),
+        &generations(&["gen:product:1"], Some(200)),
+    ]);
     invalidate(&sink, &batch).await;
     assert_eq!(read(&mut *con, "gen:product:1"), "300");
 
-    // Beyond 2^53: 2^53 + 1 is kept against 2^53, which a double cannot tell apart.
+    // Beyond 2^53: 2^53 + 1 moves on from 2^53, which a double cannot tell apart, and 2^53
+    // then does not move it back.
+    invalidate(&sink, &generations(&["gen:big"], Some(9_007_199_254_740_992))).await;
     invalidate(&sink, &generations(&["gen:big"], Some(9_007_199_254_740_993))).await;
+    assert_eq!(read(&mut *con, "gen:big"), "9007199254740993");
     invalidate(&sink, &generations(&["gen:big"], Some(9_007_199_254_740_992))).await;
     assert_eq!(read(&mut *con, "gen:big"), "9007199254740993");
     invalidate(&sink, &generations(&["gen:big"], Some(u64::MAX))).await;
@@ -187,7 +194,10 @@ async fn generations_only_move_forward(target: Target) {
     let reasons: Vec<String> = report.rejected.iter().map(|r| r.reason.clone()).collect();
     assert_eq!(reasons.len(), 3, "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("\"gen:hash\" holds a hash")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("\"gen:text\" holds a string that is not a decimal number")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("\"gen:text\" holds a string that is not a decimal number")),
+        "{reasons:?}"
+    );
     assert!(reasons.iter().any(|r| r.contains("no source position")), "{reasons:?}");
     assert_eq!(read(&mut *con, "gen:text"), "v17");
     assert_eq!(read(&mut *con, "gen:product:2"), "500");
@@ -242,7 +252,11 @@ async fn dependents_cascade(target: Target) {
     assert!(report.rejected.is_empty(), "{:?}", report.rejected);
     assert!(report.confirmed.contains(&(ItemKind::RedisDependents, 1)), "{:?}", report.confirmed);
 
-    assert_eq!(existing(&mut *con, &chain), strings(&["F", "Y"]), "the chain to depth 3, the tag's and the match's dependents");
+    assert_eq!(
+        existing(&mut *con, &chain),
+        strings(&["F", "Y"]),
+        "the chain to depth 3, the tag's and the match's dependents"
+    );
     let sets = strings(&["dep:A", "dep:B", "dep:C", "dep:D", "dep:E", "dep:M", "dep:p:1", "dep:X", "dep:Y"]);
     assert_eq!(existing(&mut *con, &sets), strings(&["dep:E", "dep:X", "dep:Y"]), "emptied sets are gone");
     let x: String = q(&mut *con, &["GET", "dep:X"]);
@@ -309,8 +323,14 @@ async fn a_100k_key_pattern_scan_does_not_hold_plain_keys() {
     kafka.create_topic(TOPIC, 1);
     let dir = tempfile::tempdir().unwrap();
     let bootstrap = kafka.bootstrap();
-    let setup =
-        Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g", redis_url: &redis.url(), extra: "", librdkafka: &[] };
+    let setup = Setup {
+        bootstrap: &bootstrap,
+        topics: &[TOPIC],
+        group: "g",
+        redis_url: &redis.url(),
+        extra: "",
+        librdkafka: &[],
+    };
     let (path, port) = write_config(dir.path(), &setup);
     std::fs::write(dir.path().join("rules.yaml"), PATTERN_RULES).unwrap();
     let text = std::fs::read_to_string(&path).unwrap().replace(

@@ -384,8 +384,14 @@ impl Rule {
             }
             if flags.dependents {
                 if let Some(root) = crate::sink::redis::dependents::Root::kind_prefix(*kind) {
-                    let added: Vec<String> =
-                        eval.invalidations.items(*kind).get(first..).unwrap_or_default().iter().map(|i| format!("{root}{i}")).collect();
+                    let added: Vec<String> = eval
+                        .invalidations
+                        .items(*kind)
+                        .get(first..)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|i| format!("{root}{i}"))
+                        .collect();
                     eval.invalidations.items_mut(ItemKind::RedisDependents).extend(added);
                 }
             }

@@ -483,7 +483,9 @@ impl Checker<'_> {
                                 self.notices.push(Problem {
                                     file: self.file.to_path_buf(),
                                     location: Some(list.location),
-                                    message: format!("{who}: `{field}: true`: its patterns may scan the whole keyspace"),
+                                    message: format!(
+                                        "{who}: `{field}: true`: its patterns may scan the whole keyspace"
+                                    ),
                                 });
                             }
                         }

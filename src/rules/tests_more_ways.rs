@@ -78,7 +78,11 @@ rules:
     let eval = rules(text).evaluate(&insert(json!({"prefix": ""})));
     assert_eq!(eval.invalidations.items(ItemKind::RedisPattern), [":x:*"]);
     assert_eq!(eval.errors.len(), 1);
-    assert!(eval.errors[0].message.contains("\"{prefix}*\" rendered a pattern matching every key"), "{:?}", eval.errors);
+    assert!(
+        eval.errors[0].message.contains("\"{prefix}*\" rendered a pattern matching every key"),
+        "{:?}",
+        eval.errors
+    );
     let allowed = text.replace("      patterns:", "      allow_full_scan: true\n      patterns:");
     let eval = rules(&allowed).evaluate(&insert(json!({"prefix": ""})));
     assert!(eval.errors.is_empty());
@@ -97,15 +101,25 @@ rules:
       redis: { patterns: ["**"] }
 "#;
     let text_problems = problems(text);
-    assert!(text_problems.contains("rules.yaml:6:18: rule \"everything\": `redis.patterns` template \"*\" matches every key"), "{text_problems}");
-    assert!(text_problems.contains("rules.yaml:8:27: rule \"everything\": `on_truncate.redis.patterns` template \"**\""), "{text_problems}");
+    assert!(
+        text_problems
+            .contains("rules.yaml:6:18: rule \"everything\": `redis.patterns` template \"*\" matches every key"),
+        "{text_problems}"
+    );
+    assert!(
+        text_problems.contains("rules.yaml:8:27: rule \"everything\": `on_truncate.redis.patterns` template \"**\""),
+        "{text_problems}"
+    );
     let allowed = text
         .replace("      patterns: [\"*\"]", "      patterns: [\"*\"]\n      allow_full_scan: true")
         .replace("{ patterns: [\"**\"] }", "{ patterns: [\"**\"], allow_full_scan: true }");
     let loaded = rules(&allowed);
     let notices: Vec<String> = loaded.notices().iter().map(|n| n.to_string()).collect();
     assert_eq!(notices.len(), 2, "{notices:?}");
-    assert!(notices[0].starts_with("rules.yaml:7:24: rule \"everything\": `redis.allow_full_scan: true`"), "{notices:?}");
+    assert!(
+        notices[0].starts_with("rules.yaml:7:24: rule \"everything\": `redis.allow_full_scan: true`"),
+        "{notices:?}"
+    );
     assert!(notices[1].starts_with("rules.yaml:9:"), "{notices:?}");
 }
 
@@ -123,14 +137,23 @@ rules:
       redis: { patterns: ["product:{id}:*"], allow_full_scan: 1 }
 "#;
     let text = problems(text);
-    assert!(text.contains("rules.yaml:7:19: rule \"bad\": `redis.dependents` must be true or false, not a string"), "{text}");
+    assert!(
+        text.contains("rules.yaml:7:19: rule \"bad\": `redis.dependents` must be true or false, not a string"),
+        "{text}"
+    );
     assert!(text.contains("rules.yaml:8:20: rule \"bad\": `redis.generations` must be a list of templates"), "{text}");
     assert!(text.contains("rules.yaml:10:27: rule \"bad\": `on_truncate.redis.patterns` template \"product:{id}:*\" uses the column \"id\""), "{text}");
     assert!(text.contains("`on_truncate.redis.allow_full_scan` must be true or false"), "{text}");
     let ok = rules(
         "version: 1\nrules:\n  - name: t\n    table: public.products\n    on_truncate:\n      redis: { patterns: [\"product:*\"] }\n",
     );
-    let truncate = ChangeEvent { table: "public.products".into(), op: Op::Truncate, before: None, after: None, committed_at: None };
+    let truncate = ChangeEvent {
+        table: "public.products".into(),
+        op: Op::Truncate,
+        before: None,
+        after: None,
+        committed_at: None,
+    };
     assert_eq!(ok.evaluate(&truncate).invalidations.items(ItemKind::RedisPattern), ["product:*"]);
 }
 

@@ -249,6 +249,9 @@ mod tests {
     fn a_set_serializes_as_one_field_per_kind_in_declaration_order() {
         let set = Invalidations::of(ItemKind::Url, vec!["https://x.example/".into()]);
         let json = serde_json::to_string(&set).unwrap();
-        assert_eq!(json, r#"{"redis_keys":[],"redis_tags":[],"redis_patterns":[],"redis_generations":[],"redis_dependents":[],"surrogate_keys":[],"urls":["https://x.example/"]}"#);
+        assert_eq!(
+            json,
+            r#"{"redis_keys":[],"redis_tags":[],"redis_patterns":[],"redis_generations":[],"redis_dependents":[],"surrogate_keys":[],"urls":["https://x.example/"]}"#
+        );
     }
 }

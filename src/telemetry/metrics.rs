@@ -167,7 +167,12 @@ impl RedisMoreWays {
                 "Patterns of the current batch whose SCAN is not finished.",
                 &["sink"],
             ),
-            scan_calls: counter(r, "cdc_invalidator_redis_scan_calls_total", "SCAN calls made for patterns.", &["sink"]),
+            scan_calls: counter(
+                r,
+                "cdc_invalidator_redis_scan_calls_total",
+                "SCAN calls made for patterns.",
+                &["sink"],
+            ),
             pattern_keys_matched: counter(
                 r,
                 "cdc_invalidator_redis_pattern_keys_matched_total",

@@ -60,10 +60,18 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_each_setting_is_bounded_with_its_line() {
         assert_eq!(problems(""), "");
-        assert_eq!(problems("    scan_count: 50\n    scans_per_second: 5\n    dep_prefix: \"d:\"\n    dependents_depth: 1\n"), "");
-        let text = problems("    scan_count: 0\n    scans_per_second: 0\n    dep_prefix: \"tag:\"\n    dependents_depth: 17\n");
+        assert_eq!(
+            problems("    scan_count: 50\n    scans_per_second: 5\n    dep_prefix: \"d:\"\n    dependents_depth: 1\n"),
+            ""
+        );
+        let text = problems(
+            "    scan_count: 0\n    scans_per_second: 0\n    dep_prefix: \"tag:\"\n    dependents_depth: 17\n",
+        );
         assert!(text.contains("c.yaml:10:") && text.contains("scan_count must be between 1 and 100000"), "{text}");
-        assert!(text.contains("c.yaml:11:") && text.contains("scans_per_second must be between 1 and 100000"), "{text}");
+        assert!(
+            text.contains("c.yaml:11:") && text.contains("scans_per_second must be between 1 and 100000"),
+            "{text}"
+        );
         assert!(text.contains("c.yaml:12:") && text.contains("dep_prefix must differ from tag_prefix"), "{text}");
         assert!(text.contains("c.yaml:13:") && text.contains("dependents_depth must be between 1 and 16"), "{text}");
         assert!(problems("    dep_prefix: \"\"\n").contains("dep_prefix must not be empty"));

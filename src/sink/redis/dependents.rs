@@ -86,10 +86,7 @@ impl<'a> Roots<'a> {
     /// `tags`).
     pub(super) fn tag_members(&self, tags: &[String], members: Vec<(usize, Vec<String>)>) -> Vec<(usize, Vec<String>)> {
         let wanted: HashMap<&str, usize> = self.with(Root::TAG).map(|(i, tag)| (tag, i)).collect();
-        members
-            .into_iter()
-            .filter_map(|(t, members)| Some((*wanted.get(tags.get(t)?.as_str())?, members)))
-            .collect()
+        members.into_iter().filter_map(|(t, members)| Some((*wanted.get(tags.get(t)?.as_str())?, members))).collect()
     }
 
     /// `pattern:` roots: pattern to root index.

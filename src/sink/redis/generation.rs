@@ -218,7 +218,8 @@ impl RedisSink {
                 reason: "the event has no source position a generation can hold (no LSN, no commit time; a replayed message without source.lsn)".into(),
             });
         }
-        let counter = |outcome: &str| self.metrics.redis_more.generations.with_label_values(&[self.name.as_str(), outcome]);
+        let counter =
+            |outcome: &str| self.metrics.redis_more.generations.with_label_values(&[self.name.as_str(), outcome]);
         for (call, answer) in calls.iter().zip(answers) {
             match answer {
                 Answer::Advanced => counter("advanced").inc(),

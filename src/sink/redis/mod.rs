@@ -458,8 +458,15 @@ impl RedisSink {
     /// Fans out every tag (or, for the dependents cascade, every key's dependency set); the
     /// result says which finished and which were rejected, and with `collect` which members
     /// each gave.
-    async fn fan_out(&self, sets: Sets, tags: &[String], collect: bool, shutdown: &Shutdown) -> Result<Fanout, SinkError> {
-        let fanout = Fanout::new(self.set_prefix(sets), tags, self.tag_chunk, matches!(self.backend, Backend::Cluster(_)));
+    async fn fan_out(
+        &self,
+        sets: Sets,
+        tags: &[String],
+        collect: bool,
+        shutdown: &Shutdown,
+    ) -> Result<Fanout, SinkError> {
+        let fanout =
+            Fanout::new(self.set_prefix(sets), tags, self.tag_chunk, matches!(self.backend, Backend::Cluster(_)));
         let fanout = if collect { fanout.collecting() } else { fanout };
         let unlinked = self.set_members_counter(sets);
         let connection = match &self.backend {
@@ -827,7 +834,9 @@ impl Sink for RedisSink {
         }
         if roots.served_here() > 0 {
             let rejected = self.cascade(cascade, shutdown).await?;
-            report.confirmed.push((ItemKind::RedisDependents, roots.served_here().saturating_sub(rejected.len()) as u64));
+            report
+                .confirmed
+                .push((ItemKind::RedisDependents, roots.served_here().saturating_sub(rejected.len()) as u64));
             report.rejected.extend(rejected);
         }
         Ok(report)
