@@ -14,7 +14,7 @@ use cdc_invalidator::sink::redis::generation::stamp;
 use cdc_invalidator::sink::redis::{PatternSink, RedisSink};
 use cdc_invalidator::sink::{Invalidations, ItemKind, Sink, SinkReport};
 use cdc_invalidator::telemetry::Metrics;
-use redis::{Commands, ConnectionLike};
+use redis::ConnectionLike;
 
 use crate::support::daemon::{binary, wait_until, write_config, Daemon, Setup};
 use crate::support::events::product_insert;
@@ -288,72 +288,104 @@ rules:
       patterns: ["bulk:{category_id}:*"]
 "#;
 
-fn count(con: &mut redis::Connection, pattern: &str) -> usize {
+/// Keys matching `pattern` on the server, or on every primary of the cluster.
+fn count(target: &Target, pattern: &str) -> usize {
+    let ports = match target {
+        Target::Standalone(server) => vec![server.port()],
+        Target::Cluster(cluster) => cluster.masters(),
+    };
     let mut n = 0;
-    let mut cursor = 0u64;
-    loop {
-        let (next, keys): (u64, Vec<String>) =
-            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(5000).query(con).unwrap();
-        n += keys.len();
-        if next == 0 {
-            return n;
+    for port in ports {
+        let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap().get_connection().unwrap();
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(5000)
+                .query(&mut con)
+                .unwrap();
+            n += keys.len();
+            if next == 0 {
+                break;
+            }
+            cursor = next;
         }
-        cursor = next;
     }
+    n
 }
 
 /// The daemon with 100,000 keys under one pattern, walked at 20 SCAN calls of 1,000 a second
 /// (about five seconds): a plain key invalidated after the walk started is gone while the walk
 /// still runs, and the offsets are not committed past the pattern's event until its walk is
 /// done.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_100k_key_pattern_scan_does_not_hold_plain_keys() {
-    let redis = RedisServer::start();
-    let mut con = redis.connection();
-    for chunk in (0..100_000).collect::<Vec<u32>>().chunks(10_000) {
-        let mut pipe = redis::pipe();
-        for i in chunk {
-            pipe.set(format!("bulk:5:{i}"), "cached").ignore();
+async fn a_big_pattern_scan_does_not_hold_plain_keys(target: Target) {
+    let keys: Vec<String> = (0..100_000).map(|i| format!("bulk:5:{i}")).collect();
+    match &target {
+        Target::Standalone(server) => {
+            let mut con = server.connection();
+            for chunk in keys.chunks(10_000) {
+                let mut pipe = redis::pipe();
+                for key in chunk {
+                    pipe.set(key, "cached").ignore();
+                }
+                let _: () = pipe.query(&mut con).unwrap();
+            }
         }
-        let _: () = pipe.query(&mut con).unwrap();
+        Target::Cluster(cluster) => {
+            let mut con = cluster.client();
+            for chunk in keys.chunks(10_000) {
+                let mut pipe = redis::cluster::cluster_pipe();
+                for key in chunk {
+                    pipe.set(key, "cached").ignore();
+                }
+                let _: () = pipe.query(&mut con).unwrap();
+            }
+        }
     }
-    set_all(&mut con, &strings(&["product:1", "product:2"]));
+    assert_eq!(count(&target, "bulk:5:*"), 100_000);
+    let mut con = target.connection();
+    set_all(&mut *con, &strings(&["product:1", "product:2"]));
 
     let kafka = MockKafka::start(1);
     kafka.create_topic(TOPIC, 1);
     let dir = tempfile::tempdir().unwrap();
     let bootstrap = kafka.bootstrap();
-    let setup = Setup {
-        bootstrap: &bootstrap,
-        topics: &[TOPIC],
-        group: "g",
-        redis_url: &redis.url(),
-        extra: "",
-        librdkafka: &[],
+    let url = match &target {
+        Target::Standalone(server) => server.url(),
+        Target::Cluster(_) => "redis://replaced".to_string(),
     };
+    let setup =
+        Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g", redis_url: &url, extra: "", librdkafka: &[] };
     let (path, port) = write_config(dir.path(), &setup);
     std::fs::write(dir.path().join("rules.yaml"), PATTERN_RULES).unwrap();
-    let text = std::fs::read_to_string(&path).unwrap().replace(
+    let mut text = std::fs::read_to_string(&path).unwrap().replace(
         "    retry: { initial: 20ms, max: 250ms }\n",
         "    retry: { initial: 20ms, max: 250ms }\n    scan_count: 1000\n    scans_per_second: 20\n",
     );
+    if let Target::Cluster(cluster) = &target {
+        let nodes = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", ");
+        text = text.replace("    url: \"redis://replaced\"\n", &format!("    mode: cluster\n    nodes: [{nodes}]\n"));
+    }
     std::fs::write(&path, text).unwrap();
     let daemon = Daemon::from_config(dir.path(), &path, port);
 
     kafka.produce(TOPIC, None, Some("{\"id\":1}"), Some(&product_insert(1, 5))).await;
-    let started = wait_until(Duration::from_secs(20), || count(&mut con, "bulk:5:*") < 100_000).await;
+    let started = wait_until(Duration::from_secs(30), || count(&target, "bulk:5:*") < 100_000).await;
     assert!(started, "the walk unlinks as it goes");
     kafka.produce(TOPIC, None, Some("{\"id\":2}"), Some(&product_insert(2, 9))).await;
-    let plain_gone = wait_until(Duration::from_secs(20), || !con.exists::<_, bool>("product:2").unwrap_or(true)).await;
-    let left = count(&mut con, "bulk:5:*");
+    let plain_gone = wait_until(Duration::from_secs(20), || !q::<bool>(&mut *con, &["EXISTS", "product:2"])).await;
+    let left = count(&target, "bulk:5:*");
     assert!(plain_gone, "the plain key behind the pattern is invalidated");
     assert!(left > 0, "... while the walk is still running (it had {left} keys left)");
     let offsets = committed(&bootstrap, "g", TOPIC, 1).await;
     assert!(offsets[0] <= 0, "nothing is acknowledged past the pattern's event before its walk is done: {offsets:?}");
 
-    let done = wait_until(Duration::from_secs(60), || count(&mut con, "bulk:5:*") == 0).await;
+    let done = wait_until(Duration::from_secs(90), || count(&target, "bulk:5:*") == 0).await;
     assert!(done, "the walk finishes");
-    let acked = wait_until(Duration::from_secs(20), || {
+    let acked = wait_until(Duration::from_secs(30), || {
         futures::executor::block_on(committed(&bootstrap, "g", TOPIC, 1)).first() == Some(&2)
     })
     .await;
@@ -361,6 +393,16 @@ async fn a_100k_key_pattern_scan_does_not_hold_plain_keys() {
     let label = [("sink", "redis:patterns")];
     assert_eq!(daemon.metrics.value("cdc_invalidator_redis_pattern_keys_unlinked_total", &label), 100_000.0);
     daemon.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100k_key_pattern_scan_does_not_hold_plain_keys() {
+    a_big_pattern_scan_does_not_hold_plain_keys(Target::standalone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_a_100k_key_pattern_scan_does_not_hold_plain_keys() {
+    a_big_pattern_scan_does_not_hold_plain_keys(Target::cluster()).await;
 }
 
 /// `check`: a pattern that matches every key is refused with its place; allowed, it is
