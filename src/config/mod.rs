@@ -283,6 +283,10 @@ pub struct RedisConfig {
     /// `redis.dependents`: levels of dependents followed from an invalidated key.
     #[serde(default = "default_dependents_depth")]
     pub dependents_depth: u32,
+    /// A pub/sub message per batch after its deletes (off by default).
+    pub broadcast: Option<crate::sink::redis::broadcast::BroadcastConfig>,
+    /// A stream entry per invalidated key after its delete (off by default).
+    pub warm: Option<crate::sink::redis::warm::WarmConfig>,
     /// The resolved URL (from `url`, `url_env` or `url_file`), filled by validation.
     #[serde(skip)]
     pub resolved_url: Option<Secret>,
@@ -338,6 +342,8 @@ impl RedisConfig {
             scans_per_second: default_scans_per_second(),
             dep_prefix: default_dep_prefix(),
             dependents_depth: default_dependents_depth(),
+            broadcast: None,
+            warm: None,
             resolved_url: Some(Secret::new(url)),
         }
     }

@@ -31,7 +31,6 @@
 //! number, is left alone and the item rejected with the reason.
 
 use std::collections::BTreeMap;
-use std::time::UNIX_EPOCH;
 
 use redis::Value;
 
@@ -51,19 +50,11 @@ const CALLS_PER_ROUND: usize = 1000;
 /// The source position of an event for its generations (see the module docs); `None` when it
 /// has none that can be trusted to grow.
 pub fn position_of(event: &SourceEvent) -> Option<u64> {
-    let lsn = || event.raw.value.as_deref().and_then(crate::freshness::debezium_lsn);
-    let committed_us = || {
-        let change = match &event.decoded {
-            Ok(crate::event::Decoded::Change(c)) => c,
-            _ => return None,
-        };
-        let since = change.committed_at?.duration_since(UNIX_EPOCH).ok()?;
-        u64::try_from(since.as_micros()).ok()
-    };
     match &event.position {
-        Position::Postgres { commit_end_lsn, .. } => Some(*commit_end_lsn),
-        Position::Kafka { .. } => lsn().or_else(committed_us),
-        Position::File { .. } => lsn(),
+        // A replayed message: only its own LSN (a time could freeze an LSN-fed key).
+        Position::File { .. } => event.raw.value.as_deref().and_then(crate::freshness::debezium_lsn),
+        // The position the broadcast also carries: the commit LSN, else the commit time in µs.
+        _ => crate::sink::origins::position(event),
     }
 }
 

@@ -24,8 +24,10 @@
 //! key, only ever to a higher position) and of the fan-out script (which runs TYPE, SCARD, SRANDMEMBER, SSCAN, SREM and
 //! UNLINK, or in cluster mode SADD to a pending set instead of UNLINK), WAIT and ROLE (with
 //! `wait_replicas`), and in cluster mode SREM, SRANDMEMBER and SCAN on pending sets and CLUSTER
-//! SLOTS. The only things changed are tag sets and pending sets (members moved or removed) and
-//! the keys unlinked.
+//! SLOTS; with `broadcast` PUBLISH (SPUBLISH in cluster mode, `broadcast.rs`), with `warm`
+//! XADD to the warm-up stream (`warm.rs`), both only after the batch's deletes are confirmed.
+//! The only things changed are tag sets and pending sets (members moved or removed), the keys
+//! unlinked, and the warm-up stream (entries appended).
 //!
 //! # Deployments (`sinks.redis.mode`)
 //!
@@ -75,6 +77,7 @@ use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, Sink, SinkError, SinkReport};
 use crate::telemetry::Metrics;
 
+pub mod broadcast;
 mod cluster;
 mod connection;
 pub mod dependents;
@@ -83,6 +86,7 @@ pub mod generation;
 mod pattern;
 pub mod preflight;
 mod slot;
+pub mod warm;
 
 pub use pattern::PatternSink;
 
@@ -148,6 +152,10 @@ pub struct RedisSink {
     generation: generation::GenerationScript,
     /// `redis.patterns`: SCAN's COUNT.
     scan_count: usize,
+    /// `sinks.redis.broadcast`: a message per batch after its deletes (`broadcast.rs`).
+    broadcast: Option<broadcast::BroadcastConfig>,
+    /// `sinks.redis.warm`: each key appended to a stream after its delete (`warm.rs`).
+    warm: Option<warm::WarmConfig>,
 }
 
 /// Which sets a fan-out empties: tag sets, or (the dependents cascade) dependency sets.
@@ -271,6 +279,8 @@ impl RedisSink {
             dependents_depth: config.dependents_depth,
             generation: generation::GenerationScript::new(),
             scan_count: config.scan_count.max(1),
+            broadcast: config.broadcast.clone(),
+            warm: config.warm.clone(),
         })
     }
 
@@ -800,6 +810,10 @@ impl Sink for RedisSink {
         &[ItemKind::RedisKey, ItemKind::RedisTag, ItemKind::RedisGeneration, ItemKind::RedisDependents]
     }
 
+    fn wants_origins(&self) -> bool {
+        self.broadcast.is_some() || self.warm.is_some()
+    }
+
     async fn invalidate(&self, batch: &Invalidations, shutdown: &Shutdown) -> Result<SinkReport, SinkError> {
         let mut report = SinkReport::default();
         if let Backend::Cluster(cluster) = &self.backend {
@@ -838,6 +852,13 @@ impl Sink for RedisSink {
                 .confirmed
                 .push((ItemKind::RedisDependents, roots.served_here().saturating_sub(rejected.len()) as u64));
             report.rejected.extend(rejected);
+        }
+        // Only now, with every delete confirmed, are applications told.
+        if let Some(config) = &self.broadcast {
+            self.broadcast(config, batch, shutdown).await?;
+        }
+        if let Some(config) = &self.warm {
+            report.rejected.extend(self.warm(config, batch, shutdown).await?);
         }
         Ok(report)
     }
