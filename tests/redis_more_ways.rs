@@ -430,3 +430,37 @@ fn check_refuses_a_full_scan_and_reports_one_that_is_allowed() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("notice: ") && err.contains("rules.yaml:7:24:") && err.contains("whole keyspace"), "{err}");
 }
+
+/// `purge --pattern ... --dependents`: the operator's way to the same walk and cascade.
+#[test]
+fn purge_takes_patterns_and_their_dependents() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    set_all(&mut con, &strings(&["page:1:a", "page:1:b", "page:2:a", "home"]));
+    q::<()>(&mut con, &["SADD", "dep:page:1:a", "home"]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.yaml"), PATTERN_RULES).unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "rules: rules.yaml\nsource:\n  kind: kafka\n  kafka:\n    brokers: \"127.0.0.1:1\"\n    topics: [\"t\"]\nsinks:\n  redis:\n    url: \"{}\"\nlog:\n  level: warn\n",
+            redis.url()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .args(["purge", "-c"])
+        .arg(&config)
+        .args(["--pattern", "page:1:*", "--dependents"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON summary");
+    assert_eq!(summary["requested"]["redis_patterns"], serde_json::json!(["page:1:*"]));
+    assert_eq!(summary["requested"]["redis_dependents"], serde_json::json!(["pattern:page:1:*"]));
+    let patterns = summary["sinks"].as_array().unwrap().iter().find(|s| s["sink"] == "redis:patterns").cloned();
+    assert_eq!(patterns.map(|s| s["confirmed"]["pattern"].clone()), Some(serde_json::json!(1)), "{summary}");
+    let all = strings(&["page:1:a", "page:1:b", "page:2:a", "home", "dep:page:1:a"]);
+    assert_eq!(existing(&mut con, &all), strings(&["page:2:a"]));
+}
