@@ -13,7 +13,7 @@ use crate::dead_letter::{DeadLetterError, DeadLetters};
 use crate::rules::reload::{self, Reloader};
 use crate::rules::Rules;
 use crate::shutdown::Shutdown;
-use crate::sink::redis::RedisSink;
+use crate::sink::redis::{PatternSink, RedisSink};
 use crate::sink::Sink;
 use crate::source::kafka::KafkaSource;
 use crate::source::postgres::PostgresSource;
@@ -136,6 +136,10 @@ pub fn build_sinks(config: &Config, metrics: &Arc<Metrics>) -> Result<LayeredSin
         let sink =
             RedisSink::new(redis.target_name(), redis, metrics.clone()).map_err(|e| AppError::Sink(e.to_string()))?;
         layered.push((0, Arc::new(sink)));
+        // Patterns on their own task and connection: a long scan never holds the keys.
+        let patterns =
+            PatternSink::new(redis.target_name(), redis, metrics.clone()).map_err(|e| AppError::Sink(e.to_string()))?;
+        layered.push((0, Arc::new(patterns)));
     }
     for cdn in &config.sinks.cdn {
         layered.push((cdn.layer(), cdn.build(metrics.clone()).map_err(|e| AppError::Sink(e.to_string()))?));

@@ -170,6 +170,9 @@ pub fn check(config_path: &Path, against_db: bool, against_registry: bool) -> Ex
         for warning in crate::sink::redis::hash_tags::warnings(config, rules) {
             eprintln!("warning: {warning}");
         }
+        for notice in rules.notices() {
+            eprintln!("notice: {notice}");
+        }
     }
     match loaded {
         Ok((config, rules)) if against_db || against_registry => {

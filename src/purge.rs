@@ -54,6 +54,11 @@ pub const FLAGS: &[Flag] = &[
     Flag { long: "key", kind: ItemKind::RedisKey, help: "A Redis key to unlink (repeatable)" },
     Flag { long: "tag", kind: ItemKind::RedisTag, help: "A Redis tag to fan out: its keys, then its set (repeatable)" },
     Flag {
+        long: "pattern",
+        kind: ItemKind::RedisPattern,
+        help: "A glob: every matching Redis key is unlinked (SCAN MATCH on every primary; repeatable)",
+    },
+    Flag {
         long: "surrogate-key",
         kind: ItemKind::SurrogateKey,
         help: "A surrogate key (cache tag) to purge at HTTP caches and CDNs (repeatable)",
@@ -82,13 +87,31 @@ impl clap::FromArgMatches for Items {
                 self.0.items_mut(flag.kind).extend(values.cloned());
             }
         }
+        // `--dependents`: every key, tag and pattern given cascades to its dependents, as
+        // under a rule with `redis.dependents: true`.
+        if matches.try_get_one::<bool>(DEPENDENTS).ok().flatten().copied().unwrap_or(false) {
+            for kind in [ItemKind::RedisKey, ItemKind::RedisTag, ItemKind::RedisPattern] {
+                let Some(prefix) = crate::sink::redis::dependents::Root::kind_prefix(kind) else { continue };
+                let roots: Vec<String> = self.0.items(kind).iter().map(|i| format!("{prefix}{i}")).collect();
+                self.0.items_mut(ItemKind::RedisDependents).extend(roots);
+            }
+        }
         self.0.normalize();
         Ok(())
     }
 }
 
+/// The `--dependents` switch.
+const DEPENDENTS: &str = "dependents";
+
 impl clap::Args for Items {
     fn augment_args(cmd: clap::Command) -> clap::Command {
+        let cmd = cmd.arg(
+            Arg::new(DEPENDENTS)
+                .long(DEPENDENTS)
+                .action(ArgAction::SetTrue)
+                .help("Also invalidate the keys registered as depending on those purged (dep: sets), transitively"),
+        );
         FLAGS.iter().fold(cmd, |cmd, flag| {
             cmd.arg(
                 Arg::new(flag.long)

@@ -307,7 +307,7 @@ async fn freshness_a_primary_listed_as_replica_stops_the_daemon_and_fails_check(
     let (code, log) = run_to_exit(&config, dir.path()).await;
     assert_eq!(code, Some(2), "{log}");
     assert!(
-        log.contains(&format!("{at}"))
+        log.contains(&at.to_string())
             && log.contains("freshness.replicas replica-1 (")
             && log.contains("is a primary"),
         "{log}"
@@ -372,7 +372,7 @@ async fn freshness_with_a_kafka_source_the_replicas_are_checked_against_each_oth
     let (code, text, config, dir) = check(&[("r1", standby.url()), ("r2", other_standby.url())]);
     assert_eq!(code, Some(2), "{text}");
     let at = format!("{}:{}:", config.display(), line_of(&config, "name: r2"));
-    assert!(text.contains(&format!("{at}")) && text.contains("freshness.replicas r2 ("), "{text}");
+    assert!(text.contains(&at.to_string()) && text.contains("freshness.replicas r2 ("), "{text}");
     assert!(text.contains("belongs to another cluster than replica r1"), "{text}");
     assert!(!text.contains("freshness.replicas r1 ("), "r1 is fine: {text}");
     // And the daemon refuses to start on it.

@@ -26,6 +26,7 @@ mod postgres;
 mod protobuf;
 mod purge;
 mod redis_deployments;
+mod redis_more_ways;
 mod redis_secure;
 mod redis_signals;
 mod redis_sink;

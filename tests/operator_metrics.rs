@@ -42,6 +42,9 @@ rules:
     redis:
       keys: ["product:{id}"]
       tags: ["category:{category_id}"]
+      patterns: ["product:{id}:*"]
+      generations: ["gen:product:{id}"]
+      dependents: true
     cdn:
       surrogate_keys: ["product-{id}"]
 "#;

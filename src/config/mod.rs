@@ -268,6 +268,21 @@ pub struct RedisConfig {
     pub sentinel: Option<SentinelConfig>,
     /// `WAIT count timeout` after each batch (docs/design.md: the async replication gap).
     pub wait_replicas: Option<WaitReplicas>,
+    /// `redis.patterns`: keys asked for per `SCAN` call (its COUNT), which bounds how long one
+    /// call holds a primary.
+    #[serde(default = "default_scan_count")]
+    pub scan_count: usize,
+    /// `redis.patterns`: `SCAN` calls per second at most, over every pattern and primary of the
+    /// target, so a pattern over a big keyspace never saturates Redis.
+    #[serde(default = "default_scans_per_second")]
+    pub scans_per_second: u32,
+    /// `redis.dependents`: key B depends on key A when B is a member of the set
+    /// `<dep_prefix>A`.
+    #[serde(default = "default_dep_prefix")]
+    pub dep_prefix: String,
+    /// `redis.dependents`: levels of dependents followed from an invalidated key.
+    #[serde(default = "default_dependents_depth")]
+    pub dependents_depth: u32,
     /// A pub/sub message per batch after its deletes (off by default).
     pub broadcast: Option<crate::sink::redis::broadcast::BroadcastConfig>,
     /// A stream entry per invalidated key after its delete (off by default).
@@ -288,6 +303,18 @@ pub struct RedisConfig {
 
 fn default_tag_prefix() -> String {
     "tag:".into()
+}
+fn default_scan_count() -> usize {
+    1000
+}
+fn default_scans_per_second() -> u32 {
+    100
+}
+fn default_dep_prefix() -> String {
+    "dep:".into()
+}
+fn default_dependents_depth() -> u32 {
+    3
 }
 fn default_unlink_batch() -> usize {
     512
@@ -320,6 +347,10 @@ impl RedisConfig {
             nodes: Vec::new(),
             sentinel: None,
             wait_replicas: None,
+            scan_count: default_scan_count(),
+            scans_per_second: default_scans_per_second(),
+            dep_prefix: default_dep_prefix(),
+            dependents_depth: default_dependents_depth(),
             broadcast: None,
             warm: None,
             resolved_url: Some(Secret::new(url)),

@@ -11,6 +11,8 @@ use serde::Deserialize;
 
 use super::{resolve_secret, Origin, Problem, RedisConfig, Secret};
 
+mod more_ways;
+
 /// The name a single (unnamed) `sinks.redis` object gets: the metric label it always had.
 pub const DEFAULT_TARGET_NAME: &str = "redis";
 
@@ -272,6 +274,7 @@ pub(super) fn validate(targets: &mut RedisTargets, origin: &Origin, cdn_names: &
                 format!("{label}.tag_prefix must not be empty (tag sets would collide with cache keys)"),
             ));
         }
+        more_ways::validate(r, &label, &problem, problems);
         for (field, v, max) in [("unlink_batch", r.unlink_batch, 100_000), ("tag_chunk", r.tag_chunk, 5_000)] {
             if v == 0 || v > max {
                 let field: &'static str = field;

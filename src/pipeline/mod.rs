@@ -381,7 +381,13 @@ impl Intake {
                     Err(m) => (None, Some((Reason::Malformed, m.0.clone()))),
                     Ok(Decoded::NoChange(_)) => (None, None),
                     Ok(Decoded::Change(change)) => {
-                        let eval = rules.evaluate(change);
+                        let mut eval = rules.evaluate(change);
+                        // Generations carry the event's position (`sink::redis::generation`);
+                        // only looked up when asked for (Debezium's LSN means parsing again).
+                        if !eval.invalidations.items(ItemKind::RedisGeneration).is_empty() {
+                            let position = crate::sink::redis::generation::position_of(&event);
+                            crate::sink::redis::generation::stamp(&mut eval.invalidations, position);
+                        }
                         let dead = (!eval.errors.is_empty()).then(|| {
                             (
                                 Reason::RuleError,

@@ -39,6 +39,12 @@
 //! - `vars`: name → non-empty list of values (strings, integers or booleans).
 //! - `redis.keys`, `redis.tags`, `cdn.surrogate_keys`, `cdn.urls`: lists of templates
 //!   rendered for the rule's `ops`.
+//! - `redis.patterns` (globs: every matching key; values rendered into them are glob-escaped,
+//!   and one that renders to `*`s alone is a rule error without `redis.allow_full_scan: true`,
+//!   a template of `*`s alone a check error), `redis.generations` (counter keys set to the
+//!   event's position when higher), `redis.dependents: true` (also the keys registered in
+//!   `<dep_prefix>KEY` sets of what the rule invalidates, as `redis_dependents` roots `key:`,
+//!   `tag:`, `pattern:`): `docs/patterns-generations-dependents.md`.
 //! - `on_truncate`: the same `redis`/`cdn` lists, applied when the table is truncated
 //!   (whatever `ops` says). Truncates carry no rows, so these templates may use vars only.
 //!
@@ -87,6 +93,8 @@ pub mod reload;
 mod template;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_more_ways;
 
 use glob::TablePattern;
 pub(crate) use template::HashTag;
@@ -103,6 +111,8 @@ pub struct Rules {
     globs: Vec<usize>,
     /// FNV-1a of the file text: tells which rules file a running daemon has loaded.
     hash: u64,
+    /// What `check` points out without refusing the file (`allow_full_scan: true`).
+    notices: Vec<Problem>,
 }
 
 /// One checked rule.
@@ -118,6 +128,10 @@ struct Rule {
     templates: Box<[(ItemKind, Template)]>,
     /// Rendered for truncates; no columns.
     on_truncate: Box<[(ItemKind, Template)]>,
+    /// `redis.dependents` and `redis.allow_full_scan` of the rule's own `redis` section, and of
+    /// its `on_truncate.redis`.
+    flags: parse::SectionFlags,
+    truncate_flags: parse::SectionFlags,
 }
 
 /// A set of [`Op`]s as a bit mask.
@@ -191,7 +205,7 @@ impl Rules {
 
     /// Parses and checks a rules file; `file` only names it in problems.
     pub fn parse(text: &str, file: &Path) -> Result<Rules, RulesError> {
-        let rules = parse::parse(text, file).map_err(RulesError::Invalid)?;
+        let parse::Parsed { rules, notices } = parse::parse(text, file).map_err(RulesError::Invalid)?;
         let mut by_table: HashMap<Box<str>, Vec<usize>> = HashMap::new();
         let mut globs = Vec::new();
         for (i, rule) in rules.iter().enumerate() {
@@ -200,7 +214,7 @@ impl Rules {
                 TablePattern::Glob(_) => globs.push(i),
             }
         }
-        Ok(Rules { rules, by_table, globs, hash: fnv1a(text.as_bytes()) })
+        Ok(Rules { rules, by_table, globs, hash: fnv1a(text.as_bytes()), notices })
     }
 
     /// What `event` asks to invalidate.
@@ -243,6 +257,11 @@ impl Rules {
             Some(TablePattern::Glob(glob)) => glob.matches(table),
             _ => false,
         }
+    }
+
+    /// What `check` reports about valid rules: each `allow_full_scan: true`, with its place.
+    pub fn notices(&self) -> &[Problem] {
+        &self.notices
     }
 
     /// How many rules are loaded.
@@ -344,8 +363,8 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 impl Rule {
     /// Applies the rule to an event whose table it matches.
     fn apply(&self, event: &ChangeEvent, eval: &mut Evaluation) {
-        let templates = if event.op == Op::Truncate {
-            &self.on_truncate
+        let (templates, flags) = if event.op == Op::Truncate {
+            (&self.on_truncate, self.truncate_flags)
         } else {
             if !self.ops.contains(event.op) {
                 return;
@@ -353,7 +372,7 @@ impl Rule {
             if event.op == Op::Update && !self.when_changed.is_empty() && !self.changed(event) {
                 return;
             }
-            &self.templates
+            (&self.templates, self.flags)
         };
         // A rule with nothing to render for this kind of event did not apply to it.
         if templates.is_empty() {
@@ -362,8 +381,39 @@ impl Rule {
         eval.matched_rules.push(self.name.clone());
         for (kind, template) in templates.iter() {
             let out = eval.invalidations.items_mut(*kind);
+            let first = out.len();
             if let Some(message) = self.render(template, event, out) {
                 eval.errors.push(RuleError { rule: self.name.clone(), message });
+            }
+            if *kind == ItemKind::RedisPattern && !flags.allow_full_scan {
+                // A value that rendered empty (`{prefix}*` with prefix "") must not turn into
+                // a scan of the whole keyspace.
+                let mut rendered = out.split_off(first.min(out.len()));
+                let before = rendered.len();
+                rendered.retain(|pattern| !template::matches_everything(pattern));
+                let dropped = rendered.len() < before;
+                out.extend(rendered);
+                if dropped {
+                    let message = format!(
+                        "rule {:?}: pattern template {:?} rendered a pattern matching every key, which is never scanned without `allow_full_scan: true`",
+                        self.name,
+                        template.source()
+                    );
+                    eval.errors.push(RuleError { rule: self.name.clone(), message });
+                }
+            }
+            if flags.dependents {
+                if let Some(root) = crate::sink::redis::dependents::Root::kind_prefix(*kind) {
+                    let added: Vec<String> = eval
+                        .invalidations
+                        .items(*kind)
+                        .get(first..)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|i| format!("{root}{i}"))
+                        .collect();
+                    eval.invalidations.items_mut(ItemKind::RedisDependents).extend(added);
+                }
             }
         }
     }

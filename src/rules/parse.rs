@@ -23,11 +23,48 @@ use super::{OpSet, Rule};
 const MAX_NAME_BYTES: usize = 128;
 
 const RULE_FIELDS: [&str; 8] = ["name", "table", "ops", "when_changed", "vars", "redis", "cdn", "on_truncate"];
-const REDIS_FIELDS: [(&str, ItemKind); 2] = [("keys", ItemKind::RedisKey), ("tags", ItemKind::RedisTag)];
-const CDN_FIELDS: [(&str, ItemKind); 2] = [("surrogate_keys", ItemKind::SurrogateKey), ("urls", ItemKind::Url)];
+const REDIS_FIELDS: [(&str, Field); 6] = [
+    ("keys", Field::List(ItemKind::RedisKey)),
+    ("tags", Field::List(ItemKind::RedisTag)),
+    ("patterns", Field::List(ItemKind::RedisPattern)),
+    ("generations", Field::List(ItemKind::RedisGeneration)),
+    ("dependents", Field::Flag(Flag::Dependents)),
+    ("allow_full_scan", Field::Flag(Flag::AllowFullScan)),
+];
+const CDN_FIELDS: [(&str, Field); 2] =
+    [("surrogate_keys", Field::List(ItemKind::SurrogateKey)), ("urls", Field::List(ItemKind::Url))];
 
-pub(super) fn parse(text: &str, file: &Path) -> Result<Vec<Rule>, Vec<Problem>> {
-    let mut checker = Checker { file, problems: Vec::new() };
+/// A field of a `redis`/`cdn` section: a list of templates of one kind, or a boolean.
+#[derive(Debug, Clone, Copy)]
+enum Field {
+    List(ItemKind),
+    Flag(Flag),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Flag {
+    /// `redis.dependents`: cascade over `<dep_prefix>KEY` sets from what the section invalidates.
+    Dependents,
+    /// `redis.allow_full_scan`: a pattern may match every key.
+    AllowFullScan,
+}
+
+/// The booleans of a section.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct SectionFlags {
+    pub(super) dependents: bool,
+    pub(super) allow_full_scan: bool,
+}
+
+/// A checked rules file: its rules, and what `check` should point out about them (not
+/// problems: `allow_full_scan: true`).
+pub(super) struct Parsed {
+    pub(super) rules: Vec<Rule>,
+    pub(super) notices: Vec<Problem>,
+}
+
+pub(super) fn parse(text: &str, file: &Path) -> Result<Parsed, Vec<Problem>> {
+    let mut checker = Checker { file, problems: Vec::new(), notices: Vec::new() };
     let rules = match yaml::parse(text) {
         Ok(doc) => checker.document(&doc),
         Err(e) => {
@@ -36,7 +73,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Vec<Rule>, Vec<Problem>> 
         }
     };
     if checker.problems.is_empty() {
-        Ok(rules)
+        Ok(Parsed { rules, notices: checker.notices })
     } else {
         // Top to bottom, as an operator reads the file (stable: one node's problems keep
         // their order).
@@ -48,6 +85,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Vec<Rule>, Vec<Problem>> 
 struct Checker<'f> {
     file: &'f Path,
     problems: Vec<Problem>,
+    notices: Vec<Problem>,
 }
 
 impl Checker<'_> {
@@ -212,11 +250,13 @@ impl Checker<'_> {
 
         let mut templates = Vec::new();
         let mut listed = 0;
+        let mut flags = SectionFlags::default();
+        let mut truncate_flags = SectionFlags::default();
         if let Some(n) = redis {
-            listed += self.section(n, "redis", REDIS_FIELDS, &who, &vars, false, &mut templates);
+            listed += self.section(n, "redis", REDIS_FIELDS, &who, &vars, false, &mut templates, &mut flags);
         }
         if let Some(n) = cdn {
-            listed += self.section(n, "cdn", CDN_FIELDS, &who, &vars, false, &mut templates);
+            listed += self.section(n, "cdn", CDN_FIELDS, &who, &vars, false, &mut templates, &mut flags);
         }
         let mut truncate_templates = Vec::new();
         if let Some(n) = on_truncate {
@@ -224,12 +264,28 @@ impl Checker<'_> {
                 let [redis, cdn] = self.fields(n, ["redis", "cdn"], &who, "on_truncate");
                 let mut truncate_listed = 0;
                 if let Some(r) = redis {
-                    truncate_listed +=
-                        self.section(r, "on_truncate.redis", REDIS_FIELDS, &who, &vars, true, &mut truncate_templates);
+                    truncate_listed += self.section(
+                        r,
+                        "on_truncate.redis",
+                        REDIS_FIELDS,
+                        &who,
+                        &vars,
+                        true,
+                        &mut truncate_templates,
+                        &mut truncate_flags,
+                    );
                 }
                 if let Some(c) = cdn {
-                    truncate_listed +=
-                        self.section(c, "on_truncate.cdn", CDN_FIELDS, &who, &vars, true, &mut truncate_templates);
+                    truncate_listed += self.section(
+                        c,
+                        "on_truncate.cdn",
+                        CDN_FIELDS,
+                        &who,
+                        &vars,
+                        true,
+                        &mut truncate_templates,
+                        &mut truncate_flags,
+                    );
                 }
                 if truncate_listed == 0 {
                     self.report(start(n), format!("{who}: `on_truncate` lists nothing to invalidate"));
@@ -259,6 +315,8 @@ impl Checker<'_> {
             vars: vars.into(),
             templates: templates.into(),
             on_truncate: truncate_templates.into(),
+            flags,
+            truncate_flags,
         })
     }
 
@@ -380,26 +438,61 @@ impl Checker<'_> {
     /// templates it lists (compiled or not), so a section of broken templates is not also
     /// reported as empty.
     #[allow(clippy::too_many_arguments)]
-    fn section(
+    fn section<const N: usize>(
         &mut self,
         node: &Node,
         path: &str,
-        kinds: [(&str, ItemKind); 2],
+        kinds: [(&str, Field); N],
         who: &str,
         vars: &[Var],
         truncate: bool,
         out: &mut Vec<(ItemKind, Template)>,
+        flags: &mut SectionFlags,
     ) -> usize {
         if node.as_map().is_none() {
-            let expected = format!("a mapping with `{}` and/or `{}`", kinds[0].0, kinds[1].0);
+            let lists: Vec<String> =
+                kinds.iter().filter(|(_, f)| matches!(f, Field::List(_))).map(|(n, _)| format!("`{n}`")).collect();
+            let expected = match lists.split_last() {
+                Some((last, rest)) if !rest.is_empty() => format!("a mapping with {} and/or {last}", rest.join(", ")),
+                _ => format!("a mapping with {}", lists.join("")),
+            };
             self.wrong_type(node, who, path, &expected);
             return 1;
         }
         let lists = self.fields(node, kinds.map(|(name, _)| name), who, path);
         let mut listed = 0;
-        for (list, (name, kind)) in lists.into_iter().zip(kinds) {
+        let mut full_scans = Vec::new();
+        for (list, (name, field_kind)) in lists.into_iter().zip(kinds) {
             let Some(list) = list else { continue };
             let field = join(path, name);
+            let kind = match field_kind {
+                Field::List(kind) => kind,
+                Field::Flag(flag) => {
+                    let set = match &list.value {
+                        Value::Bool(b) => *b,
+                        _ => {
+                            self.wrong_type(list, who, &field, "true or false");
+                            continue;
+                        }
+                    };
+                    match flag {
+                        Flag::Dependents => flags.dependents = set,
+                        Flag::AllowFullScan => {
+                            flags.allow_full_scan = set;
+                            if set {
+                                self.notices.push(Problem {
+                                    file: self.file.to_path_buf(),
+                                    location: Some(list.location),
+                                    message: format!(
+                                        "{who}: `{field}: true`: its patterns may scan the whole keyspace"
+                                    ),
+                                });
+                            }
+                        }
+                    }
+                    continue;
+                }
+            };
             let Some(items) = list.as_seq() else {
                 self.wrong_type(list, who, &field, "a list of templates");
                 listed += 1;
@@ -415,6 +508,12 @@ impl Checker<'_> {
                     continue;
                 };
                 let template = match Template::compile(text, vars) {
+                    Ok(template) if kind == ItemKind::RedisPattern => {
+                        if template.is_full_scan() {
+                            full_scans.push((item.location, text.to_string()));
+                        }
+                        template.escaping_glob()
+                    }
                     Ok(template) => template,
                     Err(errors) => {
                         for e in errors {
@@ -444,6 +543,15 @@ impl Checker<'_> {
                 if ok {
                     out.push((kind, template));
                 }
+            }
+        }
+        // Known only once the whole section is read: `allow_full_scan` may come after the list.
+        if !flags.allow_full_scan {
+            for (at, text) in full_scans {
+                self.report(
+                    at,
+                    format!("{who}: `{path}.patterns` template {text:?} matches every key: a scan of the whole keyspace needs `allow_full_scan: true` in `{path}`"),
+                );
             }
         }
         listed

@@ -33,6 +33,11 @@ pub(crate) enum Filter {
     /// Percent-encodes the UTF-8 bytes of every character outside RFC 3986's unreserved set
     /// `A-Z a-z 0-9 - . _ ~` (so a space is `%20`, never `+`), with upper-case hex digits.
     UrlEncode,
+    /// Not written in templates: added as the last filter of every placeholder of a
+    /// `redis.patterns` template ([`Template::escaping_glob`]), so that a value holding `*`,
+    /// `?`, `[`, `]` or `\` matches itself and cannot widen the pattern (`product:{id}:*`
+    /// with `id = "4*"` is `product:4\*:*`, never every product).
+    GlobEscape,
 }
 
 impl Filter {
@@ -72,6 +77,14 @@ impl Filter {
                         out.push(char::from(HEX[usize::from(b >> 4)]));
                         out.push(char::from(HEX[usize::from(b & 0xf)]));
                     }
+                }
+            }
+            Filter::GlobEscape => {
+                for c in input.chars() {
+                    if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                        out.push('\\');
+                    }
+                    out.push(c);
                 }
             }
         }
@@ -338,6 +351,31 @@ impl Template {
         HashTag::Whole
     }
 
+    /// This template with every placeholder's value glob-escaped ([`Filter::GlobEscape`]):
+    /// what `redis.patterns` compiles to. Literal text stays a pattern.
+    pub(crate) fn escaping_glob(mut self) -> Template {
+        let escaped = |filters: &[Filter]| -> Box<[Filter]> {
+            filters.iter().copied().chain(std::iter::once(Filter::GlobEscape)).collect()
+        };
+        self.segments = self
+            .segments
+            .iter()
+            .map(|segment| match segment {
+                Segment::Literal(text) => Segment::Literal(text.clone()),
+                Segment::Column { name, filters } => Segment::Column { name: name.clone(), filters: escaped(filters) },
+                Segment::Var { slot, filters } => Segment::Var { slot: *slot, filters: escaped(filters) },
+            })
+            .collect();
+        self
+    }
+
+    /// Whether every item this template renders is a pattern matching every key (only `*`s):
+    /// a template of literal `*`s alone. (One with placeholders can still render that way when
+    /// the values are empty: [`matches_everything`] checks each rendered item.)
+    pub(crate) fn is_full_scan(&self) -> bool {
+        self.segments.iter().all(|s| matches!(s, Segment::Literal(t) if matches_everything(t)))
+    }
+
     /// The columns the template reads; empty for a template of literals and vars only.
     pub(crate) fn columns(&self) -> &[Box<str>] {
         &self.columns
@@ -478,6 +516,12 @@ impl Rendered {
     }
 }
 
+/// Whether a rendered glob matches every key: only unescaped `*`s (escaped values never add
+/// one), or nothing at all.
+pub(crate) fn matches_everything(pattern: &str) -> bool {
+    pattern.bytes().all(|b| b == b'*')
+}
+
 /// An integer written in full (`-`, digits), beyond what `i64`/`u64` hold.
 fn is_integer_literal(n: &serde_json::Number) -> bool {
     let text = n.to_string();
@@ -533,6 +577,21 @@ mod tests {
         assert_eq!(render("{s|urlencode}", &[], &unreserved).unwrap(), ["AZaz09-._~%2F%3F%23"]);
         let number = row(json!({"n": 12}));
         assert_eq!(render("{n|urlencode}", &[], &number).unwrap(), ["12"]);
+    }
+
+    #[test]
+    fn pattern_values_are_glob_escaped_and_literals_stay_globs() {
+        let r = row(json!({"id": "4*", "odd": "a?[b]\\c", "n": 7}));
+        let t = Template::compile("product:{id}:*", &[]).unwrap().escaping_glob();
+        let mut out = Vec::new();
+        t.render(Some(&r), &[], &mut out).unwrap();
+        let t = Template::compile("x:{odd|upper}:{n}:?", &[]).unwrap().escaping_glob();
+        t.render(Some(&r), &[], &mut out).unwrap();
+        assert_eq!(out, ["product:4\\*:*", "x:A\\?\\[B\\]\\\\C:7:?"]);
+        assert!(!t.is_full_scan());
+        assert!(Template::compile("**", &[]).unwrap().is_full_scan());
+        assert!(!Template::compile("*{id}", &[]).unwrap().is_full_scan());
+        assert!(matches_everything("*") && matches_everything("") && !matches_everything("a*"));
     }
 
     #[test]

@@ -454,7 +454,7 @@ fn rejects_unknown_keys_at_every_level() {
     assert_problem(
         &VALID.replace("      keys:", "      key: []\n      keys:"),
         "6:7",
-        &["rule \"p\"", "`redis.key` is not a known field", "`keys` or `tags`"],
+        &["rule \"p\"", "`redis.key` is not a known field", "`keys`, `tags`, `patterns`"],
     );
     assert_problem(
         &format!("{VALID}    on_truncate:\n      redis: {{ tags: [all], keys: [k], urls: [u] }}\n"),

@@ -32,7 +32,7 @@ pub mod redis;
 pub use origins::Origins;
 
 /// What one batch asks of the sinks: one deduplicated list per [`ItemKind`]. Each sink takes
-/// the kinds it serves (Redis: keys and tags; HTTP caches and CDNs: surrogate keys and URLs)
+/// the kinds it serves (Redis: keys, tags, patterns, generations, dependents; HTTP caches and CDNs: surrogate keys and URLs)
 /// and ignores the rest. Indexed by kind, so a new kind is one line in the `item_kinds!`
 /// invocation below and nothing here changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -152,6 +152,13 @@ item_kinds! {
     RedisKey => "key", "redis_keys";
     /// `redis.tags`: a Redis set of keys, each unlinked, then the set.
     RedisTag => "tag", "redis_tags";
+    /// `redis.patterns`: a glob; every matching key (SCAN MATCH on every primary) unlinked.
+    RedisPattern => "pattern", "redis_patterns";
+    /// `redis.generations`: a counter key set to the event's position when that is higher.
+    RedisGeneration => "generation", "redis_generations";
+    /// `redis.dependents: true`: `key:K`, `tag:T` or `pattern:P`, whose invalidated keys'
+    /// dependents (`<dep_prefix>K` sets) are invalidated too (`redis::dependents`).
+    RedisDependents => "dependents", "redis_dependents";
     /// `cdn.surrogate_keys`: a surrogate key (cache tag), purged at HTTP caches and CDNs.
     SurrogateKey => "surrogate_key", "surrogate_keys";
     /// `cdn.urls`: an absolute URL, purged at HTTP caches and CDNs.
@@ -269,6 +276,9 @@ mod tests {
     fn a_set_serializes_as_one_field_per_kind_in_declaration_order() {
         let set = Invalidations::of(ItemKind::Url, vec!["https://x.example/".into()]);
         let json = serde_json::to_string(&set).unwrap();
-        assert_eq!(json, r#"{"redis_keys":[],"redis_tags":[],"surrogate_keys":[],"urls":["https://x.example/"]}"#);
+        assert_eq!(
+            json,
+            r#"{"redis_keys":[],"redis_tags":[],"redis_patterns":[],"redis_generations":[],"redis_dependents":[],"surrogate_keys":[],"urls":["https://x.example/"]}"#
+        );
     }
 }

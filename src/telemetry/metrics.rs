@@ -33,6 +33,8 @@ pub struct Metrics {
     /// `WAIT` replies with fewer replicas than `sinks.redis.wait_replicas.count`, by sink
     /// (each one fails its round, which is retried).
     pub redis_wait_timeouts: IntCounterVec,
+    /// `redis.patterns`, `redis.generations`, `redis.dependents` (issue 15), by sink.
+    pub redis_more: RedisMoreWays,
     /// Broadcast messages Redis accepted (`sinks.redis.broadcast`), by sink.
     pub redis_broadcasts: IntCounterVec,
     /// Subscribers that received the last broadcast message (PUBLISH's reply), by sink: 0 means
@@ -151,6 +153,66 @@ pub struct Metrics {
     pub schema_registry_cached_schemas: IntGauge,
 }
 
+/// The progress of patterns, generations and dependents, by sink.
+pub struct RedisMoreWays {
+    /// Patterns of the batch being scanned whose scan is not finished.
+    pub pattern_scans_in_flight: IntGaugeVec,
+    /// `SCAN` calls made for patterns.
+    pub scan_calls: IntCounterVec,
+    /// Keys the pattern scans returned (matches, before UNLINK).
+    pub pattern_keys_matched: IntCounterVec,
+    /// Keys the pattern scans found and unlinked (UNLINK replies).
+    pub pattern_keys_unlinked: IntCounterVec,
+    /// Generation keys set (`outcome="advanced"`) or left because they already held a
+    /// position as high (`outcome="kept"`: a redelivery, or an older event).
+    pub generations: IntCounterVec,
+    /// Keys unlinked as dependents (members of `<dep_prefix>KEY` sets).
+    pub dependents_unlinked: IntCounterVec,
+}
+
+impl RedisMoreWays {
+    fn new(r: &Registry) -> RedisMoreWays {
+        RedisMoreWays {
+            pattern_scans_in_flight: gauge_vec(
+                r,
+                "cdc_invalidator_redis_pattern_scans_in_flight",
+                "Patterns of the current batch whose SCAN is not finished.",
+                &["sink"],
+            ),
+            scan_calls: counter(
+                r,
+                "cdc_invalidator_redis_scan_calls_total",
+                "SCAN calls made for patterns.",
+                &["sink"],
+            ),
+            pattern_keys_matched: counter(
+                r,
+                "cdc_invalidator_redis_pattern_keys_matched_total",
+                "Keys pattern scans returned.",
+                &["sink"],
+            ),
+            pattern_keys_unlinked: counter(
+                r,
+                "cdc_invalidator_redis_pattern_keys_unlinked_total",
+                "Keys pattern scans found and unlinked.",
+                &["sink"],
+            ),
+            generations: counter(
+                r,
+                "cdc_invalidator_redis_generations_total",
+                "Generation keys advanced to an event's position, or kept because they held one as high.",
+                &["sink", "outcome"],
+            ),
+            dependents_unlinked: counter(
+                r,
+                "cdc_invalidator_redis_dependents_unlinked_total",
+                "Keys unlinked as dependents of invalidated keys.",
+                &["sink"],
+            ),
+        }
+    }
+}
+
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
     r.register(Box::new(c.clone())).expect("metric names are unique");
@@ -212,6 +274,7 @@ impl Metrics {
                 "Keys unlinked through tag fan-out.",
                 &["sink"],
             ),
+            redis_more: RedisMoreWays::new(&r),
             redis_wait_timeouts: counter(
                 &r,
                 "cdc_invalidator_redis_wait_timeouts_total",

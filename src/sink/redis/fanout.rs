@@ -53,6 +53,12 @@
 //! set, or unlinked: the guarantee above holds. A crash between the move and the unlink leaves
 //! a pending set, which the next start finds (`SCAN` on every primary) and finishes. Budget,
 //! sweep and start-over are the same as in standalone mode.
+//!
+//! # Dependents
+//!
+//! The dependents cascade (`dependents.rs`) empties `<dep_prefix>KEY` sets with this same
+//! fan-out, [`Fanout::collecting`] the members each set gave (the next level starts from them):
+//! standalone calls then ask the script for them (`ARGV[3]`), cluster calls return them anyway.
 
 use redis::{Script, ServerErrorKind, Value};
 
@@ -110,6 +116,9 @@ struct TagProgress {
     /// The Redis key of the tag's set.
     key: String,
     state: State,
+    /// With [`Fanout::collecting`]: the members taken so far (unlinked, or moved to the
+    /// pending set and unlinked before the fan-out returns).
+    taken: Vec<String>,
 }
 
 /// One round trip's worth of script calls.
@@ -141,6 +150,9 @@ pub(super) struct Fanout {
     pending: bool,
     /// A call found the script missing (a restarted or flushed server): load it first next time.
     load_script: bool,
+    /// Keep the members each tag gave (the dependents cascade follows them); standalone
+    /// calls then ask the script to return them.
+    collect: bool,
 }
 
 const START: State = State::Active(Phase::Pop { popped: 0, budget: None });
@@ -150,9 +162,25 @@ impl Fanout {
         let tags = tags
             .iter()
             .enumerate()
-            .map(|(index, tag)| TagProgress { index, key: format!("{tag_prefix}{tag}"), state: START })
+            .map(|(index, tag)| TagProgress {
+                index,
+                key: format!("{tag_prefix}{tag}"),
+                state: START,
+                taken: Vec::new(),
+            })
             .collect();
-        Fanout { tags, chunk: chunk.max(1) as u64, pending, load_script: false }
+        Fanout { tags, chunk: chunk.max(1) as u64, pending, load_script: false, collect: false }
+    }
+
+    /// This fan-out, keeping the members each set gave ([`Fanout::take_members`]).
+    pub(super) fn collecting(mut self) -> Fanout {
+        self.collect = true;
+        self
+    }
+
+    /// The members each set gave, by the set's index in the list it was made from.
+    pub(super) fn take_members(&mut self) -> Vec<(usize, Vec<String>)> {
+        self.tags.iter_mut().map(|t| (t.index, std::mem::take(&mut t.taken))).collect()
     }
 
     pub(super) fn is_finished(&self) -> bool {
@@ -175,13 +203,21 @@ impl Fanout {
             if self.pending {
                 call.key(pending_key(&tag.key));
             }
+            // Standalone calls that must return their members say so in ARGV[3].
+            let returning = self.collect && !self.pending;
             match phase {
                 Phase::Pop { popped, budget } => {
                     let left_in_budget = budget.map_or(self.chunk, |b| b.saturating_sub(*popped));
                     call.arg(self.chunk.min(left_in_budget).max(1));
+                    if returning {
+                        call.arg("").arg("1");
+                    }
                 }
                 Phase::Sweep { cursor, .. } => {
                     call.arg(self.chunk).arg(cursor);
+                    if returning {
+                        call.arg("1");
+                    }
                 }
             }
             pipe.invoke_script(&call);
@@ -214,8 +250,13 @@ impl Fanout {
                 Ok(value) => match self.advance(pos, &value) {
                     Ok((unlinked, members)) => {
                         outcome.unlinked += unlinked;
-                        if let (false, Some(tag)) = (members.is_empty(), self.tags.get(pos)) {
-                            outcome.moved.push((pending_key(&tag.key), members));
+                        if let (false, Some(tag)) = (members.is_empty(), self.tags.get_mut(pos)) {
+                            if self.collect {
+                                tag.taken.extend(members.iter().cloned());
+                            }
+                            if self.pending {
+                                outcome.moved.push((pending_key(&tag.key), members));
+                            }
                         }
                     }
                     Err(e) => {
@@ -260,20 +301,20 @@ impl Fanout {
         let State::Active(phase) = &mut tag.state else { return Err(unexpected()) };
         let mut members = Vec::new();
         let fields = match fields.as_slice() {
-            [head @ .., Value::Array(moved)] if self.pending && head.len() == 4 => {
+            [head @ .., Value::Array(moved)] if (self.pending || self.collect) && head.len() == 4 => {
                 for m in moved {
                     members.push(text(m).ok_or_else(unexpected)?);
                 }
                 head
             }
-            [head @ .., Value::Nil] if self.pending && head.len() == 4 => head,
+            [head @ .., Value::Nil] if (self.pending || self.collect) && head.len() == 4 => head,
             all => all,
         };
         let (before, taken, left, cursor) = match fields {
             [Value::Int(-1), kind] => {
                 let kind = text(kind).ok_or_else(unexpected)?;
                 tag.state = State::Rejected(format!(
-                    "the tag's Redis key {:?} holds a {kind}, not a set of cache keys; it was left as it is",
+                    "the Redis key {:?} holds a {kind}, not a set of cache keys; it was left as it is",
                     tag.key
                 ));
                 return Ok((0, members));

@@ -1,9 +1,14 @@
-//! The Redis sink: UNLINK keys, fan out tags.
+//! The Redis sink: UNLINK keys, fan out tags, advance generations, cascade to dependents; and
+//! its twin for patterns.
 //!
 //! - **Keys** are unlinked `unlink_batch` per `UNLINK` command, several commands pipelined per
 //!   round trip.
 //! - **Tags** are fanned out by a server-side script, `tag_chunk` members per call: see
 //!   `fanout.rs` for how and why.
+//! - **Generations** (`generation.rs`): a script per key sets it to the event's position when
+//!   higher. **Dependents** (`dependents.rs`): the tag fan-out again, over `<dep_prefix>KEY`
+//!   sets, level by level. **Patterns** (`pattern.rs`): `SCAN ... MATCH` on every primary, served
+//!   by [`PatternSink`] on its own task so a long walk never holds the rest.
 //! - **Failures** are retried through [`crate::retry`] with `sinks.redis.retry` until they pass
 //!   or shutdown abandons the batch; work already confirmed is not redone, the round trip that
 //!   failed is sent again whole (deletes are idempotent). A wrong password or a missing ACL
@@ -14,8 +19,9 @@
 //!   connect is bounded by `connect_timeout` and each round trip by `response_timeout`, and a
 //!   failed round trip always dials again (see `connection.rs`).
 //!
-//! Nothing here ever writes a cached value: the only commands sent are UNLINK, PING, SCRIPT
-//! LOAD and EVALSHA of the fan-out script (which runs TYPE, SCARD, SRANDMEMBER, SSCAN, SREM and
+//! Nothing here ever writes a cached value: the only commands sent are UNLINK, PING, SCAN
+//! (patterns), SCRIPT LOAD and EVALSHA of the generation script (GET and SET of a generation
+//! key, only ever to a higher position) and of the fan-out script (which runs TYPE, SCARD, SRANDMEMBER, SSCAN, SREM and
 //! UNLINK, or in cluster mode SADD to a pending set instead of UNLINK), WAIT and ROLE (with
 //! `wait_replicas`), and in cluster mode SREM, SRANDMEMBER and SCAN on pending sets and CLUSTER
 //! SLOTS; with `broadcast` PUBLISH (SPUBLISH in cluster mode, `broadcast.rs`), with `warm`
@@ -58,7 +64,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use async_trait::async_trait;
 use futures::stream::{FuturesOrdered, StreamExt};
@@ -74,12 +80,17 @@ use crate::telemetry::Metrics;
 pub mod broadcast;
 mod cluster;
 mod connection;
+pub mod dependents;
 mod endpoints;
 mod fanout;
+pub mod generation;
 pub mod hash_tags;
+mod pattern;
 pub mod preflight;
 mod slot;
 pub mod warm;
+
+pub use pattern::PatternSink;
 
 use cluster::{cluster_error, Cluster};
 use connection::{item, Class, CommandError, Connection, Dialer};
@@ -136,10 +147,24 @@ pub struct RedisSink {
     /// after a failure (`down`), so a backlog restarts at once, not up to `retry.max` later.
     recovery: crate::retry::Recovery,
     down: std::sync::atomic::AtomicBool,
+    /// `redis.dependents`: `dep_prefix` and `dependents_depth`.
+    dep_prefix: String,
+    dependents_depth: u32,
+    /// `redis.generations`: the script, and whether the server(s) have it (SCRIPT LOAD).
+    generation: generation::GenerationScript,
+    /// `redis.patterns`: SCAN's COUNT.
+    scan_count: usize,
     /// `sinks.redis.broadcast`: a message per batch after its deletes (`broadcast.rs`).
     broadcast: Option<broadcast::BroadcastConfig>,
     /// `sinks.redis.warm`: each key appended to a stream after its delete (`warm.rs`).
     warm: Option<warm::WarmConfig>,
+}
+
+/// Which sets a fan-out empties: tag sets, or (the dependents cascade) dependency sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sets {
+    Tags,
+    Dependents,
 }
 
 /// What [`RedisSink::add_wait`] added to a pipeline.
@@ -220,9 +245,29 @@ impl RedisSink {
             metrics,
             recovery: Default::default(),
             down: Default::default(),
+            dep_prefix: config.dep_prefix.clone(),
+            dependents_depth: config.dependents_depth,
+            generation: generation::GenerationScript::new(),
+            scan_count: config.scan_count.max(1),
             broadcast: config.broadcast.clone(),
             warm: config.warm.clone(),
         })
+    }
+
+    /// The prefix of the sets a fan-out of `sets` empties.
+    fn set_prefix(&self, sets: Sets) -> &str {
+        match sets {
+            Sets::Tags => &self.tag_prefix,
+            Sets::Dependents => &self.dep_prefix,
+        }
+    }
+
+    /// Where a fan-out of `sets` counts the keys it unlinked.
+    fn set_members_counter(&self, sets: Sets) -> prometheus::IntCounter {
+        match sets {
+            Sets::Tags => self.metrics.tag_members_unlinked.with_label_values(&[&self.name]),
+            Sets::Dependents => self.metrics.redis_more.dependents_unlinked.with_label_values(&[&self.name]),
+        }
     }
 
     /// Appends `WAIT` and `ROLE` (when configured) to a pipeline of deletes bound for `slot`
@@ -329,16 +374,39 @@ impl RedisSink {
                 (*slot, pipe)
             })
             .collect();
-        let done = Mutex::new(vec![false; pipes.len()]);
-        // Counted once per slot, when its pipeline is confirmed (a retried slot is not recounted).
-        let removed = AtomicU64::new(0);
-        let (pipes, done, removed_ref) = (&pipes, &done, &removed);
+        let removed = self.slot_pipelines(cluster, &pipes, sum_of_ints, shutdown).await?;
+        Ok(removed.into_iter().sum())
+    }
+
+    /// Cluster mode: one pipeline per hash slot (each followed by WAIT when configured), all
+    /// sent at once; a retry sends again only the slots not yet confirmed. `parse` turns a
+    /// slot's replies (WAIT's taken off) into its result; the results in `pipes` order.
+    async fn slot_pipelines<T, P>(
+        &self,
+        cluster: &Cluster,
+        pipes: &[(u16, redis::Pipeline)],
+        parse: P,
+        shutdown: &Shutdown,
+    ) -> Result<Vec<T>, SinkError>
+    where
+        P: Fn(Vec<Value>) -> Result<T, CommandError>,
+    {
+        // Each slot's result once its pipeline is confirmed (a retried slot is not recounted).
+        let done: Mutex<Vec<Option<T>>> = Mutex::new(pipes.iter().map(|_| None).collect());
+        let (done_ref, parse) = (&done, &parse);
         self.with_retries(shutdown, move || async move {
-            let todo: Vec<usize> = lock(done).iter().enumerate().filter(|(_, d)| !**d).map(|(i, _)| i).collect();
+            let todo: Vec<usize> =
+                lock(done_ref).iter().enumerate().filter(|(_, d)| d.is_none()).map(|(i, _)| i).collect();
             let mut attempts = Vec::with_capacity(todo.len());
             for &i in &todo {
                 if let Some((slot, pipe)) = pipes.get(i) {
-                    attempts.push(self.unlink_slot(cluster, *slot, pipe));
+                    attempts.push(async move {
+                        let mut pipe = pipe.clone();
+                        let plan = self.add_wait(&mut pipe, *slot);
+                        let mut replies = cluster.pipeline(&pipe).await?;
+                        self.check_wait(plan, &mut replies)?;
+                        parse(replies)
+                    });
                 }
             }
             let results = in_flight(attempts).await;
@@ -348,13 +416,12 @@ impl RedisSink {
                 self.refresh_replicas(cluster).await;
             }
             let mut first = None;
-            let mut done = lock(done);
+            let mut done = lock(done_ref);
             for (i, result) in todo.into_iter().zip(results) {
                 match result {
-                    Ok(n) => {
-                        removed_ref.fetch_add(n, Ordering::Relaxed);
+                    Ok(value) => {
                         if let Some(d) = done.get_mut(i) {
-                            *d = true;
+                            *d = Some(value);
                         }
                     }
                     Err(e) => {
@@ -365,18 +432,31 @@ impl RedisSink {
             first.map_or(Ok(()), Err)
         })
         .await?;
-        Ok(removed.into_inner())
+        Ok(done.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()).into_iter().flatten().collect())
     }
 
-    /// Fans out every tag; the result says which finished and which were rejected.
-    async fn fan_out(&self, tags: &[String], shutdown: &Shutdown) -> Result<Fanout, SinkError> {
+    /// Fans out every tag (or, for the dependents cascade, every key's dependency set); the
+    /// result says which finished and which were rejected, and with `collect` which members
+    /// each gave.
+    async fn fan_out(
+        &self,
+        sets: Sets,
+        tags: &[String],
+        collect: bool,
+        shutdown: &Shutdown,
+    ) -> Result<Fanout, SinkError> {
+        let fanout =
+            Fanout::new(self.set_prefix(sets), tags, self.tag_chunk, matches!(self.backend, Backend::Cluster(_)));
+        let fanout = if collect { fanout.collecting() } else { fanout };
+        let unlinked = self.set_members_counter(sets);
         let connection = match &self.backend {
             Backend::Single(c) => c,
-            Backend::Cluster(cluster) => return self.fan_out_cluster(cluster, tags, shutdown).await,
+            Backend::Cluster(cluster) => return self.fan_out_cluster(cluster, fanout, &unlinked, shutdown).await,
         };
         // A std mutex, held only between awaits: the retried closure needs shared access to
         // the progress it advances.
-        let fanout = Mutex::new(Fanout::new(&self.tag_prefix, tags, self.tag_chunk, false));
+        let fanout = Mutex::new(fanout);
+        let unlinked = &unlinked;
         while !lock(&fanout).is_finished() {
             let fanout = &fanout;
             self.with_retries(shutdown, move || async move {
@@ -396,10 +476,10 @@ impl RedisSink {
                 let outcome = lock(fanout).apply(&round, replies);
                 if let Err(e) = waited {
                     lock(fanout).start_over();
-                    self.metrics.tag_members_unlinked.with_label_values(&[&self.name]).inc_by(outcome.unlinked);
+                    unlinked.inc_by(outcome.unlinked);
                     return Err(e);
                 }
-                self.metrics.tag_members_unlinked.with_label_values(&[&self.name]).inc_by(outcome.unlinked);
+                unlinked.inc_by(outcome.unlinked);
                 match outcome.error {
                     Some(e) => Err(e),
                     None => Ok(()),
@@ -431,35 +511,20 @@ impl RedisSink {
         }
     }
 
-    /// One slot's pipeline of UNLINKs (and WAIT).
-    /// One slot's UNLINK pipeline; returns how many of its keys existed.
-    async fn unlink_slot(&self, cluster: &Cluster, slot: u16, pipe: &redis::Pipeline) -> Result<u64, CommandError> {
-        let mut pipe = pipe.clone();
-        let plan = self.add_wait(&mut pipe, slot);
-        let mut replies = cluster.pipeline(&pipe).await?;
-        self.check_wait(plan, &mut replies)?;
-        let mut removed = 0;
-        for reply in replies {
-            if let Value::Int(n) = item(reply).map_err(cluster_error)? {
-                removed += u64::try_from(n).unwrap_or(0);
-            }
-        }
-        Ok(removed)
-    }
-
     /// Cluster mode: each round's script calls (one per tag, each in its tag's slot) go at
     /// once; the members they moved to pending sets are unlinked slot by slot, then removed
     /// from the pending sets, before the next round.
     async fn fan_out_cluster(
         &self,
         cluster: &Cluster,
-        tags: &[String],
+        fanout: Fanout,
+        unlinked: &prometheus::IntCounter,
         shutdown: &Shutdown,
     ) -> Result<Fanout, SinkError> {
-        let fanout = Mutex::new(Fanout::new(&self.tag_prefix, tags, self.tag_chunk, true));
+        let fanout = Mutex::new(fanout);
         let moved: Mutex<Vec<(String, Vec<String>)>> = Mutex::new(Vec::new());
         loop {
-            self.finish_pending(cluster, &moved, shutdown).await?;
+            self.finish_pending(cluster, &moved, unlinked, shutdown).await?;
             if lock(&fanout).is_finished() {
                 break;
             }
@@ -499,6 +564,7 @@ impl RedisSink {
         &self,
         cluster: &Cluster,
         moved: &Mutex<Vec<(String, Vec<String>)>>,
+        unlinked: &prometheus::IntCounter,
         shutdown: &Shutdown,
     ) -> Result<(), SinkError> {
         let work = lock(moved).clone();
@@ -507,7 +573,7 @@ impl RedisSink {
         }
         let members: Vec<String> = work.iter().flat_map(|(_, m)| m.iter().cloned()).collect();
         self.unlink_keys_cluster(cluster, &members, shutdown).await?;
-        self.metrics.tag_members_unlinked.with_label_values(&[&self.name]).inc_by(members.len() as u64);
+        unlinked.inc_by(members.len() as u64);
         let srems: Vec<redis::Cmd> = work
             .iter()
             .flat_map(|(pending, members)| {
@@ -564,7 +630,8 @@ impl RedisSink {
                     break;
                 }
                 let moved = Mutex::new(vec![(key.clone(), members)]);
-                self.finish_pending(cluster, &moved, shutdown).await?;
+                let unlinked = self.metrics.tag_members_unlinked.with_label_values(&[&self.name]);
+                self.finish_pending(cluster, &moved, &unlinked, shutdown).await?;
             }
         }
         self.recovered.store(true, Ordering::Release);
@@ -636,6 +703,17 @@ fn lock<T>(progress: &Mutex<T>) -> MutexGuard<'_, T> {
     progress.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The replies of a pipeline of UNLINKs, summed: how many of its keys existed.
+fn sum_of_ints(replies: Vec<Value>) -> Result<u64, CommandError> {
+    let mut removed = 0;
+    for reply in replies {
+        if let Value::Int(n) = item(reply).map_err(cluster_error)? {
+            removed += u64::try_from(n).unwrap_or(0);
+        }
+    }
+    Ok(removed)
+}
+
 /// Runs `futures` at most [`CLUSTER_IN_FLIGHT`] at a time; the results in their order.
 async fn in_flight<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
     let mut pending = futures.into_iter();
@@ -676,21 +754,13 @@ async fn scan_primaries(cluster: &Cluster) -> Result<Vec<String>, CommandError> 
     for (address, mut reply) in per_node {
         let address = text(&address).unwrap_or_default();
         loop {
-            let Value::Array(page) = &reply else {
-                return Err(CommandError::UnexpectedReply(format!("SCAN answered {reply:?}")));
-            };
-            let (cursor, keys) = match page.as_slice() {
-                [cursor, Value::Array(keys)] => (text(cursor).unwrap_or_else(|| "0".into()), keys),
-                _ => return Err(CommandError::UnexpectedReply(format!("SCAN answered {reply:?}"))),
-            };
-            found.extend(keys.iter().filter_map(text));
+            let (cursor, keys) = pattern::page(item(reply).map_err(CommandError::Redis)?)?;
+            found.extend(keys);
             if cursor == "0" {
                 break;
             }
-            let Some((host, port)) = address.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse().ok()?))) else {
-                return Err(CommandError::UnexpectedReply(format!("a node address {address:?}")));
-            };
-            let at = SingleNodeRoutingInfo::ByAddress { host: host.to_string(), port };
+            let (host, port) = pattern::host_port(&address)?;
+            let at = SingleNodeRoutingInfo::ByAddress { host, port };
             reply = cluster.route(scan(&cursor), RoutingInfo::SingleNode(at)).await?;
         }
     }
@@ -705,8 +775,9 @@ impl Sink for RedisSink {
         &self.name
     }
 
+    /// Patterns are served by [`PatternSink`], its own task, so a long scan never holds these.
     fn kinds(&self) -> &'static [ItemKind] {
-        &[ItemKind::RedisKey, ItemKind::RedisTag]
+        &[ItemKind::RedisKey, ItemKind::RedisTag, ItemKind::RedisGeneration, ItemKind::RedisDependents]
     }
 
     fn wants_origins(&self) -> bool {
@@ -719,12 +790,15 @@ impl Sink for RedisSink {
             self.recover_pending(cluster, shutdown).await?;
         }
         let (keys, tags) = (batch.items(ItemKind::RedisKey), batch.items(ItemKind::RedisTag));
+        let roots = dependents::Roots::of(batch);
+        // Where the cascade starts: (index of the root in the batch's dependents, its keys).
+        let mut cascade = roots.keys();
         if !keys.is_empty() {
             report.removed = self.unlink_keys(keys, shutdown).await?;
             report.confirmed.push((ItemKind::RedisKey, keys.len() as u64));
         }
         if !tags.is_empty() {
-            let fanout = self.fan_out(tags, shutdown).await?;
+            let mut fanout = self.fan_out(Sets::Tags, tags, roots.has_tags(), shutdown).await?;
             let done = fanout.confirmed();
             if done > 0 {
                 report.confirmed.push((ItemKind::RedisTag, done));
@@ -734,6 +808,20 @@ impl Sink for RedisSink {
                 // The reason names the key: it goes to the dead letter, not to the log.
                 tracing::warn!(sink = %self.name, index = rejected.index, "a tag's Redis key is not a set: tag rejected");
             }
+            cascade.extend(roots.tag_members(tags, fanout.take_members()));
+        }
+        let generations = batch.items(ItemKind::RedisGeneration);
+        if !generations.is_empty() {
+            let outcome = self.advance_generations(generations, shutdown).await?;
+            report.confirmed.push((ItemKind::RedisGeneration, outcome.confirmed));
+            report.rejected.extend(outcome.rejected);
+        }
+        if roots.served_here() > 0 {
+            let rejected = self.cascade(cascade, shutdown).await?;
+            report
+                .confirmed
+                .push((ItemKind::RedisDependents, roots.served_here().saturating_sub(rejected.len()) as u64));
+            report.rejected.extend(rejected);
         }
         // Only now, with every delete confirmed, are applications told.
         if let Some(config) = &self.broadcast {

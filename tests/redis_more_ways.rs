@@ -1,0 +1,466 @@
+//! Issue 15 (part A) against real Redis, standalone and a 3-primary/3-replica cluster:
+//! `redis.patterns`, `redis.generations` and `redis.dependents`; a 100,000-key pattern scan
+//! that does not hold the invalidations behind it (the daemon, Kafka mock cluster); `check`
+//! on the new rule keys.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cdc_invalidator::config::{RedisConfig, RedisMode, Secret};
+use cdc_invalidator::retry::RetryPolicy;
+use cdc_invalidator::shutdown;
+use cdc_invalidator::sink::redis::generation::stamp;
+use cdc_invalidator::sink::redis::{PatternSink, RedisSink};
+use cdc_invalidator::sink::{Invalidations, ItemKind, Sink, SinkReport};
+use cdc_invalidator::telemetry::Metrics;
+use redis::ConnectionLike;
+
+use crate::support::daemon::{binary, wait_until, write_config, Daemon, Setup};
+use crate::support::events::product_insert;
+use crate::support::kafka::{committed, MockKafka};
+use crate::support::redis::{RedisCluster, RedisServer};
+
+/// A Redis to test against: one server, or a cluster.
+enum Target {
+    Standalone(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Target {
+    fn standalone() -> Target {
+        Target::Standalone(RedisServer::start())
+    }
+
+    fn cluster() -> Target {
+        Target::Cluster(RedisCluster::start(3))
+    }
+
+    /// Fast retries, short timeouts, small SCAN pages (so a walk takes many calls).
+    fn config(&self) -> RedisConfig {
+        let mut c = match self {
+            Target::Standalone(server) => RedisConfig::for_url(&server.url()),
+            Target::Cluster(cluster) => {
+                let mut c = RedisConfig::for_url("redis://unused");
+                c.url = None;
+                c.resolved_url = None;
+                c.mode = RedisMode::Cluster;
+                c.nodes = cluster.urls().into_iter().map(Secret::new).collect();
+                c
+            }
+        };
+        c.retry =
+            RetryPolicy { initial: Duration::from_millis(20), max: Duration::from_millis(250), max_attempts: None };
+        c.connect_timeout = Duration::from_millis(500);
+        c.response_timeout = Duration::from_millis(2000);
+        c.scan_count = 100;
+        c.scans_per_second = 10_000;
+        c.tag_chunk = 50;
+        c
+    }
+
+    /// A connection for setting up and checking, whichever the deployment.
+    fn connection(&self) -> Box<dyn ConnectionLike> {
+        match self {
+            Target::Standalone(server) => Box::new(server.connection()),
+            Target::Cluster(cluster) => Box::new(cluster.client()),
+        }
+    }
+}
+
+fn sinks(target: &Target) -> (RedisSink, PatternSink, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new());
+    let config = target.config();
+    let keys = RedisSink::new("r", &config, metrics.clone()).expect("valid config");
+    let patterns = PatternSink::new("r", &config, metrics.clone()).expect("valid config");
+    (keys, patterns, metrics)
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// One command through either kind of connection (`redis::Commands` needs a sized one).
+fn q<T: redis::FromRedisValue>(con: &mut dyn ConnectionLike, args: &[&str]) -> T {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query(con).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+fn set_all(con: &mut dyn ConnectionLike, keys: &[String]) {
+    for key in keys {
+        q::<()>(con, &["SET", key, "cached"]);
+    }
+}
+
+fn existing(con: &mut dyn ConnectionLike, keys: &[String]) -> Vec<String> {
+    keys.iter().filter(|k| q::<bool>(con, &["EXISTS", k])).cloned().collect()
+}
+
+async fn invalidate(sink: &dyn Sink, batch: &Invalidations) -> SinkReport {
+    let (_trigger, shutdown) = shutdown::channel();
+    sink.invalidate(batch, &shutdown).await.expect("confirmed")
+}
+
+/// Every key matching, on every primary, unlinked; nothing else; an escaped value matches
+/// only itself; progress in the metrics.
+async fn patterns_unlink_every_match(target: Target) {
+    let mut con = target.connection();
+    let matching: Vec<String> = (0..3000).map(|i| format!("product:4:page:{i}")).collect();
+    let others = strings(&["product:40:page:1", "product:4", "product:4*:x", "unrelated"]);
+    set_all(&mut *con, &matching);
+    set_all(&mut *con, &others);
+    let (_, patterns, metrics) = sinks(&target);
+
+    let report = invalidate(&patterns, &Invalidations::of(ItemKind::RedisPattern, strings(&["product:4:*"]))).await;
+    assert_eq!(report.confirmed, vec![(ItemKind::RedisPattern, 1)]);
+    assert!(existing(&mut *con, &matching).is_empty(), "every match is unlinked");
+    assert_eq!(existing(&mut *con, &others), others, "nothing else is");
+    let label = [("sink", "r:patterns")];
+    assert_eq!(metrics.value("cdc_invalidator_redis_pattern_keys_unlinked_total", &label), 3000.0);
+    assert_eq!(metrics.value("cdc_invalidator_redis_pattern_keys_matched_total", &label), 3000.0);
+    // 3000 matches among ~3000 keys, 100 per call: many calls, on every primary.
+    assert!(metrics.value("cdc_invalidator_redis_scan_calls_total", &label) >= 30.0);
+    assert_eq!(metrics.value("cdc_invalidator_redis_pattern_scans_in_flight", &label), 0.0);
+
+    // What the rules make of `product:{id}:*` with id "4*": the value matches only itself.
+    invalidate(&patterns, &Invalidations::of(ItemKind::RedisPattern, strings(&["product:4\\*:*"]))).await;
+    assert_eq!(existing(&mut *con, &others), strings(&["product:40:page:1", "product:4", "unrelated"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_patterns_unlink_every_match() {
+    patterns_unlink_every_match(Target::standalone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_patterns_unlink_every_match_on_every_primary() {
+    patterns_unlink_every_match(Target::cluster()).await;
+}
+
+fn generations(items: &[&str], position: Option<u64>) -> Invalidations {
+    let mut set = Invalidations::of(ItemKind::RedisGeneration, strings(items));
+    stamp(&mut set, position);
+    set
+}
+
+/// Set to the position when higher; redelivered and older events change nothing, also above
+/// 2^53 where a Lua number would round; the highest of a batch wins; a key that is not a
+/// generation is rejected and left alone.
+async fn generations_only_move_forward(target: Target) {
+    let mut con = target.connection();
+    let (sink, _, metrics) = sinks(&target);
+    let keys = ["gen:product:1", "gen:product:2"];
+    invalidate(&sink, &generations(&keys, Some(100))).await;
+    let read = |con: &mut dyn ConnectionLike, key: &str| -> String { q(con, &["GET", key]) };
+    assert_eq!(read(&mut *con, "gen:product:1"), "100");
+    assert_eq!(read(&mut *con, "gen:product:2"), "100");
+
+    // Redelivery, then an older event: nothing moves back.
+    invalidate(&sink, &generations(&keys, Some(100))).await;
+    let report = invalidate(&sink, &generations(&keys, Some(99))).await;
+    assert_eq!(report.confirmed, vec![(ItemKind::RedisGeneration, 2)]);
+    assert_eq!(read(&mut *con, "gen:product:1"), "100");
+    let kept = [("sink", "r"), ("outcome", "kept")];
+    assert_eq!(metrics.value("cdc_invalidator_redis_generations_total", &kept), 4.0);
+
+    // Coalesced: two events of one batch, the higher position wins.
+    let batch = Invalidations::union([
+        &generations(&["gen:product:1"], Some(300)),
+        &generations(&["gen:product:1"], Some(200)),
+    ]);
+    invalidate(&sink, &batch).await;
+    assert_eq!(read(&mut *con, "gen:product:1"), "300");
+
+    // Beyond 2^53: 2^53 + 1 moves on from 2^53, which a double cannot tell apart, and 2^53
+    // then does not move it back.
+    invalidate(&sink, &generations(&["gen:big"], Some(9_007_199_254_740_992))).await;
+    invalidate(&sink, &generations(&["gen:big"], Some(9_007_199_254_740_993))).await;
+    assert_eq!(read(&mut *con, "gen:big"), "9007199254740993");
+    invalidate(&sink, &generations(&["gen:big"], Some(9_007_199_254_740_992))).await;
+    assert_eq!(read(&mut *con, "gen:big"), "9007199254740993");
+    invalidate(&sink, &generations(&["gen:big"], Some(u64::MAX))).await;
+    assert_eq!(read(&mut *con, "gen:big"), u64::MAX.to_string());
+
+    // Not generations: left alone, rejected with the reason; the others still advance.
+    q::<()>(&mut *con, &["HSET", "gen:hash", "f", "v"]);
+    q::<()>(&mut *con, &["SET", "gen:text", "v17"]);
+    let mut batch = generations(&["gen:hash", "gen:text", "gen:product:2"], Some(500));
+    batch.items_mut(ItemKind::RedisGeneration).push("gen:unstamped".into());
+    let report = invalidate(&sink, &batch).await;
+    assert_eq!(report.confirmed, vec![(ItemKind::RedisGeneration, 1)]);
+    let reasons: Vec<String> = report.rejected.iter().map(|r| r.reason.clone()).collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("\"gen:hash\" holds a hash")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("\"gen:text\" holds a string that is not a decimal number")),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().any(|r| r.contains("no source position")), "{reasons:?}");
+    assert_eq!(read(&mut *con, "gen:text"), "v17");
+    assert_eq!(read(&mut *con, "gen:product:2"), "500");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_generations_only_move_forward_under_redelivery() {
+    generations_only_move_forward(Target::standalone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_generations_only_move_forward_under_redelivery() {
+    generations_only_move_forward(Target::cluster()).await;
+}
+
+/// A → {B, C}, B → {D, A} (a cycle), C → {D}, D → {E}, E → {F}: with depth 3 from A, B C D E
+/// go (each once, the cycle ends at A), F stays (the bound), and so does `dep:E`, F's
+/// registration. From a tag's members and a pattern's matches too; a `dep:` key that is not
+/// a set rejects its root and the rest goes on.
+async fn dependents_cascade(target: Target) {
+    let mut con = target.connection();
+    let chain = strings(&["A", "B", "C", "D", "E", "F", "M", "N", "p:1", "Q", "X", "Y"]);
+    set_all(&mut *con, &chain);
+    for (set, members) in [
+        ("dep:A", &["B", "C"][..]),
+        ("dep:B", &["D", "A"]),
+        ("dep:C", &["D"]),
+        ("dep:D", &["E"]),
+        ("dep:E", &["F"]),
+        ("tag:t", &["M"]),
+        ("dep:M", &["N"]),
+        ("dep:p:1", &["Q"]),
+        ("dep:Y", &["Y-never"]),
+    ] {
+        let mut args = vec!["SADD", set];
+        args.extend_from_slice(members);
+        q::<()>(&mut *con, &args);
+    }
+    q::<()>(&mut *con, &["SET", "dep:X", "not a set"]);
+    let (sink, patterns, metrics) = sinks(&target);
+
+    let batch = Invalidations::of(ItemKind::RedisKey, strings(&["A", "X"]))
+        .with(ItemKind::RedisTag, strings(&["t"]))
+        .with(ItemKind::RedisPattern, strings(&["p:*"]))
+        .with(ItemKind::RedisDependents, strings(&["key:A", "key:X", "pattern:p:*", "tag:t"]));
+    let report = invalidate(&sink, &batch).await;
+    assert_eq!(report.rejected.len(), 1, "{:?}", report.rejected);
+    assert_eq!((report.rejected[0].kind, report.rejected[0].index), (ItemKind::RedisDependents, 1));
+    assert!(report.rejected[0].reason.contains("\"dep:X\" holds a string"), "{}", report.rejected[0].reason);
+    assert!(report.confirmed.contains(&(ItemKind::RedisDependents, 2)), "{:?}", report.confirmed);
+    let report = invalidate(&patterns, &batch).await;
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    assert!(report.confirmed.contains(&(ItemKind::RedisDependents, 1)), "{:?}", report.confirmed);
+
+    assert_eq!(
+        existing(&mut *con, &chain),
+        strings(&["F", "Y"]),
+        "the chain to depth 3, the tag's and the match's dependents"
+    );
+    let sets = strings(&["dep:A", "dep:B", "dep:C", "dep:D", "dep:E", "dep:M", "dep:p:1", "dep:X", "dep:Y"]);
+    assert_eq!(existing(&mut *con, &sets), strings(&["dep:E", "dep:X", "dep:Y"]), "emptied sets are gone");
+    let x: String = q(&mut *con, &["GET", "dep:X"]);
+    assert_eq!(x, "not a set");
+    // B, C, D, E (A's chain; A again through the cycle), N, Q.
+    let unlinked = metrics.value("cdc_invalidator_redis_dependents_unlinked_total", &[("sink", "r")])
+        + metrics.value("cdc_invalidator_redis_dependents_unlinked_total", &[("sink", "r:patterns")]);
+    assert!((7.0..=8.0).contains(&unlinked), "{unlinked}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_dependency_chain_with_a_cycle() {
+    dependents_cascade(Target::standalone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_dependency_chain_with_a_cycle() {
+    dependents_cascade(Target::cluster()).await;
+}
+
+const TOPIC: &str = "shop.public.products";
+
+const PATTERN_RULES: &str = r#"version: 1
+rules:
+  - name: product-pages
+    table: public.products
+    redis:
+      keys: ["product:{id}"]
+      patterns: ["bulk:{category_id}:*"]
+"#;
+
+/// Keys matching `pattern` on the server, or on every primary of the cluster.
+fn count(target: &Target, pattern: &str) -> usize {
+    let ports = match target {
+        Target::Standalone(server) => vec![server.port()],
+        Target::Cluster(cluster) => cluster.masters(),
+    };
+    let mut n = 0;
+    for port in ports {
+        let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap().get_connection().unwrap();
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(5000)
+                .query(&mut con)
+                .unwrap();
+            n += keys.len();
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    n
+}
+
+/// The daemon with 100,000 keys under one pattern, walked at 20 SCAN calls of 1,000 a second
+/// (about five seconds): a plain key invalidated after the walk started is gone while the walk
+/// still runs, and the offsets are not committed past the pattern's event until its walk is
+/// done.
+async fn a_big_pattern_scan_does_not_hold_plain_keys(target: Target) {
+    let keys: Vec<String> = (0..100_000).map(|i| format!("bulk:5:{i}")).collect();
+    match &target {
+        Target::Standalone(server) => {
+            let mut con = server.connection();
+            for chunk in keys.chunks(10_000) {
+                let mut pipe = redis::pipe();
+                for key in chunk {
+                    pipe.set(key, "cached").ignore();
+                }
+                let _: () = pipe.query(&mut con).unwrap();
+            }
+        }
+        Target::Cluster(cluster) => {
+            let mut con = cluster.client();
+            for chunk in keys.chunks(10_000) {
+                let mut pipe = redis::cluster::cluster_pipe();
+                for key in chunk {
+                    pipe.set(key, "cached").ignore();
+                }
+                let _: () = pipe.query(&mut con).unwrap();
+            }
+        }
+    }
+    assert_eq!(count(&target, "bulk:5:*"), 100_000);
+    let mut con = target.connection();
+    set_all(&mut *con, &strings(&["product:1", "product:2"]));
+
+    let kafka = MockKafka::start(1);
+    kafka.create_topic(TOPIC, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = kafka.bootstrap();
+    let url = match &target {
+        Target::Standalone(server) => server.url(),
+        Target::Cluster(_) => "redis://replaced".to_string(),
+    };
+    let setup =
+        Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g", redis_url: &url, extra: "", librdkafka: &[] };
+    let (path, port) = write_config(dir.path(), &setup);
+    std::fs::write(dir.path().join("rules.yaml"), PATTERN_RULES).unwrap();
+    let mut text = std::fs::read_to_string(&path).unwrap().replace(
+        "    retry: { initial: 20ms, max: 250ms }\n",
+        "    retry: { initial: 20ms, max: 250ms }\n    scan_count: 1000\n    scans_per_second: 20\n",
+    );
+    if let Target::Cluster(cluster) = &target {
+        let nodes = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", ");
+        text = text.replace("    url: \"redis://replaced\"\n", &format!("    mode: cluster\n    nodes: [{nodes}]\n"));
+    }
+    std::fs::write(&path, text).unwrap();
+    let daemon = Daemon::from_config(dir.path(), &path, port);
+
+    kafka.produce(TOPIC, None, Some("{\"id\":1}"), Some(&product_insert(1, 5))).await;
+    let started = wait_until(Duration::from_secs(30), || count(&target, "bulk:5:*") < 100_000).await;
+    assert!(started, "the walk unlinks as it goes");
+    kafka.produce(TOPIC, None, Some("{\"id\":2}"), Some(&product_insert(2, 9))).await;
+    let plain_gone = wait_until(Duration::from_secs(20), || !q::<bool>(&mut *con, &["EXISTS", "product:2"])).await;
+    let left = count(&target, "bulk:5:*");
+    assert!(plain_gone, "the plain key behind the pattern is invalidated");
+    assert!(left > 0, "... while the walk is still running (it had {left} keys left)");
+    let offsets = committed(&bootstrap, "g", TOPIC, 1).await;
+    assert!(offsets[0] <= 0, "nothing is acknowledged past the pattern's event before its walk is done: {offsets:?}");
+
+    let done = wait_until(Duration::from_secs(90), || count(&target, "bulk:5:*") == 0).await;
+    assert!(done, "the walk finishes");
+    let acked = wait_until(Duration::from_secs(30), || {
+        futures::executor::block_on(committed(&bootstrap, "g", TOPIC, 1)).first() == Some(&2)
+    })
+    .await;
+    assert!(acked, "both events are acknowledged once the walks are done");
+    let label = [("sink", "redis:patterns")];
+    assert_eq!(daemon.metrics.value("cdc_invalidator_redis_pattern_keys_unlinked_total", &label), 100_000.0);
+    daemon.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100k_key_pattern_scan_does_not_hold_plain_keys() {
+    a_big_pattern_scan_does_not_hold_plain_keys(Target::standalone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_a_100k_key_pattern_scan_does_not_hold_plain_keys() {
+    a_big_pattern_scan_does_not_hold_plain_keys(Target::cluster()).await;
+}
+
+/// `check`: a pattern that matches every key is refused with its place; allowed, it is
+/// reported and the file passes.
+#[test]
+fn check_refuses_a_full_scan_and_reports_one_that_is_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        "rules: rules.yaml\nsource:\n  kind: kafka\n  kafka:\n    brokers: \"127.0.0.1:9092\"\n    topics: [\"t\"]\nsinks:\n  redis:\n    url: \"redis://127.0.0.1:6379\"\n",
+    )
+    .unwrap();
+    let rules = "version: 1\nrules:\n  - name: all\n    table: public.t\n    redis:\n      patterns: [\"*\"]\n";
+    std::fs::write(dir.path().join("rules.yaml"), rules).unwrap();
+    let out = Command::new(binary()).args(["check", "-c"]).arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rules.yaml:6:18:") && err.contains("allow_full_scan: true"), "{err}");
+
+    std::fs::write(dir.path().join("rules.yaml"), format!("{rules}      allow_full_scan: true\n")).unwrap();
+    let out = Command::new(binary()).args(["check", "-c"]).arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("notice: ") && err.contains("rules.yaml:7:24:") && err.contains("whole keyspace"), "{err}");
+}
+
+/// `purge --pattern ... --dependents`: the operator's way to the same walk and cascade.
+#[test]
+fn purge_takes_patterns_and_their_dependents() {
+    let redis = RedisServer::start();
+    let mut con = redis.connection();
+    set_all(&mut con, &strings(&["page:1:a", "page:1:b", "page:2:a", "home"]));
+    q::<()>(&mut con, &["SADD", "dep:page:1:a", "home"]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.yaml"), PATTERN_RULES).unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "rules: rules.yaml\nsource:\n  kind: kafka\n  kafka:\n    brokers: \"127.0.0.1:1\"\n    topics: [\"t\"]\nsinks:\n  redis:\n    url: \"{}\"\nlog:\n  level: warn\n",
+            redis.url()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .args(["purge", "-c"])
+        .arg(&config)
+        .args(["--pattern", "page:1:*", "--dependents"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON summary");
+    assert_eq!(summary["requested"]["redis_patterns"], serde_json::json!(["page:1:*"]));
+    assert_eq!(summary["requested"]["redis_dependents"], serde_json::json!(["pattern:page:1:*"]));
+    let patterns = summary["sinks"].as_array().unwrap().iter().find(|s| s["sink"] == "redis:patterns").cloned();
+    assert_eq!(patterns.map(|s| s["confirmed"]["pattern"].clone()), Some(serde_json::json!(1)), "{summary}");
+    let all = strings(&["page:1:a", "page:1:b", "page:2:a", "home", "dep:page:1:a"]);
+    assert_eq!(existing(&mut con, &all), strings(&["page:2:a"]));
+}
