@@ -30,7 +30,7 @@ pub mod redis;
 pub mod secret;
 pub mod yaml;
 
-pub use secret::{relative_to, Secret};
+pub use secret::{relative_to, Need, Secret, SecretRef};
 
 pub use postgres::PostgresConfig;
 pub use redis::{RedisMode, RedisTargets, SentinelConfig, WaitReplicas};
@@ -608,44 +608,26 @@ fn resolve_secret(
     problems: &mut Vec<Problem>,
 ) -> Option<Secret> {
     let name = path.last().copied().unwrap_or("value");
-    let given = value.is_some() as u8 + env.is_some() as u8 + file.is_some() as u8;
-    if given != 1 {
-        problems.push(origin.problem(
-            &path[..path.len().saturating_sub(1)],
-            format!("exactly one of `{name}`, `{name}_env` and `{name}_file` must be set (found {given})"),
-        ));
-        return None;
-    }
-    if let Some(v) = value {
-        // Deserialized as is, so not registered yet.
-        crate::redact::register(v.expose());
-        return Some(v.clone());
-    }
-    if let Some(var) = env {
-        return match std::env::var(var) {
-            Ok(v) if !v.is_empty() => Some(Secret::new(v)),
-            _ => {
-                problems.push(
-                    origin
-                        .problem(path, format!("`{name}_env` names the environment variable {var}, which is not set")),
-                );
-                None
-            }
-        };
-    }
-    let file = file?;
-    let resolved = relative_to(origin.file, file);
-    match std::fs::read_to_string(&resolved) {
-        Ok(v) => Some(Secret::new(v.trim_end_matches(['\n', '\r']))),
-        Err(e) => {
-            problems.push(origin.problem(path, format!("`{name}_file` {}: cannot read it: {e}", resolved.display())));
+    let secret = SecretRef::of(&env.map(str::to_string), &file.map(Path::to_path_buf));
+    match secret.with_inline(value).resolve(name, Need::Required, origin.file) {
+        Ok(v) => v,
+        Err(p) => {
+            problems.push(secret_problem(origin, &path[..path.len().saturating_sub(1)], p));
             None
         }
     }
 }
 
-/// Resolves `_env`/`_file` keys of a librdkafka passthrough map.
-fn resolve_passthrough(
+/// A [`secret::SecretProblem`] placed at the key it names, below `entry`.
+fn secret_problem(origin: &Origin, entry: &[&str], p: secret::SecretProblem) -> Problem {
+    let mut at = entry.to_vec();
+    at.extend(p.key.as_deref());
+    origin.problem(&at, p.message)
+}
+
+/// Resolves `_env`/`_file` keys of a librdkafka passthrough map: `sasl.password_file: f` is
+/// `sasl.password` read from `f`, by the same convention as every other secret.
+pub(crate) fn resolve_passthrough(
     origin: &Origin,
     path: &[&str],
     map: &BTreeMap<String, Scalar>,
@@ -653,28 +635,20 @@ fn resolve_passthrough(
 ) -> Vec<(String, Secret)> {
     let mut out = Vec::new();
     for (key, value) in map {
-        let mut here: Vec<&str> = path.to_vec();
-        here.push(key);
         let text = value.to_string();
-        if let Some(base) = key.strip_suffix("_env") {
-            match std::env::var(&text) {
-                Ok(v) => out.push((base.to_string(), Secret::new(v))),
-                Err(_) => problems.push(
-                    origin.problem(&here, format!("`{key}` names the environment variable {text}, which is not set")),
-                ),
-            }
-        } else if let Some(base) = key.strip_suffix("_file") {
-            let file = relative_to(origin.file, Path::new(&text));
-            match std::fs::read_to_string(&file) {
-                Ok(v) => out.push((base.to_string(), Secret::new(v.trim_end_matches(['\n', '\r'])))),
-                Err(e) => {
-                    problems.push(origin.problem(&here, format!("`{key}` {}: cannot read it: {e}", file.display())))
-                }
-            }
-        } else if is_sensitive_key(key) {
-            out.push((key.clone(), Secret::new(text)));
+        let indirect = if let Some(base) = key.strip_suffix("_env") {
+            Some((base, SecretRef::of(&Some(text.clone()), &None)))
         } else {
-            out.push((key.clone(), Secret::plain(text)));
+            key.strip_suffix("_file").map(|base| (base, SecretRef::of(&None, &Some(PathBuf::from(&text)))))
+        };
+        match indirect {
+            Some((base, secret)) => match secret.resolve(base, Need::Required, origin.file) {
+                Ok(Some(v)) => out.push((base.to_string(), v)),
+                Ok(None) => {}
+                Err(p) => problems.push(secret_problem(origin, path, p)),
+            },
+            None if is_sensitive_key(key) => out.push((key.clone(), Secret::new(text))),
+            None => out.push((key.clone(), Secret::plain(text))),
         }
     }
     out
