@@ -13,6 +13,7 @@
 //!   unacknowledged (the new owner redelivers it).
 //! - Errors from `recv()` are transient: librdkafka reconnects by itself.
 
+pub(crate) mod config;
 mod context;
 pub mod membership;
 mod tracker;
@@ -118,7 +119,7 @@ impl KafkaSource {
 
     /// Reads until `shutdown` stops intake, then keeps committing while the pipeline drains, and
     /// commits one last time once every event is finished or abandoned.
-    pub async fn run(self, out: mpsc::Sender<SourceEvent>, shutdown: Shutdown) -> Result<(), KafkaSourceError> {
+    async fn consume(self, out: mpsc::Sender<SourceEvent>, shutdown: Shutdown) -> Result<(), KafkaSourceError> {
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Finished>();
         let mut commit_tick = tokio::time::interval(self.commit_interval);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -355,4 +356,19 @@ impl KafkaSource {
 
 pub(crate) fn unix_seconds(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+#[async_trait::async_trait]
+impl crate::source::Source for KafkaSource {
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    async fn run(
+        self: Box<Self>,
+        out: mpsc::Sender<SourceEvent>,
+        shutdown: Shutdown,
+    ) -> Result<(), crate::source::SourceError> {
+        Ok(self.consume(out, shutdown).await?)
+    }
 }
