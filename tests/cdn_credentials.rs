@@ -27,15 +27,20 @@ fn refusals(fastly: &FastlyDouble) -> usize {
     fastly.state.lock().unwrap().log.iter().filter(|(_, s)| *s == 401).count()
 }
 
+/// A Fastly sink reading its token from `token_file`.
+fn fastly_sink(fastly: &FastlyDouble, token_file: &str, metrics: &Arc<Metrics>) -> Arc<dyn Sink> {
+    build_sink(
+        json!({ "kind": "fastly", "name": "fastly", "service_id": SERVICE, "token_file": token_file, "api": fastly.api(), "retry": fast_retry() }),
+        metrics.clone(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_401_reads_the_token_file_again_and_sends_once_more() {
     let fastly = FastlyDouble::start();
     let (_dir, token_file) = secret_file(TOKEN);
     let metrics = Arc::new(Metrics::new());
-    let sink = build_sink(
-        json!({ "kind": "fastly", "name": "fastly", "service_id": SERVICE, "token_file": token_file, "api": fastly.api(), "retry": fast_retry() }),
-        metrics.clone(),
-    );
+    let sink = fastly_sink(&fastly, &token_file, &metrics);
     let report = sink.invalidate(&keys(&["product-1"]), &Shutdown::never()).await.unwrap();
     assert!(report.rejected.is_empty(), "{:?}", report.rejected);
 
@@ -71,10 +76,7 @@ async fn a_changed_token_file_is_used_without_a_refusal() {
     let fastly = FastlyDouble::start();
     let (_dir, token_file) = secret_file(TOKEN);
     let metrics = Arc::new(Metrics::new());
-    let sink = build_sink(
-        json!({ "kind": "fastly", "name": "fastly", "service_id": SERVICE, "token_file": token_file, "api": fastly.api(), "retry": fast_retry() }),
-        metrics.clone(),
-    );
+    let sink = fastly_sink(&fastly, &token_file, &metrics);
     sink.invalidate(&keys(&["product-1"]), &Shutdown::never()).await.unwrap();
     std::fs::write(&token_file, "a-longer-rotated-fastly-token\n").unwrap();
     fastly.state.lock().unwrap().accepted_token = Some("a-longer-rotated-fastly-token".into());

@@ -371,7 +371,7 @@ impl Chain {
             }));
         }
         if let (Some(token_file), Some(role)) = (env.get("AWS_WEB_IDENTITY_TOKEN_FILE"), env.get("AWS_ROLE_ARN")) {
-            let token = std::fs::read_to_string(token_file).map_err(|e| {
+            let token = tokio::fs::read_to_string(token_file).await.map_err(|e| {
                 // The kubelet may be replacing it: worth another try.
                 AwsCredentialsError::Retriable(format!("cannot read AWS_WEB_IDENTITY_TOKEN_FILE {token_file}: {e}"))
             })?;
@@ -382,7 +382,7 @@ impl Chain {
             return Err(AwsCredentialsError::Fatal("no AWS credentials: the chain found nothing".into()));
         };
         let stamp = file_stamp(&file);
-        let text = std::fs::read_to_string(&file).map_err(|e| {
+        let text = tokio::fs::read_to_string(&file).await.map_err(|e| {
             AwsCredentialsError::Fatal(format!("cannot read the shared credentials file {}: {e}", file.display()))
         })?;
         let Some(credentials) = profile_keys(&text, &profile) else {
@@ -512,11 +512,18 @@ pub fn parse_iso8601(text: &str) -> Option<SystemTime> {
     let time = time.split('.').next()?;
     let mut t = time.splitn(3, ':').map(|p| p.parse::<u64>().ok());
     let (hour, minute, second) = (t.next()??, t.next()??, t.next()??);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+    // The years bound the arithmetic below: an answer from the network must not overflow it.
+    if !(1970..=9999).contains(&year)
+        || !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
         return None;
     }
     let days = days_from_civil(year, month, day);
-    let secs = u64::try_from(days).ok()?.checked_mul(86_400)? + hour * 3600 + minute * 60 + second;
+    let secs = u64::try_from(days).ok()? * 86_400 + hour * 3600 + minute * 60 + second;
     SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
 }
 
@@ -543,6 +550,8 @@ mod tests {
         assert_eq!(sigv4::amz_date(at), "20260228T000000Z");
         assert!(parse_iso8601("2014-10-24 23:00:23").is_none());
         assert!(parse_iso8601("2014-13-24T23:00:23Z").is_none());
+        assert!(parse_iso8601("99999999999999999-01-01T00:00:00Z").is_none());
+        assert!(parse_iso8601("1969-12-31T23:59:59Z").is_none());
     }
 
     #[test]

@@ -704,6 +704,35 @@ purge_sink!(CloudfrontSink);
 mod tests {
     use super::*;
 
+    fn validated(extra: serde_json::Value, env: &[(&str, &str)]) -> Vec<(Vec<String>, String)> {
+        let mut config = serde_json::json!({ "name": "cf", "distribution_id": "EDFDVBD6EXAMPLE" });
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            config[k] = v.clone();
+        }
+        let mut config: CloudfrontConfig = serde_json::from_value(config).unwrap();
+        config.aws_env = Some(AwsEnv::from_vars(env.iter().map(|(k, v)| (k.to_string(), v.to_string()))));
+        let mut problems = Vec::new();
+        config.validate(Path::new("/nonexistent/c.yaml"), &mut problems);
+        problems
+    }
+
+    #[test]
+    fn credentials_come_from_keys_or_the_chain_not_both() {
+        let keys = [("AWS_ACCESS_KEY_ID", "AKID"), ("AWS_SECRET_ACCESS_KEY", "s")];
+        assert!(validated(serde_json::json!({ "credentials": "chain" }), &keys).is_empty());
+        let both = validated(serde_json::json!({ "credentials": "chain", "access_key_id_env": "X" }), &keys);
+        assert_eq!(both.len(), 1, "{both:?}");
+        assert_eq!(both[0].0, ["credentials"]);
+        let nothing = validated(serde_json::json!({ "credentials": "chain" }), &[]);
+        assert!(nothing[0].1.contains("found no AWS credentials"), "{nothing:?}");
+        let profile = validated(serde_json::json!({ "profile": "p" }), &[]);
+        assert!(
+            profile.iter().any(|(at, m)| at == &["profile"] && m.contains("credentials: chain only")),
+            "{profile:?}"
+        );
+        assert!(profile.iter().any(|(_, m)| m.contains("`access_key_id_env` or `access_key_id_file` is required")));
+    }
+
     #[test]
     fn paths_cloudfront_refuses_are_caught() {
         assert!(check_path("/p/42").is_ok());
