@@ -297,8 +297,8 @@ pub struct RotatingSecret {
 
 struct FileState {
     value: Secret,
-    /// The file's size and modification time when `value` was read.
-    stamp: Option<(u64, Option<SystemTime>)>,
+    /// The file's stamp when `value` was read.
+    stamp: FileStamp,
     checked: Instant,
 }
 
@@ -308,7 +308,11 @@ impl fmt::Debug for RotatingSecret {
     }
 }
 
-fn stamp(path: &Path) -> Option<(u64, Option<SystemTime>)> {
+/// A file's size and modification time (`None`: it cannot be read): what tells a rewritten
+/// secret file without reading it.
+pub type FileStamp = Option<(u64, Option<SystemTime>)>;
+
+pub fn file_stamp(path: &Path) -> FileStamp {
     std::fs::metadata(path).ok().map(|m| (m.len(), m.modified().ok()))
 }
 
@@ -328,7 +332,7 @@ impl RotatingSecret {
             Place::Env(_) => (format!("{name}_env"), None),
             Place::Inline(_) => (name.to_string(), None),
         };
-        let stamp = file.as_deref().and_then(stamp);
+        let stamp = file.as_deref().and_then(file_stamp);
         RotatingSecret { setting, file, state: Mutex::new(FileState { value, stamp, checked: Instant::now() }) }
     }
 
@@ -343,7 +347,7 @@ impl RotatingSecret {
         let mut state = self.lock();
         if state.checked.elapsed() >= CHECK_EVERY {
             state.checked = Instant::now();
-            let now = stamp(path);
+            let now = file_stamp(path);
             if now != state.stamp {
                 self.read_into(&mut state, path, now);
             }
@@ -357,11 +361,11 @@ impl RotatingSecret {
         let Some(path) = &self.file else { return Reloaded::Unchanged };
         let mut state = self.lock();
         state.checked = Instant::now();
-        let now = stamp(path);
+        let now = file_stamp(path);
         self.read_into(&mut state, path, now)
     }
 
-    fn read_into(&self, state: &mut FileState, path: &Path, now: Option<(u64, Option<SystemTime>)>) -> Reloaded {
+    fn read_into(&self, state: &mut FileState, path: &Path, now: FileStamp) -> Reloaded {
         match read_file(path) {
             Ok(value) => {
                 state.stamp = now;

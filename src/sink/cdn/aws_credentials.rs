@@ -32,7 +32,7 @@ use serde::Deserialize;
 
 use super::cloudfront::xml_text;
 use super::sigv4;
-use crate::config::secret::{Reload, Reloaded, RotatingSecret, Secret, CHECK_EVERY};
+use crate::config::secret::{file_stamp, FileStamp, Reload, Reloaded, RotatingSecret, Secret, CHECK_EVERY};
 
 /// Temporary credentials are exchanged again this long before they expire at the latest.
 pub const REFRESH_AHEAD: Duration = Duration::from_secs(300);
@@ -157,8 +157,8 @@ struct Snapshot {
     expires: Option<SystemTime>,
     /// When to exchange them again (before `expires`).
     refresh_at: Option<SystemTime>,
-    /// The shared credentials file they were read from, with its size and modification time.
-    file: Option<(PathBuf, Option<(u64, Option<SystemTime>)>)>,
+    /// The shared credentials file they were read from, with its stamp then.
+    file: Option<(PathBuf, FileStamp)>,
 }
 
 impl Snapshot {
@@ -177,10 +177,6 @@ fn same(a: &sigv4::Credentials, b: &sigv4::Credentials) -> bool {
     a.access_key_id == b.access_key_id
         && a.secret_access_key == b.secret_access_key
         && a.session_token == b.session_token
-}
-
-fn file_stamp(path: &Path) -> Option<(u64, Option<SystemTime>)> {
-    std::fs::metadata(path).ok().map(|m| (m.len(), m.modified().ok()))
 }
 
 /// Where a sink's AWS credentials come from.
