@@ -44,6 +44,9 @@ fi
 # the limit below measures the tests alone.
 step "building tests (${build[*]})"
 "${build[@]}"
+# The reference examples (broadcast subscriber, warmer) are run by tests as the programs users
+# would run, and test targets do not build examples.
+cargo build --examples --quiet
 
 status=0
 step "running tests (${run[*]}, limit $test_timeout)"

@@ -39,7 +39,8 @@ pub enum Command {
         #[arg(short = 'c', long = "config")]
         config: PathBuf,
         /// Also check the rules against the PostgreSQL schema (source.kind: postgres): tables,
-        /// publication membership, columns and replica identities.
+        /// publication membership, columns and replica identities; and each of
+        /// `freshness.replicas` (any source).
         #[arg(long)]
         against_db: bool,
     },
@@ -89,6 +90,21 @@ pub enum Command {
         /// and touch nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Invalidate the given items now, through the configured sinks in layer order; prints what
+    /// each sink confirmed or rejected as JSON.
+    ///
+    /// Exit codes: 0 every sink confirmed everything; 1 something was rejected, failed, timed
+    /// out or was skipped; 2 invalid config or arguments, or an item kind no configured sink
+    /// serves.
+    Purge {
+        #[arg(short = 'c', long = "config")]
+        config: PathBuf,
+        #[command(flatten)]
+        items: crate::purge::Items,
+        /// Give up on sinks still working after this long (`30s`, `500ms`, `2m`).
+        #[arg(long, default_value = "30s", value_parser = crate::config::duration::parse)]
+        timeout: std::time::Duration,
     },
 }
 
@@ -200,7 +216,10 @@ pub fn run(config_path: &Path) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "fatal");
             eprintln!("cdc-invalidator: {}", crate::redact::scrub(&e.to_string()));
-            ExitCode::from(FAILED)
+            // A listed read replica that is a primary or another cluster's: the config is wrong,
+            // and a restart will not fix it.
+            let invalid = matches!(&e, crate::app::AppError::Freshness(f) if f.is_invalid_config());
+            ExitCode::from(if invalid { INVALID } else { FAILED })
         }
     }
 }
@@ -374,5 +393,6 @@ pub fn main() -> ExitCode {
             };
             replay(&config, crate::replay::Options { input, topic, dry_run })
         }
+        Command::Purge { config, items, timeout } => ExitCode::from(crate::purge::main(&config, items, timeout)),
     }
 }

@@ -30,6 +30,7 @@
 //! - [`cli`]: `run`, `check`, `explain` (the user-facing contract) and `replay`.
 //! - [`explain`]: what the rules make of one message (`explain`, `replay --dry-run`).
 //! - [`replay`]: `cdc-invalidator replay`, dead letters back through the pipeline.
+//! - [`purge`]: `cdc-invalidator purge`, items given by hand through the sinks in layer order.
 //! - [`config`], [`retry`], [`shutdown`]: the plumbing.
 
 pub mod app;
@@ -40,6 +41,7 @@ pub mod event;
 pub mod explain;
 pub mod freshness;
 pub mod pipeline;
+pub mod purge;
 pub mod redact;
 pub mod replay;
 pub mod retry;

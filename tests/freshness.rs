@@ -11,6 +11,7 @@ use cdc_invalidator::freshness::{system_identifier, FreshnessError, Replicas, Wa
 use cdc_invalidator::shutdown::Shutdown;
 use cdc_invalidator::telemetry::Metrics;
 
+use crate::support::kafka::MockKafka;
 use crate::support::postgres::{PgCluster, CDC_PASSWORD};
 
 fn freshness(replicas: &[(&str, &str)]) -> FreshnessConfig {
@@ -23,6 +24,7 @@ fn freshness(replicas: &[(&str, &str)]) -> FreshnessConfig {
                 url_env: None,
                 url_file: None,
                 connection: Some(parse_url(url, Path::new("config.yaml")).unwrap()),
+                defined_at: None,
             })
             .collect(),
         ..FreshnessConfig::default()
@@ -130,6 +132,38 @@ async fn freshness_redis_report_counts_only_the_keys_that_were_there() {
     assert_eq!(again.removed, 0, "nothing refilled, nothing removed");
 }
 
+/// Two readers of `items` (ids 0..rows, each stepping by `step`): on a cache miss, read the
+/// standby and fill the cache (cache-aside), until `stop`.
+async fn start_readers(
+    standby: &PgCluster,
+    redis_url: &str,
+    rows: i32,
+    step: i32,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    use std::sync::atomic::Ordering;
+    let mut readers = Vec::new();
+    for r in 0..2 {
+        let (stop, standby_client) = (stop.clone(), standby.client().await);
+        let mut cache = redis::Client::open(redis_url).unwrap().get_multiplexed_async_connection().await.unwrap();
+        readers.push(tokio::spawn(async move {
+            let mut id = r;
+            while !stop.load(Ordering::Relaxed) {
+                id = (id + step) % rows;
+                let key = format!("item:{id}");
+                let cached: Option<i32> = redis::cmd("GET").arg(&key).query_async(&mut cache).await.unwrap();
+                if cached.is_none() {
+                    let row = standby_client.query_one("SELECT v FROM items WHERE id = $1", &[&id]).await.unwrap();
+                    let v: i32 = row.get(0);
+                    let _: () = redis::cmd("SET").arg(&key).arg(v).query_async(&mut cache).await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    readers
+}
+
 /// The freshness harness: a primary, a physical standby whose replay lags (200 ms, then 1 s
 /// mid-run), readers refilling Redis from the standby on a miss (cache-aside), a writer
 /// updating the primary, and the daemon on the primary's replication stream. Returns the keys
@@ -169,26 +203,7 @@ async fn race(with_replicas: bool) -> (Vec<usize>, Arc<Metrics>) {
 
     // Readers: on a miss, read the standby and fill the cache.
     let stop = Arc::new(AtomicBool::new(false));
-    let mut readers = Vec::new();
-    for r in 0..2 {
-        let (stop, standby_client) = (stop.clone(), standby.client().await);
-        let mut cache =
-            redis::Client::open(redis_url.clone()).unwrap().get_multiplexed_async_connection().await.unwrap();
-        readers.push(tokio::spawn(async move {
-            let mut id = r;
-            while !stop.load(Ordering::Relaxed) {
-                id = (id + 7) % ROWS;
-                let key = format!("item:{id}");
-                let cached: Option<i32> = redis::cmd("GET").arg(&key).query_async(&mut cache).await.unwrap();
-                if cached.is_none() {
-                    let row = standby_client.query_one("SELECT v FROM items WHERE id = $1", &[&id]).await.unwrap();
-                    let v: i32 = row.get(0);
-                    let _: () = redis::cmd("SET").arg(&key).arg(v).query_async(&mut cache).await.unwrap();
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }));
-    }
+    let readers = start_readers(&standby, &redis_url, ROWS, 7, &stop).await;
     let writer = primary.client().await;
     let mut cache = redis::Client::open(redis_url.clone()).unwrap().get_multiplexed_async_connection().await.unwrap();
     let mut stale_counts = Vec::new();
@@ -272,6 +287,103 @@ async fn freshness_a_primary_listed_as_replica_stops_the_daemon_and_fails_check(
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("freshness.replicas replica-1") && stderr.contains("is a primary"), "{stderr}");
+
+    // `run`: an invalid config, exit 2, naming the entry where it is. (On its own metrics port:
+    // the in-process run above left its listener to the test runtime.)
+    let text = std::fs::read_to_string(&config).unwrap();
+    let port = crate::support::free_port();
+    let text: Vec<String> =
+        text.lines()
+            .map(|l| {
+                if l.trim_start().starts_with("listen:") {
+                    format!("  listen: \"127.0.0.1:{port}\"")
+                } else {
+                    l.into()
+                }
+            })
+            .collect();
+    std::fs::write(&config, text.join("\n")).unwrap();
+    let at = format!("{}:{}:", config.display(), line_of(&config, "name: replica-1"));
+    let (code, log) = run_to_exit(&config, dir.path()).await;
+    assert_eq!(code, Some(2), "{log}");
+    assert!(
+        log.contains(&format!("{at}"))
+            && log.contains("freshness.replicas replica-1 (")
+            && log.contains("is a primary"),
+        "{log}"
+    );
+}
+
+/// The 1-based number of the first line of `path` that contains `text`.
+fn line_of(path: &Path, text: &str) -> usize {
+    let config = std::fs::read_to_string(path).unwrap();
+    config.lines().position(|l| l.contains(text)).expect("the config has the line") + 1
+}
+
+/// Runs the binary on `config` until it exits by itself (30 s at most): its code and output.
+async fn run_to_exit(config: &Path, dir: &Path) -> (Option<i32>, String) {
+    let mut daemon = crate::support::daemon::DaemonProcess::start(config, dir);
+    tokio::task::spawn_blocking(move || (daemon.wait(Duration::from_secs(30)), daemon.log_text())).await.unwrap()
+}
+
+/// With a Kafka source the daemon never connects to the primary, so `check --against-db` and
+/// the start compare the replicas with each other: a list mixing clusters, or naming a primary,
+/// is an invalid config (exit 2) naming the entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshness_with_a_kafka_source_the_replicas_are_checked_against_each_other() {
+    use crate::support::daemon::{write_config, Setup};
+
+    let primary = PgCluster::start();
+    let standby = PgCluster::standby_of(&primary, "replica1", &[]).await;
+    let other = PgCluster::start();
+    let other_standby = PgCluster::standby_of(&other, "replica2", &[]).await;
+    let redis = crate::support::redis::RedisServer::start();
+    let redis_url = redis.url();
+    let check = |replicas: &[(&str, String)]| {
+        let dir = tempfile::tempdir().unwrap();
+        let entries: String =
+            replicas.iter().map(|(name, url)| format!("    - {{ name: {name}, url: \"{url}\" }}\n")).collect();
+        let extra = format!("freshness:\n  replicas:\n{entries}");
+        // The brokers are never contacted: `check` reads no topic, `run` stops before the source.
+        let setup = Setup {
+            bootstrap: "127.0.0.1:9",
+            topics: &["t"],
+            group: "g",
+            redis_url: &redis_url,
+            extra: &extra,
+            librdkafka: &[],
+        };
+        let (config, _) = write_config(dir.path(), &setup);
+        let out = std::process::Command::new(crate::support::daemon::binary())
+            .args(["check", "--against-db", "-c"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code(), text, config, dir)
+    };
+
+    // Two entries for standbys of one cluster (the same standby twice): fine.
+    let (code, text, _, _dir) = check(&[("r1", standby.url()), ("r2", standby.url())]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("ok"), "{text}");
+
+    // Standbys of two clusters: the second is named, where it is.
+    let (code, text, config, dir) = check(&[("r1", standby.url()), ("r2", other_standby.url())]);
+    assert_eq!(code, Some(2), "{text}");
+    let at = format!("{}:{}:", config.display(), line_of(&config, "name: r2"));
+    assert!(text.contains(&format!("{at}")) && text.contains("freshness.replicas r2 ("), "{text}");
+    assert!(text.contains("belongs to another cluster than replica r1"), "{text}");
+    assert!(!text.contains("freshness.replicas r1 ("), "r1 is fine: {text}");
+    // And the daemon refuses to start on it.
+    let (code, log) = run_to_exit(&config, dir.path()).await;
+    assert_eq!(code, Some(2), "{log}");
+    assert!(log.contains(&at) && log.contains("another cluster than replica r1"), "{log}");
+
+    // A primary listed as a replica.
+    let (code, text, _, _dir) = check(&[("r1", primary.url())]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("freshness.replicas r1 (") && text.contains("is a primary, not a standby"), "{text}");
 }
 
 /// A clean drain is not a lost replica: the poller saw the end of the daemon (its shutdown
@@ -318,4 +430,225 @@ async fn freshness_a_clean_sigterm_does_not_report_the_replica_lost() {
     .unwrap();
     assert_eq!(code, Some(0), "exit 0 after a clean drain; log:\n{log}");
     assert!(!log.contains("read replica lost"), "a clean drain reported the replica lost:\n{log}");
+}
+
+/// Whether `group` commits offset `next` on partition 0 of `topic` within 10 s.
+async fn wait_committed(bootstrap: &str, group: &str, topic: &str, next: i64) -> bool {
+    for _ in 0..100 {
+        if crate::support::kafka::committed(bootstrap, group, topic, 1).await == vec![next] {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// A stand-in for Debezium's PostgreSQL connector on a real primary: reads the changes of a
+/// logical slot (test_decoding: the same decoding, so the same per-change LSNs Debezium's
+/// pgoutput stream carries) and writes each update as the connector's JSON change event, the
+/// shape of tests/fixtures/debezium-real/pg-toast-update.json (an update under REPLICA IDENTITY
+/// DEFAULT: `before` null; `source.lsn` the change's own WAL record, `source.txId`, and
+/// `source.ts_ms` the commit time, all as Debezium's PostgresStreamingChangeEventSource sets
+/// them from the stream). Returns the Kafka offsets written.
+async fn debezium_connector_step(primary: &tokio_postgres::Client, kafka: &MockKafka, topic: &str) -> Vec<i64> {
+    // Debezium's ts_ms: the commit timestamp, in whole milliseconds.
+    let rows = primary
+        .query(
+            "SELECT pg_wal_lsn_diff(lsn, '0/0')::int8, xid::text::int8, data, \
+                    floor(extract(epoch FROM pg_xact_commit_timestamp(xid)) * 1000)::int8 \
+             FROM pg_logical_slot_get_changes('dbz', NULL, NULL)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut offsets = Vec::new();
+    for row in rows {
+        let (lsn, tx_id, data, committed_ms): (i64, i64, String, Option<i64>) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        // "table public.items: UPDATE: id[integer]:3 v[integer]:17"
+        let Some(columns) = data.strip_prefix("table public.items: UPDATE: ") else { continue };
+        let value = |name: &str| -> i64 {
+            let prefix = format!("{name}[integer]:");
+            columns.split(' ').find_map(|c| c.strip_prefix(prefix.as_str())).unwrap().parse().unwrap()
+        };
+        let (id, v) = (value("id"), value("v"));
+        let committed_ms = committed_ms.expect("track_commit_timestamp is on");
+        let event = format!(
+            r#"{{"before":null,"after":{{"id":{id},"v":{v}}},"source":{{"version":"3.2.0.Final","connector":"postgresql","name":"shop","ts_ms":{committed_ms},"snapshot":"false","db":"postgres","schema":"public","table":"items","txId":{tx_id},"lsn":{lsn}}},"op":"u","ts_ms":{now}}}"#,
+            now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+        );
+        let (_, offset) = kafka.produce(topic, Some(0), Some(&format!(r#"{{"id":{id}}}"#)), Some(&event)).await;
+        offsets.push(offset);
+    }
+    offsets
+}
+
+/// The Debezium path end to end: a real primary whose changes reach the daemon as Debezium
+/// events on Kafka (librdkafka's mock cluster), a physical standby holding commits back 500 ms
+/// (`recovery_min_apply_delay`: it replays a change's own record at once and waits at the
+/// commit, so `source.lsn` alone would release the second pass too early), readers refilling
+/// Redis from the standby. The second pass must wait for the standby to show each change, the
+/// offset must be committed only after it, and nothing may stay stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshness_debezium_events_on_kafka_wait_for_the_replica_and_commit_after_the_second_pass() {
+    use crate::support::daemon::{wait_until, write_config, Daemon, Setup};
+    use crate::support::kafka::committed;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const ROWS: i32 = 10;
+    const TOPIC: &str = "shop.public.items";
+    const GROUP: &str = "fresh-dbz";
+    let primary = PgCluster::start_with(&["track_commit_timestamp = on"]);
+    primary.sql("CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL)").await;
+    primary.sql(&format!("INSERT INTO items SELECT g, 0 FROM generate_series(0, {}) g", ROWS - 1)).await;
+    primary.sql("SELECT pg_create_logical_replication_slot('dbz', 'test_decoding')").await;
+    let standby = PgCluster::standby_of(&primary, "replica1", &["recovery_min_apply_delay = '500ms'"]).await;
+    let kafka = MockKafka::start(1);
+    kafka.create_topic(TOPIC, 1);
+    let bootstrap = kafka.bootstrap();
+    let redis = crate::support::redis::RedisServer::start();
+    let redis_url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    // margin: a reader's replica read to its cache write, generously for two busy cores.
+    let extra = format!(
+        "freshness:\n  replicas:\n    - {{ name: replica-1, url: \"{}\" }}\n  margin: 250ms\n  max_wait: 20s\n",
+        standby.url()
+    );
+    let (config, port) = write_config(
+        dir.path(),
+        &Setup {
+            bootstrap: &bootstrap,
+            topics: &[TOPIC],
+            group: GROUP,
+            redis_url: &redis_url,
+            extra: &extra,
+            librdkafka: &[],
+        },
+    );
+    let rules = "version: 1\nrules:\n  - name: items\n    table: public.items\n    redis: { keys: [\"item:{id}\"] }\n";
+    std::fs::write(dir.path().join("rules.yaml"), rules).unwrap();
+    let daemon = Daemon::from_config(dir.path(), &config, port);
+    let metrics = daemon.metrics.clone();
+
+    // Readers: on a miss, read the standby and fill the cache (cache-aside).
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers = start_readers(&standby, &redis_url, ROWS, 3, &stop).await;
+
+    // Writers on the primary; the connector forwards each commit's changes at once. First a
+    // burst (the standby replays each change's record only after the previous commit's delay),
+    // then isolated updates: the standby replays each one's record at once and holds its commit
+    // for 500 ms, which `source.lsn` alone cannot tell from a replayed change.
+    let writer = primary.client().await;
+    let mut produced = Vec::new();
+    let pauses = std::iter::repeat_n(30, 20).chain(std::iter::repeat_n(800, 6));
+    for (n, pause) in pauses.enumerate() {
+        writer.execute("UPDATE items SET v = v + 1 WHERE id = $1", &[&(n as i32 % ROWS)]).await.unwrap();
+        produced.extend(debezium_connector_step(&writer, &kafka, TOPIC).await);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    assert_eq!(produced.len(), 26, "one Debezium event per update");
+    let last = *produced.last().unwrap();
+    let all_committed = wait_until(Duration::from_secs(30), || {
+        metrics.value("cdc_invalidator_second_pass_pending_events", &[]) == 0.0
+            && metrics.value("cdc_invalidator_settled_seconds", &[("sink", "redis")]) >= 26.0
+    })
+    .await;
+    assert!(all_committed, "every event's second pass done within 30 s");
+    assert!(wait_committed(&bootstrap, GROUP, TOPIC, last + 1).await, "the offsets committed after the second passes");
+    let refills = metrics.value("cdc_invalidator_second_pass_refills_total", &[("sink", "redis")]);
+    assert!(refills > 0.0, "readers raced the replica and the second pass caught it ({refills} refills)");
+
+    // One more change while the standby's replay is paused: the first pass goes at once, the
+    // second waits for the replica, and so does the Kafka commit.
+    standby.sql("SELECT pg_wal_replay_pause()").await;
+    writer.execute("UPDATE items SET v = v + 1 WHERE id = 0", &[]).await.unwrap();
+    let held = debezium_connector_step(&writer, &kafka, TOPIC).await;
+    assert_eq!(held.len(), 1);
+    let waiting =
+        wait_until(Duration::from_secs(10), || metrics.value("cdc_invalidator_second_pass_pending_events", &[]) == 1.0)
+            .await;
+    assert!(waiting, "the first pass went and the second waits");
+    let fresh: i32 = writer.query_one("SELECT v FROM items WHERE id = 0", &[]).await.unwrap().get(0);
+    let mut cache = redis::Client::open(redis_url.clone()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    // A reader refills the key from the paused standby: the race, with the old row.
+    let mut refilled_stale = false;
+    for _ in 0..100 {
+        let cached: Option<i32> = redis::cmd("GET").arg("item:0").query_async(&mut cache).await.unwrap();
+        if cached.is_some_and(|c| c != fresh) {
+            refilled_stale = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refilled_stale, "a reader refilled item:0 with the old row from the paused standby");
+    // Well past lag + margin: still held, and not committed.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        metrics.value("cdc_invalidator_second_pass_pending_events", &[]),
+        1.0,
+        "held while the replica has not replayed"
+    );
+    assert_eq!(committed(&bootstrap, GROUP, TOPIC, 1).await, vec![held[0]], "not committed before the second pass");
+    let refills_before = metrics.value("cdc_invalidator_second_pass_refills_total", &[("sink", "redis")]);
+    standby.sql("SELECT pg_wal_replay_resume()").await;
+    assert!(
+        wait_committed(&bootstrap, GROUP, TOPIC, held[0] + 1).await,
+        "committed once the replica replayed the change and the second pass ran"
+    );
+    assert!(
+        metrics.value("cdc_invalidator_second_pass_refills_total", &[("sink", "redis")]) > refills_before,
+        "the second pass removed the stale refill"
+    );
+
+    // Readers keep refilling for lag + margin and slack; then nothing may be stale.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    let mut stale = Vec::new();
+    for id in 0..ROWS {
+        let v: i32 = writer.query_one("SELECT v FROM items WHERE id = $1", &[&id]).await.unwrap().get(0);
+        let cached: Option<i32> = redis::cmd("GET").arg(format!("item:{id}")).query_async(&mut cache).await.unwrap();
+        if cached.is_some_and(|c| c != v) {
+            stale.push((id, cached, v));
+        }
+    }
+    assert_eq!(stale, vec![], "keys stale at the end (id, cached, primary)");
+    assert_eq!(metrics.value("cdc_invalidator_freshness_max_wait_total", &[]), 0.0, "the replica gated every pass");
+    daemon.stop().await.unwrap();
+}
+
+/// Without a second pass the first pass is the last: settled seconds covers those events too
+/// (commit to the first pass), so the settled panel and alert watch every invalidated event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshness_an_event_without_a_second_pass_settles_at_its_first() {
+    use crate::support::daemon::{wait_until, Daemon, Setup};
+
+    let kafka = MockKafka::start(1);
+    kafka.create_topic("shop.public.products", 1);
+    let bootstrap = kafka.bootstrap();
+    let redis = crate::support::redis::RedisServer::start();
+    let redis_url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        bootstrap: &bootstrap,
+        topics: &["shop.public.products"],
+        group: "settled",
+        redis_url: &redis_url,
+        extra: "",
+        librdkafka: &[],
+    };
+    let daemon = Daemon::start(dir.path(), &setup);
+    let metrics = daemon.metrics.clone();
+    let event = crate::support::events::product_insert(42, 7);
+    kafka.produce("shop.public.products", Some(0), Some(r#"{"id":42}"#), Some(&event)).await;
+    let settled = wait_until(Duration::from_secs(30), || {
+        metrics.value("cdc_invalidator_settled_seconds", &[("sink", "redis")]) == 1.0
+    })
+    .await;
+    assert!(settled, "one settled observation for the one event");
+    assert_eq!(metrics.value("cdc_invalidator_staleness_seconds", &[("sink", "redis")]), 1.0);
+    assert_eq!(metrics.value("cdc_invalidator_second_pass_refills_total", &[]), 0.0);
+    daemon.stop().await.unwrap();
 }

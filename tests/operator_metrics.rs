@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use cdc_invalidator::telemetry::Metrics;
 
+use crate::support::cdn_doubles::secret_file;
 use crate::support::cdn_doubles::webhook::{WebhookDouble, SECRET};
-use crate::support::cdn_doubles::{secret_file, Storm};
 use crate::support::daemon::{http_get, wait_until, write_config, Daemon, Setup};
 use crate::support::events::product_insert;
 use crate::support::kafka::MockKafka;
@@ -137,12 +137,13 @@ async fn dashboard_and_alert_metrics_exist_on_a_live_metrics_page() {
         used.into_iter().partition(|n| n.starts_with(POSTGRES_PREFIX) || FRESHNESS.contains(&n.as_str()));
     assert!(postgres.len() >= 3, "the dashboard and alerts cover the PostgreSQL source: {postgres:?}");
 
-    // A daemon with every kind of series: Redis and a webhook CDN that fails for its first
-    // second (errors, retries, purge outcomes), inserts (invalidations, staleness, tags), a
+    // A daemon with every kind of series: Redis and a webhook CDN that fails its first three
+    // purges (errors, retries, purge outcomes; counted in requests, not time, so a slow start on
+    // a loaded machine cannot miss the failures), inserts (invalidations, staleness, tags), a
     // key-only delete (a rule error) and a malformed message (dead letters).
     let redis = RedisServer::start();
     let webhook = WebhookDouble::start();
-    webhook.state.lock().unwrap().storm = Some(Storm::for_(Duration::from_millis(600), 503));
+    webhook.state.lock().unwrap().fail_first = 3;
     let (_secret_dir, secret) = secret_file(SECRET);
     let kafka = MockKafka::start(1);
     kafka.create_topic(TOPIC, 2);
@@ -166,6 +167,12 @@ async fn dashboard_and_alert_metrics_exist_on_a_live_metrics_page() {
             "sinks:\n  cdn:\n    - {{ kind: webhook, name: webhook, url: \"{}\", secret_file: \"{secret}\", retry: {{ initial: 20ms, max: 200ms }} }}\n",
             webhook.url()
         ),
+        1,
+    );
+    // Applications told after the deletes (the broadcast and warm-up panels).
+    let text = text.replacen(
+        "    retry: { initial: 20ms, max: 250ms }\n",
+        "    retry: { initial: 20ms, max: 250ms }\n    broadcast: {}\n    warm: {}\n",
         1,
     );
     std::fs::write(&config, text).unwrap();

@@ -67,6 +67,20 @@ pub struct ReplicaConfig {
     /// The resolved, parsed URL, filled by validation.
     #[serde(skip)]
     pub connection: Option<Connection>,
+    /// Where the entry is (`file:line:col`), filled by validation: errors found at start and
+    /// by `check --against-db` name it like the config's own problems.
+    #[serde(skip)]
+    pub defined_at: Option<String>,
+}
+
+impl ReplicaConfig {
+    /// `file:line:col: freshness.replicas NAME`, how errors name the replica.
+    pub fn described(&self) -> String {
+        match &self.defined_at {
+            Some(at) => format!("{at}: freshness.replicas {}", self.name),
+            None => format!("freshness.replicas {}", self.name),
+        }
+    }
 }
 
 impl FreshnessConfig {
@@ -80,6 +94,11 @@ impl FreshnessConfig {
         for (i, replica) in self.replicas.iter_mut().enumerate() {
             let idx = i.to_string();
             let at = |key: &'static str| -> Vec<&str> { vec!["freshness", "replicas", idx.as_str(), key] };
+            let place = origin.problem(&at("name"), String::new());
+            replica.defined_at = Some(match place.location {
+                Some(location) => format!("{}:{location}", place.file.display()),
+                None => place.file.display().to_string(),
+            });
             let name_ok = !replica.name.is_empty()
                 && replica.name.len() <= 64
                 && replica.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));

@@ -268,6 +268,10 @@ pub struct RedisConfig {
     pub sentinel: Option<SentinelConfig>,
     /// `WAIT count timeout` after each batch (docs/design.md: the async replication gap).
     pub wait_replicas: Option<WaitReplicas>,
+    /// A pub/sub message per batch after its deletes (off by default).
+    pub broadcast: Option<crate::sink::redis::broadcast::BroadcastConfig>,
+    /// A stream entry per invalidated key after its delete (off by default).
+    pub warm: Option<crate::sink::redis::warm::WarmConfig>,
     /// The resolved URL (from `url`, `url_env` or `url_file`), filled by validation.
     #[serde(skip)]
     pub resolved_url: Option<Secret>,
@@ -307,6 +311,8 @@ impl RedisConfig {
             nodes: Vec::new(),
             sentinel: None,
             wait_replicas: None,
+            broadcast: None,
+            warm: None,
             resolved_url: Some(Secret::new(url)),
         }
     }

@@ -254,6 +254,11 @@ pub(super) fn validate(targets: &mut RedisTargets, origin: &Origin, cdn_names: &
                 problems.push(problem(&[field], format!("{label}.{field} must be between 1 and {max}")));
             }
         }
+        let signals = r.broadcast.iter().flat_map(|b| b.problems().into_iter().map(|(f, m)| ("broadcast", f, m)));
+        let signals = signals.chain(r.warm.iter().flat_map(|w| w.problems().into_iter().map(|(f, m)| ("warm", f, m))));
+        for (setting, field, message) in signals {
+            problems.push(problem(&[setting, field], format!("{label}.{message}")));
+        }
         if let Some(w) = &r.wait_replicas {
             if w.count > 100 {
                 problems.push(problem(

@@ -8,34 +8,47 @@
 //! with backoff), and an event's second pass is released once every replica has replayed past
 //! the event's commit LSN, plus `margin`; a replica that is down or further behind than
 //! `max_wait` does not stall anything: the pass goes out at `max_wait`, counted and logged.
+//!
+//! Debezium's `source.lsn` is the change's own WAL record, not its commit: a standby replays
+//! that record and may then hold the commit back (`recovery_min_apply_delay`, a replay conflict
+//! with a query, the rest of a large transaction), its replay position already past the LSN
+//! while the change is still invisible. So for Debezium events the replica must also have
+//! replayed a commit at least as recent as the event's (`pg_last_xact_replay_timestamp()`
+//! against `source.ts_ms`/`ts_us`: both are the commit record's time on the primary's clock).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::config::freshness::{FreshnessConfig, ReplicaConfig};
+use crate::config::freshness::FreshnessConfig;
 use crate::config::postgres::Connection;
+use crate::event::{Decoded, Op};
 use crate::shutdown::Shutdown;
 use crate::source::postgres::sql::{self, SqlError};
 use crate::source::{Position, SourceEvent};
 use crate::telemetry::Metrics;
 
+mod check;
 mod lsn;
 
+pub use check::{check_all, system_identifier};
 pub use lsn::debezium_lsn;
 
-/// Why a replica cannot gate the second pass (at `check` and at start: fatal).
+/// Why a replica cannot gate the second pass (at `check` and at start: fatal). `replica` names
+/// it as the config does: `file:line:col: freshness.replicas NAME`.
 #[derive(Debug, thiserror::Error)]
 pub enum FreshnessError {
-    #[error("freshness.replicas {name}: {source}")]
-    Connect { name: String, source: SqlError },
-    #[error("freshness.replicas {name} ({target}) is a primary, not a standby in recovery: list the read replicas the application reads from")]
-    NotStandby { name: String, target: String },
-    #[error("freshness.replicas {name} ({target}) belongs to another cluster: its system identifier {replica} differs from the source's {source_id}")]
-    OtherCluster { name: String, target: String, replica: u64, source_id: u64 },
-    #[error("freshness.replicas {name}: {what} failed: {reason}")]
-    Statement { name: String, what: &'static str, reason: String },
+    #[error("{replica}: {source}")]
+    Connect { replica: String, source: SqlError },
+    #[error("{replica} ({target}) is a primary, not a standby in recovery: list the read replicas the application reads from")]
+    NotStandby { replica: String, target: String },
+    #[error("{replica} ({target}) belongs to another cluster: its system identifier {id} differs from the source's {source_id}")]
+    OtherCluster { replica: String, target: String, id: u64, source_id: u64 },
+    #[error("{replica} ({target}) belongs to another cluster than replica {other}: its system identifier {id} differs from {other_id}")]
+    OtherClusterThanReplica { replica: String, target: String, id: u64, other: String, other_id: u64 },
+    #[error("{replica}: {what} failed: {reason}")]
+    Statement { replica: String, what: &'static str, reason: String },
 }
 
 impl FreshnessError {
@@ -43,13 +56,61 @@ impl FreshnessError {
     pub fn is_transient(&self) -> bool {
         matches!(self, FreshnessError::Connect { source, .. } if source.is_transient())
     }
+
+    /// A replica that answers but is not one the config may list (a primary, another
+    /// cluster's): an invalid config (exit 2), not a failure to retry.
+    pub fn is_invalid_config(&self) -> bool {
+        matches!(
+            self,
+            FreshnessError::NotStandby { .. }
+                | FreshnessError::OtherCluster { .. }
+                | FreshnessError::OtherClusterThanReplica { .. }
+        )
+    }
 }
 
-/// The replay position every replica reported last (0: not known yet, or lost).
+/// What a replica must have replayed before a change is visible there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Commit {
+    /// Its replay position must be past this WAL position.
+    pub lsn: u64,
+    /// Where `lsn` is the change's own record (Debezium) rather than its commit's: it must also
+    /// have replayed a commit at least this recent (microseconds since the Unix epoch).
+    pub at_us: Option<i64>,
+}
+
+/// A commit record's LSN (pgoutput): nothing else to wait for.
+impl From<u64> for Commit {
+    fn from(lsn: u64) -> Commit {
+        Commit { lsn, at_us: None }
+    }
+}
+
+impl Commit {
+    /// What a batch's second pass waits for: the newest of its events' commits. None when no
+    /// event has an LSN (the pass falls back to `repeat_after`).
+    pub fn newest<'a>(events: impl IntoIterator<Item = &'a SourceEvent>) -> Option<Commit> {
+        let mut newest: Option<Commit> = None;
+        for event in events {
+            let Some(lsn) = commit_lsn(event) else { continue };
+            let at_us = commit_time(event);
+            newest = Some(match newest {
+                None => Commit { lsn, at_us },
+                // `Option::max`: a known time wins over none.
+                Some(c) => Commit { lsn: c.lsn.max(lsn), at_us: c.at_us.max(at_us) },
+            });
+        }
+        newest
+    }
+}
+
+/// The replay position every replica reported last (0: not known yet, or lost), and the commit
+/// time of the last transaction each replayed (µs since the Unix epoch; 0: none known).
 #[derive(Clone)]
 pub struct Replicas {
     names: Arc<[String]>,
     replayed: watch::Receiver<Vec<u64>>,
+    committed: watch::Receiver<Vec<i64>>,
     margin: Duration,
     max_wait: Duration,
     metrics: Arc<Metrics>,
@@ -68,15 +129,15 @@ pub enum Waited {
 
 impl Replicas {
     /// Checks every replica once (reachable, credentials, in recovery, same cluster as
-    /// `source_system_id` when known), then starts one poller per replica.
+    /// `source_system_id` when known, else as each other), then starts one poller per replica.
     pub async fn start(
         config: &FreshnessConfig,
         source_system_id: Option<u64>,
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
     ) -> Result<Replicas, FreshnessError> {
-        for replica in &config.replicas {
-            check_replica(replica, source_system_id).await?;
+        if let Some(first) = check::check_replicas(config, source_system_id).await.into_iter().next() {
+            return Err(first);
         }
         Ok(Replicas::spawn(config, metrics, shutdown))
     }
@@ -84,7 +145,8 @@ impl Replicas {
     /// Starts the pollers without the start-up checks (tests).
     pub fn spawn(config: &FreshnessConfig, metrics: Arc<Metrics>, shutdown: Shutdown) -> Replicas {
         let (tx, rx) = watch::channel(vec![0u64; config.replicas.len()]);
-        let tx = Arc::new(tx);
+        let (commits_tx, commits_rx) = watch::channel(vec![0i64; config.replicas.len()]);
+        let (tx, commits_tx) = (Arc::new(tx), Arc::new(commits_tx));
         for (i, replica) in config.replicas.iter().enumerate() {
             if let Some(connection) = replica.connection.clone() {
                 let poller = Poller {
@@ -93,6 +155,7 @@ impl Replicas {
                     connection,
                     interval: config.poll_interval,
                     tx: tx.clone(),
+                    commits: commits_tx.clone(),
                     metrics: metrics.clone(),
                 };
                 tokio::spawn(poller.run(shutdown.clone()));
@@ -101,6 +164,7 @@ impl Replicas {
         Replicas {
             names: config.replicas.iter().map(|r| r.name.clone()).collect(),
             replayed: rx,
+            committed: commits_rx,
             margin: config.margin,
             max_wait: config.max_wait,
             metrics,
@@ -108,21 +172,52 @@ impl Replicas {
     }
 
     /// Replicas whose replay positions the caller sets (tests and benchmarks drive the gate
-    /// without PostgreSQL): one slot per name, 0 until set.
+    /// without PostgreSQL): one slot per name, 0 until set. Their replayed commit times are
+    /// the latest possible: only positions gate (see [`Replicas::manual_with_commits`]).
     pub fn manual(
         names: &[&str],
         margin: Duration,
         max_wait: Duration,
         metrics: Arc<Metrics>,
     ) -> (Replicas, watch::Sender<Vec<u64>>) {
-        let (tx, rx) = watch::channel(vec![0u64; names.len()]);
-        let names = names.iter().map(|n| n.to_string()).collect();
-        (Replicas { names, replayed: rx, margin, max_wait, metrics }, tx)
+        let (replicas, tx, commits) = Replicas::manual_with_commits(names, margin, max_wait, metrics);
+        commits.send_modify(|v| v.fill(i64::MAX));
+        (replicas, tx)
     }
 
-    /// Whether every replica has replayed past `lsn` (its commit is visible on all of them).
-    pub fn is_replayed(&self, lsn: u64) -> bool {
-        self.replayed.borrow().iter().all(|&at| at > lsn)
+    /// [`Replicas::manual`] with the replayed commit times set by the caller too (0 until set).
+    pub fn manual_with_commits(
+        names: &[&str],
+        margin: Duration,
+        max_wait: Duration,
+        metrics: Arc<Metrics>,
+    ) -> (Replicas, watch::Sender<Vec<u64>>, watch::Sender<Vec<i64>>) {
+        let (tx, rx) = watch::channel(vec![0u64; names.len()]);
+        let (commits_tx, commits_rx) = watch::channel(vec![0i64; names.len()]);
+        let names = names.iter().map(|n| n.to_string()).collect();
+        (Replicas { names, replayed: rx, committed: commits_rx, margin, max_wait, metrics }, tx, commits_tx)
+    }
+
+    /// Whether every replica has replayed `commit` (the change is visible on all of them).
+    pub fn is_replayed(&self, commit: impl Into<Commit>) -> bool {
+        let commit = commit.into();
+        let (positions, commits) = (self.replayed.borrow(), self.committed.borrow());
+        (0..positions.len()).all(|i| has_replayed(positions.get(i), commits.get(i), commit))
+    }
+
+    /// Until every replica has replayed `commit` (true), or the pollers are gone (false).
+    async fn replayed_by_all(&self, commit: Commit) -> bool {
+        let (mut positions, mut commits) = (self.replayed.clone(), self.committed.clone());
+        let mut commits_open = true;
+        loop {
+            if self.is_replayed(commit) {
+                return true;
+            }
+            tokio::select! {
+                changed = positions.changed() => if changed.is_err() { return self.is_replayed(commit) },
+                changed = commits.changed(), if commits_open => commits_open = changed.is_ok(),
+            }
+        }
     }
 
     /// One step of the wait for an event's second pass (`since`: its first pass). Without
@@ -133,29 +228,29 @@ impl Replicas {
     /// sleeps until `replayed_at + margin` ([`Waited::Go`]); never past `max_wait`.
     pub async fn wait(
         &self,
-        lsn: u64,
+        commit: impl Into<Commit>,
         since: tokio::time::Instant,
         replayed_at: Option<tokio::time::Instant>,
     ) -> Waited {
+        let commit = commit.into();
         let deadline = since + self.max_wait;
         if let Some(at) = replayed_at {
             tokio::time::sleep_until(deadline.min(at + self.margin)).await;
             return Waited::Go;
         }
-        let mut rx = self.replayed.clone();
-        // The guard `wait_for` returns must not live across an await.
-        let replayed =
-            matches!(tokio::time::timeout_at(deadline, rx.wait_for(|v| v.iter().all(|&at| at > lsn))).await, Ok(Ok(_)));
-        if replayed {
+        if matches!(tokio::time::timeout_at(deadline, self.replayed_by_all(commit)).await, Ok(true)) {
             return Waited::Replayed;
         }
         if tokio::time::Instant::now() < deadline {
             // The pollers are gone (shutdown): nothing more will be replayed.
             tokio::time::sleep_until(deadline).await;
         }
-        let positions = self.replayed.borrow().clone();
-        let behind: Vec<&str> =
-            self.names.iter().zip(positions.iter()).filter(|(_, &at)| at <= lsn).map(|(n, _)| n.as_str()).collect();
+        let lsn = commit.lsn;
+        let behind: Vec<&str> = {
+            let (positions, commits) = (self.replayed.borrow(), self.committed.borrow());
+            let behind = |i: &usize| !has_replayed(positions.get(*i), commits.get(*i), commit);
+            (0..self.names.len()).filter(behind).filter_map(|i| self.names.get(i)).map(String::as_str).collect()
+        };
         for name in &behind {
             self.metrics.freshness_max_wait.with_label_values(&[name]).inc();
         }
@@ -178,9 +273,15 @@ impl Replicas {
     }
 }
 
+/// Whether one replica (its replay position and last replayed commit time) has replayed `commit`.
+fn has_replayed(position: Option<&u64>, committed_us: Option<&i64>, commit: Commit) -> bool {
+    let position_past = position.is_some_and(|&at| at > commit.lsn);
+    position_past && commit.at_us.is_none_or(|due| committed_us.is_some_and(|&at| at >= due))
+}
+
 /// The LSN a replica must have replayed before the event's change is visible there: the commit
-/// record's (pgoutput), or Debezium's `source.lsn` (the change's own record; its commit follows
-/// it closely, which `margin` covers).
+/// record's (pgoutput), or Debezium's `source.lsn` (the change's own record: see
+/// [`commit_time`] for the commit that follows it).
 pub fn commit_lsn(event: &SourceEvent) -> Option<u64> {
     match &event.position {
         Position::Postgres { commit_end_lsn, .. } => Some(*commit_end_lsn),
@@ -189,54 +290,25 @@ pub fn commit_lsn(event: &SourceEvent) -> Option<u64> {
     }
 }
 
+/// For a Debezium change, its commit time (µs since the Unix epoch, from `source.ts_*`): a
+/// replica shows the change once it has replayed a commit this recent. None for pgoutput (its
+/// LSN is the commit's own) and for snapshot reads (`op: r`: their time is the read's, and their
+/// LSN the snapshot's, which is all a replica needs to have replayed).
+fn commit_time(event: &SourceEvent) -> Option<i64> {
+    if !matches!(event.position, Position::Kafka { .. }) {
+        return None;
+    }
+    match &event.decoded {
+        Ok(Decoded::Change(c)) if c.op != Op::Snapshot => {
+            let since_epoch = c.committed_at?.duration_since(std::time::UNIX_EPOCH).ok()?;
+            i64::try_from(since_epoch.as_micros()).ok()
+        }
+        _ => None,
+    }
+}
+
 pub fn format_lsn(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
-}
-
-/// One replica's identity and state, read at start and by `check --against-db`.
-async fn check_replica(replica: &ReplicaConfig, source_system_id: Option<u64>) -> Result<(), FreshnessError> {
-    let name = replica.name.clone();
-    let Some(c) = replica.connection.as_ref() else { return Ok(()) };
-    let client = sql::connect(c, "cdc-invalidator-freshness", Duration::from_secs(10))
-        .await
-        .map_err(|source| FreshnessError::Connect { name: name.clone(), source })?;
-    let row = client
-        .query_one("SELECT pg_is_in_recovery(), (SELECT system_identifier FROM pg_control_system())::text", &[])
-        .await
-        .map_err(|e| FreshnessError::Statement {
-            name: name.clone(),
-            what: "reading the replica's state",
-            reason: sql::describe(&e),
-        })?;
-    let in_recovery: bool = row.get(0);
-    let system_id: Option<String> = row.get(1);
-    if !in_recovery {
-        return Err(FreshnessError::NotStandby { name, target: c.to_string() });
-    }
-    if let (Some(source_id), Some(replica)) = (source_system_id, system_id.and_then(|s| s.parse::<u64>().ok())) {
-        if source_id != replica {
-            return Err(FreshnessError::OtherCluster { name, target: c.to_string(), replica, source_id });
-        }
-    }
-    Ok(())
-}
-
-/// Checks every replica, for `check --against-db`: one sentence per problem.
-pub async fn check_all(config: &FreshnessConfig, source_system_id: Option<u64>) -> Vec<String> {
-    let mut problems = Vec::new();
-    for replica in &config.replicas {
-        if let Err(e) = check_replica(replica, source_system_id).await {
-            problems.push(e.to_string());
-        }
-    }
-    problems
-}
-
-/// The system identifier of the cluster behind `c` (the source), when it can be read.
-pub async fn system_identifier(c: &Connection) -> Option<u64> {
-    let client = sql::connect(c, "cdc-invalidator-freshness", Duration::from_secs(10)).await.ok()?;
-    let row = client.query_one("SELECT system_identifier::text FROM pg_control_system()", &[]).await.ok()?;
-    row.get::<_, String>(0).parse().ok()
 }
 
 /// Reads one replica's replay position every `interval`; reconnects with backoff. Runs until
@@ -248,6 +320,7 @@ struct Poller {
     connection: Connection,
     interval: Duration,
     tx: Arc<watch::Sender<Vec<u64>>>,
+    commits: Arc<watch::Sender<Vec<i64>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -258,6 +331,9 @@ impl Poller {
     async fn run(self, shutdown: Shutdown) {
         let mut backoff = RECONNECT_INITIAL;
         let mut lost_since: Option<Instant> = None;
+        // The last replayed commit time seen: a restarted standby reports none until the
+        // primary commits again, though it has replayed everything it had before.
+        let mut last_commit_us = 0i64;
         loop {
             let reason = match sql::connect(&self.connection, "cdc-invalidator-freshness", Duration::from_secs(5)).await
             {
@@ -266,7 +342,7 @@ impl Poller {
                         tracing::info!(replica = %self.name, "read replica reachable again");
                     }
                     backoff = RECONNECT_INITIAL;
-                    match self.poll(&client, &shutdown).await {
+                    match self.poll(&client, &shutdown, &mut last_commit_us).await {
                         Some(reason) => reason,
                         // The daemon is done: not a lost replica, nothing to warn about.
                         None => return,
@@ -278,7 +354,7 @@ impl Poller {
                 return;
             }
             // Lost: its position is unknown, so passes wait for it until `max_wait`.
-            self.set(0);
+            self.set(0, 0);
             if lost_since.is_none() {
                 lost_since = Some(Instant::now());
                 tracing::warn!(replica = %self.name, error = %reason, "read replica lost: second passes wait for it at most freshness.max_wait; reconnecting");
@@ -294,12 +370,18 @@ impl Poller {
     /// Polls until the connection fails (returns why) or shutdown (None). `abandoned()` also
     /// resolves when the trigger is dropped at the end of a clean drain, while `is_abandoned()`
     /// stays false: hence None here rather than a reason the caller must recognise.
-    async fn poll(&self, client: &tokio_postgres::Client, shutdown: &Shutdown) -> Option<String> {
+    async fn poll(
+        &self,
+        client: &tokio_postgres::Client,
+        shutdown: &Shutdown,
+        last_commit_us: &mut i64,
+    ) -> Option<String> {
         let query = "SELECT pg_is_in_recovery(), \
                      pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::text, \
                      pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::text, \
                      CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
-                          ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 END";
+                          ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 END, \
+                     (extract(epoch FROM pg_last_xact_replay_timestamp()) * 1000000)::int8";
         let statement = match client.prepare(query).await {
             Ok(s) => s,
             Err(e) => return Some(sql::describe(&e)),
@@ -319,13 +401,16 @@ impl Poller {
             let in_recovery: bool = row.get(0);
             if !in_recovery {
                 // Promoted: it is the primary now and has everything it will ever serve.
-                self.set(u64::MAX);
+                self.set(u64::MAX, i64::MAX);
                 continue;
             }
             let replayed = row.get::<_, Option<String>>(1).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
             let bytes = row.get::<_, Option<String>>(2).and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
             let seconds: Option<f64> = row.get(3);
-            self.set(replayed);
+            if let Some(at) = row.get::<_, Option<i64>>(4) {
+                *last_commit_us = at;
+            }
+            self.set(replayed, *last_commit_us);
             self.metrics.replica_replay_lag_bytes.with_label_values(&[&self.name]).set(bytes.max(0));
             self.metrics
                 .replica_replay_lag_seconds
@@ -334,11 +419,22 @@ impl Poller {
         }
     }
 
-    fn set(&self, lsn: u64) {
-        self.tx.send_modify(|v| {
-            if let Some(at) = v.get_mut(self.index) {
-                *at = lsn;
+    /// Publishes the replay position and the last replayed commit time (commit time first: a
+    /// waiter woken by the position then sees both).
+    fn set(&self, lsn: u64, commit_us: i64) {
+        self.commits.send_if_modified(|v| match v.get_mut(self.index) {
+            Some(at) if *at != commit_us => {
+                *at = commit_us;
+                true
             }
+            _ => false,
+        });
+        self.tx.send_if_modified(|v| match v.get_mut(self.index) {
+            Some(at) if *at != lsn => {
+                *at = lsn;
+                true
+            }
+            _ => false,
         });
     }
 }
@@ -386,5 +482,52 @@ mod tests {
         assert_eq!(replicas.wait(60, since, None).await, Waited::TimedOut);
         assert_eq!(since.elapsed(), Duration::from_secs(5));
         assert_eq!(metrics.value("cdc_invalidator_freshness_max_wait_total", &[("replica", "a")]), 1.0);
+    }
+
+    fn decoded(topic: &str, value: &[u8]) -> SourceEvent {
+        let position = Position::Kafka { topic: topic.into(), partition: 0, offset: 0 };
+        let decoded = crate::source::debezium::decode(topic, None, Some(value))
+            .map_err(|e| crate::source::Malformed(e.to_string()));
+        SourceEvent { decoded, ..event(position, Some(value)) }
+    }
+
+    #[test]
+    fn a_batch_waits_for_its_newest_change_and_commit_time_and_snapshots_only_for_their_lsn() {
+        let topic = "shop.public.products";
+        // Debezium's own sample: lsn 24023400, source.ts_ms 1763821802000.
+        let insert = decoded(topic, include_bytes!("../../tests/fixtures/debezium/pg-insert.json"));
+        let snapshot = decoded(topic, include_bytes!("../../tests/fixtures/debezium/pg-snapshot-read.json"));
+        assert_eq!(Commit::newest([&insert]), Some(Commit { lsn: 24023400, at_us: Some(1_763_821_802_000_000) }));
+        let read = Commit::newest([&snapshot]).expect("a snapshot read has an LSN");
+        assert_eq!(read.at_us, None, "a snapshot read's time is the read's, not a commit's");
+        let both = Commit::newest([&snapshot, &insert]).unwrap();
+        assert_eq!(both, Commit { lsn: read.lsn.max(24023400), at_us: Some(1_763_821_802_000_000) });
+        let pg = event(Position::Postgres { lsn: 10, commit_end_lsn: 42 }, None);
+        assert_eq!(Commit::newest([&pg]), Some(Commit { lsn: 42, at_us: None }), "pgoutput: the commit's own LSN");
+        let mysql = decoded("shopdb.shop.orders", include_bytes!("../../tests/fixtures/debezium/mysql-update.json"));
+        assert_eq!(Commit::newest([&mysql]), None, "no LSN: repeat_after instead");
+    }
+
+    /// A standby replays a change's own record at once and holds its commit back (here as
+    /// under `recovery_min_apply_delay`): Debezium's `source.lsn` alone would open the gate
+    /// while the change is still invisible on the replica.
+    #[tokio::test(start_paused = true)]
+    async fn a_debezium_change_waits_for_its_commit_not_only_its_own_record() {
+        let metrics = Arc::new(Metrics::new());
+        let (replicas, positions, commits) =
+            Replicas::manual_with_commits(&["a"], Duration::from_millis(100), Duration::from_secs(5), metrics);
+        let change = Commit { lsn: 50, at_us: Some(1_000) };
+        positions.send_modify(|v| v[0] = 60);
+        commits.send_modify(|v| v[0] = 999);
+        assert!(replicas.is_replayed(50) && !replicas.is_replayed(change), "past the record, not the commit");
+        let since = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            commits.send_modify(|v| v[0] = 1_000);
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop((positions, commits));
+        });
+        assert_eq!(replicas.wait(change, since, None).await, Waited::Replayed);
+        assert_eq!(since.elapsed(), Duration::from_secs(1), "released when its commit was replayed");
     }
 }

@@ -13,7 +13,7 @@ use super::{change_of, origin, StageError, Unit};
 use crate::config::LayerTiming;
 use crate::dead_letter::{DeadLetterError, DeadLetters, Letter, Reason};
 use crate::event::Decoded;
-use crate::freshness::{commit_lsn, Replicas, Waited};
+use crate::freshness::{Commit, Replicas, Waited};
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, Sink};
 use crate::source::Ack;
@@ -23,11 +23,11 @@ use crate::telemetry::Metrics;
 /// replayed it); its events are acknowledged after that.
 pub(super) struct SecondPass {
     due: tokio::time::Instant,
-    /// The newest commit LSN of the batch's events (`freshness.replicas`).
-    lsn: Option<u64>,
+    /// The newest commit of the batch's events (`freshness.replicas`).
+    lsn: Option<Commit>,
     /// When the first pass was done: `freshness.max_wait` counts from here.
     since: tokio::time::Instant,
-    /// When every replica was first seen to have replayed `lsn`.
+    /// When every replica was first seen to have replayed that commit.
     replayed_at: Option<tokio::time::Instant>,
     batch: Invalidations,
     acks: Vec<Ack>,
@@ -39,6 +39,8 @@ pub(super) struct SecondPass {
 /// Every unit ends here, once each layer with work for it confirmed it (or rejected some of it).
 pub(super) struct Finish {
     pub(super) dead_letters: DeadLetters,
+    /// Every sink: settled seconds for an event without a second pass, per sink it asked.
+    pub(super) sinks: Vec<Arc<dyn Sink>>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) timing: LayerTiming,
     /// Where batches go for their second pass (set when `repeat_after` is).
@@ -90,12 +92,12 @@ impl Finish {
         // With read replicas, the batch's second pass waits for its newest commit LSN; a batch
         // without one (a source that has none) falls back to `repeat_after`, or has none.
         let lsn = match &self.freshness {
-            Some(_) => unit
-                .items
-                .iter()
-                .filter(|i| i.evaluation.as_ref().is_some_and(|e| !e.invalidations.is_empty()))
-                .filter_map(|i| commit_lsn(&i.event))
-                .max(),
+            Some(_) => Commit::newest(
+                unit.items
+                    .iter()
+                    .filter(|i| i.evaluation.as_ref().is_some_and(|e| !e.invalidations.is_empty()))
+                    .map(|i| &i.event),
+            ),
             None => None,
         };
         let repeat =
@@ -125,6 +127,11 @@ impl Finish {
                     let seconds = now.duration_since(origin).unwrap_or_default().as_secs_f64();
                     self.metrics.end_to_end_staleness.observe(seconds);
                     self.metrics.table_staleness.with_label_values(&[table]).observe(seconds);
+                    // No second pass: the first was the last, so the event settled now. Observed
+                    // so that settled covers every invalidated event whatever the timing.
+                    for sink in self.sinks.iter().filter(|s| asked && item.asks(s.kinds())) {
+                        self.metrics.settled.with_label_values(&[sink.name()]).observe(seconds);
+                    }
                 }
             }
             // With a second pass, events that asked for invalidations wait for it.
@@ -138,7 +145,7 @@ impl Finish {
             let since = tokio::time::Instant::now();
             let due = since + self.timing.repeat_after;
             if let (Some(replicas), Some(lsn)) = (&self.freshness, lsn) {
-                replicas.awaited(lsn);
+                replicas.awaited(lsn.lsn);
             }
             repeat
                 .send(SecondPass { due, lsn, since, replayed_at: None, batch: unit.batch, acks: waiting, origins })
@@ -149,7 +156,7 @@ impl Finish {
 }
 
 /// The front pass's schedule: due, LSN, first pass done, replayed.
-type Front = (tokio::time::Instant, Option<u64>, tokio::time::Instant, Option<tokio::time::Instant>);
+type Front = (tokio::time::Instant, Option<Commit>, tokio::time::Instant, Option<tokio::time::Instant>);
 
 /// The second-pass stage: holds batches until they are due, then runs them through the layers
 /// in order (sinks of one layer at once, `layer_delay` between layers).

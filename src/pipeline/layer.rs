@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 
 use super::{origin, StageError, Unit};
 use crate::shutdown::Shutdown;
-use crate::sink::{Invalidations, ItemKind, Sink, SinkError, SinkReport};
+use crate::sink::{Invalidations, ItemKind, Origins, Sink, SinkError, SinkReport};
 use crate::telemetry::Metrics;
 
 /// A unit in a layer's queue, holding its share of the queue's room until the layer takes it.
@@ -194,6 +194,9 @@ impl Layer {
         }
         drop(answers_tx);
 
+        // A sink that tells applications about each batch (the Redis broadcast, the warm-up
+        // stream) needs the batch's origins; gathered only then, once per unit.
+        let wants_origins = self.sinks.iter().any(|s| s.wants_origins());
         let mut in_layer: VecDeque<InLayer> = VecDeque::new();
         let mut next_seq: u64 = 0;
         let mut open = true;
@@ -223,7 +226,14 @@ impl Layer {
                     Some(mut queued) => {
                         let seq = next_seq;
                         next_seq += 1;
-                        let batch = Arc::new(std::mem::take(&mut queued.unit.batch));
+                        let mut batch = std::mem::take(&mut queued.unit.batch);
+                        if wants_origins && batch.origins().is_none() && self.wants(&batch) {
+                            let events = queued.unit.items.iter();
+                            batch.set_origins(Origins::of(
+                                events.filter_map(|i| Some((&i.event, &i.evaluation.as_ref()?.invalidations))),
+                            ));
+                        }
+                        let batch = Arc::new(batch);
                         let mut waiting = 0;
                         if self.wants(&batch) {
                             for (sink, tx) in self.sinks.iter().zip(&to_sinks) {

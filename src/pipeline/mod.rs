@@ -228,8 +228,14 @@ impl Pipeline {
             };
             stages.spawn(stage.run(rx, route_to(i + 1), shutdown.clone()));
         }
-        let finisher =
-            finish::Finish { dead_letters, metrics: metrics.clone(), timing: timing.clone(), repeat, freshness };
+        let finisher = finish::Finish {
+            dead_letters,
+            sinks: sinks.clone(),
+            metrics: metrics.clone(),
+            timing: timing.clone(),
+            repeat,
+            freshness,
+        };
         stages.spawn(finisher.run(finish_rx, shutdown.clone()));
 
         let intake = Intake {

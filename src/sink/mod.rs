@@ -26,7 +26,10 @@ use async_trait::async_trait;
 use crate::shutdown::Shutdown;
 
 pub mod cdn;
+pub mod origins;
 pub mod redis;
+
+pub use origins::Origins;
 
 /// What one batch asks of the sinks: one deduplicated list per [`ItemKind`]. Each sink takes
 /// the kinds it serves (Redis: keys and tags; HTTP caches and CDNs: surrogate keys and URLs)
@@ -36,6 +39,8 @@ pub mod redis;
 pub struct Invalidations {
     /// In [`ItemKind::ALL`] order: `lists[kind as usize]`.
     lists: [Vec<String>; ItemKind::COUNT],
+    /// Where the items came from, for sinks that ask ([`Sink::wants_origins`]); `None` otherwise.
+    origins: Option<std::sync::Arc<Origins>>,
 }
 
 impl Invalidations {
@@ -71,7 +76,23 @@ impl Invalidations {
             items.dedup();
             *all.items_mut(kind) = items.into_iter().map(str::to_owned).collect();
         }
+        let with_origins: Vec<&std::sync::Arc<Origins>> = sets.iter().filter_map(|s| s.origins.as_ref()).collect();
+        all.origins = match with_origins.as_slice() {
+            [] => None,
+            [one] => Some((*one).clone()),
+            many => Some(std::sync::Arc::new(Origins::merge(many.iter().map(|o| &***o)))),
+        };
         all
+    }
+
+    /// Where the items came from, when the pipeline gathered it (see [`origins`]).
+    pub fn origins(&self) -> Option<&Origins> {
+        self.origins.as_deref()
+    }
+
+    /// Attaches the items' origins.
+    pub fn set_origins(&mut self, origins: Origins) {
+        self.origins = Some(std::sync::Arc::new(origins));
     }
 
     /// Sorts and deduplicates every list.
@@ -208,6 +229,12 @@ pub trait Sink: Send + Sync {
     /// and measures its staleness only over events that asked it for something.
     fn kinds(&self) -> &'static [ItemKind] {
         &ItemKind::ALL
+    }
+
+    /// Whether this sink needs the batch's [`Origins`] (positions, each key's table and op):
+    /// the pipeline gathers them only for layers with such a sink.
+    fn wants_origins(&self) -> bool {
+        false
     }
 
     /// Invalidates every item of the kinds this sink serves. Returns once each item is confirmed

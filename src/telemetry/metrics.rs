@@ -33,6 +33,13 @@ pub struct Metrics {
     /// `WAIT` replies with fewer replicas than `sinks.redis.wait_replicas.count`, by sink
     /// (each one fails its round, which is retried).
     pub redis_wait_timeouts: IntCounterVec,
+    /// Broadcast messages Redis accepted (`sinks.redis.broadcast`), by sink.
+    pub redis_broadcasts: IntCounterVec,
+    /// Subscribers that received the last broadcast message (PUBLISH's reply), by sink: 0 means
+    /// nobody is listening.
+    pub redis_broadcast_receivers: IntGaugeVec,
+    /// Entries appended to the warm-up stream (`sinks.redis.warm`), by sink.
+    pub redis_warm_entries: IntCounterVec,
     /// Seconds from the database commit to the sink confirming, per sink.
     pub staleness: HistogramVec,
     /// Seconds from the database commit to the event being acknowledged to the source.
@@ -207,6 +214,24 @@ impl Metrics {
                 &r,
                 "cdc_invalidator_redis_wait_timeouts_total",
                 "WAIT replies with fewer replicas than sinks.redis.wait_replicas.count (the round is retried).",
+                &["sink"],
+            ),
+            redis_broadcasts: counter(
+                &r,
+                "cdc_invalidator_redis_broadcast_messages_total",
+                "Broadcast messages Redis accepted (sinks.redis.broadcast), one per batch after its deletes.",
+                &["sink"],
+            ),
+            redis_broadcast_receivers: gauge_vec(
+                &r,
+                "cdc_invalidator_redis_broadcast_receivers",
+                "Subscribers that received the last broadcast message (0: nobody listens).",
+                &["sink"],
+            ),
+            redis_warm_entries: counter(
+                &r,
+                "cdc_invalidator_redis_warm_entries_total",
+                "Entries appended to the warm-up stream (sinks.redis.warm), one per invalidated key.",
                 &["sink"],
             ),
             staleness: histogram(

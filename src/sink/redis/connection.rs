@@ -261,7 +261,7 @@ fn describe(e: &RedisError) -> String {
     }
     match classify(e) {
         Class::Refused => format!(
-            "Redis refused our credentials or permissions ({e}): check the user and password in sinks.redis.url and the ACL of that user (it needs UNLINK, EVALSHA, SCRIPT LOAD and PING; with wait_replicas also WAIT and ROLE; in cluster mode also SCAN, SREM, SRANDMEMBER and CLUSTER)"
+            "Redis refused our credentials or permissions ({e}): check the user and password in sinks.redis.url and the ACL of that user (it needs UNLINK, EVALSHA, SCRIPT LOAD and PING; with wait_replicas also WAIT and ROLE; in cluster mode also SCAN, SREM, SRANDMEMBER and CLUSTER; with broadcast PUBLISH, or SPUBLISH in cluster mode; with warm XADD)"
         ),
         _ => e.to_string(),
     }

@@ -18,8 +18,10 @@
 //! LOAD and EVALSHA of the fan-out script (which runs TYPE, SCARD, SRANDMEMBER, SSCAN, SREM and
 //! UNLINK, or in cluster mode SADD to a pending set instead of UNLINK), WAIT and ROLE (with
 //! `wait_replicas`), and in cluster mode SREM, SRANDMEMBER and SCAN on pending sets and CLUSTER
-//! SLOTS. The only things changed are tag sets and pending sets (members moved or removed) and
-//! the keys unlinked.
+//! SLOTS; with `broadcast` PUBLISH (SPUBLISH in cluster mode, `broadcast.rs`), with `warm`
+//! XADD to the warm-up stream (`warm.rs`), both only after the batch's deletes are confirmed.
+//! The only things changed are tag sets and pending sets (members moved or removed), the keys
+//! unlinked, and the warm-up stream (entries appended).
 //!
 //! # Deployments (`sinks.redis.mode`)
 //!
@@ -69,11 +71,13 @@ use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, Sink, SinkError, SinkReport};
 use crate::telemetry::Metrics;
 
+pub mod broadcast;
 mod cluster;
 mod connection;
 mod fanout;
 pub mod preflight;
 mod slot;
+pub mod warm;
 
 use cluster::{cluster_error, Cluster};
 use connection::{item, Class, CommandError, Connection, Dialer};
@@ -130,6 +134,10 @@ pub struct RedisSink {
     /// after a failure (`down`), so a backlog restarts at once, not up to `retry.max` later.
     recovery: crate::retry::Recovery,
     down: std::sync::atomic::AtomicBool,
+    /// `sinks.redis.broadcast`: a message per batch after its deletes (`broadcast.rs`).
+    broadcast: Option<broadcast::BroadcastConfig>,
+    /// `sinks.redis.warm`: each key appended to a stream after its delete (`warm.rs`).
+    warm: Option<warm::WarmConfig>,
 }
 
 /// What [`RedisSink::add_wait`] added to a pipeline.
@@ -242,6 +250,8 @@ impl RedisSink {
             metrics,
             recovery: Default::default(),
             down: Default::default(),
+            broadcast: config.broadcast.clone(),
+            warm: config.warm.clone(),
         })
     }
 
@@ -729,6 +739,10 @@ impl Sink for RedisSink {
         &[ItemKind::RedisKey, ItemKind::RedisTag]
     }
 
+    fn wants_origins(&self) -> bool {
+        self.broadcast.is_some() || self.warm.is_some()
+    }
+
     async fn invalidate(&self, batch: &Invalidations, shutdown: &Shutdown) -> Result<SinkReport, SinkError> {
         let mut report = SinkReport::default();
         if let Backend::Cluster(cluster) = &self.backend {
@@ -750,6 +764,13 @@ impl Sink for RedisSink {
                 // The reason names the key: it goes to the dead letter, not to the log.
                 tracing::warn!(sink = %self.name, index = rejected.index, "a tag's Redis key is not a set: tag rejected");
             }
+        }
+        // Only now, with every delete confirmed, are applications told.
+        if let Some(config) = &self.broadcast {
+            self.broadcast(config, batch, shutdown).await?;
+        }
+        if let Some(config) = &self.warm {
+            report.rejected.extend(self.warm(config, batch, shutdown).await?);
         }
         Ok(report)
     }

@@ -332,10 +332,13 @@ async fn probe_standby_decoding(client: &Client) -> Option<String> {
 /// `check --against-db` for the CLI: prints `warning: ...` lines and `ok`, or the errors.
 /// Exit 0 without errors, 2 with errors, 1 when the database cannot be read.
 pub fn run_cli(config: &Config, rules: &Rules) -> ExitCode {
-    let Some(pg) = config.source.postgres.as_ref().filter(|_| config.source.kind == SourceKind::Postgres) else {
-        eprintln!("check --against-db needs source.kind: postgres and a source.postgres section");
+    let pg = config.source.postgres.as_ref().filter(|_| config.source.kind == SourceKind::Postgres);
+    if pg.is_none() && !config.freshness.enabled() {
+        eprintln!(
+            "check --against-db needs source.kind: postgres and a source.postgres section, or freshness.replicas"
+        );
         return ExitCode::from(2);
-    };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -344,10 +347,15 @@ pub fn run_cli(config: &Config, rules: &Rules) -> ExitCode {
         }
     };
     let checked = runtime.block_on(async {
-        let mut report = against(pg, rules).await?;
-        // The read replicas gating the second pass: reachable, standbys, of this cluster.
+        // With a Kafka source only the replicas: the daemon has no database connection of its own.
+        let mut report = match pg {
+            Some(pg) => against(pg, rules).await?,
+            None => Report::default(),
+        };
+        // The read replicas gating the second pass: reachable, standbys, of this cluster (of
+        // one cluster, with a Kafka source).
         if config.freshness.enabled() {
-            let source_id = match pg.connection() {
+            let source_id = match pg.and_then(|p| p.connection()) {
                 Some(c) => crate::freshness::system_identifier(c).await,
                 None => None,
             };

@@ -15,6 +15,9 @@ pub const SECRET: &str = "webhook-test-secret";
 #[derive(Debug, Default)]
 pub struct State {
     pub storm: Option<Storm>,
+    /// Answers this many signed purges with 503 before accepting any: a failure burst that,
+    /// unlike a [`Storm`], does not end by the clock before a slow (loaded) daemon arrives.
+    pub fail_first: u32,
     /// How long each purge (POST) takes to answer: a slow receiver. Requests are answered one
     /// at a time, so a slow one also holds those behind it.
     pub delay: Option<std::time::Duration>,
@@ -81,6 +84,10 @@ fn handle(st: &mut State, req: &Recorded) -> Reply {
     }
     if let Some(storm) = st.storm.filter(|s| s.active(req.at)) {
         return Reply::text(storm.status, "busy").with_header("Retry-After", 1);
+    }
+    if st.fail_first > 0 {
+        st.fail_first -= 1;
+        return Reply::text(503, "busy").with_header("Retry-After", 1);
     }
     let Some(body) = req.json() else { return Reply::text(400, "not JSON") };
     let list = |k: &str| -> Vec<String> {
