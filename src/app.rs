@@ -15,8 +15,7 @@ use crate::rules::Rules;
 use crate::shutdown::Shutdown;
 use crate::sink::redis::{PatternSink, RedisSink};
 use crate::sink::Sink;
-use crate::source::kafka::KafkaSource;
-use crate::source::postgres::PostgresSource;
+use crate::source::SourceError;
 use crate::telemetry::{self, Health, Metrics};
 
 pub use crate::pipeline::Pipeline;
@@ -30,9 +29,7 @@ pub enum AppError {
     #[error(transparent)]
     DeadLetter(#[from] DeadLetterError),
     #[error(transparent)]
-    Kafka(#[from] crate::source::kafka::KafkaSourceError),
-    #[error(transparent)]
-    Postgres(#[from] crate::source::postgres::PostgresSourceError),
+    Source(#[from] SourceError),
     #[error("source task failed: {0}")]
     SourceTask(String),
     #[error(transparent)]
@@ -67,19 +64,10 @@ pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: 
     };
 
     let (tx, rx) = mpsc::channel(config.pipeline.queue_capacity);
-    let source_task = match (config.source.kind, kafka_config, config.source.postgres.as_ref()) {
-        (SourceKind::Kafka, Some(k), _) => {
-            let source = KafkaSource::new(k, metrics.clone())?;
-            let stop = shutdown.clone();
-            tokio::spawn(async move { source.run(tx, stop).await.map_err(AppError::from) })
-        }
-        (SourceKind::Postgres, _, Some(p)) => {
-            let source = PostgresSource::new(p, metrics.clone())?;
-            let stop = shutdown.clone();
-            tokio::spawn(async move { source.run(tx, stop).await.map_err(AppError::from) })
-        }
-        _ => return Err(AppError::SourceTask("the configured source is not available".into())),
-    };
+    let source = crate::source::build(&config.source, metrics.clone())?;
+    tracing::info!(source = source.kind(), "reading changes");
+    let stop = shutdown.clone();
+    let source_task = tokio::spawn(async move { source.run(tx, stop).await.map_err(AppError::from) });
 
     let reloads = tokio::spawn(reloader.run(reload::POLL_INTERVAL, shutdown.clone()));
     let pinger = tokio::spawn(ping_sinks(sinks.clone(), health.clone(), metrics.clone(), shutdown.clone()));

@@ -10,8 +10,8 @@ use serde_json::Value;
 use crate::support::cdn_doubles::akamai::{AkLimits, AkamaiDouble, AK_ACCESS_TOKEN, AK_CLIENT_TOKEN, AK_SECRET};
 use crate::support::cdn_doubles::cloudfront::{CfLimits, CloudFrontDouble, CF_DISTRIBUTION, CF_KEY_ID, CF_SECRET};
 use crate::support::cdn_doubles::fastly::{FastlyDouble, SERVICE, TOKEN};
-use crate::support::cdn_doubles::secret_file;
 use crate::support::cdn_doubles::webhook::{WebhookDouble, SECRET};
+use crate::support::cdn_doubles::{rewrite_unstamped, secret_file};
 use crate::support::daemon::{wait_until, write_config, Daemon, Setup};
 use crate::support::events::product_insert;
 use crate::support::kafka::{committed, MockKafka};
@@ -251,6 +251,38 @@ async fn cloudfront_invalidates_tag_paths_within_the_wildcard_limit_and_commits_
         assert!(st.invalidations.len() >= 2, "20 wildcards cannot go in one invalidation");
     }
     assert!(daemon.dead_letters().is_empty());
+    daemon.stop().await.expect("clean stop");
+}
+
+/// A token rotated while the daemon runs (issue 12): Fastly refuses the old token with 401 from
+/// the moment the file holds the new one; the daemon reads the file again and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_rotated_while_running_is_picked_up_without_a_dead_letter() {
+    let redis = RedisServer::start();
+    let fastly = FastlyDouble::start();
+    let (_secret_dir, token_file) = secret_file(TOKEN);
+    let kafka = kafka_with(1..=5).await;
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = kafka.bootstrap();
+    let daemon = start(dir.path(), &bootstrap, "g-cdn-rotate", &redis.url(), &fastly_entry(&fastly, &token_file), "{}");
+    let purged = |ids: std::ops::RangeInclusive<i64>| {
+        let got = fastly.purged_keys();
+        ids.into_iter().all(|i| got.contains(&format!("product-{i}")))
+    };
+    assert!(wait_until(Duration::from_secs(30), || purged(1..=5)).await, "purged with the first token");
+
+    // Same length and modification time: only the 401 can reveal the rotation.
+    let rotated = "fastly-rotd-token";
+    fastly.state.lock().unwrap().accepted_token = Some(rotated.into());
+    rewrite_unstamped(&token_file, &format!("{rotated}\n"));
+    produce(&kafka, 6..=10).await;
+    assert!(wait_until(Duration::from_secs(30), || purged(6..=10)).await, "purged with the rotated token");
+    assert_all_committed(&bootstrap, "g-cdn-rotate", 10).await;
+    assert!(daemon.dead_letters().is_empty(), "{:?}", daemon.dead_letters());
+    let refused = fastly.state.lock().unwrap().log.iter().filter(|(_, s)| *s == 401).count();
+    assert!(refused >= 1, "the old token was refused first");
+    let reloads = [("sink", "fastly"), ("outcome", "changed")];
+    assert!(daemon.metrics.value("cdc_invalidator_credential_reloads_total", &reloads) >= 1.0);
     daemon.stop().await.expect("clean stop");
 }
 

@@ -297,7 +297,7 @@ fn cloudfront_sink(endpoint: &str, extra: serde_json::Value, credentials: sigv4:
         "limits": { "requests_per_second": 0 },
     });
     let mut config: CloudfrontConfig = serde_json::from_value(merged(config, extra)).unwrap();
-    config.credentials = Some(credentials);
+    config.static_credentials = Some(credentials);
     CloudfrontSink::new(&config, Arc::new(Metrics::new())).unwrap()
 }
 

@@ -6,6 +6,7 @@ mod support;
 
 mod avro;
 mod cdn_cloudflare;
+mod cdn_credentials;
 mod cdn_daemon;
 mod cdn_fastly;
 mod cdn_signed;

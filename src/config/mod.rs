@@ -30,7 +30,7 @@ pub mod redis;
 pub mod secret;
 pub mod yaml;
 
-pub use secret::{relative_to, Secret};
+pub use secret::{relative_to, Need, Secret, SecretRef};
 
 pub use postgres::PostgresConfig;
 pub use redis::{RedisMode, RedisTargets, SentinelConfig, WaitReplicas};
@@ -518,13 +518,13 @@ impl ConfigError {
 }
 
 /// Where the file came from, to resolve relative paths and place errors.
-struct Origin<'a> {
-    file: &'a Path,
+pub(crate) struct Origin<'a> {
+    pub(crate) file: &'a Path,
     doc: Option<yaml::Node>,
 }
 
 impl Origin<'_> {
-    fn problem(&self, path: &[&str], message: impl Into<String>) -> Problem {
+    pub(crate) fn problem(&self, path: &[&str], message: impl Into<String>) -> Problem {
         Problem {
             file: self.file.to_path_buf(),
             location: self.doc.as_ref().map(|d| d.locate(path.iter().copied())),
@@ -600,57 +600,9 @@ pub fn load_with_env(path: &Path, env: impl IntoIterator<Item = (String, String)
     Ok(cfg)
 }
 
-/// `source.kafka.format` and `source.kafka.schema_registry` (issue 17).
-fn validate_schema_registry(origin: &Origin, k: &mut KafkaConfig, problems: &mut Vec<Problem>) {
-    let Some(registry) = k.schema_registry.as_mut() else {
-        if k.format != KafkaFormat::Json {
-            problems.push(origin.problem(
-                &["source", "kafka", "format"],
-                "source.kafka.format is not json: set source.kafka.schema_registry.url so schemas can be fetched",
-            ));
-        }
-        return;
-    };
-    let path = ["source", "kafka", "schema_registry"];
-    if !(registry.url.starts_with("http://") || registry.url.starts_with("https://")) {
-        problems.push(origin.problem(
-            &["source", "kafka", "schema_registry", "url"],
-            "source.kafka.schema_registry.url must start with http:// or https://",
-        ));
-    }
-    let any_password = registry.basic_auth_password.is_some()
-        || registry.basic_auth_password_env.is_some()
-        || registry.basic_auth_password_file.is_some();
-    if registry.basic_auth_user.is_some() || any_password {
-        let mut secret_path = path.to_vec();
-        secret_path.push("basic_auth_password");
-        registry.resolved_password = resolve_secret(
-            origin,
-            &secret_path,
-            registry.basic_auth_password.as_ref(),
-            registry.basic_auth_password_env.as_deref(),
-            registry.basic_auth_password_file.as_deref(),
-            problems,
-        );
-        if registry.basic_auth_user.is_none() {
-            problems
-                .push(origin.problem(&path, "source.kafka.schema_registry: a password is set without basic_auth_user"));
-        }
-    }
-    if let Some(ca) = &registry.ca_file {
-        let resolved = relative_to(origin.file, ca);
-        if std::fs::metadata(&resolved).is_err() {
-            problems.push(origin.problem(
-                &["source", "kafka", "schema_registry", "ca_file"],
-                format!("source.kafka.schema_registry.ca_file {}: cannot read it", resolved.display()),
-            ));
-        }
-        registry.ca_file = Some(resolved);
-    }
-}
-
-/// Reads a secret indirection: exactly one of the value, an environment variable, a file.
-fn resolve_secret(
+/// Reads a secret setting that also takes its value inline: exactly one of the value, an
+/// environment variable, a file ([`secret::SecretRef`]: the one convention).
+pub(crate) fn resolve_secret(
     origin: &Origin,
     path: &[&str],
     value: Option<&Secret>,
@@ -659,44 +611,26 @@ fn resolve_secret(
     problems: &mut Vec<Problem>,
 ) -> Option<Secret> {
     let name = path.last().copied().unwrap_or("value");
-    let given = value.is_some() as u8 + env.is_some() as u8 + file.is_some() as u8;
-    if given != 1 {
-        problems.push(origin.problem(
-            &path[..path.len().saturating_sub(1)],
-            format!("exactly one of `{name}`, `{name}_env` and `{name}_file` must be set (found {given})"),
-        ));
-        return None;
-    }
-    if let Some(v) = value {
-        // Deserialized as is, so not registered yet.
-        crate::redact::register(v.expose());
-        return Some(v.clone());
-    }
-    if let Some(var) = env {
-        return match std::env::var(var) {
-            Ok(v) if !v.is_empty() => Some(Secret::new(v)),
-            _ => {
-                problems.push(
-                    origin
-                        .problem(path, format!("`{name}_env` names the environment variable {var}, which is not set")),
-                );
-                None
-            }
-        };
-    }
-    let file = file?;
-    let resolved = relative_to(origin.file, file);
-    match std::fs::read_to_string(&resolved) {
-        Ok(v) => Some(Secret::new(v.trim_end_matches(['\n', '\r']))),
-        Err(e) => {
-            problems.push(origin.problem(path, format!("`{name}_file` {}: cannot read it: {e}", resolved.display())));
+    let secret = SecretRef::of(&env.map(str::to_string), &file.map(Path::to_path_buf));
+    match secret.with_inline(value).resolve(name, Need::Required, origin.file) {
+        Ok(v) => v,
+        Err(p) => {
+            problems.push(secret_problem(origin, &path[..path.len().saturating_sub(1)], p));
             None
         }
     }
 }
 
-/// Resolves `_env`/`_file` keys of a librdkafka passthrough map.
-fn resolve_passthrough(
+/// A [`secret::SecretProblem`] placed at the key it names, below `entry`.
+fn secret_problem(origin: &Origin, entry: &[&str], p: secret::SecretProblem) -> Problem {
+    let mut at = entry.to_vec();
+    at.extend(p.key.as_deref());
+    origin.problem(&at, p.message)
+}
+
+/// Resolves `_env`/`_file` keys of a librdkafka passthrough map: `sasl.password_file: f` is
+/// `sasl.password` read from `f`, by the same convention as every other secret.
+pub(crate) fn resolve_passthrough(
     origin: &Origin,
     path: &[&str],
     map: &BTreeMap<String, Scalar>,
@@ -704,28 +638,20 @@ fn resolve_passthrough(
 ) -> Vec<(String, Secret)> {
     let mut out = Vec::new();
     for (key, value) in map {
-        let mut here: Vec<&str> = path.to_vec();
-        here.push(key);
         let text = value.to_string();
-        if let Some(base) = key.strip_suffix("_env") {
-            match std::env::var(&text) {
-                Ok(v) => out.push((base.to_string(), Secret::new(v))),
-                Err(_) => problems.push(
-                    origin.problem(&here, format!("`{key}` names the environment variable {text}, which is not set")),
-                ),
-            }
-        } else if let Some(base) = key.strip_suffix("_file") {
-            let file = relative_to(origin.file, Path::new(&text));
-            match std::fs::read_to_string(&file) {
-                Ok(v) => out.push((base.to_string(), Secret::new(v.trim_end_matches(['\n', '\r'])))),
-                Err(e) => {
-                    problems.push(origin.problem(&here, format!("`{key}` {}: cannot read it: {e}", file.display())))
-                }
-            }
-        } else if is_sensitive_key(key) {
-            out.push((key.clone(), Secret::new(text)));
+        let indirect = if let Some(base) = key.strip_suffix("_env") {
+            Some((base, SecretRef::of(&Some(text.clone()), &None)))
         } else {
-            out.push((key.clone(), Secret::plain(text)));
+            key.strip_suffix("_file").map(|base| (base, SecretRef::of(&None, &Some(PathBuf::from(&text)))))
+        };
+        match indirect {
+            Some((base, secret)) => match secret.resolve(base, Need::Required, origin.file) {
+                Ok(Some(v)) => out.push((base.to_string(), v)),
+                Ok(None) => {}
+                Err(p) => problems.push(secret_problem(origin, path, p)),
+            },
+            None if is_sensitive_key(key) => out.push((key.clone(), Secret::new(text))),
+            None => out.push((key.clone(), Secret::plain(text))),
         }
     }
     out
@@ -750,75 +676,8 @@ impl Config {
             ));
         }
 
-        match self.source.kind {
-            SourceKind::Kafka => match self.source.kafka.as_mut() {
-                None => problems
-                    .push(origin.problem(&["source"], "source.kind is kafka but there is no source.kafka section")),
-                Some(k) => {
-                    if k.brokers.trim().is_empty() {
-                        problems.push(
-                            origin.problem(&["source", "kafka", "brokers"], "source.kafka.brokers must not be empty"),
-                        );
-                    }
-                    if k.group_id.trim().is_empty() {
-                        problems.push(
-                            origin.problem(&["source", "kafka", "group_id"], "source.kafka.group_id must not be empty"),
-                        );
-                    }
-                    match (&k.topics.is_empty(), &k.topic_pattern) {
-                        (true, None) => problems.push(origin.problem(
-                            &["source", "kafka"],
-                            "source.kafka needs `topics` (a list) or `topic_pattern` (a regex starting with ^)",
-                        )),
-                        (false, Some(_)) => problems.push(origin.problem(
-                            &["source", "kafka", "topic_pattern"],
-                            "source.kafka: set `topics` or `topic_pattern`, not both",
-                        )),
-                        (true, Some(p)) if !p.starts_with('^') => problems.push(origin.problem(
-                            &["source", "kafka", "topic_pattern"],
-                            "source.kafka.topic_pattern must start with ^ (librdkafka treats only such names as patterns)",
-                        )),
-                        _ => {}
-                    }
-                    for (i, t) in k.topics.iter().enumerate() {
-                        if t.trim().is_empty() {
-                            let idx = i.to_string();
-                            problems.push(origin.problem(
-                                &["source", "kafka", "topics", &idx],
-                                "source.kafka.topics: a topic name is empty",
-                            ));
-                        }
-                    }
-                    validate_schema_registry(origin, k, &mut problems);
-                    for reserved in ["enable.auto.commit", "group.id", "bootstrap.servers", "enable.auto.offset.store"]
-                    {
-                        if k.librdkafka.contains_key(reserved) {
-                            problems.push(origin.problem(
-                                &["source", "kafka", "librdkafka", reserved],
-                                format!("source.kafka.librdkafka.{reserved} is managed by cdc-invalidator and cannot be overridden"),
-                            ));
-                        }
-                    }
-                    if k.max_message_bytes == 0 {
-                        problems.push(origin.problem(
-                            &["source", "kafka", "max_message_bytes"],
-                            "source.kafka.max_message_bytes must be at least 1",
-                        ));
-                    }
-                    k.resolved_librdkafka =
-                        resolve_passthrough(origin, &["source", "kafka", "librdkafka"], &k.librdkafka, &mut problems);
-                    crate::source::kafka::membership::validate(k, |path, message| {
-                        problems.push(origin.problem(path, message))
-                    });
-                }
-            },
-            SourceKind::Postgres => match self.source.postgres.as_mut() {
-                None => problems.push(
-                    origin.problem(&["source"], "source.kind is postgres but there is no source.postgres section"),
-                ),
-                Some(p) => p.validate(origin, &mut problems),
-            },
-        }
+        // Each source checks its own section (`crate::source::validate`).
+        crate::source::validate(&mut self.source, origin, &mut problems);
 
         self.validate_cdn(origin, &mut problems);
         match self.sinks.redis.as_mut() {

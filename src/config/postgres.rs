@@ -190,7 +190,7 @@ impl PostgresConfig {
     }
 
     /// Checks the section and parses the URL; `path` is where the section sits in the file.
-    pub(super) fn validate(&mut self, origin: &Origin, problems: &mut Vec<Problem>) {
+    pub(crate) fn validate(&mut self, origin: &Origin, problems: &mut Vec<Problem>) {
         let at = |key: &'static str| -> Vec<&'static str> { vec!["source", "postgres", key] };
         let url = resolve_secret(
             origin,

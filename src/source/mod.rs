@@ -8,14 +8,25 @@
 //!
 //! An `Ack` that is dropped without [`Ack::finish`] is *not* acknowledged: that is how shutdown
 //! and rebalances abandon work so it is redelivered.
+//!
+//! # Adding a source
+//!
+//! A folder `src/source/<kind>/` whose source type implements [`Source`] (and owns its config
+//! section's checks, in `<kind>/config.rs`, and its construction), one variant in
+//! [`crate::config::SourceKind`] with its section in [`SourceConfig`], and one arm each in
+//! [`validate`] and [`build`]. The daemon (`crate::app`) and `config` know only the trait.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use async_trait::async_trait;
 use tokio::sync::mpsc;
 
+use crate::config::{SourceConfig, SourceKind};
 use crate::event::Decoded;
+use crate::shutdown::Shutdown;
+use crate::telemetry::Metrics;
 
 pub mod debezium;
 pub mod encoded;
@@ -24,6 +35,72 @@ pub mod postgres;
 pub mod registry;
 pub(crate) mod temporal;
 pub mod watermark;
+
+/// Where change events come from: the other end of the pipeline from [`crate::sink::Sink`].
+///
+/// The contract: `run` sends every event it reads into `out` in its stream's order (a full
+/// channel is backpressure: the source waits, and pauses its upstream if it must), and moves
+/// its position (a Kafka commit, a PostgreSQL confirmed LSN) only past events whose [`Ack`]
+/// came back finished; an `Ack` dropped unfinished is redelivered after a restart. It retries
+/// what is transient (a broker or server away) itself; an error it returns is fatal and stops
+/// the daemon. When `shutdown` asks, it stops reading and returns once the pipeline has dropped
+/// `out`'s receiver, after a last acknowledgement of what was finished.
+#[async_trait]
+pub trait Source: Send {
+    /// The kind, as `source.kind` spells it (log lines).
+    fn kind(&self) -> &'static str;
+
+    async fn run(self: Box<Self>, out: mpsc::Sender<SourceEvent>, shutdown: Shutdown) -> Result<(), SourceError>;
+}
+
+/// A source's fatal error (sources retry the transient ones themselves).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Kafka(#[from] kafka::KafkaSourceError),
+    #[error(transparent)]
+    Postgres(#[from] postgres::PostgresSourceError),
+    /// `source.kind` names a section that is missing (validation reports it first).
+    #[error("source.kind is {0} but there is no source.{0} section")]
+    NotConfigured(&'static str),
+}
+
+/// Checks the section of the configured source (`source.<kind>`) and resolves its secrets: each
+/// source checks its own.
+pub(crate) fn validate(
+    config: &mut SourceConfig,
+    origin: &crate::config::Origin,
+    problems: &mut Vec<crate::config::Problem>,
+) {
+    let missing = |kind: &str| {
+        origin.problem(&["source"], format!("source.kind is {kind} but there is no source.{kind} section"))
+    };
+    match config.kind {
+        SourceKind::Kafka => match config.kafka.as_mut() {
+            Some(k) => kafka::config::validate(k, origin, problems),
+            None => problems.push(missing("kafka")),
+        },
+        SourceKind::Postgres => match config.postgres.as_mut() {
+            Some(p) => p.validate(origin, problems),
+            None => problems.push(missing("postgres")),
+        },
+    }
+}
+
+/// The configured source (no network traffic yet: that starts with [`Source::run`]). The one
+/// place that maps `source.kind` to a source type.
+pub fn build(config: &SourceConfig, metrics: Arc<Metrics>) -> Result<Box<dyn Source>, SourceError> {
+    Ok(match config.kind {
+        SourceKind::Kafka => {
+            let k = config.kafka.as_ref().ok_or(SourceError::NotConfigured("kafka"))?;
+            Box::new(kafka::KafkaSource::new(k, metrics)?)
+        }
+        SourceKind::Postgres => {
+            let p = config.postgres.as_ref().ok_or(SourceError::NotConfigured("postgres"))?;
+            Box::new(postgres::PostgresSource::new(p, metrics)?)
+        }
+    })
+}
 
 /// Where an event sits in its source; printed in dead letters and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -106,6 +106,9 @@ pub struct Metrics {
     pub cdn_in_flight: IntGaugeVec,
     /// Post-purge freshness checks, by sink and outcome (`fresh`, `stale`, `error`, `skipped`).
     pub cdn_verifications: IntCounterVec,
+    /// Credentials read again after a provider refused them (401/403), by sink and outcome
+    /// (`changed`: the request went once more; `unchanged`; `failed`).
+    pub credential_reloads: IntCounterVec,
     /// Events whose second pass (`sinks.timing.repeat_after`) is still due.
     pub second_pass_pending_events: IntGauge,
     /// Seconds from the database commit to the event being finished by every sink, by table.
@@ -486,6 +489,12 @@ impl Metrics {
                 &r,
                 "cdc_invalidator_cdn_verifications_total",
                 "Post-purge freshness checks, by sink and outcome.",
+                &["sink", "outcome"],
+            ),
+            credential_reloads: counter(
+                &r,
+                "cdc_invalidator_credential_reloads_total",
+                "Credentials read again after a provider refused them (401/403), by sink and outcome.",
                 &["sink", "outcome"],
             ),
             second_pass_pending_events: {

@@ -29,8 +29,10 @@ use super::limit::TokenBucket;
 use super::purge::{purge_sink, Provider};
 use super::verify::{Verifier, VerifyConfig};
 use super::{
-    base_and_host, check_base_url, check_key, check_url, chunk, CdnError, Job, Limits, LimitsConfig, SecretRef,
+    base_and_host, check_base_url, check_key, check_url, chunk, CdnError, Job, Limits, LimitsConfig, Need,
+    RotatingSecret, SecretRef,
 };
+use crate::config::secret::{Secret, SecretSet};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, SinkError};
@@ -136,8 +138,12 @@ pub struct AkamaiConfig {
     pub timeout: Duration,
     /// Optional freshness check after each confirmed purge ([`super::verify`]).
     pub verify: Option<VerifyConfig>,
+    /// Fixed credentials (tests); otherwise the three secrets read by `validate`.
     #[serde(skip)]
     pub credentials: Option<edgegrid::Credentials>,
+    /// `client_token`, `client_secret`, `access_token`, each following its file.
+    #[serde(skip)]
+    pub secrets: Option<[Arc<RotatingSecret>; 3]>,
 }
 
 fn default_max_body_bytes() -> usize {
@@ -151,13 +157,11 @@ impl AkamaiConfig {
             ("client_secret", &self.client_secret_env, &self.client_secret_file),
             ("access_token", &self.access_token_env, &self.access_token_file),
         ]
-        .map(|(field, env, file)| SecretRef::of(env, file).resolve(field, true, config_file, problems));
+        .map(|(field, env, file)| {
+            SecretRef::of(env, file).resolve_rotating_into(field, Need::Required, config_file, problems)
+        });
         if let (Some(c), Some(s), Some(a)) = (client_token, client_secret, access_token) {
-            self.credentials = Some(edgegrid::Credentials {
-                client_token: c.expose().to_string(),
-                client_secret: s,
-                access_token: a.expose().to_string(),
-            });
+            self.secrets = Some([c, s, a]);
         }
         check_base_url("base_url", &self.base_url, problems);
         if self.max_body_bytes < 1024 || self.max_body_bytes > DEFAULT_MAX_BODY_BYTES {
@@ -195,7 +199,9 @@ pub struct AkamaiSink {
     /// `host[:port]` of `base_url`: signed as EdgeGrid's host field.
     host: String,
     scheme: String,
-    credentials: edgegrid::Credentials,
+    /// `client_token`, `client_secret`, `access_token`: read per request, so a rotated file
+    /// signs the next one.
+    secrets: [Arc<RotatingSecret>; 3],
     settings: edgegrid::Settings,
     action: Action,
     network: Network,
@@ -211,12 +217,28 @@ pub struct AkamaiSink {
 }
 
 impl AkamaiSink {
+    /// The credentials to sign with now.
+    fn credentials(&self) -> edgegrid::Credentials {
+        let [client_token, client_secret, access_token] = &self.secrets;
+        edgegrid::Credentials {
+            client_token: client_token.current().expose().to_string(),
+            client_secret: client_secret.current(),
+            access_token: access_token.current().expose().to_string(),
+        }
+    }
+
     pub fn new(config: &AkamaiConfig, metrics: Arc<Metrics>) -> Result<AkamaiSink, CdnError> {
         let name = config.name.as_str();
-        let credentials = config
-            .credentials
-            .clone()
-            .ok_or_else(|| CdnError::build(name, "no EdgeGrid credentials (config not validated)"))?;
+        let secrets = match (&config.credentials, &config.secrets) {
+            (Some(c), _) => [
+                RotatingSecret::fixed(Secret::new(c.client_token.as_str())),
+                RotatingSecret::fixed(c.client_secret.clone()),
+                RotatingSecret::fixed(Secret::new(c.access_token.as_str())),
+            ],
+            (None, Some(s)) => s.clone(),
+            (None, None) => return Err(CdnError::build(name, "no EdgeGrid credentials (config not validated)")),
+        };
+        let reload = Arc::new(SecretSet(secrets.to_vec()));
         let (base, host) = base_and_host(name, "base_url", &config.base_url)?;
         let limits = config.limits.resolve(DEFAULT_LIMITS);
         let bucket = |b: Option<ObjectBucket>, default: ObjectBucket| {
@@ -230,7 +252,7 @@ impl AkamaiSink {
             base_url: config.base_url.trim_end_matches('/').to_string(),
             host,
             scheme: base.scheme().to_string(),
-            credentials,
+            secrets,
             settings: edgegrid::Settings::default(),
             action: config.action,
             network: config.network,
@@ -242,7 +264,7 @@ impl AkamaiSink {
             tag_objects: bucket(config.object_limits.tags, DEFAULT_TAG_OBJECTS),
             cpcode_objects: bucket(config.object_limits.cpcodes, DEFAULT_CPCODE_OBJECTS),
             verifier: config.verify.as_ref().map(|v| Verifier::new(name, v, metrics.clone())).transpose()?,
-            sender: Sender::new(name, client, config.retry.clone(), metrics),
+            sender: Sender::new(name, client, config.retry.clone(), metrics).with_reload(reload),
         })
     }
 
@@ -359,7 +381,7 @@ impl Provider for AkamaiSink {
                 body: body.as_bytes(),
             };
             let authorization = edgegrid::authorization(
-                &self.credentials,
+                &self.credentials(),
                 &self.settings,
                 &request,
                 &edgegrid::timestamp(SystemTime::now()),

@@ -33,7 +33,7 @@ use super::limit::TokenBucket;
 use super::purge::{purge_sink, Provider};
 use super::verify::{Verifier, VerifyConfig};
 use super::{check_base_url, check_key, check_url, CdnError, Job, Limits, LimitsConfig, SecretRef};
-use crate::config::secret::Secret;
+use crate::config::secret::{Need, RotatingSecret};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, SinkError};
@@ -123,7 +123,7 @@ pub struct CloudflareConfig {
     pub timeout: Duration,
     pub verify: Option<VerifyConfig>,
     #[serde(skip)]
-    pub token: Option<Secret>,
+    pub token: Option<Arc<RotatingSecret>>,
 }
 
 fn default_api() -> String {
@@ -138,8 +138,12 @@ fn default_api_burst() -> u32 {
 
 impl CloudflareConfig {
     pub(super) fn validate(&mut self, config_file: &std::path::Path, problems: &mut Vec<(Vec<String>, String)>) {
-        let secret = SecretRef { env: self.token_env.clone(), file: self.token_file.clone() };
-        self.token = secret.resolve("token", true, config_file, problems);
+        self.token = SecretRef::of(&self.token_env, &self.token_file).resolve_rotating_into(
+            "token",
+            Need::Required,
+            config_file,
+            problems,
+        );
         if self.zone_id.trim().is_empty() || !self.zone_id.chars().all(|c| c.is_ascii_alphanumeric()) {
             problems.push((vec!["zone_id".into()], "zone_id must be a Cloudflare zone id (letters and digits)".into()));
         }
@@ -165,7 +169,7 @@ impl CloudflareConfig {
 pub struct CloudflareSink {
     name: String,
     endpoint: String,
-    token: Secret,
+    token: Arc<RotatingSecret>,
     keys_as: KeysAs,
     urls_as: UrlsAs,
     limits: Limits,
@@ -192,7 +196,7 @@ impl CloudflareSink {
         Ok(CloudflareSink {
             name: name.to_string(),
             endpoint: format!("{}/zones/{}/purge_cache", config.api.trim_end_matches('/'), config.zone_id),
-            token,
+            token: token.clone(),
             keys_as: config.surrogate_keys_as,
             urls_as: config.urls_as,
             limits,
@@ -201,7 +205,7 @@ impl CloudflareSink {
                 .with_wait_counter(wait()),
             api_bucket: TokenBucket::new(config.api_burst, config.api_requests_per_second).with_wait_counter(wait()),
             verifier: config.verify.as_ref().map(|v| Verifier::new(name, v, metrics.clone())).transpose()?,
-            sender: Sender::new(name, client, config.retry.clone(), metrics),
+            sender: Sender::new(name, client, config.retry.clone(), metrics).with_reload(token.clone()),
         })
     }
 
@@ -252,10 +256,9 @@ fn interpret(answer: Answer) -> Result<(), Failure> {
     if !answer.status.is_success() {
         let failure = Failure::from_answer(&answer, None);
         return Err(match (failure, &envelope) {
-            (Failure::Permanent { item_level, .. }, Some(e)) if !e.errors.is_empty() => Failure::Permanent {
-                item_level,
-                message: format!("HTTP {}: Cloudflare errors: {}", answer.status.as_u16(), errors(e)),
-            },
+            (f @ (Failure::Permanent { .. } | Failure::Unauthorized { .. }), Some(e)) if !e.errors.is_empty() => {
+                f.with_message(format!("HTTP {}: Cloudflare errors: {}", answer.status.as_u16(), errors(e)))
+            }
             (f, _) => f,
         });
     }
@@ -320,7 +323,7 @@ impl Provider for CloudflareSink {
         let build = |client: &reqwest::Client| {
             client
                 .post(&self.endpoint)
-                .bearer_auth(self.token.expose())
+                .bearer_auth(self.token.current().expose())
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body.clone())
         };

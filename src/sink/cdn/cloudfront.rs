@@ -17,6 +17,8 @@
 //!   distribution) waits `busy_backoff` and retries; so do throttling, 429 and 5xx.
 //! - `wait_for_completion` polls each invalidation until `Completed` before the batch counts as
 //!   done: outer layers and the source position then wait for the edge to be clean (minutes).
+//! - Credentials: explicit keys or the AWS credential chain (`credentials: chain`), refreshed
+//!   before temporary ones expire and read again on a 403 ([`super::aws_credentials`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,13 +29,14 @@ use rand::Rng;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
+use super::aws_credentials::{AwsCredentials, AwsCredentialsError, AwsEnv, CredentialsFrom};
 use super::http::{self, Answer, Failure, Sender};
 use super::limit::TokenBucket;
 use super::purge::{purge_sink, Provider};
 use super::sigv4;
 use super::verify::{Verifier, VerifyConfig};
-use super::{base_and_host, check_base_url, check_url, CdnError, Job, Limits, LimitsConfig, SecretRef};
-use crate::retry::RetryPolicy;
+use super::{base_and_host, check_base_url, check_url, CdnError, Job, Limits, LimitsConfig, Need, SecretRef};
+use crate::retry::{RetryError, RetryPolicy, Verdict};
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, SinkError};
 use crate::telemetry::Metrics;
@@ -57,6 +60,16 @@ pub struct CloudfrontConfig {
     #[serde(default = "super::default_layer_cdn")]
     pub layer: u8,
     pub distribution_id: String,
+    /// Where the AWS credentials come from: `keys` (the default; the settings below) or
+    /// `chain` (environment, web identity, shared profile: [`super::aws_credentials`]).
+    #[serde(default)]
+    pub credentials: CredentialsFrom,
+    /// `credentials: chain`: the profile of the shared credentials file (default: `AWS_PROFILE`,
+    /// else `default`).
+    pub profile: Option<String>,
+    /// `credentials: chain`: where web identity tokens are exchanged.
+    #[serde(default = "default_sts_endpoint")]
+    pub sts_endpoint: String,
     /// The AWS access key (an IAM user or role allowed `cloudfront:CreateInvalidation` and
     /// `cloudfront:GetInvalidation` on the distribution), each part from a variable or a file.
     pub access_key_id_env: Option<String>,
@@ -94,8 +107,19 @@ pub struct CloudfrontConfig {
     pub timeout: Duration,
     /// Optional freshness check after each confirmed purge ([`super::verify`]).
     pub verify: Option<VerifyConfig>,
+    /// Keys that never change (tests); otherwise `resolved` or the chain.
     #[serde(skip)]
-    pub credentials: Option<sigv4::Credentials>,
+    pub static_credentials: Option<sigv4::Credentials>,
+    /// The chain's variables (tests give their own; otherwise this process's).
+    #[serde(skip)]
+    pub aws_env: Option<AwsEnv>,
+    /// `credentials: keys`, read by `validate`.
+    #[serde(skip)]
+    pub resolved: Option<Arc<AwsCredentials>>,
+}
+
+fn default_sts_endpoint() -> String {
+    "https://sts.amazonaws.com".into()
 }
 
 fn default_endpoint() -> String {
@@ -119,18 +143,36 @@ fn default_busy_backoff() -> Duration {
 
 impl CloudfrontConfig {
     pub fn validate(&mut self, config_file: &Path, problems: &mut Vec<(Vec<String>, String)>) {
-        let [key_id, key, token] = [
-            ("access_key_id", &self.access_key_id_env, &self.access_key_id_file, true),
-            ("secret_access_key", &self.secret_access_key_env, &self.secret_access_key_file, true),
-            ("session_token", &self.session_token_env, &self.session_token_file, false),
-        ]
-        .map(|(field, env, file, required)| SecretRef::of(env, file).resolve(field, required, config_file, problems));
-        if let (Some(id), Some(key)) = (key_id, key) {
-            self.credentials = Some(sigv4::Credentials {
-                access_key_id: id.expose().to_string(),
-                secret_access_key: key,
-                session_token: token,
-            });
+        let keys = [
+            ("access_key_id", &self.access_key_id_env, &self.access_key_id_file, Need::Required),
+            ("secret_access_key", &self.secret_access_key_env, &self.secret_access_key_file, Need::Required),
+            ("session_token", &self.session_token_env, &self.session_token_file, Need::Optional),
+        ];
+        match self.credentials {
+            CredentialsFrom::Keys => {
+                let [key_id, key, token] = keys.map(|(field, env, file, need)| {
+                    SecretRef::of(env, file).resolve_rotating_into(field, need, config_file, problems)
+                });
+                if let (Some(id), Some(key)) = (key_id, key) {
+                    self.resolved = Some(Arc::new(AwsCredentials::keys(id, key, token)));
+                }
+                if self.profile.is_some() {
+                    problems.push((vec!["profile".into()], "profile is read by credentials: chain only".into()));
+                }
+            }
+            CredentialsFrom::Chain => {
+                if keys.iter().any(|(_, env, file, _)| env.is_some() || file.is_some()) {
+                    problems.push((
+                        vec!["credentials".into()],
+                        "credentials: chain finds the keys itself; remove access_key_id_*, secret_access_key_* and session_token_*, or use credentials: keys".into(),
+                    ));
+                }
+                let env = self.aws_env.get_or_insert_with(AwsEnv::from_process);
+                if let Err(e) = env.check_chain(self.profile.as_deref()) {
+                    problems.push((vec!["credentials".into()], e));
+                }
+                check_base_url("sts_endpoint", &self.sts_endpoint, problems);
+            }
         }
         if self.distribution_id.is_empty() || !self.distribution_id.chars().all(|c| c.is_ascii_alphanumeric()) {
             problems.push((
@@ -221,7 +263,10 @@ pub struct CloudfrontSink {
     base: String,
     host: String,
     region: String,
-    credentials: sigv4::Credentials,
+    /// Read per attempt (the request builder signs with what is current).
+    credentials: Arc<AwsCredentials>,
+    /// For getting credentials from the chain as for requests.
+    retry: RetryPolicy,
     key_path: Option<String>,
     max_paths: usize,
     max_wildcards: usize,
@@ -243,10 +288,22 @@ struct Created {
 impl CloudfrontSink {
     pub fn new(config: &CloudfrontConfig, metrics: Arc<Metrics>) -> Result<CloudfrontSink, CdnError> {
         let name = config.name.as_str();
-        let credentials = config
-            .credentials
-            .clone()
-            .ok_or_else(|| CdnError::build(name, "no AWS credentials (config not validated)"))?;
+        let credentials = match (&config.static_credentials, &config.resolved, config.credentials) {
+            (Some(c), _, _) => Arc::new(AwsCredentials::fixed(c.clone())),
+            (None, Some(resolved), _) => resolved.clone(),
+            (None, None, CredentialsFrom::Chain) => Arc::new(
+                AwsCredentials::chain(
+                    config.aws_env.clone().unwrap_or_else(AwsEnv::from_process),
+                    config.profile.clone(),
+                    &config.sts_endpoint,
+                    config.timeout,
+                )
+                .map_err(|e| CdnError::build(name, e))?,
+            ),
+            (None, None, CredentialsFrom::Keys) => {
+                return Err(CdnError::build(name, "no AWS credentials (config not validated)"))
+            }
+        };
         let (_, host) = base_and_host(name, "endpoint", &config.endpoint)?;
         let limits = config.limits.resolve(DEFAULT_LIMITS);
         let client = http::client(config.timeout).map_err(|e| CdnError::build(name, e))?;
@@ -260,7 +317,8 @@ impl CloudfrontSink {
             ),
             host,
             region: config.region.clone(),
-            credentials,
+            credentials: credentials.clone(),
+            retry: config.retry.clone(),
             key_path: config.surrogate_key_path.clone(),
             max_paths: config.max_paths_in_flight,
             max_wildcards: config.max_wildcards_in_flight,
@@ -271,8 +329,32 @@ impl CloudfrontSink {
             bucket: limits.request_bucket(name, &metrics),
             ledger: Mutex::new(Vec::new()),
             verifier: config.verify.as_ref().map(|v| Verifier::new(name, v, metrics.clone())).transpose()?,
-            sender: Sender::new(name, client, config.retry.clone(), metrics),
+            sender: Sender::new(name, client, config.retry.clone(), metrics).with_reload(credentials),
         })
+    }
+
+    /// Makes sure the credentials are fresh before a request, retrying STS like a request;
+    /// `Ok(Err)` when there are none to be had (the items are dead-lettered, as on a 403).
+    async fn fresh_credentials(&self, shutdown: &Shutdown) -> Result<Result<(), Failure>, SinkError> {
+        let classify = |e: &AwsCredentialsError| {
+            if e.is_retriable() {
+                Verdict::Retry { floor: None }
+            } else {
+                Verdict::Permanent
+            }
+        };
+        let on_retry = |e: &AwsCredentialsError, attempt: u32, wait: Duration| {
+            tracing::warn!(sink = %self.name, attempt, wait_ms = wait.as_millis() as u64, error = %e, "cannot get AWS credentials; retrying");
+        };
+        let op = || self.credentials.ensure_fresh();
+        match crate::retry::retry(&self.retry, shutdown, op, classify, on_retry).await {
+            Ok(()) => Ok(Ok(())),
+            Err(RetryError::Permanent(e) | RetryError::Exhausted { last: e, .. }) => {
+                tracing::error!(sink = %self.name, error = %e, "no AWS credentials; the request's items go to the dead-letter destination");
+                Ok(Err(Failure::Permanent { item_level: false, message: format!("no AWS credentials: {e}") }))
+            }
+            Err(RetryError::Abandoned { .. }) => Err(SinkError::Abandoned),
+        }
     }
 
     fn key_path(&self, key: &str) -> Result<String, String> {
@@ -326,24 +408,29 @@ impl CloudfrontSink {
         body: &str,
     ) -> reqwest::RequestBuilder {
         let amz_date = sigv4::amz_date(SystemTime::now());
-        let mut headers = vec![("host".to_string(), self.host.clone()), ("x-amz-date".to_string(), amz_date.clone())];
-        if let Some(token) = &self.credentials.session_token {
+        let mut builder = client.request(method.clone(), url).header("x-amz-date", amz_date.clone());
+        if !body.is_empty() {
+            builder = builder.header(reqwest::header::CONTENT_TYPE, "text/xml").body(body.to_string());
+        }
+        let Some(credentials) = self.credentials.current() else {
+            // Cannot happen (`fresh_credentials` ran first); CloudFront answers 403 unsigned.
+            tracing::error!(sink = %self.name, "no AWS credentials to sign a CloudFront request");
+            return builder;
+        };
+        let mut headers = vec![("host".to_string(), self.host.clone()), ("x-amz-date".to_string(), amz_date)];
+        if let Some(token) = &credentials.session_token {
             headers.push(("x-amz-security-token".to_string(), token.expose().to_string()));
         }
         let request =
             sigv4::Request { method: method.as_str(), path, query: "", headers: &headers, payload: body.as_bytes() };
-        let mut builder = client.request(method.clone(), url).header("x-amz-date", amz_date);
-        if let Some(token) = &self.credentials.session_token {
+        if let Some(token) = &credentials.session_token {
             builder = builder.header("x-amz-security-token", token.expose());
         }
-        match sigv4::sign(&self.credentials, &self.region, "cloudfront", &request) {
+        match sigv4::sign(&credentials, &self.region, "cloudfront", &request) {
             Ok(signed) => builder = builder.header(reqwest::header::AUTHORIZATION, signed.authorization),
             // Cannot happen (host and date are set above); CloudFront answers 403 unsigned,
             // which is reported like any refusal.
             Err(e) => tracing::error!(sink = %self.name, error = %e, "cannot sign a CloudFront request"),
-        }
-        if !body.is_empty() {
-            builder = builder.header(reqwest::header::CONTENT_TYPE, "text/xml").body(body.to_string());
         }
         builder
     }
@@ -393,6 +480,10 @@ impl CloudfrontSink {
 
     /// The status of invalidation `id`; `None` when CloudFront refused to say (logged).
     async fn status(&self, id: &str, shutdown: &Shutdown) -> Result<Option<String>, SinkError> {
+        if let Err(f) = self.fresh_credentials(shutdown).await? {
+            tracing::warn!(sink = %self.name, error = %f, "cannot read an invalidation's status");
+            return Ok(None);
+        }
         let (url, path) = self.api_path(&format!("/{id}"));
         let buckets: Vec<(&TokenBucket, u32)> = self.bucket.iter().map(|b| (b, 1)).collect();
         let build = |client: &reqwest::Client| self.signed(client, reqwest::Method::GET, &url, &path, "");
@@ -424,6 +515,9 @@ impl CloudfrontSink {
             return Ok(Ok(()));
         }
         let wildcards = paths.iter().filter(|p| is_wildcard(p)).count();
+        if let Err(f) = self.fresh_credentials(shutdown).await? {
+            return Ok(Err(f));
+        }
         self.reserve(paths.len() - wildcards, wildcards, shutdown).await?;
         // One reference per batch, reused by every retry of it.
         let caller_reference = caller_reference();
@@ -503,10 +597,7 @@ fn failure(answer: &Answer, busy_backoff: Duration) -> Failure {
         "Throttling" | "RequestLimitExceeded" | "ServiceUnavailable" => {
             Failure::Transient { outcome: "rate_limited", floor: None, message: sentence }
         }
-        _ => match Failure::from_answer(answer, None) {
-            Failure::Transient { outcome, floor, .. } => Failure::Transient { outcome, floor, message: sentence },
-            Failure::Permanent { item_level, .. } => Failure::Permanent { item_level, message: sentence },
-        },
+        _ => Failure::from_answer(answer, None).with_message(sentence),
     }
 }
 
@@ -612,6 +703,35 @@ purge_sink!(CloudfrontSink);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn validated(extra: serde_json::Value, env: &[(&str, &str)]) -> Vec<(Vec<String>, String)> {
+        let mut config = serde_json::json!({ "name": "cf", "distribution_id": "EDFDVBD6EXAMPLE" });
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            config[k] = v.clone();
+        }
+        let mut config: CloudfrontConfig = serde_json::from_value(config).unwrap();
+        config.aws_env = Some(AwsEnv::from_vars(env.iter().map(|(k, v)| (k.to_string(), v.to_string()))));
+        let mut problems = Vec::new();
+        config.validate(Path::new("/nonexistent/c.yaml"), &mut problems);
+        problems
+    }
+
+    #[test]
+    fn credentials_come_from_keys_or_the_chain_not_both() {
+        let keys = [("AWS_ACCESS_KEY_ID", "AKID"), ("AWS_SECRET_ACCESS_KEY", "s")];
+        assert!(validated(serde_json::json!({ "credentials": "chain" }), &keys).is_empty());
+        let both = validated(serde_json::json!({ "credentials": "chain", "access_key_id_env": "X" }), &keys);
+        assert_eq!(both.len(), 1, "{both:?}");
+        assert_eq!(both[0].0, ["credentials"]);
+        let nothing = validated(serde_json::json!({ "credentials": "chain" }), &[]);
+        assert!(nothing[0].1.contains("found no AWS credentials"), "{nothing:?}");
+        let profile = validated(serde_json::json!({ "profile": "p" }), &[]);
+        assert!(
+            profile.iter().any(|(at, m)| at == &["profile"] && m.contains("credentials: chain only")),
+            "{profile:?}"
+        );
+        assert!(profile.iter().any(|(_, m)| m.contains("`access_key_id_env` or `access_key_id_file` is required")));
+    }
 
     #[test]
     fn paths_cloudfront_refuses_are_caught() {

@@ -23,7 +23,7 @@ use super::limit::TokenBucket;
 use super::purge::{purge_sink, Provider};
 use super::verify::{Verifier, VerifyConfig};
 use super::{check_base_url, check_key, check_url, chunk, CdnError, Job, Limits, LimitsConfig, SecretRef};
-use crate::config::secret::Secret;
+use crate::config::secret::{Need, RotatingSecret};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, SinkError};
@@ -61,7 +61,7 @@ pub struct FastlyConfig {
     pub timeout: Duration,
     pub verify: Option<VerifyConfig>,
     #[serde(skip)]
-    pub token: Option<Secret>,
+    pub token: Option<Arc<RotatingSecret>>,
 }
 
 fn default_api() -> String {
@@ -70,8 +70,12 @@ fn default_api() -> String {
 
 impl FastlyConfig {
     pub(super) fn validate(&mut self, config_file: &std::path::Path, problems: &mut Vec<(Vec<String>, String)>) {
-        let secret = SecretRef { env: self.token_env.clone(), file: self.token_file.clone() };
-        self.token = secret.resolve("token", true, config_file, problems);
+        self.token = SecretRef::of(&self.token_env, &self.token_file).resolve_rotating_into(
+            "token",
+            Need::Required,
+            config_file,
+            problems,
+        );
         if self.service_id.trim().is_empty() || !self.service_id.chars().all(|c| c.is_ascii_alphanumeric()) {
             problems.push((
                 vec!["service_id".into()],
@@ -90,7 +94,7 @@ pub struct FastlySink {
     name: String,
     api: String,
     service_id: String,
-    token: Secret,
+    token: Arc<RotatingSecret>,
     soft: bool,
     limits: Limits,
     bucket: Option<TokenBucket>,
@@ -109,12 +113,12 @@ impl FastlySink {
             name: name.to_string(),
             api: config.api.trim_end_matches('/').to_string(),
             service_id: config.service_id.clone(),
-            token,
+            token: token.clone(),
             soft: config.soft,
             limits,
             bucket: limits.request_bucket(name, &metrics),
             verifier: config.verify.as_ref().map(|v| Verifier::new(name, v, metrics.clone())).transpose()?,
-            sender: Sender::new(name, client, config.retry.clone(), metrics),
+            sender: Sender::new(name, client, config.retry.clone(), metrics).with_reload(token.clone()),
         })
     }
 
@@ -189,7 +193,7 @@ impl Provider for FastlySink {
         let build = |client: &reqwest::Client| {
             let mut b = client
                 .post(&url)
-                .header("Fastly-Key", self.token.expose())
+                .header("Fastly-Key", self.token.current().expose())
                 .header(reqwest::header::ACCEPT, "application/json");
             if self.soft {
                 b = b.header("Fastly-Soft-Purge", "1");

@@ -17,7 +17,9 @@
 //! `Failure::Permanent { item_level: true }` when the provider blames the request's content
 //! (400, 413, 414, 422, 431, or an error inside a 200 body) so the caller can split it to find
 //! the culprit, and not when it blames the credentials or the account (401, 403, 404, 405...),
-//! where every item shares the fate.
+//! where every item shares the fate. 401 and 403 are [`Failure::Unauthorized`]: before they
+//! count as permanent, the sender reads the sink's credentials again ([`Sender::with_reload`])
+//! and, when they changed (a rotated token file, refreshed AWS credentials), sends once more.
 //!
 //! Messages never include a credential: requests carry them in headers only, reqwest's errors
 //! are stripped of the URL, and provider bodies are cut to [`MESSAGE_CHARS`].
@@ -29,6 +31,7 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::StatusCode;
 
 use super::limit::TokenBucket;
+use crate::config::secret::{Reload, Reloaded};
 use crate::retry::{RetryError, RetryPolicy, Verdict};
 use crate::shutdown::Shutdown;
 use crate::sink::SinkError;
@@ -139,6 +142,10 @@ pub enum Failure {
     /// the request shares the fate.
     #[error("{message}")]
     Permanent { item_level: bool, message: String },
+    /// 401 or 403: the provider refused the credentials. Permanent too, for every item of the
+    /// request, unless reading the credentials again finds new ones ([`Sender::with_reload`]).
+    #[error("{message}")]
+    Unauthorized { message: String },
 }
 
 impl Failure {
@@ -151,6 +158,7 @@ impl Failure {
                     if answer.status == StatusCode::TOO_MANY_REQUESTS { "rate_limited" } else { "server_error" };
                 Failure::Transient { outcome, floor, message }
             }
+            Verdict::Permanent if matches!(answer.status.as_u16(), 401 | 403) => Failure::Unauthorized { message },
             Verdict::Permanent => Failure::Permanent {
                 item_level: matches!(answer.status.as_u16(), 400 | 413 | 414 | 422 | 431),
                 message,
@@ -172,14 +180,23 @@ impl Failure {
     pub fn verdict(&self) -> Verdict {
         match self {
             Failure::Transient { floor, .. } => Verdict::Retry { floor: *floor },
-            Failure::Permanent { .. } => Verdict::Permanent,
+            Failure::Permanent { .. } | Failure::Unauthorized { .. } => Verdict::Permanent,
+        }
+    }
+
+    /// The same failure with another sentence (a provider's own reading of its error body).
+    pub fn with_message(self, message: String) -> Failure {
+        match self {
+            Failure::Transient { outcome, floor, .. } => Failure::Transient { outcome, floor, message },
+            Failure::Permanent { item_level, .. } => Failure::Permanent { item_level, message },
+            Failure::Unauthorized { .. } => Failure::Unauthorized { message },
         }
     }
 
     fn outcome(&self) -> &'static str {
         match self {
             Failure::Transient { outcome, .. } => outcome,
-            Failure::Permanent { .. } => "rejected",
+            Failure::Permanent { .. } | Failure::Unauthorized { .. } => "rejected",
         }
     }
 
@@ -203,11 +220,22 @@ pub struct Sender {
     sink: Arc<str>,
     retry: RetryPolicy,
     metrics: Arc<Metrics>,
+    /// The sink's credentials, read again when the provider refuses them (401/403).
+    reload: Option<Arc<dyn Reload>>,
 }
 
 impl Sender {
     pub fn new(sink: &str, client: reqwest::Client, retry: RetryPolicy, metrics: Arc<Metrics>) -> Sender {
-        Sender { client, sink: sink.into(), retry, metrics }
+        Sender { client, sink: sink.into(), retry, metrics, reload: None }
+    }
+
+    /// Credentials to read again when the provider answers 401/403: when they changed, the
+    /// request is sent once more (with its own retries) before the refusal counts, so a
+    /// rotation at the provider that is ahead of ours costs one refused request, not a dead
+    /// letter. `build` must read the credentials per attempt for the new ones to be used.
+    pub fn with_reload(mut self, reload: Arc<dyn Reload>) -> Sender {
+        self.reload = Some(reload);
+        self
     }
 
     pub fn client(&self) -> &reqwest::Client {
@@ -263,7 +291,7 @@ impl Sender {
                     this.metrics.sink_up.with_label_values(&[sink]).set(0);
                     this.metrics.sink_errors.with_label_values(&[sink, "retriable"]).inc();
                 }
-                Err(Failure::Permanent { .. }) => {
+                Err(Failure::Permanent { .. } | Failure::Unauthorized { .. }) => {
                     this.metrics.sink_errors.with_label_values(&[sink, "permanent"]).inc();
                 }
             }
@@ -273,7 +301,23 @@ impl Sender {
             self.metrics.sink_retries.with_label_values(&[sink]).inc();
             tracing::warn!(sink, attempt, wait_ms = wait.as_millis() as u64, error = %failure, "purge request failed; retrying");
         };
-        match crate::retry::retry(&self.retry, shutdown, attempt, Failure::verdict, on_retry).await {
+        let mut outcome = crate::retry::retry(&self.retry, shutdown, attempt, Failure::verdict, on_retry).await;
+        if let (Err(RetryError::Permanent(Failure::Unauthorized { message })), Some(reload)) = (&outcome, &self.reload)
+        {
+            let reloaded = reload.reload().await;
+            self.metrics.credential_reloads.with_label_values(&[sink, reloaded.as_str()]).inc();
+            match &reloaded {
+                Reloaded::Changed => {
+                    tracing::info!(sink, error = %message, "the provider refused the credentials; they changed since, so the request goes once more with the new ones");
+                    outcome = crate::retry::retry(&self.retry, shutdown, attempt, Failure::verdict, on_retry).await;
+                }
+                Reloaded::Unchanged => {}
+                Reloaded::Failed(why) => {
+                    tracing::warn!(sink, error = %why, "the provider refused the credentials and they cannot be read again")
+                }
+            }
+        }
+        match outcome {
             Ok(v) => Ok(Ok(v)),
             Err(RetryError::Permanent(failure)) => {
                 tracing::warn!(sink, items, error = %failure, "purge request rejected; its items go to the dead-letter destination");

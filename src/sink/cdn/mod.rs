@@ -17,8 +17,10 @@
 //! - [`CdnSinkConfig`]: the serde enum of providers. Every variant has `name`, `layer`, `limits`
 //!   ([`LimitsConfig`], resolved against the provider's defaults into [`Limits`]), `retry`,
 //!   `timeout`, an optional `verify` ([`verify::VerifyConfig`]), and credentials only as
-//!   `*_env` / `*_file` ([`SecretRef`]): never inline, never `Serialize`, never in `Debug`,
-//!   logs, errors or `explain`.
+//!   `*_env` / `*_file` ([`SecretRef`], the one convention of [`crate::config::secret`]): never
+//!   inline, never `Serialize`, never in `Debug`, logs, errors or `explain`. Tokens are
+//!   [`RotatingSecret`]s: a rotated file is picked up on use, and a 401/403 reads it again
+//!   and sends once more before the refusal counts ([`http::Sender::with_reload`]).
 //! - [`limit::TokenBucket`]: the client-side rate limit, one per provider limit.
 //! - [`http::Sender`]: sends one request with rate limits, retries ([`http::classify`]: network
 //!   errors, 429, 5xx retry, honouring `Retry-After` and reset headers; other 4xx are
@@ -53,18 +55,19 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Deserialize;
 
-use crate::config::secret::Secret;
+pub use crate::config::secret::{Need, Reload, Reloaded, RotatingSecret, SecretRef};
 use crate::sink::{Invalidations, ItemKind, Rejected, Sink, SinkError, SinkReport};
 use crate::telemetry::Metrics;
 
 pub mod akamai;
+pub mod aws_credentials;
 pub mod cloudflare;
 pub mod cloudfront;
 pub mod edgegrid;
@@ -244,77 +247,6 @@ impl Limits {
             TokenBucket::new(self.burst, self.requests_per_second)
                 .with_wait_counter(metrics.cdn_rate_limit_wait.with_label_values(&[sink]))
         })
-    }
-}
-
-/// A credential given as `<name>_env` (an environment variable holding it) or `<name>_file`
-/// (a file holding it; relative to the config file; one trailing newline is dropped).
-#[derive(Debug, Clone, Default)]
-pub struct SecretRef {
-    pub env: Option<String>,
-    pub file: Option<PathBuf>,
-}
-
-impl SecretRef {
-    /// The pair of settings `<name>_env` and `<name>_file`.
-    pub fn of(env: &Option<String>, file: &Option<PathBuf>) -> SecretRef {
-        SecretRef { env: env.clone(), file: file.clone() }
-    }
-
-    /// Reads the secret. `field` is the base name (`token`) for messages, which name the
-    /// variable or file but never the value.
-    pub fn resolve(
-        &self,
-        field: &str,
-        required: bool,
-        config_file: &Path,
-        problems: &mut Vec<(Vec<String>, String)>,
-    ) -> Option<Secret> {
-        match (&self.env, &self.file) {
-            (Some(_), Some(_)) => {
-                problems.push((vec![format!("{field}_env")], format!("set `{field}_env` or `{field}_file`, not both")));
-                None
-            }
-            (None, None) => {
-                if required {
-                    problems.push((
-                        vec![],
-                        format!("`{field}_env` or `{field}_file` is required (credentials are never written inline)"),
-                    ));
-                }
-                None
-            }
-            (Some(var), None) => match std::env::var(var) {
-                Ok(v) if !v.trim().is_empty() => Some(Secret::new(v.trim())),
-                _ => {
-                    problems.push((
-                        vec![format!("{field}_env")],
-                        format!("`{field}_env` names the environment variable {var}, which is not set or empty"),
-                    ));
-                    None
-                }
-            },
-            (None, Some(file)) => {
-                let path = crate::config::secret::relative_to(config_file, file);
-                match std::fs::read_to_string(&path) {
-                    Ok(v) if !v.trim().is_empty() => Some(Secret::new(v.trim_end_matches(['\n', '\r']))),
-                    Ok(_) => {
-                        problems.push((
-                            vec![format!("{field}_file")],
-                            format!("`{field}_file` {} is empty", path.display()),
-                        ));
-                        None
-                    }
-                    Err(e) => {
-                        problems.push((
-                            vec![format!("{field}_file")],
-                            format!("`{field}_file` {}: cannot read it: {e}", path.display()),
-                        ));
-                        None
-                    }
-                }
-            }
-        }
     }
 }
 

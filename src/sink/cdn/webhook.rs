@@ -31,7 +31,7 @@ use super::limit::TokenBucket;
 use super::purge::{purge_sink, Provider};
 use super::verify::{Verifier, VerifyConfig};
 use super::{check_base_url, check_key, check_url, CdnError, Job, Limits, LimitsConfig, SecretRef};
-use crate::config::secret::Secret;
+use crate::config::secret::{Need, RotatingSecret};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, SinkError};
@@ -70,7 +70,7 @@ pub struct WebhookConfig {
     pub timeout: Duration,
     pub verify: Option<VerifyConfig>,
     #[serde(skip)]
-    pub secret: Option<Secret>,
+    pub secret: Option<Arc<RotatingSecret>>,
 }
 
 fn default_signature_header() -> String {
@@ -82,8 +82,12 @@ fn default_max_key_bytes() -> usize {
 
 impl WebhookConfig {
     pub(super) fn validate(&mut self, config_file: &std::path::Path, problems: &mut Vec<(Vec<String>, String)>) {
-        let secret = SecretRef { env: self.secret_env.clone(), file: self.secret_file.clone() };
-        self.secret = secret.resolve("secret", false, config_file, problems);
+        self.secret = SecretRef::of(&self.secret_env, &self.secret_file).resolve_rotating_into(
+            "secret",
+            Need::Optional,
+            config_file,
+            problems,
+        );
         check_base_url("url", &self.url, problems);
         if self.signature_header.parse::<HeaderName>().is_err() {
             problems.push((vec!["signature_header".into()], "signature_header is not a valid header name".into()));
@@ -106,7 +110,7 @@ impl WebhookConfig {
 pub struct WebhookSink {
     name: String,
     url: String,
-    secret: Option<Secret>,
+    secret: Option<Arc<RotatingSecret>>,
     signature_header: HeaderName,
     headers: Vec<(HeaderName, HeaderValue)>,
     max_key_bytes: usize,
@@ -143,7 +147,11 @@ impl WebhookSink {
             limits,
             bucket: limits.request_bucket(name, &metrics),
             verifier: config.verify.as_ref().map(|v| Verifier::new(name, v, metrics.clone())).transpose()?,
-            sender: Sender::new(name, client, config.retry.clone(), metrics),
+            sender: match &config.secret {
+                // A receiver that refuses the signature (401/403) may have been given a new secret.
+                Some(secret) => Sender::new(name, client, config.retry.clone(), metrics).with_reload(secret.clone()),
+                None => Sender::new(name, client, config.retry.clone(), metrics),
+            },
         })
     }
 }
@@ -205,7 +213,10 @@ impl Provider for WebhookSink {
             }
             if let Some(secret) = &self.secret {
                 let t = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-                b = b.header(&self.signature_header, signature(secret.expose().as_bytes(), t, body.as_bytes()));
+                b = b.header(
+                    &self.signature_header,
+                    signature(secret.current().expose().as_bytes(), t, body.as_bytes()),
+                );
             }
             b.body(body.clone())
         };

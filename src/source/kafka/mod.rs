@@ -13,6 +13,7 @@
 //!   unacknowledged (the new owner redelivers it).
 //! - Errors from `recv()` are transient: librdkafka reconnects by itself.
 
+pub(crate) mod config;
 mod context;
 pub mod membership;
 mod tracker;
@@ -119,7 +120,7 @@ impl KafkaSource {
 
     /// Reads until `shutdown` stops intake, then keeps committing while the pipeline drains, and
     /// commits one last time once every event is finished or abandoned.
-    pub async fn run(self, out: mpsc::Sender<SourceEvent>, shutdown: Shutdown) -> Result<(), KafkaSourceError> {
+    async fn consume(self, out: mpsc::Sender<SourceEvent>, shutdown: Shutdown) -> Result<(), KafkaSourceError> {
         // Before anything is read: credentials the registry rejects stop the daemon here.
         self.codec.check_registry().await.map_err(KafkaSourceError::Registry)?;
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Finished>();
@@ -358,4 +359,19 @@ impl KafkaSource {
 
 pub(crate) fn unix_seconds(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+#[async_trait::async_trait]
+impl crate::source::Source for KafkaSource {
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    async fn run(
+        self: Box<Self>,
+        out: mpsc::Sender<SourceEvent>,
+        shutdown: Shutdown,
+    ) -> Result<(), crate::source::SourceError> {
+        Ok(self.consume(out, shutdown).await?)
+    }
 }

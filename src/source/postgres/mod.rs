@@ -225,7 +225,7 @@ impl PostgresSource {
     /// `target_session_attrs` asks for (a failover) starts over on the one that is: the checks
     /// again, then the stream from that server's slot (a synced failover slot), so what the old
     /// server had not confirmed is delivered again.
-    pub async fn run(self, out: mpsc::Sender<SourceEvent>, shutdown: Shutdown) -> Result<(), PostgresSourceError> {
+    async fn replicate(self, out: mpsc::Sender<SourceEvent>, shutdown: Shutdown) -> Result<(), PostgresSourceError> {
         let mut out = out;
         let mut after_failover = false;
         loop {
@@ -857,6 +857,21 @@ async fn poll_slot(
             }
         }
         tokio::time::sleep(interval).await;
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::source::Source for PostgresSource {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn run(
+        self: Box<Self>,
+        out: mpsc::Sender<SourceEvent>,
+        shutdown: Shutdown,
+    ) -> Result<(), crate::source::SourceError> {
+        Ok(self.replicate(out, shutdown).await?)
     }
 }
 

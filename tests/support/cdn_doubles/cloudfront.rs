@@ -1,12 +1,15 @@
 //! An Amazon CloudFront invalidation API double (API 2020-05-31): every request's SigV4
-//! signature is checked with the credentials the sink is given (403 `AccessDenied` otherwise);
+//! signature is checked with the access key it names, among the keys the double accepts
+//! (403 `InvalidClientTokenId` for an unknown key, `ExpiredToken` for temporary credentials
+//! past their expiration, `AccessDenied` for a wrong signature or a session token that is
+//! missing or not signed);
 //! CreateInvalidation with the documented checks (`CallerReference` required and idempotent,
 //! `Quantity` consistent, valid paths, batch size) and limits (3,000 paths and 15 wildcards in
 //! progress, else 400 `TooManyInvalidationsInProgress`); GetInvalidation answering `InProgress`
 //! until `complete_after`, then `Completed`. Answers can be "lost" (created, but 503 returned).
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use cdc_invalidator::config::Secret;
 use cdc_invalidator::sink::cdn::cloudfront::{xml_all, xml_escape};
@@ -34,7 +37,19 @@ pub struct CfCall {
     pub code: Option<String>,
 }
 
+/// An access key the double accepts; temporary ones (from the STS double) carry a session
+/// token that must be sent and signed, and expire.
+#[derive(Debug, Clone)]
+pub struct CfKey {
+    pub credentials: sigv4::Credentials,
+    pub expires: Option<SystemTime>,
+}
+
 pub struct CfState {
+    /// The keys accepted now (tests replace them to rotate).
+    pub keys: Vec<CfKey>,
+    /// Access key ids of the requests that passed the signature check, in order.
+    pub signed_by: Vec<String>,
     pub invalidations: Vec<CfInvalidation>,
     pub calls: Vec<CfCall>,
     /// Status GETs served.
@@ -73,6 +88,8 @@ impl Default for CfLimits {
 impl CloudFrontDouble {
     pub fn start(limits: CfLimits) -> CloudFrontDouble {
         let state = Arc::new(Mutex::new(CfState {
+            keys: vec![CfKey { credentials: CloudFrontDouble::credentials(), expires: None }],
+            signed_by: Vec::new(),
             invalidations: Vec::new(),
             calls: Vec::new(),
             status_reads: 0,
@@ -123,23 +140,55 @@ fn cf_invalidation(inv: &CfInvalidation, status: &str) -> String {
     )
 }
 
+/// Checks the request's signature with the accepted key it names, as AWS does.
+fn authenticate(
+    state: &Mutex<CfState>,
+    r: &Recorded,
+    path: &str,
+    query: &str,
+    headers: &[(String, String)],
+) -> Result<(), Reply> {
+    let denied = |e: String| cf_error(403, "AccessDenied", &format!("Access denied: {e}"));
+    let auth = r.header("authorization").ok_or_else(|| denied("no Authorization header".into()))?;
+    let parsed = crate::support::signatures::parse_sigv4(auth).map_err(|e| denied(e.to_string()))?;
+    let key = {
+        let st = state.lock().unwrap_or_else(|p| p.into_inner());
+        st.keys.iter().find(|k| k.credentials.access_key_id == parsed.access_key_id).cloned()
+    };
+    let Some(key) = key else {
+        return Err(cf_error(403, "InvalidClientTokenId", "The security token included in the request is invalid."));
+    };
+    if key.expires.is_some_and(|at| SystemTime::now() >= at) {
+        return Err(cf_error(403, "ExpiredToken", "The security token included in the request is expired"));
+    }
+    if let Some(token) = &key.credentials.session_token {
+        let sent = r.header("x-amz-security-token");
+        if sent != Some(token.expose()) || !parsed.signed_headers.iter().any(|h| h == "x-amz-security-token") {
+            return Err(denied("the session token is missing, wrong or not signed".into()));
+        }
+    }
+    crate::support::signatures::sigv4_verify(
+        &key.credentials,
+        "us-east-1",
+        "cloudfront",
+        &r.method,
+        path,
+        query,
+        headers,
+        &r.body,
+    )
+    .map_err(|e| denied(e.to_string()))?;
+    state.lock().unwrap_or_else(|p| p.into_inner()).signed_by.push(key.credentials.access_key_id);
+    Ok(())
+}
+
 fn cloudfront(state: &Mutex<CfState>, limits: CfLimits, r: Recorded) -> Reply {
     let (path, query) = r.path.split_once('?').unwrap_or((&r.path, ""));
     let decoded = String::from_utf8_lossy(&sigv4::percent_decode(path)).into_owned();
     let headers: Vec<(String, String)> = r.headers.clone().into_iter().collect();
-    let credentials = CloudFrontDouble::credentials();
-    if let Err(e) = crate::support::signatures::sigv4_verify(
-        &credentials,
-        "us-east-1",
-        "cloudfront",
-        &r.method,
-        &decoded,
-        query,
-        &headers,
-        &r.body,
-    ) {
+    if let Err(reply) = authenticate(state, &r, &decoded, query, &headers) {
         state.lock().unwrap_or_else(|p| p.into_inner()).denied += 1;
-        return cf_error(403, "AccessDenied", &format!("Access denied: {e}"));
+        return reply;
     }
     let prefix = format!("/2020-05-31/distribution/{CF_DISTRIBUTION}/invalidation");
     let Some(rest) = decoded.strip_prefix(&prefix) else {

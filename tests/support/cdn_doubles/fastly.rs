@@ -27,6 +27,8 @@ pub struct State {
     pub bulk_sizes: Vec<usize>,
     /// Keys answered with a 400 (as Fastly does for an invalid key).
     pub refuse: Vec<String>,
+    /// The token accepted, when not [`TOKEN`] (a rotation at Fastly's side).
+    pub accepted_token: Option<String>,
 }
 
 pub struct FastlyDouble {
@@ -65,7 +67,7 @@ fn handle(st: &mut State, req: &Recorded) -> Reply {
     if req.method != "POST" {
         return Reply::json(405, json!({"msg": "Method not allowed"}));
     }
-    if req.header("fastly-key") != Some(TOKEN) {
+    if req.header("fastly-key") != Some(st.accepted_token.as_deref().unwrap_or(TOKEN)) {
         return Reply::json(401, json!({"msg": "Provided credentials are missing or invalid"}));
     }
     if let Some(storm) = st.storm.filter(|s| s.active(req.at)) {

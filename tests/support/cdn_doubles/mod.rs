@@ -10,6 +10,7 @@ pub mod akamai;
 pub mod cloudflare;
 pub mod cloudfront;
 pub mod fastly;
+pub mod sts;
 pub mod webhook;
 
 use std::collections::HashMap;
@@ -232,6 +233,15 @@ pub fn secret_file(secret: &str) -> (tempfile::TempDir, String) {
     let path = dir.path().join("secret");
     std::fs::write(&path, format!("{secret}\n")).expect("write secret");
     (dir, path.display().to_string())
+}
+
+/// Rewrites `path` with `text` keeping its size (callers pass a text of the same length) and
+/// its modification time: a rotation the file's stamp cannot show, so only reading it again
+/// after a 401 can find it.
+pub fn rewrite_unstamped(path: &str, text: &str) {
+    let before = std::fs::metadata(path).unwrap().modified().unwrap();
+    std::fs::write(path, text).unwrap();
+    std::fs::File::options().write(true).open(path).unwrap().set_modified(before).unwrap();
 }
 
 /// Fast retries for tests: outages cost milliseconds, not seconds.
