@@ -69,7 +69,7 @@ pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: 
     let (tx, rx) = mpsc::channel(config.pipeline.queue_capacity);
     let source_task = match (config.source.kind, kafka_config, config.source.postgres.as_ref()) {
         (SourceKind::Kafka, Some(k), _) => {
-            let source = KafkaSource::new(k, metrics.clone())?;
+            let source = KafkaSource::new(k, config.pipeline.queue_capacity, metrics.clone())?;
             let stop = shutdown.clone();
             tokio::spawn(async move { source.run(tx, stop).await.map_err(AppError::from) })
         }
