@@ -53,18 +53,26 @@ fn producer(bootstrap: &str) -> FutureProducer {
         .expect("producer")
 }
 
+/// Sends the `i`th update (product `i % 50,000`, moving between two of 97 categories) in a task
+/// of its own; a failed send is counted in SEND_ERRORS.
+fn send_update(p: &FutureProducer, topic: &str, i: usize) -> tokio::task::JoinHandle<()> {
+    let id = (i % 50_000) as i64;
+    let value = product_update(id, id % 97, (id + 1) % 97);
+    let key = format!("{{\"id\":{id}}}");
+    let p = p.clone();
+    let topic = topic.to_string();
+    tokio::spawn(async move {
+        if p.send(FutureRecord::to(&topic).key(&key).payload(&value), Duration::from_secs(120)).await.is_err() {
+            SEND_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    })
+}
+
 /// Sends `n` updates as fast as the broker takes them.
 async fn fill(p: &FutureProducer, topic: &str, n: usize) {
     let mut pending = Vec::with_capacity(10_000);
     for i in 0..n {
-        let id = (i % 50_000) as i64;
-        let value = product_update(id, id % 97, (id + 1) % 97);
-        let key = format!("{{\"id\":{id}}}");
-        let p = p.clone();
-        let topic = topic.to_string();
-        pending.push(tokio::spawn(async move {
-            let _ = p.send(FutureRecord::to(&topic).key(&key).payload(&value), Duration::from_secs(60)).await;
-        }));
+        pending.push(send_update(p, topic, i));
         if pending.len() == 10_000 {
             for h in pending.drain(..) {
                 let _ = h.await;
@@ -563,7 +571,7 @@ fn redis_unlink_ceiling(port: u16) -> Option<f64> {
     Some(rps * keys as f64)
 }
 
-/// Produces `rate` updates per second for `seconds` (ids continuing after the pre-filled ones).
+/// Produces `rate` updates per second for `seconds`.
 async fn produce_steadily(p: &FutureProducer, topic: &str, rate: usize, seconds: usize) -> usize {
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     let per_tick = (rate / 100).max(1);
@@ -571,16 +579,7 @@ async fn produce_steadily(p: &FutureProducer, topic: &str, rate: usize, seconds:
     for _ in 0..(seconds * 100) {
         tick.tick().await;
         for _ in 0..per_tick {
-            let id = (sent % 50_000) as i64;
-            let value = product_update(id, id % 97, (id + 1) % 97);
-            let key = format!("{{\"id\":{id}}}");
-            let p = p.clone();
-            let topic = topic.to_string();
-            tokio::spawn(async move {
-                if p.send(FutureRecord::to(&topic).key(&key).payload(&value), Duration::from_secs(120)).await.is_err() {
-                    SEND_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            });
+            send_update(p, topic, sent);
             sent += 1;
         }
     }

@@ -17,7 +17,7 @@
 //! which is not a figure to quote (one thread, a loaded machine).
 
 #[path = "../tests/support/mod.rs"]
-#[allow(unused_imports, dead_code)]
+#[allow(unused_imports)]
 mod support;
 
 use std::sync::Arc;
@@ -120,8 +120,9 @@ fn measured(runtime: &tokio::runtime::Runtime, pipeline: Pipeline, messages: &[M
         let mut acked = 0;
         for m in messages {
             // What the source does per message (src/source/kafka/mod.rs, `to_event`).
-            let decoded =
-                codec.decode(&Resolved::plain(), &topic, Some(&m.key), Some(&m.value)).map_err(cdc_invalidator::source::Malformed);
+            let decoded = codec
+                .decode(&Resolved::plain(), &topic, Some(&m.key), Some(&m.value))
+                .map_err(cdc_invalidator::source::Malformed);
             let event = SourceEvent {
                 position: Position::Kafka { topic: topic.clone(), partition: m.partition, offset: m.offset },
                 decoded,
