@@ -1,8 +1,14 @@
 //! Benchmarks (b) and (c): the daemon (the release binary, as its own process) against a broker
 //! and a real Redis (both private, on loopback).
 //!
-//! (b) throughput: events/s from a pre-filled 3-partition Tansu topic to Redis invalidated and
-//!     the offsets committed;
+//! (b) throughput and memory, in one run: events/s from a pre-filled 3-partition Tansu topic to
+//!     Redis invalidated and the offsets committed, side by side with the two ceilings measured
+//!     right after on the same machine (a bare librdkafka consumer reading the same topic;
+//!     redis-benchmark sending multi-key UNLINKs), their ratio, and the daemon's peak RSS
+//!     (/proc/<pid>/status VmHWM, reset between phases with `clear_refs`, plus VmRSS sampled
+//!     every 50 ms) while catching up, and through a Redis outage (Redis stopped for
+//!     BENCH_OUTAGE_SECONDS while the producer goes on at BENCH_OUTAGE_RATE, then restarted and
+//!     the backlog caught up). Printed as one table.
 //! (c) staleness: p50/p99 of database-commit-to-Redis-confirmed at a steady 5,000 events/s with
 //!     a 5 ms batch wait, split into the upstream share (commit -> entering the daemon) and the
 //!     daemon's own (entering -> confirmed), once per broker: librdkafka's mock cluster (in this
@@ -10,11 +16,14 @@
 //!     rate for reference.
 //!
 //! `cargo bench --bench end_to_end` (needs TANSU_BIN or scripts/install-deps.sh first).
-//! Knobs: BENCH_PARTS (b, c), BENCH_EVENTS, BENCH_C_BROKERS (mock,tansu), BENCH_DAEMON
-//! (process, in_process), BENCH_FETCH_WAIT_MS, BENCH_STATS_MS, BENCH_DAEMON_EXTRA, BENCH_REF_EXTRA,
-//! BENCH_REF_SECONDS, BENCH_COMMIT_INTERVAL, BENCH_REDIS (standalone, or cluster: a private
-//! 3-primary/3-replica Redis Cluster, `mode: cluster`, WAIT 1 per slot pipeline by default;
-//! cluster_nowait: the same with `wait_replicas: { count: 0 }`).
+//! Knobs: BENCH_PARTS (b, c), BENCH_EVENTS (200000), BENCH_OUTAGE_SECONDS (60; 0 skips the
+//! outage), BENCH_OUTAGE_RATE (5000 events/s), BENCH_UNLINK_KEYS (keys per UNLINK in the Redis
+//! ceiling, 500), BENCH_C_BROKERS (mock,tansu), BENCH_DAEMON (process, in_process: then the RSS
+//! is this whole process's), BENCH_FETCH_WAIT_MS, BENCH_STATS_MS, BENCH_DAEMON_EXTRA,
+//! BENCH_REF_EXTRA, BENCH_REF_SECONDS, BENCH_COMMIT_INTERVAL, BENCH_REDIS (standalone, or
+//! cluster: a private 3-primary/3-replica Redis Cluster, `mode: cluster`, WAIT 1 per slot
+//! pipeline by default; cluster_nowait: the same with `wait_replicas: { count: 0 }`; the outage
+//! and the Redis ceiling then use the standalone server, so use BENCH_OUTAGE_SECONDS=0).
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -44,18 +53,26 @@ fn producer(bootstrap: &str) -> FutureProducer {
         .expect("producer")
 }
 
+/// Sends the `i`th update (product `i % 50,000`, moving between two of 97 categories) in a task
+/// of its own; a failed send is counted in SEND_ERRORS.
+fn send_update(p: &FutureProducer, topic: &str, i: usize) -> tokio::task::JoinHandle<()> {
+    let id = (i % 50_000) as i64;
+    let value = product_update(id, id % 97, (id + 1) % 97);
+    let key = format!("{{\"id\":{id}}}");
+    let p = p.clone();
+    let topic = topic.to_string();
+    tokio::spawn(async move {
+        if p.send(FutureRecord::to(&topic).key(&key).payload(&value), Duration::from_secs(120)).await.is_err() {
+            SEND_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    })
+}
+
 /// Sends `n` updates as fast as the broker takes them.
 async fn fill(p: &FutureProducer, topic: &str, n: usize) {
     let mut pending = Vec::with_capacity(10_000);
     for i in 0..n {
-        let id = (i % 50_000) as i64;
-        let value = product_update(id, id % 97, (id + 1) % 97);
-        let key = format!("{{\"id\":{id}}}");
-        let p = p.clone();
-        let topic = topic.to_string();
-        pending.push(tokio::spawn(async move {
-            let _ = p.send(FutureRecord::to(&topic).key(&key).payload(&value), Duration::from_secs(60)).await;
-        }));
+        pending.push(send_update(p, topic, i));
         if pending.len() == 10_000 {
             for h in pending.drain(..) {
                 let _ = h.await;
@@ -279,6 +296,14 @@ impl UnderTest {
         }
     }
 
+    /// The process whose memory is measured: the daemon's, or this one's when it runs inside.
+    fn pid(&self) -> u32 {
+        match self {
+            UnderTest::InProcess(_) => std::process::id(),
+            UnderTest::Process(p, _) => p.child.id(),
+        }
+    }
+
     /// cdc_invalidator_events_total over every series.
     fn events(&self) -> f64 {
         series_sum(&self.render(), "cdc_invalidator_events_total")
@@ -335,7 +360,7 @@ async fn main() {
     let broker = TansuBroker::start();
     let create_topic = |name: &str| broker.create_topic(name, 3);
     let bootstrap = broker.bootstrap();
-    let redis = RedisServer::start();
+    let mut redis = RedisServer::start();
     let url = redis.url();
     let p = producer(&bootstrap);
     let _cluster = match std::env::var("BENCH_REDIS").as_deref() {
@@ -351,44 +376,9 @@ async fn main() {
 
     let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "bc".into());
 
-    // (b) pre-filled topic.
+    // (b) pre-filled topic, side by side with the ceilings, then the Redis outage.
     if parts.contains('b') {
-        create_topic("bench.public.products");
-        let t = Instant::now();
-        fill(&p, "bench.public.products", total).await;
-        println!("(b) pre-filled {total} events into 3 partitions in {:.1} s", t.elapsed().as_secs_f64());
-        let dir = tempfile::tempdir().unwrap();
-        let d = UnderTest::start(
-            dir.path(),
-            &Setup {
-                bootstrap: &bootstrap,
-                topics: &["bench.public.products"],
-                group: "bench-b",
-                redis_url: &url,
-                extra: &pipeline_section(""),
-                librdkafka: &[("fetch.wait.max.ms", "5")],
-            },
-        );
-        match wait_for_events(&d, total as f64, Duration::from_secs(600)).await {
-            Some((first, last)) => {
-                let secs = last.duration_since(first).as_secs_f64();
-                println!(
-                "(b) end to end: {total} events in {secs:.2} s = {:.0} events/s (from first event processed to last)",
-                total as f64 / secs
-            );
-            }
-            None => println!("(b) end to end: did not finish within 600 s"),
-        }
-        d.stop().await;
-
-        // The broker's own delivery rate on this machine: a bare consumer reading the same topic,
-        // doing nothing with the messages. (b) cannot be faster than this.
-        let (n, took) = bare_consume(&bootstrap, "bench.public.products", total).await;
-        println!(
-            "(b) reference: a bare rdkafka consumer read {n} messages in {:.2} s = {:.0} msgs/s (from its first message)",
-            took.as_secs_f64(),
-            n as f64 / took.as_secs_f64()
-        );
+        throughput_and_memory(&broker, &bootstrap, &p, &mut redis, total).await;
     }
 
     // (c) steady 5,000 events/s for 20 s, once per broker.
@@ -506,4 +496,217 @@ async fn steady(broker: &str, bootstrap: &str, p: &FutureProducer, create_topic:
             steal_since(ticks)
         );
     }
+}
+
+/// The resident memory of the daemon under test, read from /proc/<pid>/status: the peak since
+/// the last [`Rss::reset_peak`] (VmHWM) and, as a cross-check, the highest VmRSS a sampler saw
+/// every 50 ms (VmHWM alone cannot be reset on kernels without `clear_refs` 5).
+struct Rss {
+    pid: u32,
+    sampled_max_kib: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sampler: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Rss {
+    fn watch(pid: u32) -> Rss {
+        use std::sync::atomic::Ordering;
+        let sampled_max_kib = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (max, done) = (sampled_max_kib.clone(), stop.clone());
+        let sampler = std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                if let Some(kib) = status_kib(pid, "VmRSS:") {
+                    max.fetch_max(kib, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Rss { pid, sampled_max_kib, stop, sampler: Some(sampler) }
+    }
+
+    /// Starts a new measurement: VmHWM back to the current RSS (`clear_refs` 5) and the sampled
+    /// maximum back to zero. Returns whether the kernel reset VmHWM.
+    fn reset_peak(&self) -> bool {
+        self.sampled_max_kib.store(0, std::sync::atomic::Ordering::Relaxed);
+        std::fs::write(format!("/proc/{}/clear_refs", self.pid), "5").is_ok()
+    }
+
+    /// (VmHWM, highest sampled VmRSS) in MiB since the last reset.
+    fn peak_mib(&self) -> (f64, f64) {
+        let hwm = status_kib(self.pid, "VmHWM:").map_or(f64::NAN, |k| k as f64 / 1024.0);
+        (hwm, self.sampled_max_kib.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0)
+    }
+}
+
+impl Drop for Rss {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(sampler) = self.sampler.take() {
+            let _ = sampler.join();
+        }
+    }
+}
+
+/// A `Vm*:` line of /proc/<pid>/status, in KiB.
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix(field))?.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// Redis' own ceiling for what the daemon asks of it: redis-benchmark sending multi-key UNLINKs
+/// of `keys` random keys each (BENCH_UNLINK_KEYS, 500 by default: one full batch's keys), 4
+/// connections, 8 commands pipelined. Returns keys/s.
+fn redis_unlink_ceiling(port: u16) -> Option<f64> {
+    let keys: usize = std::env::var("BENCH_UNLINK_KEYS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
+    let requests = (10_000_000 / keys.max(1)).max(1000);
+    let mut cmd = std::process::Command::new("redis-benchmark");
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-c", "4", "-P", "8", "-r", "100000000", "--csv"])
+        .args(["-n", &requests.to_string(), "UNLINK"])
+        .args((0..keys).map(|_| "product:__rand_int__"));
+    let out = cmd.output().ok()?;
+    // --csv: a header line, then "<command>","<requests per second>",...
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps: f64 = text.lines().last()?.split("\",\"").nth(1)?.trim_matches('"').parse().ok()?;
+    Some(rps * keys as f64)
+}
+
+/// Produces `rate` updates per second for `seconds`.
+async fn produce_steadily(p: &FutureProducer, topic: &str, rate: usize, seconds: usize) -> usize {
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let per_tick = (rate / 100).max(1);
+    let mut sent = 0;
+    for _ in 0..(seconds * 100) {
+        tick.tick().await;
+        for _ in 0..per_tick {
+            send_update(p, topic, sent);
+            sent += 1;
+        }
+    }
+    sent
+}
+
+/// (b) in one run: the daemon catching up on a pre-filled topic, its two ceilings measured on
+/// the same machine right after (a bare consumer reading the same topic; Redis taking multi-key
+/// UNLINKs), the ratio, and the daemon's peak RSS while catching up and through a Redis outage
+/// with the producer still producing. Printed as one table at the end.
+async fn throughput_and_memory(
+    broker: &TansuBroker,
+    bootstrap: &str,
+    p: &FutureProducer,
+    redis: &mut RedisServer,
+    total: usize,
+) {
+    let topic = "bench.public.products";
+    broker.create_topic(topic, 3);
+    let t = Instant::now();
+    fill(p, topic, total).await;
+    println!("(b) pre-filled {total} events into 3 partitions in {:.1} s", t.elapsed().as_secs_f64());
+    let dir = tempfile::tempdir().unwrap();
+    let d = UnderTest::start(
+        dir.path(),
+        &Setup {
+            bootstrap,
+            topics: &[topic],
+            group: "bench-b",
+            redis_url: &redis.url(),
+            extra: &pipeline_section(""),
+            librdkafka: &[("fetch.wait.max.ms", "5")],
+        },
+    );
+    let rss = Rss::watch(d.pid());
+    let mut rows: Vec<(String, String)> = Vec::new();
+
+    let daemon_rate = match wait_for_events(&d, total as f64, Duration::from_secs(600)).await {
+        Some((first, last)) => {
+            let rate = total as f64 / last.duration_since(first).as_secs_f64();
+            rows.push((
+                "daemon end to end (first event processed to last, offsets committed)".into(),
+                format!("{rate:.0} events/s"),
+            ));
+            Some(rate)
+        }
+        None => {
+            rows.push(("daemon end to end".into(), "did not finish within 600 s".into()));
+            None
+        }
+    };
+    let (hwm, sampled) = rss.peak_mib();
+    rows.push((
+        format!("daemon peak RSS catching up on {total} events (target <= 64 MiB)"),
+        format!("{hwm:.1} MiB VmHWM ({sampled:.1} MiB sampled)"),
+    ));
+
+    // The ceilings, with the daemon idle: the broker's delivery rate to a bare consumer doing
+    // nothing with the messages, and Redis' rate for the daemon's command.
+    let (n, took) = bare_consume(bootstrap, topic, total).await;
+    let consumer = n as f64 / took.as_secs_f64();
+    rows.push((
+        format!("ceiling: bare librdkafka consumer, same topic ({n} messages)"),
+        format!("{consumer:.0} messages/s"),
+    ));
+    let unlink = tokio::task::spawn_blocking({
+        let port = redis.port();
+        move || redis_unlink_ceiling(port)
+    })
+    .await
+    .ok()
+    .flatten();
+    match unlink {
+        Some(keys) => rows.push((
+            "ceiling: Redis, redis-benchmark multi-key UNLINK (one key per event)".into(),
+            format!("{keys:.0} keys/s"),
+        )),
+        None => rows.push(("ceiling: Redis".into(), "redis-benchmark failed".into())),
+    }
+    let lower = unlink.map_or(consumer, |u| u.min(consumer));
+    if let Some(rate) = daemon_rate {
+        rows.push(("daemon / lower ceiling (target >= 0.7)".into(), format!("{:.2}", rate / lower)));
+    }
+
+    // The outage: Redis stopped while the producer goes on; then Redis back and the daemon
+    // catching up on what piled up. Memory must stay bounded throughout.
+    let rate: usize = std::env::var("BENCH_OUTAGE_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(5_000);
+    let seconds: usize = std::env::var("BENCH_OUTAGE_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+    if seconds > 0 {
+        let reset = rss.reset_peak();
+        let before = d.events();
+        redis.stop();
+        let sent = produce_steadily(p, topic, rate, seconds).await;
+        let during = d.events() - before;
+        redis.restart();
+        let back = Instant::now();
+        let caught_up = wait_for_events(&d, before + sent as f64, Duration::from_secs(600)).await.is_some();
+        let (hwm, sampled) = rss.peak_mib();
+        rows.push((
+            format!(
+                "daemon peak RSS, {seconds} s Redis outage at {rate} events/s, then catching up (target <= 64 MiB)"
+            ),
+            format!(
+                "{} ({sampled:.1} MiB sampled)",
+                if reset { format!("{hwm:.1} MiB VmHWM") } else { "VmHWM not resettable".into() }
+            ),
+        ));
+        rows.push((
+            "outage: events produced / finished while Redis was down".into(),
+            format!("{sent} / {during:.0} (nothing with a Redis key is finished before Redis confirms it)"),
+        ));
+        rows.push((
+            "outage: catching up after Redis came back".into(),
+            if caught_up {
+                format!("all {sent} in {:.1} s", back.elapsed().as_secs_f64())
+            } else {
+                "NOT all within 600 s".into()
+            },
+        ));
+    }
+    drop(rss);
+    d.stop().await;
+
+    println!("\n(b) throughput and memory, one run\n");
+    println!("| measurement | value |\n|---|---|");
+    for (what, value) in rows {
+        println!("| {what} | {value} |");
+    }
+    println!();
 }

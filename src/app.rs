@@ -64,7 +64,7 @@ pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: 
     };
 
     let (tx, rx) = mpsc::channel(config.pipeline.queue_capacity);
-    let source = crate::source::build(&config.source, metrics.clone())?;
+    let source = crate::source::build(&config.source, config.pipeline.queue_capacity, metrics.clone())?;
     tracing::info!(source = source.kind(), "reading changes");
     let stop = shutdown.clone();
     let source_task = tokio::spawn(async move { source.run(tx, stop).await.map_err(AppError::from) });

@@ -48,7 +48,7 @@ pub(super) struct Finish {
 }
 
 impl Finish {
-    pub(super) async fn run(self, mut rx: mpsc::UnboundedReceiver<Unit>, shutdown: Shutdown) -> Result<(), StageError> {
+    pub(super) async fn run(self, mut rx: mpsc::Receiver<Unit>, shutdown: Shutdown) -> Result<(), StageError> {
         loop {
             let unit = tokio::select! {
                 biased;
@@ -101,9 +101,11 @@ impl Finish {
         };
         let repeat =
             self.repeat.is_some() && !unit.batch.is_empty() && (lsn.is_some() || !self.timing.repeat_after.is_zero());
-        let mut waiting = Vec::new();
-        let mut origins = Vec::new();
-        for item in unit.items {
+        // The per-event figures first, with one label lookup per distinct label set of the
+        // unit instead of one per event (a lookup hashes the labels and takes a lock).
+        let mut outcomes = LabelCounts::default();
+        let mut tables = TableStaleness::default();
+        for item in &unit.items {
             let (table, op) = match &item.event.decoded {
                 Ok(Decoded::Change(c)) => (c.table.as_str(), c.op.as_str()),
                 Ok(Decoded::NoChange(n)) => (n.table.as_deref().unwrap_or("unknown"), "none"),
@@ -116,25 +118,28 @@ impl Finish {
                 (None, Some(e)) if e.matched_rules.is_empty() => "no_match",
                 (None, Some(_)) => "invalidated",
             };
-            self.metrics.events.with_label_values(&[table, op, outcome]).inc();
-            let asked = item.evaluation.as_ref().is_some_and(|e| !e.invalidations.is_empty());
-            if repeat && asked {
-                // Acknowledged only after the second pass: observed there.
-                origins.extend(origin(&item.event));
-            } else if item.evaluation.is_some() {
+            outcomes.add(&self.metrics, [table, op, outcome]);
+            // With a second pass, events that asked for invalidations are acknowledged after
+            // it, and observed there.
+            if !(repeat && asks(item)) && item.evaluation.is_some() {
                 if let Some(origin) = origin(&item.event) {
                     let seconds = now.duration_since(origin).unwrap_or_default().as_secs_f64();
                     self.metrics.end_to_end_staleness.observe(seconds);
-                    self.metrics.table_staleness.with_label_values(&[table]).observe(seconds);
+                    tables.observe(&self.metrics, table, seconds);
                     // No second pass: the first was the last, so the event settled now. Observed
                     // so that settled covers every invalidated event whatever the timing.
-                    for sink in self.sinks.iter().filter(|s| asked && item.asks(s.kinds())) {
+                    for sink in self.sinks.iter().filter(|s| asks(item) && item.asks(s.kinds())) {
                         self.metrics.settled.with_label_values(&[sink.name()]).observe(seconds);
                     }
                 }
             }
-            // With a second pass, events that asked for invalidations wait for it.
-            if repeat && asked {
+        }
+        outcomes.flush(&self.metrics);
+        let mut waiting = Vec::new();
+        let mut origins = Vec::new();
+        for item in unit.items {
+            if repeat && asks(&item) {
+                origins.extend(origin(&item.event));
                 waiting.push(item.event.ack);
             } else {
                 item.event.ack.finish();
@@ -151,5 +156,59 @@ impl Finish {
                 .map_err(|_| StageError::Stopped)?;
         }
         Ok(())
+    }
+}
+
+/// Whether the event asked for any invalidation (then a second pass repeats it).
+fn asks(item: &super::Item) -> bool {
+    item.evaluation.as_ref().is_some_and(|e| !e.invalidations.is_empty())
+}
+
+/// At most this many distinct label sets are gathered per unit; beyond, each event is counted
+/// on its own (a unit spanning that many tables is rare, and a longer scan would cost more than
+/// the lookup it saves).
+const GATHERED_LABEL_SETS: usize = 16;
+
+/// `cdc_invalidator_events_total` increments of one unit, gathered per label set.
+#[derive(Default)]
+struct LabelCounts<'a> {
+    counts: Vec<([&'a str; 3], u64)>,
+}
+
+impl<'a> LabelCounts<'a> {
+    fn add(&mut self, metrics: &Metrics, labels: [&'a str; 3]) {
+        if let Some((_, n)) = self.counts.iter_mut().find(|(l, _)| *l == labels) {
+            *n += 1;
+        } else if self.counts.len() < GATHERED_LABEL_SETS {
+            self.counts.push((labels, 1));
+        } else {
+            metrics.events.with_label_values(&labels).inc();
+        }
+    }
+
+    fn flush(self, metrics: &Metrics) {
+        for (labels, n) in self.counts {
+            metrics.events.with_label_values(&labels).inc_by(n);
+        }
+    }
+}
+
+/// `cdc_invalidator_table_staleness_seconds` handles of one unit, looked up once per table.
+#[derive(Default)]
+struct TableStaleness<'a> {
+    handles: Vec<(&'a str, prometheus::Histogram)>,
+}
+
+impl<'a> TableStaleness<'a> {
+    fn observe(&mut self, metrics: &Metrics, table: &'a str, seconds: f64) {
+        if let Some((_, h)) = self.handles.iter().find(|(t, _)| *t == table) {
+            h.observe(seconds);
+            return;
+        }
+        let handle = metrics.table_staleness.with_label_values(&[table]);
+        handle.observe(seconds);
+        if self.handles.len() < GATHERED_LABEL_SETS {
+            self.handles.push((table, handle));
+        }
     }
 }

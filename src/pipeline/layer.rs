@@ -96,21 +96,38 @@ impl LayerReceiver {
     }
 }
 
+/// The queue in front of `finish`: room for about one layer queue's worth of events in full
+/// batches (`queue_capacity / batch_max_events` units, at least 2), so the events it holds are
+/// bounded by `queue_capacity + batch_max_events` whatever the units' sizes. Smaller units
+/// under light load only make it hold fewer events: `finish` takes microseconds per unit.
+pub(super) fn finish_queue(
+    queue_capacity: usize,
+    batch_max_events: usize,
+) -> (mpsc::Sender<Unit>, mpsc::Receiver<Unit>) {
+    mpsc::channel((queue_capacity / batch_max_events.max(1)).max(2))
+}
+
 /// Where a stage sends a unit next: the next layer, else `finish`. Every unit goes through
 /// every layer's queue, in order, even one the layer has nothing to do for (it passes through
 /// at once): so units reach `finish` in the order intake made them, and dead letters are
 /// written in the order the events came.
 pub(super) enum Route {
     Layer(LayerSender),
-    /// Unbounded, but what travels on it is bounded by the layer queues before it.
-    Finish(mpsc::UnboundedSender<Unit>),
+    /// Bounded in units (see [`finish_queue`]): a unit leaving the last layer frees its room
+    /// there, so while `finish` is held up (the dead-letter destination retrying) this bound
+    /// is what stops the layers, and with them intake and the source.
+    Finish(mpsc::Sender<Unit>),
 }
 
 impl Route {
     pub(super) async fn forward(&self, unit: Unit, shutdown: &Shutdown) -> Result<(), StageError> {
         match self {
             Route::Layer(layer) => layer.send(unit, shutdown).await,
-            Route::Finish(finish) => finish.send(unit).map_err(|_| StageError::Stopped),
+            Route::Finish(finish) => tokio::select! {
+                biased;
+                _ = shutdown.abandoned() => Err(StageError::Stopped),
+                sent = finish.send(unit) => sent.map_err(|_| StageError::Stopped),
+            },
         }
     }
 }

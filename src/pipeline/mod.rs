@@ -192,7 +192,7 @@ impl Pipeline {
 
         // Second passes: the finish stage hands batches over; the pending count holds intake.
         let (pending_tx, pending_rx) = watch::channel(0usize);
-        let (finish_tx, finish_rx) = mpsc::unbounded_channel::<Unit>();
+        let (finish_tx, finish_rx) = layer::finish_queue(config.queue_capacity, config.batch_max_events);
         let repeat = if timing.repeat_after.is_zero() && freshness.is_none() {
             None
         } else {

@@ -579,3 +579,44 @@ async fn a_target_that_is_down_delays_only_its_own_second_pass() {
         assert!(acked >= cdn_passes[1].2, "event {id}: acknowledged only after every sink's second pass");
     }
 }
+
+/// A dead-letter destination that keeps failing (every write to /dev/full is ENOSPC, retried
+/// until shutdown) holds the finish stage. The queue in front of finish is bounded, so the
+/// layer, intake and the source stop taking events instead of piling them up in memory (it
+/// was unbounded: every malformed event the source had was taken in).
+#[tokio::test(start_paused = true)]
+async fn a_dead_letter_destination_that_keeps_failing_holds_intake_instead_of_filling_memory() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let metrics = Arc::new(Metrics::new());
+    let dead = crate::config::DeadLetterConfig { file: Some("/dev/full".into()), ..Default::default() };
+    let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
+    let rules = "version: 1\nrules:\n  - name: t\n    table: public.t\n    redis: { keys: [\"t:{id}\"] }\n";
+    let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+    let sink = Arc::new(SlowSink { per_batch: Duration::ZERO, batches: Default::default() });
+    let config = PipelineConfig { queue_capacity: 40, ..pipeline_config(10, 5, 1) };
+    let pipeline = Pipeline::new(config, rules, vec![sink], dead_letters, metrics.clone());
+    let (tx, rx) = mpsc::channel(10);
+    let taken = Arc::new(AtomicUsize::new(0));
+    let counter = taken.clone();
+    // Malformed events: each one is a dead letter.
+    let feeder = tokio::spawn(async move {
+        for _ in 0..10_000 {
+            if tx.send(arrival()).await.is_err() {
+                return;
+            }
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let (trigger, shutdown) = crate::shutdown::channel();
+    let run = tokio::spawn(async move { pipeline.run(rx, &shutdown).await });
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let taken = taken.load(Ordering::Relaxed);
+    // The source queue (10), the batch intake waits to queue (10), the layer's queue (40),
+    // the unit the layer waits to hand to finish (10), finish's queue (40 / 10 = 4 units of
+    // at most 10) and the unit finish is writing (10).
+    assert!(taken <= 120, "{taken} events taken while no dead letter could be written");
+    assert!(metrics.value("cdc_invalidator_dead_letter_write_errors_total", &[]) > 0.0);
+    trigger.abandon();
+    assert!(run.await.unwrap().is_ok(), "abandoned, not failed");
+    feeder.abort();
+}

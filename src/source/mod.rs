@@ -88,12 +88,13 @@ pub(crate) fn validate(
 }
 
 /// The configured source (no network traffic yet: that starts with [`Source::run`]). The one
-/// place that maps `source.kind` to a source type.
-pub fn build(config: &SourceConfig, metrics: Arc<Metrics>) -> Result<Box<dyn Source>, SourceError> {
+/// place that maps `source.kind` to a source type. `queue_capacity`: the pipeline's source queue
+/// (the Kafka prefetch is sized from it).
+pub fn build(config: &SourceConfig, queue_capacity: usize, metrics: Arc<Metrics>) -> Result<Box<dyn Source>, SourceError> {
     Ok(match config.kind {
         SourceKind::Kafka => {
             let k = config.kafka.as_ref().ok_or(SourceError::NotConfigured("kafka"))?;
-            Box::new(kafka::KafkaSource::new(k, metrics)?)
+            Box::new(kafka::KafkaSource::new(k, queue_capacity, metrics)?)
         }
         SourceKind::Postgres => {
             let p = config.postgres.as_ref().ok_or(SourceError::NotConfigured("postgres"))?;

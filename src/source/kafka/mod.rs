@@ -16,6 +16,7 @@
 pub(crate) mod config;
 mod context;
 pub mod membership;
+pub mod prefetch;
 mod tracker;
 
 use std::collections::VecDeque;
@@ -91,17 +92,30 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// The consumer's settings: [`client_config`] plus a prefetch sized for a pipeline queue of
+/// `queue_capacity` events (`prefetch.rs`), unless `source.kafka.librdkafka` sets it.
+pub fn consumer_config(config: &KafkaConfig, queue_capacity: usize) -> ClientConfig {
+    let mut c = client_config(config);
+    prefetch::apply(&mut c, queue_capacity, &config.librdkafka);
+    c
+}
+
 impl KafkaSource {
     /// Creates the consumer and subscribes. Connecting happens in the background: a broker that
-    /// is down now is not an error (the source just is not ready yet).
-    pub fn new(config: &KafkaConfig, metrics: Arc<Metrics>) -> Result<KafkaSource, KafkaSourceError> {
+    /// is down now is not an error (the source just is not ready yet). `queue_capacity` is the
+    /// pipeline's source queue, which librdkafka's prefetch is sized from.
+    pub fn new(
+        config: &KafkaConfig,
+        queue_capacity: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<KafkaSource, KafkaSourceError> {
         let codec =
             crate::source::encoded::Codec::new(config, Some(metrics.clone())).map_err(KafkaSourceError::Registry)?;
         let tracker = Arc::new(Mutex::new(Tracker::default()));
         let context =
             KafkaContext { tracker: tracker.clone(), metrics: metrics.clone(), commit_failed: Default::default() };
         let consumer: StreamConsumer<KafkaContext> =
-            client_config(config).create_with_context(context).map_err(KafkaSourceError::Create)?;
+            consumer_config(config, queue_capacity).create_with_context(context).map_err(KafkaSourceError::Create)?;
         let topics: Vec<&str> = match &config.topic_pattern {
             Some(p) => vec![p.as_str()],
             None => config.topics.iter().map(String::as_str).collect(),
