@@ -307,9 +307,7 @@ async fn freshness_a_primary_listed_as_replica_stops_the_daemon_and_fails_check(
     let (code, log) = run_to_exit(&config, dir.path()).await;
     assert_eq!(code, Some(2), "{log}");
     assert!(
-        log.contains(&at.to_string())
-            && log.contains("freshness.replicas replica-1 (")
-            && log.contains("is a primary"),
+        log.contains(&at.to_string()) && log.contains("freshness.replicas replica-1 (") && log.contains("is a primary"),
         "{log}"
     );
 }

@@ -21,7 +21,14 @@ fn problems(text: &str) -> String {
 
 fn insert(after: serde_json::Value) -> ChangeEvent {
     let serde_json::Value::Object(row) = after else { panic!("not an object") };
-    ChangeEvent { table: "public.products".into(), op: Op::Insert, before: None, after: Some(row), committed_at: None, lsn: None }
+    ChangeEvent {
+        table: "public.products".into(),
+        op: Op::Insert,
+        before: None,
+        after: Some(row),
+        committed_at: None,
+        lsn: None,
+    }
 }
 
 const MORE: &str = r#"version: 1

@@ -90,7 +90,11 @@ pub(crate) fn validate(
 /// The configured source (no network traffic yet: that starts with [`Source::run`]). The one
 /// place that maps `source.kind` to a source type. `queue_capacity`: the pipeline's source queue
 /// (the Kafka prefetch is sized from it).
-pub fn build(config: &SourceConfig, queue_capacity: usize, metrics: Arc<Metrics>) -> Result<Box<dyn Source>, SourceError> {
+pub fn build(
+    config: &SourceConfig,
+    queue_capacity: usize,
+    metrics: Arc<Metrics>,
+) -> Result<Box<dyn Source>, SourceError> {
     Ok(match config.kind {
         SourceKind::Kafka => {
             let k = config.kafka.as_ref().ok_or(SourceError::NotConfigured("kafka"))?;

@@ -179,11 +179,13 @@ impl PatternSink {
     }
 
     /// Walks `pattern` to the end, unlinking each page and, with a root, cascading to the
-    /// dependents of what it unlinked. Returns the root's rejections.
+    /// dependents of what it unlinked (added to `dependents`, `(key, root index)`). Returns the
+    /// root's rejections.
     async fn invalidate_pattern(
         &self,
         pattern: &str,
         root: Option<usize>,
+        dependents: &mut Vec<(String, usize)>,
         shutdown: &Shutdown,
     ) -> Result<Vec<Rejected>, SinkError> {
         let name = [self.core.name.as_str()];
@@ -200,11 +202,13 @@ impl PatternSink {
             matched.inc_by(keys.len() as u64);
             unlinked.inc_by(self.core.unlink_keys(&keys, shutdown).await?);
             if let Some(root) = root {
-                for r in self.core.cascade(vec![(root, keys)], shutdown).await? {
+                let cascaded = self.core.cascade(vec![(root, keys)], shutdown).await?;
+                for r in cascaded.rejected {
                     if !rejected.iter().any(|known: &Rejected| known.index == r.index) {
                         rejected.push(r);
                     }
                 }
+                dependents.extend(cascaded.unlinked);
             }
         }
         Ok(rejected)
@@ -263,8 +267,10 @@ impl Sink for PatternSink {
         let in_flight = self.core.metrics.redis_more.pattern_scans_in_flight.with_label_values(&[&self.core.name]);
         in_flight.set(patterns.len() as i64);
         let mut rejected = Vec::new();
+        let mut dependents = Vec::new();
         for pattern in patterns {
-            let result = self.invalidate_pattern(pattern, roots.get(pattern.as_str()).copied(), shutdown).await;
+            let root = roots.get(pattern.as_str()).copied();
+            let result = self.invalidate_pattern(pattern, root, &mut dependents, shutdown).await;
             in_flight.dec();
             match result {
                 Ok(r) => rejected.extend(r),
@@ -278,8 +284,18 @@ impl Sink for PatternSink {
         if !roots.is_empty() {
             report.confirmed.push((ItemKind::RedisDependents, roots.len().saturating_sub(rejected.len()) as u64));
         }
+        // Every walk is done (and its cascade): only now may applications hear of the patterns,
+        // on the same channel as the key sink's message for the same batch (which lists the
+        // keys and tags, not the patterns).
+        dependents.sort_unstable();
+        dependents.dedup_by(|a, b| a.0 == b.0);
+        rejected.extend(self.core.tell(batch, &[ItemKind::RedisPattern], &dependents, shutdown).await?);
         report.rejected = rejected;
         Ok(report)
+    }
+
+    fn wants_origins(&self) -> bool {
+        self.core.wants_origins()
     }
 
     async fn ping(&self) -> bool {
