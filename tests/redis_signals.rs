@@ -25,7 +25,7 @@ use crate::support::redis::{RedisCluster, RedisServer};
 /// The reference subscriber, exactly as shipped.
 #[allow(dead_code)]
 #[path = "../examples/broadcast_subscriber/subscriber.rs"]
-mod subscriber;
+pub(crate) mod subscriber;
 
 use subscriber::{Event, LocalCache, Target};
 
