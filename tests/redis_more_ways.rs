@@ -655,3 +655,54 @@ async fn standalone_dependents_are_announced_and_warmed() {
 async fn cluster_dependents_are_announced_and_warmed() {
     dependents_are_announced_and_warmed(Target::cluster()).await;
 }
+
+/// A walk whose matches have more dependents than a message lists: they are told while the walk
+/// goes on (each message after its keys are gone), at most 10,000 keys a message, every one
+/// once, and the message naming the pattern comes last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_walk_tells_its_dependents_in_bounded_messages() {
+    let target = Target::standalone();
+    let Target::Standalone(server) = &target else { unreachable!() };
+    let mut con = server.connection();
+    let n = 12_000;
+    let mut setup = redis::pipe();
+    for i in 0..n {
+        setup.set(format!("m:{i}"), "cached").ignore();
+        setup.set(format!("d:{i}"), "cached").ignore();
+        setup.sadd(format!("dep:m:{i}"), format!("d:{i}")).ignore();
+    }
+    let () = setup.query(&mut con).unwrap();
+    let mut config = signalling(&target);
+    config.warm = None;
+    config.scans_per_second = 10_000;
+    config.scan_count = 1000;
+    let patterns = PatternSink::new("r", &config, Arc::new(Metrics::new())).expect("valid config");
+    let (_cache, mut events, subscription) = subscribed(&target, &[]).await;
+    let batch = Invalidations::of(ItemKind::RedisPattern, strings(&["m:*"]))
+        .with(ItemKind::RedisDependents, strings(&["pattern:m:*"]));
+    let walking = tokio::spawn(async move { invalidate(&patterns, &batch).await });
+    let mut told = Vec::new();
+    loop {
+        let (message, _, _) = on_receipt(&target, &mut events, "no-such-key:*", &[]).await;
+        assert!(message.keys.len() <= 10_000, "{} keys in one message", message.keys.len());
+        let there = tokio::task::block_in_place(|| {
+            let mut con = target.connection();
+            existing(&mut *con, &message.keys).len()
+        });
+        assert_eq!(there, 0, "a message named dependents still there");
+        told.extend(message.keys);
+        if !message.patterns.is_empty() {
+            assert_eq!(message.patterns, ["m:*"]);
+            break;
+        }
+        assert!(message.patterns.is_empty());
+    }
+    assert!(walking.await.unwrap().rejected.is_empty());
+    told.sort();
+    let mut expected: Vec<String> = (0..n).map(|i| format!("d:{i}")).collect();
+    expected.sort();
+    assert_eq!(told.len(), n, "each dependent once");
+    assert_eq!(told, expected);
+    assert_eq!(count(&target, "m:*") + count(&target, "d:*"), 0);
+    subscription.abort();
+}

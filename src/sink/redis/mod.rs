@@ -769,6 +769,14 @@ async fn scan_primaries(cluster: &Cluster) -> Result<Vec<String>, CommandError> 
     Ok(found)
 }
 
+/// Each rejected item once, with its first reason: a dependents root can be rejected by its
+/// cascade (a `dep:` key that is not a set) and again by the warm-up stream.
+fn once_each(mut rejected: Vec<Rejected>) -> Vec<Rejected> {
+    let mut seen = std::collections::HashSet::new();
+    rejected.retain(|r| seen.insert((r.kind, r.index)));
+    rejected
+}
+
 impl RedisSink {
     /// Tells applications what this sink confirmed of `batch` (its items of `kinds`, and the
     /// `dependents` its cascades unlinked): the broadcast, then the warm-up stream, each if
@@ -855,6 +863,7 @@ impl Sink for RedisSink {
         report
             .rejected
             .extend(self.tell(batch, &[ItemKind::RedisKey, ItemKind::RedisTag], &dependents, shutdown).await?);
+        report.rejected = once_each(std::mem::take(&mut report.rejected));
         Ok(report)
     }
 

@@ -38,6 +38,7 @@ use async_trait::async_trait;
 use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
 use redis::Value;
 
+use super::broadcast::MAX_KEYS_PER_MESSAGE;
 use super::cluster::Cluster;
 use super::connection::{item, CommandError};
 use super::dependents::Roots;
@@ -183,6 +184,7 @@ impl PatternSink {
     /// root's rejections.
     async fn invalidate_pattern(
         &self,
+        batch: &Invalidations,
         pattern: &str,
         root: Option<usize>,
         dependents: &mut Vec<(String, usize)>,
@@ -209,6 +211,12 @@ impl PatternSink {
                     }
                 }
                 dependents.extend(cascaded.unlinked);
+                if dependents.len() >= MAX_KEYS_PER_MESSAGE {
+                    // A long walk's dependents are told as they are unlinked, a message's worth
+                    // at a time, rather than held until the walk ends: memory stays bounded.
+                    let told = std::mem::take(dependents);
+                    rejected.extend(self.core.tell(batch, &[], &told, shutdown).await?);
+                }
             }
         }
         Ok(rejected)
@@ -270,7 +278,7 @@ impl Sink for PatternSink {
         let mut dependents = Vec::new();
         for pattern in patterns {
             let root = roots.get(pattern.as_str()).copied();
-            let result = self.invalidate_pattern(pattern, root, &mut dependents, shutdown).await;
+            let result = self.invalidate_pattern(batch, pattern, root, &mut dependents, shutdown).await;
             in_flight.dec();
             match result {
                 Ok(r) => rejected.extend(r),
@@ -290,7 +298,7 @@ impl Sink for PatternSink {
         dependents.sort_unstable();
         dependents.dedup_by(|a, b| a.0 == b.0);
         rejected.extend(self.core.tell(batch, &[ItemKind::RedisPattern], &dependents, shutdown).await?);
-        report.rejected = rejected;
+        report.rejected = super::once_each(rejected);
         Ok(report)
     }
 
