@@ -8,11 +8,17 @@
 //! - **How**: `PUBLISH channel body` on the connection the deletes used; in cluster mode
 //!   `SPUBLISH` (a shard channel, Redis 7+: it stays within the channel's shard instead of
 //!   crossing the whole cluster bus), subscribed to with `SSUBSCRIBE`.
-//! - **The body**: `{"keys":[…],"tags":[…],"patterns":[…],"position":"…"}`: the batch's items of
-//!   each kind (sorted, deduplicated; a tag whose Redis key was not a set is still listed, since
-//!   in-process copies under it may be stale all the same) and its highest source position as a
-//!   decimal string ([`crate::sink::origins::position`]: the commit LSN, or the commit time in
-//!   microseconds where there is no LSN; `null` when no event gave one, as for `purge`).
+//! - **The body**: `{"keys":[…],"tags":[…],"patterns":[…],"position":"…"}`: what the sink that
+//!   publishes it did for the batch ([`Announcement`]), sorted, deduplicated, and the batch's
+//!   highest source position as a decimal string ([`crate::sink::origins::position`]: the
+//!   commit LSN, or the commit time in microseconds where there is no LSN; `null` when no event
+//!   gave one, as for `purge`). The key sink lists its keys and the dependents its cascade
+//!   unlinked, and its tags (a tag whose Redis key was not a set is still listed, since
+//!   in-process copies under it may be stale all the same); the pattern sink, once its walks
+//!   end, its patterns and the dependents of their matches. So a batch with patterns is told in
+//!   two messages, each after what it names is gone.
+//! - **Bounded**: at most [`MAX_KEYS_PER_MESSAGE`] keys a message; more are split between
+//!   several messages.
 //! - **Delivery**: pub/sub is fire-and-forget. The publish itself is part of the sink's work and
 //!   is retried like a delete until Redis accepted it (a batch is not confirmed before that;
 //!   after a crash the redelivered batch publishes again): at-least-once *to Redis*. Redis then

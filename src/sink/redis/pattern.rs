@@ -27,6 +27,16 @@
 //! - A failed call starts that pattern's walk again from cursor 0 (a cursor means nothing to a
 //!   restarted or promoted server); keys already unlinked are not found again.
 //!
+//! # Telling applications
+//!
+//! With `sinks.redis.broadcast`, this sink publishes its own message once every walk of a batch
+//! (and the cascades from its matches) is done: `patterns` lists the batch's patterns, `keys`
+//! the dependents unlinked (the key sink's message for the same batch has `patterns: []`, since
+//! its deletes end earlier). A long walk's dependents are told as they pile up, a message's
+//! worth at a time, so memory stays bounded; the message naming the pattern comes last. With
+//! `sinks.redis.warm` the dependents are appended with their root's table and op; the matches
+//! are not (a glob names no key to refill).
+//!
 //! Progress: `cdc_invalidator_redis_pattern_scans_in_flight`, `..._scan_calls_total`,
 //! `..._pattern_keys_matched_total`, `..._pattern_keys_unlinked_total`, by sink (named
 //! `<target>:patterns`).
