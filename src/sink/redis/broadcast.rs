@@ -96,10 +96,11 @@ impl<'a> Announcement<'a> {
     }
 
     /// The messages: one, or with more than [`MAX_KEYS_PER_MESSAGE`] keys one per that many
-    /// (the tags and patterns in the first, every one with the position).
+    /// (the tags and patterns in the first, every one with the position); none when there is
+    /// nothing to tell (the key sink's share of a batch of patterns and `pattern:` roots).
     pub(super) fn bodies(&self) -> Vec<String> {
         let mut chunks: Vec<&[&str]> = self.keys.chunks(MAX_KEYS_PER_MESSAGE).collect();
-        if chunks.is_empty() {
+        if chunks.is_empty() && !(self.tags.is_empty() && self.patterns.is_empty()) {
             chunks.push(&[]);
         }
         let none: &[String] = &[];
@@ -213,7 +214,10 @@ mod tests {
         assert_eq!(messages[0]["tags"], serde_json::json!(["t"]));
         assert_eq!(messages[2]["tags"], serde_json::json!([]), "the tags once");
         assert!(messages.iter().all(|m| m["position"] == "7"));
-        assert_eq!(parsed(&Announcement::default()).len(), 1, "an empty batch still says it is done");
+        assert!(parsed(&Announcement::default()).is_empty(), "nothing to tell: no message");
+        let tag = ["t".to_string()];
+        let tags_only = Announcement { tags: &tag, ..Announcement::default() };
+        assert_eq!(parsed(&tags_only).len(), 1);
     }
 
     #[test]
