@@ -706,3 +706,68 @@ async fn a_long_walk_tells_its_dependents_in_bounded_messages() {
     assert_eq!(count(&target, "m:*") + count(&target, "d:*"), 0);
     subscription.abort();
 }
+
+/// Through the daemon (standalone): a rule with keys, a pattern and dependents. The key sink's
+/// message names the key and its dependent, the pattern sink's the pattern and its match's
+/// dependent, both with the event's position, each after what it names is gone; the warm-up
+/// stream gets the key and both dependents with the event's table and op, not the matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_daemon_patterns_and_dependents_are_told() {
+    let target = Target::standalone();
+    let Target::Standalone(server) = &target else { unreachable!() };
+    let mut con = target.connection();
+    let matches: Vec<String> = (0..300).map(|i| format!("bulk:5:{i}")).collect();
+    set_all(&mut *con, &matches);
+    set_all(&mut *con, &strings(&["product:1", "home:1", "sitemap:5"]));
+    q::<()>(&mut *con, &["SADD", "dep:product:1", "home:1"]);
+    q::<()>(&mut *con, &["SADD", "dep:bulk:5:17", "sitemap:5"]);
+    let (_cache, mut events, subscription) = subscribed(&target, &[]).await;
+
+    let kafka = MockKafka::start(1);
+    kafka.create_topic(TOPIC, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = kafka.bootstrap();
+    let url = server.url();
+    let setup =
+        Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g", redis_url: &url, extra: "", librdkafka: &[] };
+    let (path, port) = write_config(dir.path(), &setup);
+    let rules = PATTERN_RULES.replace("      patterns:", "      dependents: true\n      patterns:");
+    std::fs::write(dir.path().join("rules.yaml"), rules).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "    retry: { initial: 20ms, max: 250ms }\n",
+        "    retry: { initial: 20ms, max: 250ms }\n    scan_count: 50\n    scans_per_second: 50\n    broadcast: { channel: cdc-invalidator }\n    warm: { stream: \"cdc-invalidator:warm\", maxlen: 1000 }\n",
+    );
+    std::fs::write(&path, text).unwrap();
+    let daemon = Daemon::from_config(dir.path(), &path, port);
+    kafka.produce(TOPIC, None, Some("{\"id\":1}"), Some(&product_insert(1, 5))).await;
+
+    let mut by_sink = Vec::new();
+    for _ in 0..2 {
+        let named = strings(&["product:1", "home:1", "sitemap:5"]);
+        let (message, _, there) = on_receipt(&target, &mut events, "bulk:5:*", &named).await;
+        if message.patterns.is_empty() {
+            let named_there = tokio::task::block_in_place(|| {
+                let mut con = target.connection();
+                existing(&mut *con, &message.keys).len()
+            });
+            assert_eq!(named_there, 0, "the key sink's message came before its deletes");
+        } else {
+            assert_eq!(there, 0, "the pattern sink's message came before the walk ended");
+        }
+        assert_eq!(message.position.as_deref(), Some("1"), "the event's source.lsn");
+        by_sink.push((message.patterns, message.keys));
+    }
+    by_sink.sort();
+    assert_eq!(
+        by_sink,
+        [(vec![], strings(&["home:1", "product:1"])), (strings(&["bulk:5:*"]), strings(&["sitemap:5"]))]
+    );
+    let warmed = wait_until(Duration::from_secs(10), || warm_entries(&mut *con).len() >= 3).await;
+    assert!(warmed, "three warm-up entries");
+    let mut entries = warm_entries(&mut *con);
+    entries.sort();
+    let entry = |k: &str| (k.to_string(), "public.products".to_string(), "insert".to_string());
+    assert_eq!(entries, [entry("home:1"), entry("product:1"), entry("sitemap:5")]);
+    daemon.stop().await.unwrap();
+    subscription.abort();
+}
