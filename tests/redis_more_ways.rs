@@ -95,6 +95,12 @@ fn set_all(con: &mut dyn ConnectionLike, keys: &[String]) {
     }
 }
 
+fn sadd(con: &mut dyn ConnectionLike, set: &str, members: &[&str]) {
+    let mut args = vec!["SADD", set];
+    args.extend_from_slice(members);
+    q::<()>(con, &args);
+}
+
 fn existing(con: &mut dyn ConnectionLike, keys: &[String]) -> Vec<String> {
     keys.iter().filter(|k| q::<bool>(con, &["EXISTS", k])).cloned().collect()
 }
@@ -232,9 +238,7 @@ async fn dependents_cascade(target: Target) {
         ("dep:p:1", &["Q"]),
         ("dep:Y", &["Y-never"]),
     ] {
-        let mut args = vec!["SADD", set];
-        args.extend_from_slice(members);
-        q::<()>(&mut *con, &args);
+        sadd(&mut *con, set, members);
     }
     q::<()>(&mut *con, &["SET", "dep:X", "not a set"]);
     let (sink, patterns, metrics) = sinks(&target);
@@ -547,7 +551,7 @@ async fn the_pattern_message_comes_after_the_walk(target: Target) {
     let matches: Vec<String> = (0..600).map(|i| format!("bulk:7:{i}")).collect();
     set_all(&mut *con, &matches);
     set_all(&mut *con, &strings(&["home:7", "other:1"]));
-    q::<()>(&mut *con, &["SADD", "dep:bulk:7:3", "home:7"]);
+    sadd(&mut *con, "dep:bulk:7:3", &["home:7"]);
     let metrics = Arc::new(Metrics::new());
     let patterns = PatternSink::new("r", &signalling(&target), metrics.clone()).expect("valid config");
     assert!(patterns.wants_origins(), "the position and the roots' origins are needed");
@@ -598,9 +602,7 @@ async fn dependents_are_announced_and_warmed(target: Target) {
     let all = strings(&["A", "B", "C", "M", "N", "X"]);
     set_all(&mut *con, &all);
     for (set, members) in [("dep:A", &["B"][..]), ("dep:B", &["C", "A"]), ("tag:t", &["M"]), ("dep:M", &["N"])] {
-        let mut args = vec!["SADD", set];
-        args.extend_from_slice(members);
-        q::<()>(&mut *con, &args);
+        sadd(&mut *con, set, members);
     }
     q::<()>(&mut *con, &["SET", "dep:X", "not a set"]);
     let metrics = Arc::new(Metrics::new());
@@ -719,8 +721,8 @@ async fn through_the_daemon_patterns_and_dependents_are_told() {
     let matches: Vec<String> = (0..300).map(|i| format!("bulk:5:{i}")).collect();
     set_all(&mut *con, &matches);
     set_all(&mut *con, &strings(&["product:1", "home:1", "sitemap:5"]));
-    q::<()>(&mut *con, &["SADD", "dep:product:1", "home:1"]);
-    q::<()>(&mut *con, &["SADD", "dep:bulk:5:17", "sitemap:5"]);
+    sadd(&mut *con, "dep:product:1", &["home:1"]);
+    sadd(&mut *con, "dep:bulk:5:17", &["sitemap:5"]);
     let (_cache, mut events, subscription) = subscribed(&target, &[]).await;
 
     let kafka = MockKafka::start(1);
