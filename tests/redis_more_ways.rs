@@ -773,3 +773,27 @@ async fn through_the_daemon_patterns_and_dependents_are_told() {
     daemon.stop().await.unwrap();
     subscription.abort();
 }
+
+/// A warm-up stream key of another type rejects a dependent's root (once, even when its
+/// cascade rejected it too), besides the keys: their events are dead-lettered, the deletes done.
+#[tokio::test]
+async fn a_warm_stream_of_another_type_rejects_the_roots_of_dependents() {
+    let target = Target::standalone();
+    let mut con = target.connection();
+    set_all(&mut *con, &strings(&["A", "B", "Z", STREAM]));
+    sadd(&mut *con, "dep:A", &["B"]);
+    q::<()>(&mut *con, &["SET", "dep:X", "not a set"]);
+    sadd(&mut *con, "tag:t", &["X", "Y"]);
+    // Z is unlinked through tag:t's cascade as well: its warm-up entry rejects the same root.
+    sadd(&mut *con, "dep:Y", &["Z"]);
+    let sink = RedisSink::new("r", &signalling(&target), Arc::new(Metrics::new())).expect("valid config");
+    let batch = Invalidations::of(ItemKind::RedisKey, strings(&["A"]))
+        .with(ItemKind::RedisTag, strings(&["t"]))
+        .with(ItemKind::RedisDependents, strings(&["key:A", "tag:t"]));
+    let report = invalidate(&sink, &batch).await;
+    let rejected: Vec<(ItemKind, usize)> = report.rejected.iter().map(|r| (r.kind, r.index)).collect();
+    assert_eq!(rejected, [(ItemKind::RedisDependents, 1), (ItemKind::RedisKey, 0), (ItemKind::RedisDependents, 0)]);
+    assert!(report.rejected[0].reason.contains("\"dep:X\" holds a string"), "the cascade's reason first");
+    assert!(report.rejected[2].reason.contains("is not a stream"), "{}", report.rejected[2].reason);
+    assert!(existing(&mut *con, &strings(&["A", "B", "X", "Z"])).is_empty(), "the deletes happened");
+}
