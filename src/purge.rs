@@ -259,7 +259,7 @@ pub async fn purge_through(
         }
     }
     if sinks.iter().any(|(_, s)| s.wants_origins()) {
-        items.set_origins(Origins::manual(items.items(ItemKind::RedisKey)));
+        items.set_origins(Origins::manual(&items));
     }
     let deadline = tokio::time::Instant::now() + timeout;
     // Never fires: the deadline bounds the work, and a sink still retrying then is dropped

@@ -95,6 +95,12 @@ fn set_all(con: &mut dyn ConnectionLike, keys: &[String]) {
     }
 }
 
+fn sadd(con: &mut dyn ConnectionLike, set: &str, members: &[&str]) {
+    let mut args = vec!["SADD", set];
+    args.extend_from_slice(members);
+    q::<()>(con, &args);
+}
+
 fn existing(con: &mut dyn ConnectionLike, keys: &[String]) -> Vec<String> {
     keys.iter().filter(|k| q::<bool>(con, &["EXISTS", k])).cloned().collect()
 }
@@ -232,9 +238,7 @@ async fn dependents_cascade(target: Target) {
         ("dep:p:1", &["Q"]),
         ("dep:Y", &["Y-never"]),
     ] {
-        let mut args = vec!["SADD", set];
-        args.extend_from_slice(members);
-        q::<()>(&mut *con, &args);
+        sadd(&mut *con, set, members);
     }
     q::<()>(&mut *con, &["SET", "dep:X", "not a set"]);
     let (sink, patterns, metrics) = sinks(&target);
@@ -463,4 +467,333 @@ fn purge_takes_patterns_and_their_dependents() {
     assert_eq!(patterns.map(|s| s["confirmed"]["pattern"].clone()), Some(serde_json::json!(1)), "{summary}");
     let all = strings(&["page:1:a", "page:1:b", "page:2:a", "home", "dep:page:1:a"]);
     assert_eq!(existing(&mut con, &all), strings(&["page:2:a"]));
+}
+
+// ---- Telling applications about patterns and dependents (issue 15, part C) ----
+
+use cdc_invalidator::sink::origins::KeyOrigin;
+use cdc_invalidator::sink::redis::broadcast::BroadcastConfig;
+use cdc_invalidator::sink::redis::warm::WarmConfig;
+use cdc_invalidator::sink::Origins;
+
+use crate::redis_signals::subscriber::{self, Event, LocalCache};
+
+const CHANNEL: &str = "cdc-invalidator";
+const STREAM: &str = "cdc-invalidator:warm";
+
+/// The target's config with the broadcast and the warm-up stream on, and a slow SCAN pace (50
+/// calls a second of 100 keys): a walk takes many calls and a noticeable time.
+fn signalling(target: &Target) -> RedisConfig {
+    let mut c = target.config();
+    c.broadcast = Some(BroadcastConfig { channel: CHANNEL.into() });
+    c.warm = Some(WarmConfig { stream: STREAM.into(), maxlen: 10_000 });
+    c.scans_per_second = 50;
+    c
+}
+
+/// The reference subscriber on `target`, its local cache holding `cached`; returns once it is
+/// subscribed.
+async fn subscribed(
+    target: &Target,
+    cached: &[String],
+) -> (Arc<LocalCache>, tokio::sync::mpsc::UnboundedReceiver<Event>, tokio::task::JoinHandle<redis::RedisResult<()>>) {
+    let cache = Arc::new(LocalCache::new(100_000));
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let at = match target {
+        Target::Standalone(server) => subscriber::Target::Standalone(server.url()),
+        Target::Cluster(cluster) => subscriber::Target::Cluster(cluster.urls()),
+    };
+    let task = tokio::spawn(subscriber::run(at, CHANNEL.into(), cache.clone(), Some(tx)));
+    let first = tokio::time::timeout(Duration::from_secs(10), events.recv()).await.expect("subscribed");
+    assert_eq!(first, Some(Event::Subscribed));
+    for key in cached {
+        cache.put(key, "cached", &[], cache.ticket());
+    }
+    (cache, events, task)
+}
+
+/// The next message, and how many keys matching `pattern` plus of `keys` existed the moment it
+/// arrived.
+async fn on_receipt(
+    target: &Target,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<Event>,
+    pattern: &str,
+    keys: &[String],
+) -> (subscriber::Invalidation, usize, usize) {
+    let got = tokio::time::timeout(Duration::from_secs(30), events.recv()).await.expect("a message");
+    let (matching, named) = tokio::task::block_in_place(|| {
+        let mut con = target.connection();
+        (count(target, pattern), existing(&mut *con, keys).len())
+    });
+    let Some(Event::Message { message, dropped }) = got else { panic!("a message, got {got:?}") };
+    (message, dropped, matching + named)
+}
+
+/// `(key, table, op)` of every entry of the warm-up stream, oldest first.
+fn warm_entries(con: &mut dyn ConnectionLike) -> Vec<(String, String, String)> {
+    let reply: redis::streams::StreamRangeReply =
+        redis::cmd("XRANGE").arg(STREAM).arg("-").arg("+").query(con).expect("XRANGE");
+    let field = |id: &redis::streams::StreamId, f: &str| id.get::<String>(f).unwrap_or_default();
+    reply.ids.iter().map(|id| (field(id, "key"), field(id, "table"), field(id, "op"))).collect()
+}
+
+fn origin(op: &'static str) -> KeyOrigin {
+    KeyOrigin { table: Arc::from("public.products"), op }
+}
+
+/// The pattern sink's own message: after every match (on every primary) and every dependent of
+/// a match is gone, never before; `patterns` names the pattern, `keys` the dependents its
+/// cascade unlinked, with the batch's position. The dependents go to the warm-up stream with
+/// the table and op of the pattern's event; the matches themselves do not (a pattern names no
+/// key to refill).
+async fn the_pattern_message_comes_after_the_walk(target: Target) {
+    let mut con = target.connection();
+    let matches: Vec<String> = (0..600).map(|i| format!("bulk:7:{i}")).collect();
+    set_all(&mut *con, &matches);
+    set_all(&mut *con, &strings(&["home:7", "other:1"]));
+    sadd(&mut *con, "dep:bulk:7:3", &["home:7"]);
+    let metrics = Arc::new(Metrics::new());
+    let patterns = PatternSink::new("r", &signalling(&target), metrics.clone()).expect("valid config");
+    assert!(patterns.wants_origins(), "the position and the roots' origins are needed");
+    let mut cached = matches.clone();
+    cached.extend(strings(&["home:7", "other:1"]));
+    let (cache, mut events, subscription) = subscribed(&target, &cached).await;
+
+    let mut batch = Invalidations::of(ItemKind::RedisPattern, strings(&["bulk:7:*"]))
+        .with(ItemKind::RedisDependents, strings(&["pattern:bulk:7:*"]));
+    let mut origins = Origins { position: Some(24023400), ..Origins::default() };
+    origins.roots.insert("pattern:bulk:7:*".into(), origin("update"));
+    batch.set_origins(origins);
+    let walking = tokio::spawn(async move {
+        let report = invalidate(&patterns, &batch).await;
+        (report, patterns)
+    });
+    let (message, dropped, there) = on_receipt(&target, &mut events, "bulk:7:*", &strings(&["home:7"])).await;
+    assert_eq!(there, 0, "the pattern's message arrived while a match or a dependent still existed");
+    let (report, _patterns) = walking.await.unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    assert_eq!(message.patterns, ["bulk:7:*"]);
+    assert_eq!(message.keys, ["home:7"], "the cascade's dependents");
+    assert!(message.tags.is_empty());
+    assert_eq!(message.position.as_deref(), Some("24023400"));
+    assert_eq!(dropped, 601, "every local entry matching the pattern, and the dependent");
+    assert_eq!(cache.len(), 1, "other:1 stays cached");
+    assert_eq!(metrics.value("cdc_invalidator_redis_broadcast_messages_total", &[("sink", "r:patterns")]), 1.0);
+    assert_eq!(warm_entries(&mut *con), [("home:7".to_string(), "public.products".to_string(), "update".to_string())]);
+    subscription.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_the_pattern_message_comes_after_the_walk() {
+    the_pattern_message_comes_after_the_walk(Target::standalone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_the_pattern_message_comes_after_the_walk() {
+    the_pattern_message_comes_after_the_walk(Target::cluster()).await;
+}
+
+/// The key sink's message lists, with the batch's keys, every dependent its cascade unlinked
+/// (from a key and from a tag's member, through a cycle, each once), sent after the whole
+/// cascade; the warm-up stream gets the keys with their own origin, then the dependents with
+/// their root's. A dependency set that is not a set still rejects its root only.
+async fn dependents_are_announced_and_warmed(target: Target) {
+    let mut con = target.connection();
+    let all = strings(&["A", "B", "C", "M", "N", "X"]);
+    set_all(&mut *con, &all);
+    for (set, members) in [("dep:A", &["B"][..]), ("dep:B", &["C", "A"]), ("tag:t", &["M"]), ("dep:M", &["N"])] {
+        sadd(&mut *con, set, members);
+    }
+    q::<()>(&mut *con, &["SET", "dep:X", "not a set"]);
+    let metrics = Arc::new(Metrics::new());
+    let sink = RedisSink::new("r", &signalling(&target), metrics.clone()).expect("valid config");
+    let (cache, mut events, subscription) = subscribed(&target, &all).await;
+
+    let mut batch = Invalidations::of(ItemKind::RedisKey, strings(&["A", "X"]))
+        .with(ItemKind::RedisTag, strings(&["t"]))
+        .with(ItemKind::RedisDependents, strings(&["key:A", "key:X", "tag:t"]));
+    let mut origins = Origins { position: Some(7), ..Origins::default() };
+    origins.keys.insert("A".into(), origin("update"));
+    origins.keys.insert("X".into(), origin("insert"));
+    origins.roots.insert("key:A".into(), origin("update"));
+    origins.roots.insert("tag:t".into(), KeyOrigin { table: Arc::from("public.categories"), op: "delete" });
+    batch.set_origins(origins);
+    let invalidating = tokio::spawn(async move { (invalidate(&sink, &batch).await, sink) });
+    let (message, dropped, there) = on_receipt(&target, &mut events, "no-such-key:*", &all).await;
+    assert_eq!(there, 0, "the message arrived before the cascade's deletes");
+    let (report, _sink) = invalidating.await.unwrap();
+    assert_eq!(report.rejected.iter().map(|r| (r.kind, r.index)).collect::<Vec<_>>(), [(ItemKind::RedisDependents, 1)]);
+    assert_eq!(message.keys, strings(&["A", "B", "C", "N", "X"]), "the keys and the dependents, once each");
+    assert_eq!(message.tags, ["t"]);
+    assert!(message.patterns.is_empty(), "patterns are the pattern sink's to announce");
+    assert_eq!(dropped, 5, "M is the tag's member: the tag names it, not the keys");
+    assert_eq!(cache.len(), 1, "M stays in a cache that did not register it under t");
+    let mut warmed = warm_entries(&mut *con);
+    let own: Vec<_> = warmed.drain(..2).collect();
+    assert_eq!(
+        own.iter().map(|e| (e.0.as_str(), e.2.as_str())).collect::<Vec<_>>(),
+        [("A", "update"), ("X", "insert")]
+    );
+    warmed.sort();
+    let entry = |k: &str, t: &str, o: &str| (k.to_string(), t.to_string(), o.to_string());
+    assert_eq!(
+        warmed,
+        [
+            entry("B", "public.products", "update"),
+            entry("C", "public.products", "update"),
+            entry("N", "public.categories", "delete")
+        ],
+        "each dependent with its root's table and op"
+    );
+    subscription.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_dependents_are_announced_and_warmed() {
+    dependents_are_announced_and_warmed(Target::standalone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_dependents_are_announced_and_warmed() {
+    dependents_are_announced_and_warmed(Target::cluster()).await;
+}
+
+/// A walk whose matches have more dependents than a message lists: they are told while the walk
+/// goes on (each message after its keys are gone), at most 10,000 keys a message, every one
+/// once, and the message naming the pattern comes last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_walk_tells_its_dependents_in_bounded_messages() {
+    let target = Target::standalone();
+    let Target::Standalone(server) = &target else { unreachable!() };
+    let mut con = server.connection();
+    let n = 12_000;
+    let mut setup = redis::pipe();
+    for i in 0..n {
+        setup.set(format!("m:{i}"), "cached").ignore();
+        setup.set(format!("d:{i}"), "cached").ignore();
+        setup.sadd(format!("dep:m:{i}"), format!("d:{i}")).ignore();
+    }
+    let () = setup.query(&mut con).unwrap();
+    let mut config = signalling(&target);
+    config.warm = None;
+    config.scans_per_second = 10_000;
+    config.scan_count = 1000;
+    let patterns = PatternSink::new("r", &config, Arc::new(Metrics::new())).expect("valid config");
+    let (_cache, mut events, subscription) = subscribed(&target, &[]).await;
+    let batch = Invalidations::of(ItemKind::RedisPattern, strings(&["m:*"]))
+        .with(ItemKind::RedisDependents, strings(&["pattern:m:*"]));
+    let walking = tokio::spawn(async move { invalidate(&patterns, &batch).await });
+    let mut told = Vec::new();
+    loop {
+        let (message, _, _) = on_receipt(&target, &mut events, "no-such-key:*", &[]).await;
+        assert!(message.keys.len() <= 10_000, "{} keys in one message", message.keys.len());
+        let there = tokio::task::block_in_place(|| {
+            let mut con = target.connection();
+            existing(&mut *con, &message.keys).len()
+        });
+        assert_eq!(there, 0, "a message named dependents still there");
+        told.extend(message.keys);
+        if !message.patterns.is_empty() {
+            assert_eq!(message.patterns, ["m:*"]);
+            break;
+        }
+        assert!(message.patterns.is_empty());
+    }
+    assert!(walking.await.unwrap().rejected.is_empty());
+    told.sort();
+    let mut expected: Vec<String> = (0..n).map(|i| format!("d:{i}")).collect();
+    expected.sort();
+    assert_eq!(told.len(), n, "each dependent once");
+    assert_eq!(told, expected);
+    assert_eq!(count(&target, "m:*") + count(&target, "d:*"), 0);
+    subscription.abort();
+}
+
+/// Through the daemon (standalone): a rule with keys, a pattern and dependents. The key sink's
+/// message names the key and its dependent, the pattern sink's the pattern and its match's
+/// dependent, both with the event's position, each after what it names is gone; the warm-up
+/// stream gets the key and both dependents with the event's table and op, not the matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_daemon_patterns_and_dependents_are_told() {
+    let target = Target::standalone();
+    let Target::Standalone(server) = &target else { unreachable!() };
+    let mut con = target.connection();
+    let matches: Vec<String> = (0..300).map(|i| format!("bulk:5:{i}")).collect();
+    set_all(&mut *con, &matches);
+    set_all(&mut *con, &strings(&["product:1", "home:1", "sitemap:5"]));
+    sadd(&mut *con, "dep:product:1", &["home:1"]);
+    sadd(&mut *con, "dep:bulk:5:17", &["sitemap:5"]);
+    let (_cache, mut events, subscription) = subscribed(&target, &[]).await;
+
+    let kafka = MockKafka::start(1);
+    kafka.create_topic(TOPIC, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = kafka.bootstrap();
+    let url = server.url();
+    let setup =
+        Setup { bootstrap: &bootstrap, topics: &[TOPIC], group: "g", redis_url: &url, extra: "", librdkafka: &[] };
+    let (path, port) = write_config(dir.path(), &setup);
+    let rules = PATTERN_RULES.replace("      patterns:", "      dependents: true\n      patterns:");
+    std::fs::write(dir.path().join("rules.yaml"), rules).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "    retry: { initial: 20ms, max: 250ms }\n",
+        "    retry: { initial: 20ms, max: 250ms }\n    scan_count: 50\n    scans_per_second: 50\n    broadcast: { channel: cdc-invalidator }\n    warm: { stream: \"cdc-invalidator:warm\", maxlen: 1000 }\n",
+    );
+    std::fs::write(&path, text).unwrap();
+    let daemon = Daemon::from_config(dir.path(), &path, port);
+    kafka.produce(TOPIC, None, Some("{\"id\":1}"), Some(&product_insert(1, 5))).await;
+
+    let mut by_sink = Vec::new();
+    for _ in 0..2 {
+        let named = strings(&["product:1", "home:1", "sitemap:5"]);
+        let (message, _, there) = on_receipt(&target, &mut events, "bulk:5:*", &named).await;
+        if message.patterns.is_empty() {
+            let named_there = tokio::task::block_in_place(|| {
+                let mut con = target.connection();
+                existing(&mut *con, &message.keys).len()
+            });
+            assert_eq!(named_there, 0, "the key sink's message came before its deletes");
+        } else {
+            assert_eq!(there, 0, "the pattern sink's message came before the walk ended");
+        }
+        assert_eq!(message.position.as_deref(), Some("1"), "the event's source.lsn");
+        by_sink.push((message.patterns, message.keys));
+    }
+    by_sink.sort();
+    assert_eq!(
+        by_sink,
+        [(vec![], strings(&["home:1", "product:1"])), (strings(&["bulk:5:*"]), strings(&["sitemap:5"]))]
+    );
+    let warmed = wait_until(Duration::from_secs(10), || warm_entries(&mut *con).len() >= 3).await;
+    assert!(warmed, "three warm-up entries");
+    let mut entries = warm_entries(&mut *con);
+    entries.sort();
+    let entry = |k: &str| (k.to_string(), "public.products".to_string(), "insert".to_string());
+    assert_eq!(entries, [entry("home:1"), entry("product:1"), entry("sitemap:5")]);
+    daemon.stop().await.unwrap();
+    subscription.abort();
+}
+
+/// A warm-up stream key of another type rejects a dependent's root (once, even when its
+/// cascade rejected it too), besides the keys: their events are dead-lettered, the deletes done.
+#[tokio::test]
+async fn a_warm_stream_of_another_type_rejects_the_roots_of_dependents() {
+    let target = Target::standalone();
+    let mut con = target.connection();
+    set_all(&mut *con, &strings(&["A", "B", "Z", STREAM]));
+    sadd(&mut *con, "dep:A", &["B"]);
+    q::<()>(&mut *con, &["SET", "dep:X", "not a set"]);
+    sadd(&mut *con, "tag:t", &["X", "Y"]);
+    // Z is unlinked through tag:t's cascade as well: its warm-up entry rejects the same root.
+    sadd(&mut *con, "dep:Y", &["Z"]);
+    let sink = RedisSink::new("r", &signalling(&target), Arc::new(Metrics::new())).expect("valid config");
+    let batch = Invalidations::of(ItemKind::RedisKey, strings(&["A"]))
+        .with(ItemKind::RedisTag, strings(&["t"]))
+        .with(ItemKind::RedisDependents, strings(&["key:A", "tag:t"]));
+    let report = invalidate(&sink, &batch).await;
+    let rejected: Vec<(ItemKind, usize)> = report.rejected.iter().map(|r| (r.kind, r.index)).collect();
+    assert_eq!(rejected, [(ItemKind::RedisDependents, 1), (ItemKind::RedisKey, 0), (ItemKind::RedisDependents, 0)]);
+    assert!(report.rejected[0].reason.contains("\"dep:X\" holds a string"), "the cascade's reason first");
+    assert!(report.rejected[2].reason.contains("is not a stream"), "{}", report.rejected[2].reason);
+    assert!(existing(&mut *con, &strings(&["A", "B", "X", "Z"])).is_empty(), "the deletes happened");
 }

@@ -25,7 +25,7 @@ use crate::support::redis::{RedisCluster, RedisServer};
 /// The reference subscriber, exactly as shipped.
 #[allow(dead_code)]
 #[path = "../examples/broadcast_subscriber/subscriber.rs"]
-mod subscriber;
+pub(crate) mod subscriber;
 
 use subscriber::{Event, LocalCache, Target};
 
@@ -361,7 +361,10 @@ async fn the_reference_warmer_refills_from_postgres_and_acknowledges() {
     let mut batch = Invalidations::of(ItemKind::RedisKey, keys.iter().map(|k| k.to_string()).collect());
     let origin = |op| KeyOrigin { table: Arc::from("public.products"), op };
     let origins = [("product:42", origin("update")), ("product:43", origin("delete")), ("other:1", origin("insert"))];
-    batch.set_origins(Origins { position: None, keys: origins.into_iter().map(|(k, o)| (k.to_string(), o)).collect() });
+    batch.set_origins(Origins {
+        keys: origins.into_iter().map(|(k, o)| (k.to_string(), o)).collect(),
+        ..Origins::default()
+    });
     sink.invalidate(&batch, &Shutdown::never()).await.unwrap();
 
     let refilled = wait_until(Duration::from_secs(15), || con.exists::<_, bool>("product:42").unwrap_or(false)).await;

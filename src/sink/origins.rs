@@ -33,6 +33,10 @@ pub struct Origins {
     /// Each Redis key of the batch: the table and op of the *last* event that asked for it
     /// (a warmer should not refill a row the batch ends by deleting).
     pub keys: HashMap<String, KeyOrigin>,
+    /// Each dependents root of the batch (`key:K`, `tag:T`, `pattern:P`, as in its
+    /// [`ItemKind::RedisDependents`] list): the table and op of the last event that asked for
+    /// it, which the keys its cascade unlinks inherit in the warm-up stream.
+    pub roots: HashMap<String, KeyOrigin>,
 }
 
 /// An event's position as one number that grows with the source's order: the commit LSN
@@ -62,8 +66,8 @@ impl Origins {
             }
             let Ok(Decoded::Change(change)) = &event.decoded else { continue };
             origins.position = origins.position.max(position(event));
-            let keys = asked.items(ItemKind::RedisKey);
-            if keys.is_empty() {
+            let (keys, roots) = (asked.items(ItemKind::RedisKey), asked.items(ItemKind::RedisDependents));
+            if keys.is_empty() && roots.is_empty() {
                 continue;
             }
             let table = tables.entry(change.table.as_str()).or_insert_with(|| Arc::from(change.table.as_str())).clone();
@@ -71,19 +75,29 @@ impl Origins {
             for key in keys {
                 origins.keys.insert(key.clone(), origin.clone());
             }
+            for root in roots {
+                origins.roots.insert(root.clone(), origin.clone());
+            }
         }
         origins
     }
 
-    /// Origins for keys an operator purges by hand: table `""`, op `purge`, no position.
-    pub fn manual(keys: &[String]) -> Origins {
+    /// Origins for the keys (and dependents roots) an operator purges by hand: table `""`, op
+    /// `purge`, no position.
+    pub fn manual(items: &Invalidations) -> Origins {
         let origin = KeyOrigin { table: Arc::from(""), op: "purge" };
-        Origins { position: None, keys: keys.iter().map(|k| (k.clone(), origin.clone())).collect() }
+        let each = |kind| items.items(kind).iter().map(|k: &String| (k.clone(), origin.clone())).collect();
+        Origins { position: None, keys: each(ItemKind::RedisKey), roots: each(ItemKind::RedisDependents) }
     }
 
     /// Where `key` came from, if known.
     pub fn key(&self, key: &str) -> Option<&KeyOrigin> {
         self.keys.get(key)
+    }
+
+    /// Where the dependents root `root` (`key:K`, `tag:T`, `pattern:P`) came from, if known.
+    pub fn root(&self, root: &str) -> Option<&KeyOrigin> {
+        self.roots.get(root)
     }
 
     /// The origins of batches merged in order: the highest position, and for a key asked for
@@ -93,6 +107,7 @@ impl Origins {
         for o in all {
             merged.position = merged.position.max(o.position);
             merged.keys.extend(o.keys.iter().map(|(k, v)| (k.clone(), v.clone())));
+            merged.roots.extend(o.roots.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
         merged
     }
@@ -153,5 +168,22 @@ mod tests {
         let merged = Origins::merge([&origins, &later]);
         assert_eq!(merged.position, Some(90), "the highest, whatever the order");
         assert_eq!(merged.key("c:1").map(|o| o.op), Some("update"), "the later batch's origin");
+    }
+
+    #[test]
+    fn each_dependents_root_keeps_the_event_that_asked_for_it() {
+        let first = event("public.p", Op::Update, Position::Postgres { lsn: 1, commit_end_lsn: 50 }, None);
+        let second = event("public.c", Op::Delete, Position::Postgres { lsn: 2, commit_end_lsn: 60 }, None);
+        let (a, b) = (
+            Invalidations::of(ItemKind::RedisDependents, vec!["key:p:1".into(), "pattern:p:1:*".into()]),
+            Invalidations::of(ItemKind::RedisDependents, vec!["pattern:p:1:*".into()]),
+        );
+        let origins = Origins::of([(&first, &a), (&second, &b)]);
+        assert_eq!(origins.root("key:p:1").map(|o| (&*o.table, o.op)), Some(("public.p", "update")));
+        assert_eq!(origins.root("pattern:p:1:*").map(|o| (&*o.table, o.op)), Some(("public.c", "delete")));
+        assert!(origins.key("p:1").is_none(), "a root is not a key of the batch");
+        let manual = Origins::manual(&a.with(ItemKind::RedisKey, vec!["k".into()]));
+        assert_eq!(manual.root("key:p:1").map(|o| (&*o.table, o.op)), Some(("", "purge")));
+        assert_eq!(manual.key("k").map(|o| o.op), Some("purge"));
     }
 }

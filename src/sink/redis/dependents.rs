@@ -27,6 +27,14 @@
 //! [`MAX_CASCADE_KEYS`] keys, whichever comes first. A dependency set that holds something else
 //! than a set is left as it is and its root reported as rejected (dead-lettered with the
 //! reason), like a tag key that is not a set; the rest of the cascade goes on.
+//!
+//! # Telling applications
+//!
+//! The cascade returns the keys it unlinked ([`Cascade::unlinked`], each with its root), so the
+//! sink that ran it lists them in the `keys` of its broadcast and appends them to the warm-up
+//! stream with the table and op of the root's event: an in-process copy of `home:page` is as
+//! stale as Redis's was. They are as many as the cascade unlinked (bounded by
+//! [`MAX_CASCADE_KEYS`] plus the members of the last level's sets, which are in memory anyway).
 
 use std::collections::{HashMap, HashSet};
 
@@ -100,15 +108,23 @@ impl<'a> Roots<'a> {
     }
 }
 
+/// What one cascade did.
+#[derive(Debug, Default)]
+pub(super) struct Cascade {
+    /// The roots rejected (a dependency set that is not a set), once each, by index.
+    pub(super) rejected: Vec<Rejected>,
+    /// Every key the cascade unlinked (the starts excluded), once, with its root's index.
+    pub(super) unlinked: Vec<(String, usize)>,
+}
+
 impl RedisSink {
     /// Unlinks the dependents of the keys in `starts` (already invalidated), level by level;
-    /// each start is `(root index, keys)`. Returns the roots rejected (a dependency set that is
-    /// not a set), once each.
+    /// each start is `(root index, keys)`.
     pub(super) async fn cascade(
         &self,
         starts: Vec<(usize, Vec<String>)>,
         shutdown: &Shutdown,
-    ) -> Result<Vec<Rejected>, SinkError> {
+    ) -> Result<Cascade, SinkError> {
         let mut seen: HashSet<String> = HashSet::new();
         // (key, root index): the keys whose dependency sets the next level empties.
         let mut frontier: Vec<(String, usize)> = Vec::new();
@@ -120,6 +136,7 @@ impl RedisSink {
             }
         }
         let mut rejected: HashMap<usize, String> = HashMap::new();
+        let mut unlinked: Vec<(String, usize)> = Vec::new();
         for _ in 0..self.dependents_depth {
             if frontier.is_empty() {
                 break;
@@ -136,9 +153,15 @@ impl RedisSink {
                 let Some((_, root)) = frontier.get(at) else { continue };
                 for member in members {
                     if seen.len() >= MAX_CASCADE_KEYS {
-                        break;
+                        // Unlinked all the same (its set was emptied): it is announced, not
+                        // followed further.
+                        if !seen.contains(&member) {
+                            unlinked.push((member, *root));
+                        }
+                        continue;
                     }
                     if seen.insert(member.clone()) {
+                        unlinked.push((member.clone(), *root));
                         next.push((member, *root));
                     }
                 }
@@ -158,7 +181,10 @@ impl RedisSink {
             .map(|(index, reason)| Rejected { kind: ItemKind::RedisDependents, index, reason })
             .collect();
         rejected.sort_by_key(|r| r.index);
-        Ok(rejected)
+        // Past the bound a member may come from two sets: once is enough.
+        unlinked.sort_unstable();
+        unlinked.dedup_by(|a, b| a.0 == b.0);
+        Ok(Cascade { rejected, unlinked })
     }
 }
 

@@ -74,7 +74,7 @@ use redis::Value;
 use crate::config::{RedisConfig, RedisMode, WaitReplicas};
 use crate::retry::{RetryError, RetryPolicy, Verdict};
 use crate::shutdown::Shutdown;
-use crate::sink::{Invalidations, ItemKind, Sink, SinkError, SinkReport};
+use crate::sink::{Invalidations, ItemKind, Rejected, Sink, SinkError, SinkReport};
 use crate::telemetry::Metrics;
 
 pub mod broadcast;
@@ -769,6 +769,39 @@ async fn scan_primaries(cluster: &Cluster) -> Result<Vec<String>, CommandError> 
     Ok(found)
 }
 
+/// Each rejected item once, with its first reason: a dependents root can be rejected by its
+/// cascade (a `dep:` key that is not a set) and again by the warm-up stream.
+fn once_each(mut rejected: Vec<Rejected>) -> Vec<Rejected> {
+    let mut seen = std::collections::HashSet::new();
+    rejected.retain(|r| seen.insert((r.kind, r.index)));
+    rejected
+}
+
+impl RedisSink {
+    /// Tells applications what this sink confirmed of `batch` (its items of `kinds`, and the
+    /// `dependents` its cascades unlinked): the broadcast, then the warm-up stream, each if
+    /// configured. Returns the items the warm-up stream rejected.
+    async fn tell(
+        &self,
+        batch: &Invalidations,
+        kinds: &[ItemKind],
+        dependents: &[(String, usize)],
+        shutdown: &Shutdown,
+    ) -> Result<Vec<Rejected>, SinkError> {
+        if let Some(config) = &self.broadcast {
+            let announcement = broadcast::Announcement::of(batch, kinds, dependents.iter().map(|(k, _)| k.as_str()));
+            self.broadcast(config, &announcement, shutdown).await?;
+        }
+        match &self.warm {
+            Some(config) => {
+                let entries = warm::entries(batch, kinds.contains(&ItemKind::RedisKey), dependents);
+                self.warm(config, &entries, shutdown).await
+            }
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
 #[async_trait]
 impl Sink for RedisSink {
     fn name(&self) -> &str {
@@ -816,20 +849,21 @@ impl Sink for RedisSink {
             report.confirmed.push((ItemKind::RedisGeneration, outcome.confirmed));
             report.rejected.extend(outcome.rejected);
         }
+        let mut dependents = Vec::new();
         if roots.served_here() > 0 {
-            let rejected = self.cascade(cascade, shutdown).await?;
+            let cascaded = self.cascade(cascade, shutdown).await?;
             report
                 .confirmed
-                .push((ItemKind::RedisDependents, roots.served_here().saturating_sub(rejected.len()) as u64));
-            report.rejected.extend(rejected);
+                .push((ItemKind::RedisDependents, roots.served_here().saturating_sub(cascaded.rejected.len()) as u64));
+            report.rejected.extend(cascaded.rejected);
+            dependents = cascaded.unlinked;
         }
-        // Only now, with every delete confirmed, are applications told.
-        if let Some(config) = &self.broadcast {
-            self.broadcast(config, batch, shutdown).await?;
-        }
-        if let Some(config) = &self.warm {
-            report.rejected.extend(self.warm(config, batch, shutdown).await?);
-        }
+        // Only now, with every delete confirmed, are applications told. Patterns are told by
+        // the pattern sink once its walks end.
+        report
+            .rejected
+            .extend(self.tell(batch, &[ItemKind::RedisKey, ItemKind::RedisTag], &dependents, shutdown).await?);
+        report.rejected = once_each(std::mem::take(&mut report.rejected));
         Ok(report)
     }
 

@@ -27,6 +27,16 @@
 //! - A failed call starts that pattern's walk again from cursor 0 (a cursor means nothing to a
 //!   restarted or promoted server); keys already unlinked are not found again.
 //!
+//! # Telling applications
+//!
+//! With `sinks.redis.broadcast`, this sink publishes its own message once every walk of a batch
+//! (and the cascades from its matches) is done: `patterns` lists the batch's patterns, `keys`
+//! the dependents unlinked (the key sink's message for the same batch has `patterns: []`, since
+//! its deletes end earlier). A long walk's dependents are told as they pile up, a message's
+//! worth at a time, so memory stays bounded; the message naming the pattern comes last. With
+//! `sinks.redis.warm` the dependents are appended with their root's table and op; the matches
+//! are not (a glob names no key to refill).
+//!
 //! Progress: `cdc_invalidator_redis_pattern_scans_in_flight`, `..._scan_calls_total`,
 //! `..._pattern_keys_matched_total`, `..._pattern_keys_unlinked_total`, by sink (named
 //! `<target>:patterns`).
@@ -38,6 +48,7 @@ use async_trait::async_trait;
 use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
 use redis::Value;
 
+use super::broadcast::MAX_KEYS_PER_MESSAGE;
 use super::cluster::Cluster;
 use super::connection::{item, CommandError};
 use super::dependents::Roots;
@@ -179,11 +190,14 @@ impl PatternSink {
     }
 
     /// Walks `pattern` to the end, unlinking each page and, with a root, cascading to the
-    /// dependents of what it unlinked. Returns the root's rejections.
+    /// dependents of what it unlinked (added to `dependents`, `(key, root index)`). Returns the
+    /// root's rejections.
     async fn invalidate_pattern(
         &self,
+        batch: &Invalidations,
         pattern: &str,
         root: Option<usize>,
+        dependents: &mut Vec<(String, usize)>,
         shutdown: &Shutdown,
     ) -> Result<Vec<Rejected>, SinkError> {
         let name = [self.core.name.as_str()];
@@ -200,10 +214,18 @@ impl PatternSink {
             matched.inc_by(keys.len() as u64);
             unlinked.inc_by(self.core.unlink_keys(&keys, shutdown).await?);
             if let Some(root) = root {
-                for r in self.core.cascade(vec![(root, keys)], shutdown).await? {
+                let cascaded = self.core.cascade(vec![(root, keys)], shutdown).await?;
+                for r in cascaded.rejected {
                     if !rejected.iter().any(|known: &Rejected| known.index == r.index) {
                         rejected.push(r);
                     }
+                }
+                dependents.extend(cascaded.unlinked);
+                if dependents.len() >= MAX_KEYS_PER_MESSAGE {
+                    // A long walk's dependents are told as they are unlinked, a message's worth
+                    // at a time, rather than held until the walk ends: memory stays bounded.
+                    let told = std::mem::take(dependents);
+                    rejected.extend(self.core.tell(batch, &[], &told, shutdown).await?);
                 }
             }
         }
@@ -263,8 +285,10 @@ impl Sink for PatternSink {
         let in_flight = self.core.metrics.redis_more.pattern_scans_in_flight.with_label_values(&[&self.core.name]);
         in_flight.set(patterns.len() as i64);
         let mut rejected = Vec::new();
+        let mut dependents = Vec::new();
         for pattern in patterns {
-            let result = self.invalidate_pattern(pattern, roots.get(pattern.as_str()).copied(), shutdown).await;
+            let root = roots.get(pattern.as_str()).copied();
+            let result = self.invalidate_pattern(batch, pattern, root, &mut dependents, shutdown).await;
             in_flight.dec();
             match result {
                 Ok(r) => rejected.extend(r),
@@ -278,8 +302,18 @@ impl Sink for PatternSink {
         if !roots.is_empty() {
             report.confirmed.push((ItemKind::RedisDependents, roots.len().saturating_sub(rejected.len()) as u64));
         }
-        report.rejected = rejected;
+        // Every walk is done (and its cascade): only now may applications hear of the patterns,
+        // on the same channel as the key sink's message for the same batch (which lists the
+        // keys and tags, not the patterns).
+        dependents.sort_unstable();
+        dependents.dedup_by(|a, b| a.0 == b.0);
+        rejected.extend(self.core.tell(batch, &[ItemKind::RedisPattern], &dependents, shutdown).await?);
+        report.rejected = super::once_each(rejected);
         Ok(report)
+    }
+
+    fn wants_origins(&self) -> bool {
+        self.core.wants_origins()
     }
 
     async fn ping(&self) -> bool {

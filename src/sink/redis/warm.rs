@@ -5,9 +5,11 @@
 //!
 //! - **What**: one entry per key of the batch's `keys` list (`XADD stream MAXLEN ~ maxlen *
 //!   key K table T op O`); `op` is that of the batch's last event asking for the key, so a warmer
-//!   can skip keys whose row is gone (`delete`, `truncate`). Keys unlinked through tag fan-out
-//!   are not listed: the server-side script removes them without naming them to the daemon, and
-//!   a tag's members are rarely the hot keys a warmer exists for.
+//!   can skip keys whose row is gone (`delete`, `truncate`). Keys the dependents cascade
+//!   unlinked follow, each with the table and op of its root's event (a dependent is refilled
+//!   because the row behind its root changed). Keys unlinked through tag fan-out are not
+//!   listed: the server-side script removes them without naming them to the daemon, and a
+//!   tag's members are rarely the hot keys a warmer exists for.
 //! - **Bounded**: the stream is capped with `MAXLEN ~` (Redis trims whole macro-nodes, so it
 //!   stays near `maxlen`, a little over at most), and a batch's XADDs go
 //!   [`XADDS_PER_ROUND`] per round trip. In cluster mode the stream is one key in one slot:
@@ -27,6 +29,7 @@ use serde::Deserialize;
 use super::connection::{item, CommandError};
 use super::{Backend, RedisSink};
 use crate::shutdown::Shutdown;
+use crate::sink::origins::KeyOrigin;
 use crate::sink::{Invalidations, ItemKind, Rejected, SinkError};
 
 /// XADD commands per round trip.
@@ -69,6 +72,39 @@ impl WarmConfig {
     }
 }
 
+/// One entry to append, and the batch item answerable for it (rejected if it cannot be).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct WarmEntry<'a> {
+    key: &'a str,
+    origin: Option<&'a KeyOrigin>,
+    item: (ItemKind, usize),
+}
+
+/// The entries of `batch`: its keys (when `own_keys`: the sink serving them tells them), then
+/// the `dependents` a cascade unlinked (`(key, root index)`; a key already listed is not listed
+/// twice), with the origin of their root.
+pub(super) fn entries<'a>(
+    batch: &'a Invalidations,
+    own_keys: bool,
+    dependents: &'a [(String, usize)],
+) -> Vec<WarmEntry<'a>> {
+    let origins = batch.origins();
+    let keys = if own_keys { batch.items(ItemKind::RedisKey) } else { &[][..] };
+    let roots = batch.items(ItemKind::RedisDependents);
+    let listed: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
+    let own = keys.iter().enumerate().map(|(index, key)| WarmEntry {
+        key,
+        origin: origins.and_then(|o| o.key(key)),
+        item: (ItemKind::RedisKey, index),
+    });
+    let cascaded = dependents.iter().filter(|(key, _)| !listed.contains(key.as_str())).map(|(key, root)| WarmEntry {
+        key,
+        origin: origins.zip(roots.get(*root)).and_then(|(o, root)| o.root(root)),
+        item: (ItemKind::RedisDependents, *root),
+    });
+    own.chain(cascaded).collect()
+}
+
 /// How one round of XADDs ended.
 enum Round {
     Added,
@@ -83,23 +119,22 @@ fn wrong_type(e: &redis::RedisError) -> Option<String> {
 }
 
 impl RedisSink {
-    /// Appends every key of `batch` to the stream; returns the keys rejected because the
-    /// stream's key holds another type.
+    /// Appends every entry to the stream; returns the items rejected because the stream's key
+    /// holds another type (each once).
     pub(super) async fn warm(
         &self,
         config: &WarmConfig,
-        batch: &Invalidations,
+        entries: &[WarmEntry<'_>],
         shutdown: &Shutdown,
     ) -> Result<Vec<Rejected>, SinkError> {
-        let keys = batch.items(ItemKind::RedisKey);
-        let origins = batch.origins();
         let maxlen = config.maxlen.to_string();
-        for (round, chunk) in keys.chunks(XADDS_PER_ROUND).enumerate() {
+        for (round, chunk) in entries.chunks(XADDS_PER_ROUND).enumerate() {
             let mut pipe = redis::pipe();
             // Each reply on its own: a WRONGTYPE is told apart from a failed round trip.
             pipe.ignore_errors();
-            for key in chunk {
-                let (table, op) = origins.and_then(|o| o.key(key)).map_or(("", "unknown"), |o| (&*o.table, o.op));
+            for entry in chunk {
+                let (key, origin) = (entry.key, entry.origin);
+                let (table, op) = origin.map_or(("", "unknown"), |o| (&*o.table, o.op));
                 pipe.cmd("XADD")
                     .arg(&config.stream)
                     .arg("MAXLEN")
@@ -147,9 +182,13 @@ impl RedisSink {
                         "the warm-up stream {:?} (sinks.redis.warm.stream) is not a stream: {sentence}; the key was deleted, only its warm-up entry is missing",
                         config.stream
                     );
-                    let first = round * XADDS_PER_ROUND;
-                    return Ok((first..keys.len())
-                        .map(|index| Rejected { kind: ItemKind::RedisKey, index, reason: reason.clone() })
+                    let mut items: Vec<(ItemKind, usize)> =
+                        entries.iter().skip(round * XADDS_PER_ROUND).map(|e| e.item).collect();
+                    items.sort_unstable();
+                    items.dedup();
+                    return Ok(items
+                        .into_iter()
+                        .map(|(kind, index)| Rejected { kind, index, reason: reason.clone() })
                         .collect());
                 }
             }
