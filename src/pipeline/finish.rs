@@ -14,7 +14,7 @@ use crate::dead_letter::{DeadLetterError, DeadLetters, Letter, Reason};
 use crate::event::Decoded;
 use crate::freshness::{Commit, Replicas};
 use crate::shutdown::Shutdown;
-use crate::sink::{Invalidations, Sink};
+use crate::sink::{Invalidations, ItemKind, Sink};
 use crate::source::Ack;
 use crate::telemetry::Metrics;
 
@@ -91,12 +91,7 @@ impl Finish {
         // With read replicas, the batch's second pass waits for its newest commit LSN; a batch
         // without one (a source that has none) falls back to `repeat_after`, or has none.
         let lsn = match &self.freshness {
-            Some(_) => Commit::newest(
-                unit.items
-                    .iter()
-                    .filter(|i| i.evaluation.as_ref().is_some_and(|e| !e.invalidations.is_empty()))
-                    .map(|i| &i.event),
-            ),
+            Some(_) => Commit::newest(unit.items.iter().filter(|i| asks(i)).map(|i| &i.event)),
             None => None,
         };
         let repeat =
@@ -105,6 +100,14 @@ impl Finish {
         // unit instead of one per event (a lookup hashes the labels and takes a lock).
         let mut outcomes = LabelCounts::default();
         let mut tables = TableStaleness::default();
+        // Settled seconds of events without a second pass: one histogram per sink, looked up
+        // once per unit.
+        let settled: Vec<(&[ItemKind], prometheus::Histogram)> = match repeat {
+            true => Vec::new(),
+            false => {
+                self.sinks.iter().map(|s| (s.kinds(), self.metrics.settled.with_label_values(&[s.name()]))).collect()
+            }
+        };
         for item in &unit.items {
             let (table, op) = match &item.event.decoded {
                 Ok(Decoded::Change(c)) => (c.table.as_str(), c.op.as_str()),
@@ -128,8 +131,8 @@ impl Finish {
                     tables.observe(&self.metrics, table, seconds);
                     // No second pass: the first was the last, so the event settled now. Observed
                     // so that settled covers every invalidated event whatever the timing.
-                    for sink in self.sinks.iter().filter(|s| asks(item) && item.asks(s.kinds())) {
-                        self.metrics.settled.with_label_values(&[sink.name()]).observe(seconds);
+                    for (_, histogram) in settled.iter().filter(|(kinds, _)| item.asks(kinds)) {
+                        histogram.observe(seconds);
                     }
                 }
             }
