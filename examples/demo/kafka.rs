@@ -335,7 +335,10 @@ async fn start_tansu(bin: &Path, dir: &Path) -> DemoResult<(Service, String)> {
             .args(["--storage-engine", "memory://tansu/"])
             // These settings have no flag here and must not leak in from the caller's shell.
             .env_remove("SCHEMA_REGISTRY")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            // Tansu reads RUST_LOG as well: a `RUST_LOG=debug` meant for the daemon would make it
+            // log every fetch at trace detail (gigabytes a minute). info prints TANSU_READY.
+            .env("RUST_LOG", "info");
         let log = dir.join("tansu.log");
         let mut service = Service::spawn("tansu broker", cmd, &log)?;
         let deadline = Instant::now() + START_TIMEOUT;

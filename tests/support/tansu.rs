@@ -172,8 +172,18 @@ fn spawn_broker(bin: &Path, port: u16, log: &NamedTempFile) -> Child {
         // Flags above win over Tansu's env settings, but these two have no flag set here and must
         // not leak in from the developer's shell.
         .env_remove("SCHEMA_REGISTRY")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        // Tansu reads RUST_LOG too: a `RUST_LOG=debug` meant for our daemon made it trace every
+        // fetch response it serialised, about 1 GB of log a minute under a benchmark (it filled
+        // the disk once). Its own level is TANSU_LOG, default info (which prints the readiness
+        // line the start-up waits for).
+        .env("RUST_LOG", tansu_log_level());
     with_output_to(cmd, log).spawn().unwrap_or_else(|e| panic!("spawn {} broker: {e}", bin.display()))
+}
+
+/// Tansu's log filter: `TANSU_LOG`, else `info`.
+fn tansu_log_level() -> String {
+    std::env::var("TANSU_LOG").unwrap_or_else(|_| "info".into())
 }
 
 /// Sends stdout and stderr to `file` (plain text, no colour codes) and closes stdin.
