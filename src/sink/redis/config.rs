@@ -590,6 +590,42 @@ mod tests {
         assert!(text.contains("c.yaml:"), "{text}");
     }
 
+    /// Ranges and the offline client check used to look at the first target only (through
+    /// `Deref`): a second target with a zero timeout or a URL the client cannot parse passed
+    /// `check` and failed `run`.
+    #[test]
+    fn every_listed_target_is_range_checked_and_built_offline() {
+        let text = messages(
+            load("  redis:\n    - name: eu\n      url: \"redis://a:6379\"\n    - name: us\n      url: \"redis://b:6379\"\n      connect_timeout: 0s\n      retry: { initial: 2s, max: 1s }\n")
+                .unwrap_err(),
+        );
+        assert!(text.contains("c.yaml:13:24: sinks.redis[1].connect_timeout must be between 1ms and 10m"), "{text}");
+        assert!(text.contains("sinks.redis[1].retry.max must be at least sinks.redis[1].retry.initial"), "{text}");
+        assert!(!text.contains("sinks.redis[0]"), "{text}");
+
+        let text = messages(
+            load("  redis:\n    - name: eu\n      url: \"redis://a:6379\"\n    - name: us\n      url: \"redis://b:6379/notadb\"\n")
+                .unwrap_err(),
+        );
+        assert!(text.contains("c.yaml:12:12: sinks.redis[1].url: "), "{text}");
+    }
+
+    /// Names label metrics, so they are unique across kinds of sink: a CDN may not take a
+    /// Redis target's name.
+    #[test]
+    fn a_cdn_sink_cannot_take_a_redis_targets_name() {
+        let text = messages(
+            load("  redis:\n    - name: edge\n      url: \"redis://a:6379\"\n  cdn:\n    - { kind: varnish, name: edge, nodes: [\"http://127.0.0.1:6081\"] }\n")
+                .unwrap_err(),
+        );
+        assert!(text.contains("sinks.cdn[0]: the sink name \"edge\" is used twice"), "{text}");
+        let text = messages(
+            load("  redis:\n    url: \"redis://a:6379\"\n  cdn:\n    - { kind: varnish, name: redis, nodes: [\"http://127.0.0.1:6081\"] }\n")
+                .unwrap_err(),
+        );
+        assert!(text.contains("the sink name \"redis\" is used twice"), "{text}");
+    }
+
     #[test]
     fn each_mode_needs_its_own_settings() {
         let text = messages(load("  redis:\n    mode: cluster\n").unwrap_err());
