@@ -69,7 +69,7 @@ pub(crate) trait SourceSection {
 
     /// The PostgreSQL cluster the source reads from, if it reads one: the read replicas that
     /// gate the second pass must replicate that very cluster (`freshness`).
-    fn postgres_cluster(&self) -> Option<&crate::config::postgres::Connection> {
+    fn postgres_cluster(&self) -> Option<&postgres::config::Connection> {
         None
     }
 }
@@ -169,7 +169,7 @@ impl SourceConfig {
     }
 
     /// The PostgreSQL cluster the configured source reads from, if any ([`SourceSection`]).
-    pub fn postgres_cluster(&self) -> Option<&crate::config::postgres::Connection> {
+    pub fn postgres_cluster(&self) -> Option<&postgres::config::Connection> {
         self.section().and_then(|s| s.postgres_cluster())
     }
 }
