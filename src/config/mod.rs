@@ -18,22 +18,34 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::retry::RetryPolicy;
-
 mod build;
 pub mod duration;
 pub mod freshness;
-pub mod postgres;
 mod problems;
-mod ranges;
-pub mod redis;
+pub(crate) mod ranges;
 pub mod secret;
 pub mod yaml;
 
 pub use secret::{relative_to, Need, Secret, SecretRef};
 
-pub use postgres::PostgresConfig;
-pub use redis::{RedisMode, RedisTargets, SentinelConfig, WaitReplicas};
+// Each component owns its section (its type, checks and construction) in its own `config.rs`;
+// these re-exports keep the paths that code and tests have always used.
+pub use crate::dead_letter::config::{DeadLetterConfig, DeadLetterKafka};
+pub use crate::sink::config::{LayerTiming, SinksConfig};
+pub use crate::sink::redis::config::{RedisConfig, RedisMode, RedisTargets, SentinelConfig, WaitReplicas};
+pub use crate::source::kafka::config::{KafkaConfig, KafkaFormat, SchemaRegistryConfig};
+pub use crate::source::postgres::config::PostgresConfig;
+pub use crate::source::{SourceConfig, SourceKind};
+
+/// `source.postgres` (re-exported from `crate::source::postgres::config`, its home).
+pub mod postgres {
+    pub use crate::source::postgres::config::*;
+}
+
+/// `sinks.redis` (re-exported from `crate::sink::redis::config`, its home).
+pub mod redis {
+    pub use crate::sink::redis::config::*;
+}
 
 pub use yaml::Location;
 
@@ -63,108 +75,6 @@ pub struct Config {
     pub freshness: freshness::FreshnessConfig,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum SourceKind {
-    Kafka,
-    Postgres,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SourceConfig {
-    pub kind: SourceKind,
-    pub kafka: Option<KafkaConfig>,
-    /// The PostgreSQL logical replication source (`kind: postgres`).
-    pub postgres: Option<PostgresConfig>,
-    /// How Debezium messages are read (`source.debezium`), whichever transport brings them.
-    #[serde(default)]
-    pub debezium: crate::source::debezium::DebeziumConfig,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaConfig {
-    /// `bootstrap.servers`.
-    pub brokers: String,
-    #[serde(default = "default_group_id")]
-    pub group_id: String,
-    /// Topics to subscribe to; or `topic_pattern`, not both.
-    #[serde(default)]
-    pub topics: Vec<String>,
-    /// A librdkafka regex subscription; must start with `^`.
-    pub topic_pattern: Option<String>,
-    /// Passed to librdkafka as is (`security.protocol`, `sasl.*`, `ssl.*`, ...). A key ending in
-    /// `_env` or `_file` is a secret indirection: `sasl.password_env: KAFKA_PASSWORD` sets
-    /// `sasl.password` from that variable. Values are never logged.
-    #[serde(default)]
-    pub librdkafka: BTreeMap<String, Scalar>,
-    /// How often finished offsets are committed (asynchronously).
-    #[serde(default = "default_commit_interval", with = "duration")]
-    pub commit_interval: Duration,
-    /// Largest message value accepted; larger ones are dead-lettered without being parsed.
-    #[serde(default = "default_max_message_bytes")]
-    pub max_message_bytes: usize,
-    #[serde(skip)]
-    pub resolved_librdkafka: Vec<(String, Secret)>,
-    /// Static group membership (librdkafka `group.instance.id`): an id that stays the same
-    /// across restarts, such as a StatefulSet pod's name, or `hostname` for the host's name. A
-    /// restarted member then gets its partitions back at once instead of after
-    /// `session.timeout.ms` (docs/operations.md, "Static membership").
-    #[serde(default)]
-    pub group_instance_id: Option<String>,
-    /// How message keys and values are encoded (`json`, `avro`, `protobuf`, `auto`).
-    #[serde(default)]
-    pub format: KafkaFormat,
-    /// Where Avro/Protobuf schemas are fetched by id; required unless `format` is `json`.
-    pub schema_registry: Option<SchemaRegistryConfig>,
-}
-
-/// `source.kafka.format`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KafkaFormat {
-    #[default]
-    Json,
-    Avro,
-    Protobuf,
-    /// Confluent wire format when the first byte is 0, JSON otherwise.
-    Auto,
-}
-
-/// `source.kafka.schema_registry`: a Confluent Schema Registry REST API.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SchemaRegistryConfig {
-    /// `http://` or `https://` (TLS through the URL).
-    pub url: String,
-    pub basic_auth_user: Option<String>,
-    pub basic_auth_password: Option<Secret>,
-    pub basic_auth_password_env: Option<String>,
-    pub basic_auth_password_file: Option<PathBuf>,
-    /// A PEM CA certificate to trust besides the system's.
-    pub ca_file: Option<PathBuf>,
-    /// Per request (connect and whole answer).
-    #[serde(default = "default_registry_timeout", with = "duration")]
-    pub timeout: Duration,
-    #[serde(skip)]
-    pub resolved_password: Option<Secret>,
-}
-
-fn default_registry_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-
-fn default_group_id() -> String {
-    "cdc-invalidator".into()
-}
-fn default_commit_interval() -> Duration {
-    Duration::from_secs(1)
-}
-fn default_max_message_bytes() -> usize {
-    8 * 1024 * 1024
-}
-
 /// A scalar config value passed through to a library as a string (YAML may spell `1000` or
 /// `true` unquoted).
 #[derive(Clone, Deserialize)]
@@ -191,185 +101,6 @@ impl fmt::Debug for Scalar {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Passthrough maps may hold passwords: never print them.
         f.write_str("<redacted>")
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SinksConfig {
-    /// One Redis target, or a list of named ones (`config/redis.rs`).
-    pub redis: Option<RedisTargets>,
-    /// HTTP caches and CDNs, each named (docs/cdn.md).
-    #[serde(default)]
-    pub cdn: Vec<crate::sink::cdn::CdnSinkConfig>,
-    /// Layer order timing: delay between layers, second pass.
-    #[serde(default)]
-    pub timing: LayerTiming,
-}
-
-/// `sinks.timing`: how the pipeline paces layers (Redis 0, Varnish-like caches 1, CDNs 2).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LayerTiming {
-    /// Wait this long after a layer confirmed a batch before purging the next one out, so an
-    /// edge cannot refill from an inner cache that is still being purged.
-    #[serde(with = "duration")]
-    pub layer_delay: Duration,
-    /// Re-issue every batch's invalidations once more this long after the first pass (covers a
-    /// reader that refilled a cache from a lagging replica); `0` (the default) turns it off.
-    /// Positions wait for it (docs/cdn.md says why).
-    #[serde(with = "duration")]
-    pub repeat_after: Duration,
-    /// At most this many events wait for their second pass; beyond, intake waits.
-    pub repeat_max_events: usize,
-}
-
-impl Default for LayerTiming {
-    fn default() -> Self {
-        LayerTiming { layer_delay: Duration::ZERO, repeat_after: Duration::ZERO, repeat_max_events: 100_000 }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS. Exactly one of `url`,
-    /// `url_env` (a variable holding it) and `url_file` (a file holding it).
-    pub url: Option<Secret>,
-    pub url_env: Option<String>,
-    pub url_file: Option<PathBuf>,
-    /// Prefix of the Redis sets that hold a tag's keys: tag `category:5` is the set
-    /// `<tag_prefix>category:5`.
-    #[serde(default = "default_tag_prefix")]
-    pub tag_prefix: String,
-    /// Keys per UNLINK command; commands of one batch are pipelined.
-    #[serde(default = "default_unlink_batch")]
-    pub unlink_batch: usize,
-    /// Members popped and unlinked per server-side script call during tag fan-out: bounds how
-    /// long one call holds Redis.
-    #[serde(default = "default_tag_chunk")]
-    pub tag_chunk: usize,
-    /// Per-command timeout; a timed-out command is retried.
-    #[serde(default = "default_response_timeout", with = "duration")]
-    pub response_timeout: Duration,
-    #[serde(default = "default_connect_timeout", with = "duration")]
-    pub connect_timeout: Duration,
-    #[serde(default)]
-    pub retry: RetryPolicy,
-    /// The target's name (metric label, log field); required in the list form, `redis` otherwise.
-    pub name: Option<String>,
-    /// standalone (default), cluster or sentinel.
-    #[serde(default)]
-    pub mode: RedisMode,
-    /// Cluster seed nodes (`mode: cluster`); may carry credentials, so secrets.
-    #[serde(default)]
-    pub nodes: Vec<Secret>,
-    /// Sentinels and the master's name (`mode: sentinel`).
-    pub sentinel: Option<SentinelConfig>,
-    /// `WAIT count timeout` after each batch (docs/design.md: the async replication gap).
-    pub wait_replicas: Option<WaitReplicas>,
-    /// `redis.patterns`: keys asked for per `SCAN` call (its COUNT), which bounds how long one
-    /// call holds a primary.
-    #[serde(default = "default_scan_count")]
-    pub scan_count: usize,
-    /// `redis.patterns`: `SCAN` calls per second at most, over every pattern and primary of the
-    /// target, so a pattern over a big keyspace never saturates Redis.
-    #[serde(default = "default_scans_per_second")]
-    pub scans_per_second: u32,
-    /// `redis.dependents`: key B depends on key A when B is a member of the set
-    /// `<dep_prefix>A`.
-    #[serde(default = "default_dep_prefix")]
-    pub dep_prefix: String,
-    /// `redis.dependents`: levels of dependents followed from an invalidated key.
-    #[serde(default = "default_dependents_depth")]
-    pub dependents_depth: u32,
-    /// A pub/sub message per batch after its deletes (off by default).
-    pub broadcast: Option<crate::sink::redis::broadcast::BroadcastConfig>,
-    /// A stream entry per invalidated key after its delete (off by default).
-    pub warm: Option<crate::sink::redis::warm::WarmConfig>,
-    /// The resolved URL (from `url`, `url_env` or `url_file`), filled by validation.
-    #[serde(skip)]
-    pub resolved_url: Option<Secret>,
-    /// The data nodes' ACL user and password in every mode, kept out of the URLs: exactly one
-    /// of `password`, `password_env`, `password_file`, or none (config/redis.rs).
-    pub username: Option<String>,
-    pub password: Option<Secret>,
-    pub password_env: Option<String>,
-    pub password_file: Option<PathBuf>,
-    /// The resolved password, filled by validation.
-    #[serde(skip)]
-    pub resolved_password: Option<Secret>,
-}
-
-fn default_tag_prefix() -> String {
-    "tag:".into()
-}
-fn default_scan_count() -> usize {
-    1000
-}
-fn default_scans_per_second() -> u32 {
-    100
-}
-fn default_dep_prefix() -> String {
-    "dep:".into()
-}
-fn default_dependents_depth() -> u32 {
-    3
-}
-fn default_unlink_batch() -> usize {
-    512
-}
-fn default_tag_chunk() -> usize {
-    500
-}
-fn default_response_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-
-impl RedisConfig {
-    /// A config for tests and tools: everything default but the URL.
-    pub fn for_url(url: &str) -> RedisConfig {
-        RedisConfig {
-            url: Some(Secret::new(url)),
-            url_env: None,
-            url_file: None,
-            tag_prefix: default_tag_prefix(),
-            unlink_batch: default_unlink_batch(),
-            tag_chunk: default_tag_chunk(),
-            response_timeout: default_response_timeout(),
-            connect_timeout: default_connect_timeout(),
-            retry: RetryPolicy::default(),
-            name: None,
-            mode: RedisMode::Standalone,
-            nodes: Vec::new(),
-            sentinel: None,
-            wait_replicas: None,
-            scan_count: default_scan_count(),
-            scans_per_second: default_scans_per_second(),
-            dep_prefix: default_dep_prefix(),
-            dependents_depth: default_dependents_depth(),
-            broadcast: None,
-            warm: None,
-            resolved_url: Some(Secret::new(url)),
-            username: None,
-            password: None,
-            password_env: None,
-            password_file: None,
-            resolved_password: None,
-        }
-    }
-
-    /// The target's name: a metric label and log field.
-    pub fn target_name(&self) -> &str {
-        self.name.as_deref().unwrap_or(redis::DEFAULT_TARGET_NAME)
-    }
-
-    /// The connection URL (validation resolves it; `None` only for an unvalidated config).
-    pub fn url(&self) -> Option<&Secret> {
-        self.resolved_url.as_ref().or(self.url.as_ref())
     }
 }
 
@@ -416,35 +147,6 @@ impl Default for PipelineConfig {
             queue_capacity: 4096,
         }
     }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeadLetterConfig {
-    /// A JSON-lines file (relative to the config file). Used when `kafka` is not set.
-    pub file: Option<PathBuf>,
-    /// A Kafka topic on the source cluster (or on `brokers`).
-    pub kafka: Option<DeadLetterKafka>,
-    #[serde(default)]
-    pub retry: RetryPolicy,
-}
-
-impl Default for DeadLetterConfig {
-    fn default() -> Self {
-        DeadLetterConfig { file: Some(PathBuf::from("dead-letters.jsonl")), kafka: None, retry: RetryPolicy::default() }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeadLetterKafka {
-    pub topic: String,
-    /// Defaults to the source's brokers and librdkafka settings.
-    pub brokers: Option<String>,
-    #[serde(default)]
-    pub librdkafka: BTreeMap<String, Scalar>,
-    #[serde(skip)]
-    pub resolved_librdkafka: Vec<(String, Secret)>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -524,6 +226,11 @@ pub(crate) struct Origin<'a> {
 }
 
 impl Origin<'_> {
+    /// Where the key (not its value) at `path` is written, for a problem with the key itself.
+    pub(crate) fn key_location(&self, path: &[&str]) -> Option<Location> {
+        self.doc.as_ref().map(|d| d.locate_key(path))
+    }
+
     pub(crate) fn problem(&self, path: &[&str], message: impl Into<String>) -> Problem {
         Problem {
             file: self.file.to_path_buf(),
@@ -664,32 +371,13 @@ fn is_sensitive_key(key: &str) -> bool {
 }
 
 impl Config {
-    /// Cross-field checks and secret resolution; returns every problem found.
+    /// Cross-field checks and secret resolution; returns every problem found. Each component
+    /// checks its own section.
     fn validate(&mut self, origin: &Origin) -> Vec<Problem> {
         let mut problems = Vec::new();
         self.rules = relative_to(origin.file, &self.rules);
-
-        if self.source.debezium.unavailable_value_placeholder.as_deref().is_some_and(str::is_empty) {
-            problems.push(origin.problem(
-                &["source", "debezium", "unavailable_value_placeholder"],
-                "source.debezium.unavailable_value_placeholder must not be empty (it would match every empty string)",
-            ));
-        }
-
-        // Each source checks its own section (`crate::source::validate`).
-        crate::source::validate(&mut self.source, origin, &mut problems);
-
-        self.validate_cdn(origin, &mut problems);
-        match self.sinks.redis.as_mut() {
-            None if !self.sinks.cdn.is_empty() => {}
-            None => {
-                problems.push(origin.problem(&["sinks"], "sinks needs at least one sink: add sinks.redis or sinks.cdn"))
-            }
-            Some(targets) => {
-                let cdn_names: Vec<String> = self.sinks.cdn.iter().map(|c| c.name().to_string()).collect();
-                redis::validate(targets, origin, &cdn_names, &mut problems);
-            }
-        }
+        self.source.validate(origin, &mut problems);
+        self.sinks.validate(origin, &mut problems);
 
         let p = &self.pipeline;
         if p.batch_max_events == 0 || p.batch_max_events > 100_000 {
@@ -715,68 +403,13 @@ impl Config {
                 .push(origin.problem(&["pipeline", "batch_idle_wait"], "pipeline.batch_idle_wait must be at most 60s"));
         }
 
-        let dl = &mut self.dead_letter;
-        match (&dl.kafka, &dl.file) {
-            (Some(k), _) => {
-                if k.topic.trim().is_empty() {
-                    problems.push(
-                        origin.problem(&["dead_letter", "kafka", "topic"], "dead_letter.kafka.topic must not be empty"),
-                    );
-                }
-            }
-            (None, None) => problems.push(
-                origin.problem(&["dead_letter"], "dead_letter needs `file` or `kafka`: dead letters must go somewhere"),
-            ),
-            (None, Some(_)) => {}
-        }
-        if dl.kafka.is_some() {
-            dl.file = None;
-        }
-        if let Some(f) = dl.file.as_mut() {
-            *f = relative_to(origin.file, f);
-        }
-        if let Some(k) = dl.kafka.as_mut() {
-            k.resolved_librdkafka =
-                resolve_passthrough(origin, &["dead_letter", "kafka", "librdkafka"], &k.librdkafka, &mut problems);
-        }
-
+        self.dead_letter.validate(origin, &mut problems);
         if self.log.level.trim().is_empty() {
             problems.push(origin.problem(&["log", "level"], "log.level must not be empty"));
         }
         ranges::check(self, origin, &mut problems);
         self.freshness.validate(origin, &mut problems);
         problems
-    }
-}
-
-impl Config {
-    /// `sinks.cdn`: each entry's own checks, unique names, and `sinks.timing`.
-    fn validate_cdn(&mut self, origin: &Origin, problems: &mut Vec<Problem>) {
-        let mut names = std::collections::HashSet::from(["redis".to_string()]);
-        for (i, sink) in self.sinks.cdn.iter_mut().enumerate() {
-            let idx = i.to_string();
-            for (path, message) in sink.validate(origin.file) {
-                let mut at = vec!["sinks", "cdn", idx.as_str()];
-                at.extend(path.iter().map(String::as_str));
-                problems.push(origin.problem(&at, format!("sinks.cdn[{i}] ({}): {message}", sink.name())));
-            }
-            if !names.insert(sink.name().to_string()) {
-                problems.push(origin.problem(
-                    &["sinks", "cdn", &idx, "name"],
-                    format!("sinks.cdn[{i}]: the sink name {:?} is used twice (names label metrics)", sink.name()),
-                ));
-            }
-        }
-        let t = &self.sinks.timing;
-        if t.layer_delay > Duration::from_secs(600) || t.repeat_after > Duration::from_secs(3600) {
-            problems.push(origin.problem(
-                &["sinks", "timing"],
-                "sinks.timing.layer_delay must be at most 10m and repeat_after at most 1h",
-            ));
-        }
-        if t.repeat_max_events == 0 {
-            problems.push(origin.problem(&["sinks", "timing", "repeat_max_events"], "must be at least 1"));
-        }
     }
 }
 

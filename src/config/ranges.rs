@@ -9,9 +9,9 @@ use std::time::Duration;
 use super::{Config, Origin, Problem};
 use crate::retry::RetryPolicy;
 
-const MS: Duration = Duration::from_millis(1);
-const TEN_MINUTES: Duration = Duration::from_secs(600);
-const HOUR: Duration = Duration::from_secs(3600);
+pub(crate) const MS: Duration = Duration::from_millis(1);
+pub(crate) const TEN_MINUTES: Duration = Duration::from_secs(600);
+pub(crate) const HOUR: Duration = Duration::from_secs(3600);
 
 /// A duration as an operator writes one: `250ms`, `5s`, `10m`, `1h`.
 fn human(d: Duration) -> String {
@@ -43,13 +43,19 @@ fn dotted(path: &[&str]) -> String {
     out
 }
 
-struct Ranges<'a, 'o> {
+/// Checks values against their ranges, adding a problem (at the value, in the README's spelling)
+/// for each one outside. Components use it for their own sections.
+pub(crate) struct Ranges<'a, 'o> {
     origin: &'a Origin<'o>,
     problems: &'a mut Vec<Problem>,
 }
 
-impl Ranges<'_, '_> {
-    fn duration(&mut self, path: &[&str], value: Duration, min: Duration, max: Duration) {
+impl<'a, 'o> Ranges<'a, 'o> {
+    pub(crate) fn new(origin: &'a Origin<'o>, problems: &'a mut Vec<Problem>) -> Self {
+        Ranges { origin, problems }
+    }
+
+    pub(crate) fn duration(&mut self, path: &[&str], value: Duration, min: Duration, max: Duration) {
         if value < min || value > max {
             self.problems.push(self.origin.problem(
                 path,
@@ -58,7 +64,7 @@ impl Ranges<'_, '_> {
         }
     }
 
-    fn count(&mut self, path: &[&str], value: u64, min: u64, max: u64) {
+    pub(crate) fn count(&mut self, path: &[&str], value: u64, min: u64, max: u64) {
         if value < min || value > max {
             self.problems.push(
                 self.origin.problem(path, format!("{} must be between {min} and {max} (found {value})", dotted(path))),
@@ -66,7 +72,7 @@ impl Ranges<'_, '_> {
         }
     }
 
-    fn retry(&mut self, path: &[&str], policy: &RetryPolicy) {
+    pub(crate) fn retry(&mut self, path: &[&str], policy: &RetryPolicy) {
         let at = |field: &'static str| -> Vec<&str> { path.iter().copied().chain([field]).collect() };
         self.duration(&at("initial"), policy.initial, MS, HOUR);
         self.duration(&at("max"), policy.max, MS, HOUR);
@@ -83,30 +89,10 @@ impl Ranges<'_, '_> {
     }
 }
 
-/// Adds a problem for every shared duration or count outside its range.
+/// Adds a problem for every shared duration or count outside its range (each source and sink
+/// checks its own section's in its `validate`).
 pub(super) fn check(config: &Config, origin: &Origin, problems: &mut Vec<Problem>) {
-    let mut r = Ranges { origin, problems };
-    if let Some(k) = &config.source.kafka {
-        r.duration(&["source", "kafka", "commit_interval"], k.commit_interval, Duration::from_millis(10), TEN_MINUTES);
-        // librdkafka's own ceiling for message.max.bytes (0 is reported by the loader already).
-        r.count(&["source", "kafka", "max_message_bytes"], k.max_message_bytes as u64, 0, 1_000_000_000);
-    }
-    if let Some(redis) = &config.sinks.redis {
-        r.duration(&["sinks", "redis", "response_timeout"], redis.response_timeout, MS, TEN_MINUTES);
-        r.duration(&["sinks", "redis", "connect_timeout"], redis.connect_timeout, MS, TEN_MINUTES);
-        r.retry(&["sinks", "redis", "retry"], &redis.retry);
-    }
-    for (i, cdn) in config.sinks.cdn.iter().enumerate() {
-        let idx = i.to_string();
-        let (retry, timeout, verify) = cdn.shared_settings();
-        r.retry(&["sinks", "cdn", &idx, "retry"], retry);
-        r.duration(&["sinks", "cdn", &idx, "timeout"], timeout, MS, TEN_MINUTES);
-        if let Some(v) = verify {
-            r.duration(&["sinks", "cdn", &idx, "verify", "delay"], v.delay, Duration::ZERO, HOUR);
-            r.duration(&["sinks", "cdn", &idx, "verify", "timeout"], v.timeout, MS, TEN_MINUTES);
-            r.duration(&["sinks", "cdn", &idx, "verify", "age_slack"], v.age_slack, Duration::ZERO, HOUR);
-        }
-    }
+    let mut r = Ranges::new(origin, problems);
     r.count(&["pipeline", "queue_capacity"], config.pipeline.queue_capacity as u64, 1, 10_000_000);
     r.retry(&["dead_letter", "retry"], &config.dead_letter.retry);
     r.duration(&["shutdown", "grace"], config.shutdown.grace, Duration::ZERO, HOUR);

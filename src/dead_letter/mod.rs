@@ -12,6 +12,7 @@
 //! `key` and `value` hold the original bytes as text (`value_base64` when they are not UTF-8),
 //! so `replay` can feed them back through the decoder exactly.
 
+pub mod config;
 mod file;
 pub(crate) mod kafka;
 

@@ -26,6 +26,7 @@ use async_trait::async_trait;
 use crate::shutdown::Shutdown;
 
 pub mod cdn;
+pub mod config;
 pub mod origins;
 pub mod redis;
 

@@ -11,27 +11,28 @@
 //!
 //! # Adding a source
 //!
-//! A folder `src/source/<kind>/` whose source type implements [`Source`] (and owns its config
-//! section's checks, in `<kind>/config.rs`, and its construction), one variant in
-//! [`crate::config::SourceKind`] with its section in [`SourceConfig`], and one arm each in
-//! [`validate`] and [`build`]. The daemon (`crate::app`) and `config` know only the trait.
+//! A folder `src/source/<kind>/` whose source type implements [`Source`], and whose
+//! `<kind>/config.rs` holds its section (`source.<kind>`) implementing [`SourceSection`]: its
+//! checks, its offline build check and its construction. Then one line in the `sources!`
+//! invocation below, which declares the module and makes the `source.kind` value, the section
+//! field, the dispatch and the fatal-error variant. The daemon (`crate::app`) and `config` know
+//! only the trait.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
+use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use crate::config::{SourceConfig, SourceKind};
+use crate::config::{Origin, Problem};
 use crate::event::Decoded;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
 
 pub mod debezium;
 pub mod encoded;
-pub mod kafka;
-pub mod postgres;
 pub mod registry;
 pub(crate) mod temporal;
 pub mod watermark;
@@ -53,58 +54,135 @@ pub trait Source: Send {
     async fn run(self: Box<Self>, out: mpsc::Sender<SourceEvent>, shutdown: Shutdown) -> Result<(), SourceError>;
 }
 
-/// A source's fatal error (sources retry the transient ones themselves).
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    #[error(transparent)]
-    Kafka(#[from] kafka::KafkaSourceError),
-    #[error(transparent)]
-    Postgres(#[from] postgres::PostgresSourceError),
-    /// `source.kind` names a section that is missing (validation reports it first).
-    #[error("source.kind is {0} but there is no source.{0} section")]
-    NotConfigured(&'static str),
-}
+/// One source's config section (`source.<kind>`): it checks itself and builds its source.
+pub(crate) trait SourceSection {
+    /// Checks the section and resolves its secrets, reporting every problem.
+    fn validate(&mut self, origin: &Origin, problems: &mut Vec<Problem>);
 
-/// Checks the section of the configured source (`source.<kind>`) and resolves its secrets: each
-/// source checks its own.
-pub(crate) fn validate(
-    config: &mut SourceConfig,
-    origin: &crate::config::Origin,
-    problems: &mut Vec<crate::config::Problem>,
-) {
-    let missing = |kind: &str| {
-        origin.problem(&["source"], format!("source.kind is {kind} but there is no source.{kind} section"))
-    };
-    match config.kind {
-        SourceKind::Kafka => match config.kafka.as_mut() {
-            Some(k) => kafka::config::validate(k, origin, problems),
-            None => problems.push(missing("kafka")),
-        },
-        SourceKind::Postgres => match config.postgres.as_mut() {
-            Some(p) => p.validate(origin, problems),
-            None => problems.push(missing("postgres")),
-        },
+    /// What `run` would fail to build, found without connecting (called only on a config that
+    /// is valid so far, see `config::build`).
+    fn check(&self, _origin: &Origin, _problems: &mut Vec<Problem>) {}
+
+    /// The configured source (no network traffic yet: that starts with [`Source::run`]).
+    /// `queue_capacity`: the pipeline's source queue.
+    fn build(&self, queue_capacity: usize, metrics: Arc<Metrics>) -> Result<Box<dyn Source>, SourceError>;
+
+    /// The PostgreSQL cluster the source reads from, if it reads one: the read replicas that
+    /// gate the second pass must replicate that very cluster (`freshness`).
+    fn postgres_cluster(&self) -> Option<&postgres::config::Connection> {
+        None
     }
 }
 
-/// The configured source (no network traffic yet: that starts with [`Source::run`]). The one
-/// place that maps `source.kind` to a source type. `queue_capacity`: the pipeline's source queue
-/// (the Kafka prefetch is sized from it).
+/// The registry of sources: each line is `Variant field: <section type>, <fatal error type>;`,
+/// where `field` (the variant in lower case) is the module (`src/source/<field>/`), the
+/// `source.kind` value and the name of the section. It declares the modules and defines
+/// [`SourceKind`], [`SourceConfig`] and [`SourceError`].
+macro_rules! sources {
+    ($($(#[$doc:meta])* $variant:ident $field:ident: $section:ty, $error:ty;)+) => {
+        $(pub mod $field;)+
+
+        /// `source.kind`: which source runs.
+        #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+        #[serde(rename_all = "lowercase")]
+        pub enum SourceKind {
+            $($variant,)+
+        }
+
+        impl SourceKind {
+            /// As `source.kind` spells it.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(SourceKind::$variant => stringify!($field),)+
+                }
+            }
+        }
+
+        /// `source`: the kind, each source's own section, and how Debezium messages are read.
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct SourceConfig {
+            pub kind: SourceKind,
+            $($(#[$doc])* pub $field: Option<$section>,)+
+            /// How Debezium messages are read (`source.debezium`), whichever transport brings them.
+            #[serde(default)]
+            pub debezium: debezium::DebeziumConfig,
+        }
+
+        impl SourceConfig {
+            /// The section of the configured kind, if the file has it.
+            fn section(&self) -> Option<&dyn SourceSection> {
+                match self.kind {
+                    $(SourceKind::$variant => self.$field.as_ref().map(|s| s as &dyn SourceSection),)+
+                }
+            }
+
+            fn section_mut(&mut self) -> Option<&mut dyn SourceSection> {
+                match self.kind {
+                    $(SourceKind::$variant => self.$field.as_mut().map(|s| s as &mut dyn SourceSection),)+
+                }
+            }
+        }
+
+        /// A source's fatal error (sources retry the transient ones themselves).
+        #[derive(Debug, thiserror::Error)]
+        pub enum SourceError {
+            $(#[error(transparent)] $variant(#[from] $error),)+
+            /// `source.kind` names a section that is missing (validation reports it first).
+            #[error("source.kind is {0} but there is no source.{0} section")]
+            NotConfigured(&'static str),
+        }
+    };
+}
+
+sources! {
+    /// Debezium topics on Kafka (`kind: kafka`).
+    Kafka kafka: kafka::config::KafkaConfig, kafka::KafkaSourceError;
+    /// PostgreSQL logical replication (`kind: postgres`).
+    Postgres postgres: postgres::config::PostgresConfig, postgres::PostgresSourceError;
+}
+
+impl SourceConfig {
+    /// Checks `source`: the section of the configured source (each source checks its own) and
+    /// `source.debezium`.
+    pub(crate) fn validate(&mut self, origin: &Origin, problems: &mut Vec<Problem>) {
+        if self.debezium.unavailable_value_placeholder.as_deref().is_some_and(str::is_empty) {
+            problems.push(origin.problem(
+                &["source", "debezium", "unavailable_value_placeholder"],
+                "source.debezium.unavailable_value_placeholder must not be empty (it would match every empty string)",
+            ));
+        }
+        let kind = self.kind.as_str();
+        match self.section_mut() {
+            Some(section) => section.validate(origin, problems),
+            None => problems.push(
+                origin.problem(&["source"], format!("source.kind is {kind} but there is no source.{kind} section")),
+            ),
+        }
+    }
+
+    /// What `run` would fail to build, found without connecting.
+    pub(crate) fn check(&self, origin: &Origin, problems: &mut Vec<Problem>) {
+        if let Some(section) = self.section() {
+            section.check(origin, problems);
+        }
+    }
+
+    /// The PostgreSQL cluster the configured source reads from, if any ([`SourceSection`]).
+    pub fn postgres_cluster(&self) -> Option<&postgres::config::Connection> {
+        self.section().and_then(|s| s.postgres_cluster())
+    }
+}
+
+/// The configured source (no network traffic yet: that starts with [`Source::run`]).
+/// `queue_capacity`: the pipeline's source queue (the Kafka prefetch is sized from it).
 pub fn build(
     config: &SourceConfig,
     queue_capacity: usize,
     metrics: Arc<Metrics>,
 ) -> Result<Box<dyn Source>, SourceError> {
-    Ok(match config.kind {
-        SourceKind::Kafka => {
-            let k = config.kafka.as_ref().ok_or(SourceError::NotConfigured("kafka"))?;
-            Box::new(kafka::KafkaSource::new(k, queue_capacity, metrics)?)
-        }
-        SourceKind::Postgres => {
-            let p = config.postgres.as_ref().ok_or(SourceError::NotConfigured("postgres"))?;
-            Box::new(postgres::PostgresSource::new(p, metrics)?)
-        }
-    })
+    let section = config.section().ok_or(SourceError::NotConfigured(config.kind.as_str()))?;
+    section.build(queue_capacity, metrics)
 }
 
 /// Where an event sits in its source; printed in dead letters and logs.

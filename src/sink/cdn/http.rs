@@ -100,7 +100,9 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 /// as `Fastly-RateLimit-Reset`, as a wait from now.
 pub fn epoch_reset(headers: &HeaderMap, name: &str) -> Option<Duration> {
     let secs: u64 = headers.get(name)?.to_str().ok()?.trim().parse().ok()?;
-    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+    // Checked: `+` panics past what `SystemTime` holds (a reset of u64::MAX seconds); a time
+    // that cannot be represented is no hint, like one that does not parse.
+    let at = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))?;
     Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
 }
 
@@ -440,6 +442,19 @@ mod tests {
         assert!(f >= Duration::from_secs(18) && f <= Duration::from_secs(20), "{f:?}");
         let h = headers(&[("retry-after", "999999")]);
         assert_eq!(floor(classify(StatusCode::SERVICE_UNAVAILABLE, &h)), Some(MAX_SERVER_FLOOR));
+    }
+
+    /// A provider's reset header is remote input: u64::MAX seconds made `UNIX_EPOCH + secs`
+    /// panic (overflow) in the sink's task. It is no hint now; a far but representable reset is
+    /// clamped like any server floor.
+    #[test]
+    fn an_unrepresentable_reset_is_no_hint() {
+        let h = headers(&[("fastly-ratelimit-reset", &u64::MAX.to_string())]);
+        assert_eq!(epoch_reset(&h, "Fastly-RateLimit-Reset"), None);
+        let h = headers(&[("fastly-ratelimit-reset", "32503680000")]); // the year 3000
+        let f =
+            floor(classify_with_floor(StatusCode::TOO_MANY_REQUESTS, &h, epoch_reset(&h, "Fastly-RateLimit-Reset")));
+        assert_eq!(f, Some(MAX_SERVER_FLOOR));
     }
 
     #[test]

@@ -43,8 +43,8 @@
 //!
 //! A file `<provider>.rs` with a `<Provider>Config` (`#[serde(deny_unknown_fields)]`, the
 //! common fields above, `fn validate`), a struct implementing [`purge::Provider`] and the line
-//! `purge_sink!(<Provider>Sink);`. Then one variant in [`CdnSinkConfig`] and one arm each in the
-//! `each!` macro, `kind()` and `build()` below.
+//! `purge_sink!(<Provider>Sink);`. Then one line in the `cdn_providers!` invocation below
+//! (`<Provider> <provider>: <Provider>Config => <Provider>Sink;`), which also declares the module.
 //!
 //! # Order and timing
 //!
@@ -66,71 +66,87 @@ pub use crate::config::secret::{Need, Reload, Reloaded, RotatingSecret, SecretRe
 use crate::sink::{Invalidations, ItemKind, Rejected, Sink, SinkError, SinkReport};
 use crate::telemetry::Metrics;
 
-pub mod akamai;
 pub mod aws_credentials;
-pub mod cloudflare;
-pub mod cloudfront;
 pub mod edgegrid;
-pub mod fastly;
 pub mod http;
 pub mod limit;
 pub mod purge;
 pub mod sigv4;
-pub mod varnish;
 pub mod verify;
-pub mod webhook;
 
 use http::Failure;
 use limit::TokenBucket;
 
-/// One entry of `sinks.cdn`.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum CdnSinkConfig {
-    Varnish(varnish::VarnishConfig),
-    Fastly(fastly::FastlyConfig),
-    Cloudflare(cloudflare::CloudflareConfig),
-    Webhook(webhook::WebhookConfig),
-    Cloudfront(cloudfront::CloudfrontConfig),
-    Akamai(akamai::AkamaiConfig),
-}
+/// The registry of providers: each line is `Variant module: Config => Sink;`, where `module`
+/// (the variant in lower case) is both the file and the `kind` value. It declares the modules
+/// and defines [`CdnSinkConfig`] with the methods that dispatch on it.
+macro_rules! cdn_providers {
+    ($($variant:ident $module:ident: $config:ident => $sink:ident;)+) => {
+        $(pub mod $module;)+
 
-/// Runs `$body` with `$c` bound to whichever provider config `$self` holds.
-macro_rules! each {
-    ($self:expr, $c:ident => $body:expr) => {
-        match $self {
-            CdnSinkConfig::Varnish($c) => $body,
-            CdnSinkConfig::Fastly($c) => $body,
-            CdnSinkConfig::Cloudflare($c) => $body,
-            CdnSinkConfig::Webhook($c) => $body,
-            CdnSinkConfig::Cloudfront($c) => $body,
-            CdnSinkConfig::Akamai($c) => $body,
+        /// One entry of `sinks.cdn`.
+        #[derive(Debug, Deserialize)]
+        #[serde(tag = "kind", rename_all = "lowercase")]
+        pub enum CdnSinkConfig {
+            $($variant($module::$config),)+
+        }
+
+        impl CdnSinkConfig {
+            pub fn name(&self) -> &str {
+                match self {
+                    $(CdnSinkConfig::$variant(c) => &c.name,)+
+                }
+            }
+
+            /// The provider, as spelled in `kind`.
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(CdnSinkConfig::$variant(_) => stringify!($module),)+
+                }
+            }
+
+            /// The sink's layer: inner layers are purged first.
+            pub fn layer(&self) -> u8 {
+                match self {
+                    $(CdnSinkConfig::$variant(c) => c.layer,)+
+                }
+            }
+
+            /// The provider's own checks (see [`CdnSinkConfig::validate`]).
+            fn validate_provider(&mut self, config_file: &Path, problems: &mut Vec<(Vec<String>, String)>) {
+                match self {
+                    $(CdnSinkConfig::$variant(c) => c.validate(config_file, problems),)+
+                }
+            }
+
+            /// The settings every provider has, for the shared range checks: the retry policy,
+            /// the request timeout, and the optional verification.
+            pub(crate) fn shared_settings(&self) -> (&crate::retry::RetryPolicy, Duration, Option<&verify::VerifyConfig>) {
+                match self {
+                    $(CdnSinkConfig::$variant(c) => (&c.retry, c.timeout, c.verify.as_ref()),)+
+                }
+            }
+
+            /// Builds the sink (no network traffic: the daemon starts while a provider is down).
+            pub fn build(&self, metrics: Arc<Metrics>) -> Result<Arc<dyn Sink>, CdnError> {
+                Ok(match self {
+                    $(CdnSinkConfig::$variant(c) => Arc::new($module::$sink::new(c, metrics)?),)+
+                })
+            }
         }
     };
 }
 
+cdn_providers! {
+    Varnish varnish: VarnishConfig => VarnishSink;
+    Fastly fastly: FastlyConfig => FastlySink;
+    Cloudflare cloudflare: CloudflareConfig => CloudflareSink;
+    Webhook webhook: WebhookConfig => WebhookSink;
+    Cloudfront cloudfront: CloudfrontConfig => CloudfrontSink;
+    Akamai akamai: AkamaiConfig => AkamaiSink;
+}
+
 impl CdnSinkConfig {
-    pub fn name(&self) -> &str {
-        each!(self, c => &c.name)
-    }
-
-    /// The provider, as spelled in `kind`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            CdnSinkConfig::Varnish(_) => "varnish",
-            CdnSinkConfig::Fastly(_) => "fastly",
-            CdnSinkConfig::Cloudflare(_) => "cloudflare",
-            CdnSinkConfig::Webhook(_) => "webhook",
-            CdnSinkConfig::Cloudfront(_) => "cloudfront",
-            CdnSinkConfig::Akamai(_) => "akamai",
-        }
-    }
-
-    /// The sink's layer: inner layers are purged first.
-    pub fn layer(&self) -> u8 {
-        each!(self, c => c.layer)
-    }
-
     /// Checks the settings and resolves credentials. Each problem is (path below this entry,
     /// sentence); the config loader adds file, line and column.
     pub fn validate(&mut self, config_file: &Path) -> Vec<(Vec<String>, String)> {
@@ -138,26 +154,64 @@ impl CdnSinkConfig {
         if self.name().trim().is_empty() {
             problems.push((vec!["name".to_string()], "a CDN sink needs a non-empty `name`".to_string()));
         }
-        each!(self, c => c.validate(config_file, &mut problems));
+        self.validate_provider(config_file, &mut problems);
         problems
     }
+}
 
-    /// The settings every provider has, for the config's shared range checks: the retry
-    /// policy, the request timeout, and the optional verification.
-    pub(crate) fn shared_settings(&self) -> (&crate::retry::RetryPolicy, Duration, Option<&verify::VerifyConfig>) {
-        each!(self, c => (&c.retry, c.timeout, c.verify.as_ref()))
+/// `sinks.cdn`: each entry's own checks, its shared ranges, and unique names.
+impl crate::sink::config::SinkSection for Vec<CdnSinkConfig> {
+    fn is_configured(&self) -> bool {
+        !self.is_empty()
     }
 
-    /// Builds the sink (no network traffic: the daemon starts while a provider is down).
-    pub fn build(&self, metrics: Arc<Metrics>) -> Result<Arc<dyn Sink>, CdnError> {
-        Ok(match self {
-            CdnSinkConfig::Varnish(c) => Arc::new(varnish::VarnishSink::new(c, metrics)?),
-            CdnSinkConfig::Fastly(c) => Arc::new(fastly::FastlySink::new(c, metrics)?),
-            CdnSinkConfig::Cloudflare(c) => Arc::new(cloudflare::CloudflareSink::new(c, metrics)?),
-            CdnSinkConfig::Webhook(c) => Arc::new(webhook::WebhookSink::new(c, metrics)?),
-            CdnSinkConfig::Cloudfront(c) => Arc::new(cloudfront::CloudfrontSink::new(c, metrics)?),
-            CdnSinkConfig::Akamai(c) => Arc::new(akamai::AkamaiSink::new(c, metrics)?),
-        })
+    fn validate(
+        &mut self,
+        origin: &crate::config::Origin,
+        names: &mut std::collections::HashSet<String>,
+        problems: &mut Vec<crate::config::Problem>,
+    ) {
+        use crate::config::ranges::{Ranges, HOUR, MS, TEN_MINUTES};
+        for (i, sink) in self.iter_mut().enumerate() {
+            let idx = i.to_string();
+            for (path, message) in sink.validate(origin.file) {
+                let mut at = vec!["sinks", "cdn", idx.as_str()];
+                at.extend(path.iter().map(String::as_str));
+                problems.push(origin.problem(&at, format!("sinks.cdn[{i}] ({}): {message}", sink.name())));
+            }
+            if !names.insert(sink.name().to_string()) {
+                problems.push(origin.problem(
+                    &["sinks", "cdn", &idx, "name"],
+                    format!("sinks.cdn[{i}]: the sink name {:?} is used twice (names label metrics)", sink.name()),
+                ));
+            }
+            let (retry, timeout, verify) = sink.shared_settings();
+            let mut r = Ranges::new(origin, problems);
+            r.retry(&["sinks", "cdn", &idx, "retry"], retry);
+            r.duration(&["sinks", "cdn", &idx, "timeout"], timeout, MS, TEN_MINUTES);
+            if let Some(v) = verify {
+                r.duration(&["sinks", "cdn", &idx, "verify", "delay"], v.delay, Duration::ZERO, HOUR);
+                r.duration(&["sinks", "cdn", &idx, "verify", "timeout"], v.timeout, MS, TEN_MINUTES);
+                r.duration(&["sinks", "cdn", &idx, "verify", "age_slack"], v.age_slack, Duration::ZERO, HOUR);
+            }
+        }
+    }
+
+    fn check(&self, origin: &crate::config::Origin, problems: &mut Vec<crate::config::Problem>) {
+        // A registry of its own: building registers each sink's series.
+        let metrics = Arc::new(Metrics::new());
+        for (i, cdn) in self.iter().enumerate() {
+            if let Err(e) = cdn.build(metrics.clone()) {
+                problems.push(origin.problem(&["sinks", "cdn", &i.to_string()], format!("sinks.cdn[{i}]: {e}")));
+            }
+        }
+    }
+
+    fn build(&self, metrics: &Arc<Metrics>, out: &mut crate::sink::config::Layered) -> Result<(), String> {
+        for cdn in self {
+            out.push((cdn.layer(), cdn.build(metrics.clone()).map_err(|e| e.to_string())?));
+        }
+        Ok(())
     }
 }
 

@@ -79,6 +79,7 @@ use crate::telemetry::Metrics;
 
 pub mod broadcast;
 mod cluster;
+pub mod config;
 mod connection;
 pub mod dependents;
 mod endpoints;

@@ -37,6 +37,7 @@
 //!   metrics; an invalidated slot is fatal (docs/postgres.md has the recovery steps).
 
 pub mod check;
+pub mod config;
 mod pgoutput;
 mod relation;
 mod server;

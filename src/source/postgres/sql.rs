@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use crate::config::postgres::{Connection, SslMode, TargetSession};
+use super::config::{Connection, SslMode, TargetSession};
 
 /// A failed SQL connection or statement, classified.
 #[derive(Debug, thiserror::Error)]

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{duration, resolve_secret, Origin, Problem, Secret};
+use crate::config::{duration, resolve_secret, Origin, Problem, Secret};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -254,6 +254,24 @@ impl PostgresConfig {
     }
 }
 
+impl crate::source::SourceSection for PostgresConfig {
+    fn validate(&mut self, origin: &Origin, problems: &mut Vec<Problem>) {
+        PostgresConfig::validate(self, origin, problems);
+    }
+
+    fn build(
+        &self,
+        _queue_capacity: usize,
+        metrics: std::sync::Arc<crate::telemetry::Metrics>,
+    ) -> Result<Box<dyn crate::source::Source>, crate::source::SourceError> {
+        Ok(Box::new(super::PostgresSource::new(self, metrics)?))
+    }
+
+    fn postgres_cluster(&self) -> Option<&Connection> {
+        self.connection()
+    }
+}
+
 /// Slot names: PostgreSQL allows `[a-z0-9_]{1,63}`. Publication names are identifiers; we
 /// accept the unquoted kind only, so they can be written into replication commands as they
 /// are.
@@ -330,7 +348,7 @@ pub fn parse_url(url: &str, config_file: &Path) -> Result<Connection, String> {
                     }
                 }
             }
-            "sslrootcert" => ssl_root_cert = Some(super::relative_to(config_file, Path::new(&value))),
+            "sslrootcert" => ssl_root_cert = Some(crate::config::relative_to(config_file, Path::new(&value))),
             "host" => host = Some(value),
             "port" => {
                 port = Some(value.parse().map_err(|_| format!("port {value:?} is not a port number"))?);

@@ -1,20 +1,170 @@
-//! `sinks.redis` deployments: standalone, cluster or sentinel (`mode`), and the list form that
-//! names several targets (one per region or cluster). The fields themselves live on
-//! [`RedisConfig`]; this file holds the new types and their validation.
+//! `sinks.redis`: a target's settings ([`RedisConfig`]), its deployment (standalone, cluster or
+//! sentinel: `mode`), the list form that names several targets (one per region or cluster), and
+//! their validation.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
 use std::time::Duration;
+
+use std::path::PathBuf;
 
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::{resolve_secret, Origin, Problem, RedisConfig, Secret};
+use crate::config::ranges::{Ranges, MS, TEN_MINUTES};
+use crate::config::{duration, resolve_secret, Origin, Problem, Secret};
+use crate::retry::RetryPolicy;
+use crate::telemetry::Metrics;
 
 mod more_ways;
 
 /// The name a single (unnamed) `sinks.redis` object gets: the metric label it always had.
 pub const DEFAULT_TARGET_NAME: &str = "redis";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS. Exactly one of `url`,
+    /// `url_env` (a variable holding it) and `url_file` (a file holding it).
+    pub url: Option<Secret>,
+    pub url_env: Option<String>,
+    pub url_file: Option<PathBuf>,
+    /// Prefix of the Redis sets that hold a tag's keys: tag `category:5` is the set
+    /// `<tag_prefix>category:5`.
+    #[serde(default = "default_tag_prefix")]
+    pub tag_prefix: String,
+    /// Keys per UNLINK command; commands of one batch are pipelined.
+    #[serde(default = "default_unlink_batch")]
+    pub unlink_batch: usize,
+    /// Members popped and unlinked per server-side script call during tag fan-out: bounds how
+    /// long one call holds Redis.
+    #[serde(default = "default_tag_chunk")]
+    pub tag_chunk: usize,
+    /// Per-command timeout; a timed-out command is retried.
+    #[serde(default = "default_response_timeout", with = "duration")]
+    pub response_timeout: Duration,
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// The target's name (metric label, log field); required in the list form, `redis` otherwise.
+    pub name: Option<String>,
+    /// standalone (default), cluster or sentinel.
+    #[serde(default)]
+    pub mode: RedisMode,
+    /// Cluster seed nodes (`mode: cluster`); may carry credentials, so secrets.
+    #[serde(default)]
+    pub nodes: Vec<Secret>,
+    /// Sentinels and the master's name (`mode: sentinel`).
+    pub sentinel: Option<SentinelConfig>,
+    /// `WAIT count timeout` after each batch (docs/design.md: the async replication gap).
+    pub wait_replicas: Option<WaitReplicas>,
+    /// `redis.patterns`: keys asked for per `SCAN` call (its COUNT), which bounds how long one
+    /// call holds a primary.
+    #[serde(default = "default_scan_count")]
+    pub scan_count: usize,
+    /// `redis.patterns`: `SCAN` calls per second at most, over every pattern and primary of the
+    /// target, so a pattern over a big keyspace never saturates Redis.
+    #[serde(default = "default_scans_per_second")]
+    pub scans_per_second: u32,
+    /// `redis.dependents`: key B depends on key A when B is a member of the set
+    /// `<dep_prefix>A`.
+    #[serde(default = "default_dep_prefix")]
+    pub dep_prefix: String,
+    /// `redis.dependents`: levels of dependents followed from an invalidated key.
+    #[serde(default = "default_dependents_depth")]
+    pub dependents_depth: u32,
+    /// A pub/sub message per batch after its deletes (off by default).
+    pub broadcast: Option<crate::sink::redis::broadcast::BroadcastConfig>,
+    /// A stream entry per invalidated key after its delete (off by default).
+    pub warm: Option<crate::sink::redis::warm::WarmConfig>,
+    /// The resolved URL (from `url`, `url_env` or `url_file`), filled by validation.
+    #[serde(skip)]
+    pub resolved_url: Option<Secret>,
+    /// The data nodes' ACL user and password in every mode, kept out of the URLs: exactly one
+    /// of `password`, `password_env`, `password_file`, or none (checked below).
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub password_env: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// The resolved password, filled by validation.
+    #[serde(skip)]
+    pub resolved_password: Option<Secret>,
+}
+
+fn default_tag_prefix() -> String {
+    "tag:".into()
+}
+fn default_scan_count() -> usize {
+    1000
+}
+fn default_scans_per_second() -> u32 {
+    100
+}
+fn default_dep_prefix() -> String {
+    "dep:".into()
+}
+fn default_dependents_depth() -> u32 {
+    3
+}
+fn default_unlink_batch() -> usize {
+    512
+}
+fn default_tag_chunk() -> usize {
+    500
+}
+fn default_response_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl RedisConfig {
+    /// A config for tests and tools: everything default but the URL.
+    pub fn for_url(url: &str) -> RedisConfig {
+        RedisConfig {
+            url: Some(Secret::new(url)),
+            url_env: None,
+            url_file: None,
+            tag_prefix: default_tag_prefix(),
+            unlink_batch: default_unlink_batch(),
+            tag_chunk: default_tag_chunk(),
+            response_timeout: default_response_timeout(),
+            connect_timeout: default_connect_timeout(),
+            retry: RetryPolicy::default(),
+            name: None,
+            mode: RedisMode::Standalone,
+            nodes: Vec::new(),
+            sentinel: None,
+            wait_replicas: None,
+            scan_count: default_scan_count(),
+            scans_per_second: default_scans_per_second(),
+            dep_prefix: default_dep_prefix(),
+            dependents_depth: default_dependents_depth(),
+            broadcast: None,
+            warm: None,
+            resolved_url: Some(Secret::new(url)),
+            username: None,
+            password: None,
+            password_env: None,
+            password_file: None,
+            resolved_password: None,
+        }
+    }
+
+    /// The target's name: a metric label and log field.
+    pub fn target_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(DEFAULT_TARGET_NAME)
+    }
+
+    /// The connection URL (validation resolves it; `None` only for an unvalidated config).
+    pub fn url(&self) -> Option<&Secret> {
+        self.resolved_url.as_ref().or(self.url.as_ref())
+    }
+}
 
 /// `sinks.redis.mode`.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -55,7 +205,7 @@ pub struct SentinelConfig {
 #[serde(deny_unknown_fields)]
 pub struct WaitReplicas {
     pub count: u32,
-    #[serde(with = "super::duration", default = "default_wait_timeout")]
+    #[serde(with = "duration", default = "default_wait_timeout")]
     pub timeout: Duration,
 }
 
@@ -114,10 +264,40 @@ impl<'de> Deserialize<'de> for RedisTargets {
     }
 }
 
-/// Checks every target and resolves its secrets.
-pub(super) fn validate(targets: &mut RedisTargets, origin: &Origin, cdn_names: &[String], problems: &mut Vec<Problem>) {
+/// `sinks.redis`: one sink per target for the keys, tags and the rest, and one more on its own
+/// connection for the patterns (a long scan never holds the keys), all in layer 0.
+impl crate::sink::config::SinkSection for Option<RedisTargets> {
+    fn is_configured(&self) -> bool {
+        self.is_some()
+    }
+
+    fn validate(&mut self, origin: &Origin, names: &mut HashSet<String>, problems: &mut Vec<Problem>) {
+        if let Some(targets) = self {
+            validate(targets, origin, names, problems);
+        }
+    }
+
+    fn check(&self, origin: &Origin, problems: &mut Vec<Problem>) {
+        if let Some(targets) = self {
+            check(targets, origin, problems);
+        }
+    }
+
+    fn build(&self, metrics: &Arc<Metrics>, out: &mut crate::sink::config::Layered) -> Result<(), String> {
+        for redis in self.iter().flat_map(|targets| targets.iter()) {
+            let sink = super::RedisSink::new(redis.target_name(), redis, metrics.clone()).map_err(|e| e.to_string())?;
+            out.push((0, Arc::new(sink)));
+            let patterns =
+                super::PatternSink::new(redis.target_name(), redis, metrics.clone()).map_err(|e| e.to_string())?;
+            out.push((0, Arc::new(patterns)));
+        }
+        Ok(())
+    }
+}
+
+/// Checks every target and resolves its secrets; `names` are the sink names taken so far.
+fn validate(targets: &mut RedisTargets, origin: &Origin, names: &mut HashSet<String>, problems: &mut Vec<Problem>) {
     let listed = targets.0.len() > 1 || targets.0.first().is_some_and(|t| t.name.is_some());
-    let mut names = std::collections::HashSet::new();
     for (i, r) in targets.0.iter_mut().enumerate() {
         let idx = i.to_string();
         // Paths of settings of this target, for error locations.
@@ -143,14 +323,16 @@ pub(super) fn validate(targets: &mut RedisTargets, origin: &Origin, cdn_names: &
                 problems.push(problem(&["name"], format!("{label}.name must not be empty")))
             }
             (Some(n), _) => {
-                if !names.insert(n.clone()) || cdn_names.contains(n) {
+                if !names.insert(n.clone()) {
                     problems.push(problem(
                         &["name"],
                         format!("{label}: the sink name {n:?} is used twice (names label metrics)"),
                     ));
                 }
             }
-            (None, false) => {}
+            (None, false) => {
+                names.insert(DEFAULT_TARGET_NAME.to_string());
+            }
         }
         match r.mode {
             RedisMode::Standalone => {
@@ -301,7 +483,47 @@ pub(super) fn validate(targets: &mut RedisTargets, origin: &Origin, cdn_names: &
                 ));
             }
         }
+        let base = at(&[]);
+        let base: Vec<&str> = base.iter().map(String::as_str).collect();
+        let under = |field: &'static str| -> Vec<&str> { base.iter().copied().chain([field]).collect() };
+        let mut ranges = Ranges::new(origin, problems);
+        ranges.duration(&under("response_timeout"), r.response_timeout, MS, TEN_MINUTES);
+        ranges.duration(&under("connect_timeout"), r.connect_timeout, MS, TEN_MINUTES);
+        ranges.retry(&under("retry"), &r.retry);
     }
+}
+
+/// What `run` would fail to build, found without connecting: each target's client, its URL
+/// parsed as the client parses it.
+fn check(targets: &RedisTargets, origin: &Origin, problems: &mut Vec<Problem>) {
+    let listed = targets.0.len() > 1 || targets.0.first().is_some_and(|t| t.name.is_some());
+    for (i, r) in targets.iter().enumerate() {
+        let Some(url) = &r.resolved_url else { continue };
+        if let Err(e) = ::redis::Client::open(url.expose()) {
+            let idx = i.to_string();
+            let (path, label) = match listed {
+                true => (vec!["sinks", "redis", idx.as_str(), "url"], format!("sinks.redis[{i}].url")),
+                false => (vec!["sinks", "redis", "url"], "sinks.redis.url".to_string()),
+            };
+            problems.push(origin.problem(&path, format!("{label}: {}", redis_reason(&e))));
+        }
+    }
+}
+
+/// The Redis client's reason in words, without the URL (it may hold a password).
+fn redis_reason(e: &::redis::RedisError) -> String {
+    // The client writes "<sentence> - <KindInDebugForm>[: detail]": keep the sentence and the
+    // detail, in plain words.
+    let text = e.to_string();
+    let sentence = text.split(" - ").next().unwrap_or(&text);
+    let reason = match e.detail() {
+        Some(detail) => format!("{sentence} ({detail})"),
+        None => sentence.to_string(),
+    };
+    format!(
+        "{}; expected redis://[user:password@]host[:port][/db], rediss://... for TLS, or unix:///path/to/socket",
+        crate::redact::scrub(&reason)
+    )
 }
 
 fn url_scheme_ok(u: &str) -> bool {
@@ -316,13 +538,13 @@ fn url_has_password(u: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{load_with_env, ConfigError};
     use super::*;
+    use crate::config::{load_with_env, ConfigError};
 
     const HEAD: &str =
         "rules: rules.yaml\nsource:\n  kind: kafka\n  kafka:\n    brokers: \"b:9092\"\n    topics: [\"t\"]\n";
 
-    fn load(sinks: &str) -> Result<super::super::Config, ConfigError> {
+    fn load(sinks: &str) -> Result<crate::config::Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.yaml");
         std::fs::write(&path, format!("{HEAD}sinks:\n{sinks}")).unwrap();
@@ -366,6 +588,42 @@ mod tests {
         assert!(text.contains("sinks.redis[0] needs a `name`"), "{text}");
         assert!(text.contains("the sink name \"x\" is used twice"), "{text}");
         assert!(text.contains("c.yaml:"), "{text}");
+    }
+
+    /// Ranges and the offline client check used to look at the first target only (through
+    /// `Deref`): a second target with a zero timeout or a URL the client cannot parse passed
+    /// `check` and failed `run`.
+    #[test]
+    fn every_listed_target_is_range_checked_and_built_offline() {
+        let text = messages(
+            load("  redis:\n    - name: eu\n      url: \"redis://a:6379\"\n    - name: us\n      url: \"redis://b:6379\"\n      connect_timeout: 0s\n      retry: { initial: 2s, max: 1s }\n")
+                .unwrap_err(),
+        );
+        assert!(text.contains("c.yaml:13:24: sinks.redis[1].connect_timeout must be between 1ms and 10m"), "{text}");
+        assert!(text.contains("sinks.redis[1].retry.max must be at least sinks.redis[1].retry.initial"), "{text}");
+        assert!(!text.contains("sinks.redis[0]"), "{text}");
+
+        let text = messages(
+            load("  redis:\n    - name: eu\n      url: \"redis://a:6379\"\n    - name: us\n      url: \"redis://b:6379/notadb\"\n")
+                .unwrap_err(),
+        );
+        assert!(text.contains("c.yaml:12:12: sinks.redis[1].url: "), "{text}");
+    }
+
+    /// Names label metrics, so they are unique across kinds of sink: a CDN may not take a
+    /// Redis target's name.
+    #[test]
+    fn a_cdn_sink_cannot_take_a_redis_targets_name() {
+        let text = messages(
+            load("  redis:\n    - name: edge\n      url: \"redis://a:6379\"\n  cdn:\n    - { kind: varnish, name: edge, nodes: [\"http://127.0.0.1:6081\"] }\n")
+                .unwrap_err(),
+        );
+        assert!(text.contains("sinks.cdn[0]: the sink name \"edge\" is used twice"), "{text}");
+        let text = messages(
+            load("  redis:\n    url: \"redis://a:6379\"\n  cdn:\n    - { kind: varnish, name: redis, nodes: [\"http://127.0.0.1:6081\"] }\n")
+                .unwrap_err(),
+        );
+        assert!(text.contains("the sink name \"redis\" is used twice"), "{text}");
     }
 
     #[test]

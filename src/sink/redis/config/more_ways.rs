@@ -1,7 +1,8 @@
 //! Validation of the settings behind `redis.patterns` and `redis.dependents` (issue 15):
 //! `scan_count`, `scans_per_second`, `dep_prefix`, `dependents_depth`.
 
-use super::super::{Problem, RedisConfig};
+use super::RedisConfig;
+use crate::config::Problem;
 
 /// Largest `SCAN ... COUNT`: beyond this one call can hold a primary for milliseconds.
 const MAX_SCAN_COUNT: usize = 100_000;
@@ -42,7 +43,7 @@ pub(super) fn validate(
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::load_with_env;
+    use crate::config::load_with_env;
 
     const HEAD: &str =
         "rules: rules.yaml\nsource:\n  kind: kafka\n  kafka:\n    brokers: \"b:9092\"\n    topics: [\"t\"]\n";
