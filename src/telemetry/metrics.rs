@@ -266,8 +266,8 @@ impl Metrics {
                     &["load"],
                 );
                 // Both series exist from the start, so a rate over them is never "no data".
-                for load in ["light", "backlog"] {
-                    c.with_label_values(&[load]);
+                for load in super::events::pipeline::BatchLoad::ALL {
+                    c.with_label_values(&[load.as_str()]);
                 }
                 c
             },
