@@ -56,7 +56,9 @@ use super::{lock, text, Backend, RedisSink, RedisSinkError};
 use crate::config::RedisConfig;
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, Rejected, Sink, SinkError, SinkReport};
-use crate::telemetry::events::sink_redis::{PatternKeysMatched, PatternKeysUnlinked, PatternScanCalls};
+use crate::telemetry::events::sink_redis::{
+    PatternKeysMatched, PatternKeysUnlinked, PatternScanCalls, PatternWalkStarted,
+};
 use crate::telemetry::Metrics;
 
 /// The Redis sink's twin that serves `redis.patterns` (and `pattern:` dependents) on its own
@@ -201,6 +203,7 @@ impl PatternSink {
         dependents: &mut Vec<(String, usize)>,
         shutdown: &Shutdown,
     ) -> Result<Vec<Rejected>, SinkError> {
+        self.core.telemetry.emit(PatternWalkStarted);
         let walk = Mutex::new(Walk::default());
         let mut rejected = Vec::new();
         while !lock(&walk).is_done() {

@@ -157,6 +157,18 @@ impl RedisEvent for PatternScanCalls {
     }
 }
 
+/// A pattern's walk starts: its matched and unlinked series exist from here on (at 0 while
+/// nothing matches), so a dashboard of a pattern that matches nothing reads 0, not "no data".
+pub struct PatternWalkStarted;
+
+impl RedisEvent for PatternWalkStarted {
+    fn emit(self, redis: &RedisCounters) {
+        let name = redis.sink.name();
+        redis.counter(&redis.pattern_keys_matched, |m| m.redis_more.pattern_keys_matched.with_label_values(&[name]));
+        redis.counter(&redis.pattern_keys_unlinked, |m| m.redis_more.pattern_keys_unlinked.with_label_values(&[name]));
+    }
+}
+
 /// A page of a pattern's walk returned `keys` keys (before they are unlinked).
 pub struct PatternKeysMatched {
     pub keys: u64,

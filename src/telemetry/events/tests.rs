@@ -10,7 +10,9 @@ use super::dead_letter::{DeadLetterWriteFailed, DeadLettersWritten};
 use super::pipeline::{BatchGathered, BatchLoad, EventOutcome, EventsFinished, RuleFailed, SecondPassDone};
 use super::sink::{AttemptFailed, AttemptSucceeded, ErrorClass, Probed, SinkBuilt, SinkCounters};
 use super::sink_cdn::{CdnCounters, PurgeAttempted, PurgeOutcome, PurgeRequestBuilt, VerificationOutcome, Verified};
-use super::sink_redis::{CommandFailed, CommandRetried, GenerationOutcome, GenerationWritten, RedisCounters};
+use super::sink_redis::{
+    CommandFailed, CommandRetried, GenerationOutcome, GenerationWritten, PatternWalkStarted, RedisCounters,
+};
 use super::source::{CommitStage, OffsetCommitFailed, OffsetsCommitted, PostgresRole, PostgresRoleChanged};
 use crate::dead_letter::Reason;
 use crate::telemetry::Metrics;
@@ -133,6 +135,8 @@ fn redis_counters_resolve_series_on_first_use_only() {
     let redis = RedisCounters::register(&m, "redis");
     // Nothing reported yet: the exposition has no generation or wait series (as before events).
     assert!(!m.render().contains("cdc_invalidator_redis_generations_total{"));
+    redis.emit(PatternWalkStarted);
+    assert!(m.render().contains("cdc_invalidator_redis_pattern_keys_matched_total{sink=\"redis\"} 0"));
     let text = logs(|| {
         redis.emit(CommandFailed { class: ErrorClass::Retriable, wait_timeout: true });
         redis.emit(CommandRetried {
