@@ -15,6 +15,7 @@ use crate::rules::Rules;
 use crate::shutdown::Shutdown;
 use crate::sink::Sink;
 use crate::source::SourceError;
+use crate::telemetry::events::sink::SinkPinged;
 use crate::telemetry::{self, Health, Metrics};
 
 pub use crate::pipeline::Pipeline;
@@ -133,7 +134,7 @@ async fn ping_sinks(sinks: Vec<Arc<dyn Sink>>, health: Arc<Health>, metrics: Arc
         for (sink, up_now) in sinks.iter().zip(up_now.iter_mut()) {
             if full || !*up_now {
                 let up = tokio::time::timeout(Duration::from_secs(2), sink.ping()).await.unwrap_or(false);
-                metrics.sink_up.with_label_values(&[sink.name()]).set(up as i64);
+                metrics.emit(SinkPinged { sink: sink.name(), up });
                 *up_now = up;
             }
         }

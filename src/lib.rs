@@ -26,7 +26,9 @@
 //!   per layer, dead letters ([`dead_letter`]), acknowledgements, the second pass.
 //! - [`app`]: builds source, sinks, dead letters and telemetry from the config and runs the
 //!   pipeline with hot-reloaded rules until shutdown.
-//! - [`telemetry`]: Prometheus metrics, health endpoints, logging.
+//! - [`telemetry`]: Prometheus metrics, health endpoints, logging; [`telemetry::events`]: one
+//!   typed event per thing the daemon reports, whose emission logs and counts together (the
+//!   labelled metric families are private to `telemetry`, so call sites go through an event).
 //! - [`cli`]: `run`, `check`, `explain` (the user-facing contract) and `replay`.
 //! - [`explain`]: what the rules make of one message (`explain`, `replay --dry-run`).
 //! - [`replay`]: `cdc-invalidator replay`, dead letters back through the pipeline.

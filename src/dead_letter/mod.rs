@@ -26,6 +26,7 @@ use crate::config::{DeadLetterConfig, KafkaConfig};
 use crate::retry::{self, RetryError, RetryPolicy, Verdict};
 use crate::shutdown::Shutdown;
 use crate::source::{Position, RawMessage};
+use crate::telemetry::events::dead_letter::{DeadLetterWriteFailed, DeadLettersWritten};
 use crate::telemetry::Metrics;
 
 /// Why an event was dead-lettered; also the `reason` label of the dead-letter metric.
@@ -191,16 +192,13 @@ impl DeadLetters {
             },
             |_| Verdict::Retry { floor: None },
             |e, attempt, wait| {
-                self.metrics.dead_letter_errors.inc();
-                tracing::warn!(error = %e, attempt, wait_ms = wait.as_millis() as u64, "dead-letter write failed; retrying");
+                self.metrics.emit(DeadLetterWriteFailed { error: e, attempt, wait });
             },
         )
         .await;
         match result {
             Ok(()) => {
-                for l in letters {
-                    self.metrics.dead_letters.with_label_values(&[l.reason.as_str()]).inc();
-                }
+                self.metrics.emit(DeadLettersWritten { reasons: &mut letters.iter().map(|l| l.reason) });
                 Ok(())
             }
             Err(RetryError::Abandoned { .. }) => Err(DeadLetterError::Abandoned),

@@ -27,6 +27,7 @@ use crate::event::{Decoded, Op};
 use crate::shutdown::Shutdown;
 use crate::source::postgres::sql::{self, SqlError};
 use crate::source::{Position, SourceEvent};
+use crate::telemetry::events::freshness::{MaxWaitReached, ReplicaLag};
 use crate::telemetry::Metrics;
 
 mod check;
@@ -249,15 +250,7 @@ impl Replicas {
             let behind = |i: &usize| !has_replayed(positions.get(*i), commits.get(*i), commit);
             (0..self.names.len()).filter(behind).filter_map(|i| self.names.get(i)).map(String::as_str).collect()
         };
-        for name in &behind {
-            self.metrics.freshness_max_wait.with_label_values(&[name]).inc();
-        }
-        tracing::warn!(
-            replicas = %behind.join(","),
-            lsn = %format_lsn(lsn),
-            max_wait_ms = self.max_wait.as_millis() as u64,
-            "freshness.max_wait reached before every replica replayed the commit: second pass sent anyway"
-        );
+        self.metrics.emit(MaxWaitReached { behind: &behind, lsn: &format_lsn(lsn), max_wait: self.max_wait });
         Waited::TimedOut
     }
 
@@ -265,7 +258,7 @@ impl Replicas {
     pub fn awaited(&self, lsn: u64) {
         for (name, &at) in self.names.iter().zip(self.replayed.borrow().iter()) {
             if at > 0 && lsn > at {
-                self.metrics.replica_replay_lag_bytes.with_label_values(&[name]).set((lsn - at) as i64);
+                self.metrics.emit(ReplicaLag { replica: name, bytes: (lsn - at) as i64, seconds: None });
             }
         }
     }
@@ -409,11 +402,7 @@ impl Poller {
                 *last_commit_us = at;
             }
             self.set(replayed, *last_commit_us);
-            self.metrics.replica_replay_lag_bytes.with_label_values(&[&self.name]).set(bytes.max(0));
-            self.metrics
-                .replica_replay_lag_seconds
-                .with_label_values(&[&self.name])
-                .set(seconds.unwrap_or(0.0).max(0.0));
+            self.metrics.emit(ReplicaLag { replica: &self.name, bytes, seconds: Some(seconds.unwrap_or(0.0)) });
         }
     }
 

@@ -7,6 +7,7 @@ use tokio::sync::mpsc;
 
 use crate::config::PipelineConfig;
 use crate::source::SourceEvent;
+use crate::telemetry::events::pipeline::BatchLoad;
 
 /// How long a batch waits for company: decided per batch by [`BusyStreak::load`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,11 +24,11 @@ pub(super) enum Load {
 }
 
 impl Load {
-    /// The `load` label of `cdc_invalidator_batches_total`.
-    pub(super) fn as_str(self) -> &'static str {
+    /// What `cdc_invalidator_batches_total` reports of it.
+    pub(super) fn report(self) -> BatchLoad {
         match self {
-            Load::Light => "light",
-            Load::Backlog => "backlog",
+            Load::Light => BatchLoad::Light,
+            Load::Backlog => BatchLoad::Backlog,
         }
     }
 }

@@ -16,6 +16,7 @@ use crate::freshness::{Commit, Replicas};
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, Sink};
 use crate::source::Ack;
+use crate::telemetry::events::pipeline::{self as report, EventOutcome, EventsFinished};
 use crate::telemetry::Metrics;
 
 /// A batch's invalidations, due again at `due` (or, with `lsn`, once the read replicas have
@@ -104,9 +105,7 @@ impl Finish {
         // once per unit.
         let settled: Vec<(&[ItemKind], prometheus::Histogram)> = match repeat {
             true => Vec::new(),
-            false => {
-                self.sinks.iter().map(|s| (s.kinds(), self.metrics.settled.with_label_values(&[s.name()]))).collect()
-            }
+            false => self.sinks.iter().map(|s| (s.kinds(), report::settled(&self.metrics, s.name()))).collect(),
         };
         for item in &unit.items {
             let (table, op) = match &item.event.decoded {
@@ -115,13 +114,13 @@ impl Finish {
                 Err(_) => ("unknown", "none"),
             };
             let outcome = match (&item.dead, &item.evaluation) {
-                (Some((Reason::Malformed, _)), _) => "dead_lettered",
-                (Some(_), _) => "partial",
-                (None, None) => "no_change",
-                (None, Some(e)) if e.matched_rules.is_empty() => "no_match",
-                (None, Some(_)) => "invalidated",
+                (Some((Reason::Malformed, _)), _) => EventOutcome::DeadLettered,
+                (Some(_), _) => EventOutcome::Partial,
+                (None, None) => EventOutcome::NoChange,
+                (None, Some(e)) if e.matched_rules.is_empty() => EventOutcome::NoMatch,
+                (None, Some(_)) => EventOutcome::Invalidated,
             };
-            outcomes.add(&self.metrics, [table, op, outcome]);
+            outcomes.add(&self.metrics, (table, op, outcome));
             // With a second pass, events that asked for invalidations are acknowledged after
             // it, and observed there.
             if !(repeat && asks(item)) && item.evaluation.is_some() {
@@ -172,26 +171,30 @@ fn asks(item: &super::Item) -> bool {
 /// the lookup it saves).
 const GATHERED_LABEL_SETS: usize = 16;
 
+/// A label set of `cdc_invalidator_events_total`: table, op, outcome.
+type EventLabels<'a> = (&'a str, &'static str, EventOutcome);
+
 /// `cdc_invalidator_events_total` increments of one unit, gathered per label set.
 #[derive(Default)]
 struct LabelCounts<'a> {
-    counts: Vec<([&'a str; 3], u64)>,
+    counts: Vec<(EventLabels<'a>, u64)>,
 }
 
 impl<'a> LabelCounts<'a> {
-    fn add(&mut self, metrics: &Metrics, labels: [&'a str; 3]) {
+    fn add(&mut self, metrics: &Metrics, labels: EventLabels<'a>) {
         if let Some((_, n)) = self.counts.iter_mut().find(|(l, _)| *l == labels) {
             *n += 1;
         } else if self.counts.len() < GATHERED_LABEL_SETS {
             self.counts.push((labels, 1));
         } else {
-            metrics.events.with_label_values(&labels).inc();
+            let (table, op, outcome) = labels;
+            metrics.emit(EventsFinished { table, op, outcome, count: 1 });
         }
     }
 
     fn flush(self, metrics: &Metrics) {
-        for (labels, n) in self.counts {
-            metrics.events.with_label_values(&labels).inc_by(n);
+        for ((table, op, outcome), count) in self.counts {
+            metrics.emit(EventsFinished { table, op, outcome, count });
         }
     }
 }
@@ -208,7 +211,7 @@ impl<'a> TableStaleness<'a> {
             h.observe(seconds);
             return;
         }
-        let handle = metrics.table_staleness.with_label_values(&[table]);
+        let handle = report::table_staleness(metrics, table);
         handle.observe(seconds);
         if self.handles.len() < GATHERED_LABEL_SETS {
             self.handles.push((table, handle));

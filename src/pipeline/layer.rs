@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use super::{origin, StageError, Unit};
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, Origins, Sink, SinkError, SinkReport};
+use crate::telemetry::events::pipeline::{self as report, SinkBatchFinished};
 use crate::telemetry::Metrics;
 
 /// A unit in a layer's queue, holding its share of the queue's room until the layer takes it.
@@ -44,9 +45,7 @@ pub(super) struct LayerReceiver {
 pub(super) fn queue(layer: u8, capacity: usize, metrics: &Metrics) -> (LayerSender, LayerReceiver) {
     let (tx, rx) = mpsc::unbounded_channel();
     let capacity = capacity.clamp(1, Semaphore::MAX_PERMITS);
-    let label = layer.to_string();
-    let queued = metrics.layer_queue_events.with_label_values(&[&label]);
-    let waited = metrics.layer_queue_wait.with_label_values(&[&label]);
+    let (queued, waited) = report::layer_queue(metrics, layer);
     let sender = LayerSender { tx, room: Arc::new(Semaphore::new(capacity)), capacity, queued: queued.clone(), waited };
     (sender, LayerReceiver { rx, queued })
 }
@@ -399,12 +398,8 @@ impl Worker {
             works.iter().map(|w| Answer { seq: w.seq, sink: self.index, rejections: Vec::new() }).collect();
         for d in done {
             let name = d.sink.name();
-            self.metrics.sink_batch_duration.with_label_values(&[name]).observe(d.took.as_secs_f64());
-            for (kind, n) in &d.report.confirmed {
-                self.metrics.invalidations.with_label_values(&[name, kind.as_str()]).inc_by(*n);
-            }
-            let staleness = self.metrics.staleness.with_label_values(&[name]);
-            let processing = self.metrics.processing.with_label_values(&[name]);
+            self.metrics.emit(SinkBatchFinished { sink: name, took: d.took, confirmed: &d.report.confirmed });
+            let (staleness, processing) = report::sink_latency(&self.metrics, name);
             for (origin, received) in works.iter().flat_map(|w| &w.stamps) {
                 if let Some(origin) = origin {
                     staleness.observe(d.at.duration_since(*origin).unwrap_or_default().as_secs_f64());

@@ -50,6 +50,7 @@ use crate::rules::{Evaluation, Rules};
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, Sink};
 use crate::source::SourceEvent;
+use crate::telemetry::events::pipeline::{BatchGathered, RuleFailed};
 use crate::telemetry::Metrics;
 
 mod batching;
@@ -352,7 +353,7 @@ impl Intake {
             }
             let Some(first) = batch.first() else { continue };
             let load = streak.load(first.received, waiting_since, self.config.batch_idle_wait);
-            self.metrics.batches.with_label_values(&[load.as_str()]).inc();
+            self.metrics.emit(BatchGathered { load: load.report() });
             fill_batch(&mut rx, &mut batch, load, &self.config).await;
             let events = std::mem::replace(&mut batch, Vec::with_capacity(max));
             let unit = self.prepare(events);
@@ -410,20 +411,15 @@ impl Intake {
         for item in items {
             let Some(eval) = &item.evaluation else { continue };
             for err in &eval.errors {
-                self.metrics.rule_errors.with_label_values(&[&err.rule]).inc();
                 let now = Instant::now();
                 let last = self.rule_error_logged.get(&err.rule);
-                if last.is_none_or(|t| now.duration_since(*t) >= RULE_ERROR_LOG_INTERVAL) {
+                let log = last.is_none_or(|t| now.duration_since(*t) >= RULE_ERROR_LOG_INTERVAL);
+                if log {
                     self.rule_error_logged.insert(err.rule.clone(), now);
-                    let table = change_of(&item.event).map(|c| c.table.as_str()).unwrap_or("unknown");
-                    tracing::warn!(
-                        rule = %err.rule,
-                        table,
-                        position = %item.event.position,
-                        "rule error (dead-lettered; further errors of this rule are logged at most every 10s): {}",
-                        err.message
-                    );
                 }
+                let table = change_of(&item.event).map(|c| c.table.as_str()).unwrap_or("unknown");
+                let (rule, position, message) = (&err.rule, &item.event.position, &err.message);
+                self.metrics.emit(RuleFailed { rule, table, position, message, log });
             }
         }
     }

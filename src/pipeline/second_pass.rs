@@ -26,6 +26,7 @@ use crate::config::LayerTiming;
 use crate::freshness::{Commit, Replicas, Waited};
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, Sink};
+use crate::telemetry::events::pipeline::{self as report, SecondPassDone};
 use crate::telemetry::Metrics;
 
 /// The front pass's schedule: due, LSN, first pass done, replayed.
@@ -303,17 +304,9 @@ impl Worker {
     async fn repeat(&self, job: &Job, shutdown: &Shutdown) -> Result<(), StageError> {
         for done in invalidate_all(std::slice::from_ref(&self.sink), &job.batch, shutdown).await? {
             let name = done.sink.name();
-            if done.report.removed > 0 {
-                self.metrics.second_pass_refills.with_label_values(&[name]).inc_by(done.report.removed);
-            }
-            if !done.report.rejected.is_empty() {
-                tracing::warn!(
-                    sink = name,
-                    rejected = done.report.rejected.len(),
-                    "second pass: items rejected again (dead-lettered by the first pass)"
-                );
-            }
-            let settled = self.metrics.settled.with_label_values(&[name]);
+            let (refilled, rejected) = (done.report.removed, done.report.rejected.len());
+            self.metrics.emit(SecondPassDone { sink: name, refilled, rejected });
+            let settled = report::settled(&self.metrics, name);
             for origin in job.origins.iter() {
                 settled.observe(done.at.duration_since(*origin).unwrap_or_default().as_secs_f64());
             }

@@ -21,12 +21,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
 use super::{Rules, RulesError};
 use crate::shutdown::Shutdown;
+use crate::telemetry::events::rules::{RulesInForce, RulesReloadRejected, RulesReloaded};
 use crate::telemetry::Metrics;
 
 /// How often the rules file is looked at for changes.
@@ -135,14 +136,8 @@ impl Reloader {
         // Sent before the metrics move, so whoever sees the new hash exported sees it in force.
         self.tx.send_replace(rules.clone());
         publish_metrics(&self.metrics, &rules, Some(&self.running_hash));
-        self.metrics.rules_reloads.with_label_values(&["ok"]).inc();
-        tracing::info!(
-            trigger = trigger.as_str(),
-            previous = %self.running_hash,
-            hash = %hash,
-            rules = count,
-            "rules reloaded: later batches use the new rules"
-        );
+        let (trigger, previous) = (trigger.as_str(), &self.running_hash);
+        self.metrics.emit(RulesReloaded { trigger, previous, hash: &hash, rules: count });
         self.running_hash = hash.clone();
         Outcome::Swapped { hash, rules: count }
     }
@@ -150,22 +145,13 @@ impl Reloader {
     fn reject(&mut self, trigger: Trigger, err: RulesError, content: Option<String>) -> Outcome {
         // A signal always logs (the operator asked); a poll logs a given broken text once.
         let repeat = trigger == Trigger::FileChanged && content.is_some() && content == self.failed_hash;
-        if !repeat {
-            let problems = err.problems();
-            tracing::error!(
-                trigger = trigger.as_str(),
-                file = %self.path.display(),
-                problems = problems.len(),
-                running = %self.running_hash,
-                "rules reload rejected: the running rules stay in force"
-            );
-            for p in problems {
-                tracing::error!(trigger = trigger.as_str(), "rules reload: {p}");
-            }
-        }
-        // Counted after the problems are logged, so whoever sees the gauge finds them in the log.
-        self.metrics.rules_reloads.with_label_values(&["error"]).inc();
-        self.metrics.rules_reload_failed.set(1);
+        self.metrics.emit(RulesReloadRejected {
+            trigger: trigger.as_str(),
+            file: &self.path,
+            problems: err.problems(),
+            running: &self.running_hash,
+            log: !repeat,
+        });
         self.failed_hash = content;
         Outcome::Rejected(err)
     }
@@ -233,13 +219,7 @@ fn content_hash(text: &str) -> String {
 
 /// Exports the running rules: count, hash (the previous hash's series is removed) and load time.
 fn publish_metrics(metrics: &Metrics, rules: &Rules, previous: Option<&str>) {
-    metrics.rules_loaded.set(rules.len() as i64);
-    if let Some(previous) = previous {
-        let _ = metrics.rules_info.remove_label_values(&[previous]);
-    }
-    metrics.rules_info.with_label_values(&[&rules.hash()]).set(1);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-    metrics.rules_loaded_timestamp.set(now);
+    metrics.emit(RulesInForce { rules: rules.len(), hash: &rules.hash(), previous });
 }
 
 #[cfg(test)]

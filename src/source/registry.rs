@@ -20,6 +20,7 @@ use serde::Deserialize;
 
 use crate::config::SchemaRegistryConfig;
 use crate::source::debezium::{AvroError, AvroSchema, ProtobufSchema};
+use crate::telemetry::events::source::{RegistryOutcome, SchemaRegistryRequest};
 use crate::telemetry::Metrics;
 
 /// Schemas kept; Debezium writes one key and one value schema per table and schema version, so
@@ -150,13 +151,13 @@ impl Registry {
     async fn get(&self, segments: &[&str]) -> Result<Vec<u8>, Failure> {
         let outcome = self.get_uncounted(segments).await;
         if let Some(metrics) = &self.metrics {
-            let label = match &outcome {
-                Ok(_) => "ok",
-                Err(Failure::NotFound) => "not_found",
-                Err(Failure::Refused { status: 401 | 403, .. }) => "unauthorized",
-                Err(_) => "error",
+            let outcome = match &outcome {
+                Ok(_) => RegistryOutcome::Ok,
+                Err(Failure::NotFound) => RegistryOutcome::NotFound,
+                Err(Failure::Refused { status: 401 | 403, .. }) => RegistryOutcome::Unauthorized,
+                Err(_) => RegistryOutcome::Error,
             };
-            metrics.schema_registry_requests.with_label_values(&[label]).inc();
+            metrics.emit(SchemaRegistryRequest { outcome });
         }
         outcome
     }

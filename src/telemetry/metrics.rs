@@ -4,6 +4,10 @@
 //! Names start with `cdc_invalidator_`, use base units (`_seconds`, `_bytes`), counters end in
 //! `_total`, and labels only ever carry bounded values: table, op, sink name, item kind, reason,
 //! rule name, topic and partition. Never a key, a URL or a row value.
+//!
+//! The labelled families are private to `crate::telemetry`: they move only through the typed
+//! events of [`super::events`], which log and count together and cannot mislabel a series.
+//! The unlabelled gauges and counters stay public (nothing to mislabel).
 
 use prometheus::{
     CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -25,25 +29,25 @@ pub struct Metrics {
     registry: Registry,
     /// Source messages by table, op and outcome (`invalidated`, `no_match`, `no_change`,
     /// `dead_lettered`, `partial` = invalidated what rendered and dead-lettered the rest).
-    pub events: IntCounterVec,
+    pub(in crate::telemetry) events: IntCounterVec,
     /// Items confirmed by a sink, by sink and kind (`key`, `tag`, `surrogate_key`, `url`).
-    pub invalidations: IntCounterVec,
+    pub(in crate::telemetry) invalidations: IntCounterVec,
     /// Keys unlinked through tag fan-out (members of tag sets), by sink.
-    pub tag_members_unlinked: IntCounterVec,
+    pub(in crate::telemetry) tag_members_unlinked: IntCounterVec,
     /// `WAIT` replies with fewer replicas than `sinks.redis.wait_replicas.count`, by sink
     /// (each one fails its round, which is retried).
-    pub redis_wait_timeouts: IntCounterVec,
+    pub(in crate::telemetry) redis_wait_timeouts: IntCounterVec,
     /// `redis.patterns`, `redis.generations`, `redis.dependents` (issue 15), by sink.
-    pub redis_more: RedisMoreWays,
+    pub(in crate::telemetry) redis_more: RedisMoreWays,
     /// Broadcast messages Redis accepted (`sinks.redis.broadcast`), by sink.
-    pub redis_broadcasts: IntCounterVec,
+    pub(in crate::telemetry) redis_broadcasts: IntCounterVec,
     /// Subscribers that received the last broadcast message (PUBLISH's reply), by sink: 0 means
     /// nobody is listening.
-    pub redis_broadcast_receivers: IntGaugeVec,
+    pub(in crate::telemetry) redis_broadcast_receivers: IntGaugeVec,
     /// Entries appended to the warm-up stream (`sinks.redis.warm`), by sink.
-    pub redis_warm_entries: IntCounterVec,
+    pub(in crate::telemetry) redis_warm_entries: IntCounterVec,
     /// Seconds from the database commit to the sink confirming, per sink.
-    pub staleness: HistogramVec,
+    pub(in crate::telemetry) staleness: HistogramVec,
     /// Seconds from the database commit to the event being acknowledged to the source.
     pub end_to_end_staleness: Histogram,
     /// Seconds from the database commit to the event entering the daemon: the share of
@@ -51,74 +55,74 @@ pub struct Metrics {
     pub source_delay: Histogram,
     /// Seconds from the event entering the daemon to the sink confirming, per sink: the daemon's
     /// own share of staleness (batch wait, queueing, the sink round trips).
-    pub processing: HistogramVec,
+    pub(in crate::telemetry) processing: HistogramVec,
     /// Per-partition consumer lag in messages, from librdkafka statistics.
-    pub kafka_consumer_lag: IntGaugeVec,
+    pub(in crate::telemetry) kafka_consumer_lag: IntGaugeVec,
     /// Events received but not yet acknowledged.
     pub pending_events: IntGauge,
     /// Events per batch.
     pub batch_events: Histogram,
     /// Batches, by the load they were gathered under (`light`: sent with what was queued;
     /// `backlog`: the pipeline had been busy without a break and gathered more).
-    pub batches: IntCounterVec,
+    pub(in crate::telemetry) batches: IntCounterVec,
     /// Distinct items per batch after coalescing.
     pub batch_items: Histogram,
     /// Seconds a sink took to finish one batch, retries included.
-    pub sink_batch_duration: HistogramVec,
+    pub(in crate::telemetry) sink_batch_duration: HistogramVec,
     /// Failed sink attempts, by sink and class (`retriable`, `permanent`).
-    pub sink_errors: IntCounterVec,
+    pub(in crate::telemetry) sink_errors: IntCounterVec,
     /// Sink attempts that will be retried, by sink.
-    pub sink_retries: IntCounterVec,
+    pub(in crate::telemetry) sink_retries: IntCounterVec,
     /// 1 while the sink answers, 0 while it is failing.
-    pub sink_up: IntGaugeVec,
+    pub(in crate::telemetry) sink_up: IntGaugeVec,
     /// Dead letters written, by reason (`malformed`, `rule_error`, `sink_rejected`).
-    pub dead_letters: IntCounterVec,
+    pub(in crate::telemetry) dead_letters: IntCounterVec,
     /// Failed attempts to write a dead letter (retried).
     pub dead_letter_errors: IntCounter,
     /// Templates that no row image could render, by rule.
-    pub rule_errors: IntCounterVec,
+    pub(in crate::telemetry) rule_errors: IntCounterVec,
     /// Unix time of the last message (event or heartbeat) from the source.
     pub last_event_timestamp: Gauge,
     /// Unix time of the source commit of the newest event seen.
     pub last_commit_timestamp: Gauge,
     /// Offset commits by outcome (`ok`, `error`).
-    pub source_commits: IntCounterVec,
+    pub(in crate::telemetry) source_commits: IntCounterVec,
     /// Consumer group rebalances by kind (`assign`, `revoke`).
-    pub rebalances: IntCounterVec,
+    pub(in crate::telemetry) rebalances: IntCounterVec,
     /// Errors reported by the source client (transient; it recovers by itself).
     pub source_errors: IntCounter,
     /// 1 when the source has partitions assigned (Kafka) or a live stream (PostgreSQL).
     pub source_ready: IntGauge,
     /// Constant 1, labelled with the version.
-    pub build_info: IntGaugeVec,
+    pub(in crate::telemetry) build_info: IntGaugeVec,
     /// Rules currently loaded.
     pub rules_loaded: IntGauge,
     /// CDN/HTTP-cache purge requests (attempts), by sink and outcome (`ok`, `rate_limited`,
     /// `server_error`, `network_error`, `rejected`).
-    pub cdn_requests: IntCounterVec,
+    pub(in crate::telemetry) cdn_requests: IntCounterVec,
     /// Items per CDN purge request, by sink (the batching ratio).
-    pub cdn_request_items: HistogramVec,
+    pub(in crate::telemetry) cdn_request_items: HistogramVec,
     /// Seconds one CDN purge attempt took, by sink.
-    pub cdn_request_duration: HistogramVec,
+    pub(in crate::telemetry) cdn_request_duration: HistogramVec,
     /// Seconds spent waiting on a sink's client-side rate limit (token bucket), by sink.
-    pub cdn_rate_limit_wait: CounterVec,
+    pub(in crate::telemetry) cdn_rate_limit_wait: CounterVec,
     /// CDN purge requests in flight, by sink.
-    pub cdn_in_flight: IntGaugeVec,
+    pub(in crate::telemetry) cdn_in_flight: IntGaugeVec,
     /// Post-purge freshness checks, by sink and outcome (`fresh`, `stale`, `error`, `skipped`).
-    pub cdn_verifications: IntCounterVec,
+    pub(in crate::telemetry) cdn_verifications: IntCounterVec,
     /// Credentials read again after a provider refused them (401/403), by sink and outcome
     /// (`changed`: the request went once more; `unchanged`; `failed`).
-    pub credential_reloads: IntCounterVec,
+    pub(in crate::telemetry) credential_reloads: IntCounterVec,
     /// Events whose second pass (`sinks.timing.repeat_after`) is still due.
     pub second_pass_pending_events: IntGauge,
     /// Seconds from the database commit to the event being finished by every sink, by table.
-    pub table_staleness: HistogramVec,
+    pub(in crate::telemetry) table_staleness: HistogramVec,
     /// Constant 1, labelled with the hash of the running rules file (one series at a time).
-    pub rules_info: IntGaugeVec,
+    pub(in crate::telemetry) rules_info: IntGaugeVec,
     /// Unix time the running rules were loaded (at start or by a reload).
     pub rules_loaded_timestamp: Gauge,
     /// Rules reload attempts, by outcome (`ok`, `error`).
-    pub rules_reloads: IntCounterVec,
+    pub(in crate::telemetry) rules_reloads: IntCounterVec,
     /// 1 while the rules file on disk is invalid (the previous rules keep running), else 0.
     pub rules_reload_failed: IntGauge,
     /// PostgreSQL: server WAL position minus the slot's confirmed flush LSN.
@@ -126,7 +130,7 @@ pub struct Metrics {
     /// PostgreSQL: WAL the slot keeps on the server (server WAL position minus restart LSN).
     pub postgres_retained_wal_bytes: IntGauge,
     /// PostgreSQL: 1 for the role this daemon holds on the slot (`active`, `standby`).
-    pub postgres_role: IntGaugeVec,
+    pub(in crate::telemetry) postgres_role: IntGaugeVec,
     /// PostgreSQL: replication reconnects after a broken stream or a failed start.
     pub postgres_reconnects: IntCounter,
     /// PostgreSQL: the LSN confirmed as flushed (everything before it is invalidated).
@@ -134,43 +138,43 @@ pub struct Metrics {
     /// Events in a layer not yet confirmed by every sink of it, queued or in progress (`layer`:
     /// 0 Redis, 1 HTTP caches, 2 CDNs): a layer
     /// whose queue stays near `pipeline.queue_capacity` is the one holding the pipeline back.
-    pub layer_queue_events: IntGaugeVec,
+    pub(in crate::telemetry) layer_queue_events: IntGaugeVec,
     /// Seconds the stages before a layer waited for room in its full queue: the backpressure
     /// that layer puts on the rest of the pipeline (and, through intake, on the source).
-    pub layer_queue_wait: CounterVec,
+    pub(in crate::telemetry) layer_queue_wait: CounterVec,
     /// Keys a second-pass UNLINK actually removed, by sink: readers refilled them from data
     /// older than the change between the passes (the race, measured).
-    pub second_pass_refills: IntCounterVec,
+    pub(in crate::telemetry) second_pass_refills: IntCounterVec,
     /// Seconds from the database commit to the last pass confirmed, by sink.
-    pub settled: HistogramVec,
+    pub(in crate::telemetry) settled: HistogramVec,
     /// Each read replica's replay lag in seconds (`freshness.replicas`).
-    pub replica_replay_lag_seconds: GaugeVec,
+    pub(in crate::telemetry) replica_replay_lag_seconds: GaugeVec,
     /// Each read replica's replay lag in bytes: WAL received or awaited but not replayed.
-    pub replica_replay_lag_bytes: IntGaugeVec,
+    pub(in crate::telemetry) replica_replay_lag_bytes: IntGaugeVec,
     /// Second passes that went out at `freshness.max_wait`, by the replica that was behind.
-    pub freshness_max_wait: IntCounterVec,
+    pub(in crate::telemetry) freshness_max_wait: IntCounterVec,
     /// Schema registry requests, by outcome (`ok`, `not_found`, `unauthorized`, `error`).
-    pub schema_registry_requests: IntCounterVec,
+    pub(in crate::telemetry) schema_registry_requests: IntCounterVec,
     /// Schemas held in the registry client's cache (messages whose schema is cached decode
     /// while the registry is down).
     pub schema_registry_cached_schemas: IntGauge,
 }
 
 /// The progress of patterns, generations and dependents, by sink.
-pub struct RedisMoreWays {
+pub(in crate::telemetry) struct RedisMoreWays {
     /// Patterns of the batch being scanned whose scan is not finished.
-    pub pattern_scans_in_flight: IntGaugeVec,
+    pub(in crate::telemetry) pattern_scans_in_flight: IntGaugeVec,
     /// `SCAN` calls made for patterns.
-    pub scan_calls: IntCounterVec,
+    pub(in crate::telemetry) scan_calls: IntCounterVec,
     /// Keys the pattern scans returned (matches, before UNLINK).
-    pub pattern_keys_matched: IntCounterVec,
+    pub(in crate::telemetry) pattern_keys_matched: IntCounterVec,
     /// Keys the pattern scans found and unlinked (UNLINK replies).
-    pub pattern_keys_unlinked: IntCounterVec,
+    pub(in crate::telemetry) pattern_keys_unlinked: IntCounterVec,
     /// Generation keys set (`outcome="advanced"`) or left because they already held a
     /// position as high (`outcome="kept"`: a redelivery, or an older event).
-    pub generations: IntCounterVec,
+    pub(in crate::telemetry) generations: IntCounterVec,
     /// Keys unlinked as dependents (members of `<dep_prefix>KEY` sets).
-    pub dependents_unlinked: IntCounterVec,
+    pub(in crate::telemetry) dependents_unlinked: IntCounterVec,
 }
 
 impl RedisMoreWays {
@@ -266,8 +270,8 @@ impl Metrics {
                     &["load"],
                 );
                 // Both series exist from the start, so a rate over them is never "no data".
-                for load in ["light", "backlog"] {
-                    c.with_label_values(&[load]);
+                for load in super::events::pipeline::BatchLoad::ALL {
+                    c.with_label_values(&[load.as_str()]);
                 }
                 c
             },

@@ -1,5 +1,7 @@
-//! Telemetry: metrics, the `/metrics` `/healthz` `/readyz` server, and logging setup.
+//! Telemetry: metrics, the typed events that move them (and write their log lines), the
+//! `/metrics` `/healthz` `/readyz` server, and logging setup.
 
+pub mod events;
 pub mod http;
 pub mod logging;
 pub mod metrics;

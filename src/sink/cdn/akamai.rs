@@ -36,6 +36,7 @@ use crate::config::secret::{Secret, SecretSet};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, SinkError};
+use crate::telemetry::events::sink::SinkBuilt;
 use crate::telemetry::Metrics;
 
 /// Requests: Akamai's request bucket (100, refilling 50/s). Objects per request are bounded by
@@ -246,7 +247,7 @@ impl AkamaiSink {
             TokenBucket::new(b.burst, b.per_minute / 60.0)
         };
         let client = http::client(config.timeout).map_err(|e| CdnError::build(name, e))?;
-        metrics.sink_up.with_label_values(&[name]).set(0);
+        metrics.emit(SinkBuilt { sink: name });
         Ok(AkamaiSink {
             name: name.to_string(),
             base_url: config.base_url.trim_end_matches('/').to_string(),

@@ -37,6 +37,8 @@ use crate::config::secret::{Need, RotatingSecret};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, SinkError};
+use crate::telemetry::events::sink::SinkBuilt;
+use crate::telemetry::events::sink_cdn::{self, PurgeOutcome};
 use crate::telemetry::Metrics;
 
 /// Cloudflare's per-request ceiling on its largest plan.
@@ -190,9 +192,9 @@ impl CloudflareSink {
         let (defaults, default_urls) = config.plan.defaults();
         let limits = config.limits.resolve(defaults);
         let urls_per_second = config.urls_per_second.unwrap_or(default_urls);
-        let wait = || metrics.cdn_rate_limit_wait.with_label_values(&[name]);
+        let wait = || sink_cdn::rate_limit_wait(&metrics, name);
         let client = http::client(config.timeout).map_err(|e| CdnError::build(name, e))?;
-        metrics.sink_up.with_label_values(&[name]).set(0);
+        metrics.emit(SinkBuilt { sink: name });
         Ok(CloudflareSink {
             name: name.to_string(),
             endpoint: format!("{}/zones/{}/purge_cache", config.api.trim_end_matches('/'), config.zone_id),
@@ -265,7 +267,7 @@ fn interpret(answer: Answer) -> Result<(), Failure> {
     match envelope {
         Some(e) if e.success => Ok(()),
         Some(e) if e.errors.iter().any(|e| e.code == THROTTLED) => Err(Failure::Transient {
-            outcome: "rate_limited",
+            outcome: PurgeOutcome::RateLimited,
             floor: http::retry_after(&answer.headers, std::time::SystemTime::now()),
             message: format!("HTTP 200 with success:false: {}", errors(&e)),
         }),
@@ -275,7 +277,7 @@ fn interpret(answer: Answer) -> Result<(), Failure> {
         }),
         // A 200 that is not Cloudflare's envelope (a proxy's page?): not a confirmation.
         None => Err(Failure::Transient {
-            outcome: "server_error",
+            outcome: PurgeOutcome::ServerError,
             floor: None,
             message: format!("HTTP 200 without Cloudflare's JSON envelope: {}", answer.message()),
         }),
@@ -360,7 +362,7 @@ mod tests {
         assert!(f.to_string().contains("1107 bad tag"), "{f}");
         let f =
             interpret(answer(200, r#"{"success":false,"errors":[{"code":971,"message":"throttled"}]}"#)).unwrap_err();
-        assert!(matches!(f, Failure::Transient { outcome: "rate_limited", .. }));
+        assert!(matches!(f, Failure::Transient { outcome: PurgeOutcome::RateLimited, .. }));
         assert!(matches!(interpret(answer(200, "<html>")).unwrap_err(), Failure::Transient { .. }));
         let f =
             interpret(answer(403, r#"{"success":false,"errors":[{"code":10000,"message":"Authentication error"}]}"#))

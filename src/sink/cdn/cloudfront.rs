@@ -39,6 +39,8 @@ use super::{base_and_host, check_base_url, check_url, CdnError, Job, Limits, Lim
 use crate::retry::{RetryError, RetryPolicy, Verdict};
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, SinkError};
+use crate::telemetry::events::sink::SinkBuilt;
+use crate::telemetry::events::sink_cdn::PurgeOutcome;
 use crate::telemetry::Metrics;
 
 /// One invalidation may carry every path the distribution allows in progress; the API is
@@ -307,7 +309,7 @@ impl CloudfrontSink {
         let (_, host) = base_and_host(name, "endpoint", &config.endpoint)?;
         let limits = config.limits.resolve(DEFAULT_LIMITS);
         let client = http::client(config.timeout).map_err(|e| CdnError::build(name, e))?;
-        metrics.sink_up.with_label_values(&[name]).set(0);
+        metrics.emit(SinkBuilt { sink: name });
         Ok(CloudfrontSink {
             name: name.to_string(),
             base: format!(
@@ -531,7 +533,7 @@ impl CloudfrontSink {
                 match xml_text(&text, "Id") {
                     Some(id) => Ok(Created { id }),
                     None => Err(Failure::Transient {
-                        outcome: "server_error",
+                        outcome: PurgeOutcome::ServerError,
                         floor: None,
                         message: format!("HTTP {}: no invalidation Id in the answer", answer.status.as_u16()),
                     }),
@@ -592,10 +594,10 @@ fn failure(answer: &Answer, busy_backoff: Duration) -> Failure {
     let sentence = http::one_line(&format!("HTTP {} {code}: {message}", answer.status.as_u16()));
     match code.as_str() {
         "TooManyInvalidationsInProgress" => {
-            Failure::Transient { outcome: "rate_limited", floor: Some(busy_backoff), message: sentence }
+            Failure::Transient { outcome: PurgeOutcome::RateLimited, floor: Some(busy_backoff), message: sentence }
         }
         "Throttling" | "RequestLimitExceeded" | "ServiceUnavailable" => {
-            Failure::Transient { outcome: "rate_limited", floor: None, message: sentence }
+            Failure::Transient { outcome: PurgeOutcome::RateLimited, floor: None, message: sentence }
         }
         _ => Failure::from_answer(answer, None).with_message(sentence),
     }

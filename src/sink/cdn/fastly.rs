@@ -27,6 +27,7 @@ use crate::config::secret::{Need, RotatingSecret};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, SinkError};
+use crate::telemetry::events::sink::SinkBuilt;
 use crate::telemetry::Metrics;
 
 pub const DEFAULT_LIMITS: Limits =
@@ -108,7 +109,7 @@ impl FastlySink {
         let token = config.token.clone().ok_or_else(|| CdnError::build(name, "no token (config not validated)"))?;
         let limits = config.limits.resolve(DEFAULT_LIMITS);
         let client = http::client(config.timeout).map_err(|e| CdnError::build(name, e))?;
-        metrics.sink_up.with_label_values(&[name]).set(0);
+        metrics.emit(SinkBuilt { sink: name });
         Ok(FastlySink {
             name: name.to_string(),
             api: config.api.trim_end_matches('/').to_string(),

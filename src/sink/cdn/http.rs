@@ -35,6 +35,10 @@ use crate::config::secret::{Reload, Reloaded};
 use crate::retry::{RetryError, RetryPolicy, Verdict};
 use crate::shutdown::Shutdown;
 use crate::sink::SinkError;
+use crate::telemetry::events::sink::{ErrorClass, SinkPinged};
+use crate::telemetry::events::sink_cdn::{
+    CdnCounters, CredentialsReloaded, PurgeAttempted, PurgeOutcome, PurgeRequestBuilt, PurgeRetried,
+};
 use crate::telemetry::Metrics;
 
 /// How much of a provider's error body goes into a dead letter or a log line.
@@ -137,7 +141,7 @@ pub fn one_line(text: &str) -> String {
 pub enum Failure {
     /// Worth another attempt, not before `floor`. `outcome` is the metric label.
     #[error("{message}")]
-    Transient { outcome: &'static str, floor: Option<Duration>, message: String },
+    Transient { outcome: PurgeOutcome, floor: Option<Duration>, message: String },
     /// Retrying cannot help: the items go to the dead-letter destination with `message`.
     /// `item_level`: the provider blamed the request's content, so splitting a multi-item
     /// request can isolate the culprit; otherwise (credentials, a missing zone) every item of
@@ -156,8 +160,11 @@ impl Failure {
         let message = format!("HTTP {}: {}", answer.status.as_u16(), answer.message());
         match classify_with_floor(answer.status, &answer.headers, provider_floor) {
             Verdict::Retry { floor } => {
-                let outcome =
-                    if answer.status == StatusCode::TOO_MANY_REQUESTS { "rate_limited" } else { "server_error" };
+                let outcome = if answer.status == StatusCode::TOO_MANY_REQUESTS {
+                    PurgeOutcome::RateLimited
+                } else {
+                    PurgeOutcome::ServerError
+                };
                 Failure::Transient { outcome, floor, message }
             }
             Verdict::Permanent if matches!(answer.status.as_u16(), 401 | 403) => Failure::Unauthorized { message },
@@ -173,7 +180,7 @@ impl Failure {
     pub fn network(error: reqwest::Error) -> Failure {
         let kind = if error.is_timeout() { "timed out" } else { "network error" };
         Failure::Transient {
-            outcome: "network_error",
+            outcome: PurgeOutcome::NetworkError,
             floor: None,
             message: format!("{kind}: {}", one_line(&error.without_url().to_string())),
         }
@@ -195,10 +202,10 @@ impl Failure {
         }
     }
 
-    fn outcome(&self) -> &'static str {
+    fn outcome(&self) -> PurgeOutcome {
         match self {
-            Failure::Transient { outcome, .. } => outcome,
-            Failure::Permanent { .. } | Failure::Unauthorized { .. } => "rejected",
+            Failure::Transient { outcome, .. } => *outcome,
+            Failure::Permanent { .. } | Failure::Unauthorized { .. } => PurgeOutcome::Rejected,
         }
     }
 
@@ -222,13 +229,16 @@ pub struct Sender {
     sink: Arc<str>,
     retry: RetryPolicy,
     metrics: Arc<Metrics>,
+    /// What this sink reports, its series resolved once (requests report per attempt).
+    telemetry: CdnCounters,
     /// The sink's credentials, read again when the provider refuses them (401/403).
     reload: Option<Arc<dyn Reload>>,
 }
 
 impl Sender {
     pub fn new(sink: &str, client: reqwest::Client, retry: RetryPolicy, metrics: Arc<Metrics>) -> Sender {
-        Sender { client, sink: sink.into(), retry, metrics, reload: None }
+        let telemetry = CdnCounters::register(&metrics, sink);
+        Sender { client, sink: sink.into(), retry, metrics, telemetry, reload: None }
     }
 
     /// Credentials to read again when the provider answers 401/403: when they changed, the
@@ -270,53 +280,37 @@ impl Sender {
         Interpret: Fn(Answer) -> Result<T, Failure>,
     {
         let sink = &*self.sink;
-        self.metrics.cdn_request_items.with_label_values(&[sink]).observe(items as f64);
+        self.telemetry.emit(PurgeRequestBuilt { items });
         // Copies of references, so each attempt's future owns what it borrows.
         let (this, build, interpret) = (self, &build, &interpret);
         let attempt = move || async move {
             for (bucket, tokens) in buckets {
                 bucket.acquire(*tokens).await;
             }
-            let in_flight = InFlight::enter(this.metrics.cdn_in_flight.with_label_values(&[sink]));
+            let in_flight = InFlight::enter(this.telemetry.in_flight().clone());
             let started = std::time::Instant::now();
             let result = this.attempt(build, interpret).await;
             drop(in_flight);
-            this.metrics.cdn_request_duration.with_label_values(&[sink]).observe(started.elapsed().as_secs_f64());
-            let outcome = match &result {
-                Ok(_) => "ok",
-                Err(f) => f.outcome(),
+            let (outcome, failure) = match &result {
+                Ok(_) => (PurgeOutcome::Ok, None),
+                Err(f @ Failure::Transient { .. }) => (f.outcome(), Some(ErrorClass::Retriable)),
+                Err(f @ (Failure::Permanent { .. } | Failure::Unauthorized { .. })) => {
+                    (f.outcome(), Some(ErrorClass::Permanent))
+                }
             };
-            this.metrics.cdn_requests.with_label_values(&[sink, outcome]).inc();
-            match &result {
-                Ok(_) => this.metrics.sink_up.with_label_values(&[sink]).set(1),
-                Err(Failure::Transient { .. }) => {
-                    this.metrics.sink_up.with_label_values(&[sink]).set(0);
-                    this.metrics.sink_errors.with_label_values(&[sink, "retriable"]).inc();
-                }
-                Err(Failure::Permanent { .. } | Failure::Unauthorized { .. }) => {
-                    this.metrics.sink_errors.with_label_values(&[sink, "permanent"]).inc();
-                }
-            }
+            this.telemetry.emit(PurgeAttempted { took: started.elapsed(), outcome, failure });
             result
         };
         let on_retry = |failure: &Failure, attempt: u32, wait: Duration| {
-            self.metrics.sink_retries.with_label_values(&[sink]).inc();
-            tracing::warn!(sink, attempt, wait_ms = wait.as_millis() as u64, error = %failure, "purge request failed; retrying");
+            self.telemetry.emit(PurgeRetried { attempt, wait, error: failure });
         };
         let mut outcome = crate::retry::retry(&self.retry, shutdown, attempt, Failure::verdict, on_retry).await;
         if let (Err(RetryError::Permanent(Failure::Unauthorized { message })), Some(reload)) = (&outcome, &self.reload)
         {
             let reloaded = reload.reload().await;
-            self.metrics.credential_reloads.with_label_values(&[sink, reloaded.as_str()]).inc();
-            match &reloaded {
-                Reloaded::Changed => {
-                    tracing::info!(sink, error = %message, "the provider refused the credentials; they changed since, so the request goes once more with the new ones");
-                    outcome = crate::retry::retry(&self.retry, shutdown, attempt, Failure::verdict, on_retry).await;
-                }
-                Reloaded::Unchanged => {}
-                Reloaded::Failed(why) => {
-                    tracing::warn!(sink, error = %why, "the provider refused the credentials and they cannot be read again")
-                }
+            self.telemetry.emit(CredentialsReloaded { reloaded: &reloaded, refusal: message });
+            if let Reloaded::Changed = reloaded {
+                outcome = crate::retry::retry(&self.retry, shutdown, attempt, Failure::verdict, on_retry).await;
             }
         }
         match outcome {
@@ -343,7 +337,7 @@ impl Sender {
     /// `sink_up` for this sink.
     pub async fn ping(&self, url: &str) -> bool {
         let up = reachable(&self.client, url, Duration::from_secs(2)).await;
-        self.metrics.sink_up.with_label_values(&[&self.sink]).set(up as i64);
+        self.metrics.emit(SinkPinged { sink: &self.sink, up });
         up
     }
 

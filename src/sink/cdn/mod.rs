@@ -299,7 +299,7 @@ impl Limits {
     pub fn request_bucket(&self, sink: &str, metrics: &Metrics) -> Option<TokenBucket> {
         (self.requests_per_second > 0.0).then(|| {
             TokenBucket::new(self.burst, self.requests_per_second)
-                .with_wait_counter(metrics.cdn_rate_limit_wait.with_label_values(&[sink]))
+                .with_wait_counter(crate::telemetry::events::sink_cdn::rate_limit_wait(metrics, sink))
         })
     }
 }

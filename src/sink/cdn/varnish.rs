@@ -34,6 +34,7 @@ use super::{check_key, check_url, chunk, CdnError, Job, Limits, LimitsConfig};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, SinkError};
+use crate::telemetry::events::sink::{SinkBuilt, SinkPinged};
 use crate::telemetry::Metrics;
 
 /// Varnish has no rate limits: no client-side bucket, 4 requests in flight per node, and up to
@@ -174,7 +175,7 @@ impl VarnishSink {
             .collect::<Result<Vec<_>, _>>()?;
         let limits = config.limits.resolve(DEFAULT_LIMITS);
         let client = http::client(config.timeout).map_err(|e| CdnError::build(name, e))?;
-        metrics.sink_up.with_label_values(&[name]).set(0);
+        metrics.emit(SinkBuilt { sink: name });
         Ok(VarnishSink {
             name: name.to_string(),
             nodes,
@@ -311,7 +312,7 @@ impl Provider for VarnishSink {
             let connect = tokio::net::TcpStream::connect((host, port));
             up &= matches!(tokio::time::timeout(Duration::from_secs(2), connect).await, Ok(Ok(_)));
         }
-        self.sender.metrics().sink_up.with_label_values(&[&self.name]).set(up as i64);
+        self.sender.metrics().emit(SinkPinged { sink: &self.name, up });
         up
     }
 }

@@ -32,6 +32,7 @@ use tokio::sync::Semaphore;
 
 use super::{check_url, CdnError};
 use crate::sink::{Invalidations, ItemKind, Rejected};
+use crate::telemetry::events::sink_cdn::{VerificationOutcome, Verified};
 use crate::telemetry::Metrics;
 
 /// `sinks.cdn[].verify`.
@@ -137,13 +138,14 @@ pub enum Freshness {
     Error,
 }
 
-impl Freshness {
-    pub fn label(self) -> &'static str {
-        match self {
-            Freshness::Fresh => "fresh",
-            Freshness::Stale => "stale",
-            Freshness::Inconclusive => "inconclusive",
-            Freshness::Error => "error",
+/// What `cdc_invalidator_cdn_verifications_total` reports of a check.
+impl From<Freshness> for VerificationOutcome {
+    fn from(f: Freshness) -> VerificationOutcome {
+        match f {
+            Freshness::Fresh => VerificationOutcome::Fresh,
+            Freshness::Stale => VerificationOutcome::Stale,
+            Freshness::Inconclusive => VerificationOutcome::Inconclusive,
+            Freshness::Error => VerificationOutcome::Error,
         }
     }
 }
@@ -217,7 +219,7 @@ impl Verifier {
         for (_, item) in sample {
             let Some(check) = self.render(item) else { continue };
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-                self.count("skipped");
+                self.metrics.emit(Verified { sink: &self.sink, outcome: VerificationOutcome::Skipped });
                 continue;
             };
             let (client, sink, metrics, config) =
@@ -227,17 +229,9 @@ impl Verifier {
                 let wait = config.delay.saturating_sub(confirmed.elapsed());
                 tokio::time::sleep(wait).await;
                 let freshness = fetch(&client, &config, &check, confirmed).await;
-                metrics.cdn_verifications.with_label_values(&[&sink, freshness.label()]).inc();
-                if freshness == Freshness::Stale {
-                    // The URL is ours (from config), not a row value's secret; keys stay out of logs.
-                    tracing::warn!(sink = %sink, "verification: the cache still serves a copy older than the purge");
-                }
+                metrics.emit(Verified { sink: &sink, outcome: freshness.into() });
             });
         }
-    }
-
-    fn count(&self, outcome: &str) {
-        self.metrics.cdn_verifications.with_label_values(&[&self.sink, outcome]).inc();
     }
 
     /// One check now (tests and tools).

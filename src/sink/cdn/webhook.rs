@@ -35,6 +35,7 @@ use crate::config::secret::{Need, RotatingSecret};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, SinkError};
+use crate::telemetry::events::sink::SinkBuilt;
 use crate::telemetry::Metrics;
 
 /// No provider limits to respect: no client-side bucket, 2 requests in flight, 1,000 items.
@@ -136,7 +137,7 @@ impl WebhookSink {
             .collect::<Result<Vec<_>, CdnError>>()?;
         let limits = config.limits.resolve(DEFAULT_LIMITS);
         let client = http::client(config.timeout).map_err(|e| CdnError::build(name, e))?;
-        metrics.sink_up.with_label_values(&[name]).set(0);
+        metrics.emit(SinkBuilt { sink: name });
         Ok(WebhookSink {
             name: name.to_string(),
             url: config.url.clone(),

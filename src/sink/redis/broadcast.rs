@@ -33,6 +33,7 @@ use super::connection::CommandError;
 use super::{Backend, RedisSink};
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, SinkError};
+use crate::telemetry::events::sink_redis::BroadcastSent;
 
 /// `sinks.redis.broadcast`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -148,8 +149,7 @@ impl RedisSink {
                     }
                 })
                 .await?;
-            self.metrics.redis_broadcasts.with_label_values(&[&self.name]).inc();
-            self.metrics.redis_broadcast_receivers.with_label_values(&[&self.name]).set(receivers);
+            self.telemetry.emit(BroadcastSent { receivers });
         }
         Ok(())
     }

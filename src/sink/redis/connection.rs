@@ -16,6 +16,8 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, ErrorKind, RedisError, ServerErrorKind, Value};
 use tokio::sync::Mutex;
 
+use crate::telemetry::events::sink::ErrorClass;
+
 /// A live connection and the generation it belongs to, so that a task holding an old
 /// connection cannot throw away a newer one another task has just made.
 struct Slot {
@@ -147,12 +149,12 @@ pub(super) enum Class {
 }
 
 impl Class {
-    /// The `class` label of `sink_errors`: `permanent` means "needs a human", whether or not
-    /// the sink keeps retrying.
-    pub(super) fn label(self) -> &'static str {
+    /// The `class` of `sink_errors`: `permanent` means "needs a human", whether or not the
+    /// sink keeps retrying.
+    pub(super) fn report(self) -> ErrorClass {
         match self {
-            Class::Transient => "retriable",
-            Class::Refused | Class::Fatal => "permanent",
+            Class::Transient => ErrorClass::Retriable,
+            Class::Refused | Class::Fatal => ErrorClass::Permanent,
         }
     }
 }
@@ -310,7 +312,7 @@ mod tests {
     fn credentials_are_refused_with_a_hint() {
         let wrong = server("WRONGPASS", "invalid username-password pair or user is disabled.");
         assert_eq!(wrong.class(), Class::Refused);
-        assert_eq!(wrong.class().label(), "permanent");
+        assert_eq!(wrong.class().report(), ErrorClass::Permanent);
         assert!(wrong.to_string().contains("check the user and password in sinks.redis.url"), "{wrong}");
         let failed = CommandError::Redis((ErrorKind::AuthenticationFailed, "Password authentication failed").into());
         assert_eq!(failed.class(), Class::Refused);

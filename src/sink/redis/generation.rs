@@ -39,6 +39,7 @@ use super::{slot, text, Backend, RedisSink};
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, Rejected, SinkError};
 use crate::source::{Position, SourceEvent};
+use crate::telemetry::events::sink_redis::{GenerationKeyWrongType, GenerationOutcome, GenerationWritten};
 
 /// Between a generation key and its position in a stamped item: a control character no
 /// reasonable key holds, and the position is all digits, so the last one splits them exactly.
@@ -212,14 +213,12 @@ impl RedisSink {
                 reason: "the event has no source position a generation can hold (no LSN, no commit time; a replayed message without source.lsn)".into(),
             });
         }
-        let counter =
-            |outcome: &str| self.metrics.redis_more.generations.with_label_values(&[self.name.as_str(), outcome]);
         for (call, answer) in calls.iter().zip(answers) {
             match answer {
-                Answer::Advanced => counter("advanced").inc(),
-                Answer::Kept => counter("kept").inc(),
+                Answer::Advanced => self.telemetry.emit(GenerationWritten { outcome: GenerationOutcome::Advanced }),
+                Answer::Kept => self.telemetry.emit(GenerationWritten { outcome: GenerationOutcome::Kept }),
                 Answer::NotAGeneration(what) => {
-                    tracing::warn!(sink = %self.name, "a generation key holds something else: left as it is, item rejected");
+                    self.telemetry.emit(GenerationKeyWrongType);
                     for &index in &call.items {
                         out.rejected.push(Rejected {
                             kind: ItemKind::RedisGeneration,

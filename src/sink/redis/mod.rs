@@ -75,6 +75,8 @@ use crate::config::{RedisConfig, RedisMode, WaitReplicas};
 use crate::retry::{RetryError, RetryPolicy, Verdict};
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, Rejected, Sink, SinkError, SinkReport};
+use crate::telemetry::events::sink::Probed;
+use crate::telemetry::events::sink_redis::{CommandFailed, CommandRetried, CommandSucceeded, RedisCounters};
 use crate::telemetry::Metrics;
 
 pub mod broadcast;
@@ -143,7 +145,8 @@ pub struct RedisSink {
     /// Replicas connected to the primary of each slot (one entry outside a cluster), as `ROLE`
     /// last said; `wait.count` until it has said anything.
     replicas: Vec<AtomicU32>,
-    metrics: Arc<Metrics>,
+    /// What this sink reports, its series resolved once (commands report per round trip).
+    telemetry: RedisCounters,
     /// Ends the backoff of waiting retries when the health probe sees Redis answer again
     /// after a failure (`down`), so a backlog restarts at once, not up to `retry.max` later.
     recovery: crate::retry::Recovery,
@@ -224,7 +227,7 @@ impl RedisSink {
                 Backend::Cluster(cluster)
             }
         };
-        metrics.sink_up.with_label_values(&[name]).set(0);
+        let telemetry = RedisCounters::register(&metrics, name);
         Ok(RedisSink {
             name: name.to_string(),
             backend,
@@ -243,7 +246,7 @@ impl RedisSink {
                 .collect(),
             wait,
             recovered: AtomicBool::new(false),
-            metrics,
+            telemetry,
             recovery: Default::default(),
             down: Default::default(),
             dep_prefix: config.dep_prefix.clone(),
@@ -266,8 +269,8 @@ impl RedisSink {
     /// Where a fan-out of `sets` counts the keys it unlinked.
     fn set_members_counter(&self, sets: Sets) -> prometheus::IntCounter {
         match sets {
-            Sets::Tags => self.metrics.tag_members_unlinked.with_label_values(&[&self.name]),
-            Sets::Dependents => self.metrics.redis_more.dependents_unlinked.with_label_values(&[&self.name]),
+            Sets::Tags => self.telemetry.tag_members_unlinked().clone(),
+            Sets::Dependents => self.telemetry.dependents_unlinked().clone(),
         }
     }
 
@@ -631,7 +634,7 @@ impl RedisSink {
                     break;
                 }
                 let moved = Mutex::new(vec![(key.clone(), members)]);
-                let unlinked = self.metrics.tag_members_unlinked.with_label_values(&[&self.name]);
+                let unlinked = self.telemetry.tag_members_unlinked().clone();
                 self.finish_pending(cluster, &moved, &unlinked, shutdown).await?;
             }
         }
@@ -651,14 +654,11 @@ impl RedisSink {
             async move {
                 let result = fut.await;
                 match &result {
-                    Ok(_) => self.metrics.sink_up.with_label_values(&[name]).set(1),
+                    Ok(_) => self.telemetry.emit(CommandSucceeded),
                     Err(e) => {
                         self.down.store(true, std::sync::atomic::Ordering::Relaxed);
-                        self.metrics.sink_up.with_label_values(&[name]).set(0);
-                        self.metrics.sink_errors.with_label_values(&[name, e.class().label()]).inc();
-                        if matches!(e, CommandError::WaitTimeout { .. }) {
-                            self.metrics.redis_wait_timeouts.with_label_values(&[name]).inc();
-                        }
+                        let wait_timeout = matches!(e, CommandError::WaitTimeout { .. });
+                        self.telemetry.emit(CommandFailed { class: e.class().report(), wait_timeout });
                     }
                 }
                 result
@@ -669,16 +669,8 @@ impl RedisSink {
             Class::Fatal => Verdict::Permanent,
         };
         let on_retry = |e: &CommandError, attempt: u32, wait: Duration| {
-            self.metrics.sink_retries.with_label_values(&[name]).inc();
-            let wait_ms = wait.as_millis() as u64;
-            match e.class() {
-                Class::Refused => {
-                    tracing::error!(sink = name, code = e.code(), attempt, wait_ms, error = %e, "Redis refused our credentials or permissions; retrying")
-                }
-                _ => {
-                    tracing::warn!(sink = name, code = e.code(), attempt, wait_ms, error = %e, "Redis command failed; retrying")
-                }
-            }
+            let refused = e.class() == Class::Refused;
+            self.telemetry.emit(CommandRetried { code: e.code(), attempt, wait, refused, error: e });
         };
         let recovery = Some(&self.recovery);
         match crate::retry::retry_with_recovery(&self.retry, shutdown, recovery, attempt, classify, on_retry).await {
@@ -903,7 +895,7 @@ impl Sink for RedisSink {
             }
             Err(_) => false,
         };
-        self.metrics.sink_up.with_label_values(&[&self.name]).set(up as i64);
+        self.telemetry.sink().emit(Probed { up });
         let was_down = self.down.swap(!up, std::sync::atomic::Ordering::Relaxed);
         if up && was_down {
             tracing::info!(sink = %self.name, "Redis answers again: waiting retries go now");

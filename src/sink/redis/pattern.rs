@@ -56,6 +56,9 @@ use super::{lock, text, Backend, RedisSink, RedisSinkError};
 use crate::config::RedisConfig;
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, Rejected, Sink, SinkError, SinkReport};
+use crate::telemetry::events::sink_redis::{
+    PatternKeysMatched, PatternKeysUnlinked, PatternScanCalls, PatternWalkStarted,
+};
 use crate::telemetry::Metrics;
 
 /// The Redis sink's twin that serves `redis.patterns` (and `pattern:` dependents) on its own
@@ -112,7 +115,7 @@ impl PatternSink {
             at
         };
         tokio::time::sleep_until(at).await;
-        self.core.metrics.redis_more.scan_calls.with_label_values(&[&self.core.name]).inc_by(u64::from(calls));
+        self.core.telemetry.emit(PatternScanCalls { calls });
     }
 
     /// The next page of `pattern`'s walk: the keys it matched. A failure restarts the walk.
@@ -200,9 +203,7 @@ impl PatternSink {
         dependents: &mut Vec<(String, usize)>,
         shutdown: &Shutdown,
     ) -> Result<Vec<Rejected>, SinkError> {
-        let name = [self.core.name.as_str()];
-        let matched = self.core.metrics.redis_more.pattern_keys_matched.with_label_values(&name);
-        let unlinked = self.core.metrics.redis_more.pattern_keys_unlinked.with_label_values(&name);
+        self.core.telemetry.emit(PatternWalkStarted);
         let walk = Mutex::new(Walk::default());
         let mut rejected = Vec::new();
         while !lock(&walk).is_done() {
@@ -211,8 +212,9 @@ impl PatternSink {
             if keys.is_empty() {
                 continue;
             }
-            matched.inc_by(keys.len() as u64);
-            unlinked.inc_by(self.core.unlink_keys(&keys, shutdown).await?);
+            self.core.telemetry.emit(PatternKeysMatched { keys: keys.len() as u64 });
+            let unlinked = self.core.unlink_keys(&keys, shutdown).await?;
+            self.core.telemetry.emit(PatternKeysUnlinked { keys: unlinked });
             if let Some(root) = root {
                 let cascaded = self.core.cascade(vec![(root, keys)], shutdown).await?;
                 for r in cascaded.rejected {
@@ -282,7 +284,7 @@ impl Sink for PatternSink {
             return Ok(report);
         }
         let roots = Roots::of(batch).patterns();
-        let in_flight = self.core.metrics.redis_more.pattern_scans_in_flight.with_label_values(&[&self.core.name]);
+        let in_flight = self.core.telemetry.pattern_scans_in_flight();
         in_flight.set(patterns.len() as i64);
         let mut rejected = Vec::new();
         let mut dependents = Vec::new();

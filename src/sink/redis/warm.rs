@@ -31,6 +31,7 @@ use super::{Backend, RedisSink};
 use crate::shutdown::Shutdown;
 use crate::sink::origins::KeyOrigin;
 use crate::sink::{Invalidations, ItemKind, Rejected, SinkError};
+use crate::telemetry::events::sink_redis::WarmEntriesAdded;
 
 /// XADD commands per round trip.
 const XADDS_PER_ROUND: usize = 500;
@@ -172,9 +173,7 @@ impl RedisSink {
                 })
                 .await?;
             match outcome {
-                Round::Added => {
-                    self.metrics.redis_warm_entries.with_label_values(&[&self.name]).inc_by(chunk.len() as u64)
-                }
+                Round::Added => self.telemetry.emit(WarmEntriesAdded { entries: chunk.len() as u64 }),
                 Round::WrongType(sentence) => {
                     // The stream's name is configuration, not data: it may be logged.
                     tracing::error!(sink = %self.name, stream = %config.stream, "the warm-up stream's key holds another type: keys rejected (dead-lettered) until it is fixed");

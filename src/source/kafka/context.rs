@@ -11,6 +11,10 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 
 use super::tracker::{CommitPoint, Tracker};
+use crate::telemetry::events::source::{
+    CommitStage, KafkaClientError, KafkaConsumerLag, OffsetCommitFailed, OffsetsCommitted, PartitionsAssigned,
+    PartitionsRevoked,
+};
 use crate::telemetry::Metrics;
 
 pub(super) struct KafkaContext {
@@ -77,10 +81,7 @@ impl ClientContext for KafkaContext {
                 if *partition < 0 || p.consumer_lag < 0 {
                     continue;
                 }
-                self.metrics
-                    .kafka_consumer_lag
-                    .with_label_values(&[topic.as_str(), &partition.to_string()])
-                    .set(p.consumer_lag);
+                self.metrics.emit(KafkaConsumerLag { topic, partition: *partition, lag: p.consumer_lag });
             }
         }
     }
@@ -88,8 +89,7 @@ impl ClientContext for KafkaContext {
     fn error(&self, error: KafkaError, reason: &str) {
         // librdkafka recovers from these by itself (broker down, transport failure, all brokers
         // down): count and log, never stop.
-        self.metrics.source_errors.inc();
-        tracing::warn!(target: "cdc_invalidator::source::kafka", %error, reason, "kafka client error (transient; librdkafka retries)");
+        self.metrics.emit(KafkaClientError { error: &error, reason });
     }
 
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
@@ -106,22 +106,16 @@ impl ClientContext for KafkaContext {
 impl ConsumerContext for KafkaContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            self.metrics.rebalances.with_label_values(&["revoke"]).inc();
             let points: Vec<CommitPoint> = {
                 let mut tracker = lock(&self.tracker);
                 tpl.elements().iter().filter_map(|e| tracker.revoke(e.topic(), e.partition())).collect()
             };
-            tracing::info!(
-                partitions = tpl.count(),
-                committing = points.len(),
-                "partitions revoked: committing what is finished, dropping the rest unacknowledged"
-            );
+            self.metrics.emit(PartitionsRevoked { partitions: tpl.count(), committing: points.len() });
             if !points.is_empty() {
                 // Asynchronous: a rebalance callback must not block. If it is lost, the new owner
                 // redelivers from the previous commit: duplicates, never a loss.
                 if let Err(e) = commit_async(consumer.client(), &commit_list(&points)) {
-                    self.metrics.source_commits.with_label_values(&["error"]).inc();
-                    tracing::warn!(error = %e, "commit on revoke failed; the new owner will redeliver");
+                    self.metrics.emit(OffsetCommitFailed { stage: CommitStage::Revoke, error: &e });
                 }
             }
         }
@@ -131,14 +125,13 @@ impl ConsumerContext for KafkaContext {
         let mut tracker = lock(&self.tracker);
         match rebalance {
             Rebalance::Assign(tpl) => {
-                self.metrics.rebalances.with_label_values(&["assign"]).inc();
                 for e in tpl.elements() {
                     tracker.assign(e.topic(), e.partition());
                 }
                 if tracker.paused {
                     let _ = consumer.pause(tpl);
                 }
-                tracing::info!(partitions = tpl.count(), "partitions assigned");
+                self.metrics.emit(PartitionsAssigned { partitions: tpl.count() });
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
@@ -149,14 +142,12 @@ impl ConsumerContext for KafkaContext {
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         match result {
             Ok(()) => {
-                self.metrics.source_commits.with_label_values(&["ok"]).inc();
-                tracing::debug!(partitions = offsets.count(), "offsets committed");
+                self.metrics.emit(OffsetsCommitted { partitions: Some(offsets.count()) });
             }
             Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => {
-                self.metrics.source_commits.with_label_values(&["error"]).inc();
                 self.commit_failed.store(true, Ordering::Relaxed);
-                tracing::warn!(error = %e, "offset commit failed; retrying on the next tick");
+                self.metrics.emit(OffsetCommitFailed { stage: CommitStage::Callback, error: &e });
             }
         }
     }

@@ -35,6 +35,7 @@ use crate::config::KafkaConfig;
 use crate::event::Decoded;
 use crate::shutdown::Shutdown;
 use crate::source::{Ack, Finished, Malformed, Position, RawMessage, SourceEvent};
+use crate::telemetry::events::source::{CommitStage, OffsetCommitFailed, OffsetsCommitted};
 use crate::telemetry::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -330,9 +331,8 @@ impl KafkaSource {
             return;
         }
         if let Err(e) = commit_async(self.consumer.client(), &commit_list(&points)) {
-            self.metrics.source_commits.with_label_values(&["error"]).inc();
             self.consumer.context().commit_failed.store(true, Ordering::Relaxed);
-            tracing::warn!(error = %e, "cannot send offset commit; retrying on the next tick");
+            self.metrics.emit(OffsetCommitFailed { stage: CommitStage::Send, error: &e });
         }
     }
 
@@ -348,11 +348,8 @@ impl KafkaSource {
         let job = tokio::task::spawn_blocking(move || {
             if !points.is_empty() {
                 match consumer.commit(&commit_list(&points), CommitMode::Sync) {
-                    Ok(()) => metrics.source_commits.with_label_values(&["ok"]).inc(),
-                    Err(e) => {
-                        metrics.source_commits.with_label_values(&["error"]).inc();
-                        tracing::warn!(error = %e, "final offset commit failed: the next start redelivers from the previous commit");
-                    }
+                    Ok(()) => metrics.emit(OffsetsCommitted { partitions: None }),
+                    Err(e) => metrics.emit(OffsetCommitFailed { stage: CommitStage::Final, error: &e }),
                 }
             }
             consumer.unsubscribe();

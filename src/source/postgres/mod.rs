@@ -61,6 +61,7 @@ use crate::event::{ChangeEvent, Decoded};
 use crate::retry::RetryPolicy;
 use crate::shutdown::Shutdown;
 use crate::source::{Ack, Finished, Malformed, Position, RawMessage, SourceEvent};
+use crate::telemetry::events::source::{PostgresRole, PostgresRoleChanged};
 use crate::telemetry::Metrics;
 
 /// How long the final status update at shutdown may take.
@@ -452,11 +453,8 @@ impl PostgresSource {
         PostgresSourceError::SlotLost { slot, reason }
     }
 
-    fn set_role(&self, role: Option<&str>) {
-        for r in ["active", "standby"] {
-            self.metrics.postgres_role.with_label_values(&[r]).set((role == Some(r)) as i64);
-        }
-        self.metrics.source_ready.set((role == Some("active")) as i64);
+    fn set_role(&self, role: Option<PostgresRole>) {
+        self.metrics.emit(PostgresRoleChanged { role });
     }
 
     async fn stream(
@@ -488,7 +486,7 @@ impl PostgresSource {
             let mut broke = false;
             let wait = match started {
                 Ok(()) => {
-                    self.set_role(Some("active"));
+                    self.set_role(Some(PostgresRole::Active));
                     failures = 0;
                     standby_logged = false;
                     tracing::info!(slot = %self.slot, from = %Lsn(tracker.confirmed()), "streaming from the replication slot (active)");
@@ -518,7 +516,7 @@ impl PostgresSource {
                 Err(e) => match classify(&e, &self.slot) {
                     Verdict::Fatal(f) => return Err(self.with_reason(f).await),
                     Verdict::Standby => {
-                        self.set_role(Some("standby"));
+                        self.set_role(Some(PostgresRole::Standby));
                         if !standby_logged {
                             standby_logged = true;
                             tracing::info!(slot = %self.slot, retry_ms = self.standby_retry.as_millis() as u64, "another session holds the slot; waiting as a standby");
