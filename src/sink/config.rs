@@ -1,6 +1,7 @@
 //! `sinks`: the sections of each kind of sink, and `sinks.timing`. Each kind's section is a
 //! [`SinkSection`] that checks itself, builds offline for `check`, and builds its sinks with
-//! their layers; this file knows none of them but by the `sink_sections!` line that lists it.
+//! their layers; this file knows none of them: the `sink_sections!` invocation in
+//! `src/sink/mod.rs` lists them, one line each.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -32,39 +33,38 @@ pub(crate) trait SinkSection {
     fn build(&self, metrics: &Arc<Metrics>, out: &mut Layered) -> Result<(), String>;
 }
 
-/// The registry of sink kinds: each line is `field: Section,`, `sinks.<field>` in the file. It
-/// defines [`SinksConfig`] and the list of its sections.
+/// The registry of sink kinds, invoked once in `src/sink/mod.rs`: each line is
+/// `field: Section,`, `sinks.<field>` in the file and `src/sink/<field>/` (or `<field>.rs`) for
+/// its code. It declares the module and defines [`SinksConfig`] and the list of its sections.
 macro_rules! sink_sections {
     ($($(#[$doc:meta])* $field:ident: $section:ty,)+) => {
+        $(pub mod $field;)+
+
         /// `sinks`.
-        #[derive(Debug, Deserialize)]
+        #[derive(Debug, ::serde::Deserialize)]
         #[serde(deny_unknown_fields)]
         pub struct SinksConfig {
             $($(#[$doc])* #[serde(default)] pub $field: $section,)+
             /// Layer order timing: delay between layers, second pass.
             #[serde(default)]
-            pub timing: LayerTiming,
+            pub timing: $crate::sink::config::LayerTiming,
         }
 
         impl SinksConfig {
             /// The sections, in registry order (the order names are checked in).
-            fn sections(&self) -> Vec<&dyn SinkSection> {
-                vec![$(&self.$field as &dyn SinkSection,)+]
+            fn sections(&self) -> Vec<&dyn $crate::sink::config::SinkSection> {
+                vec![$(&self.$field as &dyn $crate::sink::config::SinkSection,)+]
             }
 
-            fn sections_mut(&mut self) -> Vec<&mut dyn SinkSection> {
-                vec![$(&mut self.$field as &mut dyn SinkSection,)+]
+            fn sections_mut(&mut self) -> Vec<&mut dyn $crate::sink::config::SinkSection> {
+                vec![$(&mut self.$field as &mut dyn $crate::sink::config::SinkSection,)+]
             }
         }
     };
 }
+pub(crate) use sink_sections;
 
-sink_sections! {
-    /// One Redis target, or a list of named ones (`src/sink/redis/config.rs`).
-    redis: Option<crate::sink::redis::config::RedisTargets>,
-    /// HTTP caches and CDNs, each named (docs/cdn.md).
-    cdn: Vec<crate::sink::cdn::CdnSinkConfig>,
-}
+pub use super::SinksConfig;
 
 impl SinksConfig {
     /// Checks every section (at least one sink, unique names across all) and `sinks.timing`.

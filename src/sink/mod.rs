@@ -25,10 +25,16 @@ use async_trait::async_trait;
 
 use crate::shutdown::Shutdown;
 
-pub mod cdn;
 pub mod config;
 pub mod origins;
-pub mod redis;
+
+// The kinds of sink: one line each (`sinks.<field>`, its module, its section type).
+config::sink_sections! {
+    /// One Redis target, or a list of named ones (`src/sink/redis/config.rs`).
+    redis: Option<redis::config::RedisTargets>,
+    /// HTTP caches and CDNs, each named (docs/cdn.md).
+    cdn: Vec<cdn::CdnSinkConfig>,
+}
 
 pub use origins::Origins;
 
