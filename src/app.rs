@@ -51,6 +51,9 @@ pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: 
     let health = Arc::new(Health::default());
     let (addr, http) =
         telemetry::http::serve(config.metrics.listen, metrics.clone(), health.clone(), shutdown.clone()).await?;
+    // Aborted however `run` returns: an early error below (a sink that cannot be built, a bad
+    // replica) must not leave the port bound in a process that goes on (tests, an embedder).
+    let _http = AbortOnDrop(http);
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
 
     let (layers, sinks) = build_sinks(&config, &metrics)?;
@@ -87,11 +90,20 @@ pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: 
 
     // The pipeline has finished or dropped every event: the source can make its final commit.
     let source_result = source_task.await;
-    http.abort();
+    drop(_http);
     result?;
     match source_result {
         Ok(r) => r,
         Err(e) => Err(AppError::SourceTask(e.to_string())),
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -275,9 +275,18 @@ async fn freshness_a_primary_listed_as_replica_stops_the_daemon_and_fails_check(
     let loaded = cdc_invalidator::config::load_with_env(&config, []).unwrap();
     let rules = cdc_invalidator::rules::Rules::from_file(&loaded.rules).unwrap();
     let (_trigger, shutdown) = cdc_invalidator::shutdown::channel();
+    let listen = loaded.metrics.listen;
     let run = cdc_invalidator::app::run(loaded, rules, Arc::new(Metrics::new()), shutdown);
     let err = tokio::time::timeout(Duration::from_secs(20), run).await.expect("stops by itself").expect_err("fatal");
     assert!(err.to_string().contains("replica-1") && err.to_string().contains("is a primary"), "{err}");
+    // The early error released the metrics port (its server task was aborted, not left to the
+    // runtime): a process embedding the daemon can start it again on the same port. The abort
+    // takes effect at the task's next poll, hence the short wait.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::net::TcpListener::bind(listen).is_err() {
+        assert!(std::time::Instant::now() < deadline, "{listen} is still bound after run returned");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let out = std::process::Command::new(crate::support::daemon::binary())
         .args(["check", "--against-db", "-c"])
@@ -288,8 +297,8 @@ async fn freshness_a_primary_listed_as_replica_stops_the_daemon_and_fails_check(
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("freshness.replicas replica-1") && stderr.contains("is a primary"), "{stderr}");
 
-    // `run`: an invalid config, exit 2, naming the entry where it is. (On its own metrics port:
-    // the in-process run above left its listener to the test runtime.)
+    // `run`: an invalid config, exit 2, naming the entry where it is. (On its own metrics port,
+    // so the subprocess cannot race anything else of this test for it.)
     let text = std::fs::read_to_string(&config).unwrap();
     let port = crate::support::free_port();
     let text: Vec<String> =
