@@ -655,9 +655,8 @@ pub fn xml_all(doc: &str, tag: &str) -> Vec<String> {
 
 #[async_trait]
 impl Provider for CloudfrontSink {
-    fn name(&self) -> &str {
-        &self.name
-    }
+    // `name`, `limits`, `verifier`: the fields every provider keeps under those names.
+    super::purge::provider_fields!();
 
     fn kinds(&self) -> &'static [ItemKind] {
         if self.key_path.is_some() {
@@ -665,14 +664,6 @@ impl Provider for CloudfrontSink {
         } else {
             &[ItemKind::Url]
         }
-    }
-
-    fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
-    fn verifier(&self) -> Option<&Verifier> {
-        self.verifier.as_ref()
     }
 
     fn check(&self, kind: ItemKind, item: &str) -> Result<(), String> {

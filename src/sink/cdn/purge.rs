@@ -60,6 +60,26 @@ pub trait Provider: Send + Sync {
     async fn ping(&self) -> bool;
 }
 
+/// The accessors of [`Provider`] every provider answers from its own fields, which it keeps
+/// under these names: `name: String`, `limits: Limits`, `verifier: Option<Verifier>`. Invoked
+/// inside each `impl Provider`.
+macro_rules! provider_fields {
+    () => {
+        fn name(&self) -> &str {
+            &self.name
+        }
+
+        fn limits(&self) -> &$crate::sink::cdn::Limits {
+            &self.limits
+        }
+
+        fn verifier(&self) -> Option<&$crate::sink::cdn::verify::Verifier> {
+            self.verifier.as_ref()
+        }
+    };
+}
+pub(crate) use provider_fields;
+
 /// The shared path of every provider's `invalidate`.
 pub async fn purge<P: Provider + ?Sized>(
     provider: &P,

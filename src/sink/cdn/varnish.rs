@@ -241,20 +241,11 @@ struct Request {
 
 #[async_trait]
 impl Provider for VarnishSink {
-    fn name(&self) -> &str {
-        &self.name
-    }
+    // `name`, `limits`, `verifier`: the fields every provider keeps under those names.
+    super::purge::provider_fields!();
 
     fn kinds(&self) -> &'static [ItemKind] {
         &[ItemKind::SurrogateKey, ItemKind::Url]
-    }
-
-    fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
-    fn verifier(&self) -> Option<&Verifier> {
-        self.verifier.as_ref()
     }
 
     fn check(&self, kind: ItemKind, item: &str) -> Result<(), String> {
