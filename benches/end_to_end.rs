@@ -8,7 +8,8 @@
 //!     (/proc/<pid>/status VmHWM, reset between phases with `clear_refs`, plus VmRSS sampled
 //!     every 50 ms) while catching up, and through a Redis outage (Redis stopped for
 //!     BENCH_OUTAGE_SECONDS while the producer goes on at BENCH_OUTAGE_RATE, then restarted and
-//!     the backlog caught up). Printed as one table.
+//!     the backlog caught up), with the catch-up's own ceiling (a bare consumer reading the same
+//!     outage backlog with the daemon's fetch settings). Printed as one table.
 //! (c) staleness: p50/p99 of database-commit-to-Redis-confirmed at a steady 5,000 events/s with
 //!     a 5 ms batch wait, split into the upstream share (commit -> entering the daemon) and the
 //!     daemon's own (entering -> confirmed), once per broker: librdkafka's mock cluster (in this
@@ -17,9 +18,11 @@
 //!
 //! `cargo bench --bench end_to_end` (needs TANSU_BIN or scripts/install-deps.sh first).
 //! Knobs: BENCH_PARTS (b, c), BENCH_EVENTS (200000), BENCH_OUTAGE_SECONDS (60; 0 skips the
-//! outage), BENCH_OUTAGE_RATE (5000 events/s), BENCH_UNLINK_KEYS (keys per UNLINK in the Redis
+//! outage), BENCH_OUTAGE_RATE (5000 events/s), BENCH_OUTAGE_FRESH (set: a second daemon reads
+//! the outage events without having been through the outage, for comparison), BENCH_UNLINK_KEYS (keys per UNLINK in the Redis
 //! ceiling, 500), BENCH_C_BROKERS (mock,tansu), BENCH_DAEMON (process, in_process: then the RSS
-//! is this whole process's), BENCH_FETCH_WAIT_MS, BENCH_STATS_MS, BENCH_DAEMON_EXTRA,
+//! is this whole process's), BENCH_FETCH_WAIT_MS, BENCH_STATS_MS, BENCH_DAEMON_EXTRA (more
+//! librdkafka settings for the daemon, "key=value,...", in (b) and (c)),
 //! BENCH_REF_EXTRA, BENCH_REF_SECONDS, BENCH_COMMIT_INTERVAL, BENCH_REDIS (standalone, or
 //! cluster: a private 3-primary/3-replica Redis Cluster, `mode: cluster`, WAIT 1 per slot
 //! pipeline by default; cluster_nowait: the same with `wait_replicas: { count: 0 }`; the outage
@@ -116,31 +119,52 @@ fn quantile(exposition: &str, metric: &str, labels: &str, q: f64) -> f64 {
     f64::NAN
 }
 
-/// Reads `n` messages with a plain consumer group member (fetch settings as the daemon's).
-async fn bare_consume(bootstrap: &str, topic: &str, n: usize) -> (usize, Duration) {
+/// Reads `skip + n` messages with a plain consumer group member of `group` (`fetch.wait.max.ms`
+/// 5, then `extra`); returns how many of the last `n` it read and how long they took, from the
+/// first of them to the last.
+async fn bare_consume(
+    bootstrap: &str,
+    topic: &str,
+    group: &str,
+    skip: usize,
+    n: usize,
+    extra: &[(&str, &str)],
+) -> (usize, Duration) {
     use rdkafka::consumer::{Consumer, StreamConsumer};
-    let c: StreamConsumer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", "bench-bare")
+        .set("group.id", group)
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .set("session.timeout.ms", "6000")
-        .set("fetch.wait.max.ms", "5")
-        .create()
-        .expect("consumer");
+        .set("fetch.wait.max.ms", "5");
+    for (key, value) in extra {
+        config.set(*key, *value);
+    }
+    let c: StreamConsumer = config.create().expect("consumer");
     c.subscribe(&[topic]).expect("subscribe");
-    let mut got = 0;
+    let (mut seen, mut got) = (0, 0);
     let mut first = None;
     while got < n {
         match tokio::time::timeout(Duration::from_secs(30), c.recv()).await {
             Ok(Ok(_)) => {
-                first.get_or_insert_with(Instant::now);
-                got += 1;
+                seen += 1;
+                if seen > skip {
+                    first.get_or_insert_with(Instant::now);
+                    got += 1;
+                }
             }
             _ => break,
         }
     }
     (got, first.map(|t| t.elapsed()).unwrap_or_default())
+}
+
+/// BENCH_DAEMON_EXTRA ("key=value,..."): more librdkafka settings for the daemon's consumer.
+fn daemon_extra() -> Vec<(&'static str, &'static str)> {
+    let text: &'static str = Box::leak(std::env::var("BENCH_DAEMON_EXTRA").unwrap_or_default().into_boxed_str());
+    text.split(',').filter_map(|kv| kv.split_once('=')).collect()
 }
 
 /// The broker path alone at the same rate: producer -> Tansu -> a bare consumer, exact
@@ -411,10 +435,8 @@ async fn steady(broker: &str, bootstrap: &str, p: &FutureProducer, create_topic:
     let stats = std::env::var("BENCH_STATS_MS").unwrap_or_else(|_| "5000".into());
     println!("(c) [{broker}] settings: batch_max_wait 5 ms, fetch.wait.max.ms {fetch_wait}, producer linger.ms 2");
     create_topic("steady.public.products");
-    // BENCH_DAEMON_EXTRA="key=value,...": more librdkafka settings for the daemon's consumer.
-    let daemon_extra = std::env::var("BENCH_DAEMON_EXTRA").unwrap_or_default();
     let mut librdkafka = vec![("fetch.wait.max.ms", fetch_wait.as_str()), ("statistics.interval.ms", stats.as_str())];
-    librdkafka.extend(daemon_extra.split(',').filter_map(|kv| kv.split_once('=')));
+    librdkafka.extend(daemon_extra());
     let extra = pipeline_section("batch_max_wait: 5ms\n");
     let dir = tempfile::tempdir().unwrap();
     let d = UnderTest::start(
@@ -602,6 +624,11 @@ async fn throughput_and_memory(
     let t = Instant::now();
     fill(p, topic, total).await;
     println!("(b) pre-filled {total} events into 3 partitions in {:.1} s", t.elapsed().as_secs_f64());
+    // Tansu answers a fetch when fetch.wait.max.ms expires (see (c)); BENCH_DAEMON_EXTRA wins.
+    let mut librdkafka = daemon_extra();
+    if !librdkafka.iter().any(|(key, _)| *key == "fetch.wait.max.ms") {
+        librdkafka.push(("fetch.wait.max.ms", "5"));
+    }
     let dir = tempfile::tempdir().unwrap();
     let d = UnderTest::start(
         dir.path(),
@@ -611,7 +638,7 @@ async fn throughput_and_memory(
             group: "bench-b",
             redis_url: &redis.url(),
             extra: &pipeline_section(""),
-            librdkafka: &[("fetch.wait.max.ms", "5")],
+            librdkafka: &librdkafka,
         },
     );
     let rss = Rss::watch(d.pid());
@@ -639,7 +666,7 @@ async fn throughput_and_memory(
 
     // The ceilings, with the daemon idle: the broker's delivery rate to a bare consumer doing
     // nothing with the messages, and Redis' rate for the daemon's command.
-    let (n, took) = bare_consume(bootstrap, topic, total).await;
+    let (n, took) = bare_consume(bootstrap, topic, "bench-bare", 0, total, &[]).await;
     let consumer = n as f64 / took.as_secs_f64();
     rows.push((
         format!("ceiling: bare librdkafka consumer, same topic ({n} messages)"),
@@ -673,10 +700,14 @@ async fn throughput_and_memory(
         let before = d.events();
         redis.stop();
         let sent = produce_steadily(p, topic, rate, seconds).await;
+        // Every outage event in the broker before Redis comes back, so that the catch-up
+        // measures the daemon (and its broker), not a producer still delivering.
+        let flushed = p.flush(Duration::from_secs(120)).is_ok();
         let during = d.events() - before;
         redis.restart();
         let back = Instant::now();
         let caught_up = wait_for_events(&d, before + sent as f64, Duration::from_secs(600)).await.is_some();
+        let catch_up = back.elapsed();
         let (hwm, sampled) = rss.peak_mib();
         rows.push((
             format!(
@@ -692,13 +723,73 @@ async fn throughput_and_memory(
             format!("{sent} / {during:.0} (nothing with a Redis key is finished before Redis confirms it)"),
         ));
         rows.push((
-            "outage: catching up after Redis came back".into(),
+            format!(
+                "outage: catching up after Redis came back{}",
+                if flushed { "" } else { " (the producer had NOT delivered everything to the broker)" }
+            ),
             if caught_up {
-                format!("all {sent} in {:.1} s", back.elapsed().as_secs_f64())
+                format!(
+                    "all {sent} in {:.1} s ({:.0} events/s)",
+                    catch_up.as_secs_f64(),
+                    sent as f64 / catch_up.as_secs_f64()
+                )
             } else {
                 "NOT all within 600 s".into()
             },
         ));
+        // The catch-up's own ceiling: the broker delivering the same outage backlog to a bare
+        // consumer with the daemon's fetch settings. Tansu serves the small record batches of a
+        // steady producer far slower than the large ones of the pre-fill (docs/benchmarks.md).
+        let queue = cdc_invalidator::config::PipelineConfig::default().queue_capacity;
+        let prefetch = cdc_invalidator::source::kafka::prefetch::settings(queue);
+        let mut fetch: Vec<(&str, &str)> = prefetch.iter().map(|(key, value)| (*key, value.as_str())).collect();
+        fetch.extend(librdkafka.iter().copied());
+        let (n, took) = bare_consume(bootstrap, topic, "bench-bare-outage", total, sent, &fetch).await;
+        let ceiling = n as f64 / took.as_secs_f64();
+        rows.push((
+            format!("ceiling: bare consumer, the same {n} outage events, the daemon's fetch settings"),
+            format!("{ceiling:.0} messages/s"),
+        ));
+        if caught_up {
+            rows.push((
+                "outage catch-up / its ceiling".into(),
+                format!("{:.2}", sent as f64 / catch_up.as_secs_f64() / ceiling),
+            ));
+        }
+        // BENCH_OUTAGE_FRESH=1: a second daemon (its own group) reads the whole topic, and its
+        // time for the outage part is the catch-up without the outage's pause, retries and
+        // resume: the same figure says the daemon's recovery costs nothing.
+        if std::env::var("BENCH_OUTAGE_FRESH").is_ok() {
+            let dir2 = tempfile::tempdir().unwrap();
+            let d2 = UnderTest::start(
+                dir2.path(),
+                &Setup {
+                    bootstrap,
+                    topics: &[topic],
+                    group: "bench-b-fresh",
+                    redis_url: &redis.url(),
+                    extra: &pipeline_section(""),
+                    librdkafka: &librdkafka,
+                },
+            );
+            let _ = wait_for_events(&d2, total as f64, Duration::from_secs(600)).await;
+            let t = Instant::now();
+            let done = wait_for_events(&d2, (total + sent) as f64, Duration::from_secs(600)).await.is_some();
+            let took = t.elapsed();
+            rows.push((
+                "a fresh daemon (no outage) on the same outage events, after the pre-filled ones".into(),
+                if done {
+                    format!(
+                        "all {sent} in {:.1} s ({:.0} events/s)",
+                        took.as_secs_f64(),
+                        sent as f64 / took.as_secs_f64()
+                    )
+                } else {
+                    "NOT all within 600 s".into()
+                },
+            ));
+            d2.stop().await;
+        }
     }
     drop(rss);
     d.stop().await;

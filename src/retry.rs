@@ -347,4 +347,56 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
         assert_eq!(task.await.unwrap().unwrap(), 3);
     }
+
+    /// One recovery ends the backoff of every retry waiting on it, not only the first (a Redis
+    /// target and its pattern twin, or several rounds of one sink, all waiting on one server).
+    #[tokio::test(start_paused = true)]
+    async fn recovery_wakes_every_waiting_retry() {
+        let p = RetryPolicy { initial: Duration::from_secs(3600), max: Duration::from_secs(3600), max_attempts: None };
+        let recovery = Recovery::default();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let calls: Vec<Arc<AtomicU32>> = (0..3).map(|_| Arc::new(AtomicU32::new(0))).collect();
+        let tasks: Vec<_> = calls
+            .iter()
+            .map(|c| {
+                let (p, r, up, c) = (p.clone(), recovery.clone(), up.clone(), c.clone());
+                tokio::spawn(async move {
+                    retry_with_recovery(
+                        &p,
+                        &Shutdown::never(),
+                        Some(&r),
+                        || {
+                            c.fetch_add(1, Ordering::SeqCst);
+                            let ok = up.load(Ordering::SeqCst);
+                            async move {
+                                if ok {
+                                    Ok(())
+                                } else {
+                                    Err("down")
+                                }
+                            }
+                        },
+                        |_| Verdict::Retry { floor: None },
+                        |_, _, _| {},
+                    )
+                    .await
+                })
+            })
+            .collect();
+        // Every retry has failed once and waits out its backoff (up to an hour each).
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(calls.iter().all(|c| c.load(Ordering::SeqCst) == 1));
+        up.store(true, Ordering::SeqCst);
+        let recovered_at = tokio::time::Instant::now();
+        recovery.recovered();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        // Each tried exactly once more, woken by the one recovery: a retry left to its backoff
+        // would have let the paused clock jump ahead to the end of its hour.
+        assert!(calls.iter().all(|c| c.load(Ordering::SeqCst) == 2));
+        assert!(recovered_at.elapsed() < Duration::from_secs(1), "{:?} on the paused clock", recovered_at.elapsed());
+    }
 }
