@@ -13,8 +13,8 @@
 //!   chunk that is small while nothing is in flight (a quiet source) is decoded right here, with
 //!   no hand-over to another task, so light-load staleness stays what it was. When messages pile
 //!   up, chunks grow and become tasks of their own, several at once, which the runtime's workers
-//!   share out, so both cores decode. Not the blocking pool: its extra threads each took an
-//!   allocator arena and cache of their own, and bench (b)'s peak RSS went from 52.5 to 74 MiB.
+//!   share out, so both cores decode. Not the blocking pool: with it bench (b)'s peak RSS was
+//!   74 MiB (65.7 without), likely its extra threads' allocator arenas and caches.
 //! - **Bounded**: at most [`MAX_IN_FLIGHT`] chunks of [`CHUNK`] messages are being decoded or
 //!   waiting to be forwarded, besides the stage's input queue ([`QUEUE`]). While the pipeline's
 //!   queue is full the stage stops taking input, its queue fills and the source sees a full
