@@ -15,7 +15,6 @@
 
 pub(crate) mod config;
 mod context;
-mod decode;
 pub mod membership;
 pub mod prefetch;
 mod tracker;
@@ -33,6 +32,7 @@ use tokio::sync::mpsc;
 use self::context::{commit_async, commit_list, lock, KafkaContext};
 use self::tracker::Tracker;
 use crate::config::KafkaConfig;
+use crate::event::Decoded;
 use crate::shutdown::Shutdown;
 use crate::source::{Ack, Finished, Malformed, Position, RawMessage, SourceEvent};
 use crate::telemetry::Metrics;
@@ -66,8 +66,8 @@ pub struct KafkaSource {
     max_message_bytes: usize,
     /// Commit ticks so far (for the periodic refresh).
     commit_ticks: std::sync::atomic::AtomicU64,
-    /// `source.kafka.format` and its schema registry; shared with the decoding stage.
-    codec: Arc<crate::source::encoded::Codec>,
+    /// `source.kafka.format` and its schema registry.
+    codec: crate::source::encoded::Codec,
 }
 
 /// The librdkafka settings for a consumer, before passthrough: exposed for tests and `check`.
@@ -128,7 +128,7 @@ impl KafkaSource {
             commit_interval: config.commit_interval,
             max_message_bytes: config.max_message_bytes,
             commit_ticks: Default::default(),
-            codec: Arc::new(codec),
+            codec,
         })
     }
 
@@ -137,16 +137,12 @@ impl KafkaSource {
     async fn consume(self, out: mpsc::Sender<SourceEvent>, shutdown: Shutdown) -> Result<(), KafkaSourceError> {
         // Before anything is read: credentials the registry rejects stop the daemon here.
         self.codec.check_registry().await.map_err(KafkaSourceError::Registry)?;
-        // Messages are decoded off this task, in order (`decode.rs`): `out` from here on is the
-        // decoding stage's queue, which forwards to the pipeline's.
-        let pipeline = out;
-        let out = decode::spawn(self.codec.clone(), self.metrics.clone(), pipeline.clone());
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Finished>();
         let mut commit_tick = tokio::time::interval(self.commit_interval);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Events received while the pipeline queue was full (already fetched before the pause
         // took effect). Bounded by librdkafka's prefetch, which pausing stops.
-        let mut held: VecDeque<decode::Pending> = VecDeque::new();
+        let mut held: VecDeque<SourceEvent> = VecDeque::new();
         let mut paused = false;
         // When the queue became full. A full queue is normal under load (the pipeline is busy
         // with a batch): we just stop reading for a moment and librdkafka's prefetch buffer
@@ -166,7 +162,6 @@ impl KafkaSource {
                 _ = commit_tick.tick() => self.commit(false),
                 _ = shutdown.stopping() => break,
                 // The pipeline is gone (a fatal error): nothing can finish any more.
-                _ = pipeline.closed() => break,
                 _ = out.closed() => break,
                 permit = out.reserve(), if !held.is_empty() => match permit {
                     Ok(permit) => {
@@ -197,7 +192,7 @@ impl KafkaSource {
                         let Some(resolved) = self.codec.resolve(m.key(), payload, &shutdown).await else {
                             break;
                         };
-                        let ev = self.to_event(&m, &ack_tx, resolved);
+                        let ev = self.to_event(&m, &ack_tx, &resolved);
                         if !held.is_empty() {
                             held.push_back(ev);
                             continue;
@@ -230,7 +225,6 @@ impl KafkaSource {
         drop(held);
         drop(ack_tx);
         drop(out);
-        drop(pipeline);
         self.set_paused(true);
         loop {
             tokio::select! {
@@ -260,38 +254,42 @@ impl KafkaSource {
         self.metrics.pending_events.sub(n);
     }
 
-    /// Tracks the message and copies it for the decoding stage (`decode.rs`), which decodes it
-    /// off this task.
     fn to_event(
         &self,
         m: &BorrowedMessage<'_>,
         ack_tx: &mpsc::UnboundedSender<Finished>,
-        resolved: crate::source::encoded::Resolved,
-    ) -> decode::Pending {
+        resolved: &crate::source::encoded::Resolved,
+    ) -> SourceEvent {
         let (finished, topic) = lock(&self.tracker).start(m.topic(), m.partition(), m.offset());
         self.metrics.pending_events.inc();
         let now = SystemTime::now();
         self.metrics.last_event_timestamp.set(unix_seconds(now));
         let key = m.key();
         let value = m.payload();
-        let rejected = match value {
-            Some(v) if v.len() > self.max_message_bytes => Some(Malformed(format!(
+        let decoded = match value {
+            Some(v) if v.len() > self.max_message_bytes => Err(Malformed(format!(
                 "the message value is {} bytes, over source.kafka.max_message_bytes ({})",
                 v.len(),
                 self.max_message_bytes
             ))),
-            _ => None,
+            _ => self.codec.decode(resolved, &topic, key, value).map_err(Malformed),
         };
+        let origin = match &decoded {
+            Ok(Decoded::Change(c)) => c.committed_at,
+            Ok(Decoded::NoChange(n)) => n.at,
+            Err(_) => None,
+        };
+        if let Some(t) = origin {
+            self.metrics.last_commit_timestamp.set(unix_seconds(t));
+        }
         let logged_at = m
             .timestamp()
             .to_millis()
             .and_then(|ms| u64::try_from(ms).ok())
             .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
-        decode::Pending {
+        SourceEvent {
             position: Position::Kafka { topic: topic.clone(), partition: m.partition(), offset: m.offset() },
-            topic: topic.clone(),
-            resolved,
-            rejected,
+            decoded,
             raw: RawMessage {
                 topic: Some(topic),
                 key: key.map(<[u8]>::to_vec),
