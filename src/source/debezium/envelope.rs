@@ -7,7 +7,9 @@
 use std::borrow::Cow;
 use std::time::SystemTime;
 
-use super::json::{self, Depth, Fields, Kind, Slot};
+use serde_json::value::RawValue;
+
+use super::json::{self, Kind, Slot, SourceFields};
 use super::{mongodb, schema, DecodeError, Images, Message, Placeholders};
 use crate::event::{ChangeEvent, Decoded, NoChangeKind, Op};
 
@@ -109,23 +111,43 @@ struct Source<'a> {
 
 impl<'a> Source<'a> {
     fn read(slot: Option<&Slot<'a>>) -> Result<Source<'a>, DecodeError> {
-        // The caller only gets here with `source` an object, which `Depth::Event` keeps raw.
-        let Some(Slot::Raw(raw)) = slot else {
-            return Ok(Source { schema: None, db: None, table: None, collection: None, committed_at: None, lsn: None });
+        // The caller only gets here with `source` an object: read in the message's pass
+        // (`Depth::Envelope`), or kept raw (`Depth::Event`) and read now.
+        let parsed;
+        let fields = match slot {
+            Some(Slot::Source(fields)) => fields,
+            Some(Slot::Raw(raw)) => {
+                let kind = Kind::of(raw);
+                if kind != Kind::Object {
+                    return Err(DecodeError::WrongType { what: "`source`", found: kind.name(), expected: "an object" });
+                }
+                parsed = SourceFields::parse(raw.get())
+                    .map_err(|err| DecodeError::Unreadable { what: "`source`", reason: json::reason(&err) })?;
+                &parsed
+            }
+            _ => {
+                return Ok(Source {
+                    schema: None,
+                    db: None,
+                    table: None,
+                    collection: None,
+                    committed_at: None,
+                    lsn: None,
+                })
+            }
         };
-        let kind = Kind::of(raw);
-        if kind != Kind::Object {
-            return Err(DecodeError::WrongType { what: "`source`", found: kind.name(), expected: "an object" });
-        }
-        let fields = Fields::parse(raw.get(), Depth::Shallow)
-            .map_err(|err| DecodeError::Unreadable { what: "`source`", reason: json::reason(&err) })?;
+        let slot = |raw: Option<&'a RawValue>| raw.map(Slot::Raw);
         Ok(Source {
-            schema: text(&fields, "schema", "`source.schema`")?,
-            db: text(&fields, "db", "`source.db`")?,
-            table: text(&fields, "table", "`source.table`")?,
-            collection: text(&fields, "collection", "`source.collection`")?,
-            committed_at: super::commit_time(fields.get("ts_ns"), fields.get("ts_us"), fields.get("ts_ms")),
-            lsn: lsn(fields.get("lsn")),
+            schema: text(fields.schema, "`source.schema`")?,
+            db: text(fields.db, "`source.db`")?,
+            table: text(fields.table, "`source.table`")?,
+            collection: text(fields.collection, "`source.collection`")?,
+            committed_at: super::commit_time(
+                slot(fields.ts_ns).as_ref(),
+                slot(fields.ts_us).as_ref(),
+                slot(fields.ts_ms).as_ref(),
+            ),
+            lsn: lsn(fields.lsn),
         })
     }
 
@@ -138,8 +160,8 @@ impl<'a> Source<'a> {
 /// `source.lsn`: a number, or a number as a string; anything else (null, absent, other
 /// connectors) is no LSN, and so is 0, which no change has (the Protobuf converter writes an
 /// unset number as 0). Never an error: the LSN only tunes the second pass.
-fn lsn(slot: Option<&Slot<'_>>) -> Option<u64> {
-    let Some(Slot::Raw(raw)) = slot else { return None };
+fn lsn(raw: Option<&RawValue>) -> Option<u64> {
+    let raw = raw?;
     let lsn: u64 = match Kind::of(raw) {
         Kind::Number => raw.get().parse().ok()?,
         Kind::String => json::string(raw)?.parse().ok()?,
@@ -148,9 +170,9 @@ fn lsn(slot: Option<&Slot<'_>>) -> Option<u64> {
     (lsn != 0).then_some(lsn)
 }
 
-/// A string field of `fields`: `None` when absent or null, an error for any other type.
-fn text<'a>(fields: &Fields<'a>, name: &str, what: &'static str) -> Result<Option<Cow<'a, str>>, DecodeError> {
-    let Some(Slot::Raw(raw)) = fields.get(name) else {
+/// A string field of `source`: `None` when absent or null, an error for any other type.
+fn text<'a>(raw: Option<&'a RawValue>, what: &'static str) -> Result<Option<Cow<'a, str>>, DecodeError> {
+    let Some(raw) = raw else {
         return Ok(None);
     };
     match Kind::of(raw) {

@@ -14,27 +14,33 @@ use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::value::SeqAccessDeserializer;
-use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-/// How deep [`Fields`] reads values.
+/// How [`Fields`] reads values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Depth {
-    /// Every value kept as raw text: for the `source` block, where three fields matter.
-    Shallow,
     /// Values parsed, except `schema` and `source`, kept as raw text, and a `payload` object,
     /// read one level deep itself. Everything else is a row image, a column of a flattened row
     /// or small metadata, all of which we need parsed anyway, so one pass does it.
     Event,
+    /// As `Event`, but `source` is read as the envelope's source block ([`SourceFields`]) in
+    /// the same pass, which must then be an object (anything else fails the parse). Keeping it
+    /// raw meant scanning it twice, a fifth of the cost of decoding a standard envelope (issue
+    /// 12, docs/benchmarks.md). The caller reads again with `Event` when this fails or when it
+    /// needs `source` as a value after all (a flattened row with a `source` column).
+    Envelope,
 }
 
-/// A field's value: parsed, its raw text, or (for `payload`) an object read one level deep.
+/// A field's value: parsed, its raw text, (for `payload`) an object read one level deep, or
+/// (for `source` with [`Depth::Envelope`]) the fields of the source block that we read.
 #[derive(Debug)]
 pub(super) enum Slot<'a> {
     Raw(&'a RawValue),
     Parsed(Value),
     Object(Fields<'a>),
+    Source(SourceFields<'a>),
 }
 
 impl Slot<'_> {
@@ -42,7 +48,7 @@ impl Slot<'_> {
         match self {
             Slot::Raw(raw) => Kind::of(raw),
             Slot::Parsed(value) => kind_of(value),
-            Slot::Object(_) => Kind::Object,
+            Slot::Object(_) | Slot::Source(_) => Kind::Object,
         }
     }
 
@@ -51,7 +57,7 @@ impl Slot<'_> {
         match self {
             Slot::Raw(raw) => string(raw),
             Slot::Parsed(value) => value.as_str().map(Cow::Borrowed),
-            Slot::Object(_) => None,
+            Slot::Object(_) | Slot::Source(_) => None,
         }
     }
 
@@ -60,7 +66,7 @@ impl Slot<'_> {
         match self {
             Slot::Raw(raw) => raw.get().parse().ok(),
             Slot::Parsed(value) => value.as_i64(),
-            Slot::Object(_) => None,
+            Slot::Object(_) | Slot::Source(_) => None,
         }
     }
 
@@ -74,6 +80,9 @@ impl Slot<'_> {
                 .map(|(name, slot)| Ok((name.into_owned(), slot.into_value()?)))
                 .collect::<Result<Map<String, Value>, _>>()
                 .map(Value::Object),
+            // Only what we read of it was kept: the decoder reads such a message again with
+            // `Depth::Event` before it needs values (`Fields::holds_source_block`).
+            Slot::Source(_) => Err(de::Error::custom("the source block was not kept as a value")),
         }
     }
 }
@@ -117,6 +126,85 @@ impl<'a> Fields<'a> {
     pub(super) fn into_entries(self) -> impl Iterator<Item = (Cow<'a, str>, Slot<'a>)> {
         self.0.into_iter()
     }
+
+    /// Whether a source block was read as [`SourceFields`] anywhere in here (so its value
+    /// cannot be had without reading the message again). Nesting is bounded by serde_json's
+    /// recursion limit, which the parse enforced.
+    pub(super) fn holds_source_block(&self) -> bool {
+        self.0.iter().any(|(_, slot)| match slot {
+            Slot::Source(_) => true,
+            Slot::Object(fields) => fields.holds_source_block(),
+            Slot::Raw(_) | Slot::Parsed(_) => false,
+        })
+    }
+}
+
+/// The fields of a `source` block we read, each as the raw text of its last occurrence (as
+/// [`Fields::get`] takes the last of duplicate names). The block has a dozen fields and we read
+/// at most eight: the others are skipped without being kept.
+#[derive(Debug, Default)]
+pub(super) struct SourceFields<'a> {
+    pub(super) schema: Option<&'a RawValue>,
+    pub(super) db: Option<&'a RawValue>,
+    pub(super) table: Option<&'a RawValue>,
+    pub(super) collection: Option<&'a RawValue>,
+    pub(super) ts_ns: Option<&'a RawValue>,
+    pub(super) ts_us: Option<&'a RawValue>,
+    pub(super) ts_ms: Option<&'a RawValue>,
+    pub(super) lsn: Option<&'a RawValue>,
+}
+
+impl<'a> SourceFields<'a> {
+    /// Reads `text`, which must hold one JSON object and nothing else.
+    pub(super) fn parse(text: &'a str) -> Result<SourceFields<'a>, serde_json::Error> {
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let fields = deserializer.deserialize_map(SourceVisitor)?;
+        deserializer.end()?;
+        Ok(fields)
+    }
+}
+
+struct SourceVisitor;
+
+impl<'de> Visitor<'de> for SourceVisitor {
+    type Value = SourceFields<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SourceFields<'de>, A::Error> {
+        let mut fields = SourceFields::default();
+        while let Some(Text(name)) = map.next_key::<Text<'de>>()? {
+            let slot = match &*name {
+                "schema" => &mut fields.schema,
+                "db" => &mut fields.db,
+                "table" => &mut fields.table,
+                "collection" => &mut fields.collection,
+                "ts_ns" => &mut fields.ts_ns,
+                "ts_us" => &mut fields.ts_us,
+                "ts_ms" => &mut fields.ts_ms,
+                "lsn" => &mut fields.lsn,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            *slot = Some(map.next_value()?);
+        }
+        Ok(fields)
+    }
+}
+
+/// Reads a `source` block ([`Depth::Envelope`]): an object, or an error.
+struct SourceSeed;
+
+impl<'de> DeserializeSeed<'de> for SourceSeed {
+    type Value = Slot<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Slot<'de>, D::Error> {
+        deserializer.deserialize_map(SourceVisitor).map(Slot::Source)
+    }
 }
 
 struct FieldsSeed(Depth);
@@ -140,9 +228,10 @@ impl<'de> Visitor<'de> for FieldsSeed {
         let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
         while let Some(Text(name)) = map.next_key::<Text<'de>>()? {
             let value = match (self.0, &*name) {
-                (Depth::Shallow, _) | (Depth::Event, "schema" | "source") => Slot::Raw(map.next_value()?),
-                (Depth::Event, "payload") => map.next_value_seed(PayloadSeed)?,
-                (Depth::Event, _) => Slot::Parsed(map.next_value()?),
+                (Depth::Envelope, "source") => map.next_value_seed(SourceSeed)?,
+                (_, "schema" | "source") => Slot::Raw(map.next_value()?),
+                (depth, "payload") => map.next_value_seed(PayloadSeed(depth))?,
+                (_, _) => Slot::Parsed(map.next_value()?),
             };
             fields.push((name, value));
         }
@@ -153,7 +242,7 @@ impl<'de> Visitor<'de> for FieldsSeed {
 /// Reads a `payload` in the same pass as the message: an object one level deep (it is the
 /// event when the message is a schema envelope), anything else as a value (when it is not,
 /// say an outbox table's `payload` column, which [`Slot::into_value`] turns back into one).
-struct PayloadSeed;
+struct PayloadSeed(Depth);
 
 impl<'de> DeserializeSeed<'de> for PayloadSeed {
     type Value = Slot<'de>;
@@ -171,7 +260,7 @@ impl<'de> Visitor<'de> for PayloadSeed {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Slot<'de>, A::Error> {
-        FieldsSeed(Depth::Event).visit_map(map).map(Slot::Object)
+        FieldsSeed(self.0).visit_map(map).map(Slot::Object)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Slot<'de>, A::Error> {
@@ -204,9 +293,9 @@ impl<'de> Visitor<'de> for PayloadSeed {
 }
 
 /// Parses a schema envelope's `payload` text (the fast path of [`super::Message::read`]).
-pub(super) fn parse_payload(text: &str) -> Result<Slot<'_>, serde_json::Error> {
+pub(super) fn parse_payload(text: &str, depth: Depth) -> Result<Slot<'_>, serde_json::Error> {
     let mut deserializer = serde_json::Deserializer::from_str(text);
-    let payload = PayloadSeed.deserialize(&mut deserializer)?;
+    let payload = PayloadSeed(depth).deserialize(&mut deserializer)?;
     deserializer.end()?;
     Ok(payload)
 }
@@ -382,7 +471,13 @@ pub(super) fn string(raw: &RawValue) -> Option<Cow<'_, str>> {
     if Kind::of(raw) != Kind::String {
         return None;
     }
-    serde_json::from_str::<Text<'_>>(raw.get()).ok().map(|Text(s)| s)
+    let text = raw.get();
+    // A validated string without escapes is its text between the quotes: no parse needed
+    // (this runs for several `source` fields of every event).
+    if !text.contains('\\') {
+        return text.get(1..text.len().saturating_sub(1)).map(Cow::Borrowed);
+    }
+    serde_json::from_str::<Text<'_>>(text).ok().map(|Text(s)| s)
 }
 
 /// serde_json's message without its " at line L column C" suffix: for values parsed out of a
@@ -426,7 +521,7 @@ mod tests {
         ] {
             let split = split_schema_envelope(text, |_| None);
             // Either no split, or one whose payload the caller's parse will reject.
-            assert!(split.is_none_or(|(_, payload)| parse_payload(payload).is_err()), "{text}");
+            assert!(split.is_none_or(|(_, payload)| parse_payload(payload, Depth::Event).is_err()), "{text}");
         }
     }
 }

@@ -150,13 +150,32 @@ pub fn decode_with(
     key: Option<&[u8]>,
     value: Option<&[u8]>,
 ) -> Result<Decoded, DecodeError> {
-    let heartbeat_topic = topic.starts_with(HEARTBEAT_TOPIC_PREFIX);
     if let Some(value) = value {
         confluent::reject_framed(value)?;
     }
-    let message = match value {
-        Some(value) => Message::read(value)?,
-        None => Read::Null { row_schema: false },
+    decode_read(placeholders, topic, key, value, Depth::Envelope)
+}
+
+/// [`decode_with`] reading the value with `depth`. `Depth::Envelope` is the fast path for the
+/// standard envelope; whatever it cannot settle (a parse error, a `source` that is not an
+/// object, a flattened row needing a `source` column's value) is decoded again with
+/// `Depth::Event`, so every outcome, errors included, is the one of a single `Depth::Event`
+/// read.
+fn decode_read(
+    placeholders: &Placeholders,
+    topic: &str,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    depth: Depth,
+) -> Result<Decoded, DecodeError> {
+    let heartbeat_topic = topic.starts_with(HEARTBEAT_TOPIC_PREFIX);
+    let message = match (value, depth) {
+        (Some(value), Depth::Event) => Message::read(value, depth)?,
+        (Some(value), Depth::Envelope) => match Message::read(value, depth) {
+            Ok(message) => message,
+            Err(_) => return decode_read(placeholders, topic, key, Some(value), Depth::Event),
+        },
+        (None, _) => Read::Null { row_schema: false },
     };
     let message = match message {
         Read::Message(message) => message,
@@ -179,7 +198,11 @@ pub fn decode_with(
     if heartbeat_topic || (fields.len() == 1 && fields.has("ts_ms")) {
         return Ok(no_change(NoChangeKind::Heartbeat, None, envelope_time(fields)));
     }
+    let flattened_needs_values = depth == Depth::Envelope && fields.holds_source_block();
     if fields.names().any(|name| name.starts_with("__")) {
+        if flattened_needs_values {
+            return decode_read(placeholders, topic, key, value, Depth::Event);
+        }
         return flattened::decode(topic, message, key, placeholders);
     }
     if fields.get("source").is_some_and(|source| source.kind() == Kind::Object) {
@@ -192,6 +215,9 @@ pub fn decode_with(
     }
     if is_transaction_marker(fields) {
         return Ok(no_change(NoChangeKind::Other, None, envelope_time(fields)));
+    }
+    if flattened_needs_values {
+        return decode_read(placeholders, topic, key, value, Depth::Event);
     }
     flattened::decode(topic, message, key, placeholders)
 }
@@ -238,7 +264,9 @@ enum Read<'a> {
 }
 
 impl<'a> Message<'a> {
-    fn read(bytes: &'a [u8]) -> Result<Read<'a>, DecodeError> {
+    /// Reads a message value (or key). `depth` is `Depth::Event` but for the value's first
+    /// attempt ([`decode_read`]).
+    fn read(bytes: &'a [u8], depth: Depth) -> Result<Read<'a>, DecodeError> {
         let invalid = |e: serde_json::Error| DecodeError::InvalidJson(e.to_string());
         let first = bytes.iter().copied().find(|b| !b.is_ascii_whitespace());
         match first {
@@ -248,10 +276,10 @@ impl<'a> Message<'a> {
             None => Ok(Read::Null { row_schema: false }),
             Some(b'{') => {
                 let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
-                if let Some(message) = Message::read_known_envelope(text) {
+                if let Some(message) = Message::read_known_envelope(text, depth) {
                     return message;
                 }
-                let mut fields = Fields::parse(text, Depth::Event).map_err(invalid)?;
+                let mut fields = Fields::parse(text, depth).map_err(invalid)?;
                 if fields.len() == 2 && fields.has("schema") && fields.has("payload") {
                     let schema = fields.take("schema");
                     let payload = fields.take("payload");
@@ -288,7 +316,7 @@ impl<'a> Message<'a> {
     /// and `S` is a schema text seen (and so validated) before, `S` is passed over with a
     /// bracket scan and only `P` is parsed. `None` sends the message down the general path,
     /// which also reports any error with its position in the whole message.
-    fn read_known_envelope(text: &'a str) -> Option<Result<Read<'a>, DecodeError>> {
+    fn read_known_envelope(text: &'a str, depth: Depth) -> Option<Result<Read<'a>, DecodeError>> {
         let mut recent = None;
         let (schema, payload) = json::split_schema_envelope(text, |rest| {
             let (len, columns) = schema::recent_prefix(rest)?;
@@ -299,7 +327,7 @@ impl<'a> Message<'a> {
             Some(columns) => columns,
             None => schema::cached(schema)?,
         };
-        let payload = json::parse_payload(payload).ok()?;
+        let payload = json::parse_payload(payload, depth).ok()?;
         // A null payload needs its schema looked at (row or not): the general path does that.
         if matches!(payload, Slot::Parsed(Value::Null)) {
             return None;
@@ -387,7 +415,7 @@ fn finish(
 /// `key.field.name`, by default that one) to keep keys of merged tables apart: it is routing
 /// metadata, not a column, so it is dropped.
 fn key_row(key: Option<&[u8]>) -> Option<Row> {
-    let Read::Message(message) = Message::read(key?).ok()? else {
+    let Read::Message(message) = Message::read(key?, Depth::Event).ok()? else {
         return None;
     };
     let mut row = Row::new();
@@ -422,19 +450,29 @@ fn image(slot: Option<Slot<'_>>, what: &'static str) -> Result<Option<Row>, Deco
 fn table_name(qualifier: Option<&str>, table: Option<&str>, topic: &str) -> Result<String, DecodeError> {
     let qualifier = qualifier.filter(|q| !q.is_empty());
     match (qualifier, table.filter(|t| !t.is_empty())) {
-        (Some(qualifier), Some(table)) => Ok(format!("{qualifier}.{table}")),
+        (Some(qualifier), Some(table)) => Ok(qualified(qualifier, table)),
         (None, Some(table)) => Ok(match topic_parts(topic) {
-            (_, Some(qualifier)) => format!("{qualifier}.{table}"),
+            (_, Some(qualifier)) => qualified(qualifier, table),
             (_, None) => table.to_owned(),
         }),
         (_, None) => topic_table(topic).ok_or(DecodeError::NoTable),
     }
 }
 
+/// `qualifier.table`, in one allocation of the exact size: this runs once per event, and
+/// `format!`'s machinery cost about 1,000 instructions there (docs/benchmarks.md, issue 12).
+fn qualified(qualifier: &str, table: &str) -> String {
+    let mut name = String::with_capacity(qualifier.len() + 1 + table.len());
+    name.push_str(qualifier);
+    name.push('.');
+    name.push_str(table);
+    name
+}
+
 /// The table a topic is named after: its last two dot-separated parts.
 fn topic_table(topic: &str) -> Option<String> {
     match topic_parts(topic) {
-        (Some(table), Some(qualifier)) => Some(format!("{qualifier}.{table}")),
+        (Some(table), Some(qualifier)) => Some(qualified(qualifier, table)),
         (Some(table), None) => Some(table.to_owned()),
         (None, _) => None,
     }

@@ -65,7 +65,7 @@ pub(super) fn normalise(row: &mut Row) {
 /// `_id` serialized as extended JSON (`"1004"`, `"\"abc\""`, `"{\"$oid\" : \"…\"}"`). `None`
 /// when the key is absent or not of that shape.
 pub(super) fn key_row(key: Option<&[u8]>) -> Option<Row> {
-    let super::Read::Message(message) = Message::read(key?).ok()? else {
+    let super::Read::Message(message) = Message::read(key?, super::json::Depth::Event).ok()? else {
         return None;
     };
     let mut row = Row::new();

@@ -474,9 +474,12 @@ fn known_schema_fast_path_agrees_with_the_general_path() {
     }
     // And the fast path is really taken once the schema is known, not before.
     let taken = std::thread::spawn(move || {
-        let before = super::Message::read_known_envelope(&text).is_some();
+        let before = super::Message::read_known_envelope(&text, super::json::Depth::Event).is_some();
         let _ = decode(PRODUCTS, None, Some(text.as_bytes()));
-        let after = matches!(super::Message::read_known_envelope(&text), Some(Ok(super::Read::Message(_))));
+        let after = matches!(
+            super::Message::read_known_envelope(&text, super::json::Depth::Event),
+            Some(Ok(super::Read::Message(_)))
+        );
         (before, after)
     })
     .join();
@@ -646,4 +649,33 @@ fn damaged_fixtures_never_panic() {
     }
     // Some damage is harmless (a changed digit or letter in a string): proof the loop ran.
     assert!(decoded > 100, "only {decoded} damaged values decoded");
+}
+
+/// The envelope's `source` block is read in the message's own pass, without keeping its value;
+/// a flattened row whose table has a `source` column still gets that column, whatever its
+/// type and wherever the row sits (top level or a schema envelope's payload).
+#[test]
+fn a_flattened_row_keeps_its_source_column() {
+    let column = json!({"schema": "x", "table": "y", "n": [1, {"a": null}]});
+    for value in [
+        r#"{"id":1,"source":{"schema":"x","table":"y","n":[1,{"a":null}]},"__op":"u","__schema":"public","__table":"products"}"#,
+        r#"{"id":1,"source":{"schema":"x","table":"y","n":[1,{"a":null}]}}"#,
+        r#"{"schema":null,"payload":{"id":1,"source":{"schema":"x","table":"y","n":[1,{"a":null}]}}}"#,
+    ] {
+        let event = change(PRODUCTS, value);
+        assert_eq!(event.table, "public.products", "{value}");
+        assert_eq!(event.after.as_ref().and_then(|row| row.get("source")), Some(&column), "{value}");
+    }
+    let event = change(PRODUCTS, r#"{"id":1,"source":"web","__op":"c"}"#);
+    assert_eq!(event.after, Some(row(json!({"id": 1, "source": "web"}))));
+}
+
+/// The last of duplicate fields wins, for `source` and inside it, as for every other field.
+#[test]
+fn duplicate_source_fields_read_last_wins() {
+    let event = change(
+        "x",
+        r#"{"after":{"id":1},"source":{"schema":"a","table":"b"},"source":{"schema":"s","schema":"public","table":"products"},"op":"c"}"#,
+    );
+    assert_eq!(event.table, "public.products");
 }
