@@ -336,9 +336,10 @@ async fn start_tansu(bin: &Path, dir: &Path) -> DemoResult<(Service, String)> {
             // These settings have no flag here and must not leak in from the caller's shell.
             .env_remove("SCHEMA_REGISTRY")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            // Tansu reads RUST_LOG as well: a `RUST_LOG=debug` meant for the daemon would make it
-            // log every fetch at trace detail (gigabytes a minute). info prints TANSU_READY.
-            .env("RUST_LOG", "info");
+            // Tansu's level comes from RUST_LOG; at `info` it logs every span it closes, down to
+            // each field it serialises (gigabytes a minute under load). Its banner, with
+            // TANSU_READY, is printed at any level.
+            .env("RUST_LOG", "warn");
         let log = dir.join("tansu.log");
         let mut service = Service::spawn("tansu broker", cmd, &log)?;
         let deadline = Instant::now() + START_TIMEOUT;

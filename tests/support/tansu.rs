@@ -173,17 +173,17 @@ fn spawn_broker(bin: &Path, port: u16, log: &NamedTempFile) -> Child {
         // not leak in from the developer's shell.
         .env_remove("SCHEMA_REGISTRY")
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        // Tansu reads RUST_LOG too: a `RUST_LOG=debug` meant for our daemon made it trace every
-        // fetch response it serialised, about 1 GB of log a minute under a benchmark (it filled
-        // the disk once). Its own level is TANSU_LOG, default info (which prints the readiness
-        // line the start-up waits for).
+        // Tansu's level comes from RUST_LOG. At `info` it logs the close of every instrumented
+        // span, down to each field it serialises: 5 GB a minute under the benchmark (it filled
+        // the disk). Its own level is TANSU_LOG, default `warn`; the banner with the readiness
+        // line the start-up waits for is printed at any level.
         .env("RUST_LOG", tansu_log_level());
     with_output_to(cmd, log).spawn().unwrap_or_else(|e| panic!("spawn {} broker: {e}", bin.display()))
 }
 
-/// Tansu's log filter: `TANSU_LOG`, else `info`.
+/// Tansu's log filter: `TANSU_LOG`, else `warn`.
 fn tansu_log_level() -> String {
-    std::env::var("TANSU_LOG").unwrap_or_else(|_| "info".into())
+    std::env::var("TANSU_LOG").unwrap_or_else(|_| "warn".into())
 }
 
 /// Sends stdout and stderr to `file` (plain text, no colour codes) and closes stdin.
