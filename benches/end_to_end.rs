@@ -21,7 +21,8 @@
 //! outage), BENCH_OUTAGE_RATE (5000 events/s), BENCH_OUTAGE_FRESH (set: a second daemon reads
 //! the outage events without having been through the outage, for comparison), BENCH_UNLINK_KEYS (keys per UNLINK in the Redis
 //! ceiling, 500), BENCH_C_BROKERS (mock,tansu), BENCH_DAEMON (process, in_process: then the RSS
-//! is this whole process's), BENCH_FETCH_WAIT_MS, BENCH_STATS_MS, BENCH_DAEMON_EXTRA (more
+//! is this whole process's), BENCH_FETCH_WAIT_MS, BENCH_STATS_MS, BENCH_QUEUE_CAPACITY (the
+//! daemon's `pipeline.queue_capacity`, which its prefetch follows), BENCH_DAEMON_EXTRA (more
 //! librdkafka settings for the daemon, "key=value,...", in (b) and (c)),
 //! BENCH_REF_EXTRA, BENCH_REF_SECONDS, BENCH_COMMIT_INTERVAL, BENCH_REDIS (standalone, or
 //! cluster: a private 3-primary/3-replica Redis Cluster, `mode: cluster`, WAIT 1 per slot
@@ -367,10 +368,12 @@ async fn wait_for_events(d: &UnderTest, n: f64, timeout: Duration) -> Option<(In
 }
 
 /// The daemon's `pipeline:` section: `settings` (indented lines), plus `batch_idle_wait` from
-/// BENCH_IDLE_WAIT when set (the daemon's default otherwise).
+/// BENCH_IDLE_WAIT and `queue_capacity` from BENCH_QUEUE_CAPACITY when set (the daemon's
+/// defaults otherwise).
 fn pipeline_section(settings: &str) -> String {
     let idle = std::env::var("BENCH_IDLE_WAIT").map(|v| format!("batch_idle_wait: {v}\n")).unwrap_or_default();
-    let lines: String = format!("{settings}{idle}").lines().map(|l| format!("  {l}\n")).collect();
+    let queue = std::env::var("BENCH_QUEUE_CAPACITY").map(|v| format!("queue_capacity: {v}\n")).unwrap_or_default();
+    let lines: String = format!("{settings}{idle}{queue}").lines().map(|l| format!("  {l}\n")).collect();
     if lines.is_empty() {
         String::new()
     } else {
@@ -740,7 +743,10 @@ async fn throughput_and_memory(
         // The catch-up's own ceiling: the broker delivering the same outage backlog to a bare
         // consumer with the daemon's fetch settings. Tansu serves the small record batches of a
         // steady producer far slower than the large ones of the pre-fill (docs/benchmarks.md).
-        let queue = cdc_invalidator::config::PipelineConfig::default().queue_capacity;
+        let queue = std::env::var("BENCH_QUEUE_CAPACITY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(cdc_invalidator::config::PipelineConfig::default().queue_capacity);
         let prefetch = cdc_invalidator::source::kafka::prefetch::settings(queue);
         let mut fetch: Vec<(&str, &str)> = prefetch.iter().map(|(key, value)| (*key, value.as_str())).collect();
         fetch.extend(librdkafka.iter().copied());

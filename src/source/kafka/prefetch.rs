@@ -12,7 +12,7 @@
 //! - `queued.min.messages` = `pipeline.queue_capacity`: librdkafka stops fetching once its
 //!   consumer queue holds one pipeline queue's worth of messages (for the high-level consumer
 //!   this counts every partition together, since each partition's queue forwards to it);
-//! - `queued.max.messages.kbytes` = 2 KiB per event of that (8 MiB with the default 4,096): a
+//! - `queued.max.messages.kbytes` = 2 KiB per event of that (2 MiB with the default 1,024): a
 //!   byte bound for large messages (a JSON message with its schema is 2 to 4 KB, without it
 //!   under 1 KB). librdkafka lowers `fetch.max.bytes` to the same figure by itself (unless it
 //!   is set), so one fetch response cannot exceed it either;
