@@ -155,9 +155,7 @@ impl SourceConfig {
         let kind = self.kind.as_str();
         match self.section_mut() {
             Some(section) => section.validate(origin, problems),
-            None => problems.push(
-                origin.problem(&["source"], format!("source.kind is {kind} but there is no source.{kind} section")),
-            ),
+            None => problems.push(origin.problem(&["source"], SourceError::NotConfigured(kind).to_string())),
         }
     }
 
