@@ -367,12 +367,17 @@ async fn wait_for_events(d: &UnderTest, n: f64, timeout: Duration) -> Option<(In
     }
 }
 
+/// BENCH_QUEUE_CAPACITY: the daemon's `pipeline.queue_capacity`, when set.
+fn queue_capacity_override() -> Option<usize> {
+    std::env::var("BENCH_QUEUE_CAPACITY").ok().and_then(|v| v.parse().ok())
+}
+
 /// The daemon's `pipeline:` section: `settings` (indented lines), plus `batch_idle_wait` from
 /// BENCH_IDLE_WAIT and `queue_capacity` from BENCH_QUEUE_CAPACITY when set (the daemon's
 /// defaults otherwise).
 fn pipeline_section(settings: &str) -> String {
     let idle = std::env::var("BENCH_IDLE_WAIT").map(|v| format!("batch_idle_wait: {v}\n")).unwrap_or_default();
-    let queue = std::env::var("BENCH_QUEUE_CAPACITY").map(|v| format!("queue_capacity: {v}\n")).unwrap_or_default();
+    let queue = queue_capacity_override().map(|n| format!("queue_capacity: {n}\n")).unwrap_or_default();
     let lines: String = format!("{settings}{idle}{queue}").lines().map(|l| format!("  {l}\n")).collect();
     if lines.is_empty() {
         String::new()
@@ -743,10 +748,8 @@ async fn throughput_and_memory(
         // The catch-up's own ceiling: the broker delivering the same outage backlog to a bare
         // consumer with the daemon's fetch settings. Tansu serves the small record batches of a
         // steady producer far slower than the large ones of the pre-fill (docs/benchmarks.md).
-        let queue = std::env::var("BENCH_QUEUE_CAPACITY")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(cdc_invalidator::config::PipelineConfig::default().queue_capacity);
+        let queue =
+            queue_capacity_override().unwrap_or(cdc_invalidator::config::PipelineConfig::default().queue_capacity);
         let prefetch = cdc_invalidator::source::kafka::prefetch::settings(queue);
         let mut fetch: Vec<(&str, &str)> = prefetch.iter().map(|(key, value)| (*key, value.as_str())).collect();
         fetch.extend(librdkafka.iter().copied());
