@@ -36,6 +36,7 @@
 //! - [`config`], [`retry`], [`shutdown`]: the plumbing.
 
 pub mod app;
+mod calendar;
 pub mod cli;
 pub mod config;
 pub mod dead_letter;

@@ -38,7 +38,7 @@ pub(crate) fn civil_date(year: i64, month: i64, day: i64) -> Option<String> {
     if !(0..=9999).contains(&year) || !(1..=12).contains(&month) || !(1..=days_in_month(year, month)).contains(&day) {
         return None;
     }
-    date(days_from_civil(year, month, day))
+    date(crate::calendar::days_from_civil(year, month, day))
 }
 
 /// A time of day given as a count of `unit_nanos` nanoseconds past midnight (Debezium `Time`
@@ -167,34 +167,15 @@ fn push_time(out: &mut String, seconds: i64, fraction: u32) {
     }
 }
 
-/// Year, month, day of a day count since 1970-01-01, for the years 0000-9999 (Howard
-/// Hinnant's `civil_from_days`, proleptic Gregorian as Java's `LocalDate` and PostgreSQL use).
+/// Year, month, day of a day count since 1970-01-01, for the years 0000-9999 (proleptic
+/// Gregorian, as Java's `LocalDate` and PostgreSQL use).
 fn civil_from_days(days: i64) -> Option<(i64, i64, i64)> {
-    // 0000-03-01 .. 9999-12-31 keeps every intermediate well inside i64.
+    // 0000-03-01 .. 9999-12-31: the only years an ISO 8601 date without a sign can spell.
     if !(-719_468..=2_932_896).contains(&days) {
         return None;
     }
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (0..=9999).contains(&year).then_some((year, month, day))
-}
-
-/// Days since 1970-01-01 of a valid date (Hinnant's `days_from_civil`).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = if month > 2 { month - 3 } else { month + 9 };
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    let (year, month, day) = crate::calendar::civil_from_days(days);
+    (0..=9999).contains(&year).then_some((year, i64::from(month), i64::from(day)))
 }
 
 fn days_in_month(year: i64, month: i64) -> i64 {
@@ -244,7 +225,7 @@ impl Parser<'_> {
         if !(1..=12).contains(&month) || !(1..=days_in_month(year, month)).contains(&day) {
             return None;
         }
-        Some(days_from_civil(year, month, day))
+        Some(crate::calendar::days_from_civil(year, month, day))
     }
 
     /// `HH:MM[:SS[.fraction]]` as seconds past midnight and nanoseconds.
