@@ -78,6 +78,9 @@ mod envelope;
 mod flattened;
 mod json;
 mod mongodb;
+mod onepass;
+#[cfg(test)]
+mod onepass_tests;
 mod placeholder;
 mod protobuf;
 #[cfg(test)]
@@ -152,8 +155,47 @@ pub fn decode_with(
 ) -> Result<Decoded, DecodeError> {
     if let Some(value) = value {
         confluent::reject_framed(value)?;
+        if one_pass() {
+            if let Some(decoded) = onepass::decode(placeholders, topic, key, value) {
+                return decoded;
+            }
+        }
     }
     decode_read(placeholders, topic, key, value, Depth::Envelope)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests turn the one-pass fast paths off to compare with the general path alone.
+    static GENERAL_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the one-pass fast paths (`onepass.rs`) are tried: always, but in tests that compare
+/// them with the general path.
+#[inline]
+fn one_pass() -> bool {
+    #[cfg(test)]
+    {
+        !GENERAL_ONLY.with(std::cell::Cell::get)
+    }
+    #[cfg(not(test))]
+    {
+        true
+    }
+}
+
+/// [`decode_with`] by the general path alone, without the one-pass fast paths.
+#[cfg(test)]
+fn decode_general(
+    placeholders: &Placeholders,
+    topic: &str,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+) -> Result<Decoded, DecodeError> {
+    GENERAL_ONLY.with(|general| general.set(true));
+    let decoded = decode_with(placeholders, topic, key, value);
+    GENERAL_ONLY.with(|general| general.set(false));
+    decoded
 }
 
 /// [`decode_with`] reading the value with `depth`. `Depth::Envelope` is the fast path for the
@@ -415,7 +457,13 @@ fn finish(
 /// `key.field.name`, by default that one) to keep keys of merged tables apart: it is routing
 /// metadata, not a column, so it is dropped.
 fn key_row(key: Option<&[u8]>) -> Option<Row> {
-    let Read::Message(message) = Message::read(key?, Depth::Event).ok()? else {
+    let key = key?;
+    if one_pass() {
+        if let Some(row) = onepass::key_row(key) {
+            return Some(row);
+        }
+    }
+    let Read::Message(message) = Message::read(key, Depth::Event).ok()? else {
         return None;
     };
     let mut row = Row::new();
@@ -488,13 +536,14 @@ const NANOS_PER_MS: i128 = 1_000_000;
 const NANOS_PER_US: i128 = 1_000;
 const NANOS_PER_NS: i128 = 1;
 
-/// The most precise of the given epoch timestamps that is present and an integer.
-fn commit_time(ns: Option<&Slot<'_>>, us: Option<&Slot<'_>>, ms: Option<&Slot<'_>>) -> Option<SystemTime> {
+/// The most precise of the given epoch timestamps (raw JSON texts, see
+/// [`json::SourceFields`]) that is present and an integer.
+fn commit_time(ns: Option<&str>, us: Option<&str>, ms: Option<&str>) -> Option<SystemTime> {
     [(ns, NANOS_PER_NS), (us, NANOS_PER_US), (ms, NANOS_PER_MS)]
         .into_iter()
         // A zero count is an unset field (the Protobuf converter writes one as 0), never a
         // commit time.
-        .find_map(|(slot, unit)| epoch_time(slot?.as_i64().filter(|n| *n != 0)?, unit))
+        .find_map(|(raw, unit)| epoch_time(raw?.parse::<i64>().ok().filter(|n| *n != 0)?, unit))
 }
 
 /// An integer count of `unit` nanoseconds since the Unix epoch, as a time.

@@ -1,0 +1,492 @@
+//! The standard envelope decoded in one pass over its bytes (issue 12, item 2).
+//!
+//! Nearly every message is a standard envelope of one shape: `before` and `after` objects of
+//! plain values, a `source` block, `op`, `ts_ms`, `transaction`, schemaless or as the
+//! `payload` of a schema envelope whose schema is already cached. [`decode`] reads that shape
+//! with a hand-written scanner: the images straight into [`Row`]s, the source block's fields
+//! as borrowed texts, everything else passed over by a validating skipper. It is a fast path
+//! and nothing more: whenever it meets anything it is not sure of (another field, a
+//! duplicate, a nested value in a row, an escape it does not take, a surrogate, deep nesting,
+//! invalid or truncated JSON, anything) it **declines** (`None`) and the general path
+//! (`Fields`) decodes the message as before, so every outcome, errors included, is the general
+//! path's. What it accepts is valid JSON that serde_json reads the same way in every context
+//! the general path reads it, and every value it builds is the one serde_json builds:
+//!
+//! - strings without escapes are their text; with escapes the token is handed to serde_json;
+//! - numbers (`arbitrary_precision` keeps their text): an integer that fits `u64` is built as
+//!   serde_json builds it (`Number::from`), any other is the token parsed by serde_json's
+//!   `Number::from_str`, which is what its `Value` parse does (it normalises `1E5` to
+//!   `1e+5`, keeps `1.50`, `-0` and integers beyond 64 bits as written);
+//! - duplicate columns in an image: the last wins, as in serde_json's map;
+//! - the source block's fields are the exact texts serde_json's `RawValue` holds, read by the
+//!   same code afterwards (`envelope::decode_read`).
+//!
+//! The scanner never indexes unchecked, never recurses (the skipper keeps a bounded stack and
+//! declines deeper nesting) and never panics. A message it declines is scanned twice; only
+//! unusual messages are.
+//!
+//! The message key (`{"id":42}`) has the same kind of fast path, [`key_row`].
+
+use std::rc::Rc;
+
+use serde_json::{Number, Value};
+
+use super::envelope::{self, RawImages};
+use super::json::{self, Slot, SourceFields};
+use super::schema::{self, LogicalColumns};
+use super::{DecodeError, Placeholders, HEARTBEAT_TOPIC_PREFIX};
+use crate::event::{Decoded, Row};
+
+/// Nesting the skipper follows (in a `source` block's or `transaction`'s values) before it
+/// declines; well within serde_json's recursion limit of 128, so whatever is accepted here
+/// parses there, and small enough for a stack array.
+const MAX_SKIP_DEPTH: usize = 32;
+
+/// serde_json reads an object whose first key is one of these as a number or a raw value, not
+/// as a map; an image holding such a column is left to it.
+const SERDE_JSON_PRIVATE: &str = "$serde_json::private::";
+
+/// Decodes `value` if it is the common shape; `None` (declined) for the general path to decode.
+pub(super) fn decode(
+    placeholders: &Placeholders,
+    topic: &str,
+    key: Option<&[u8]>,
+    value: &[u8],
+) -> Option<Result<Decoded, DecodeError>> {
+    if topic.starts_with(HEARTBEAT_TOPIC_PREFIX) {
+        return None;
+    }
+    let text = std::str::from_utf8(value).ok()?;
+    let (event, logical) = match schema_envelope(text) {
+        Envelope::Schemaless => (text, None),
+        Envelope::KnownSchema(payload, logical) => (payload, Some(logical)),
+        Envelope::Other => return None,
+    };
+    let event = Event::read(event)?;
+    let images = RawImages { before: event.before.map(Slot::Parsed), after: event.after.map(Slot::Parsed) };
+    Some(envelope::decode_read(topic, event.op, &event.source, images, logical, key, placeholders))
+}
+
+enum Envelope<'a> {
+    /// Not a schema envelope (or not one [`json::split_schema_envelope`] takes apart).
+    Schemaless,
+    /// A schema envelope whose schema is cached: the payload's text and what the schema says.
+    KnownSchema(&'a str, Rc<LogicalColumns>),
+    /// A schema envelope with a schema not seen before: the general path parses (and caches) it.
+    Other,
+}
+
+/// What `Message::read_known_envelope` finds, the same way.
+fn schema_envelope(text: &str) -> Envelope<'_> {
+    let mut recent = None;
+    let Some((schema, payload)) = json::split_schema_envelope(text, |rest| {
+        let (len, columns) = schema::recent_prefix(rest)?;
+        recent = Some(columns);
+        Some(len)
+    }) else {
+        return Envelope::Schemaless;
+    };
+    match recent.or_else(|| schema::cached(schema)) {
+        Some(logical) => Envelope::KnownSchema(payload, logical),
+        None => Envelope::Other,
+    }
+}
+
+/// A standard envelope as read in one pass.
+struct Event<'a> {
+    /// `op`'s text (a string without escapes).
+    op: &'a str,
+    source: SourceFields<'a>,
+    /// `null` or an object; `None` when absent.
+    before: Option<Value>,
+    after: Option<Value>,
+}
+
+impl<'a> Event<'a> {
+    /// `text` holds one object (and whitespace) with a `source` object, an `op` string, and
+    /// otherwise only `before` and `after` (each of the four at most once), `ts_ms`, `ts_us`,
+    /// `ts_ns` and `transaction`. Any other field declines: one starting `__` makes a flattened row, `schema`
+    /// and `payload` are read differently, and the envelope has no others.
+    fn read(text: &'a str) -> Option<Event<'a>> {
+        let b = text.as_bytes();
+        let mut at = ws(b, 0);
+        if b.get(at) != Some(&b'{') {
+            return None;
+        }
+        at = ws(b, at + 1);
+        let mut op = None;
+        let mut source = None;
+        let mut before = None;
+        let mut after = None;
+        let mut seen = 0u8;
+        loop {
+            let (name, next) = plain_string(text, at)?;
+            at = colon(b, next)?;
+            let bit = match name {
+                "before" => 1,
+                "after" => 2,
+                "source" => 4,
+                "op" => 8,
+                "ts_ms" => 16,
+                "ts_us" => 32,
+                "ts_ns" => 64,
+                "transaction" => 128,
+                _ => return None,
+            };
+            // A repeated `ts_*` or `transaction` is harmless (the general path ignores them
+            // in an envelope; real SQL Server messages repeat `ts_ms`), any other repeat
+            // declines.
+            if seen & bit & 15 != 0 {
+                return None;
+            }
+            seen |= bit;
+            at = match bit {
+                1 => {
+                    let (image, next) = image(text, at)?;
+                    before = Some(image);
+                    next
+                }
+                2 => {
+                    let (image, next) = image(text, at)?;
+                    after = Some(image);
+                    next
+                }
+                4 => {
+                    let (block, next) = source_block(text, at)?;
+                    source = Some(block);
+                    next
+                }
+                8 => {
+                    let (code, next) = plain_string(text, at)?;
+                    op = Some(code);
+                    next
+                }
+                _ => skip(b, at)?,
+            };
+            at = ws(b, at);
+            match b.get(at)? {
+                b',' => at = ws(b, at + 1),
+                b'}' => break,
+                _ => return None,
+            }
+        }
+        if ws(b, at + 1) != b.len() {
+            return None;
+        }
+        Some(Event { op: op?, source: source?, before, after })
+    }
+}
+
+/// The message key's row when the key is an object of plain values (no schema envelope):
+/// what `super::key_row` makes of it. `None` declines (any other key, valid or not).
+pub(super) fn key_row(key: &[u8]) -> Option<Row> {
+    let text = std::str::from_utf8(key).ok()?;
+    let b = text.as_bytes();
+    let mut at = ws(b, 0);
+    if b.get(at) != Some(&b'{') {
+        return None;
+    }
+    at = ws(b, at + 1);
+    let mut row = Row::new();
+    if b.get(at) == Some(&b'}') {
+        return (ws(b, at + 1) == b.len()).then_some(row);
+    }
+    loop {
+        let (name, next) = plain_string(text, at)?;
+        // The general path reads these three differently (a `schema` and a `payload` make a
+        // schema envelope; a non-object `payload` is a value of its own kind).
+        if matches!(name, "schema" | "payload" | "source") {
+            return None;
+        }
+        at = colon(b, next)?;
+        let (value, next) = scalar(text, at)?;
+        // Routing metadata (`ByLogicalTableRouter`), dropped as `super::key_row` does.
+        if !name.starts_with("__dbz__") {
+            row.insert(name.to_owned(), value);
+        }
+        at = ws(b, next);
+        match b.get(at)? {
+            b',' => at = ws(b, at + 1),
+            b'}' => break,
+            _ => return None,
+        }
+    }
+    (ws(b, at + 1) == b.len()).then_some(row)
+}
+
+/// A row image: `null`, or an object whose values are all strings, numbers, booleans or null.
+fn image(text: &str, at: usize) -> Option<(Value, usize)> {
+    let b = text.as_bytes();
+    match b.get(at)? {
+        b'n' => literal(b, at, b"null").map(|next| (Value::Null, next)),
+        b'{' => {
+            let mut row = Row::new();
+            let mut at = ws(b, at + 1);
+            if b.get(at) == Some(&b'}') {
+                return Some((Value::Object(row), at + 1));
+            }
+            loop {
+                let (name, next) = string(text, at)?;
+                if name.starts_with(SERDE_JSON_PRIVATE) {
+                    return None;
+                }
+                at = colon(b, next)?;
+                let (value, next) = scalar(text, at)?;
+                // Last wins, as in serde_json's map.
+                row.insert(name, value);
+                at = ws(b, next);
+                match b.get(at)? {
+                    b',' => at = ws(b, at + 1),
+                    b'}' => return Some((Value::Object(row), at + 1)),
+                    _ => return None,
+                }
+            }
+        }
+        _ => None,
+    }
+}
+
+/// A `source` block: the raw text of the last occurrence of each field we use (as
+/// `json::SourceVisitor` keeps them), every value validated.
+fn source_block(text: &str, at: usize) -> Option<(SourceFields<'_>, usize)> {
+    let b = text.as_bytes();
+    if b.get(at) != Some(&b'{') {
+        return None;
+    }
+    let mut fields = SourceFields::default();
+    let mut at = ws(b, at + 1);
+    if b.get(at) == Some(&b'}') {
+        return Some((fields, at + 1));
+    }
+    loop {
+        let (name, next) = plain_string(text, at)?;
+        at = colon(b, next)?;
+        let end = skip(b, at)?;
+        let raw = text.get(at..end)?;
+        match name {
+            "schema" => fields.schema = Some(raw),
+            "db" => fields.db = Some(raw),
+            "table" => fields.table = Some(raw),
+            "collection" => fields.collection = Some(raw),
+            "ts_ns" => fields.ts_ns = Some(raw),
+            "ts_us" => fields.ts_us = Some(raw),
+            "ts_ms" => fields.ts_ms = Some(raw),
+            "lsn" => fields.lsn = Some(raw),
+            _ => {}
+        }
+        at = ws(b, end);
+        match b.get(at)? {
+            b',' => at = ws(b, at + 1),
+            b'}' => return Some((fields, at + 1)),
+            _ => return None,
+        }
+    }
+}
+
+/// A string, number, boolean or null at `at`, as serde_json parses it into a [`Value`].
+fn scalar(text: &str, at: usize) -> Option<(Value, usize)> {
+    let b = text.as_bytes();
+    match *b.get(at)? {
+        b'"' => string(text, at).map(|(s, next)| (Value::String(s), next)),
+        b't' => literal(b, at, b"true").map(|next| (Value::Bool(true), next)),
+        b'f' => literal(b, at, b"false").map(|next| (Value::Bool(false), next)),
+        b'n' => literal(b, at, b"null").map(|next| (Value::Null, next)),
+        b'-' | b'0'..=b'9' => {
+            let (end, unsigned) = number(b, at)?;
+            let number = match unsigned {
+                Some(n) => Number::from(n),
+                None => text.get(at..end)?.parse::<Number>().ok()?,
+            };
+            Some((Value::Number(number), end))
+        }
+        _ => None,
+    }
+}
+
+/// The string at `at`, unescaped exactly as serde_json does (by serde_json, when it has
+/// escapes).
+fn string(text: &str, at: usize) -> Option<(String, usize)> {
+    let (end, escaped) = scan_string(text.as_bytes(), at)?;
+    let token = text.get(at..end)?;
+    let s = if escaped {
+        serde_json::from_str::<String>(token).ok()?
+    } else {
+        token.get(1..token.len() - 1)?.to_owned()
+    };
+    Some((s, end))
+}
+
+/// The string at `at` borrowed, declining one with escapes.
+fn plain_string(text: &str, at: usize) -> Option<(&str, usize)> {
+    let (end, escaped) = scan_string(text.as_bytes(), at)?;
+    if escaped {
+        return None;
+    }
+    Some((text.get(at + 1..end - 1)?, end))
+}
+
+/// Scans the string whose opening quote is at `at`: the index after its closing quote, and
+/// whether it holds escapes. Declines a control character (invalid JSON) and an escape that is
+/// not one of JSON's (invalid) or is a `\u` escape of a surrogate (serde_json's treatment of
+/// those varies with what it reads them into). The text is valid UTF-8, so a byte that is a
+/// quote or a backslash is one.
+fn scan_string(b: &[u8], at: usize) -> Option<(usize, bool)> {
+    if b.get(at) != Some(&b'"') {
+        return None;
+    }
+    let mut at = at + 1;
+    let mut escaped = false;
+    loop {
+        let byte = *b.get(at)?;
+        at += 1;
+        match byte {
+            b'"' => return Some((at, escaped)),
+            b'\\' => {
+                escaped = true;
+                match *b.get(at)? {
+                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => at += 1,
+                    b'u' => {
+                        let mut code = 0u32;
+                        for &digit in b.get(at + 1..at + 5)? {
+                            code = code * 16 + char::from(digit).to_digit(16)?;
+                        }
+                        if (0xD800..0xE000).contains(&code) {
+                            return None;
+                        }
+                        at += 5;
+                    }
+                    _ => return None,
+                }
+            }
+            0..=0x1F => return None,
+            _ => {}
+        }
+    }
+}
+
+/// Scans the number at `at` by JSON's grammar (`-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`):
+/// the index after it and, for an integer without sign, fraction or exponent that fits, its
+/// value. What follows is for the caller to check (a delimiter).
+fn number(b: &[u8], at: usize) -> Option<(usize, Option<u64>)> {
+    let mut at = at;
+    let negative = b.get(at) == Some(&b'-');
+    if negative {
+        at += 1;
+    }
+    let mut value = Some(0u64);
+    match *b.get(at)? {
+        b'0' => {
+            at += 1;
+            // A leading zero is alone.
+            if b.get(at).is_some_and(u8::is_ascii_digit) {
+                return None;
+            }
+        }
+        b'1'..=b'9' => {
+            while let Some(&digit) = b.get(at).filter(|d| d.is_ascii_digit()) {
+                value = value.and_then(|v| v.checked_mul(10)?.checked_add(u64::from(digit - b'0')));
+                at += 1;
+            }
+        }
+        _ => return None,
+    }
+    let mut plain = !negative;
+    if b.get(at) == Some(&b'.') {
+        plain = false;
+        at = digits(b, at + 1)?;
+    }
+    if matches!(b.get(at), Some(b'e' | b'E')) {
+        plain = false;
+        at += 1;
+        if matches!(b.get(at), Some(b'+' | b'-')) {
+            at += 1;
+        }
+        at = digits(b, at)?;
+    }
+    Some((at, value.filter(|_| plain)))
+}
+
+/// The index after one or more digits at `at`.
+fn digits(b: &[u8], at: usize) -> Option<usize> {
+    let mut end = at;
+    while b.get(end).is_some_and(u8::is_ascii_digit) {
+        end += 1;
+    }
+    (end > at).then_some(end)
+}
+
+/// The index after `word` at `at`.
+fn literal(b: &[u8], at: usize, word: &[u8]) -> Option<usize> {
+    let end = at.checked_add(word.len())?;
+    (b.get(at..end)? == word).then_some(end)
+}
+
+/// After a member's name: whitespace, the colon, whitespace; the index of the value.
+fn colon(b: &[u8], at: usize) -> Option<usize> {
+    let at = ws(b, at);
+    (b.get(at) == Some(&b':')).then(|| ws(b, at + 1))
+}
+
+/// The index of the first byte at or after `at` that is not JSON whitespace.
+fn ws(b: &[u8], mut at: usize) -> usize {
+    while matches!(b.get(at), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+        at += 1;
+    }
+    at
+}
+
+/// Passes over the JSON value at `at`, validating it: the index after it. Iterative; declines
+/// nesting deeper than [`MAX_SKIP_DEPTH`].
+fn skip(b: &[u8], at: usize) -> Option<usize> {
+    // Whether each open container is an object (else an array).
+    let mut objects = [false; MAX_SKIP_DEPTH];
+    let mut depth = 0usize;
+    let mut at = at;
+    loop {
+        // A value starts at `at`.
+        at = match *b.get(at)? {
+            b'"' => scan_string(b, at)?.0,
+            b'-' | b'0'..=b'9' => number(b, at)?.0,
+            b't' => literal(b, at, b"true")?,
+            b'f' => literal(b, at, b"false")?,
+            b'n' => literal(b, at, b"null")?,
+            open @ (b'{' | b'[') => {
+                let object = open == b'{';
+                let close = if object { b'}' } else { b']' };
+                let inner = ws(b, at + 1);
+                if b.get(inner) == Some(&close) {
+                    inner + 1
+                } else {
+                    *objects.get_mut(depth)? = object;
+                    depth += 1;
+                    at = if object { colon(b, scan_string(b, inner)?.0)? } else { inner };
+                    continue;
+                }
+            }
+            _ => return None,
+        };
+        // After a value: the next member or element, or the ends of containers.
+        loop {
+            let Some(open) = depth.checked_sub(1) else {
+                return Some(at);
+            };
+            let object = *objects.get(open)?;
+            at = ws(b, at);
+            match (*b.get(at)?, object) {
+                (b',', true) => {
+                    at = colon(b, scan_string(b, ws(b, at + 1))?.0)?;
+                    break;
+                }
+                (b',', false) => {
+                    at = ws(b, at + 1);
+                    break;
+                }
+                (b'}', true) | (b']', false) => {
+                    at += 1;
+                    depth = open;
+                }
+                _ => return None,
+            }
+        }
+    }
+}
