@@ -53,7 +53,7 @@ pub(super) fn decode(
     };
     let before = fields.take("before");
     let after = fields.take("after");
-    change(topic, op, source, RawImages { before, after }, logical, key, placeholders)
+    change(topic, op, source, RawImages { before, after, placeholder_free: false }, logical, key, placeholders)
 }
 
 /// [`decode`] of an envelope read in one pass (`onepass.rs`): its `op` (a string), its
@@ -80,6 +80,9 @@ pub(super) fn decode_read(
 pub(super) struct RawImages<'a> {
     pub(super) before: Option<Slot<'a>>,
     pub(super) after: Option<Slot<'a>>,
+    /// Known to hold no placeholder value (the one-pass reader checks every value it builds),
+    /// so that stripping them would change nothing.
+    pub(super) placeholder_free: bool,
 }
 
 /// What `op` says: a row change, or (`m`, a logical decoding message) the event itself.
@@ -140,6 +143,9 @@ fn change(
 
     let mut before = super::image(images.before, "`before`")?;
     let mut after = super::image(images.after, "`after`")?;
+    // Nothing to strip in images without placeholders, unless decoding logical types changes
+    // their values first.
+    let strip = (!images.placeholder_free || logical.is_some()).then_some(placeholders);
     if let Some(columns) = logical {
         // Placeholders first: the base64 placeholder in a Connect Decimal column would
         // otherwise decode to a plausible number.
@@ -152,7 +158,7 @@ fn change(
             schema::decode_logical(after, &columns.after)?;
         }
     }
-    super::finish(table, op, Images { before, after }, source.committed_at, super::key_row(key), placeholders)
+    super::finish_images(table, op, Images { before, after }, source.committed_at, super::key_row(key), strip)
         .map(|d| with_lsn(d, lsn))
 }
 

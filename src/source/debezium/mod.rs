@@ -419,9 +419,24 @@ fn finish(
     key: Option<Row>,
     placeholders: &Placeholders,
 ) -> Result<Decoded, DecodeError> {
+    finish_images(table, op, images, committed_at, key, Some(placeholders))
+}
+
+/// [`finish`], with `placeholders` `None` when the images are known to hold none (so
+/// stripping them would change nothing).
+fn finish_images(
+    table: String,
+    op: Op,
+    images: Images,
+    committed_at: Option<SystemTime>,
+    key: Option<Row>,
+    placeholders: Option<&Placeholders>,
+) -> Result<Decoded, DecodeError> {
     let Images { mut before, mut after } = images;
-    for image in [&mut before, &mut after].into_iter().flatten() {
-        placeholders.strip(image);
+    if let Some(placeholders) = placeholders {
+        for image in [&mut before, &mut after].into_iter().flatten() {
+            placeholders.strip(image);
+        }
     }
     if op == Op::Truncate {
         // A truncate concerns the whole table; any image would be meaningless.

@@ -62,8 +62,12 @@ pub(super) fn decode(
         Envelope::KnownSchema(payload, logical) => (payload, Some(logical)),
         Envelope::Other => return None,
     };
-    let event = Event::read(event)?;
-    let images = RawImages { before: event.before.map(Slot::Parsed), after: event.after.map(Slot::Parsed) };
+    let event = Event::read(event, placeholders)?;
+    let images = RawImages {
+        before: event.before.map(Slot::Parsed),
+        after: event.after.map(Slot::Parsed),
+        placeholder_free: event.placeholder_free,
+    };
     Some(envelope::decode_read(topic, event.op, &event.source, images, logical, key, placeholders))
 }
 
@@ -100,6 +104,8 @@ struct Event<'a> {
     /// `null` or an object; `None` when absent.
     before: Option<Value>,
     after: Option<Value>,
+    /// No value in either image is a placeholder.
+    placeholder_free: bool,
 }
 
 impl<'a> Event<'a> {
@@ -107,7 +113,7 @@ impl<'a> Event<'a> {
     /// otherwise only `before` and `after` (each of the four at most once), `ts_ms`, `ts_us`,
     /// `ts_ns` and `transaction`. Any other field declines: one starting `__` makes a flattened row, `schema`
     /// and `payload` are read differently, and the envelope has no others.
-    fn read(text: &'a str) -> Option<Event<'a>> {
+    fn read(text: &'a str, placeholders: &Placeholders) -> Option<Event<'a>> {
         let b = text.as_bytes();
         let mut at = ws(b, 0);
         if b.get(at) != Some(&b'{') {
@@ -119,35 +125,34 @@ impl<'a> Event<'a> {
         let mut before = None;
         let mut after = None;
         let mut seen = 0u8;
+        let mut placeholder_free = true;
         loop {
             let (name, next) = plain_string(text, at)?;
             at = colon(b, next)?;
-            let bit = match name {
-                "before" => 1,
-                "after" => 2,
-                "source" => 4,
-                "op" => 8,
-                "ts_ms" => 16,
-                "ts_us" => 32,
-                "ts_ns" => 64,
-                "transaction" => 128,
+            let bit = match packed(name) {
+                BEFORE => 1,
+                AFTER => 2,
+                SOURCE => 4,
+                OP => 8,
+                TS_MS | TS_US | TS_NS => 16,
+                _ if name == "transaction" => 16,
                 _ => return None,
             };
             // A repeated `ts_*` or `transaction` is harmless (the general path ignores them
             // in an envelope; real SQL Server messages repeat `ts_ms`), any other repeat
             // declines.
-            if seen & bit & 15 != 0 {
+            if seen & bit & !16 != 0 {
                 return None;
             }
             seen |= bit;
             at = match bit {
                 1 => {
-                    let (image, next) = image(text, at)?;
+                    let (image, next) = image(text, at, placeholders, &mut placeholder_free)?;
                     before = Some(image);
                     next
                 }
                 2 => {
-                    let (image, next) = image(text, at)?;
+                    let (image, next) = image(text, at, placeholders, &mut placeholder_free)?;
                     after = Some(image);
                     next
                 }
@@ -173,7 +178,7 @@ impl<'a> Event<'a> {
         if ws(b, at + 1) != b.len() {
             return None;
         }
-        Some(Event { op: op?, source: source?, before, after })
+        Some(Event { op: op?, source: source?, before, after, placeholder_free })
     }
 }
 
@@ -215,7 +220,8 @@ pub(super) fn key_row(key: &[u8]) -> Option<Row> {
 }
 
 /// A row image: `null`, or an object whose values are all strings, numbers, booleans or null.
-fn image(text: &str, at: usize) -> Option<(Value, usize)> {
+/// `placeholder_free` is cleared if a value is a placeholder (only a string can be one here).
+fn image(text: &str, at: usize, placeholders: &Placeholders, placeholder_free: &mut bool) -> Option<(Value, usize)> {
     let b = text.as_bytes();
     match b.get(at)? {
         b'n' => literal(b, at, b"null").map(|next| (Value::Null, next)),
@@ -232,6 +238,9 @@ fn image(text: &str, at: usize) -> Option<(Value, usize)> {
                 }
                 at = colon(b, next)?;
                 let (value, next) = scalar(text, at)?;
+                if let Value::String(s) = &value {
+                    *placeholder_free &= !placeholders.is_placeholder_text(s);
+                }
                 // Last wins, as in serde_json's map.
                 row.insert(name, value);
                 at = ws(b, next);
@@ -262,17 +271,19 @@ fn source_block(text: &str, at: usize) -> Option<(SourceFields<'_>, usize)> {
         let (name, next) = plain_string(text, at)?;
         at = colon(b, next)?;
         let end = skip(b, at)?;
-        let raw = text.get(at..end)?;
-        match name {
-            "schema" => fields.schema = Some(raw),
-            "db" => fields.db = Some(raw),
-            "table" => fields.table = Some(raw),
-            "collection" => fields.collection = Some(raw),
-            "ts_ns" => fields.ts_ns = Some(raw),
-            "ts_us" => fields.ts_us = Some(raw),
-            "ts_ms" => fields.ts_ms = Some(raw),
-            "lsn" => fields.lsn = Some(raw),
-            _ => {}
+        let slot = match packed(name) {
+            SCHEMA => Some(&mut fields.schema),
+            DB => Some(&mut fields.db),
+            TABLE => Some(&mut fields.table),
+            TS_NS => Some(&mut fields.ts_ns),
+            TS_US => Some(&mut fields.ts_us),
+            TS_MS => Some(&mut fields.ts_ms),
+            LSN => Some(&mut fields.lsn),
+            _ if name == "collection" => Some(&mut fields.collection),
+            _ => None,
+        };
+        if let Some(slot) = slot {
+            *slot = Some(text.get(at..end)?);
         }
         at = ws(b, end);
         match b.get(at)? {
@@ -337,6 +348,7 @@ fn scan_string(b: &[u8], at: usize) -> Option<(usize, bool)> {
     let mut at = at + 1;
     let mut escaped = false;
     loop {
+        at = plain_run(b, at);
         let byte = *b.get(at)?;
         at += 1;
         match byte {
@@ -362,6 +374,32 @@ fn scan_string(b: &[u8], at: usize) -> Option<(usize, bool)> {
             _ => {}
         }
     }
+}
+
+/// The index of the first byte at or after `at` that ends a run of plain string content: a
+/// quote, a backslash or a control character (or the end of `b`). Eight bytes at a time: most
+/// of a message is string content.
+fn plain_run(b: &[u8], mut at: usize) -> usize {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
+    while let Some(chunk) = b.get(at..at + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word);
+        // Bytes below 0x20, and bytes equal to a quote or a backslash (a zero after the xor).
+        // A flag can be wrong only above a byte rightly flagged in the same test, so the
+        // lowest flag of all three is always a byte that ends the run.
+        let below = |n: u8, v: u64| v.wrapping_sub(ONES * u64::from(n)) & !v & HIGHS;
+        let flags = below(0x20, x) | below(1, x ^ (ONES * 0x22)) | below(1, x ^ (ONES * 0x5C));
+        if flags != 0 {
+            return at + (flags.trailing_zeros() / 8) as usize;
+        }
+        at += 8;
+    }
+    while b.get(at).is_some_and(|&byte| byte != b'"' && byte != b'\\' && byte >= 0x20) {
+        at += 1;
+    }
+    at
 }
 
 /// Scans the number at `at` by JSON's grammar (`-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`):
@@ -420,6 +458,45 @@ fn literal(b: &[u8], at: usize, word: &[u8]) -> Option<usize> {
     let end = at.checked_add(word.len())?;
     (b.get(at..end)? == word).then_some(end)
 }
+
+/// A field name of at most eight bytes as a number (the bytes, zero-padded), so that names
+/// are told apart by one comparison each; `u64::MAX` (no UTF-8 text) for a longer one. Names
+/// hold no zero bytes (the scanner declines control characters), so the padding is unambiguous.
+fn packed(name: &str) -> u64 {
+    let mut word = [0u8; 8];
+    match word.get_mut(..name.len()) {
+        Some(prefix) => {
+            prefix.copy_from_slice(name.as_bytes());
+            u64::from_le_bytes(word)
+        }
+        None => u64::MAX,
+    }
+}
+
+/// [`packed`] at compile time.
+const fn pack(name: &str) -> u64 {
+    let bytes = name.as_bytes();
+    assert!(bytes.len() <= 8);
+    let mut word = 0u64;
+    let mut i = bytes.len();
+    while i > 0 {
+        i -= 1;
+        word = (word << 8) | bytes[i] as u64;
+    }
+    word
+}
+
+const BEFORE: u64 = pack("before");
+const AFTER: u64 = pack("after");
+const SOURCE: u64 = pack("source");
+const OP: u64 = pack("op");
+const TS_MS: u64 = pack("ts_ms");
+const TS_US: u64 = pack("ts_us");
+const TS_NS: u64 = pack("ts_ns");
+const SCHEMA: u64 = pack("schema");
+const DB: u64 = pack("db");
+const TABLE: u64 = pack("table");
+const LSN: u64 = pack("lsn");
 
 /// After a member's name: whitespace, the colon, whitespace; the index of the value.
 fn colon(b: &[u8], at: usize) -> Option<usize> {

@@ -224,6 +224,8 @@ fn edge_cases() -> Vec<String> {
         ("null", "null"),
         ("{}", "{}"),
         (r#"{"id":1,"id":2}"#, r#"{"id":null,"id":3,"id":null}"#),
+        (r#"{"id":1,"a":"__debezium_unavailable_value","a":2}"#, r#"{"id":1,"a":2,"a":"__debezium_unavailable_value"}"#),
+        (r#"{"id":"__debezium_unavailable_value"}"#, r#"{"id":"N/A","x":"Ti9B"}"#),
         (r#"{"$serde_json::private::Number":"5"}"#, "null"),
         (r#"{"$serde_json::private::RawValue":"5"}"#, "null"),
         (r#"{"a\u0062c":1,"abc":2}"#, r#"{"\u0041":1}"#),
