@@ -341,14 +341,23 @@ fn plain_string(text: &str, at: usize) -> Option<(&str, usize)> {
 /// not one of JSON's (invalid) or is a `\u` escape of a surrogate (serde_json's treatment of
 /// those varies with what it reads them into). The text is valid UTF-8, so a byte that is a
 /// quote or a backslash is one.
+#[inline]
 fn scan_string(b: &[u8], at: usize) -> Option<(usize, bool)> {
     if b.get(at) != Some(&b'"') {
         return None;
     }
-    let mut at = at + 1;
+    let end = plain_run(b, at + 1);
+    if b.get(end) == Some(&b'"') {
+        return Some((end + 1, false));
+    }
+    scan_string_rest(b, end)
+}
+
+/// [`scan_string`] from the first byte that is not plain content.
+#[inline(never)]
+fn scan_string_rest(b: &[u8], mut at: usize) -> Option<(usize, bool)> {
     let mut escaped = false;
     loop {
-        at = plain_run(b, at);
         let byte = *b.get(at)?;
         at += 1;
         match byte {
@@ -373,12 +382,14 @@ fn scan_string(b: &[u8], at: usize) -> Option<(usize, bool)> {
             0..=0x1F => return None,
             _ => {}
         }
+        at = plain_run(b, at);
     }
 }
 
 /// The index of the first byte at or after `at` that ends a run of plain string content: a
 /// quote, a backslash or a control character (or the end of `b`). Eight bytes at a time: most
 /// of a message is string content.
+#[inline]
 fn plain_run(b: &[u8], mut at: usize) -> usize {
     const ONES: u64 = u64::from_le_bytes([0x01; 8]);
     const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
@@ -405,7 +416,29 @@ fn plain_run(b: &[u8], mut at: usize) -> usize {
 /// Scans the number at `at` by JSON's grammar (`-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`):
 /// the index after it and, for an integer without sign, fraction or exponent that fits, its
 /// value. What follows is for the caller to check (a delimiter).
+#[inline]
 fn number(b: &[u8], at: usize) -> Option<(usize, Option<u64>)> {
+    // Most numbers are small unsigned integers: at most 19 digits cannot overflow.
+    if let Some(&first @ b'1'..=b'9') = b.get(at) {
+        let mut value = u64::from(first - b'0');
+        let mut end = at + 1;
+        while let Some(&digit) = b.get(end).filter(|d| d.is_ascii_digit()) {
+            if end - at >= 19 {
+                return any_number(b, at);
+            }
+            value = value * 10 + u64::from(digit - b'0');
+            end += 1;
+        }
+        if !matches!(b.get(end), Some(b'.' | b'e' | b'E')) {
+            return Some((end, Some(value)));
+        }
+    }
+    any_number(b, at)
+}
+
+/// [`number`] for any number.
+#[inline(never)]
+fn any_number(b: &[u8], at: usize) -> Option<(usize, Option<u64>)> {
     let mut at = at;
     let negative = b.get(at) == Some(&b'-');
     if negative {
@@ -514,7 +547,19 @@ fn ws(b: &[u8], mut at: usize) -> usize {
 
 /// Passes over the JSON value at `at`, validating it: the index after it. Iterative; declines
 /// nesting deeper than [`MAX_SKIP_DEPTH`].
+#[inline]
 fn skip(b: &[u8], at: usize) -> Option<usize> {
+    match *b.get(at)? {
+        b'"' => Some(scan_string(b, at)?.0),
+        b'0'..=b'9' => Some(number(b, at)?.0),
+        b'n' => literal(b, at, b"null"),
+        _ => skip_any(b, at),
+    }
+}
+
+/// [`skip`] for any value.
+#[inline(never)]
+fn skip_any(b: &[u8], at: usize) -> Option<usize> {
     // Whether each open container is an object (else an array).
     let mut objects = [false; MAX_SKIP_DEPTH];
     let mut depth = 0usize;
