@@ -557,6 +557,15 @@ fn skip(b: &[u8], at: usize) -> Option<usize> {
     }
 }
 
+/// The index after the name of a member of a skipped object. Declines a name with escapes or
+/// starting with `$`: serde_json reads an object whose first key is one of its private tokens
+/// (`$serde_json::private::Number`, …) as something else when it parses a value (the general
+/// path parses the envelope's `transaction` and `ts_*` fields).
+fn member_name(b: &[u8], at: usize) -> Option<usize> {
+    let (end, escaped) = scan_string(b, at)?;
+    (!escaped && b.get(at + 1) != Some(&b'$')).then_some(end)
+}
+
 /// [`skip`] for any value.
 #[inline(never)]
 fn skip_any(b: &[u8], at: usize) -> Option<usize> {
@@ -581,7 +590,7 @@ fn skip_any(b: &[u8], at: usize) -> Option<usize> {
                 } else {
                     *objects.get_mut(depth)? = object;
                     depth += 1;
-                    at = if object { colon(b, scan_string(b, inner)?.0)? } else { inner };
+                    at = if object { colon(b, member_name(b, inner)?)? } else { inner };
                     continue;
                 }
             }
@@ -596,7 +605,7 @@ fn skip_any(b: &[u8], at: usize) -> Option<usize> {
             at = ws(b, at);
             match (*b.get(at)?, object) {
                 (b',', true) => {
-                    at = colon(b, scan_string(b, ws(b, at + 1))?.0)?;
+                    at = colon(b, member_name(b, ws(b, at + 1))?)?;
                     break;
                 }
                 (b',', false) => {
