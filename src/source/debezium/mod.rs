@@ -28,6 +28,11 @@
 //! one the previous message carried by a single comparison, others by a bracket scan), which
 //! is most of the cost of a schema-enveloped message.
 //!
+//! The common case, a standard envelope of plain row values (schemaless, or the payload of a
+//! schema envelope whose schema is cached) and a message key like `{"id":42}`, is read in one
+//! hand-written pass over the bytes (`onepass.rs`); anything else, and anything that pass is
+//! not sure of, is read by the general path described here, which decides every outcome.
+//!
 //! # Choices a user can see
 //!
 //! - **Table name**: `source.schema` (PostgreSQL, SQL Server, Oracle) or else `source.db`
@@ -68,8 +73,9 @@
 //! Nothing here panics on input. Values we parse (row images, key, schema) are subject to
 //! serde_json's recursion limit of 128 levels; parts we skip (the source block's other
 //! fields, a schema without decimals) are scanned iteratively, so deep nesting there costs
-//! memory bounded by the message, never stack (`json.rs`). Decimals are bounded in size and
-//! scale (`decimal.rs`).
+//! memory bounded by the message, never stack (`json.rs`). The one-pass reader never recurses
+//! and leaves nesting deeper than 32 levels to the general path (`onepass.rs`). Decimals are
+//! bounded in size and scale (`decimal.rs`).
 
 mod avro;
 mod confluent;

@@ -185,6 +185,44 @@ impl<'a> Event<'a> {
 /// The message key's row when the key is an object of plain values (no schema envelope):
 /// what `super::key_row` makes of it. `None` declines (any other key, valid or not).
 pub(super) fn key_row(key: &[u8]) -> Option<Row> {
+    let mut row = Row::new();
+    key_members(key, |name, text, at| {
+        let (value, next) = scalar(text, at)?;
+        // Routing metadata (`ByLogicalTableRouter`), dropped as `super::key_row` does.
+        if !name.starts_with("__dbz__") {
+            row.insert(name.to_owned(), value);
+        }
+        Some(next)
+    })?;
+    Some(row)
+}
+
+/// Whether `known` holds for every column of the message key's row, without building it:
+/// `None` where [`key_row`] declines, else what it would say of that row's column names.
+pub(super) fn key_columns_all(key: &[u8], mut known: impl FnMut(&str) -> bool) -> Option<bool> {
+    let mut all = true;
+    key_members(key, |name, text, at| {
+        let b = text.as_bytes();
+        // Exactly the values `scalar` takes (its strings' escapes are validated here).
+        let next = match *b.get(at)? {
+            b'"' => scan_string(b, at)?.0,
+            b'-' | b'0'..=b'9' => number(b, at)?.0,
+            b't' => literal(b, at, b"true")?,
+            b'f' => literal(b, at, b"false")?,
+            b'n' => literal(b, at, b"null")?,
+            _ => return None,
+        };
+        if all && !name.starts_with("__dbz__") {
+            all = known(name);
+        }
+        Some(next)
+    })?;
+    Some(all)
+}
+
+/// Reads a message key that is an object: `member` gets each member's name (without
+/// escapes), the text and the index of its value, and returns the index after the value.
+fn key_members<'a>(key: &'a [u8], mut member: impl FnMut(&'a str, &'a str, usize) -> Option<usize>) -> Option<()> {
     let text = std::str::from_utf8(key).ok()?;
     let b = text.as_bytes();
     let mut at = ws(b, 0);
@@ -192,31 +230,23 @@ pub(super) fn key_row(key: &[u8]) -> Option<Row> {
         return None;
     }
     at = ws(b, at + 1);
-    let mut row = Row::new();
-    if b.get(at) == Some(&b'}') {
-        return (ws(b, at + 1) == b.len()).then_some(row);
-    }
-    loop {
-        let (name, next) = plain_string(text, at)?;
-        // The general path reads these three differently (a `schema` and a `payload` make a
-        // schema envelope; a non-object `payload` is a value of its own kind).
-        if matches!(name, "schema" | "payload" | "source") {
-            return None;
-        }
-        at = colon(b, next)?;
-        let (value, next) = scalar(text, at)?;
-        // Routing metadata (`ByLogicalTableRouter`), dropped as `super::key_row` does.
-        if !name.starts_with("__dbz__") {
-            row.insert(name.to_owned(), value);
-        }
-        at = ws(b, next);
-        match b.get(at)? {
-            b',' => at = ws(b, at + 1),
-            b'}' => break,
-            _ => return None,
+    if b.get(at) != Some(&b'}') {
+        loop {
+            let (name, next) = plain_string(text, at)?;
+            // The general path reads these three differently (a `schema` and a `payload` make
+            // a schema envelope; a non-object `payload` is a value of its own kind).
+            if matches!(name, "schema" | "payload" | "source") {
+                return None;
+            }
+            at = ws(b, member(name, text, colon(b, next)?)?);
+            match b.get(at)? {
+                b',' => at = ws(b, at + 1),
+                b'}' => break,
+                _ => return None,
+            }
         }
     }
-    (ws(b, at + 1) == b.len()).then_some(row)
+    (ws(b, at + 1) == b.len()).then_some(())
 }
 
 /// A row image: `null`, or an object whose values are all strings, numbers, booleans or null.
@@ -319,11 +349,8 @@ fn scalar(text: &str, at: usize) -> Option<(Value, usize)> {
 fn string(text: &str, at: usize) -> Option<(String, usize)> {
     let (end, escaped) = scan_string(text.as_bytes(), at)?;
     let token = text.get(at..end)?;
-    let s = if escaped {
-        serde_json::from_str::<String>(token).ok()?
-    } else {
-        token.get(1..token.len() - 1)?.to_owned()
-    };
+    let s =
+        if escaped { serde_json::from_str::<String>(token).ok()? } else { token.get(1..token.len() - 1)?.to_owned() };
     Some((s, end))
 }
 

@@ -224,7 +224,10 @@ fn edge_cases() -> Vec<String> {
         ("null", "null"),
         ("{}", "{}"),
         (r#"{"id":1,"id":2}"#, r#"{"id":null,"id":3,"id":null}"#),
-        (r#"{"id":1,"a":"__debezium_unavailable_value","a":2}"#, r#"{"id":1,"a":2,"a":"__debezium_unavailable_value"}"#),
+        (
+            r#"{"id":1,"a":"__debezium_unavailable_value","a":2}"#,
+            r#"{"id":1,"a":2,"a":"__debezium_unavailable_value"}"#,
+        ),
         (r#"{"id":"__debezium_unavailable_value"}"#, r#"{"id":"N/A","x":"Ti9B"}"#),
         (r#"{"$serde_json::private::Number":"5"}"#, "null"),
         (r#"{"$serde_json::private::RawValue":"5"}"#, "null"),
@@ -279,7 +282,8 @@ fn edge_cases() -> Vec<String> {
     }
     // Top-level fields and the envelope around them.
     let after = r#"{"id":1}"#;
-    for op in [r#""c""#, r#""u""#, r#""d""#, r#""r""#, r#""t""#, r#""m""#, r#""x""#, r#""\u0075""#, "5", "null", r#""""#]
+    for op in
+        [r#""c""#, r#""u""#, r#""d""#, r#""r""#, r#""t""#, r#""m""#, r#""x""#, r#""\u0075""#, "5", "null", r#""""#]
     {
         cases.push(format!(r#"{{"after":{after},"source":{{{SOURCE}}},"op":{op}}}"#));
         cases.push(format!(r#"{{"source":{{{SOURCE}}},"op":{op}}}"#));
@@ -337,7 +341,14 @@ fn debezium_onepass_edge_cases_decode_as_the_general_path() {
     for placeholders in placeholder_sets() {
         for case in edge_cases() {
             for topic in TOPICS {
-                for key in [None, Some(&br#"{"id":42}"#[..]), Some(&br#"{"id":null,"x":"\u00e9"}"#[..])] {
+                for key in [
+                    None,
+                    Some(&br#"{"id":42}"#[..]),
+                    Some(&br#"{"id":null,"x":"\u00e9"}"#[..]),
+                    Some(&br#"{"id":7,"__dbz__physicalTableIdentifier":"a","v":"k"}"#[..]),
+                    Some(&br#"{"id":1,"id":"__debezium_unavailable_value"}"#[..]),
+                    Some(&br#"{"id":1"#[..]),
+                ] {
                     took += usize::from(same(&placeholders, topic, key, case.as_bytes()));
                 }
             }
@@ -430,10 +441,17 @@ fn mutate(rng: &mut Lcg, base: &[u8]) -> Vec<u8> {
 fn debezium_onepass_mutated_messages_decode_as_the_general_path() {
     let mut bases: Vec<Vec<u8>> = fixtures().into_iter().map(|(_, bytes)| bytes).collect();
     bases.push(
-        envelope(r#"{"id":42,"name":"Widget 42","price":"1.00","category_id":5,"slug":"widget-42"}"#, r#"{"id":42,"name":"Widget 42","price":"2.00","category_id":7,"slug":"widget-42"}"#, SOURCE, r#","ts_ms":1763821800151,"transaction":null"#)
-            .into_bytes(),
+        envelope(
+            r#"{"id":42,"name":"Widget 42","price":"1.00","category_id":5,"slug":"widget-42"}"#,
+            r#"{"id":42,"name":"Widget 42","price":"2.00","category_id":7,"slug":"widget-42"}"#,
+            SOURCE,
+            r#","ts_ms":1763821800151,"transaction":null"#,
+        )
+        .into_bytes(),
     );
-    bases.push(envelope(r#"{"id":-0,"v":"a\"b\u00e9","n":1.5E3,"b":true}"#, "null", SOURCE, r#","ts_ns":1"#).into_bytes());
+    bases.push(
+        envelope(r#"{"id":-0,"v":"a\"b\u00e9","n":1.5E3,"b":true}"#, "null", SOURCE, r#","ts_ns":1"#).into_bytes(),
+    );
     let key_bases: [&[u8]; 3] = [br#"{"id":42}"#, br#"{"id":42,"__dbz__x":"a"}"#, br#"{"id":"k","n":-1.5e3}"#];
     let placeholders = Placeholders::new(None);
     let mut rng = Lcg(0x5eed_1234);
@@ -464,7 +482,10 @@ fn debezium_onepass_declines_what_it_does_not_handle() {
     assert!(declined(&format!(r#"{{"after":{after},"source":{{"table":"t"}},"op":"c","x":1}}"#)), "other field");
     assert!(declined(&format!(r#"{{"after":{after},"after":null,"source":{{"table":"t"}},"op":"c"}}"#)), "duplicate");
     assert!(declined(&format!(r#"{{"after":{after},"source":{{"table":"t"}},"op":"\u0063"}}"#)), "escaped op");
-    assert!(declined(&format!(r#"{{"after":{{"v":"\ud83d\ude00"}},"source":{{"table":"t"}},"op":"c"}}"#)), "surrogates");
+    assert!(
+        declined(&format!(r#"{{"after":{{"v":"\ud83d\ude00"}},"source":{{"table":"t"}},"op":"c"}}"#)),
+        "surrogates"
+    );
     assert!(declined(&format!(r#"{{"after":{after},"source":{{"table":"t"}},"op":"c"}}"#).replace('}', "} ")[..20]));
     let value = format!(r#"{{"after":{after},"source":{{"table":"t"}},"op":"c"}}"#);
     assert!(onepass::decode(&placeholders, "__debezium-heartbeat.x", None, value.as_bytes()).is_none());
