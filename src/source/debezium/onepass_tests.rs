@@ -312,13 +312,13 @@ fn edge_cases() -> Vec<String> {
         format!(r#"{{"after":{after},"source":{{{SOURCE}}},"op":"c","ddl":"x"}}"#),
         format!(r#"{{"after":{after},"source":{{{SOURCE}}},"op":"c","schema":{{}},"payload":{{}}}}"#),
         format!(r#"{{"after":{after},"source":{{{SOURCE}}},"op":"c"}}   "#),
-        format!(" \n\t\r{{ \"after\" : {{ \"id\" : 1 , \"n\" : \"x\" }} ,\n\"source\"\t:\r{{ \"table\" : \"t\" , \"schema\" : \"s\" }} , \"op\" : \"c\" }} \n"),
+        " \n\t\r{ \"after\" : { \"id\" : 1 , \"n\" : \"x\" } ,\n\"source\"\t:\r{ \"table\" : \"t\" , \"schema\" : \"s\" } , \"op\" : \"c\" } \n".to_owned(),
         format!(r#"{{"after":{after},"source":{{{SOURCE}}},"op":"c"}},"#),
         format!(r#"{{"after":{after},"source":{{{SOURCE}}},"op":"c"}}{{}}"#),
         format!(r#"{{"after":{after},"source":{{{SOURCE}}},"op":"c",}}"#),
         format!(r#"{{"after":{after},"source":{{{SOURCE}}},"op":"c""#),
         format!("\u{c}{{\"after\":{after},\"source\":{{{SOURCE}}},\"op\":\"c\"}}"),
-        format!(r#"{{"ts_ms":5}}"#),
+        r#"{"ts_ms":5}"#.to_owned(),
         r#"{"status":"BEGIN","id":"1","event_count":null,"ts_ms":5}"#.to_owned(),
         r#"{"id":1,"name":"flattened","__op":"c","__table":"t"}"#.to_owned(),
         r#"{"schema":{"type":"struct","fields":[]},"payload":null}"#.to_owned(),
@@ -478,14 +478,11 @@ fn debezium_onepass_declines_what_it_does_not_handle() {
     let declined = |value: &str| onepass::decode(&placeholders, TOPIC, None, value.as_bytes()).is_none();
     let after = r#"{"id":1}"#;
     assert!(!declined(&format!(r#"{{"after":{after},"source":{{"table":"t"}},"op":"c"}}"#)));
-    assert!(declined(&format!(r#"{{"after":{{"id":[1]}},"source":{{"table":"t"}},"op":"c"}}"#)), "nested column");
+    assert!(declined(r#"{"after":{"id":[1]},"source":{"table":"t"},"op":"c"}"#), "nested column");
     assert!(declined(&format!(r#"{{"after":{after},"source":{{"table":"t"}},"op":"c","x":1}}"#)), "other field");
     assert!(declined(&format!(r#"{{"after":{after},"after":null,"source":{{"table":"t"}},"op":"c"}}"#)), "duplicate");
     assert!(declined(&format!(r#"{{"after":{after},"source":{{"table":"t"}},"op":"\u0063"}}"#)), "escaped op");
-    assert!(
-        declined(&format!(r#"{{"after":{{"v":"\ud83d\ude00"}},"source":{{"table":"t"}},"op":"c"}}"#)),
-        "surrogates"
-    );
+    assert!(declined(r#"{"after":{"v":"\ud83d\ude00"},"source":{"table":"t"},"op":"c"}"#), "surrogates");
     assert!(declined(&format!(r#"{{"after":{after},"source":{{"table":"t"}},"op":"c"}}"#).replace('}', "} ")[..20]));
     let value = format!(r#"{{"after":{after},"source":{{"table":"t"}},"op":"c"}}"#);
     assert!(onepass::decode(&placeholders, "__debezium-heartbeat.x", None, value.as_bytes()).is_none());
