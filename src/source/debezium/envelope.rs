@@ -11,8 +11,8 @@ use std::rc::Rc;
 
 use super::json::{self, Kind, Slot, SourceFields};
 use super::schema::{self, LogicalColumns};
-use super::{mongodb, onepass, DecodeError, Images, Message, Placeholders};
-use crate::event::{ChangeEvent, Decoded, NoChangeKind, Op, Row};
+use super::{mongodb, DecodeError, Images, Message, Placeholders};
+use crate::event::{ChangeEvent, Decoded, NoChangeKind, Op};
 
 pub(super) fn decode(
     topic: &str,
@@ -158,30 +158,8 @@ fn change(
             schema::decode_logical(after, &columns.after)?;
         }
     }
-    // A key that adds nothing to the images need not be built (the common case: the key's
-    // columns are in both images). Only for images with nothing to strip: `finish` merges the
-    // key into the stripped images.
-    let key = match strip {
-        None if key_adds_nothing(op, &before, &after, key) => None,
-        _ => super::key_row(key),
-    };
-    super::finish_images(table, op, Images { before, after }, source.committed_at, key, strip).map(|d| with_lsn(d, lsn))
-}
-
-/// Whether the message key would change nothing in these images when `finish` merges it:
-/// every key column is present and not null in each image, and a delete has its before image.
-/// False when that cannot be told without building the key's row (`onepass::key_columns_all`).
-fn key_adds_nothing(op: Op, before: &Option<Row>, after: &Option<Row>, key: Option<&[u8]>) -> bool {
-    let Some(key) = key else {
-        return true;
-    };
-    if op == Op::Delete && before.is_none() {
-        return false;
-    }
-    let known = |column: &str| {
-        [before, after].into_iter().flatten().all(|image| image.get(column).is_some_and(|value| !value.is_null()))
-    };
-    onepass::key_columns_all(key, known) == Some(true)
+    super::finish_images(table, op, Images { before, after }, source.committed_at, super::key_row(key), strip)
+        .map(|d| with_lsn(d, lsn))
 }
 
 /// The change event with `source.lsn`, for the second pass with read replicas (`freshness`).

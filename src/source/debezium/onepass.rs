@@ -62,13 +62,15 @@ pub(super) fn decode(
         Envelope::KnownSchema(payload, logical) => (payload, Some(logical)),
         Envelope::Other => return None,
     };
-    let event = Event::read(event, placeholders)?;
+    // Filled in place: the block is large, and moving it costs copies.
+    let mut source = SourceFields::default();
+    let event = Event::read(event, placeholders, &mut source)?;
     let images = RawImages {
         before: event.before.map(Slot::Parsed),
         after: event.after.map(Slot::Parsed),
         placeholder_free: event.placeholder_free,
     };
-    Some(envelope::decode_read(topic, event.op, &event.source, images, logical, key, placeholders))
+    Some(envelope::decode_read(topic, event.op, &source, images, logical, key, placeholders))
 }
 
 enum Envelope<'a> {
@@ -100,7 +102,6 @@ fn schema_envelope(text: &str) -> Envelope<'_> {
 struct Event<'a> {
     /// `op`'s text (a string without escapes).
     op: &'a str,
-    source: SourceFields<'a>,
     /// `null` or an object; `None` when absent.
     before: Option<Value>,
     after: Option<Value>,
@@ -109,11 +110,12 @@ struct Event<'a> {
 }
 
 impl<'a> Event<'a> {
-    /// `text` holds one object (and whitespace) with a `source` object, an `op` string, and
-    /// otherwise only `before` and `after` (each of the four at most once), `ts_ms`, `ts_us`,
-    /// `ts_ns` and `transaction`. Any other field declines: one starting `__` makes a flattened row, `schema`
-    /// and `payload` are read differently, and the envelope has no others.
-    fn read(text: &'a str, placeholders: &Placeholders) -> Option<Event<'a>> {
+    /// `text` holds one object (and whitespace) with a `source` object (read into `source`),
+    /// an `op` string, and otherwise only `before` and `after` (each of the four at most once),
+    /// `ts_ms`, `ts_us`, `ts_ns` and `transaction`. Any other field declines: one starting `__`
+    /// makes a flattened row, `schema` and `payload` are read differently, and the envelope has
+    /// no others.
+    fn read(text: &'a str, placeholders: &Placeholders, source: &mut SourceFields<'a>) -> Option<Event<'a>> {
         let b = text.as_bytes();
         let mut at = ws(b, 0);
         if b.get(at) != Some(&b'{') {
@@ -121,7 +123,7 @@ impl<'a> Event<'a> {
         }
         at = ws(b, at + 1);
         let mut op = None;
-        let mut source = None;
+        let mut has_source = false;
         let mut before = None;
         let mut after = None;
         let mut seen = 0u8;
@@ -157,9 +159,8 @@ impl<'a> Event<'a> {
                     next
                 }
                 4 => {
-                    let (block, next) = source_block(text, at)?;
-                    source = Some(block);
-                    next
+                    has_source = true;
+                    source_block(text, at, source)?
                 }
                 8 => {
                     let (code, next) = plain_string(text, at)?;
@@ -178,7 +179,8 @@ impl<'a> Event<'a> {
         if ws(b, at + 1) != b.len() {
             return None;
         }
-        Some(Event { op: op?, source: source?, before, after, placeholder_free })
+        has_source.then_some(())?;
+        Some(Event { op: op?, before, after, placeholder_free })
     }
 }
 
@@ -195,29 +197,6 @@ pub(super) fn key_row(key: &[u8]) -> Option<Row> {
         Some(next)
     })?;
     Some(row)
-}
-
-/// Whether `known` holds for every column of the message key's row, without building it:
-/// `None` where [`key_row`] declines, else what it would say of that row's column names.
-pub(super) fn key_columns_all(key: &[u8], mut known: impl FnMut(&str) -> bool) -> Option<bool> {
-    let mut all = true;
-    key_members(key, |name, text, at| {
-        let b = text.as_bytes();
-        // Exactly the values `scalar` takes (its strings' escapes are validated here).
-        let next = match *b.get(at)? {
-            b'"' => scan_string(b, at)?.0,
-            b'-' | b'0'..=b'9' => number(b, at)?.0,
-            b't' => literal(b, at, b"true")?,
-            b'f' => literal(b, at, b"false")?,
-            b'n' => literal(b, at, b"null")?,
-            _ => return None,
-        };
-        if all && !name.starts_with("__dbz__") {
-            all = known(name);
-        }
-        Some(next)
-    })?;
-    Some(all)
 }
 
 /// Reads a message key that is an object: `member` gets each member's name (without
@@ -285,17 +264,17 @@ fn image(text: &str, at: usize, placeholders: &Placeholders, placeholder_free: &
     }
 }
 
-/// A `source` block: the raw text of the last occurrence of each field we use (as
-/// `json::SourceVisitor` keeps them), every value validated.
-fn source_block(text: &str, at: usize) -> Option<(SourceFields<'_>, usize)> {
+/// A `source` block, read into `fields` (as they were): the raw text of the last occurrence of
+/// each field we use (as `json::SourceVisitor` keeps them), every value validated. The index
+/// after the block.
+fn source_block<'a>(text: &'a str, at: usize, fields: &mut SourceFields<'a>) -> Option<usize> {
     let b = text.as_bytes();
     if b.get(at) != Some(&b'{') {
         return None;
     }
-    let mut fields = SourceFields::default();
     let mut at = ws(b, at + 1);
     if b.get(at) == Some(&b'}') {
-        return Some((fields, at + 1));
+        return Some(at + 1);
     }
     loop {
         let (name, next) = plain_string(text, at)?;
@@ -318,7 +297,7 @@ fn source_block(text: &str, at: usize) -> Option<(SourceFields<'_>, usize)> {
         at = ws(b, end);
         match b.get(at)? {
             b',' => at = ws(b, at + 1),
-            b'}' => return Some((fields, at + 1)),
+            b'}' => return Some(at + 1),
             _ => return None,
         }
     }
