@@ -5,9 +5,8 @@
 //! guessing what an unknown operation did to a row could leave a stale cache.
 
 use std::borrow::Cow;
-use std::time::SystemTime;
-
 use std::rc::Rc;
+use std::time::SystemTime;
 
 use super::json::{self, Kind, Slot, SourceFields};
 use super::schema::{self, LogicalColumns};

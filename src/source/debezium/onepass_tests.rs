@@ -457,7 +457,7 @@ fn debezium_onepass_mutated_messages_decode_as_the_general_path() {
     let mut rng = Lcg(0x5eed_1234);
     let (mut cases, mut took) = (0, 0);
     for base in &bases {
-        for _ in 0..120 {
+        for _ in 0..200 {
             let value = mutate(&mut rng, base);
             let key = key_bases[rng.below(key_bases.len())];
             let key = if rng.below(3) == 0 { mutate(&mut rng, key) } else { key.to_vec() };
@@ -466,10 +466,11 @@ fn debezium_onepass_mutated_messages_decode_as_the_general_path() {
             cases += 1;
         }
     }
-    assert!(cases >= 4_000, "{cases} cases");
+    assert!(cases >= 7_000, "{cases} cases");
     // Many mutations leave a message the fast path takes (a changed digit or letter): they
     // check the values it builds, not just that it declines.
     assert!(took > cases / 20, "the fast path took {took} of {cases}");
+    println!("mutations: the fast path took {took} of {cases}");
 }
 
 #[test]
