@@ -5,12 +5,12 @@
 //! guessing what an unknown operation did to a row could leave a stale cache.
 
 use std::borrow::Cow;
+use std::rc::Rc;
 use std::time::SystemTime;
 
-use serde_json::value::RawValue;
-
 use super::json::{self, Kind, Slot, SourceFields};
-use super::{mongodb, schema, DecodeError, Images, Message, Placeholders};
+use super::schema::{self, LogicalColumns};
+use super::{mongodb, DecodeError, Images, Message, Placeholders};
 use crate::event::{ChangeEvent, Decoded, NoChangeKind, Op};
 
 pub(super) fn decode(
@@ -26,8 +26,67 @@ pub(super) fn decode(
         found: op_slot.kind().name(),
         expected: "a string",
     })?;
-    let source = Source::read(fields.get("source"))?;
-    let op = match &*op_code {
+    // The caller only gets here with `source` an object: read in the message's pass
+    // (`Depth::Envelope`), or kept raw (`Depth::Event`) and read now.
+    let parsed;
+    let source = match fields.get("source") {
+        Some(Slot::Source(source)) => source,
+        Some(Slot::Raw(raw)) => {
+            let kind = Kind::of(raw);
+            if kind != Kind::Object {
+                return Err(DecodeError::WrongType { what: "`source`", found: kind.name(), expected: "an object" });
+            }
+            parsed = SourceFields::parse(raw.get())
+                .map_err(|err| DecodeError::Unreadable { what: "`source`", reason: json::reason(&err) })?;
+            &parsed
+        }
+        _ => {
+            parsed = SourceFields::default();
+            &parsed
+        }
+    };
+    let source = Source::read(source)?;
+    let op = match operation(&op_code, &source)? {
+        Ok(op) => op,
+        Err(message) => return Ok(message),
+    };
+    let before = fields.take("before");
+    let after = fields.take("after");
+    change(topic, op, source, RawImages { before, after, placeholder_free: false }, logical, key, placeholders)
+}
+
+/// [`decode`] of an envelope read in one pass (`onepass.rs`): its `op` (a string), its
+/// `source` block and its `before` and `after` (parsed, when present). Every step after the
+/// reading is [`decode`]'s own, so the outcome is the one of the general path.
+pub(super) fn decode_read(
+    topic: &str,
+    op_code: &str,
+    source: &SourceFields<'_>,
+    images: RawImages<'_>,
+    logical: Option<Rc<LogicalColumns>>,
+    key: Option<&[u8]>,
+    placeholders: &Placeholders,
+) -> Result<Decoded, DecodeError> {
+    let source = Source::read(source)?;
+    let op = match operation(op_code, &source)? {
+        Ok(op) => op,
+        Err(message) => return Ok(message),
+    };
+    change(topic, op, source, images, logical, key, placeholders)
+}
+
+/// The row images as read, not yet checked: `None` when the field is absent.
+pub(super) struct RawImages<'a> {
+    pub(super) before: Option<Slot<'a>>,
+    pub(super) after: Option<Slot<'a>>,
+    /// Known to hold no placeholder value (the one-pass reader checks every value it builds),
+    /// so that stripping them would change nothing.
+    pub(super) placeholder_free: bool,
+}
+
+/// What `op` says: a row change, or (`m`, a logical decoding message) the event itself.
+fn operation(code: &str, source: &Source<'_>) -> Result<Result<Op, Decoded>, DecodeError> {
+    Ok(Ok(match code {
         "c" => Op::Insert,
         "u" => Op::Update,
         "d" => Op::Delete,
@@ -41,10 +100,22 @@ pub(super) fn decode(
                 .as_deref()
                 .filter(|t| !t.is_empty())
                 .and_then(|table| super::table_name(source.qualifier(), Some(table), "").ok());
-            return Ok(super::no_change(NoChangeKind::Other, table, source.committed_at));
+            return Ok(Err(super::no_change(NoChangeKind::Other, table, source.committed_at)));
         }
         other => return Err(DecodeError::UnknownOp { field: "op", value: other.to_owned() }),
-    };
+    }))
+}
+
+/// The change event of a row change `op`.
+fn change(
+    topic: &str,
+    op: Op,
+    source: Source<'_>,
+    images: RawImages<'_>,
+    logical: Option<Rc<LogicalColumns>>,
+    key: Option<&[u8]>,
+    placeholders: &Placeholders,
+) -> Result<Decoded, DecodeError> {
     let lsn = source.lsn;
     // MongoDB names a collection where relational connectors name a table (`mongodb.rs`).
     let mongo = source.collection.is_some();
@@ -57,8 +128,8 @@ pub(super) fn decode(
         return super::finish(table, op, images, source.committed_at, None, placeholders).map(|d| with_lsn(d, lsn));
     }
     if mongo {
-        let before = mongodb::image(fields.take("before"), "`before`")?;
-        let mut after = mongodb::image(fields.take("after"), "`after`")?;
+        let before = mongodb::image(images.before, "`before`")?;
+        let mut after = mongodb::image(images.after, "`after`")?;
         let key = mongodb::key_row(key);
         // An update captured without the full document (`capture.mode=change_streams`) has
         // neither image; the key still says which document changed.
@@ -69,8 +140,11 @@ pub(super) fn decode(
             .map(|d| with_lsn(d, lsn));
     }
 
-    let mut before = super::image(fields.take("before"), "`before`")?;
-    let mut after = super::image(fields.take("after"), "`after`")?;
+    let mut before = super::image(images.before, "`before`")?;
+    let mut after = super::image(images.after, "`after`")?;
+    // Nothing to strip in images without placeholders, unless decoding logical types changes
+    // their values first.
+    let strip = (!images.placeholder_free || logical.is_some()).then_some(placeholders);
     if let Some(columns) = logical {
         // Placeholders first: the base64 placeholder in a Connect Decimal column would
         // otherwise decode to a plausible number.
@@ -83,7 +157,7 @@ pub(super) fn decode(
             schema::decode_logical(after, &columns.after)?;
         }
     }
-    super::finish(table, op, Images { before, after }, source.committed_at, super::key_row(key), placeholders)
+    super::finish_images(table, op, Images { before, after }, source.committed_at, super::key_row(key), strip)
         .map(|d| with_lsn(d, lsn))
 }
 
@@ -110,43 +184,13 @@ struct Source<'a> {
 }
 
 impl<'a> Source<'a> {
-    fn read(slot: Option<&Slot<'a>>) -> Result<Source<'a>, DecodeError> {
-        // The caller only gets here with `source` an object: read in the message's pass
-        // (`Depth::Envelope`), or kept raw (`Depth::Event`) and read now.
-        let parsed;
-        let fields = match slot {
-            Some(Slot::Source(fields)) => fields,
-            Some(Slot::Raw(raw)) => {
-                let kind = Kind::of(raw);
-                if kind != Kind::Object {
-                    return Err(DecodeError::WrongType { what: "`source`", found: kind.name(), expected: "an object" });
-                }
-                parsed = SourceFields::parse(raw.get())
-                    .map_err(|err| DecodeError::Unreadable { what: "`source`", reason: json::reason(&err) })?;
-                &parsed
-            }
-            _ => {
-                return Ok(Source {
-                    schema: None,
-                    db: None,
-                    table: None,
-                    collection: None,
-                    committed_at: None,
-                    lsn: None,
-                })
-            }
-        };
-        let slot = |raw: Option<&'a RawValue>| raw.map(Slot::Raw);
+    fn read(fields: &SourceFields<'a>) -> Result<Source<'a>, DecodeError> {
         Ok(Source {
             schema: text(fields.schema, "`source.schema`")?,
             db: text(fields.db, "`source.db`")?,
             table: text(fields.table, "`source.table`")?,
             collection: text(fields.collection, "`source.collection`")?,
-            committed_at: super::commit_time(
-                slot(fields.ts_ns).as_ref(),
-                slot(fields.ts_us).as_ref(),
-                slot(fields.ts_ms).as_ref(),
-            ),
+            committed_at: super::commit_time(fields.ts_ns, fields.ts_us, fields.ts_ms),
             lsn: lsn(fields.lsn),
         })
     }
@@ -160,24 +204,24 @@ impl<'a> Source<'a> {
 /// `source.lsn`: a number, or a number as a string; anything else (null, absent, other
 /// connectors) is no LSN, and so is 0, which no change has (the Protobuf converter writes an
 /// unset number as 0). Never an error: the LSN only tunes the second pass.
-fn lsn(raw: Option<&RawValue>) -> Option<u64> {
+fn lsn(raw: Option<&str>) -> Option<u64> {
     let raw = raw?;
-    let lsn: u64 = match Kind::of(raw) {
-        Kind::Number => raw.get().parse().ok()?,
-        Kind::String => json::string(raw)?.parse().ok()?,
+    let lsn: u64 = match Kind::of_text(raw) {
+        Kind::Number => raw.parse().ok()?,
+        Kind::String => json::string_text(raw)?.parse().ok()?,
         _ => return None,
     };
     (lsn != 0).then_some(lsn)
 }
 
 /// A string field of `source`: `None` when absent or null, an error for any other type.
-fn text<'a>(raw: Option<&'a RawValue>, what: &'static str) -> Result<Option<Cow<'a, str>>, DecodeError> {
+fn text<'a>(raw: Option<&'a str>, what: &'static str) -> Result<Option<Cow<'a, str>>, DecodeError> {
     let Some(raw) = raw else {
         return Ok(None);
     };
-    match Kind::of(raw) {
+    match Kind::of_text(raw) {
         Kind::Null => Ok(None),
-        Kind::String => Ok(json::string(raw)),
+        Kind::String => Ok(json::string_text(raw)),
         found => Err(DecodeError::WrongType { what, found: found.name(), expected: "a string or null" }),
     }
 }

@@ -140,18 +140,20 @@ impl<'a> Fields<'a> {
 }
 
 /// The fields of a `source` block we read, each as the raw text of its last occurrence (as
-/// [`Fields::get`] takes the last of duplicate names). The block has a dozen fields and we read
-/// at most eight: the others are skipped without being kept.
+/// [`Fields::get`] takes the last of duplicate names): a valid JSON value without surrounding
+/// whitespace, as serde_json's [`RawValue`] holds it (the one-pass decoder, `onepass.rs`, finds
+/// the same texts without serde). The block has a dozen fields and we read at most eight: the
+/// others are skipped without being kept.
 #[derive(Debug, Default)]
 pub(super) struct SourceFields<'a> {
-    pub(super) schema: Option<&'a RawValue>,
-    pub(super) db: Option<&'a RawValue>,
-    pub(super) table: Option<&'a RawValue>,
-    pub(super) collection: Option<&'a RawValue>,
-    pub(super) ts_ns: Option<&'a RawValue>,
-    pub(super) ts_us: Option<&'a RawValue>,
-    pub(super) ts_ms: Option<&'a RawValue>,
-    pub(super) lsn: Option<&'a RawValue>,
+    pub(super) schema: Option<&'a str>,
+    pub(super) db: Option<&'a str>,
+    pub(super) table: Option<&'a str>,
+    pub(super) collection: Option<&'a str>,
+    pub(super) ts_ns: Option<&'a str>,
+    pub(super) ts_us: Option<&'a str>,
+    pub(super) ts_ms: Option<&'a str>,
+    pub(super) lsn: Option<&'a str>,
 }
 
 impl<'a> SourceFields<'a> {
@@ -190,7 +192,7 @@ impl<'de> Visitor<'de> for SourceVisitor {
                     continue;
                 }
             };
-            *slot = Some(map.next_value()?);
+            *slot = Some(map.next_value::<&'de RawValue>()?.get());
         }
         Ok(fields)
     }
@@ -424,7 +426,12 @@ impl Kind {
     /// The type of an already validated value: its first byte says it (serde_json hands out
     /// raw values without surrounding whitespace).
     pub(super) fn of(raw: &RawValue) -> Kind {
-        Kind::of_first_byte(raw.get().as_bytes().first().copied())
+        Kind::of_text(raw.get())
+    }
+
+    /// The type of a valid JSON value's text without surrounding whitespace.
+    pub(super) fn of_text(text: &str) -> Kind {
+        Kind::of_first_byte(text.as_bytes().first().copied())
     }
 
     /// The type a JSON text starts with; only meaningful for text known to be valid JSON.
@@ -468,10 +475,14 @@ pub(super) fn kind_of(value: &Value) -> Kind {
 
 /// The string a raw value holds, or `None` for any other type.
 pub(super) fn string(raw: &RawValue) -> Option<Cow<'_, str>> {
-    if Kind::of(raw) != Kind::String {
+    string_text(raw.get())
+}
+
+/// [`string`] of a valid JSON value's text.
+pub(super) fn string_text(text: &str) -> Option<Cow<'_, str>> {
+    if Kind::of_text(text) != Kind::String {
         return None;
     }
-    let text = raw.get();
     // A validated string without escapes is its text between the quotes: no parse needed
     // (this runs for several `source` fields of every event).
     if !text.contains('\\') {

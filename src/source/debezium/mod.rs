@@ -28,6 +28,11 @@
 //! one the previous message carried by a single comparison, others by a bracket scan), which
 //! is most of the cost of a schema-enveloped message.
 //!
+//! The common case, a standard envelope of plain row values (schemaless, or the payload of a
+//! schema envelope whose schema is cached) and a message key like `{"id":42}`, is read in one
+//! hand-written pass over the bytes (`onepass.rs`); anything else, and anything that pass is
+//! not sure of, is read by the general path described here, which decides every outcome.
+//!
 //! # Choices a user can see
 //!
 //! - **Table name**: `source.schema` (PostgreSQL, SQL Server, Oracle) or else `source.db`
@@ -68,8 +73,9 @@
 //! Nothing here panics on input. Values we parse (row images, key, schema) are subject to
 //! serde_json's recursion limit of 128 levels; parts we skip (the source block's other
 //! fields, a schema without decimals) are scanned iteratively, so deep nesting there costs
-//! memory bounded by the message, never stack (`json.rs`). Decimals are bounded in size and
-//! scale (`decimal.rs`).
+//! memory bounded by the message, never stack (`json.rs`). The one-pass reader never recurses
+//! and leaves nesting deeper than 32 levels to the general path (`onepass.rs`). Decimals are
+//! bounded in size and scale (`decimal.rs`).
 
 mod avro;
 mod confluent;
@@ -78,6 +84,9 @@ mod envelope;
 mod flattened;
 mod json;
 mod mongodb;
+mod onepass;
+#[cfg(test)]
+mod onepass_tests;
 mod placeholder;
 mod protobuf;
 #[cfg(test)]
@@ -152,8 +161,47 @@ pub fn decode_with(
 ) -> Result<Decoded, DecodeError> {
     if let Some(value) = value {
         confluent::reject_framed(value)?;
+        if one_pass() {
+            if let Some(decoded) = onepass::decode(placeholders, topic, key, value) {
+                return decoded;
+            }
+        }
     }
     decode_read(placeholders, topic, key, value, Depth::Envelope)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests turn the one-pass fast paths off to compare with the general path alone.
+    static GENERAL_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the one-pass fast paths (`onepass.rs`) are tried: always, but in tests that compare
+/// them with the general path.
+#[inline]
+fn one_pass() -> bool {
+    #[cfg(test)]
+    {
+        !GENERAL_ONLY.with(std::cell::Cell::get)
+    }
+    #[cfg(not(test))]
+    {
+        true
+    }
+}
+
+/// [`decode_with`] by the general path alone, without the one-pass fast paths.
+#[cfg(test)]
+fn decode_general(
+    placeholders: &Placeholders,
+    topic: &str,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+) -> Result<Decoded, DecodeError> {
+    GENERAL_ONLY.with(|general| general.set(true));
+    let decoded = decode_with(placeholders, topic, key, value);
+    GENERAL_ONLY.with(|general| general.set(false));
+    decoded
 }
 
 /// [`decode_with`] reading the value with `depth`. `Depth::Envelope` is the fast path for the
@@ -377,9 +425,24 @@ fn finish(
     key: Option<Row>,
     placeholders: &Placeholders,
 ) -> Result<Decoded, DecodeError> {
+    finish_images(table, op, images, committed_at, key, Some(placeholders))
+}
+
+/// [`finish`], with `placeholders` `None` when the images are known to hold none (so
+/// stripping them would change nothing).
+fn finish_images(
+    table: String,
+    op: Op,
+    images: Images,
+    committed_at: Option<SystemTime>,
+    key: Option<Row>,
+    placeholders: Option<&Placeholders>,
+) -> Result<Decoded, DecodeError> {
     let Images { mut before, mut after } = images;
-    for image in [&mut before, &mut after].into_iter().flatten() {
-        placeholders.strip(image);
+    if let Some(placeholders) = placeholders {
+        for image in [&mut before, &mut after].into_iter().flatten() {
+            placeholders.strip(image);
+        }
     }
     if op == Op::Truncate {
         // A truncate concerns the whole table; any image would be meaningless.
@@ -415,7 +478,13 @@ fn finish(
 /// `key.field.name`, by default that one) to keep keys of merged tables apart: it is routing
 /// metadata, not a column, so it is dropped.
 fn key_row(key: Option<&[u8]>) -> Option<Row> {
-    let Read::Message(message) = Message::read(key?, Depth::Event).ok()? else {
+    let key = key?;
+    if one_pass() {
+        if let Some(row) = onepass::key_row(key) {
+            return Some(row);
+        }
+    }
+    let Read::Message(message) = Message::read(key, Depth::Event).ok()? else {
         return None;
     };
     let mut row = Row::new();
@@ -488,13 +557,14 @@ const NANOS_PER_MS: i128 = 1_000_000;
 const NANOS_PER_US: i128 = 1_000;
 const NANOS_PER_NS: i128 = 1;
 
-/// The most precise of the given epoch timestamps that is present and an integer.
-fn commit_time(ns: Option<&Slot<'_>>, us: Option<&Slot<'_>>, ms: Option<&Slot<'_>>) -> Option<SystemTime> {
+/// The most precise of the given epoch timestamps (raw JSON texts, see
+/// [`json::SourceFields`]) that is present and an integer.
+fn commit_time(ns: Option<&str>, us: Option<&str>, ms: Option<&str>) -> Option<SystemTime> {
     [(ns, NANOS_PER_NS), (us, NANOS_PER_US), (ms, NANOS_PER_MS)]
         .into_iter()
         // A zero count is an unset field (the Protobuf converter writes one as 0), never a
         // commit time.
-        .find_map(|(slot, unit)| epoch_time(slot?.as_i64().filter(|n| *n != 0)?, unit))
+        .find_map(|(raw, unit)| epoch_time(raw?.parse::<i64>().ok().filter(|n| *n != 0)?, unit))
 }
 
 /// An integer count of `unit` nanoseconds since the Unix epoch, as a time.

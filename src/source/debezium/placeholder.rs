@@ -85,9 +85,14 @@ impl Placeholders {
         self.holds(value, 0)
     }
 
+    /// Whether a string value is a placeholder.
+    pub(crate) fn is_placeholder_text(&self, s: &str) -> bool {
+        s.len() >= self.min_len && self.texts.iter().any(|t| t == s)
+    }
+
     fn holds(&self, value: &Value, depth: usize) -> bool {
         match value {
-            Value::String(s) => s.len() >= self.min_len && self.texts.iter().any(|t| t == s),
+            Value::String(s) => self.is_placeholder_text(s),
             Value::Array(items) if self.is_byte_list(items) => true,
             Value::Array(items) if depth < MAX_DEPTH => items.iter().any(|v| self.holds(v, depth + 1)),
             Value::Object(map) if depth < MAX_DEPTH => map.values().any(|v| self.holds(v, depth + 1)),

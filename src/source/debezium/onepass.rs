@@ -1,0 +1,629 @@
+//! The standard envelope decoded in one pass over its bytes (issue 12, item 2).
+//!
+//! Nearly every message is a standard envelope of one shape: `before` and `after` objects of
+//! plain values, a `source` block, `op`, `ts_ms`, `transaction`, schemaless or as the
+//! `payload` of a schema envelope whose schema is already cached. [`decode`] reads that shape
+//! with a hand-written scanner: the images straight into [`Row`]s, the source block's fields
+//! as borrowed texts, everything else passed over by a validating skipper. It is a fast path
+//! and nothing more: whenever it meets anything it is not sure of (another field, a
+//! duplicate, a nested value in a row, an escape it does not take, a surrogate, deep nesting,
+//! invalid or truncated JSON, anything) it **declines** (`None`) and the general path
+//! (`Fields`) decodes the message as before, so every outcome, errors included, is the general
+//! path's. What it accepts is valid JSON that serde_json reads the same way in every context
+//! the general path reads it, and every value it builds is the one serde_json builds:
+//!
+//! - strings without escapes are their text; with escapes the token is handed to serde_json;
+//! - numbers (`arbitrary_precision` keeps their text): an integer that fits `u64` is built as
+//!   serde_json builds it (`Number::from`), any other is the token parsed by serde_json's
+//!   `Number::from_str`, which is what its `Value` parse does (it normalises `1E5` to
+//!   `1e+5`, keeps `1.50`, `-0` and integers beyond 64 bits as written);
+//! - duplicate columns in an image: the last wins, as in serde_json's map;
+//! - the source block's fields are the exact texts serde_json's `RawValue` holds, read by the
+//!   same code afterwards (`envelope::decode_read`).
+//!
+//! The scanner never indexes unchecked, never recurses (the skipper keeps a bounded stack and
+//! declines deeper nesting) and never panics. A message it declines is scanned twice; only
+//! unusual messages are.
+//!
+//! The message key (`{"id":42}`) has the same kind of fast path, [`key_row`].
+
+use std::rc::Rc;
+
+use serde_json::{Number, Value};
+
+use super::envelope::{self, RawImages};
+use super::json::{self, Slot, SourceFields};
+use super::schema::{self, LogicalColumns};
+use super::{DecodeError, Placeholders, HEARTBEAT_TOPIC_PREFIX};
+use crate::event::{Decoded, Row};
+
+/// Nesting the skipper follows (in a `source` block's or `transaction`'s values) before it
+/// declines; well within serde_json's recursion limit of 128, so whatever is accepted here
+/// parses there, and small enough for a stack array.
+const MAX_SKIP_DEPTH: usize = 32;
+
+/// serde_json reads an object whose first key is one of these as a number or a raw value, not
+/// as a map; an image holding such a column is left to it.
+const SERDE_JSON_PRIVATE: &str = "$serde_json::private::";
+
+/// Decodes `value` if it is the common shape; `None` (declined) for the general path to decode.
+pub(super) fn decode(
+    placeholders: &Placeholders,
+    topic: &str,
+    key: Option<&[u8]>,
+    value: &[u8],
+) -> Option<Result<Decoded, DecodeError>> {
+    if topic.starts_with(HEARTBEAT_TOPIC_PREFIX) {
+        return None;
+    }
+    let text = std::str::from_utf8(value).ok()?;
+    let (event, logical) = match schema_envelope(text) {
+        Envelope::Schemaless => (text, None),
+        Envelope::KnownSchema(payload, logical) => (payload, Some(logical)),
+        Envelope::Other => return None,
+    };
+    // Filled in place: the block is large, and moving it costs copies.
+    let mut source = SourceFields::default();
+    let event = Event::read(event, placeholders, &mut source)?;
+    let images = RawImages {
+        before: event.before.map(Slot::Parsed),
+        after: event.after.map(Slot::Parsed),
+        placeholder_free: event.placeholder_free,
+    };
+    Some(envelope::decode_read(topic, event.op, &source, images, logical, key, placeholders))
+}
+
+enum Envelope<'a> {
+    /// Not a schema envelope (or not one [`json::split_schema_envelope`] takes apart).
+    Schemaless,
+    /// A schema envelope whose schema is cached: the payload's text and what the schema says.
+    KnownSchema(&'a str, Rc<LogicalColumns>),
+    /// A schema envelope with a schema not seen before: the general path parses (and caches) it.
+    Other,
+}
+
+/// What `Message::read_known_envelope` finds, the same way.
+fn schema_envelope(text: &str) -> Envelope<'_> {
+    let mut recent = None;
+    let Some((schema, payload)) = json::split_schema_envelope(text, |rest| {
+        let (len, columns) = schema::recent_prefix(rest)?;
+        recent = Some(columns);
+        Some(len)
+    }) else {
+        return Envelope::Schemaless;
+    };
+    match recent.or_else(|| schema::cached(schema)) {
+        Some(logical) => Envelope::KnownSchema(payload, logical),
+        None => Envelope::Other,
+    }
+}
+
+/// A standard envelope as read in one pass.
+struct Event<'a> {
+    /// `op`'s text (a string without escapes).
+    op: &'a str,
+    /// `null` or an object; `None` when absent.
+    before: Option<Value>,
+    after: Option<Value>,
+    /// No value in either image is a placeholder.
+    placeholder_free: bool,
+}
+
+impl<'a> Event<'a> {
+    /// `text` holds one object (and whitespace) with a `source` object (read into `source`),
+    /// an `op` string, and otherwise only `before` and `after` (each of the four at most once),
+    /// `ts_ms`, `ts_us`, `ts_ns` and `transaction`. Any other field declines: one starting `__`
+    /// makes a flattened row, `schema` and `payload` are read differently, and the envelope has
+    /// no others.
+    fn read(text: &'a str, placeholders: &Placeholders, source: &mut SourceFields<'a>) -> Option<Event<'a>> {
+        let b = text.as_bytes();
+        let mut at = ws(b, 0);
+        if b.get(at) != Some(&b'{') {
+            return None;
+        }
+        at = ws(b, at + 1);
+        let mut op = None;
+        let mut has_source = false;
+        let mut before = None;
+        let mut after = None;
+        let mut seen = 0u8;
+        let mut placeholder_free = true;
+        loop {
+            let (name, next) = plain_string(text, at)?;
+            at = colon(b, next)?;
+            let bit = match packed(name) {
+                BEFORE => 1,
+                AFTER => 2,
+                SOURCE => 4,
+                OP => 8,
+                TS_MS | TS_US | TS_NS => 16,
+                _ if name == "transaction" => 16,
+                _ => return None,
+            };
+            // A repeated `ts_*` or `transaction` is harmless (the general path ignores them
+            // in an envelope; real SQL Server messages repeat `ts_ms`), any other repeat
+            // declines.
+            if seen & bit & !16 != 0 {
+                return None;
+            }
+            seen |= bit;
+            at = match bit {
+                1 => {
+                    let (image, next) = image(text, at, placeholders, &mut placeholder_free)?;
+                    before = Some(image);
+                    next
+                }
+                2 => {
+                    let (image, next) = image(text, at, placeholders, &mut placeholder_free)?;
+                    after = Some(image);
+                    next
+                }
+                4 => {
+                    has_source = true;
+                    source_block(text, at, source)?
+                }
+                8 => {
+                    let (code, next) = plain_string(text, at)?;
+                    op = Some(code);
+                    next
+                }
+                _ => skip(b, at)?,
+            };
+            at = ws(b, at);
+            match b.get(at)? {
+                b',' => at = ws(b, at + 1),
+                b'}' => break,
+                _ => return None,
+            }
+        }
+        if ws(b, at + 1) != b.len() {
+            return None;
+        }
+        has_source.then_some(())?;
+        Some(Event { op: op?, before, after, placeholder_free })
+    }
+}
+
+/// The message key's row when the key is an object of plain values (no schema envelope):
+/// what `super::key_row` makes of it. `None` declines (any other key, valid or not).
+pub(super) fn key_row(key: &[u8]) -> Option<Row> {
+    let mut row = Row::new();
+    key_members(key, |name, text, at| {
+        let (value, next) = scalar(text, at)?;
+        // Routing metadata (`ByLogicalTableRouter`), dropped as `super::key_row` does.
+        if !name.starts_with("__dbz__") {
+            row.insert(name.to_owned(), value);
+        }
+        Some(next)
+    })?;
+    Some(row)
+}
+
+/// Reads a message key that is an object: `member` gets each member's name (without
+/// escapes), the text and the index of its value, and returns the index after the value.
+fn key_members<'a>(key: &'a [u8], mut member: impl FnMut(&'a str, &'a str, usize) -> Option<usize>) -> Option<()> {
+    let text = std::str::from_utf8(key).ok()?;
+    let b = text.as_bytes();
+    let mut at = ws(b, 0);
+    if b.get(at) != Some(&b'{') {
+        return None;
+    }
+    at = ws(b, at + 1);
+    if b.get(at) != Some(&b'}') {
+        loop {
+            let (name, next) = plain_string(text, at)?;
+            // The general path reads these three differently (a `schema` and a `payload` make
+            // a schema envelope; a non-object `payload` is a value of its own kind).
+            if matches!(name, "schema" | "payload" | "source") {
+                return None;
+            }
+            at = ws(b, member(name, text, colon(b, next)?)?);
+            match b.get(at)? {
+                b',' => at = ws(b, at + 1),
+                b'}' => break,
+                _ => return None,
+            }
+        }
+    }
+    (ws(b, at + 1) == b.len()).then_some(())
+}
+
+/// A row image: `null`, or an object whose values are all strings, numbers, booleans or null.
+/// `placeholder_free` is cleared if a value is a placeholder (only a string can be one here).
+fn image(text: &str, at: usize, placeholders: &Placeholders, placeholder_free: &mut bool) -> Option<(Value, usize)> {
+    let b = text.as_bytes();
+    match b.get(at)? {
+        b'n' => literal(b, at, b"null").map(|next| (Value::Null, next)),
+        b'{' => {
+            let mut row = Row::new();
+            let mut at = ws(b, at + 1);
+            if b.get(at) == Some(&b'}') {
+                return Some((Value::Object(row), at + 1));
+            }
+            loop {
+                let (name, next) = string(text, at)?;
+                if name.starts_with(SERDE_JSON_PRIVATE) {
+                    return None;
+                }
+                at = colon(b, next)?;
+                let (value, next) = scalar(text, at)?;
+                if let Value::String(s) = &value {
+                    *placeholder_free &= !placeholders.is_placeholder_text(s);
+                }
+                // Last wins, as in serde_json's map.
+                row.insert(name, value);
+                at = ws(b, next);
+                match b.get(at)? {
+                    b',' => at = ws(b, at + 1),
+                    b'}' => return Some((Value::Object(row), at + 1)),
+                    _ => return None,
+                }
+            }
+        }
+        _ => None,
+    }
+}
+
+/// A `source` block, read into `fields` (as they were): the raw text of the last occurrence of
+/// each field we use (as `json::SourceVisitor` keeps them), every value validated. The index
+/// after the block.
+fn source_block<'a>(text: &'a str, at: usize, fields: &mut SourceFields<'a>) -> Option<usize> {
+    let b = text.as_bytes();
+    if b.get(at) != Some(&b'{') {
+        return None;
+    }
+    let mut at = ws(b, at + 1);
+    if b.get(at) == Some(&b'}') {
+        return Some(at + 1);
+    }
+    loop {
+        let (name, next) = plain_string(text, at)?;
+        at = colon(b, next)?;
+        let end = skip(b, at)?;
+        let slot = match packed(name) {
+            SCHEMA => Some(&mut fields.schema),
+            DB => Some(&mut fields.db),
+            TABLE => Some(&mut fields.table),
+            TS_NS => Some(&mut fields.ts_ns),
+            TS_US => Some(&mut fields.ts_us),
+            TS_MS => Some(&mut fields.ts_ms),
+            LSN => Some(&mut fields.lsn),
+            _ if name == "collection" => Some(&mut fields.collection),
+            _ => None,
+        };
+        if let Some(slot) = slot {
+            *slot = Some(text.get(at..end)?);
+        }
+        at = ws(b, end);
+        match b.get(at)? {
+            b',' => at = ws(b, at + 1),
+            b'}' => return Some(at + 1),
+            _ => return None,
+        }
+    }
+}
+
+/// A string, number, boolean or null at `at`, as serde_json parses it into a [`Value`].
+fn scalar(text: &str, at: usize) -> Option<(Value, usize)> {
+    let b = text.as_bytes();
+    match *b.get(at)? {
+        b'"' => string(text, at).map(|(s, next)| (Value::String(s), next)),
+        b't' => literal(b, at, b"true").map(|next| (Value::Bool(true), next)),
+        b'f' => literal(b, at, b"false").map(|next| (Value::Bool(false), next)),
+        b'n' => literal(b, at, b"null").map(|next| (Value::Null, next)),
+        b'-' | b'0'..=b'9' => {
+            let (end, unsigned) = number(b, at)?;
+            let number = match unsigned {
+                Some(n) => Number::from(n),
+                None => text.get(at..end)?.parse::<Number>().ok()?,
+            };
+            Some((Value::Number(number), end))
+        }
+        _ => None,
+    }
+}
+
+/// The string at `at`, unescaped exactly as serde_json does (by serde_json, when it has
+/// escapes).
+fn string(text: &str, at: usize) -> Option<(String, usize)> {
+    let (end, escaped) = scan_string(text.as_bytes(), at)?;
+    let token = text.get(at..end)?;
+    let s =
+        if escaped { serde_json::from_str::<String>(token).ok()? } else { token.get(1..token.len() - 1)?.to_owned() };
+    Some((s, end))
+}
+
+/// The string at `at` borrowed, declining one with escapes.
+fn plain_string(text: &str, at: usize) -> Option<(&str, usize)> {
+    let (end, escaped) = scan_string(text.as_bytes(), at)?;
+    if escaped {
+        return None;
+    }
+    Some((text.get(at + 1..end - 1)?, end))
+}
+
+/// Scans the string whose opening quote is at `at`: the index after its closing quote, and
+/// whether it holds escapes. Declines a control character (invalid JSON) and an escape that is
+/// not one of JSON's (invalid) or is a `\u` escape of a surrogate (serde_json's treatment of
+/// those varies with what it reads them into). The text is valid UTF-8, so a byte that is a
+/// quote or a backslash is one.
+#[inline]
+fn scan_string(b: &[u8], at: usize) -> Option<(usize, bool)> {
+    if b.get(at) != Some(&b'"') {
+        return None;
+    }
+    let end = plain_run(b, at + 1);
+    if b.get(end) == Some(&b'"') {
+        return Some((end + 1, false));
+    }
+    scan_string_rest(b, end)
+}
+
+/// [`scan_string`] from the first byte that is not plain content.
+#[inline(never)]
+fn scan_string_rest(b: &[u8], mut at: usize) -> Option<(usize, bool)> {
+    let mut escaped = false;
+    loop {
+        let byte = *b.get(at)?;
+        at += 1;
+        match byte {
+            b'"' => return Some((at, escaped)),
+            b'\\' => {
+                escaped = true;
+                match *b.get(at)? {
+                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => at += 1,
+                    b'u' => {
+                        let mut code = 0u32;
+                        for &digit in b.get(at + 1..at + 5)? {
+                            code = code * 16 + char::from(digit).to_digit(16)?;
+                        }
+                        if (0xD800..0xE000).contains(&code) {
+                            return None;
+                        }
+                        at += 5;
+                    }
+                    _ => return None,
+                }
+            }
+            0..=0x1F => return None,
+            _ => {}
+        }
+        at = plain_run(b, at);
+    }
+}
+
+/// The index of the first byte at or after `at` that ends a run of plain string content: a
+/// quote, a backslash or a control character (or the end of `b`). Eight bytes at a time: most
+/// of a message is string content.
+#[inline]
+fn plain_run(b: &[u8], mut at: usize) -> usize {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
+    while let Some(chunk) = b.get(at..at + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word);
+        // Bytes below 0x20, and bytes equal to a quote or a backslash (a zero after the xor).
+        // A flag can be wrong only above a byte rightly flagged in the same test, so the
+        // lowest flag of all three is always a byte that ends the run.
+        let below = |n: u8, v: u64| v.wrapping_sub(ONES * u64::from(n)) & !v & HIGHS;
+        let flags = below(0x20, x) | below(1, x ^ (ONES * 0x22)) | below(1, x ^ (ONES * 0x5C));
+        if flags != 0 {
+            return at + (flags.trailing_zeros() / 8) as usize;
+        }
+        at += 8;
+    }
+    while b.get(at).is_some_and(|&byte| byte != b'"' && byte != b'\\' && byte >= 0x20) {
+        at += 1;
+    }
+    at
+}
+
+/// Scans the number at `at` by JSON's grammar (`-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`):
+/// the index after it and, for an integer without sign, fraction or exponent that fits, its
+/// value. What follows is for the caller to check (a delimiter).
+#[inline]
+fn number(b: &[u8], at: usize) -> Option<(usize, Option<u64>)> {
+    // Most numbers are small unsigned integers: at most 19 digits cannot overflow.
+    if let Some(&first @ b'1'..=b'9') = b.get(at) {
+        let mut value = u64::from(first - b'0');
+        let mut end = at + 1;
+        while let Some(&digit) = b.get(end).filter(|d| d.is_ascii_digit()) {
+            if end - at >= 19 {
+                return any_number(b, at);
+            }
+            value = value * 10 + u64::from(digit - b'0');
+            end += 1;
+        }
+        if !matches!(b.get(end), Some(b'.' | b'e' | b'E')) {
+            return Some((end, Some(value)));
+        }
+    }
+    any_number(b, at)
+}
+
+/// [`number`] for any number.
+#[inline(never)]
+fn any_number(b: &[u8], at: usize) -> Option<(usize, Option<u64>)> {
+    let mut at = at;
+    let negative = b.get(at) == Some(&b'-');
+    if negative {
+        at += 1;
+    }
+    let mut value = Some(0u64);
+    match *b.get(at)? {
+        b'0' => {
+            at += 1;
+            // A leading zero is alone.
+            if b.get(at).is_some_and(u8::is_ascii_digit) {
+                return None;
+            }
+        }
+        b'1'..=b'9' => {
+            while let Some(&digit) = b.get(at).filter(|d| d.is_ascii_digit()) {
+                value = value.and_then(|v| v.checked_mul(10)?.checked_add(u64::from(digit - b'0')));
+                at += 1;
+            }
+        }
+        _ => return None,
+    }
+    let mut plain = !negative;
+    if b.get(at) == Some(&b'.') {
+        plain = false;
+        at = digits(b, at + 1)?;
+    }
+    if matches!(b.get(at), Some(b'e' | b'E')) {
+        plain = false;
+        at += 1;
+        if matches!(b.get(at), Some(b'+' | b'-')) {
+            at += 1;
+        }
+        at = digits(b, at)?;
+    }
+    Some((at, value.filter(|_| plain)))
+}
+
+/// The index after one or more digits at `at`.
+fn digits(b: &[u8], at: usize) -> Option<usize> {
+    let mut end = at;
+    while b.get(end).is_some_and(u8::is_ascii_digit) {
+        end += 1;
+    }
+    (end > at).then_some(end)
+}
+
+/// The index after `word` at `at`.
+fn literal(b: &[u8], at: usize, word: &[u8]) -> Option<usize> {
+    let end = at.checked_add(word.len())?;
+    (b.get(at..end)? == word).then_some(end)
+}
+
+/// A field name of at most eight bytes as a number (the bytes, zero-padded), so that names
+/// are told apart by one comparison each; `u64::MAX` (no UTF-8 text) for a longer one. Names
+/// hold no zero bytes (the scanner declines control characters), so the padding is unambiguous.
+fn packed(name: &str) -> u64 {
+    let mut word = [0u8; 8];
+    match word.get_mut(..name.len()) {
+        Some(prefix) => {
+            prefix.copy_from_slice(name.as_bytes());
+            u64::from_le_bytes(word)
+        }
+        None => u64::MAX,
+    }
+}
+
+/// [`packed`] at compile time.
+const fn pack(name: &str) -> u64 {
+    let bytes = name.as_bytes();
+    assert!(bytes.len() <= 8);
+    let mut word = 0u64;
+    let mut i = bytes.len();
+    while i > 0 {
+        i -= 1;
+        word = (word << 8) | bytes[i] as u64;
+    }
+    word
+}
+
+const BEFORE: u64 = pack("before");
+const AFTER: u64 = pack("after");
+const SOURCE: u64 = pack("source");
+const OP: u64 = pack("op");
+const TS_MS: u64 = pack("ts_ms");
+const TS_US: u64 = pack("ts_us");
+const TS_NS: u64 = pack("ts_ns");
+const SCHEMA: u64 = pack("schema");
+const DB: u64 = pack("db");
+const TABLE: u64 = pack("table");
+const LSN: u64 = pack("lsn");
+
+/// After a member's name: whitespace, the colon, whitespace; the index of the value.
+fn colon(b: &[u8], at: usize) -> Option<usize> {
+    let at = ws(b, at);
+    (b.get(at) == Some(&b':')).then(|| ws(b, at + 1))
+}
+
+/// The index of the first byte at or after `at` that is not JSON whitespace.
+fn ws(b: &[u8], mut at: usize) -> usize {
+    while matches!(b.get(at), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+        at += 1;
+    }
+    at
+}
+
+/// Passes over the JSON value at `at`, validating it: the index after it. Iterative; declines
+/// nesting deeper than [`MAX_SKIP_DEPTH`].
+#[inline]
+fn skip(b: &[u8], at: usize) -> Option<usize> {
+    match *b.get(at)? {
+        b'"' => Some(scan_string(b, at)?.0),
+        b'0'..=b'9' => Some(number(b, at)?.0),
+        b'n' => literal(b, at, b"null"),
+        _ => skip_any(b, at),
+    }
+}
+
+/// The index after the name of a member of a skipped object. Declines a name with escapes or
+/// starting with `$`: serde_json reads an object whose first key is one of its private tokens
+/// (`$serde_json::private::Number`, …) as something else when it parses a value (the general
+/// path parses the envelope's `transaction` and `ts_*` fields).
+fn member_name(b: &[u8], at: usize) -> Option<usize> {
+    let (end, escaped) = scan_string(b, at)?;
+    (!escaped && b.get(at + 1) != Some(&b'$')).then_some(end)
+}
+
+/// [`skip`] for any value.
+#[inline(never)]
+fn skip_any(b: &[u8], at: usize) -> Option<usize> {
+    // Whether each open container is an object (else an array).
+    let mut objects = [false; MAX_SKIP_DEPTH];
+    let mut depth = 0usize;
+    let mut at = at;
+    loop {
+        // A value starts at `at`.
+        at = match *b.get(at)? {
+            b'"' => scan_string(b, at)?.0,
+            b'-' | b'0'..=b'9' => number(b, at)?.0,
+            b't' => literal(b, at, b"true")?,
+            b'f' => literal(b, at, b"false")?,
+            b'n' => literal(b, at, b"null")?,
+            open @ (b'{' | b'[') => {
+                let object = open == b'{';
+                let close = if object { b'}' } else { b']' };
+                let inner = ws(b, at + 1);
+                if b.get(inner) == Some(&close) {
+                    inner + 1
+                } else {
+                    *objects.get_mut(depth)? = object;
+                    depth += 1;
+                    at = if object { colon(b, member_name(b, inner)?)? } else { inner };
+                    continue;
+                }
+            }
+            _ => return None,
+        };
+        // After a value: the next member or element, or the ends of containers.
+        loop {
+            let Some(open) = depth.checked_sub(1) else {
+                return Some(at);
+            };
+            let object = *objects.get(open)?;
+            at = ws(b, at);
+            match (*b.get(at)?, object) {
+                (b',', true) => {
+                    at = colon(b, member_name(b, ws(b, at + 1))?)?;
+                    break;
+                }
+                (b',', false) => {
+                    at = ws(b, at + 1);
+                    break;
+                }
+                (b'}', true) | (b']', false) => {
+                    at += 1;
+                    depth = open;
+                }
+                _ => return None,
+            }
+        }
+    }
+}
