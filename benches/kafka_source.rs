@@ -7,9 +7,11 @@
 //! BENCH_EVENTS=200000 BENCH_RUNS=5 BENCH_ACK=each cargo bench --bench kafka_source
 //! ```
 //!
-//! The topic (3 partitions, Debezium JSON updates shaped like `tests/support/events.rs`
-//! `product_update`, as in the end-to-end benchmark (b)) is filled once; each run reads it from
-//! the start with a new consumer group. The window is from the first event received to the
+//! The topic (Debezium JSON updates shaped like `tests/support/events.rs` `product_update`, as
+//! in the end-to-end benchmark (b), keyed by product id) is filled once; each run reads it from
+//! the start with a new consumer group. It has 24 partitions (`BENCH_PARTITIONS`), not the 3
+//! of (b): the mock cluster keeps only the last 5 MiB of each partition (about 10,000 of these
+//! messages), so 200,000 need about 20. The window is from the first event received to the
 //! moment the source has taken back every acknowledgement (`pending_events` back to 0), and the
 //! CPU time (`/proc/self/task/*/schedstat`) of every thread in that window is summed per kind of
 //! thread:
@@ -106,9 +108,15 @@ fn window(before: &BTreeMap<u64, (String, u64)>, after: &BTreeMap<u64, (String, 
         let start = before.get(tid).map(|(_, n)| *n).unwrap_or(0);
         let secs = ns.saturating_sub(start) as f64 / 1e9;
         s.process += secs;
-        if comm.starts_with("tokio-runtime") {
+        if std::env::var("BENCH_DEBUG").is_ok() {
+            eprintln!("thread {tid} {comm}: {secs:.3}");
+        }
+        if comm.starts_with("tokio-r") {
             s.tokio += secs;
         } else if comm.starts_with("rdk:") {
+            if std::env::var("BENCH_DEBUG").is_ok() {
+                eprintln!("{comm}: {secs:.3}");
+            }
             s.librdkafka += secs;
         }
     }
@@ -137,7 +145,8 @@ fn main() {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let mock = MockKafka::start(1);
-    mock.create_topic(TOPIC, 3);
+    let partitions: i32 = env("BENCH_PARTITIONS", 24);
+    mock.create_topic(TOPIC, partitions);
     let bootstrap = mock.bootstrap();
     let t = Instant::now();
     runtime.block_on(async {
@@ -153,7 +162,7 @@ fn main() {
         }
     });
     mock.flush();
-    println!("kafka_source: {total} messages in 3 partitions produced in {:.1} s", t.elapsed().as_secs_f64());
+    println!("kafka_source: {total} messages in {partitions} partitions produced in {:.1} s", t.elapsed().as_secs_f64());
 
     let dir = tempfile::tempdir().expect("temp dir");
     let mut samples = Vec::new();
@@ -173,6 +182,7 @@ fn main() {
         let config = config::load_with_env(&path, []).expect("bench config");
         let kafka = config.source.kafka.as_ref().expect("source.kafka");
         let metrics = Arc::new(Metrics::new());
+        let _runtime = runtime.enter();
         let source = KafkaSource::new(kafka, config.pipeline.queue_capacity, metrics.clone()).expect("source");
         let s = runtime.block_on(measured(Box::new(source), config.pipeline.queue_capacity, metrics, total, batch_acks));
         println!(
@@ -220,10 +230,15 @@ async fn measured(
             ev.ack.finish();
         }
         while n < total {
-            if rx.recv_many(&mut buf, 256).await == 0 {
-                break;
+            match tokio::time::timeout(Duration::from_secs(20), rx.recv_many(&mut buf, 256)).await {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_) => panic!("only {n} of {total} events in: more than the mock cluster keeps (5 MiB a partition)?"),
             }
             n += buf.len();
+            if std::env::var("BENCH_DEBUG").is_ok() && n % 10_000 < buf.len() {
+                eprintln!("{n} received");
+            }
             if batch_acks {
                 unimplemented!("BASELINE");
             } else {
