@@ -240,7 +240,7 @@ async fn measured(
                 eprintln!("{n} received");
             }
             if batch_acks {
-                unimplemented!("BASELINE");
+                cdc_invalidator::source::Ack::finish_all(buf.drain(..).map(|ev| ev.ack));
             } else {
                 for ev in buf.drain(..) {
                     ev.ack.finish();

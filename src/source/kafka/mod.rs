@@ -19,6 +19,9 @@ pub mod membership;
 pub mod prefetch;
 mod tracker;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
