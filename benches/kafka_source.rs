@@ -142,8 +142,7 @@ fn main() {
     assert_eq!(ok, total);
     drop(messages);
 
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let mock = MockKafka::start(1);
     let partitions: i32 = env("BENCH_PARTITIONS", 24);
     mock.create_topic(TOPIC, partitions);
@@ -154,15 +153,15 @@ fn main() {
         while i < total {
             let end = (i + 5_000).min(total);
             let batch: Vec<(String, String)> = (i..end).map(|j| (key(j), value(j))).collect();
-            futures::future::join_all(
-                batch.iter().map(|(k, v)| mock.produce(TOPIC, None, Some(k), Some(v))),
-            )
-            .await;
+            futures::future::join_all(batch.iter().map(|(k, v)| mock.produce(TOPIC, None, Some(k), Some(v)))).await;
             i = end;
         }
     });
     mock.flush();
-    println!("kafka_source: {total} messages in {partitions} partitions produced in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "kafka_source: {total} messages in {partitions} partitions produced in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
 
     let dir = tempfile::tempdir().expect("temp dir");
     let mut samples = Vec::new();
@@ -184,7 +183,8 @@ fn main() {
         let metrics = Arc::new(Metrics::new());
         let _runtime = runtime.enter();
         let source = KafkaSource::new(kafka, config.pipeline.queue_capacity, metrics.clone()).expect("source");
-        let s = runtime.block_on(measured(Box::new(source), config.pipeline.queue_capacity, metrics, total, batch_acks));
+        let s =
+            runtime.block_on(measured(Box::new(source), config.pipeline.queue_capacity, metrics, total, batch_acks));
         println!(
             "run {run}: tokio {:.3} s, librdkafka {:.3} s, process {:.3} s of CPU, {:.2} s wall",
             s.tokio, s.librdkafka, s.process, s.wall
@@ -233,7 +233,9 @@ async fn measured(
             match tokio::time::timeout(Duration::from_secs(20), rx.recv_many(&mut buf, 256)).await {
                 Ok(0) => break,
                 Ok(_) => {}
-                Err(_) => panic!("only {n} of {total} events in: more than the mock cluster keeps (5 MiB a partition)?"),
+                Err(_) => {
+                    panic!("only {n} of {total} events in: more than the mock cluster keeps (5 MiB a partition)?")
+                }
             }
             n += buf.len();
             if std::env::var("BENCH_DEBUG").is_ok() && n % 10_000 < buf.len() {

@@ -383,8 +383,11 @@ impl Ack {
 
         fn flush(pending: Option<(AckSender, Vec<Finished>)>) {
             if let Some((tx, mut batch)) = pending {
-                let message =
-                    if batch.len() == 1 { Completions::One(batch.pop().expect("one")) } else { Completions::Many(batch) };
+                let message = if batch.len() == 1 {
+                    Completions::One(batch.pop().expect("one"))
+                } else {
+                    Completions::Many(batch)
+                };
                 let _ = tx.0.send(message);
             }
         }
