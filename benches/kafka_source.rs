@@ -114,9 +114,6 @@ fn window(before: &BTreeMap<u64, (String, u64)>, after: &BTreeMap<u64, (String, 
         if comm.starts_with("tokio-r") {
             s.tokio += secs;
         } else if comm.starts_with("rdk:") {
-            if std::env::var("BENCH_DEBUG").is_ok() {
-                eprintln!("{comm}: {secs:.3}");
-            }
             s.librdkafka += secs;
         }
     }

@@ -299,14 +299,6 @@ impl Completions {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// Each completion, in order.
-    pub fn for_each(self, mut f: impl FnMut(Finished)) {
-        match self {
-            Completions::One(x) => f(x),
-            Completions::Many(v) => v.into_iter().for_each(f),
-        }
-    }
 }
 
 /// The sending side of an [`ack_channel`]: cloned into every [`Ack::batched`] as one reference
@@ -361,13 +353,15 @@ impl Ack {
     /// where it now calls `finish` on each.
     pub fn finish_all(acks: impl IntoIterator<Item = Ack>) {
         let mut pending: Option<(AckSender, Vec<Finished>)> = None;
-        for ack in acks {
+        let mut acks = acks.into_iter();
+        while let Some(ack) = acks.next() {
             match ack.route {
                 Route::Batched(tx) => match &mut pending {
                     Some((current, batch)) if Arc::ptr_eq(&current.0, &tx.0) => batch.push(ack.finished),
                     _ => {
                         flush(pending.take());
-                        let mut batch = Vec::with_capacity(16);
+                        // Usually the rest of `acks` all go here.
+                        let mut batch = Vec::with_capacity(acks.size_hint().0 + 1);
                         batch.push(ack.finished);
                         pending = Some((tx, batch));
                     }
