@@ -27,7 +27,16 @@
 //! printed too: `tokio` minus that is the source's overhead besides decoding, plus the trivial
 //! acknowledging task. `BENCH_ACK=batch` acknowledges each received batch with
 //! `Ack::finish_all` instead of one `Ack::finish` per event (what the pipeline's finish stage
-//! can do).
+//! can do). `BENCH_DEBUG=1` prints progress and every thread's CPU.
+//!
+//! Instructions of the source task alone, steadier than CPU time on a shared machine (neither
+//! librdkafka's threads nor the acknowledging task are counted):
+//!
+//! ```text
+//! BENCH_EVENTS=20000 BENCH_RUNS=1 BENCH_PARTITIONS=3 valgrind --tool=callgrind \
+//!   '--toggle-collect=<cdc_invalidator::source::kafka::KafkaSource as cdc_invalidator::source::Source>::run::*' \
+//!   target/release/deps/kafka_source-<hash>
+//! ```
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
