@@ -12,6 +12,9 @@
 //! - Rebalances: revoked partitions commit what is finished and drop their unfinished work
 //!   unacknowledged (the new owner redelivers it).
 //! - Errors from `recv()` are transient: librdkafka reconnects by itself.
+//! - Reading is in bursts (`KafkaSource::burst`): after the `select!` yields a message, the
+//!   messages librdkafka already holds follow without another pass through it (at most
+//!   `BURST`); acknowledgements come back batched when the pipeline uses `Ack::finish_all`.
 
 pub(crate) mod config;
 mod context;
