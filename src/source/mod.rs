@@ -261,26 +261,192 @@ pub struct Finished {
 ///
 /// The channel behind it is unbounded on purpose, but what travels on it is bounded: at most
 /// one message per outstanding event, and outstanding events are bounded by the pipeline queue.
+///
+/// Two kinds of channel: one [`Finished`] per message ([`Ack::new`], for sources and tests that
+/// read `Finished` themselves), or [`Completions`] ([`Ack::batched`], from [`ack_channel`]),
+/// where [`Ack::finish_all`] sends the completions of consecutive acks of one source as one
+/// message, and an ack holds one shared reference instead of a sender of its own.
 #[derive(Debug)]
 pub struct Ack {
-    tx: mpsc::UnboundedSender<Finished>,
+    route: Route,
     finished: Finished,
 }
 
+#[derive(Debug)]
+enum Route {
+    One(mpsc::UnboundedSender<Finished>),
+    Batched(AckSender),
+    /// `explain`, `replay`, tests: nowhere.
+    Detached,
+}
+
+/// What travels back on an [`ack_channel`]: one completion, or those of several consecutive
+/// acks ([`Ack::finish_all`]), in the order they were finished.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completions {
+    One(Finished),
+    Many(Vec<Finished>),
+}
+
+impl Completions {
+    pub fn len(&self) -> usize {
+        match self {
+            Completions::One(_) => 1,
+            Completions::Many(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The sending side of an [`ack_channel`]: cloned into every [`Ack::batched`] as one reference
+/// count (not a channel sender's two). The channel closes once the source's own handle and
+/// every ack are gone, finished or dropped.
+#[derive(Debug, Clone)]
+pub struct AckSender(Arc<mpsc::UnboundedSender<Completions>>);
+
+/// A channel for [`Ack::batched`]: the source keeps the receiver (and drops its `AckSender` when
+/// it stops reading, so that `recv` returns `None` once every ack is finished or dropped).
+pub fn ack_channel() -> (AckSender, mpsc::UnboundedReceiver<Completions>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (AckSender(Arc::new(tx)), rx)
+}
+
 impl Ack {
+    /// An ack that sends its [`Finished`] alone on `tx`.
     pub fn new(tx: mpsc::UnboundedSender<Finished>, finished: Finished) -> Ack {
-        Ack { tx, finished }
+        Ack { route: Route::One(tx), finished }
+    }
+
+    /// An ack on an [`ack_channel`]: [`Ack::finish_all`] batches it with its neighbours.
+    pub fn batched(tx: &AckSender, finished: Finished) -> Ack {
+        Ack { route: Route::Batched(tx.clone()), finished }
     }
 
     /// An ack that goes nowhere: for `explain`, `replay` and tests.
     pub fn detached() -> Ack {
-        let (tx, _rx) = mpsc::unbounded_channel();
-        Ack { tx, finished: Finished { stream: 0, seq: 0 } }
+        Ack { route: Route::Detached, finished: Finished { stream: 0, seq: 0 } }
     }
 
     /// The event is done: every sink finished it or it was dead-lettered.
     pub fn finish(self) {
         // The source may already be gone (shutdown); then there is nothing left to acknowledge.
-        let _ = self.tx.send(self.finished);
+        match self.route {
+            Route::One(tx) => {
+                let _ = tx.send(self.finished);
+            }
+            Route::Batched(tx) => {
+                let _ = tx.0.send(Completions::One(self.finished));
+            }
+            Route::Detached => {}
+        }
+    }
+
+    /// Finishes every ack of `acks`, exactly as calling [`Ack::finish`] on each in turn would,
+    /// but consecutive acks of one [`ack_channel`] travel as one message: one send and at most
+    /// one wake-up of the source for a whole batch, instead of one per event. Acks made with
+    /// [`Ack::new`] are sent one by one, as `finish` does.
+    ///
+    /// For the pipeline's finish stage (and the second pass): call it with the acks of a unit
+    /// where it now calls `finish` on each.
+    pub fn finish_all(acks: impl IntoIterator<Item = Ack>) {
+        let mut pending: Option<(AckSender, Vec<Finished>)> = None;
+        let mut acks = acks.into_iter();
+        while let Some(ack) = acks.next() {
+            match ack.route {
+                Route::Batched(tx) => match &mut pending {
+                    Some((current, batch)) if Arc::ptr_eq(&current.0, &tx.0) => batch.push(ack.finished),
+                    _ => {
+                        flush(pending.take());
+                        // Usually the rest of `acks` all go here.
+                        let mut batch = Vec::with_capacity(acks.size_hint().0 + 1);
+                        batch.push(ack.finished);
+                        pending = Some((tx, batch));
+                    }
+                },
+                route => {
+                    // Keep the order of completions across channels as `finish` one by one would.
+                    flush(pending.take());
+                    Ack { route, finished: ack.finished }.finish();
+                }
+            }
+        }
+        flush(pending);
+
+        fn flush(pending: Option<(AckSender, Vec<Finished>)>) {
+            if let Some((tx, mut batch)) = pending {
+                let message = if batch.len() == 1 {
+                    Completions::One(batch.pop().expect("one"))
+                } else {
+                    Completions::Many(batch)
+                };
+                let _ = tx.0.send(message);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod ack_tests {
+    use super::*;
+
+    fn f(stream: u64, seq: i64) -> Finished {
+        Finished { stream, seq }
+    }
+
+    fn drain(rx: &mut mpsc::UnboundedReceiver<Completions>) -> Vec<Completions> {
+        let mut out = Vec::new();
+        while let Ok(c) = rx.try_recv() {
+            out.push(c);
+        }
+        out
+    }
+
+    #[test]
+    fn finish_all_sends_consecutive_acks_of_one_channel_as_one_message() {
+        let (tx, mut rx) = ack_channel();
+        Ack::finish_all((1..=5).map(|i| Ack::batched(&tx, f(1, i))));
+        assert_eq!(drain(&mut rx), vec![Completions::Many((1..=5).map(|i| f(1, i)).collect())]);
+        Ack::finish_all([Ack::batched(&tx, f(1, 6))]);
+        assert_eq!(drain(&mut rx), vec![Completions::One(f(1, 6))]);
+        Ack::finish_all(std::iter::empty());
+        assert!(drain(&mut rx).is_empty());
+    }
+
+    #[test]
+    fn finish_all_splits_where_the_channel_changes_and_keeps_the_order() {
+        let (a, mut a_rx) = ack_channel();
+        let (b, mut b_rx) = ack_channel();
+        let (one, mut one_rx) = mpsc::unbounded_channel();
+        Ack::finish_all([
+            Ack::batched(&a, f(1, 1)),
+            Ack::batched(&a, f(1, 2)),
+            Ack::batched(&b, f(2, 1)),
+            Ack::new(one.clone(), f(3, 1)),
+            Ack::detached(),
+            Ack::batched(&a, f(1, 3)),
+            Ack::new(one, f(3, 2)),
+        ]);
+        assert_eq!(drain(&mut a_rx), vec![Completions::Many(vec![f(1, 1), f(1, 2)]), Completions::One(f(1, 3))]);
+        assert_eq!(drain(&mut b_rx), vec![Completions::One(f(2, 1))]);
+        assert_eq!(one_rx.try_recv(), Ok(f(3, 1)));
+        assert_eq!(one_rx.try_recv(), Ok(f(3, 2)));
+    }
+
+    #[tokio::test]
+    async fn the_channel_closes_once_every_ack_is_finished_or_dropped() {
+        let (tx, mut rx) = ack_channel();
+        let acks: Vec<Ack> = (1..=3).map(|i| Ack::batched(&tx, f(1, i))).collect();
+        drop(tx);
+        let mut acks = acks.into_iter();
+        acks.next().expect("ack").finish();
+        let dropped = acks.next().expect("ack");
+        Ack::finish_all(acks);
+        assert_eq!(rx.recv().await, Some(Completions::One(f(1, 1))));
+        assert_eq!(rx.recv().await, Some(Completions::One(f(1, 3))));
+        drop(dropped);
+        assert_eq!(rx.recv().await, None, "a dropped ack sends nothing, and closes the channel last");
     }
 }

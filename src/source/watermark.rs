@@ -49,8 +49,13 @@ impl Watermark {
     /// Records that the event at `pos` is finished. Returns false for a position that is not in
     /// flight (already finished, or never started): harmless, since acks may repeat.
     pub fn finish(&mut self, pos: i64) -> bool {
-        let Ok(i) = self.window.binary_search_by_key(&pos, |&(p, _)| p) else {
-            return false;
+        // In order, the usual case: the front.
+        let i = match self.window.front() {
+            Some(&(p, _)) if p == pos => 0,
+            _ => match self.window.binary_search_by_key(&pos, |&(p, _)| p) {
+                Ok(i) => i,
+                Err(_) => return false,
+            },
         };
         if self.window[i].1 {
             return false;

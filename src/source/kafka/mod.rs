@@ -12,6 +12,9 @@
 //! - Rebalances: revoked partitions commit what is finished and drop their unfinished work
 //!   unacknowledged (the new owner redelivers it).
 //! - Errors from `recv()` are transient: librdkafka reconnects by itself.
+//! - Reading is in bursts (`KafkaSource::burst`): after the `select!` yields a message, the
+//!   messages librdkafka already holds follow without another pass through it (at most
+//!   `BURST`); acknowledgements come back batched when the pipeline uses `Ack::finish_all`.
 
 pub(crate) mod config;
 mod context;
@@ -19,13 +22,17 @@ pub mod membership;
 pub mod prefetch;
 mod tracker;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use futures::{FutureExt, StreamExt};
+use rdkafka::consumer::{CommitMode, Consumer, MessageStream, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use tokio::sync::mpsc;
 
@@ -34,7 +41,7 @@ use self::tracker::Tracker;
 use crate::config::KafkaConfig;
 use crate::event::Decoded;
 use crate::shutdown::Shutdown;
-use crate::source::{Ack, Finished, Malformed, Position, RawMessage, SourceEvent};
+use crate::source::{ack_channel, Ack, AckSender, Completions, Malformed, Position, RawMessage, SourceEvent};
 use crate::telemetry::events::source::{CommitStage, OffsetCommitFailed, OffsetsCommitted};
 use crate::telemetry::Metrics;
 
@@ -48,6 +55,35 @@ pub enum KafkaSourceError {
     /// `source.kafka.schema_registry` unusable (CA file, client): fatal at start.
     #[error("source.kafka.schema_registry: {0}")]
     Registry(String),
+}
+
+/// At most this many messages are handed over per pass of `consume`'s select (`burst`).
+const BURST: i64 = 64;
+
+/// How a burst ended.
+#[derive(Debug, Default)]
+struct Burst {
+    /// The pipeline queue filled up (the last event waits in `held`).
+    full: bool,
+    /// Stop reading: shutdown during a schema lookup, or the pipeline is gone.
+    stop: bool,
+}
+
+/// Applies the completions of `first` and of everything already queued behind it to the
+/// tracker, under one lock. Returns how many events they finished (ignored ones included).
+fn finish(
+    tracker: &Mutex<Tracker>,
+    first: Completions,
+    rx: &mut mpsc::UnboundedReceiver<Completions>,
+) -> usize {
+    let mut tracker = lock(tracker);
+    let mut n = first.len();
+    tracker.finish_completions(first);
+    while let Ok(c) = rx.try_recv() {
+        n += c.len();
+        tracker.finish_completions(c);
+    }
+    n
 }
 
 /// How long the pipeline queue may stay full before the partitions are paused.
@@ -138,9 +174,12 @@ impl KafkaSource {
     async fn consume(self, out: mpsc::Sender<SourceEvent>, shutdown: Shutdown) -> Result<(), KafkaSourceError> {
         // Before anything is read: credentials the registry rejects stop the daemon here.
         self.codec.check_registry().await.map_err(KafkaSourceError::Registry)?;
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Finished>();
+        let (ack_tx, mut ack_rx) = ack_channel();
         let mut commit_tick = tokio::time::interval(self.commit_interval);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One message stream for the whole run: `recv()` makes one per call, which registers a
+        // waker slot (a lock) and unregisters it (another) for every message.
+        let mut stream = self.consumer.stream();
         // Events received while the pipeline queue was full (already fetched before the pause
         // took effect). Bounded by librdkafka's prefetch, which pausing stops.
         let mut held: VecDeque<SourceEvent> = VecDeque::new();
@@ -153,13 +192,15 @@ impl KafkaSource {
         // Pausing on every full queue would drop librdkafka's prefetched messages each time and
         // refetch them: that thrashing halved throughput.
         let mut full_since: Option<tokio::time::Instant> = None;
+        // Armed (reset) only when the queue becomes full, rather than built on every iteration.
+        let pause_timer = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(pause_timer);
 
         loop {
-            let pause_at = full_since.map(|t| t + PAUSE_AFTER);
             tokio::select! {
                 // Acknowledgements first, so finished work is committed before new input piles up.
                 biased;
-                Some(f) = ack_rx.recv() => self.finish(f, &mut ack_rx),
+                Some(c) = ack_rx.recv() => self.finish(c, &mut ack_rx),
                 _ = commit_tick.tick() => self.commit(false),
                 _ = shutdown.stopping() => break,
                 // The pipeline is gone (a fatal error): nothing can finish any more.
@@ -179,39 +220,26 @@ impl KafkaSource {
                     }
                     Err(_) => break,
                 },
-                _ = tokio::time::sleep_until(pause_at.unwrap_or_else(tokio::time::Instant::now)), if pause_at.is_some() && !paused => {
+                () = &mut pause_timer, if full_since.is_some() && !paused => {
                     self.set_paused(true);
                     paused = true;
                 }
                 // While the queue is full, read only once paused (to keep serving callbacks; at
                 // most what was already prefetched arrives, and waits in `held`).
-                msg = self.consumer.recv(), if held.is_empty() || paused => match msg {
-                    Ok(m) => {
-                        // Schemas are fetched before the message is tracked: while the registry
-                        // is down the message waits, and a stop leaves it unread (redelivered).
-                        let payload = m.payload().filter(|v| v.len() <= self.max_message_bytes);
-                        let Some(resolved) = self.codec.resolve(m.key(), payload, &shutdown).await else {
+                msg = stream.next(), if held.is_empty() || paused => match msg {
+                    Some(Ok(m)) => {
+                        let burst = self.burst(m, &mut stream, &out, &ack_tx, &mut held, &shutdown).await;
+                        if burst.full && full_since.is_none() {
+                            let now = tokio::time::Instant::now();
+                            full_since = Some(now);
+                            pause_timer.as_mut().reset(now + PAUSE_AFTER);
+                        }
+                        if burst.stop {
                             break;
-                        };
-                        let ev = self.to_event(&m, &ack_tx, &resolved);
-                        if !held.is_empty() {
-                            held.push_back(ev);
-                            continue;
-                        }
-                        match out.try_send(ev) {
-                            Ok(()) => {}
-                            Err(mpsc::error::TrySendError::Full(ev)) => {
-                                held.push_back(ev);
-                                full_since = Some(tokio::time::Instant::now());
-                            }
-                            Err(mpsc::error::TrySendError::Closed(_)) => break,
                         }
                     }
-                    Err(e) => {
-                        self.metrics.source_errors.inc();
-                        tracing::warn!(error = %e, "kafka receive error (transient)");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
+                    Some(Err(e)) => self.receive_error(e).await,
+                    None => unreachable!("a Kafka message stream never ends"),
                 },
             }
         }
@@ -230,41 +258,115 @@ impl KafkaSource {
         loop {
             tokio::select! {
                 biased;
-                f = ack_rx.recv() => match f {
-                    Some(f) => self.finish(f, &mut ack_rx),
+                c = ack_rx.recv() => match c {
+                    Some(c) => self.finish(c, &mut ack_rx),
                     // Every ack was finished or dropped: nothing more can move.
                     None => break,
                 },
                 _ = commit_tick.tick() => self.commit(false),
                 // Keep serving rebalance callbacks; partitions are paused so nothing new comes.
-                _ = self.consumer.recv() => {}
+                _ = stream.next() => {}
             }
         }
+        drop(stream);
         self.final_commit().await;
         Ok(())
     }
 
-    fn finish(&self, first: Finished, rx: &mut mpsc::UnboundedReceiver<Finished>) {
-        let mut tracker = lock(&self.tracker);
-        let mut n = 1;
-        tracker.finish(first);
-        while let Ok(f) = rx.try_recv() {
-            tracker.finish(f);
+    /// Hands over `first` and then the messages librdkafka already holds, without going back
+    /// through the `select!` in `consume` for each (its futures, wakers and locks cost more
+    /// than a small message's tracking): at most [`BURST`] messages, and only while the
+    /// pipeline queue takes them. The gauges and clocks are read once per burst.
+    ///
+    /// Each message is tracked (`Tracker::start`) before the consumer is polled again: a poll
+    /// may run a rebalance callback that revokes its partition, which must find it tracked (its
+    /// work is then dropped, and redelivered to the new owner), not track it afterwards in a
+    /// stream of its own. So the tracker is locked per message (uncontended), not per burst.
+    ///
+    /// Acknowledgements wait for the end of a burst; then `consume`'s select takes them first.
+    async fn burst<'c>(
+        &'c self,
+        first: BorrowedMessage<'c>,
+        stream: &mut MessageStream<'c, KafkaContext>,
+        out: &mpsc::Sender<SourceEvent>,
+        ack_tx: &AckSender,
+        held: &mut VecDeque<SourceEvent>,
+        shutdown: &Shutdown,
+    ) -> Burst {
+        let mut result = Burst::default();
+        let received = Instant::now();
+        let mut n = 0;
+        let mut next = Some(first);
+        while let Some(m) = next.take() {
+            // Schemas are fetched before the message is tracked: while the registry is down the
+            // message waits, and a stop leaves it unread (redelivered).
+            let payload = m.payload().filter(|v| v.len() <= self.max_message_bytes);
+            let Some(resolved) = self.codec.resolve(m.key(), payload, shutdown).await else {
+                result.stop = true;
+                break;
+            };
+            let ev = self.to_event(&m, ack_tx, &resolved, received);
             n += 1;
+            if !held.is_empty() {
+                // Paused: read one at a time, only to keep the consumer polled.
+                held.push_back(ev);
+                break;
+            }
+            match out.try_send(ev) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(ev)) => {
+                    held.push_back(ev);
+                    result.full = true;
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    result.stop = true;
+                    break;
+                }
+            }
+            if n == BURST {
+                break;
+            }
+            // Polled with a no-op waker: a message already queued comes at once; otherwise the
+            // no-op waker sits in this stream's slot until the select polls it again, which
+            // puts the task's own waker back before it checks the queue and sleeps (rdkafka's
+            // `MessageStream::poll_next`), so no wake-up is lost. A poll that served a callback
+            // (rebalance, commit result) is pending too: the burst ends there.
+            match stream.next().now_or_never() {
+                Some(Some(Ok(m))) => next = Some(m),
+                Some(Some(Err(e))) => {
+                    self.receive_error(e).await;
+                    break;
+                }
+                Some(None) | None => break,
+            }
         }
-        self.metrics.pending_events.sub(n);
+        if n > 0 {
+            self.metrics.pending_events.add(n);
+            self.metrics.last_event_timestamp.set(unix_seconds(SystemTime::now()));
+        }
+        result
+    }
+
+    async fn receive_error(&self, e: rdkafka::error::KafkaError) {
+        self.metrics.source_errors.inc();
+        tracing::warn!(error = %e, "kafka receive error (transient)");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    fn finish(&self, first: Completions, rx: &mut mpsc::UnboundedReceiver<Completions>) {
+        let n = finish(&self.tracker, first, rx);
+        self.metrics.pending_events.sub(n as i64);
     }
 
     fn to_event(
         &self,
         m: &BorrowedMessage<'_>,
-        ack_tx: &mpsc::UnboundedSender<Finished>,
+        ack_tx: &AckSender,
         resolved: &crate::source::encoded::Resolved,
+        received: Instant,
     ) -> SourceEvent {
         let (finished, topic) = lock(&self.tracker).start(m.topic(), m.partition(), m.offset());
-        self.metrics.pending_events.inc();
-        let now = SystemTime::now();
-        self.metrics.last_event_timestamp.set(unix_seconds(now));
         let key = m.key();
         let value = m.payload();
         let decoded = match value {
@@ -299,8 +401,8 @@ impl KafkaSource {
                 value: value.filter(|v| v.len() <= self.max_message_bytes).map(<[u8]>::to_vec),
             },
             logged_at,
-            received: Instant::now(),
-            ack: Ack::new(ack_tx.clone(), finished),
+            received,
+            ack: Ack::batched(ack_tx, finished),
         }
     }
 

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::source::watermark::Watermark;
-use crate::source::Finished;
+use crate::source::{Completions, Finished};
 
 #[derive(Debug, Default)]
 pub(super) struct Tracker {
@@ -24,6 +24,8 @@ pub(super) struct Tracker {
 
 #[derive(Debug)]
 struct PartitionState {
+    /// The shared topic name (the key of `topics`), handed out with each event.
+    topic: Arc<str>,
     stream: u64,
     watermark: Watermark,
     /// The offset last sent in a commit request (async: it may still fail).
@@ -42,7 +44,7 @@ impl Tracker {
     fn new_stream(&mut self, topic: &Arc<str>, partition: i32) -> PartitionState {
         self.next_stream += 1;
         self.streams.insert(self.next_stream, (topic.clone(), partition));
-        PartitionState { stream: self.next_stream, watermark: Watermark::new(), last_committed: None }
+        PartitionState { topic: topic.clone(), stream: self.next_stream, watermark: Watermark::new(), last_committed: None }
     }
 
     fn topic_key(&self, topic: &str) -> Arc<str> {
@@ -74,6 +76,13 @@ impl Tracker {
     /// An event at `offset` entered the pipeline. Returns its completion coordinates and the
     /// shared topic name.
     pub(super) fn start(&mut self, topic: &str, partition: i32, offset: i64) -> (Finished, Arc<str>) {
+        // The usual case: one lookup of the topic and one of the partition. (A failed `start`
+        // changes nothing: the general case below tries again and begins a new stream.)
+        if let Some(state) = self.topics.get_mut(topic).and_then(|p| p.get_mut(&partition)) {
+            if state.watermark.start(offset).is_ok() {
+                return (Finished { stream: state.stream, seq: offset }, state.topic.clone());
+            }
+        }
         let key = self.topic_key(topic);
         let exists = self.topics.get(topic).is_some_and(|p| p.contains_key(&partition));
         if !exists {
@@ -104,13 +113,37 @@ impl Tracker {
 
     /// An event is done. False when its partition was revoked meanwhile (ignored).
     pub(super) fn finish(&mut self, f: Finished) -> bool {
-        let Some((topic, partition)) = self.streams.get(&f.stream) else {
-            return false;
-        };
-        let (topic, partition) = (topic.clone(), *partition);
-        match self.topics.get_mut(&topic).and_then(|p| p.get_mut(&partition)) {
-            Some(state) => state.watermark.finish(f.seq),
-            None => false,
+        self.watermark(f.stream).is_some_and(|w| w.finish(f.seq))
+    }
+
+    /// The watermark of a stream that is still assigned.
+    fn watermark(&mut self, stream: u64) -> Option<&mut Watermark> {
+        let (topic, partition) = self.streams.get(&stream)?;
+        self.topics.get_mut(&**topic)?.get_mut(partition).map(|s| &mut s.watermark)
+    }
+
+    /// Events are done: the same as [`Tracker::finish`] on each in turn, with one lookup for
+    /// each run of completions of one stream.
+    pub(super) fn finish_completions(&mut self, completions: Completions) {
+        match completions {
+            Completions::One(f) => {
+                self.finish(f);
+            }
+            Completions::Many(all) => {
+                let mut all = all.into_iter().peekable();
+                while let Some(first) = all.next() {
+                    let stream = first.stream;
+                    match self.watermark(stream) {
+                        Some(w) => {
+                            w.finish(first.seq);
+                            while let Some(f) = all.next_if(|f| f.stream == stream) {
+                                w.finish(f.seq);
+                            }
+                        }
+                        None => while all.next_if(|f| f.stream == stream).is_some() {},
+                    }
+                }
+            }
         }
     }
 

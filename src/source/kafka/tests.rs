@@ -1,0 +1,226 @@
+//! The source against librdkafka's in-process mock cluster: bursts keep each partition's order,
+//! acknowledgements are taken while a backlog is read, and batched acknowledgements commit
+//! exactly what one-by-one ones do.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use super::tracker::Tracker;
+use super::{finish, KafkaSource};
+use crate::config::KafkaConfig;
+use crate::source::{ack_channel, Ack, Finished, Position, Source, SourceEvent};
+use crate::telemetry::Metrics;
+
+/// A mock cluster owned by its producer, with group joins at once (not after 3 s).
+fn mock_cluster() -> FutureProducer {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("test.mock.num.brokers", "1")
+        .set("linger.ms", "0")
+        .create()
+        .expect("mock cluster producer");
+    // SAFETY: the producer's client is alive; the mock cluster handle it returns is owned by it.
+    unsafe {
+        let mc = rdkafka::bindings::rd_kafka_handle_mock_cluster(producer.client().native_ptr());
+        assert!(!mc.is_null(), "the producer has a mock cluster");
+        rdkafka::bindings::rd_kafka_mock_group_initial_rebalance_delay_ms(mc, 0);
+    }
+    producer
+}
+
+fn kafka_config(bootstrap: &str, group: &str, topic: &str) -> KafkaConfig {
+    KafkaConfig {
+        brokers: bootstrap.to_string(),
+        group_id: group.to_string(),
+        topics: vec![topic.to_string()],
+        topic_pattern: None,
+        librdkafka: BTreeMap::new(),
+        commit_interval: Duration::from_millis(50),
+        max_message_bytes: 1 << 20,
+        resolved_librdkafka: Vec::new(),
+        group_instance_id: None,
+        format: Default::default(),
+        schema_registry: None,
+    }
+}
+
+/// As `tests/support/events.rs` `product_update`.
+fn update(id: usize) -> String {
+    format!(
+        r#"{{"before":{{"id":{id},"name":"Widget {id}","price":"1.00","category_id":1,"slug":"widget-{id}"}},"after":{{"id":{id},"name":"Widget {id}","price":"2.00","category_id":2,"slug":"widget-{id}"}},"source":{{"version":"2.7.3.Final","connector":"postgresql","name":"shop","ts_ms":1,"snapshot":"false","db":"shop","schema":"public","table":"products","txId":2,"lsn":2}},"op":"u","ts_ms":1,"transaction":null}}"#
+    )
+}
+
+async fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    let (bootstrap, group, topic) = (bootstrap.to_string(), group.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", &bootstrap).set("group.id", &group).create().expect("reader");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(&topic, p);
+        }
+        let got = consumer.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+        (0..partitions)
+            .map(|p| match got.find_partition(&topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => -1,
+            })
+            .collect()
+    })
+    .await
+    .expect("reader task")
+}
+
+/// Reads a backlog of `total` messages in 3 partitions through a pipeline queue of `capacity`
+/// events, finishing them in batches of up to `batch` with `Ack::finish_all`, or one by one.
+/// Checks each partition's order and that acknowledgements were taken during the read, and
+/// returns the committed offsets after a clean stop.
+async fn read_backlog(capacity: usize, batch: usize, batched: bool, total: usize) -> (Vec<i64>, Vec<i64>) {
+    let producer = mock_cluster();
+    let cluster = producer.client().mock_cluster().expect("mock cluster");
+    let bootstrap = cluster.bootstrap_servers();
+    let topic = "t.public.products";
+    cluster.create_topic(topic, 3, 1).expect("topic");
+    let mut produced = vec![0i64; 3];
+    for i in 0..total {
+        let partition = (i % 3) as i32;
+        let key = format!("{{\"id\":{i}}}");
+        let value = update(i);
+        producer
+            .send(FutureRecord::to(topic).partition(partition).key(&key).payload(&value), Duration::from_secs(10))
+            .await
+            .expect("produce");
+        produced[partition as usize] += 1;
+    }
+    producer.flush(Duration::from_secs(10)).expect("flush");
+
+    let group = format!("g-{capacity}-{batch}-{batched}");
+    let metrics = Arc::new(Metrics::new());
+    let source = KafkaSource::new(&kafka_config(&bootstrap, &group, topic), capacity, metrics.clone()).expect("source");
+    let (trigger, shutdown) = crate::shutdown::channel();
+    let (tx, mut rx) = mpsc::channel::<SourceEvent>(capacity);
+    let run = tokio::spawn(Box::new(source).run(tx, shutdown));
+
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    let mut received = 0;
+    let mut most_pending = 0;
+    let mut buf = Vec::new();
+    while received < total {
+        let n = tokio::time::timeout(Duration::from_secs(30), rx.recv_many(&mut buf, batch))
+            .await
+            .unwrap_or_else(|_| panic!("only {received} of {total} events in 30 s"));
+        assert!(n > 0, "the source stopped early");
+        for ev in &buf {
+            let Position::Kafka { partition, offset, .. } = ev.position else { panic!("a Kafka position") };
+            let expected = next.entry(partition).or_insert(0);
+            assert_eq!(offset, *expected, "partition {partition} in order, nothing skipped");
+            *expected += 1;
+            assert!(ev.decoded.is_ok(), "{:?}", ev.decoded);
+        }
+        received += n;
+        most_pending = most_pending.max(metrics.pending_events.get());
+        if batched {
+            Ack::finish_all(buf.drain(..).map(|ev| ev.ack));
+        } else {
+            buf.drain(..).for_each(|ev| ev.ack.finish());
+        }
+    }
+    // Acknowledgements are taken between bursts: what is started and not yet taken back stays
+    // near the queue, a burst and one batch, not the whole backlog.
+    assert!(
+        most_pending <= (capacity + 2 * super::BURST as usize + batch) as i64,
+        "at most {most_pending} pending: acknowledgements waited for the backlog"
+    );
+    trigger.stop_intake();
+    drop(rx);
+    tokio::time::timeout(Duration::from_secs(30), run).await.expect("source stops").expect("task").expect("run");
+    assert_eq!(metrics.pending_events.get(), 0);
+    (committed(&bootstrap, &group, topic, 3).await, produced)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_read_in_bursts_keeps_order_and_commits_everything_with_batched_acks() {
+    // A small queue: bursts end on a full queue, events wait in `held`.
+    let (committed, produced) = read_backlog(8, 5, true, 1500).await;
+    assert_eq!(committed, produced);
+    // A large one: bursts end at BURST or on an empty librdkafka queue.
+    let (committed, produced) = read_backlog(1024, 100, true, 1500).await;
+    assert_eq!(committed, produced);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_read_in_bursts_commits_everything_with_acks_one_by_one() {
+    let (committed, produced) = read_backlog(16, 7, false, 1200).await;
+    assert_eq!(committed, produced);
+}
+
+/// Starts `offsets` of partition 0 and returns their acks on a fresh ack channel.
+fn tracked(tracker: &Mutex<Tracker>, offsets: impl IntoIterator<Item = i64>) -> Vec<(i64, Finished)> {
+    let mut t = tracker.lock().unwrap();
+    t.assign("t", 0);
+    t.assign("t", 1);
+    offsets.into_iter().map(|o| (o, t.start("t", (o % 2) as i32, o).0)).collect()
+}
+
+fn points(tracker: &Mutex<Tracker>) -> Vec<(i32, i64)> {
+    let mut points: Vec<(i32, i64)> =
+        tracker.lock().unwrap().commits_due(true).into_iter().map(|p| (p.partition, p.offset)).collect();
+    points.sort();
+    points
+}
+
+#[test]
+fn acks_finished_in_batches_commit_exactly_as_one_by_one() {
+    use rand::seq::SliceRandom;
+    use rand::Rng;
+    let mut rng = rand::rng();
+    for _ in 0..200 {
+        let batched = Mutex::new(Tracker::default());
+        let single = Mutex::new(Tracker::default());
+        let offsets: Vec<i64> = (0..60).collect();
+        let a = tracked(&batched, offsets.clone());
+        let b = tracked(&single, offsets);
+        assert_eq!(a, b);
+        let (tx, mut rx) = ack_channel();
+        let mut acks: Vec<(Finished, Ack)> = a.iter().map(|&(_, f)| (f, Ack::batched(&tx, f))).collect();
+        acks.shuffle(&mut rng);
+        // Some acks are dropped unfinished (their events are redelivered).
+        let keep: Vec<(Finished, Ack)> = acks.into_iter().filter(|_| rng.random_bool(0.95)).collect();
+        let mut rest = keep.into_iter().peekable();
+        while rest.peek().is_some() {
+            let size = rng.random_range(1..=10);
+            let chunk: Vec<(Finished, Ack)> = rest.by_ref().take(size).collect();
+            for &(f, _) in &chunk {
+                single.lock().unwrap().finish(f);
+            }
+            Ack::finish_all(chunk.into_iter().map(|(_, ack)| ack));
+            if let Ok(first) = rx.try_recv() {
+                finish(&batched, first, &mut rx);
+            }
+            assert_eq!(points(&batched), points(&single));
+        }
+    }
+}
+
+#[test]
+fn a_dropped_ack_in_a_batch_holds_the_watermark() {
+    let tracker = Mutex::new(Tracker::default());
+    let started = tracked(&tracker, [10, 12, 14, 16]);
+    let (tx, mut rx) = ack_channel();
+    let mut acks: Vec<Ack> = started.iter().map(|&(_, f)| Ack::batched(&tx, f)).collect();
+    let dropped = acks.remove(1);
+    Ack::finish_all(acks);
+    drop(dropped);
+    let first = rx.try_recv().expect("one message for the batch");
+    assert_eq!(finish(&tracker, first, &mut rx), 3);
+    let points = tracker.lock().unwrap().commits_due(true);
+    assert_eq!(points.len(), 1);
+    assert_eq!((points[0].partition, points[0].offset), (0, 12), "12 was never finished: commit stays there");
+}
