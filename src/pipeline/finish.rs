@@ -6,6 +6,7 @@ pub(super) use super::second_pass::SecondPasses;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use prometheus::local::LocalHistogram;
 use tokio::sync::mpsc;
 
 use super::{change_of, origin, StageError, Unit};
@@ -101,11 +102,15 @@ impl Finish {
         // unit instead of one per event (a lookup hashes the labels and takes a lock).
         let mut outcomes = LabelCounts::default();
         let mut tables = TableStaleness::default();
+        // The unit's observations are gathered locally and added to each histogram once, before
+        // any acknowledgement (one atomic update per histogram and unit, not per event: across
+        // cores those contend). Counts and buckets are the same; a sum is added per unit.
+        let end_to_end = self.metrics.end_to_end_staleness.local();
         // Settled seconds of events without a second pass: one histogram per sink, looked up
         // once per unit.
-        let settled: Vec<(&[ItemKind], prometheus::Histogram)> = match repeat {
+        let settled: Vec<(&[ItemKind], LocalHistogram)> = match repeat {
             true => Vec::new(),
-            false => self.sinks.iter().map(|s| (s.kinds(), report::settled(&self.metrics, s.name()))).collect(),
+            false => self.sinks.iter().map(|s| (s.kinds(), report::settled(&self.metrics, s.name()).local())).collect(),
         };
         for item in &unit.items {
             let (table, op) = match &item.event.decoded {
@@ -126,7 +131,7 @@ impl Finish {
             if !(repeat && asks(item)) && item.evaluation.is_some() {
                 if let Some(origin) = origin(&item.event) {
                     let seconds = now.duration_since(origin).unwrap_or_default().as_secs_f64();
-                    self.metrics.end_to_end_staleness.observe(seconds);
+                    end_to_end.observe(seconds);
                     tables.observe(&self.metrics, table, seconds);
                     // No second pass: the first was the last, so the event settled now. Observed
                     // so that settled covers every invalidated event whatever the timing.
@@ -137,6 +142,11 @@ impl Finish {
             }
         }
         outcomes.flush(&self.metrics);
+        end_to_end.flush();
+        tables.flush();
+        for (_, histogram) in &settled {
+            histogram.flush();
+        }
         let mut waiting = Vec::new();
         let mut origins = Vec::new();
         for item in unit.items {
@@ -199,10 +209,11 @@ impl<'a> LabelCounts<'a> {
     }
 }
 
-/// `cdc_invalidator_table_staleness_seconds` handles of one unit, looked up once per table.
+/// `cdc_invalidator_table_staleness_seconds` of one unit: looked up once per table, observed
+/// locally and added to the histogram once ([`TableStaleness::flush`]).
 #[derive(Default)]
 struct TableStaleness<'a> {
-    handles: Vec<(&'a str, prometheus::Histogram)>,
+    handles: Vec<(&'a str, LocalHistogram)>,
 }
 
 impl<'a> TableStaleness<'a> {
@@ -212,9 +223,18 @@ impl<'a> TableStaleness<'a> {
             return;
         }
         let handle = report::table_staleness(metrics, table);
-        handle.observe(seconds);
         if self.handles.len() < GATHERED_LABEL_SETS {
-            self.handles.push((table, handle));
+            let local = handle.local();
+            local.observe(seconds);
+            self.handles.push((table, local));
+        } else {
+            handle.observe(seconds);
+        }
+    }
+
+    fn flush(&self) {
+        for (_, h) in &self.handles {
+            h.flush();
         }
     }
 }

@@ -399,13 +399,18 @@ impl Worker {
         for d in done {
             let name = d.sink.name();
             self.metrics.emit(SinkBatchFinished { sink: name, took: d.took, confirmed: &d.report.confirmed });
+            // Observed locally and added to each histogram once per batch (one atomic update
+            // each, not one per event), before the answers go out.
             let (staleness, processing) = report::sink_latency(&self.metrics, name);
+            let (staleness, processing) = (staleness.local(), processing.local());
             for (origin, received) in works.iter().flat_map(|w| &w.stamps) {
                 if let Some(origin) = origin {
                     staleness.observe(d.at.duration_since(*origin).unwrap_or_default().as_secs_f64());
                 }
                 processing.observe(d.at_instant.saturating_duration_since(*received).as_secs_f64());
             }
+            staleness.flush();
+            processing.flush();
             for rejected in &d.report.rejected {
                 let Some(value) = batch.items(rejected.kind).get(rejected.index) else { continue };
                 let sentence = format!("sink {name} rejected {} {value:?}: {}", rejected.kind, rejected.reason);

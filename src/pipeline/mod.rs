@@ -367,12 +367,16 @@ impl Intake {
         // The upstream share of staleness: commit to entering the daemon (the receipt instant
         // mapped onto the wall clock the commit timestamp is on).
         let (wall, mono) = (SystemTime::now(), Instant::now());
+        // Observed locally and added to the histogram once per batch (one atomic update, not
+        // one per event).
+        let source_delay = self.metrics.source_delay.local();
         for event in &events {
             if let Some(origin) = origin(event) {
                 let entered = wall.checked_sub(mono.saturating_duration_since(event.received)).unwrap_or(wall);
-                self.metrics.source_delay.observe(entered.duration_since(origin).unwrap_or_default().as_secs_f64());
+                source_delay.observe(entered.duration_since(origin).unwrap_or_default().as_secs_f64());
             }
         }
+        source_delay.flush();
         // One rules version for the whole batch.
         let rules = self.rules.borrow_and_update().clone();
         let items: Vec<Item> = events

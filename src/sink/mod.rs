@@ -76,12 +76,18 @@ impl Invalidations {
     pub fn union<'a>(sets: impl IntoIterator<Item = &'a Invalidations>) -> Invalidations {
         let sets: Vec<&Invalidations> = sets.into_iter().collect();
         let mut all = Invalidations::default();
+        // Borrowed while deduplicating (only the distinct items are copied), each with its
+        // sort key; one buffer for every kind.
+        let mut items: Vec<(u128, &str)> = Vec::new();
         for kind in ItemKind::ALL {
-            // Borrowed while deduplicating: only the distinct items are copied.
-            let mut items: Vec<&str> = sets.iter().flat_map(|s| s.items(kind)).map(String::as_str).collect();
-            items.sort_unstable();
-            items.dedup();
-            *all.items_mut(kind) = items.into_iter().map(str::to_owned).collect();
+            items.clear();
+            items.extend(sets.iter().flat_map(|s| s.items(kind)).map(|i| (sort_key(i), i.as_str())));
+            if items.is_empty() {
+                continue;
+            }
+            items.sort_unstable_by(|a, b| bytewise(a, b));
+            items.dedup_by(|a, b| bytewise(a, b).is_eq());
+            *all.items_mut(kind) = items.iter().map(|(_, i)| (*i).to_owned()).collect();
         }
         let with_origins: Vec<&std::sync::Arc<Origins>> = sets.iter().filter_map(|s| s.origins.as_ref()).collect();
         all.origins = match with_origins.as_slice() {
@@ -120,6 +126,33 @@ impl Invalidations {
         // In range by construction: `item_kinds!` numbers the kinds 0..COUNT.
         &mut self.lists[kind.index()]
     }
+}
+
+/// The first [`SORT_KEY_BYTES`] bytes of `item`, big-endian, zero-padded: two items whose keys
+/// differ are in the order of their keys (bytewise, as `str` orders them), so sorting compares
+/// integers and reads the strings only when the keys are equal.
+const SORT_KEY_BYTES: usize = 16;
+
+fn sort_key(item: &str) -> u128 {
+    let mut key = [0u8; SORT_KEY_BYTES];
+    let n = item.len().min(SORT_KEY_BYTES);
+    if let (Some(to), Some(from)) = (key.get_mut(..n), item.as_bytes().get(..n)) {
+        to.copy_from_slice(from);
+    }
+    u128::from_be_bytes(key)
+}
+
+/// Bytewise order of two items with their [`sort_key`]s (the order of `str`). Equal keys mean
+/// equal first bytes, the shorter item zero-padded: when both fit in the key, the shorter is a
+/// prefix of the longer (so it comes first), and of equal lengths they are the same item.
+fn bytewise(a: &(u128, &str), b: &(u128, &str)) -> std::cmp::Ordering {
+    a.0.cmp(&b.0).then_with(|| {
+        if a.1.len() <= SORT_KEY_BYTES && b.1.len() <= SORT_KEY_BYTES {
+            a.1.len().cmp(&b.1.len())
+        } else {
+            a.1.cmp(b.1)
+        }
+    })
 }
 
 /// Defines [`ItemKind`] and its list [`ItemKind::ALL`] from one list, so the two cannot drift
@@ -277,6 +310,40 @@ mod tests {
         }
         assert_eq!(all.len(), 2 * ItemKind::COUNT);
         assert!(!all.is_empty() && Invalidations::default().is_empty());
+    }
+
+    #[test]
+    fn a_union_sorts_bytewise_whatever_the_lengths_and_shared_prefixes() {
+        // Items around the sort key's 16 bytes: prefixes of each other, NUL bytes (which the
+        // key's zero padding must not confuse with the end), shared 16-byte prefixes, non-ASCII.
+        let mut words: Vec<String> = [
+            "", "a", "a\0", "a\0\0", "ab", "product:1", "product:10", "product:1\0", "product:12345678",
+            "product:123456789", "product:12345678\0", "product:1234567", "https://shop.example.com/p/a",
+            "https://shop.example.com/p/", "https://shop.example.com/p/b", "https://shop.example.co",
+            "https://shop.example.com", "https://shop.example.com\0", "é", "e\u{301}", "\u{10FFFF}",
+            "zzzzzzzzzzzzzzzz", "zzzzzzzzzzzzzzzzz", "zzzzzzzzzzzzzzz",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        // Deterministic pseudo-random items as well: short alphabets make long shared prefixes.
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..2_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 24) as usize;
+            words.push((0..len).map(|i| ['a', 'b', '\0', 'é'][((seed >> (2 * i % 60)) & 3) as usize]).collect());
+        }
+        let sets: Vec<Invalidations> =
+            words.chunks(7).map(|chunk| Invalidations::of(ItemKind::RedisKey, chunk.to_vec())).collect();
+        let mut expected = words.clone();
+        expected.sort();
+        expected.dedup();
+        assert_eq!(Invalidations::union(&sets).items(ItemKind::RedisKey), expected);
+        // And once more with the sets in the other order.
+        let reversed: Vec<&Invalidations> = sets.iter().rev().collect();
+        assert_eq!(Invalidations::union(reversed).items(ItemKind::RedisKey), expected);
     }
 
     #[test]
