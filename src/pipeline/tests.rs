@@ -620,3 +620,88 @@ async fn a_dead_letter_destination_that_keeps_failing_holds_intake_instead_of_fi
     assert!(run.await.unwrap().is_ok(), "abandoned, not failed");
     feeder.abort();
 }
+
+/// One histogram series of `metrics`' exposition (`labels` as rendered, `""` for none): its
+/// cumulative buckets (upper bound, count), sum and count.
+fn histogram_series(metrics: &Metrics, name: &str, labels: &str) -> (Vec<(f64, u64)>, f64, u64) {
+    let text = metrics.render();
+    let value = |line: &str| line.rsplit(' ').next().unwrap().to_string();
+    let (mut buckets, mut sum, mut count) = (Vec::new(), None, None);
+    let prefix = if labels.is_empty() { String::new() } else { format!("{labels},") };
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix(&format!("{name}_bucket{{{prefix}le=\"")) {
+            let le = rest.split('"').next().unwrap();
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap() };
+            buckets.push((le, value(line).parse().unwrap()));
+        }
+        let series = |part: &str| match labels {
+            "" => format!("{name}_{part} "),
+            _ => format!("{name}_{part}{{{labels}}} "),
+        };
+        if line.starts_with(&series("sum")) {
+            sum = Some(value(line).parse().unwrap());
+        }
+        if line.starts_with(&series("count")) {
+            count = Some(value(line).parse().unwrap());
+        }
+    }
+    (buckets, sum.unwrap_or_else(|| panic!("{name} {{{labels}}}: no sum in\n{text}")), count.unwrap())
+}
+
+#[tokio::test]
+async fn every_staleness_histogram_counts_each_event_once_in_its_bucket_whatever_the_units() {
+    // Ages in the middle of the staleness buckets (the test takes milliseconds), every one in
+    // two tables; batches of at most 4 events, so the figures add up over several units.
+    let ages = [0.2, 0.4, 1.7, 3.5, 7.0, 20.0, 45.0, 100.0, 500.0, 2000.0];
+    let now = std::time::SystemTime::now();
+    let events: Vec<SourceEvent> = ["public.t", "public.u"]
+        .iter()
+        .flat_map(|table| {
+            ages.iter().enumerate().map(move |(id, age)| {
+                let mut event = change(id as i64);
+                if let Ok(Decoded::Change(c)) = &mut event.decoded {
+                    c.table = table.to_string();
+                    c.committed_at = Some(now - Duration::from_secs_f64(*age));
+                }
+                event
+            })
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let dead = crate::config::DeadLetterConfig { file: Some(dir.path().join("dl.jsonl")), ..Default::default() };
+    let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
+    let rules = "version: 1\nrules:\n  - name: t\n    table: public.*\n    redis: { keys: [\"t:{id}\"] }\n";
+    let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+    let sink = Arc::new(SlowSink { per_batch: Duration::from_millis(1), batches: Default::default() });
+    let pipeline = Pipeline::new(pipeline_config(4, 1, 1), rules, vec![sink.clone()], dead_letters, metrics.clone());
+    let (tx, rx) = mpsc::channel(100);
+    for event in events {
+        tx.send(event).await.unwrap();
+    }
+    drop(tx);
+    pipeline.run(rx, &Shutdown::never()).await.unwrap();
+    assert!(sink.batches.lock().unwrap().len() >= 5, "several units");
+
+    // Each histogram against the ages of the events it covers: every bucket's count, the count
+    // and the sum (plus the milliseconds the test took per observation).
+    let check = |name: &str, labels: &str, ages: &[f64]| {
+        let (buckets, sum, count) = histogram_series(&metrics, name, labels);
+        assert!(!buckets.is_empty(), "{name} {labels}");
+        for (le, n) in buckets {
+            assert_eq!(n, ages.iter().filter(|a| **a <= le).count() as u64, "{name} {{{labels}}} le={le}");
+        }
+        assert_eq!(count, ages.len() as u64, "{name} {{{labels}}}");
+        let expected: f64 = ages.iter().sum();
+        assert!(sum >= expected - 0.001 && sum < expected + 0.5, "{name} {{{labels}}}: sum {sum}, ages {expected}");
+    };
+    let both: Vec<f64> = ages.iter().chain(ages.iter()).copied().collect();
+    check("cdc_invalidator_source_delay_seconds", "", &both);
+    check("cdc_invalidator_acknowledged_staleness_seconds", "", &both);
+    check("cdc_invalidator_staleness_seconds", "sink=\"slow\"", &both);
+    check("cdc_invalidator_settled_seconds", "sink=\"slow\"", &both);
+    check("cdc_invalidator_table_staleness_seconds", "table=\"public.t\"", &ages);
+    check("cdc_invalidator_table_staleness_seconds", "table=\"public.u\"", &ages);
+    let (_, _, processed) = histogram_series(&metrics, "cdc_invalidator_processing_seconds", "sink=\"slow\"");
+    assert_eq!(processed, both.len() as u64);
+}
