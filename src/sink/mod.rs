@@ -111,8 +111,20 @@ impl Invalidations {
     /// Sorts and deduplicates every list.
     pub fn normalize(&mut self) {
         for list in &mut self.lists {
-            list.sort_unstable();
-            list.dedup();
+            match list.as_slice() {
+                [] | [_] => {}
+                // One comparison instead of a sort and a dedup: the usual update renders an item
+                // from each image (a tag of the old category and one of the new).
+                [a, b] => match a.cmp(b) {
+                    std::cmp::Ordering::Less => {}
+                    std::cmp::Ordering::Greater => list.swap(0, 1),
+                    std::cmp::Ordering::Equal => list.truncate(1),
+                },
+                _ => {
+                    list.sort_unstable();
+                    list.dedup();
+                }
+            }
         }
     }
 
@@ -310,6 +322,24 @@ mod tests {
         }
         assert_eq!(all.len(), 2 * ItemKind::COUNT);
         assert!(!all.is_empty() && Invalidations::default().is_empty());
+    }
+
+    #[test]
+    fn normalizing_sorts_and_deduplicates_lists_of_any_length() {
+        let cases: [(&[&str], &[&str]); 7] = [
+            (&[], &[]),
+            (&["b"], &["b"]),
+            (&["a", "b"], &["a", "b"]),
+            (&["b", "a"], &["a", "b"]),
+            (&["a", "a"], &["a"]),
+            (&["c", "a", "b", "a"], &["a", "b", "c"]),
+            (&["category:10", "category:1"], &["category:1", "category:10"]),
+        ];
+        for (items, expected) in cases {
+            let mut set = Invalidations::of(ItemKind::RedisTag, items.iter().map(|s| s.to_string()).collect());
+            set.normalize();
+            assert_eq!(set.items(ItemKind::RedisTag), expected, "{items:?}");
+        }
     }
 
     #[test]
