@@ -93,7 +93,7 @@ impl Finish {
         // With read replicas, the batch's second pass waits for its newest commit LSN; a batch
         // without one (a source that has none) falls back to `repeat_after`, or has none.
         let lsn = match &self.freshness {
-            Some(_) => Commit::newest(unit.items.iter().filter(|i| asks(i)).map(|i| &i.event)),
+            Some(_) => Commit::newest(unit.items.iter().filter(|i| i.asks_any()).map(|i| &i.event)),
             None => None,
         };
         let repeat =
@@ -118,17 +118,17 @@ impl Finish {
                 Ok(Decoded::NoChange(n)) => (n.table.as_deref().unwrap_or("unknown"), "none"),
                 Err(_) => ("unknown", "none"),
             };
-            let outcome = match (&item.dead, &item.evaluation) {
+            let outcome = match (&item.dead, &item.ruled) {
                 (Some((Reason::Malformed, _)), _) => EventOutcome::DeadLettered,
                 (Some(_), _) => EventOutcome::Partial,
                 (None, None) => EventOutcome::NoChange,
-                (None, Some(e)) if e.matched_rules.is_empty() => EventOutcome::NoMatch,
+                (None, Some(r)) if !r.matched => EventOutcome::NoMatch,
                 (None, Some(_)) => EventOutcome::Invalidated,
             };
             outcomes.add(&self.metrics, (table, op, outcome));
             // With a second pass, events that asked for invalidations are acknowledged after
             // it, and observed there.
-            if !(repeat && asks(item)) && item.evaluation.is_some() {
+            if !(repeat && item.asks_any()) && item.ruled.is_some() {
                 if let Some(origin) = origin(&item.event) {
                     let seconds = now.duration_since(origin).unwrap_or_default().as_secs_f64();
                     end_to_end.observe(seconds);
@@ -150,7 +150,7 @@ impl Finish {
         let mut waiting = Vec::new();
         let mut origins = Vec::new();
         for item in unit.items {
-            if repeat && asks(&item) {
+            if repeat && item.asks_any() {
                 origins.extend(origin(&item.event));
                 waiting.push(item.event.ack);
             } else {
@@ -169,11 +169,6 @@ impl Finish {
         }
         Ok(())
     }
-}
-
-/// Whether the event asked for any invalidation (then a second pass repeats it).
-fn asks(item: &super::Item) -> bool {
-    item.evaluation.as_ref().is_some_and(|e| !e.invalidations.is_empty())
 }
 
 /// At most this many distinct label sets are gathered per unit; beyond, each event is counted

@@ -6,10 +6,22 @@ use super::batching::tests::{arrival, pipeline_config};
 use super::*;
 use crate::sink::SinkError;
 
-fn item(keys: &[&str], tags: &[&str]) -> Item {
-    let invalidations = Invalidations::of(ItemKind::RedisKey, keys.iter().map(|s| s.to_string()).collect())
-        .with(ItemKind::RedisTag, tags.iter().map(|s| s.to_string()).collect());
-    Item { event: arrival(), evaluation: Some(Evaluation { invalidations, ..Default::default() }), dead: None }
+/// A unit of events asking for these keys and tags (each list sorted, as the rules make it),
+/// gathered as intake gathers a batch.
+fn unit_of(asked: &[(&[&str], &[&str])]) -> Unit {
+    let mut gathered: [Vec<String>; ItemKind::COUNT] = Default::default();
+    let items = asked
+        .iter()
+        .map(|(keys, tags)| {
+            let mut set = Invalidations::of(ItemKind::RedisKey, keys.iter().map(|s| s.to_string()).collect())
+                .with(ItemKind::RedisTag, tags.iter().map(|s| s.to_string()).collect());
+            set.normalize();
+            let asked = take_items(&mut gathered, &mut set);
+            Item { event: arrival(), ruled: Some(Ruled { matched: true, asked }), dead: None }
+        })
+        .collect();
+    let (batch, asked) = Invalidations::gather(gathered);
+    Unit { items, batch, asked, not_before: None }
 }
 
 /// A sink that takes `per_batch` to confirm and records how many keys each batch held and
@@ -103,15 +115,26 @@ async fn the_pipeline_sends_at_once_when_light_and_a_slow_layer_takes_what_queue
 
 #[test]
 fn a_batch_is_coalesced_into_one_deduplicated_sorted_set() {
-    let items = vec![
-        item(&["product:2", "product:1"], &["category:5"]),
-        item(&["product:1"], &["category:5", "category:7"]),
-        item(&[], &["category:7"]),
-    ];
-    let batch = coalesce(&items);
+    let unit = unit_of(&[
+        (&["product:2", "product:1"], &["category:5"]),
+        (&["product:1"], &["category:5", "category:7"]),
+        (&[], &["category:7"]),
+        (&[], &[]),
+    ]);
+    let batch = &unit.batch;
     assert_eq!(batch.items(ItemKind::RedisKey), vec!["product:1", "product:2"]);
     assert_eq!(batch.items(ItemKind::RedisTag), vec!["category:5", "category:7"]);
     assert!(batch.items(ItemKind::SurrogateKey).is_empty() && batch.items(ItemKind::Url).is_empty());
+    // Each event still knows what it asked for: as indices into the batch, and as its own set.
+    let own = |i: usize| asked_set(batch, &unit.asked, &unit.items[i]).unwrap();
+    assert_eq!(asked_by(&unit.asked, &unit.items[0], ItemKind::RedisKey), [0, 1]);
+    assert_eq!(asked_by(&unit.asked, &unit.items[1], ItemKind::RedisTag), [0, 1]);
+    assert_eq!(own(0).items(ItemKind::RedisKey), ["product:1", "product:2"]);
+    assert_eq!(own(0).items(ItemKind::RedisTag), ["category:5"]);
+    assert_eq!(own(1).items(ItemKind::RedisKey), ["product:1"]);
+    assert_eq!(own(2).items(ItemKind::RedisTag), ["category:7"]);
+    assert!(own(3).is_empty() && !unit.items[3].asks_any() && unit.items[2].asks_any());
+    assert!(unit.items[2].asks(&[ItemKind::RedisTag]) && !unit.items[2].asks(&[ItemKind::RedisKey]));
 }
 
 /// A sink of the given kinds that takes `per_batch` to confirm, and records when each item

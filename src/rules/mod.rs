@@ -220,6 +220,16 @@ impl Rules {
     /// What `event` asks to invalidate.
     pub fn evaluate(&self, event: &ChangeEvent) -> Evaluation {
         let mut eval = Evaluation::default();
+        self.evaluate_into(event, &mut eval);
+        eval
+    }
+
+    /// [`Rules::evaluate`] into `eval`, which is cleared first: evaluating event after event into
+    /// one `Evaluation` (taking its items out in between) reuses its lists' room.
+    pub fn evaluate_into(&self, event: &ChangeEvent, eval: &mut Evaluation) {
+        eval.invalidations.clear();
+        eval.matched_rules.clear();
+        eval.errors.clear();
         let exact = self.by_table.get(event.table.as_str()).map_or(&[][..], Vec::as_slice);
         // Merge the exact and glob candidates by index, so rules apply in file order.
         let (mut e, mut g) = (0, 0);
@@ -243,13 +253,12 @@ impl Rules {
                 (None, None) => break,
             };
             if let Some(rule) = self.rules.get(index) {
-                rule.apply(event, &mut eval);
+                rule.apply(event, eval);
             }
         }
         eval.invalidations.normalize();
         eval.matched_rules.sort_unstable();
         eval.matched_rules.dedup();
-        eval
     }
 
     fn glob_matches(&self, index: usize, table: &str) -> bool {

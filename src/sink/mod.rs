@@ -98,6 +98,50 @@ impl Invalidations {
         all
     }
 
+    /// Moves the items of `lists` (per kind, in [`ItemKind::ALL`] order, the items of several
+    /// sets one after the other) into one set, each list sorted and deduplicated as
+    /// [`Invalidations::union`] makes it, without copying an item. Also says where each item
+    /// went: the `i`-th item given of a kind is at `positions[kind][i]` in the set's list of
+    /// that kind (so a sorted list given in one piece has ascending positions).
+    pub fn gather(mut lists: [Vec<String>; ItemKind::COUNT]) -> (Invalidations, [Vec<usize>; ItemKind::COUNT]) {
+        let mut all = Invalidations::default();
+        let mut positions: [Vec<usize>; ItemKind::COUNT] = Default::default();
+        for ((given, out), at) in lists.iter_mut().zip(all.lists.iter_mut()).zip(positions.iter_mut()) {
+            if given.is_empty() {
+                continue;
+            }
+            // Sorted by reference (with each item's place in `given`); the distinct items are
+            // then moved out of `given` in order, and the duplicates left there are dropped.
+            let mut order: Vec<((u128, &str), usize)> =
+                given.iter().enumerate().map(|(i, item)| ((sort_key(item), item.as_str()), i)).collect();
+            order.sort_unstable_by(|a, b| bytewise(&a.0, &b.0));
+            *at = vec![0; given.len()];
+            // The place in `given` of each distinct item, in sorted order.
+            let mut firsts: Vec<usize> = Vec::new();
+            let mut previous: Option<(u128, &str)> = None;
+            for (item, i) in &order {
+                if previous.is_none_or(|p| bytewise(&p, item).is_ne()) {
+                    firsts.push(*i);
+                    previous = Some(*item);
+                }
+                if let Some(slot) = at.get_mut(*i) {
+                    *slot = firsts.len().saturating_sub(1);
+                }
+            }
+            drop(order);
+            *out = firsts.iter().filter_map(|&i| given.get_mut(i).map(std::mem::take)).collect();
+        }
+        (all, positions)
+    }
+
+    /// Empties every list (keeping its room) and forgets the origins.
+    pub fn clear(&mut self) {
+        for list in &mut self.lists {
+            list.clear();
+        }
+        self.origins = None;
+    }
+
     /// Where the items came from, when the pipeline gathered it (see [`origins`]).
     pub fn origins(&self) -> Option<&Origins> {
         self.origins.as_deref()
@@ -221,7 +265,7 @@ impl ItemKind {
     pub const COUNT: usize = ItemKind::ALL.len();
 
     /// The position of this kind in [`ItemKind::ALL`] (the enum is numbered in that order).
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 }
@@ -322,6 +366,36 @@ mod tests {
         }
         assert_eq!(all.len(), 2 * ItemKind::COUNT);
         assert!(!all.is_empty() && Invalidations::default().is_empty());
+    }
+
+    #[test]
+    fn gathering_moves_the_items_into_the_union_and_says_where_each_went() {
+        let sets = [
+            Invalidations::of(ItemKind::RedisKey, vec!["product:2".into(), "product:10".into()])
+                .with(ItemKind::RedisTag, vec!["category:5".into()]),
+            Invalidations::of(ItemKind::RedisKey, vec!["product:1".into(), "product:2".into()])
+                .with(ItemKind::RedisTag, vec!["category:5".into(), "category:7".into()])
+                .with(ItemKind::Url, vec!["https://shop.example.com/p/widget-with-a-long-name".into()]),
+            Invalidations::of(ItemKind::RedisTag, vec!["category:7".into(), "category:5".into(), "a\0".into(), "a".into()]),
+        ];
+        let mut lists: [Vec<String>; ItemKind::COUNT] = Default::default();
+        for set in &sets {
+            for kind in ItemKind::ALL {
+                lists[kind.index()].extend(set.items(kind).iter().cloned());
+            }
+        }
+        let given = lists.clone();
+        let (all, positions) = Invalidations::gather(lists);
+        assert_eq!(all, Invalidations::union(&sets));
+        for kind in ItemKind::ALL {
+            let (given, at) = (&given[kind.index()], &positions[kind.index()]);
+            assert_eq!(given.len(), at.len(), "{kind}");
+            for (item, &i) in given.iter().zip(at) {
+                assert_eq!(&all.items(kind)[i], item, "{kind}");
+            }
+        }
+        assert_eq!(positions[ItemKind::RedisKey.index()], [2, 1, 0, 2]);
+        assert_eq!(all.items(ItemKind::RedisTag), ["a", "a\0", "category:5", "category:7"]);
     }
 
     #[test]
