@@ -12,8 +12,8 @@ use tokio::task::JoinSet;
 
 use super::{asked_by, asked_set, origin, StageError, Unit};
 use crate::shutdown::Shutdown;
-use crate::source::SourceEvent;
 use crate::sink::{Invalidations, ItemKind, Origins, Sink, SinkError, SinkReport};
+use crate::source::SourceEvent;
 use crate::telemetry::events::pipeline::{self as report, SinkBatchFinished};
 use crate::telemetry::Metrics;
 

@@ -124,7 +124,9 @@ struct Ruled {
 impl Item {
     /// Whether this event asked for any item of `kinds`.
     fn asks(&self, kinds: &[ItemKind]) -> bool {
-        self.ruled.as_ref().is_some_and(|r| kinds.iter().any(|&k| r.asked.get(k.index()).is_some_and(|a| !a.is_empty())))
+        self.ruled
+            .as_ref()
+            .is_some_and(|r| kinds.iter().any(|&k| r.asked.get(k.index()).is_some_and(|a| !a.is_empty())))
     }
 
     /// Whether this event asked for anything at all.

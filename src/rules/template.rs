@@ -587,7 +587,10 @@ mod tests {
             ("18446744073709551615", "18446744073709551615"),
             // Beyond 64 bits: the digits as written, never a float.
             ("18446744073709551616", "18446744073709551616"),
-            ("-343412345678910111213141516171819202122232425262728293031", "-343412345678910111213141516171819202122232425262728293031"),
+            (
+                "-343412345678910111213141516171819202122232425262728293031",
+                "-343412345678910111213141516171819202122232425262728293031",
+            ),
             ("1.5", "1.5"),
             ("1.0", "1.0"),
             ("1.50", "1.5"),
@@ -601,7 +604,8 @@ mod tests {
             // Not finite as a float: as the parser kept it.
             ("1e400", "1e+400"),
         ];
-        let filter_chains: [&[Filter]; 4] = [&[], &[Filter::UrlEncode], &[Filter::Upper, Filter::Lower], &[Filter::GlobEscape]];
+        let filter_chains: [&[Filter]; 4] =
+            [&[], &[Filter::UrlEncode], &[Filter::Upper, Filter::Lower], &[Filter::GlobEscape]];
         for (json, _) in cases {
             let value: serde_json::Value = serde_json::from_str(&format!("{{\"n\":{json}}}")).unwrap();
             let serde_json::Value::Number(n) = &value["n"] else { panic!("{json} is not a number") };

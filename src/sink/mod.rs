@@ -85,7 +85,7 @@ impl Invalidations {
             if items.is_empty() {
                 continue;
             }
-            items.sort_unstable_by(|a, b| bytewise(a, b));
+            items.sort_unstable_by(bytewise);
             items.dedup_by(|a, b| bytewise(a, b).is_eq());
             *all.items_mut(kind) = items.iter().map(|(_, i)| (*i).to_owned()).collect();
         }
@@ -378,7 +378,10 @@ mod tests {
             Invalidations::of(ItemKind::RedisKey, vec!["product:1".into(), "product:2".into()])
                 .with(ItemKind::RedisTag, vec!["category:5".into(), "category:7".into()])
                 .with(ItemKind::Url, vec!["https://shop.example.com/p/widget-with-a-long-name".into()]),
-            Invalidations::of(ItemKind::RedisTag, vec!["category:7".into(), "category:5".into(), "a\0".into(), "a".into()]),
+            Invalidations::of(
+                ItemKind::RedisTag,
+                vec!["category:7".into(), "category:5".into(), "a\0".into(), "a".into()],
+            ),
         ];
         let mut lists: [Vec<String>; ItemKind::COUNT] = Default::default();
         for set in &sets {
@@ -423,11 +426,30 @@ mod tests {
         // Items around the sort key's 16 bytes: prefixes of each other, NUL bytes (which the
         // key's zero padding must not confuse with the end), shared 16-byte prefixes, non-ASCII.
         let mut words: Vec<String> = [
-            "", "a", "a\0", "a\0\0", "ab", "product:1", "product:10", "product:1\0", "product:12345678",
-            "product:123456789", "product:12345678\0", "product:1234567", "https://shop.example.com/p/a",
-            "https://shop.example.com/p/", "https://shop.example.com/p/b", "https://shop.example.co",
-            "https://shop.example.com", "https://shop.example.com\0", "é", "e\u{301}", "\u{10FFFF}",
-            "zzzzzzzzzzzzzzzz", "zzzzzzzzzzzzzzzzz", "zzzzzzzzzzzzzzz",
+            "",
+            "a",
+            "a\0",
+            "a\0\0",
+            "ab",
+            "product:1",
+            "product:10",
+            "product:1\0",
+            "product:12345678",
+            "product:123456789",
+            "product:12345678\0",
+            "product:1234567",
+            "https://shop.example.com/p/a",
+            "https://shop.example.com/p/",
+            "https://shop.example.com/p/b",
+            "https://shop.example.co",
+            "https://shop.example.com",
+            "https://shop.example.com\0",
+            "é",
+            "e\u{301}",
+            "\u{10FFFF}",
+            "zzzzzzzzzzzzzzzz",
+            "zzzzzzzzzzzzzzzzz",
+            "zzzzzzzzzzzzzzz",
         ]
         .iter()
         .map(|s| s.to_string())
