@@ -110,23 +110,21 @@ impl Invalidations {
             if given.is_empty() {
                 continue;
             }
-            // The places in `given`, sorted by their items (each with its sort key: the items
-            // themselves are read only when two keys are equal); the distinct items are then
-            // moved out of `given` in order, and the duplicates left there are dropped.
-            let text = |i: usize| given.get(i).map_or("", String::as_str);
-            let order_of = |a: &(u128, usize), b: &(u128, usize)| bytewise(&(a.0, text(a.1)), &(b.0, text(b.1)));
-            let mut order: Vec<(u128, usize)> = given.iter().enumerate().map(|(i, item)| (sort_key(item), i)).collect();
-            order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| order_of(a, b)));
+            // Sorted by reference (with each item's place in `given`); the distinct items are
+            // then moved out of `given` in order, and the duplicates left there are dropped.
+            let mut order: Vec<((u128, &str), usize)> =
+                given.iter().enumerate().map(|(i, item)| ((sort_key(item), item.as_str()), i)).collect();
+            order.sort_unstable_by(|a, b| bytewise(&a.0, &b.0));
             *at = vec![0; given.len()];
             // The place in `given` of each distinct item, in sorted order.
             let mut firsts: Vec<usize> = Vec::new();
-            let mut previous: Option<&(u128, usize)> = None;
-            for entry in &order {
-                if previous.is_none_or(|p| p.0 != entry.0 || order_of(p, entry).is_ne()) {
-                    firsts.push(entry.1);
-                    previous = Some(entry);
+            let mut previous: Option<(u128, &str)> = None;
+            for (item, i) in &order {
+                if previous.is_none_or(|p| bytewise(&p, item).is_ne()) {
+                    firsts.push(*i);
+                    previous = Some(*item);
                 }
-                if let Some(slot) = at.get_mut(entry.1) {
+                if let Some(slot) = at.get_mut(*i) {
                     *slot = firsts.len().saturating_sub(1);
                 }
             }
