@@ -728,3 +728,64 @@ async fn every_staleness_histogram_counts_each_event_once_in_its_bucket_whatever
     let (_, _, processed) = histogram_series(&metrics, "cdc_invalidator_processing_seconds", "sink=\"slow\"");
     assert_eq!(processed, both.len() as u64);
 }
+
+/// A sink that rejects one key of every batch holding it, and confirms the rest.
+struct Rejecting {
+    key: &'static str,
+}
+
+#[async_trait::async_trait]
+impl Sink for Rejecting {
+    fn name(&self) -> &str {
+        "rejecting"
+    }
+
+    async fn invalidate(&self, batch: &Invalidations, _: &Shutdown) -> Result<crate::sink::SinkReport, SinkError> {
+        let keys = batch.items(ItemKind::RedisKey);
+        let rejected = keys.iter().position(|k| k == self.key).map(|index| crate::sink::Rejected {
+            kind: ItemKind::RedisKey,
+            index,
+            reason: "no".into(),
+        });
+        Ok(crate::sink::SinkReport {
+            confirmed: vec![(ItemKind::RedisKey, (keys.len() - usize::from(rejected.is_some())) as u64)],
+            rejected: rejected.into_iter().collect(),
+            removed: 0,
+        })
+    }
+
+    async fn ping(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test]
+async fn a_rejected_item_dead_letters_exactly_the_events_that_asked_for_it() {
+    // Events 1 to 6 in one unit; the rule renders `t:{id}`, ids 1, 2, 1, 3, 1, 2: the sink
+    // rejects `t:1`, which three of them asked for (the batch holds it once).
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let dead = crate::config::DeadLetterConfig { file: Some(dir.path().join("dl.jsonl")), ..Default::default() };
+    let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
+    let rules = "version: 1\nrules:\n  - name: t\n    table: public.t\n    redis: { keys: [\"t:{id}\"] }\n";
+    let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+    let sink = Arc::new(Rejecting { key: "t:1" });
+    let pipeline = Pipeline::new(pipeline_config(100, 50, 50), rules, vec![sink], dead_letters, metrics.clone());
+    let (tx, rx) = mpsc::channel(100);
+    for (line, id) in [1, 2, 1, 3, 1, 2].into_iter().enumerate() {
+        let mut event = change(id);
+        event.position = crate::source::Position::File { line: line as u64 + 1 };
+        tx.send(event).await.unwrap();
+    }
+    drop(tx);
+    pipeline.run(rx, &Shutdown::never()).await.unwrap();
+    let letters = std::fs::read_to_string(dir.path().join("dl.jsonl")).unwrap();
+    let lines: Vec<u64> = letters
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["source"]["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lines, [1, 3, 5], "{letters}");
+    assert!(letters.lines().all(|l| l.contains("sink_rejected") && l.contains("t:1")), "{letters}");
+    let count = |outcome| metrics.value("cdc_invalidator_events_total", &[("outcome", outcome)]);
+    assert_eq!((count("partial"), count("invalidated")), (3.0, 3.0));
+}
