@@ -6,6 +6,7 @@ pub(super) use super::second_pass::SecondPasses;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use prometheus::local::LocalHistogram;
 use tokio::sync::mpsc;
 
 use super::{change_of, origin, StageError, Unit};
@@ -92,7 +93,7 @@ impl Finish {
         // With read replicas, the batch's second pass waits for its newest commit LSN; a batch
         // without one (a source that has none) falls back to `repeat_after`, or has none.
         let lsn = match &self.freshness {
-            Some(_) => Commit::newest(unit.items.iter().filter(|i| asks(i)).map(|i| &i.event)),
+            Some(_) => Commit::newest(unit.items.iter().filter(|i| i.asks_any()).map(|i| &i.event)),
             None => None,
         };
         let repeat =
@@ -101,11 +102,15 @@ impl Finish {
         // unit instead of one per event (a lookup hashes the labels and takes a lock).
         let mut outcomes = LabelCounts::default();
         let mut tables = TableStaleness::default();
+        // The unit's observations are gathered locally and added to each histogram once, before
+        // any acknowledgement (one atomic update per histogram and unit, not per event: across
+        // cores those contend). Counts and buckets are the same; a sum is added per unit.
+        let end_to_end = self.metrics.end_to_end_staleness.local();
         // Settled seconds of events without a second pass: one histogram per sink, looked up
         // once per unit.
-        let settled: Vec<(&[ItemKind], prometheus::Histogram)> = match repeat {
+        let settled: Vec<(&[ItemKind], LocalHistogram)> = match repeat {
             true => Vec::new(),
-            false => self.sinks.iter().map(|s| (s.kinds(), report::settled(&self.metrics, s.name()))).collect(),
+            false => self.sinks.iter().map(|s| (s.kinds(), report::settled(&self.metrics, s.name()).local())).collect(),
         };
         for item in &unit.items {
             let (table, op) = match &item.event.decoded {
@@ -113,20 +118,20 @@ impl Finish {
                 Ok(Decoded::NoChange(n)) => (n.table.as_deref().unwrap_or("unknown"), "none"),
                 Err(_) => ("unknown", "none"),
             };
-            let outcome = match (&item.dead, &item.evaluation) {
+            let outcome = match (&item.dead, &item.ruled) {
                 (Some((Reason::Malformed, _)), _) => EventOutcome::DeadLettered,
                 (Some(_), _) => EventOutcome::Partial,
                 (None, None) => EventOutcome::NoChange,
-                (None, Some(e)) if e.matched_rules.is_empty() => EventOutcome::NoMatch,
+                (None, Some(r)) if !r.matched => EventOutcome::NoMatch,
                 (None, Some(_)) => EventOutcome::Invalidated,
             };
             outcomes.add(&self.metrics, (table, op, outcome));
             // With a second pass, events that asked for invalidations are acknowledged after
             // it, and observed there.
-            if !(repeat && asks(item)) && item.evaluation.is_some() {
+            if !(repeat && item.asks_any()) && item.ruled.is_some() {
                 if let Some(origin) = origin(&item.event) {
                     let seconds = now.duration_since(origin).unwrap_or_default().as_secs_f64();
-                    self.metrics.end_to_end_staleness.observe(seconds);
+                    end_to_end.observe(seconds);
                     tables.observe(&self.metrics, table, seconds);
                     // No second pass: the first was the last, so the event settled now. Observed
                     // so that settled covers every invalidated event whatever the timing.
@@ -137,10 +142,15 @@ impl Finish {
             }
         }
         outcomes.flush(&self.metrics);
+        end_to_end.flush();
+        tables.flush();
+        for (_, histogram) in &settled {
+            histogram.flush();
+        }
         let mut waiting = Vec::new();
         let mut origins = Vec::new();
         for item in unit.items {
-            if repeat && asks(&item) {
+            if repeat && item.asks_any() {
                 origins.extend(origin(&item.event));
                 waiting.push(item.event.ack);
             } else {
@@ -159,11 +169,6 @@ impl Finish {
         }
         Ok(())
     }
-}
-
-/// Whether the event asked for any invalidation (then a second pass repeats it).
-fn asks(item: &super::Item) -> bool {
-    item.evaluation.as_ref().is_some_and(|e| !e.invalidations.is_empty())
 }
 
 /// At most this many distinct label sets are gathered per unit; beyond, each event is counted
@@ -199,10 +204,11 @@ impl<'a> LabelCounts<'a> {
     }
 }
 
-/// `cdc_invalidator_table_staleness_seconds` handles of one unit, looked up once per table.
+/// `cdc_invalidator_table_staleness_seconds` of one unit: looked up once per table, observed
+/// locally and added to the histogram once ([`TableStaleness::flush`]).
 #[derive(Default)]
 struct TableStaleness<'a> {
-    handles: Vec<(&'a str, prometheus::Histogram)>,
+    handles: Vec<(&'a str, LocalHistogram)>,
 }
 
 impl<'a> TableStaleness<'a> {
@@ -212,9 +218,18 @@ impl<'a> TableStaleness<'a> {
             return;
         }
         let handle = report::table_staleness(metrics, table);
-        handle.observe(seconds);
         if self.handles.len() < GATHERED_LABEL_SETS {
-            self.handles.push((table, handle));
+            let local = handle.local();
+            local.observe(seconds);
+            self.handles.push((table, local));
+        } else {
+            handle.observe(seconds);
+        }
+    }
+
+    fn flush(&self) {
+        for (_, h) in &self.handles {
+            h.flush();
         }
     }
 }

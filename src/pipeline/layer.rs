@@ -10,9 +10,10 @@ use prometheus::{Counter, IntGauge};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::task::JoinSet;
 
-use super::{origin, StageError, Unit};
+use super::{asked_by, asked_set, origin, StageError, Unit};
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, Origins, Sink, SinkError, SinkReport};
+use crate::source::SourceEvent;
 use crate::telemetry::events::pipeline::{self as report, SinkBatchFinished};
 use crate::telemetry::Metrics;
 
@@ -239,10 +240,14 @@ impl Layer {
                         next_seq += 1;
                         let mut batch = std::mem::take(&mut queued.unit.batch);
                         if wants_origins && batch.origins().is_none() && self.wants(&batch) {
-                            let events = queued.unit.items.iter();
-                            batch.set_origins(Origins::of(
-                                events.filter_map(|i| Some((&i.event, &i.evaluation.as_ref()?.invalidations))),
-                            ));
+                            // Each event's own set, copied out of the batch (only for such a layer).
+                            let unit = &queued.unit;
+                            let asked: Vec<(&SourceEvent, Invalidations)> = unit
+                                .items
+                                .iter()
+                                .filter_map(|i| Some((&i.event, asked_set(&batch, &unit.asked, i)?)))
+                                .collect();
+                            batch.set_origins(Origins::of(asked.iter().map(|(event, set)| (*event, set))));
                         }
                         let batch = Arc::new(batch);
                         let mut waiting = 0;
@@ -311,9 +316,10 @@ impl Layer {
             return unit;
         }
         for (kind, value, sentence) in rejections.into_iter().flatten() {
+            // The events that asked for it: those whose indices hold its index in the batch.
+            let Ok(index) = unit.batch.items(kind).binary_search(&value) else { continue };
             for item in unit.items.iter_mut() {
-                let wanted =
-                    item.evaluation.as_ref().is_some_and(|e| e.invalidations.items(kind).binary_search(&value).is_ok());
+                let wanted = asked_by(&unit.asked, item, kind).binary_search(&index).is_ok();
                 if wanted {
                     item.dead = Some(match item.dead.take() {
                         Some((_, earlier)) => {
@@ -399,13 +405,18 @@ impl Worker {
         for d in done {
             let name = d.sink.name();
             self.metrics.emit(SinkBatchFinished { sink: name, took: d.took, confirmed: &d.report.confirmed });
+            // Observed locally and added to each histogram once per batch (one atomic update
+            // each, not one per event), before the answers go out.
             let (staleness, processing) = report::sink_latency(&self.metrics, name);
+            let (staleness, processing) = (staleness.local(), processing.local());
             for (origin, received) in works.iter().flat_map(|w| &w.stamps) {
                 if let Some(origin) = origin {
                     staleness.observe(d.at.duration_since(*origin).unwrap_or_default().as_secs_f64());
                 }
                 processing.observe(d.at_instant.saturating_duration_since(*received).as_secs_f64());
             }
+            staleness.flush();
+            processing.flush();
             for rejected in &d.report.rejected {
                 let Some(value) = batch.items(rejected.kind).get(rejected.index) else { continue };
                 let sentence = format!("sink {name} rejected {} {value:?}: {}", rejected.kind, rejected.reason);

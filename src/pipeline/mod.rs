@@ -106,15 +106,32 @@ pub struct Pipeline {
 /// One event of a batch and what the rules made of it.
 struct Item {
     event: SourceEvent,
-    evaluation: Option<Evaluation>,
+    /// `None` when the event is not a change (the rules did not run).
+    ruled: Option<Ruled>,
     /// Set when the event must be dead-lettered (reason, sentence).
     dead: Option<(Reason, String)>,
+}
+
+/// What the rules made of one event. Its items themselves are in the unit's batch (moved there,
+/// not copied): `asked[kind]` is the range of `Unit::asked[kind]` holding their indices in the
+/// batch's list of that kind, ascending.
+struct Ruled {
+    /// Whether some rule applied to it (else its outcome is `no_match`).
+    matched: bool,
+    asked: [std::ops::Range<usize>; ItemKind::COUNT],
 }
 
 impl Item {
     /// Whether this event asked for any item of `kinds`.
     fn asks(&self, kinds: &[ItemKind]) -> bool {
-        self.evaluation.as_ref().is_some_and(|e| kinds.iter().any(|&k| !e.invalidations.items(k).is_empty()))
+        self.ruled
+            .as_ref()
+            .is_some_and(|r| kinds.iter().any(|&k| r.asked.get(k.index()).is_some_and(|a| !a.is_empty())))
+    }
+
+    /// Whether this event asked for anything at all.
+    fn asks_any(&self) -> bool {
+        self.ruled.as_ref().is_some_and(|r| r.asked.iter().any(|a| !a.is_empty()))
     }
 }
 
@@ -123,9 +140,47 @@ impl Item {
 struct Unit {
     items: Vec<Item>,
     batch: Invalidations,
+    /// Per kind, the indices in `batch` of what each event asked for, event after event (see
+    /// [`Ruled::asked`]).
+    asked: [Vec<usize>; ItemKind::COUNT],
     /// The earliest instant the next layer may start on it (`layer_delay` after the last layer
     /// that worked on it confirmed it).
     not_before: Option<tokio::time::Instant>,
+}
+
+/// The indices in `batch` of the items of `kind` that `item` asked for, ascending (`asked` is
+/// its unit's [`Unit::asked`]).
+fn asked_by<'a>(asked: &'a [Vec<usize>; ItemKind::COUNT], item: &Item, kind: ItemKind) -> &'a [usize] {
+    let Some(ruled) = &item.ruled else { return &[] };
+    let (Some(range), Some(indices)) = (ruled.asked.get(kind.index()), asked.get(kind.index())) else { return &[] };
+    indices.get(range.clone()).unwrap_or_default()
+}
+
+/// Moves the items of `set` to the end of `gathered`'s lists (one per kind, in
+/// [`ItemKind::ALL`] order), leaving `set`'s lists empty with their room; says where they went.
+fn take_items(
+    gathered: &mut [Vec<String>; ItemKind::COUNT],
+    set: &mut Invalidations,
+) -> [std::ops::Range<usize>; ItemKind::COUNT] {
+    std::array::from_fn(|k| {
+        // `k` is below COUNT, the length of both arrays.
+        let (Some(kind), Some(to)) = (ItemKind::ALL.get(k), gathered.get_mut(k)) else { return 0..0 };
+        let start = to.len();
+        to.append(set.items_mut(*kind));
+        start..to.len()
+    })
+}
+
+/// What `item` asked for, as a set of its own (copied out of its unit's `batch`).
+fn asked_set(batch: &Invalidations, asked: &[Vec<usize>; ItemKind::COUNT], item: &Item) -> Option<Invalidations> {
+    item.ruled.as_ref()?;
+    let mut set = Invalidations::default();
+    for kind in ItemKind::ALL {
+        let all = batch.items(kind);
+        let items = asked_by(asked, item, kind).iter().filter_map(|&i| all.get(i).cloned());
+        set.items_mut(kind).extend(items);
+    }
+    Some(set)
 }
 
 impl Pipeline {
@@ -367,60 +422,66 @@ impl Intake {
         // The upstream share of staleness: commit to entering the daemon (the receipt instant
         // mapped onto the wall clock the commit timestamp is on).
         let (wall, mono) = (SystemTime::now(), Instant::now());
+        // Observed locally and added to the histogram once per batch (one atomic update, not
+        // one per event).
+        let source_delay = self.metrics.source_delay.local();
         for event in &events {
             if let Some(origin) = origin(event) {
                 let entered = wall.checked_sub(mono.saturating_duration_since(event.received)).unwrap_or(wall);
-                self.metrics.source_delay.observe(entered.duration_since(origin).unwrap_or_default().as_secs_f64());
+                source_delay.observe(entered.duration_since(origin).unwrap_or_default().as_secs_f64());
             }
         }
+        source_delay.flush();
         // One rules version for the whole batch.
         let rules = self.rules.borrow_and_update().clone();
-        let items: Vec<Item> = events
-            .into_iter()
-            .map(|event| {
-                let (evaluation, dead) = match &event.decoded {
-                    Err(m) => (None, Some((Reason::Malformed, m.0.clone()))),
-                    Ok(Decoded::NoChange(_)) => (None, None),
-                    Ok(Decoded::Change(change)) => {
-                        let mut eval = rules.evaluate(change);
-                        // Generations carry the event's position (`sink::redis::generation`);
-                        // only looked up when asked for (Debezium's LSN means parsing again).
-                        if !eval.invalidations.items(ItemKind::RedisGeneration).is_empty() {
-                            let position = crate::sink::redis::generation::position_of(&event);
-                            crate::sink::redis::generation::stamp(&mut eval.invalidations, position);
-                        }
-                        let dead = (!eval.errors.is_empty()).then(|| {
-                            (
-                                Reason::RuleError,
-                                eval.errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>().join("; "),
-                            )
-                        });
-                        (Some(eval), dead)
+        // Every event is evaluated into the same `Evaluation`, whose items are then moved into
+        // the batch's lists: one allocation per rendered item, none per event for the lists.
+        let mut eval = Evaluation::default();
+        let mut gathered: [Vec<String>; ItemKind::COUNT] = Default::default();
+        let mut items: Vec<Item> = Vec::with_capacity(events.len());
+        for event in events {
+            let (ruled, dead) = match &event.decoded {
+                Err(m) => (None, Some((Reason::Malformed, m.0.clone()))),
+                Ok(Decoded::NoChange(_)) => (None, None),
+                Ok(Decoded::Change(change)) => {
+                    rules.evaluate_into(change, &mut eval);
+                    // Generations carry the event's position (`sink::redis::generation`);
+                    // only looked up when asked for (Debezium's LSN means parsing again).
+                    if !eval.invalidations.items(ItemKind::RedisGeneration).is_empty() {
+                        let position = crate::sink::redis::generation::position_of(&event);
+                        crate::sink::redis::generation::stamp(&mut eval.invalidations, position);
                     }
-                };
-                Item { event, evaluation, dead }
-            })
-            .collect();
-        self.log_rule_errors(&items);
-        let batch = coalesce(&items);
+                    let dead = (!eval.errors.is_empty()).then(|| {
+                        (
+                            Reason::RuleError,
+                            eval.errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>().join("; "),
+                        )
+                    });
+                    self.log_rule_errors(&event, &eval.errors);
+                    let asked = take_items(&mut gathered, &mut eval.invalidations);
+                    (Some(Ruled { matched: !eval.matched_rules.is_empty(), asked }), dead)
+                }
+            };
+            items.push(Item { event, ruled, dead });
+        }
+        let (batch, asked) = Invalidations::gather(gathered);
         self.metrics.batch_items.observe(ItemKind::ALL.iter().map(|&k| batch.items(k).len()).sum::<usize>() as f64);
-        Unit { items, batch, not_before: None }
+        Unit { items, batch, asked, not_before: None }
     }
 
-    fn log_rule_errors(&mut self, items: &[Item]) {
-        for item in items {
-            let Some(eval) = &item.evaluation else { continue };
-            for err in &eval.errors {
-                let now = Instant::now();
-                let last = self.rule_error_logged.get(&err.rule);
-                let log = last.is_none_or(|t| now.duration_since(*t) >= RULE_ERROR_LOG_INTERVAL);
-                if log {
-                    self.rule_error_logged.insert(err.rule.clone(), now);
-                }
-                let table = change_of(&item.event).map(|c| c.table.as_str()).unwrap_or("unknown");
-                let (rule, position, message) = (&err.rule, &item.event.position, &err.message);
-                self.metrics.emit(RuleFailed { rule, table, position, message, log });
+    /// Counts (and, at most every [`RULE_ERROR_LOG_INTERVAL`] per rule, logs) the rule errors of
+    /// one event.
+    fn log_rule_errors(&mut self, event: &SourceEvent, errors: &[crate::rules::RuleError]) {
+        for err in errors {
+            let now = Instant::now();
+            let last = self.rule_error_logged.get(&err.rule);
+            let log = last.is_none_or(|t| now.duration_since(*t) >= RULE_ERROR_LOG_INTERVAL);
+            if log {
+                self.rule_error_logged.insert(err.rule.clone(), now);
             }
+            let table = change_of(event).map(|c| c.table.as_str()).unwrap_or("unknown");
+            let (rule, position, message) = (&err.rule, &event.position, &err.message);
+            self.metrics.emit(RuleFailed { rule, table, position, message, log });
         }
     }
 }
@@ -435,11 +496,6 @@ fn change_of(event: &SourceEvent) -> Option<&ChangeEvent> {
 /// The staleness origin of an event: its database commit time, else the time it entered the log.
 fn origin(event: &SourceEvent) -> Option<SystemTime> {
     change_of(event).and_then(|c| c.committed_at).or(event.logged_at)
-}
-
-/// One deduplicated, sorted set of invalidations for the whole batch.
-fn coalesce(items: &[Item]) -> Invalidations {
-    Invalidations::union(items.iter().filter_map(|i| i.evaluation.as_ref()).map(|e| &e.invalidations))
 }
 
 #[cfg(test)]

@@ -226,9 +226,12 @@ impl SecondPasses {
     /// acknowledged.
     fn finished(&self, run: Running) {
         let now = SystemTime::now();
+        // Observed locally, added to the histogram once (before the acknowledgements).
+        let end_to_end = self.metrics.end_to_end_staleness.local();
         for origin in run.origins.iter() {
-            self.metrics.end_to_end_staleness.observe(now.duration_since(*origin).unwrap_or_default().as_secs_f64());
+            end_to_end.observe(now.duration_since(*origin).unwrap_or_default().as_secs_f64());
         }
+        end_to_end.flush();
         self.pending.send_modify(|n| *n = n.saturating_sub(run.acks.len()));
         self.metrics.second_pass_pending_events.set(*self.pending.borrow() as i64);
         for ack in run.acks {
@@ -306,10 +309,12 @@ impl Worker {
             let name = done.sink.name();
             let (refilled, rejected) = (done.report.removed, done.report.rejected.len());
             self.metrics.emit(SecondPassDone { sink: name, refilled, rejected });
-            let settled = report::settled(&self.metrics, name);
+            // Observed locally, added to the histogram once per pass.
+            let settled = report::settled(&self.metrics, name).local();
             for origin in job.origins.iter() {
                 settled.observe(done.at.duration_since(*origin).unwrap_or_default().as_secs_f64());
             }
+            settled.flush();
         }
         Ok(())
     }

@@ -6,10 +6,22 @@ use super::batching::tests::{arrival, pipeline_config};
 use super::*;
 use crate::sink::SinkError;
 
-fn item(keys: &[&str], tags: &[&str]) -> Item {
-    let invalidations = Invalidations::of(ItemKind::RedisKey, keys.iter().map(|s| s.to_string()).collect())
-        .with(ItemKind::RedisTag, tags.iter().map(|s| s.to_string()).collect());
-    Item { event: arrival(), evaluation: Some(Evaluation { invalidations, ..Default::default() }), dead: None }
+/// A unit of events asking for these keys and tags (each list sorted, as the rules make it),
+/// gathered as intake gathers a batch.
+fn unit_of(asked: &[(&[&str], &[&str])]) -> Unit {
+    let mut gathered: [Vec<String>; ItemKind::COUNT] = Default::default();
+    let items = asked
+        .iter()
+        .map(|(keys, tags)| {
+            let mut set = Invalidations::of(ItemKind::RedisKey, keys.iter().map(|s| s.to_string()).collect())
+                .with(ItemKind::RedisTag, tags.iter().map(|s| s.to_string()).collect());
+            set.normalize();
+            let asked = take_items(&mut gathered, &mut set);
+            Item { event: arrival(), ruled: Some(Ruled { matched: true, asked }), dead: None }
+        })
+        .collect();
+    let (batch, asked) = Invalidations::gather(gathered);
+    Unit { items, batch, asked, not_before: None }
 }
 
 /// A sink that takes `per_batch` to confirm and records how many keys each batch held and
@@ -103,15 +115,26 @@ async fn the_pipeline_sends_at_once_when_light_and_a_slow_layer_takes_what_queue
 
 #[test]
 fn a_batch_is_coalesced_into_one_deduplicated_sorted_set() {
-    let items = vec![
-        item(&["product:2", "product:1"], &["category:5"]),
-        item(&["product:1"], &["category:5", "category:7"]),
-        item(&[], &["category:7"]),
-    ];
-    let batch = coalesce(&items);
+    let unit = unit_of(&[
+        (&["product:2", "product:1"], &["category:5"]),
+        (&["product:1"], &["category:5", "category:7"]),
+        (&[], &["category:7"]),
+        (&[], &[]),
+    ]);
+    let batch = &unit.batch;
     assert_eq!(batch.items(ItemKind::RedisKey), vec!["product:1", "product:2"]);
     assert_eq!(batch.items(ItemKind::RedisTag), vec!["category:5", "category:7"]);
     assert!(batch.items(ItemKind::SurrogateKey).is_empty() && batch.items(ItemKind::Url).is_empty());
+    // Each event still knows what it asked for: as indices into the batch, and as its own set.
+    let own = |i: usize| asked_set(batch, &unit.asked, &unit.items[i]).unwrap();
+    assert_eq!(asked_by(&unit.asked, &unit.items[0], ItemKind::RedisKey), [0, 1]);
+    assert_eq!(asked_by(&unit.asked, &unit.items[1], ItemKind::RedisTag), [0, 1]);
+    assert_eq!(own(0).items(ItemKind::RedisKey), ["product:1", "product:2"]);
+    assert_eq!(own(0).items(ItemKind::RedisTag), ["category:5"]);
+    assert_eq!(own(1).items(ItemKind::RedisKey), ["product:1"]);
+    assert_eq!(own(2).items(ItemKind::RedisTag), ["category:7"]);
+    assert!(own(3).is_empty() && !unit.items[3].asks_any() && unit.items[2].asks_any());
+    assert!(unit.items[2].asks(&[ItemKind::RedisTag]) && !unit.items[2].asks(&[ItemKind::RedisKey]));
 }
 
 /// A sink of the given kinds that takes `per_batch` to confirm, and records when each item
@@ -619,4 +642,150 @@ async fn a_dead_letter_destination_that_keeps_failing_holds_intake_instead_of_fi
     trigger.abandon();
     assert!(run.await.unwrap().is_ok(), "abandoned, not failed");
     feeder.abort();
+}
+
+/// One histogram series of `metrics`' exposition (`labels` as rendered, `""` for none): its
+/// cumulative buckets (upper bound, count), sum and count.
+fn histogram_series(metrics: &Metrics, name: &str, labels: &str) -> (Vec<(f64, u64)>, f64, u64) {
+    let text = metrics.render();
+    let value = |line: &str| line.rsplit(' ').next().unwrap().to_string();
+    let (mut buckets, mut sum, mut count) = (Vec::new(), None, None);
+    let prefix = if labels.is_empty() { String::new() } else { format!("{labels},") };
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix(&format!("{name}_bucket{{{prefix}le=\"")) {
+            let le = rest.split('"').next().unwrap();
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap() };
+            buckets.push((le, value(line).parse().unwrap()));
+        }
+        let series = |part: &str| match labels {
+            "" => format!("{name}_{part} "),
+            _ => format!("{name}_{part}{{{labels}}} "),
+        };
+        if line.starts_with(&series("sum")) {
+            sum = Some(value(line).parse().unwrap());
+        }
+        if line.starts_with(&series("count")) {
+            count = Some(value(line).parse().unwrap());
+        }
+    }
+    (buckets, sum.unwrap_or_else(|| panic!("{name} {{{labels}}}: no sum in\n{text}")), count.unwrap())
+}
+
+#[tokio::test]
+async fn every_staleness_histogram_counts_each_event_once_in_its_bucket_whatever_the_units() {
+    // Ages in the middle of the staleness buckets (the test takes milliseconds), every one in
+    // two tables; batches of at most 4 events, so the figures add up over several units.
+    let ages = [0.2, 0.4, 1.7, 3.5, 7.0, 20.0, 45.0, 100.0, 500.0, 2000.0];
+    let now = std::time::SystemTime::now();
+    let events: Vec<SourceEvent> = ["public.t", "public.u"]
+        .iter()
+        .flat_map(|table| {
+            ages.iter().enumerate().map(move |(id, age)| {
+                let mut event = change(id as i64);
+                if let Ok(Decoded::Change(c)) = &mut event.decoded {
+                    c.table = table.to_string();
+                    c.committed_at = Some(now - Duration::from_secs_f64(*age));
+                }
+                event
+            })
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let dead = crate::config::DeadLetterConfig { file: Some(dir.path().join("dl.jsonl")), ..Default::default() };
+    let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
+    let rules = "version: 1\nrules:\n  - name: t\n    table: public.*\n    redis: { keys: [\"t:{id}\"] }\n";
+    let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+    let sink = Arc::new(SlowSink { per_batch: Duration::from_millis(1), batches: Default::default() });
+    let pipeline = Pipeline::new(pipeline_config(4, 1, 1), rules, vec![sink.clone()], dead_letters, metrics.clone());
+    let (tx, rx) = mpsc::channel(100);
+    for event in events {
+        tx.send(event).await.unwrap();
+    }
+    drop(tx);
+    pipeline.run(rx, &Shutdown::never()).await.unwrap();
+    assert!(sink.batches.lock().unwrap().len() >= 5, "several units");
+
+    // Each histogram against the ages of the events it covers: every bucket's count, the count
+    // and the sum (plus the milliseconds the test took per observation).
+    let check = |name: &str, labels: &str, ages: &[f64]| {
+        let (buckets, sum, count) = histogram_series(&metrics, name, labels);
+        assert!(!buckets.is_empty(), "{name} {labels}");
+        for (le, n) in buckets {
+            assert_eq!(n, ages.iter().filter(|a| **a <= le).count() as u64, "{name} {{{labels}}} le={le}");
+        }
+        assert_eq!(count, ages.len() as u64, "{name} {{{labels}}}");
+        let expected: f64 = ages.iter().sum();
+        assert!(sum >= expected - 0.001 && sum < expected + 0.5, "{name} {{{labels}}}: sum {sum}, ages {expected}");
+    };
+    let both: Vec<f64> = ages.iter().chain(ages.iter()).copied().collect();
+    check("cdc_invalidator_source_delay_seconds", "", &both);
+    check("cdc_invalidator_acknowledged_staleness_seconds", "", &both);
+    check("cdc_invalidator_staleness_seconds", "sink=\"slow\"", &both);
+    check("cdc_invalidator_settled_seconds", "sink=\"slow\"", &both);
+    check("cdc_invalidator_table_staleness_seconds", "table=\"public.t\"", &ages);
+    check("cdc_invalidator_table_staleness_seconds", "table=\"public.u\"", &ages);
+    let (_, _, processed) = histogram_series(&metrics, "cdc_invalidator_processing_seconds", "sink=\"slow\"");
+    assert_eq!(processed, both.len() as u64);
+}
+
+/// A sink that rejects one key of every batch holding it, and confirms the rest.
+struct Rejecting {
+    key: &'static str,
+}
+
+#[async_trait::async_trait]
+impl Sink for Rejecting {
+    fn name(&self) -> &str {
+        "rejecting"
+    }
+
+    async fn invalidate(&self, batch: &Invalidations, _: &Shutdown) -> Result<crate::sink::SinkReport, SinkError> {
+        let keys = batch.items(ItemKind::RedisKey);
+        let rejected = keys.iter().position(|k| k == self.key).map(|index| crate::sink::Rejected {
+            kind: ItemKind::RedisKey,
+            index,
+            reason: "no".into(),
+        });
+        Ok(crate::sink::SinkReport {
+            confirmed: vec![(ItemKind::RedisKey, (keys.len() - usize::from(rejected.is_some())) as u64)],
+            rejected: rejected.into_iter().collect(),
+            removed: 0,
+        })
+    }
+
+    async fn ping(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test]
+async fn a_rejected_item_dead_letters_exactly_the_events_that_asked_for_it() {
+    // Events 1 to 6 in one unit; the rule renders `t:{id}`, ids 1, 2, 1, 3, 1, 2: the sink
+    // rejects `t:1`, which three of them asked for (the batch holds it once).
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let dead = crate::config::DeadLetterConfig { file: Some(dir.path().join("dl.jsonl")), ..Default::default() };
+    let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
+    let rules = "version: 1\nrules:\n  - name: t\n    table: public.t\n    redis: { keys: [\"t:{id}\"] }\n";
+    let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+    let sink = Arc::new(Rejecting { key: "t:1" });
+    let pipeline = Pipeline::new(pipeline_config(100, 50, 50), rules, vec![sink], dead_letters, metrics.clone());
+    let (tx, rx) = mpsc::channel(100);
+    for (line, id) in [1, 2, 1, 3, 1, 2].into_iter().enumerate() {
+        let mut event = change(id);
+        event.position = crate::source::Position::File { line: line as u64 + 1 };
+        tx.send(event).await.unwrap();
+    }
+    drop(tx);
+    pipeline.run(rx, &Shutdown::never()).await.unwrap();
+    let letters = std::fs::read_to_string(dir.path().join("dl.jsonl")).unwrap();
+    let lines: Vec<u64> = letters
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["source"]["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lines, [1, 3, 5], "{letters}");
+    assert!(letters.lines().all(|l| l.contains("sink_rejected") && l.contains("t:1")), "{letters}");
+    let count = |outcome| metrics.value("cdc_invalidator_events_total", &[("outcome", outcome)]);
+    assert_eq!((count("partial"), count("invalidated")), (3.0, 3.0));
 }

@@ -8,7 +8,7 @@
 //! - `{{` and `}}` stand for a literal `{` and `}`; any other brace must open or close a
 //!   placeholder.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 
 use crate::event::Row;
 use crate::source::debezium::Placeholders;
@@ -463,27 +463,7 @@ impl Template {
                             push_filtered(buf, s, filters);
                         }
                         serde_json::Value::Bool(b) => push_filtered(buf, if *b { "true" } else { "false" }, filters),
-                        // Integers exactly as written, however long (serde_json keeps the digits:
-                        // `arbitrary_precision`), so 18446744073709551616 is not 1.8e19; floats
-                        // in their shortest round-trip form (ryu) as before: 1.5, 1.0, 1e+21.
-                        serde_json::Value::Number(n) if filters.is_empty() => match n.as_f64() {
-                            Some(x) if !(n.is_i64() || n.is_u64() || is_integer_literal(n)) => {
-                                // Writing to a String cannot fail.
-                                let _ = write!(buf, "{}", serde_json::Value::from(x));
-                            }
-                            _ => {
-                                let _ = write!(buf, "{n}");
-                            }
-                        },
-                        serde_json::Value::Number(n) => {
-                            let text = match n.as_f64() {
-                                Some(x) if !(n.is_i64() || n.is_u64() || is_integer_literal(n)) => {
-                                    serde_json::Value::from(x).to_string()
-                                }
-                                _ => n.to_string(),
-                            };
-                            push_filtered(buf, &text, filters)
-                        }
+                        serde_json::Value::Number(n) => push_number(buf, n, filters),
                         serde_json::Value::Null => return Err(fail(Why::Null)),
                         serde_json::Value::Array(_) => return Err(fail(Why::List)),
                         serde_json::Value::Object(_) => return Err(fail(Why::Object)),
@@ -522,10 +502,29 @@ pub(crate) fn matches_everything(pattern: &str) -> bool {
     pattern.bytes().all(|b| b == b'*')
 }
 
-/// An integer written in full (`-`, digits), beyond what `i64`/`u64` hold.
-fn is_integer_literal(n: &serde_json::Number) -> bool {
-    let text = n.to_string();
-    let digits = text.strip_prefix('-').unwrap_or(&text);
+/// Appends a number through `filters`: integers exactly as written, however long (serde_json
+/// keeps the digits: `arbitrary_precision`), so 18446744073709551616 is not 1.8e19; floats in
+/// their shortest round-trip form as JSON prints them: 1.5, 1.0, 1e+21.
+fn push_number(buf: &mut String, n: &serde_json::Number, filters: &[Filter]) {
+    let text = n.as_str();
+    // The common case (ids, foreign keys): the digits as they came, without parsing them as a
+    // float or formatting (what the general case below also renders for them).
+    if is_integer_literal(text) {
+        push_filtered(buf, text, filters);
+        return;
+    }
+    match n.as_f64() {
+        Some(x) if !(n.is_i64() || n.is_u64()) => {
+            push_filtered(buf, &serde_json::Value::from(x).to_string(), filters);
+        }
+        // Not finite as a float (1e400): as written.
+        _ => push_filtered(buf, text, filters),
+    }
+}
+
+/// An integer written in full (`-`, digits), whatever its size.
+fn is_integer_literal(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
     !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
@@ -557,6 +556,75 @@ mod tests {
             render("{s}/{i}/{n}/{b}/{f}/{g}/{h}/{u}", &[], &r).unwrap(),
             ["Blue Widget/42/-7/true/1.5/1.0/1e+21/18446744073709551615"]
         );
+    }
+
+    /// How numbers rendered before integers skipped the float parsing: the reference the fast
+    /// path must match byte for byte.
+    fn reference_number(n: &serde_json::Number, filters: &[Filter]) -> String {
+        let integer = |n: &serde_json::Number| {
+            let text = n.to_string();
+            let digits = text.strip_prefix('-').unwrap_or(&text);
+            !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+        };
+        let text = match n.as_f64() {
+            Some(x) if !(n.is_i64() || n.is_u64() || integer(n)) => serde_json::Value::from(x).to_string(),
+            _ => n.to_string(),
+        };
+        let mut out = String::new();
+        push_filtered(&mut out, &text, filters);
+        out
+    }
+
+    #[test]
+    fn numbers_render_as_before_integers_as_written_floats_shortest() {
+        let cases = [
+            ("0", "0"),
+            ("42", "42"),
+            ("-7", "-7"),
+            ("-0", "-0"),
+            ("9223372036854775807", "9223372036854775807"),
+            ("-9223372036854775808", "-9223372036854775808"),
+            ("18446744073709551615", "18446744073709551615"),
+            // Beyond 64 bits: the digits as written, never a float.
+            ("18446744073709551616", "18446744073709551616"),
+            (
+                "-343412345678910111213141516171819202122232425262728293031",
+                "-343412345678910111213141516171819202122232425262728293031",
+            ),
+            ("1.5", "1.5"),
+            ("1.0", "1.0"),
+            ("1.50", "1.5"),
+            ("-0.0", "-0.0"),
+            ("0.1", "0.1"),
+            ("1e21", "1e+21"),
+            ("1E5", "100000.0"),
+            ("2.5e-3", "0.0025"),
+            ("-1.25e+2", "-125.0"),
+            ("123456789012345678901234567890.5", "1.2345678901234568e+29"),
+            // Not finite as a float: as the parser kept it.
+            ("1e400", "1e+400"),
+        ];
+        let filter_chains: [&[Filter]; 4] =
+            [&[], &[Filter::UrlEncode], &[Filter::Upper, Filter::Lower], &[Filter::GlobEscape]];
+        for (json, _) in cases {
+            let value: serde_json::Value = serde_json::from_str(&format!("{{\"n\":{json}}}")).unwrap();
+            let serde_json::Value::Number(n) = &value["n"] else { panic!("{json} is not a number") };
+            for filters in filter_chains {
+                let mut out = String::new();
+                push_number(&mut out, n, filters);
+                assert_eq!(out, reference_number(n, filters), "{json} through {filters:?}");
+            }
+        }
+        // Through templates, with and without filters, next to booleans and strings.
+        for (json, expected) in cases {
+            let r: Row = serde_json::from_str(&format!("{{\"n\":{json},\"b\":false,\"s\":\"A b\"}}")).unwrap();
+            assert_eq!(render("k:{n}", &[], &r).unwrap(), [format!("k:{expected}")], "{json}");
+            assert_eq!(
+                render("{n|urlencode}/{b|upper}/{s|lower|urlencode}", &[], &r).unwrap(),
+                [format!("{}/FALSE/a%20b", expected.replace('+', "%2B"))],
+                "{json}"
+            );
+        }
     }
 
     #[test]

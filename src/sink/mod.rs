@@ -76,12 +76,18 @@ impl Invalidations {
     pub fn union<'a>(sets: impl IntoIterator<Item = &'a Invalidations>) -> Invalidations {
         let sets: Vec<&Invalidations> = sets.into_iter().collect();
         let mut all = Invalidations::default();
+        // Borrowed while deduplicating (only the distinct items are copied), each with its
+        // sort key; one buffer for every kind.
+        let mut items: Vec<(u128, &str)> = Vec::new();
         for kind in ItemKind::ALL {
-            // Borrowed while deduplicating: only the distinct items are copied.
-            let mut items: Vec<&str> = sets.iter().flat_map(|s| s.items(kind)).map(String::as_str).collect();
-            items.sort_unstable();
-            items.dedup();
-            *all.items_mut(kind) = items.into_iter().map(str::to_owned).collect();
+            items.clear();
+            items.extend(sets.iter().flat_map(|s| s.items(kind)).map(|i| (sort_key(i), i.as_str())));
+            if items.is_empty() {
+                continue;
+            }
+            items.sort_unstable_by(bytewise);
+            items.dedup_by(|a, b| bytewise(a, b).is_eq());
+            *all.items_mut(kind) = items.iter().map(|(_, i)| (*i).to_owned()).collect();
         }
         let with_origins: Vec<&std::sync::Arc<Origins>> = sets.iter().filter_map(|s| s.origins.as_ref()).collect();
         all.origins = match with_origins.as_slice() {
@@ -90,6 +96,50 @@ impl Invalidations {
             many => Some(std::sync::Arc::new(Origins::merge(many.iter().map(|o| &***o)))),
         };
         all
+    }
+
+    /// Moves the items of `lists` (per kind, in [`ItemKind::ALL`] order, the items of several
+    /// sets one after the other) into one set, each list sorted and deduplicated as
+    /// [`Invalidations::union`] makes it, without copying an item. Also says where each item
+    /// went: the `i`-th item given of a kind is at `positions[kind][i]` in the set's list of
+    /// that kind (so a sorted list given in one piece has ascending positions).
+    pub fn gather(mut lists: [Vec<String>; ItemKind::COUNT]) -> (Invalidations, [Vec<usize>; ItemKind::COUNT]) {
+        let mut all = Invalidations::default();
+        let mut positions: [Vec<usize>; ItemKind::COUNT] = Default::default();
+        for ((given, out), at) in lists.iter_mut().zip(all.lists.iter_mut()).zip(positions.iter_mut()) {
+            if given.is_empty() {
+                continue;
+            }
+            // Sorted by reference (with each item's place in `given`); the distinct items are
+            // then moved out of `given` in order, and the duplicates left there are dropped.
+            let mut order: Vec<((u128, &str), usize)> =
+                given.iter().enumerate().map(|(i, item)| ((sort_key(item), item.as_str()), i)).collect();
+            order.sort_unstable_by(|a, b| bytewise(&a.0, &b.0));
+            *at = vec![0; given.len()];
+            // The place in `given` of each distinct item, in sorted order.
+            let mut firsts: Vec<usize> = Vec::new();
+            let mut previous: Option<(u128, &str)> = None;
+            for (item, i) in &order {
+                if previous.is_none_or(|p| bytewise(&p, item).is_ne()) {
+                    firsts.push(*i);
+                    previous = Some(*item);
+                }
+                if let Some(slot) = at.get_mut(*i) {
+                    *slot = firsts.len().saturating_sub(1);
+                }
+            }
+            drop(order);
+            *out = firsts.iter().filter_map(|&i| given.get_mut(i).map(std::mem::take)).collect();
+        }
+        (all, positions)
+    }
+
+    /// Empties every list (keeping its room) and forgets the origins.
+    pub fn clear(&mut self) {
+        for list in &mut self.lists {
+            list.clear();
+        }
+        self.origins = None;
     }
 
     /// Where the items came from, when the pipeline gathered it (see [`origins`]).
@@ -105,8 +155,20 @@ impl Invalidations {
     /// Sorts and deduplicates every list.
     pub fn normalize(&mut self) {
         for list in &mut self.lists {
-            list.sort_unstable();
-            list.dedup();
+            match list.as_slice() {
+                [] | [_] => {}
+                // One comparison instead of a sort and a dedup: the usual update renders an item
+                // from each image (a tag of the old category and one of the new).
+                [a, b] => match a.cmp(b) {
+                    std::cmp::Ordering::Less => {}
+                    std::cmp::Ordering::Greater => list.swap(0, 1),
+                    std::cmp::Ordering::Equal => list.truncate(1),
+                },
+                _ => {
+                    list.sort_unstable();
+                    list.dedup();
+                }
+            }
         }
     }
 
@@ -120,6 +182,33 @@ impl Invalidations {
         // In range by construction: `item_kinds!` numbers the kinds 0..COUNT.
         &mut self.lists[kind.index()]
     }
+}
+
+/// The first [`SORT_KEY_BYTES`] bytes of `item`, big-endian, zero-padded: two items whose keys
+/// differ are in the order of their keys (bytewise, as `str` orders them), so sorting compares
+/// integers and reads the strings only when the keys are equal.
+const SORT_KEY_BYTES: usize = 16;
+
+fn sort_key(item: &str) -> u128 {
+    let mut key = [0u8; SORT_KEY_BYTES];
+    let n = item.len().min(SORT_KEY_BYTES);
+    if let (Some(to), Some(from)) = (key.get_mut(..n), item.as_bytes().get(..n)) {
+        to.copy_from_slice(from);
+    }
+    u128::from_be_bytes(key)
+}
+
+/// Bytewise order of two items with their [`sort_key`]s (the order of `str`). Equal keys mean
+/// equal first bytes, the shorter item zero-padded: when both fit in the key, the shorter is a
+/// prefix of the longer (so it comes first), and of equal lengths they are the same item.
+fn bytewise(a: &(u128, &str), b: &(u128, &str)) -> std::cmp::Ordering {
+    a.0.cmp(&b.0).then_with(|| {
+        if a.1.len() <= SORT_KEY_BYTES && b.1.len() <= SORT_KEY_BYTES {
+            a.1.len().cmp(&b.1.len())
+        } else {
+            a.1.cmp(b.1)
+        }
+    })
 }
 
 /// Defines [`ItemKind`] and its list [`ItemKind::ALL`] from one list, so the two cannot drift
@@ -176,7 +265,7 @@ impl ItemKind {
     pub const COUNT: usize = ItemKind::ALL.len();
 
     /// The position of this kind in [`ItemKind::ALL`] (the enum is numbered in that order).
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 }
@@ -277,6 +366,118 @@ mod tests {
         }
         assert_eq!(all.len(), 2 * ItemKind::COUNT);
         assert!(!all.is_empty() && Invalidations::default().is_empty());
+    }
+
+    #[test]
+    fn gathering_moves_the_items_into_the_union_and_says_where_each_went() {
+        let sets = [
+            Invalidations::of(ItemKind::RedisKey, vec!["product:2".into(), "product:10".into()])
+                .with(ItemKind::RedisTag, vec!["category:5".into()]),
+            Invalidations::of(ItemKind::RedisKey, vec!["product:1".into(), "product:2".into()])
+                .with(ItemKind::RedisTag, vec!["category:5".into(), "category:7".into()])
+                .with(ItemKind::Url, vec!["https://shop.example.com/p/widget-with-a-long-name".into()]),
+            Invalidations::of(
+                ItemKind::RedisTag,
+                vec!["category:7".into(), "category:5".into(), "a\0".into(), "a".into()],
+            ),
+        ];
+        let mut lists: [Vec<String>; ItemKind::COUNT] = Default::default();
+        for set in &sets {
+            for kind in ItemKind::ALL {
+                lists[kind.index()].extend(set.items(kind).iter().cloned());
+            }
+        }
+        let given = lists.clone();
+        let (all, positions) = Invalidations::gather(lists);
+        assert_eq!(all, Invalidations::union(&sets));
+        for kind in ItemKind::ALL {
+            let (given, at) = (&given[kind.index()], &positions[kind.index()]);
+            assert_eq!(given.len(), at.len(), "{kind}");
+            for (item, &i) in given.iter().zip(at) {
+                assert_eq!(&all.items(kind)[i], item, "{kind}");
+            }
+        }
+        assert_eq!(positions[ItemKind::RedisKey.index()], [2, 1, 0, 2]);
+        assert_eq!(all.items(ItemKind::RedisTag), ["a", "a\0", "category:5", "category:7"]);
+    }
+
+    #[test]
+    fn normalizing_sorts_and_deduplicates_lists_of_any_length() {
+        let cases: [(&[&str], &[&str]); 7] = [
+            (&[], &[]),
+            (&["b"], &["b"]),
+            (&["a", "b"], &["a", "b"]),
+            (&["b", "a"], &["a", "b"]),
+            (&["a", "a"], &["a"]),
+            (&["c", "a", "b", "a"], &["a", "b", "c"]),
+            (&["category:10", "category:1"], &["category:1", "category:10"]),
+        ];
+        for (items, expected) in cases {
+            let mut set = Invalidations::of(ItemKind::RedisTag, items.iter().map(|s| s.to_string()).collect());
+            set.normalize();
+            assert_eq!(set.items(ItemKind::RedisTag), expected, "{items:?}");
+        }
+    }
+
+    #[test]
+    fn a_union_sorts_bytewise_whatever_the_lengths_and_shared_prefixes() {
+        // Items around the sort key's 16 bytes: prefixes of each other, NUL bytes (which the
+        // key's zero padding must not confuse with the end), shared 16-byte prefixes, non-ASCII.
+        let mut words: Vec<String> = [
+            "",
+            "a",
+            "a\0",
+            "a\0\0",
+            "ab",
+            "product:1",
+            "product:10",
+            "product:1\0",
+            "product:12345678",
+            "product:123456789",
+            "product:12345678\0",
+            "product:1234567",
+            "https://shop.example.com/p/a",
+            "https://shop.example.com/p/",
+            "https://shop.example.com/p/b",
+            "https://shop.example.co",
+            "https://shop.example.com",
+            "https://shop.example.com\0",
+            "é",
+            "e\u{301}",
+            "\u{10FFFF}",
+            "zzzzzzzzzzzzzzzz",
+            "zzzzzzzzzzzzzzzzz",
+            "zzzzzzzzzzzzzzz",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        // Deterministic pseudo-random items as well: short alphabets make long shared prefixes.
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..2_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 24) as usize;
+            words.push((0..len).map(|i| ['a', 'b', '\0', 'é'][((seed >> (2 * i % 60)) & 3) as usize]).collect());
+        }
+        let sets: Vec<Invalidations> =
+            words.chunks(7).map(|chunk| Invalidations::of(ItemKind::RedisKey, chunk.to_vec())).collect();
+        let mut expected = words.clone();
+        expected.sort();
+        expected.dedup();
+        assert_eq!(Invalidations::union(&sets).items(ItemKind::RedisKey), expected);
+        // And once more with the sets in the other order.
+        let reversed: Vec<&Invalidations> = sets.iter().rev().collect();
+        assert_eq!(Invalidations::union(reversed).items(ItemKind::RedisKey), expected);
+        // Gathering (moving rather than copying) gives the same set, and each item's place.
+        let mut lists: [Vec<String>; ItemKind::COUNT] = Default::default();
+        lists[ItemKind::RedisKey.index()] = words.clone();
+        let (all, positions) = Invalidations::gather(lists);
+        assert_eq!(all.items(ItemKind::RedisKey), expected);
+        let at = &positions[ItemKind::RedisKey.index()];
+        assert_eq!(at.len(), words.len());
+        assert!(words.iter().zip(at).all(|(word, &i)| &expected[i] == word));
     }
 
     #[test]
