@@ -149,14 +149,18 @@ impl Finish {
         }
         let mut waiting = Vec::new();
         let mut origins = Vec::new();
+        // Finished together: consecutive acks of one source go back as one message that wakes
+        // the source once, rather than one message and one wake-up per event.
+        let mut done = Vec::with_capacity(unit.items.len());
         for item in unit.items {
             if repeat && item.asks_any() {
                 origins.extend(origin(&item.event));
                 waiting.push(item.event.ack);
             } else {
-                item.event.ack.finish();
+                done.push(item.event.ack);
             }
         }
+        Ack::finish_all(done);
         if let (Some(repeat), false) = (&self.repeat, waiting.is_empty()) {
             let since = tokio::time::Instant::now();
             let due = since + self.timing.repeat_after;

@@ -234,9 +234,7 @@ impl SecondPasses {
         end_to_end.flush();
         self.pending.send_modify(|n| *n = n.saturating_sub(run.acks.len()));
         self.metrics.second_pass_pending_events.set(*self.pending.borrow() as i64);
-        for ack in run.acks {
-            ack.finish();
-        }
+        crate::source::Ack::finish_all(run.acks);
     }
 
     /// Notes when each waiting pass's commit was first seen replayed on every replica (from

@@ -376,11 +376,10 @@ impl Ack {
         flush(pending);
 
         fn flush(pending: Option<(AckSender, Vec<Finished>)>) {
-            if let Some((tx, mut batch)) = pending {
-                let message = if batch.len() == 1 {
-                    Completions::One(batch.pop().expect("one"))
-                } else {
-                    Completions::Many(batch)
+            if let Some((tx, batch)) = pending {
+                let message = match batch[..] {
+                    [one] => Completions::One(one),
+                    _ => Completions::Many(batch),
                 };
                 let _ = tx.0.send(message);
             }
