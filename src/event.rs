@@ -4,8 +4,14 @@
 //! [`Decoded`] value; the rules engine is a pure function from a [`ChangeEvent`] to the set of
 //! keys, tags, surrogate keys and URLs to invalidate; sinks never see source formats.
 
+use std::borrow::Borrow;
 use std::fmt;
+use std::ops::Index;
 use std::time::SystemTime;
+
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
 
 /// A row image: column name to value.
 ///
@@ -15,7 +21,303 @@ use std::time::SystemTime;
 ///
 /// A column that is *absent* is unknown (an unchanged TOASTed value, a key-only before image);
 /// a column that is present with `null` is known to be null. Neither can render a template.
-pub type Row = serde_json::Map<String, serde_json::Value>;
+///
+/// It behaves as the `serde_json::Map` it replaces (a `BTreeMap`): iteration, serialisation,
+/// `explain` output and dead letters are in column-name order, a name appears once, and an
+/// insert of a present name replaces its value. It is held as one vector of entries kept sorted
+/// by name (issue 12, item 2): a row is built with one allocation and one sort
+/// ([`Row::from_entries`]), looked up by binary search, and freed without a B-tree's nodes.
+#[derive(Clone, Default, PartialEq)]
+pub struct Row {
+    /// Sorted by name (as `str`s compare, a `BTreeMap<String, _>`'s order), names unique.
+    entries: Vec<(String, Value)>,
+}
+
+impl Row {
+    pub fn new() -> Row {
+        Row { entries: Vec::new() }
+    }
+
+    pub fn with_capacity(capacity: usize) -> Row {
+        Row { entries: Vec::with_capacity(capacity) }
+    }
+
+    /// The row of `entries` in any order: sorted once (O(n log n); nothing to do when already
+    /// in order), and of duplicate names the **last** kept, as serde_json's map keeps it.
+    pub fn from_entries(mut entries: Vec<(String, Value)>) -> Row {
+        if !entries.is_sorted_by(|a, b| a.0 < b.0) {
+            // Stable: equal names keep their order, so the last of them is the last one given.
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            // `dedup_by` drops the later of two equal neighbours; the later value is moved into
+            // the one kept first, so a run of equal names ends holding the last value.
+            entries.dedup_by(|later, kept| {
+                let same = later.0 == kept.0;
+                if same {
+                    std::mem::swap(&mut later.1, &mut kept.1);
+                }
+                same
+            });
+        }
+        Row { entries }
+    }
+
+    fn find<Q>(&self, name: &Q) -> Result<usize, usize>
+    where
+        String: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.entries.binary_search_by(|(column, _)| column.borrow().cmp(name))
+    }
+
+    pub fn get<Q>(&self, name: &Q) -> Option<&Value>
+    where
+        String: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.find(name).ok().map(|at| &self.entries[at].1)
+    }
+
+    pub fn get_mut<Q>(&mut self, name: &Q) -> Option<&mut Value>
+    where
+        String: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.find(name).ok().map(|at| &mut self.entries[at].1)
+    }
+
+    pub fn contains_key<Q>(&self, name: &Q) -> bool
+    where
+        String: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.find(name).is_ok()
+    }
+
+    /// Sets column `name`; its previous value, if it was present (the name kept is the one
+    /// already there, as in a `BTreeMap`).
+    pub fn insert(&mut self, name: String, value: Value) -> Option<Value> {
+        match self.find(name.as_str()) {
+            Ok(at) => Some(std::mem::replace(&mut self.entries[at].1, value)),
+            Err(at) => {
+                self.entries.insert(at, (name, value));
+                None
+            }
+        }
+    }
+
+    pub fn remove<Q>(&mut self, name: &Q) -> Option<Value>
+    where
+        String: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.remove_entry(name).map(|(_, value)| value)
+    }
+
+    pub fn remove_entry<Q>(&mut self, name: &Q) -> Option<(String, Value)>
+    where
+        String: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.find(name).ok().map(|at| self.entries.remove(at))
+    }
+
+    /// Keeps the columns for which `keep` is true (in order, as `BTreeMap::retain`).
+    pub fn retain(&mut self, mut keep: impl FnMut(&String, &mut Value) -> bool) {
+        self.entries.retain_mut(|(name, value)| keep(name, value));
+    }
+
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The columns in name order.
+    pub fn iter(&self) -> Iter<'_> {
+        Iter(self.entries.iter())
+    }
+
+    pub fn iter_mut(&mut self) -> IterMut<'_> {
+        IterMut(self.entries.iter_mut())
+    }
+
+    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &String> + ExactSizeIterator + '_ {
+        self.entries.iter().map(|(name, _)| name)
+    }
+
+    pub fn values(&self) -> impl DoubleEndedIterator<Item = &Value> + ExactSizeIterator + '_ {
+        self.entries.iter().map(|(_, value)| value)
+    }
+
+    pub fn values_mut(&mut self) -> impl DoubleEndedIterator<Item = &mut Value> + ExactSizeIterator + '_ {
+        self.entries.iter_mut().map(|(_, value)| value)
+    }
+
+    /// The same columns as a `serde_json::Map` (for a `Value::Object`).
+    pub fn into_map(self) -> Map<String, Value> {
+        // In order and unique: the map's own `FromIterator`.
+        self.entries.into_iter().collect()
+    }
+
+    /// The row as a JSON object value.
+    pub fn into_value(self) -> Value {
+        Value::Object(self.into_map())
+    }
+}
+
+impl fmt::Debug for Row {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl<Q> Index<&Q> for Row
+where
+    String: Borrow<Q>,
+    Q: Ord + ?Sized,
+{
+    type Output = Value;
+
+    /// The value of a column that must be present (panics otherwise, as the map did).
+    fn index(&self, name: &Q) -> &Value {
+        self.get(name).expect("no such column in the row")
+    }
+}
+
+/// The columns of a row, by reference, in name order.
+#[derive(Clone, Debug)]
+pub struct Iter<'a>(std::slice::Iter<'a, (String, Value)>);
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = (&'a String, &'a Value);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next().map(|(name, value)| (name, value))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
+}
+
+impl DoubleEndedIterator for Iter<'_> {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        self.0.next_back().map(|(name, value)| (name, value))
+    }
+}
+
+impl ExactSizeIterator for Iter<'_> {}
+
+/// The columns of a row, values mutable, in name order.
+#[derive(Debug)]
+pub struct IterMut<'a>(std::slice::IterMut<'a, (String, Value)>);
+
+impl<'a> Iterator for IterMut<'a> {
+    type Item = (&'a String, &'a mut Value);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next().map(|(name, value)| (&*name, value))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
+}
+
+impl DoubleEndedIterator for IterMut<'_> {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        self.0.next_back().map(|(name, value)| (&*name, value))
+    }
+}
+
+impl ExactSizeIterator for IterMut<'_> {}
+
+impl<'a> IntoIterator for &'a Row {
+    type Item = (&'a String, &'a Value);
+    type IntoIter = Iter<'a>;
+
+    fn into_iter(self) -> Iter<'a> {
+        self.iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a mut Row {
+    type Item = (&'a String, &'a mut Value);
+    type IntoIter = IterMut<'a>;
+
+    fn into_iter(self) -> IterMut<'a> {
+        self.iter_mut()
+    }
+}
+
+impl IntoIterator for Row {
+    type Item = (String, Value);
+    type IntoIter = std::vec::IntoIter<(String, Value)>;
+
+    /// The columns in name order.
+    fn into_iter(self) -> Self::IntoIter {
+        self.entries.into_iter()
+    }
+}
+
+impl FromIterator<(String, Value)> for Row {
+    /// Of duplicate names the last wins, as in serde_json's map.
+    fn from_iter<I: IntoIterator<Item = (String, Value)>>(iter: I) -> Row {
+        Row::from_entries(iter.into_iter().collect())
+    }
+}
+
+impl Extend<(String, Value)> for Row {
+    /// As inserting each in turn: a later value of a name replaces an earlier one.
+    fn extend<I: IntoIterator<Item = (String, Value)>>(&mut self, iter: I) {
+        let mut entries = std::mem::take(&mut self.entries);
+        entries.extend(iter);
+        *self = Row::from_entries(entries);
+    }
+}
+
+impl From<Map<String, Value>> for Row {
+    fn from(map: Map<String, Value>) -> Row {
+        // A `BTreeMap`'s order, names unique: nothing to sort.
+        Row { entries: map.into_iter().collect() }
+    }
+}
+
+impl From<Row> for Map<String, Value> {
+    fn from(row: Row) -> Map<String, Value> {
+        row.into_map()
+    }
+}
+
+impl From<Row> for Value {
+    fn from(row: Row) -> Value {
+        row.into_value()
+    }
+}
+
+impl Serialize for Row {
+    /// A JSON object, columns in name order: the text the map wrote.
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.entries.len()))?;
+        for (name, value) in &self.entries {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Row {
+    /// A JSON object, read as serde_json's map reads it.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Row, D::Error> {
+        Map::<String, Value>::deserialize(deserializer).map(Row::from)
+    }
+}
 
 /// What happened to the row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -504,11 +504,12 @@ fn key_row(key: Option<&[u8]>) -> Option<Row> {
 fn image(slot: Option<Slot<'_>>, what: &'static str) -> Result<Option<Row>, DecodeError> {
     let value = match slot {
         None => return Ok(None),
+        Some(Slot::Image(row)) => return Ok(Some(row)),
         Some(slot) => slot.into_value().map_err(|err| DecodeError::Unreadable { what, reason: json::reason(&err) })?,
     };
     match value {
         Value::Null => Ok(None),
-        Value::Object(row) => Ok(Some(row)),
+        Value::Object(map) => Ok(Some(Row::from(map))),
         other => {
             Err(DecodeError::WrongType { what, found: json::kind_of(&other).name(), expected: "an object or null" })
         }
