@@ -487,13 +487,15 @@ fn key_row(key: Option<&[u8]>) -> Option<Row> {
     let Read::Message(message) = Message::read(key, Depth::Event).ok()? else {
         return None;
     };
-    let mut row = Row::new();
+    // Collected in the key's order and sorted once; the last of duplicate names wins.
+    let mut columns = Vec::with_capacity(message.fields.len());
     for (name, slot) in message.fields.into_entries() {
         if name.starts_with("__dbz__") {
             continue;
         }
-        row.insert(name.into_owned(), slot.into_value().ok()?);
+        columns.push((name.into_owned(), slot.into_value().ok()?));
     }
+    let mut row = Row::from_entries(columns);
     if let Some(columns) = &message.logical {
         schema::decode_logical(&mut row, &columns.top).ok()?;
     }

@@ -140,7 +140,8 @@ impl Table {
     }
 
     fn row(&self, tuple: &Tuple, kind: RowKind) -> Rendered {
-        let mut row = Row::new();
+        // Collected in the table's order and sorted once (`Row::from_entries`).
+        let mut columns = Vec::with_capacity(self.columns.len());
         let mut errors = Vec::new();
         if tuple.len() != self.columns.len() {
             errors.push(format!(
@@ -173,9 +174,9 @@ impl Table {
                     continue;
                 }
             };
-            row.insert(column.name.clone(), value);
+            columns.push((column.name.clone(), value));
         }
-        Rendered { row, errors }
+        Rendered { row: Row::from_entries(columns), errors }
     }
 
     fn finish(
