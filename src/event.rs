@@ -438,3 +438,167 @@ impl NoChangeKind {
         }
     }
 }
+
+#[cfg(test)]
+mod row_tests {
+    //! [`Row`] against the `serde_json::Map` it replaced: the same answers, the same order, the
+    //! same text.
+
+    use serde_json::{json, Map, Value};
+
+    use super::Row;
+
+    type Json = Map<String, Value>;
+
+    /// Names that sort in ways a careless comparison gets wrong, and names serde_json gives a
+    /// meaning elsewhere (a map must treat them as any other).
+    const ODD: [&str; 14] = [
+        "",
+        "a",
+        "A",
+        "ab",
+        "a\u{0}",
+        "é",
+        "ß",
+        "z",
+        "10",
+        "9",
+        "\u{1F600}",
+        "$serde_json::private::Number",
+        "$serde_json::private::RawValue",
+        " id",
+    ];
+
+    fn same(row: &Row, map: &Json) {
+        assert_eq!(row.len(), map.len());
+        assert_eq!(row.is_empty(), map.is_empty());
+        assert!(row.iter().eq(map.iter()), "iteration order: {row:?} / {map:?}");
+        assert!(row.keys().eq(map.keys()));
+        assert!(row.values().eq(map.values()));
+        assert_eq!(serde_json::to_string(row).unwrap(), serde_json::to_string(map).unwrap());
+        assert_eq!(serde_json::to_string_pretty(row).unwrap(), serde_json::to_string_pretty(map).unwrap());
+        assert_eq!(serde_json::to_value(row).unwrap(), Value::Object(map.clone()));
+        assert_eq!(format!("{row:?}"), format!("{map:?}"));
+        assert_eq!(row.clone().into_value(), Value::Object(map.clone()));
+        assert_eq!(&Row::from(map.clone()), row);
+        for name in ODD {
+            assert_eq!(row.get(name), map.get(name), "{name:?}");
+            assert_eq!(row.contains_key(name), map.contains_key(name), "{name:?}");
+        }
+    }
+
+    #[test]
+    fn built_in_one_sort_as_by_inserts_the_last_duplicate_winning() {
+        let mut entries = Vec::new();
+        let mut map = Json::new();
+        for (i, name) in ODD.iter().chain(ODD.iter().rev()).chain(["a", "", "z", "a"].iter()).enumerate() {
+            entries.push((name.to_string(), Value::from(i)));
+            map.insert(name.to_string(), Value::from(i));
+        }
+        let row = Row::from_entries(entries.clone());
+        same(&row, &map);
+        assert_eq!(row["a"], json!(entries.len() - 1), "the last `a`");
+        assert_eq!(entries.iter().cloned().collect::<Row>(), row);
+
+        let mut extended = Row::new();
+        extended.insert("a".into(), json!("first"));
+        extended.insert("b".into(), json!("kept"));
+        extended.extend(entries);
+        let mut expected = map.clone();
+        expected.insert("b".into(), json!("kept"));
+        same(&extended, &expected);
+        assert_eq!(extended["b"], "kept");
+    }
+
+    #[test]
+    fn sorted_input_and_empty_rows() {
+        same(&Row::from_entries(Vec::new()), &Json::new());
+        same(&Row::new(), &Json::new());
+        same(&Row::default(), &Json::new());
+        let sorted: Vec<(String, Value)> = ["a", "b", "c"].iter().map(|n| (n.to_string(), json!(n))).collect();
+        same(&Row::from_entries(sorted.clone()), &sorted.into_iter().collect());
+        // Sorted but for a duplicate: still the last one.
+        let row = Row::from_entries(vec![("a".into(), json!(1)), ("a".into(), json!(2)), ("b".into(), json!(3))]);
+        assert_eq!(row.into_value(), json!({"a": 2, "b": 3}));
+    }
+
+    #[test]
+    fn inserts_removes_and_retains_as_the_map_does() {
+        // A fixed pseudo-random walk over a few names; every answer compared.
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut row = Row::new();
+        let mut map = Json::new();
+        for step in 0..4_000 {
+            let name = ODD[(next() % ODD.len() as u64) as usize].to_owned();
+            match next() % 10 {
+                0..=4 => assert_eq!(row.insert(name.clone(), json!(step)), map.insert(name, json!(step))),
+                5..=6 => assert_eq!(row.remove(&name), map.remove(&name)),
+                7 => assert_eq!(row.remove_entry(name.as_str()), map.remove_entry(name.as_str())),
+                8 => {
+                    if let (Some(r), Some(m)) = (row.get_mut(&name), map.get_mut(&name)) {
+                        *r = json!([step]);
+                        *m = json!([step]);
+                    } else {
+                        assert_eq!(row.get_mut(&name).is_none(), map.get_mut(&name).is_none());
+                    }
+                }
+                _ => {
+                    let keep = |n: &String, v: &mut Value| !(n.len() % 2 == 0 && v.as_u64().is_some_and(|k| k % 3 == 0));
+                    row.retain(keep);
+                    map.retain(keep);
+                }
+            }
+            same(&row, &map);
+        }
+        let owned: Vec<(String, Value)> = row.clone().into_iter().collect();
+        assert_eq!(owned, map.clone().into_iter().collect::<Vec<_>>());
+        for (_, value) in &mut row {
+            *value = Value::Null;
+        }
+        row.values_mut().for_each(|v| *v = json!(true));
+        assert!(row.values().all(|v| *v == json!(true)));
+        row.clear();
+        assert!(row.is_empty());
+    }
+
+    #[test]
+    fn read_as_the_map_reads_it() {
+        for text in [
+            r#"{}"#,
+            r#"{"b":1,"a":"x","a":null,"":[1,{"z":2}]}"#,
+            r#"{"n":1E5,"m":-0,"big":123456789012345678901234567890,"d":1.50}"#,
+            r#"{"$serde_json::private::Number":"12"}"#,
+            r#"{"x":1,"$serde_json::private::Number":"12"}"#,
+            r#"{"$serde_json::private::RawValue":"12"}"#,
+            r#"{"é":1,"e":2,"\u00e9\ud83d\ude00":3}"#,
+            r#"[1]"#,
+            r#""text""#,
+            r#"{"a":1"#,
+        ] {
+            let row = serde_json::from_str::<Row>(text).map_err(|e| e.to_string());
+            let map = serde_json::from_str::<Json>(text).map_err(|e| e.to_string());
+            match (&row, &map) {
+                (Ok(row), Ok(map)) => same(row, map),
+                _ => assert_eq!(row.map(Row::into_value), map.map(Value::Object), "{text}"),
+            }
+        }
+    }
+
+    #[test]
+    fn wide_rows_in_any_order() {
+        let n = 1_000;
+        let entries: Vec<(String, Value)> = (0..n).rev().map(|i| (format!("c{i}"), json!(i))).collect();
+        let map: Json = entries.iter().cloned().collect();
+        let row = Row::from_entries(entries);
+        same(&row, &map);
+        for i in 0..n {
+            assert_eq!(row.get(format!("c{i}").as_str()), Some(&json!(i)));
+        }
+    }
+}
