@@ -4,9 +4,11 @@
 //! [`Decoded`] value; the rules engine is a pure function from a [`ChangeEvent`] to the set of
 //! keys, tags, surrogate keys and URLs to invalidate; sinks never see source formats.
 
+use std::cell::RefCell;
 use std::cmp::Ordering;
 use std::fmt;
 use std::ops::Index;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::ser::SerializeMap;
@@ -27,10 +29,54 @@ use serde_json::{Map, Value};
 /// insert of a present name replaces its value. It is held as one vector of entries kept sorted
 /// by name (issue 12, item 2): a row is built with one allocation and one sort
 /// ([`Row::from_entries`]), looked up by binary search, and freed without a B-tree's nodes.
+/// Column names are shared [`Name`]s: the decoders take them from a small per-thread cache
+/// ([`intern`]), so the rows of a table do not allocate (nor free) a name each.
 #[derive(Clone, Default, PartialEq)]
 pub struct Row {
     /// Sorted by name (as `str`s compare, a `BTreeMap<String, _>`'s order), names unique.
-    entries: Vec<(String, Value)>,
+    entries: Vec<(Name, Value)>,
+}
+
+/// A column name, shared between the rows that hold it.
+pub type Name = Arc<str>;
+
+/// Names up to this long are cached by [`intern`].
+const INTERNED_LEN: usize = 64;
+/// Slots in [`intern`]'s per-thread cache (a name per slot, the last one met).
+const INTERNED_SLOTS: usize = 256;
+
+/// `name` as a shared [`Name`]: the one last made for it on this thread, when it is still in
+/// the cache (a direct-mapped table of [`INTERNED_SLOTS`] names of at most [`INTERNED_LEN`]
+/// bytes, so it never holds more than 16 KiB per thread), or a new one put there.
+pub fn intern(name: &str) -> Name {
+    thread_local! {
+        static NAMES: RefCell<Vec<Option<Name>>> = const { RefCell::new(Vec::new()) };
+    }
+    if name.len() > INTERNED_LEN {
+        return Name::from(name);
+    }
+    NAMES
+        .try_with(|names| {
+            let mut names = names.borrow_mut();
+            if names.is_empty() {
+                names.resize(INTERNED_SLOTS, None);
+            }
+            let slot = &mut names[slot_of(name.as_bytes())];
+            match slot {
+                Some(known) if **known == *name => known.clone(),
+                _ => slot.insert(Name::from(name)).clone(),
+            }
+        })
+        .unwrap_or_else(|_| Name::from(name))
+}
+
+/// FNV-1a of the bytes, folded to a slot.
+fn slot_of(name: &[u8]) -> usize {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in name {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    ((hash ^ (hash >> 32)) as usize) % INTERNED_SLOTS
 }
 
 impl Row {
@@ -44,7 +90,12 @@ impl Row {
 
     /// The row of `entries` in any order: sorted once (O(n log n); nothing to do when already
     /// in order), and of duplicate names the **last** kept, as serde_json's map keeps it.
-    pub fn from_entries(mut entries: Vec<(String, Value)>) -> Row {
+    pub fn from_entries(entries: Vec<(String, Value)>) -> Row {
+        Row::from_names(entries.into_iter().map(|(name, value)| (intern(&name), value)).collect())
+    }
+
+    /// [`Row::from_entries`] of names already shared.
+    pub fn from_names(mut entries: Vec<(Name, Value)>) -> Row {
         if !entries.is_sorted_by(|a, b| compare(&a.0, &b.0) == Ordering::Less) {
             // Stable: equal names keep their order, so the last of them is the last one given.
             entries.sort_by(|a, b| compare(&a.0, &b.0));
@@ -104,7 +155,12 @@ impl Row {
     /// Sets column `name`; its previous value, if it was present (the name kept is the one
     /// already there, as in a `BTreeMap`).
     pub fn insert(&mut self, name: String, value: Value) -> Option<Value> {
-        match self.find(name.as_str()) {
+        self.insert_name(intern(&name), value)
+    }
+
+    /// [`Row::insert`] of a name already shared.
+    pub fn insert_name(&mut self, name: Name, value: Value) -> Option<Value> {
+        match self.find(&*name) {
             Ok(at) => Some(std::mem::replace(&mut self.entries[at].1, value)),
             Err(at) => {
                 self.entries.insert(at, (name, value));
@@ -124,11 +180,11 @@ impl Row {
     where
         Q: AsRef<str> + ?Sized,
     {
-        self.find(name).ok().map(|at| self.entries.remove(at))
+        self.find(name).ok().map(|at| self.entries.remove(at)).map(|(name, value)| (String::from(&*name), value))
     }
 
     /// Keeps the columns for which `keep` is true (in order, as `BTreeMap::retain`).
-    pub fn retain(&mut self, mut keep: impl FnMut(&String, &mut Value) -> bool) {
+    pub fn retain(&mut self, mut keep: impl FnMut(&str, &mut Value) -> bool) {
         self.entries.retain_mut(|(name, value)| keep(name, value));
     }
 
@@ -153,8 +209,13 @@ impl Row {
         IterMut(self.entries.iter_mut())
     }
 
-    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &String> + ExactSizeIterator + '_ {
-        self.entries.iter().map(|(name, _)| name)
+    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &str> + ExactSizeIterator + '_ {
+        self.entries.iter().map(|(name, _)| &**name)
+    }
+
+    /// The columns in name order, with their shared names.
+    pub fn iter_names(&self) -> impl DoubleEndedIterator<Item = (&Name, &Value)> + ExactSizeIterator + '_ {
+        self.entries.iter().map(|(name, value)| (name, value))
     }
 
     pub fn values(&self) -> impl DoubleEndedIterator<Item = &Value> + ExactSizeIterator + '_ {
@@ -168,7 +229,7 @@ impl Row {
     /// The same columns as a `serde_json::Map` (for a `Value::Object`).
     pub fn into_map(self) -> Map<String, Value> {
         // In order and unique: the map's own `FromIterator`.
-        self.entries.into_iter().collect()
+        self.into_iter().collect()
     }
 
     /// The row as a JSON object value.
@@ -210,13 +271,13 @@ where
 
 /// The columns of a row, by reference, in name order.
 #[derive(Clone, Debug)]
-pub struct Iter<'a>(std::slice::Iter<'a, (String, Value)>);
+pub struct Iter<'a>(std::slice::Iter<'a, (Name, Value)>);
 
 impl<'a> Iterator for Iter<'a> {
-    type Item = (&'a String, &'a Value);
+    type Item = (&'a str, &'a Value);
 
     fn next(&mut self) -> Option<Self::Item> {
-        self.0.next().map(|(name, value)| (name, value))
+        self.0.next().map(|(name, value)| (&**name, value))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -226,7 +287,7 @@ impl<'a> Iterator for Iter<'a> {
 
 impl DoubleEndedIterator for Iter<'_> {
     fn next_back(&mut self) -> Option<Self::Item> {
-        self.0.next_back().map(|(name, value)| (name, value))
+        self.0.next_back().map(|(name, value)| (&**name, value))
     }
 }
 
@@ -234,13 +295,13 @@ impl ExactSizeIterator for Iter<'_> {}
 
 /// The columns of a row, values mutable, in name order.
 #[derive(Debug)]
-pub struct IterMut<'a>(std::slice::IterMut<'a, (String, Value)>);
+pub struct IterMut<'a>(std::slice::IterMut<'a, (Name, Value)>);
 
 impl<'a> Iterator for IterMut<'a> {
-    type Item = (&'a String, &'a mut Value);
+    type Item = (&'a str, &'a mut Value);
 
     fn next(&mut self) -> Option<Self::Item> {
-        self.0.next().map(|(name, value)| (&*name, value))
+        self.0.next().map(|(name, value)| (&**name, value))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -250,14 +311,14 @@ impl<'a> Iterator for IterMut<'a> {
 
 impl DoubleEndedIterator for IterMut<'_> {
     fn next_back(&mut self) -> Option<Self::Item> {
-        self.0.next_back().map(|(name, value)| (&*name, value))
+        self.0.next_back().map(|(name, value)| (&**name, value))
     }
 }
 
 impl ExactSizeIterator for IterMut<'_> {}
 
 impl<'a> IntoIterator for &'a Row {
-    type Item = (&'a String, &'a Value);
+    type Item = (&'a str, &'a Value);
     type IntoIter = Iter<'a>;
 
     fn into_iter(self) -> Iter<'a> {
@@ -266,7 +327,7 @@ impl<'a> IntoIterator for &'a Row {
 }
 
 impl<'a> IntoIterator for &'a mut Row {
-    type Item = (&'a String, &'a mut Value);
+    type Item = (&'a str, &'a mut Value);
     type IntoIter = IterMut<'a>;
 
     fn into_iter(self) -> IterMut<'a> {
@@ -276,11 +337,11 @@ impl<'a> IntoIterator for &'a mut Row {
 
 impl IntoIterator for Row {
     type Item = (String, Value);
-    type IntoIter = std::vec::IntoIter<(String, Value)>;
+    type IntoIter = std::iter::Map<std::vec::IntoIter<(Name, Value)>, fn((Name, Value)) -> (String, Value)>;
 
-    /// The columns in name order.
+    /// The columns in name order (each name a `String` of its own).
     fn into_iter(self) -> Self::IntoIter {
-        self.entries.into_iter()
+        self.entries.into_iter().map(|(name, value)| (String::from(&*name), value))
     }
 }
 
@@ -295,15 +356,15 @@ impl Extend<(String, Value)> for Row {
     /// As inserting each in turn: a later value of a name replaces an earlier one.
     fn extend<I: IntoIterator<Item = (String, Value)>>(&mut self, iter: I) {
         let mut entries = std::mem::take(&mut self.entries);
-        entries.extend(iter);
-        *self = Row::from_entries(entries);
+        entries.extend(iter.into_iter().map(|(name, value)| (intern(&name), value)));
+        *self = Row::from_names(entries);
     }
 }
 
 impl From<Map<String, Value>> for Row {
     fn from(map: Map<String, Value>) -> Row {
         // A `BTreeMap`'s order, names unique: nothing to sort.
-        Row { entries: map.into_iter().collect() }
+        Row { entries: map.into_iter().map(|(name, value)| (intern(&name), value)).collect() }
     }
 }
 
@@ -324,7 +385,7 @@ impl Serialize for Row {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(Some(self.entries.len()))?;
         for (name, value) in &self.entries {
-            map.serialize_entry(name, value)?;
+            map.serialize_entry(&**name, value)?;
         }
         map.end()
     }
@@ -490,8 +551,8 @@ mod row_tests {
     fn same(row: &Row, map: &Json) {
         assert_eq!(row.len(), map.len());
         assert_eq!(row.is_empty(), map.is_empty());
-        assert!(row.iter().eq(map.iter()), "iteration order: {row:?} / {map:?}");
-        assert!(row.keys().eq(map.keys()));
+        assert!(row.iter().eq(map.iter().map(|(k, v)| (k.as_str(), v))), "iteration order: {row:?} / {map:?}");
+        assert!(row.keys().eq(map.keys().map(String::as_str)));
         assert!(row.values().eq(map.values()));
         assert_eq!(serde_json::to_string(row).unwrap(), serde_json::to_string(map).unwrap());
         assert_eq!(serde_json::to_string_pretty(row).unwrap(), serde_json::to_string_pretty(map).unwrap());
@@ -567,9 +628,9 @@ mod row_tests {
                     }
                 }
                 _ => {
-                    let keep = |n: &String, v: &mut Value| !(n.len() % 2 == 0 && v.as_u64().is_some_and(|k| k % 3 == 0));
+                    let keep = |n: &str, v: &mut Value| !(n.len() % 2 == 0 && v.as_u64().is_some_and(|k| k % 3 == 0));
                     row.retain(keep);
-                    map.retain(keep);
+                    map.retain(|n, v| keep(n, v));
                 }
             }
             same(&row, &map);
@@ -605,6 +666,24 @@ mod row_tests {
                 (Ok(row), Ok(map)) => same(row, map),
                 _ => assert_eq!(row.map(Row::into_value), map.map(Value::Object), "{text}"),
             }
+        }
+    }
+
+    #[test]
+    fn names_are_shared_and_stay_themselves() {
+        use std::sync::Arc;
+
+        let a = super::intern("category_id");
+        assert!(Arc::ptr_eq(&a, &super::intern("category_id")), "cached");
+        // Many more names than slots: every one still comes back as itself.
+        let names: Vec<String> = (0..2_000).map(|i| format!("column_{i}")).collect();
+        for name in names.iter().chain(&names) {
+            assert_eq!(&*super::intern(name), name.as_str());
+        }
+        let long = "x".repeat(super::INTERNED_LEN + 1);
+        assert_eq!(&*super::intern(&long), long.as_str());
+        for name in ODD {
+            assert_eq!(&*super::intern(name), name);
         }
     }
 

@@ -450,11 +450,11 @@ fn finish_images(
         after = None;
     } else if let Some(key) = key {
         for image in [&mut before, &mut after].into_iter().flatten() {
-            for (column, value) in &key {
-                match image.get(column) {
+            for (column, value) in key.iter_names() {
+                match image.get(&**column) {
                     Some(present) if !present.is_null() => {}
                     _ => {
-                        image.insert(column.clone(), value.clone());
+                        image.insert_name(column.clone(), value.clone());
                     }
                 }
             }

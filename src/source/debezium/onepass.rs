@@ -35,7 +35,7 @@ use super::envelope::{self, RawImages};
 use super::json::{self, Slot, SourceFields};
 use super::schema::{self, LogicalColumns};
 use super::{DecodeError, Placeholders, HEARTBEAT_TOPIC_PREFIX};
-use crate::event::{Decoded, Row};
+use crate::event::{self, Decoded, Name, Row};
 
 /// Nesting the skipper follows (in a `source` block's or `transaction`'s values) before it
 /// declines; well within serde_json's recursion limit of 128, so whatever is accepted here
@@ -197,7 +197,7 @@ pub(super) fn key_row(key: &[u8]) -> Option<Row> {
         let (value, next) = scalar(text, at)?;
         // Routing metadata (`ByLogicalTableRouter`), dropped as `super::key_row` does.
         if !name.starts_with("__dbz__") {
-            row.insert(name.to_owned(), value);
+            row.insert_name(event::intern(name), value);
         }
         Some(next)
     })?;
@@ -249,7 +249,7 @@ fn image(text: &str, at: usize, placeholders: &Placeholders, placeholder_free: &
             // row from the start.
             let mut columns = Vec::with_capacity(IMAGE_CAPACITY);
             loop {
-                let (name, next) = string(text, at)?;
+                let (name, next) = column_name(text, at)?;
                 if name.starts_with(SERDE_JSON_PRIVATE) {
                     return None;
                 }
@@ -263,13 +263,24 @@ fn image(text: &str, at: usize, placeholders: &Placeholders, placeholder_free: &
                 match b.get(at)? {
                     b',' => at = ws(b, at + 1),
                     // Last wins among duplicates, as in serde_json's map.
-                    b'}' => return Some((Some(Row::from_entries(columns)), at + 1)),
+                    b'}' => return Some((Some(Row::from_names(columns)), at + 1)),
                     _ => return None,
                 }
             }
         }
         _ => None,
     }
+}
+
+/// A column's name at `at` as [`string`] reads it, shared ([`event::intern`]) when it has no
+/// escapes.
+fn column_name(text: &str, at: usize) -> Option<(Name, usize)> {
+    let (end, escaped) = scan_string(text.as_bytes(), at)?;
+    if escaped {
+        let (name, end) = string(text, at)?;
+        return Some((Name::from(name), end));
+    }
+    Some((event::intern(text.get(at + 1..end - 1)?), end))
 }
 
 /// Columns an image has room for before its first growth.

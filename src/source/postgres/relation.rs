@@ -174,9 +174,9 @@ impl Table {
                     continue;
                 }
             };
-            columns.push((column.name.clone(), value));
+            columns.push((crate::event::intern(&column.name), value));
         }
-        Rendered { row: Row::from_entries(columns), errors }
+        Rendered { row: Row::from_names(columns), errors }
     }
 
     fn finish(
