@@ -28,7 +28,8 @@ use serde_json::{Map, Value};
 /// `explain` output and dead letters are in column-name order, a name appears once, and an
 /// insert of a present name replaces its value. It is held as one vector of entries kept sorted
 /// by name (issue 12, item 2): a row is built with one allocation and one sort
-/// ([`Row::from_entries`]), looked up by binary search, and freed without a B-tree's nodes.
+/// ([`Row::from_entries`]), looked up by binary search (a scan up to [`LINEAR_SEARCH`] columns),
+/// and freed without a B-tree's nodes.
 /// Column names are shared [`Name`]s: the decoders take them from a small per-thread cache
 /// ([`intern`]), so the rows of a table do not allocate (nor free) a name each.
 #[derive(Clone, Default, PartialEq)]
@@ -628,7 +629,9 @@ mod row_tests {
                     }
                 }
                 _ => {
-                    let keep = |n: &str, v: &mut Value| !(n.len() % 2 == 0 && v.as_u64().is_some_and(|k| k % 3 == 0));
+                    let keep = |n: &str, v: &mut Value| {
+                        !(n.len().is_multiple_of(2) && v.as_u64().is_some_and(|k| k.is_multiple_of(3)))
+                    };
                     row.retain(keep);
                     map.retain(|n, v| keep(n, v));
                 }

@@ -236,7 +236,12 @@ fn key_members<'a>(key: &'a [u8], mut member: impl FnMut(&'a str, &'a str, usize
 /// A row image: `null` (`None`), or an object whose values are all strings, numbers, booleans
 /// or null. `placeholder_free` is cleared if a value is a placeholder (only a string can be one
 /// here).
-fn image(text: &str, at: usize, placeholders: &Placeholders, placeholder_free: &mut bool) -> Option<(Option<Row>, usize)> {
+fn image(
+    text: &str,
+    at: usize,
+    placeholders: &Placeholders,
+    placeholder_free: &mut bool,
+) -> Option<(Option<Row>, usize)> {
     let b = text.as_bytes();
     match b.get(at)? {
         b'n' => literal(b, at, b"null").map(|next| (None, next)),
