@@ -28,7 +28,7 @@ use serde_json::{Map, Value};
 /// `explain` output and dead letters are in column-name order, a name appears once, and an
 /// insert of a present name replaces its value. It is held as one vector of entries kept sorted
 /// by name (issue 12, item 2): a row is built with one allocation and one sort
-/// ([`Row::from_entries`]), looked up by binary search (a scan up to [`LINEAR_SEARCH`] columns),
+/// ([`Row::from_entries`]), looked up by binary search (a scan up to `LINEAR_SEARCH` columns),
 /// and freed without a B-tree's nodes.
 /// Column names are shared [`Name`]s: the decoders take them from a small per-thread cache
 /// ([`intern`]), so the rows of a table do not allocate (nor free) a name each.
@@ -47,7 +47,7 @@ const INTERNED_LEN: usize = 64;
 const INTERNED_SLOTS: usize = 256;
 
 /// `name` as a shared [`Name`]: the one last made for it on this thread, when it is still in
-/// the cache (a direct-mapped table of [`INTERNED_SLOTS`] names of at most [`INTERNED_LEN`]
+/// the cache (a direct-mapped table of `INTERNED_SLOTS` names of at most `INTERNED_LEN`
 /// bytes, so it never holds more than 16 KiB per thread), or a new one put there.
 pub fn intern(name: &str) -> Name {
     thread_local! {
