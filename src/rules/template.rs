@@ -535,7 +535,7 @@ mod tests {
 
     fn row(value: serde_json::Value) -> Row {
         match value {
-            serde_json::Value::Object(map) => map,
+            serde_json::Value::Object(map) => map.into(),
             other => panic!("not an object: {other}"),
         }
     }

@@ -32,7 +32,7 @@ fn rules(text: &str) -> Rules {
 
 fn row(value: Json) -> Row {
     match value {
-        Json::Object(map) => map,
+        Json::Object(map) => map.into(),
         other => panic!("not an object: {other}"),
     }
 }

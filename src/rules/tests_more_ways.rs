@@ -25,7 +25,7 @@ fn insert(after: serde_json::Value) -> ChangeEvent {
         table: "public.products".into(),
         op: Op::Insert,
         before: None,
-        after: Some(row),
+        after: Some(row.into()),
         committed_at: None,
         lsn: None,
     }

@@ -33,17 +33,17 @@ pub(super) fn decode(
     placeholders: &Placeholders,
 ) -> Result<Decoded, DecodeError> {
     let mut meta = Metadata::default();
-    let mut row = Row::new();
+    // Collected in the message's order and sorted once; the last of duplicate names wins.
+    let mut entries = Vec::with_capacity(message.fields.len());
     for (name, slot) in message.fields.into_entries() {
         let value =
             slot.into_value().map_err(|err| DecodeError::Unreadable { what: "the row", reason: json::reason(&err) })?;
         match name.strip_prefix("__") {
             Some(field) => meta.read(field, value)?,
-            None => {
-                row.insert(name.into_owned(), value);
-            }
+            None => entries.push((name.into_owned(), value)),
         }
     }
+    let mut row = Row::from_entries(entries);
     let Metadata { op: op_code, table, schema: schema_name, db, deleted, deleted_field, collection, .. } = meta;
     let mongo = collection.is_some();
     if !deleted_field && !mongo && message.logical.is_none() {

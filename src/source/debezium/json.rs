@@ -18,6 +18,8 @@ use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, IgnoredAny, Ma
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use crate::event::Row;
+
 /// How [`Fields`] reads values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Depth {
@@ -41,6 +43,8 @@ pub(super) enum Slot<'a> {
     Parsed(Value),
     Object(Fields<'a>),
     Source(SourceFields<'a>),
+    /// A row image (an object of plain values) as the one-pass reader builds it.
+    Image(Row),
 }
 
 impl Slot<'_> {
@@ -48,7 +52,7 @@ impl Slot<'_> {
         match self {
             Slot::Raw(raw) => Kind::of(raw),
             Slot::Parsed(value) => kind_of(value),
-            Slot::Object(_) | Slot::Source(_) => Kind::Object,
+            Slot::Object(_) | Slot::Source(_) | Slot::Image(_) => Kind::Object,
         }
     }
 
@@ -57,7 +61,7 @@ impl Slot<'_> {
         match self {
             Slot::Raw(raw) => string(raw),
             Slot::Parsed(value) => value.as_str().map(Cow::Borrowed),
-            Slot::Object(_) | Slot::Source(_) => None,
+            Slot::Object(_) | Slot::Source(_) | Slot::Image(_) => None,
         }
     }
 
@@ -66,7 +70,7 @@ impl Slot<'_> {
         match self {
             Slot::Raw(raw) => raw.get().parse().ok(),
             Slot::Parsed(value) => value.as_i64(),
-            Slot::Object(_) | Slot::Source(_) => None,
+            Slot::Object(_) | Slot::Source(_) | Slot::Image(_) => None,
         }
     }
 
@@ -80,6 +84,7 @@ impl Slot<'_> {
                 .map(|(name, slot)| Ok((name.into_owned(), slot.into_value()?)))
                 .collect::<Result<Map<String, Value>, _>>()
                 .map(Value::Object),
+            Slot::Image(row) => Ok(row.into_value()),
             // Only what we read of it was kept: the decoder reads such a message again with
             // `Depth::Event` before it needs values (`Fields::holds_source_block`).
             Slot::Source(_) => Err(de::Error::custom("the source block was not kept as a value")),
@@ -134,7 +139,7 @@ impl<'a> Fields<'a> {
         self.0.iter().any(|(_, slot)| match slot {
             Slot::Source(_) => true,
             Slot::Object(fields) => fields.holds_source_block(),
-            Slot::Raw(_) | Slot::Parsed(_) => false,
+            Slot::Raw(_) | Slot::Parsed(_) | Slot::Image(_) => false,
         })
     }
 }

@@ -450,11 +450,11 @@ fn finish_images(
         after = None;
     } else if let Some(key) = key {
         for image in [&mut before, &mut after].into_iter().flatten() {
-            for (column, value) in &key {
-                match image.get(column) {
+            for (column, value) in key.iter_names() {
+                match image.get(&**column) {
                     Some(present) if !present.is_null() => {}
                     _ => {
-                        image.insert(column.clone(), value.clone());
+                        image.insert_name(column.clone(), value.clone());
                     }
                 }
             }
@@ -487,13 +487,15 @@ fn key_row(key: Option<&[u8]>) -> Option<Row> {
     let Read::Message(message) = Message::read(key, Depth::Event).ok()? else {
         return None;
     };
-    let mut row = Row::new();
+    // Collected in the key's order and sorted once; the last of duplicate names wins.
+    let mut columns = Vec::with_capacity(message.fields.len());
     for (name, slot) in message.fields.into_entries() {
         if name.starts_with("__dbz__") {
             continue;
         }
-        row.insert(name.into_owned(), slot.into_value().ok()?);
+        columns.push((name.into_owned(), slot.into_value().ok()?));
     }
+    let mut row = Row::from_entries(columns);
     if let Some(columns) = &message.logical {
         schema::decode_logical(&mut row, &columns.top).ok()?;
     }
@@ -504,11 +506,12 @@ fn key_row(key: Option<&[u8]>) -> Option<Row> {
 fn image(slot: Option<Slot<'_>>, what: &'static str) -> Result<Option<Row>, DecodeError> {
     let value = match slot {
         None => return Ok(None),
+        Some(Slot::Image(row)) => return Ok(Some(row)),
         Some(slot) => slot.into_value().map_err(|err| DecodeError::Unreadable { what, reason: json::reason(&err) })?,
     };
     match value {
         Value::Null => Ok(None),
-        Value::Object(row) => Ok(Some(row)),
+        Value::Object(map) => Ok(Some(Row::from(map))),
         other => {
             Err(DecodeError::WrongType { what, found: json::kind_of(&other).name(), expected: "an object or null" })
         }

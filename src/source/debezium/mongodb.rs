@@ -42,7 +42,8 @@ pub(super) fn image(slot: Option<Slot<'_>>, what: &'static str) -> Result<Option
         other => other,
     };
     match document {
-        Value::Object(mut row) => {
+        Value::Object(map) => {
+            let mut row = Row::from(map);
             normalise(&mut row);
             Ok(Some(row))
         }

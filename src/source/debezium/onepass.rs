@@ -35,7 +35,7 @@ use super::envelope::{self, RawImages};
 use super::json::{self, Slot, SourceFields};
 use super::schema::{self, LogicalColumns};
 use super::{DecodeError, Placeholders, HEARTBEAT_TOPIC_PREFIX};
-use crate::event::{Decoded, Row};
+use crate::event::{self, Decoded, Name, Row};
 
 /// Nesting the skipper follows (in a `source` block's or `transaction`'s values) before it
 /// declines; well within serde_json's recursion limit of 128, so whatever is accepted here
@@ -66,11 +66,16 @@ pub(super) fn decode(
     let mut source = SourceFields::default();
     let event = Event::read(event, placeholders, &mut source)?;
     let images = RawImages {
-        before: event.before.map(Slot::Parsed),
-        after: event.after.map(Slot::Parsed),
+        before: event.before.map(slot),
+        after: event.after.map(slot),
         placeholder_free: event.placeholder_free,
     };
     Some(envelope::decode_read(topic, event.op, &source, images, logical, key, placeholders))
+}
+
+/// An image as read, as the general path's slot for it.
+fn slot(image: Option<Row>) -> Slot<'static> {
+    image.map_or(Slot::Parsed(Value::Null), Slot::Image)
 }
 
 enum Envelope<'a> {
@@ -102,9 +107,9 @@ fn schema_envelope(text: &str) -> Envelope<'_> {
 struct Event<'a> {
     /// `op`'s text (a string without escapes).
     op: &'a str,
-    /// `null` or an object; `None` when absent.
-    before: Option<Value>,
-    after: Option<Value>,
+    /// `null` (`Some(None)`) or an object; `None` when absent.
+    before: Option<Option<Row>>,
+    after: Option<Option<Row>>,
     /// No value in either image is a placeholder.
     placeholder_free: bool,
 }
@@ -192,7 +197,7 @@ pub(super) fn key_row(key: &[u8]) -> Option<Row> {
         let (value, next) = scalar(text, at)?;
         // Routing metadata (`ByLogicalTableRouter`), dropped as `super::key_row` does.
         if !name.starts_with("__dbz__") {
-            row.insert(name.to_owned(), value);
+            row.insert_name(event::intern(name), value);
         }
         Some(next)
     })?;
@@ -228,20 +233,28 @@ fn key_members<'a>(key: &'a [u8], mut member: impl FnMut(&'a str, &'a str, usize
     (ws(b, at + 1) == b.len()).then_some(())
 }
 
-/// A row image: `null`, or an object whose values are all strings, numbers, booleans or null.
-/// `placeholder_free` is cleared if a value is a placeholder (only a string can be one here).
-fn image(text: &str, at: usize, placeholders: &Placeholders, placeholder_free: &mut bool) -> Option<(Value, usize)> {
+/// A row image: `null` (`None`), or an object whose values are all strings, numbers, booleans
+/// or null. `placeholder_free` is cleared if a value is a placeholder (only a string can be one
+/// here).
+fn image(
+    text: &str,
+    at: usize,
+    placeholders: &Placeholders,
+    placeholder_free: &mut bool,
+) -> Option<(Option<Row>, usize)> {
     let b = text.as_bytes();
     match b.get(at)? {
-        b'n' => literal(b, at, b"null").map(|next| (Value::Null, next)),
+        b'n' => literal(b, at, b"null").map(|next| (None, next)),
         b'{' => {
-            let mut row = Row::new();
             let mut at = ws(b, at + 1);
             if b.get(at) == Some(&b'}') {
-                return Some((Value::Object(row), at + 1));
+                return Some((Some(Row::new()), at + 1));
             }
+            // Collected as they come and sorted once (`Row::from_entries`); room for a usual
+            // row from the start.
+            let mut columns = Vec::with_capacity(IMAGE_CAPACITY);
             loop {
-                let (name, next) = string(text, at)?;
+                let (name, next) = column_name(text, at)?;
                 if name.starts_with(SERDE_JSON_PRIVATE) {
                     return None;
                 }
@@ -250,12 +263,12 @@ fn image(text: &str, at: usize, placeholders: &Placeholders, placeholder_free: &
                 if let Value::String(s) = &value {
                     *placeholder_free &= !placeholders.is_placeholder_text(s);
                 }
-                // Last wins, as in serde_json's map.
-                row.insert(name, value);
+                columns.push((name, value));
                 at = ws(b, next);
                 match b.get(at)? {
                     b',' => at = ws(b, at + 1),
-                    b'}' => return Some((Value::Object(row), at + 1)),
+                    // Last wins among duplicates, as in serde_json's map.
+                    b'}' => return Some((Some(Row::from_names(columns)), at + 1)),
                     _ => return None,
                 }
             }
@@ -263,6 +276,20 @@ fn image(text: &str, at: usize, placeholders: &Placeholders, placeholder_free: &
         _ => None,
     }
 }
+
+/// A column's name at `at` as [`string`] reads it, shared ([`event::intern`]) when it has no
+/// escapes.
+fn column_name(text: &str, at: usize) -> Option<(Name, usize)> {
+    let (end, escaped) = scan_string(text.as_bytes(), at)?;
+    if escaped {
+        let (name, end) = string(text, at)?;
+        return Some((Name::from(name), end));
+    }
+    Some((event::intern(text.get(at + 1..end - 1)?), end))
+}
+
+/// Columns an image has room for before its first growth.
+const IMAGE_CAPACITY: usize = 8;
 
 /// A `source` block, read into `fields` (as they were): the raw text of the last occurrence of
 /// each field we use (as `json::SourceVisitor` keeps them), every value validated. The index

@@ -386,7 +386,7 @@ mod tests {
         assert_eq!(row["null"], Value::Null);
         assert_eq!(row["other"], "JxA=");
 
-        let mut bad: Row = Map::new();
+        let mut bad = Row::new();
         bad.insert("var".into(), Value::String("12".into()));
         let err = decode_logical(&mut bad, &cols);
         assert_eq!(
@@ -397,7 +397,7 @@ mod tests {
         );
 
         let no_scale = vec![LogicalColumn { name: "p".into(), kind: LogicalKind::Fixed { scale: None } }];
-        let mut row = Map::new();
+        let mut row = Row::new();
         row.insert("p".into(), Value::String("JxA=".into()));
         assert_eq!(
             decode_logical(&mut row, &no_scale).map_err(|e| e.to_string()),

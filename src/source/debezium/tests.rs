@@ -24,7 +24,7 @@ fn fixture(name: &str) -> Vec<u8> {
 
 fn row(value: serde_json::Value) -> Row {
     match value {
-        serde_json::Value::Object(map) => map,
+        serde_json::Value::Object(map) => map.into(),
         other => panic!("not an object: {other}"),
     }
 }

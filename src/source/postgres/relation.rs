@@ -140,7 +140,8 @@ impl Table {
     }
 
     fn row(&self, tuple: &Tuple, kind: RowKind) -> Rendered {
-        let mut row = Row::new();
+        // Collected in the table's order and sorted once (`Row::from_entries`).
+        let mut columns = Vec::with_capacity(self.columns.len());
         let mut errors = Vec::new();
         if tuple.len() != self.columns.len() {
             errors.push(format!(
@@ -173,9 +174,9 @@ impl Table {
                     continue;
                 }
             };
-            row.insert(column.name.clone(), value);
+            columns.push((crate::event::intern(&column.name), value));
         }
-        Rendered { row, errors }
+        Rendered { row: Row::from_names(columns), errors }
     }
 
     fn finish(
@@ -326,7 +327,7 @@ mod tests {
         let c = cache(b'd');
         let e = c.insert(10, &tuple(&[Some("42"), Some("19.90"), Some("Lamp"), Some("t")]), None).unwrap();
         assert_eq!(e.table, "public.items");
-        assert_eq!(Value::Object(e.after.unwrap()), json!({"id": 42, "price": "19.90", "name": "Lamp", "live": true}));
+        assert_eq!(e.after.unwrap().into_value(), json!({"id": 42, "price": "19.90", "name": "Lamp", "live": true}));
         assert_eq!(render(oid::INT8, b"-9223372036854775808").unwrap(), json!(i64::MIN));
         assert_eq!(render(oid::FLOAT8, b"1.5").unwrap(), json!(1.5));
         assert_eq!(render(oid::FLOAT8, b"NaN").unwrap(), json!("NaN"));
@@ -342,11 +343,11 @@ mod tests {
         let old = OldTuple::Key(tuple(&[Some("42"), None, None, None]));
         let e = c.update(10, Some(&old), &tuple(&[Some("43"), Some("1"), Some("\u{0}u"), None]), None).unwrap();
         // Key-only: non-key columns are absent, not null.
-        assert_eq!(Value::Object(e.before.unwrap()), json!({"id": 42}));
+        assert_eq!(e.before.unwrap().into_value(), json!({"id": 42}));
         // Unchanged TOAST: absent; a real NULL stays null.
-        assert_eq!(Value::Object(e.after.unwrap()), json!({"id": 43, "price": "1", "live": null}));
+        assert_eq!(e.after.unwrap().into_value(), json!({"id": 43, "price": "1", "live": null}));
         let e = c.delete(10, &old, None).unwrap();
-        assert_eq!(Value::Object(e.before.unwrap()), json!({"id": 42}));
+        assert_eq!(e.before.unwrap().into_value(), json!({"id": 42}));
         let full = OldTuple::Full(tuple(&[Some("42"), Some("2.5"), Some("x"), Some("f")]));
         let e = c.delete(10, &full, None).unwrap();
         assert_eq!(e.before.unwrap().len(), 4);
@@ -359,7 +360,7 @@ mod tests {
         let Ok(Message::Relation(r)) = pgoutput::parse(&rel) else { panic!() };
         c.refresh(r);
         let e = c.insert(10, &tuple(&[Some("1"), Some("lamp")]), None).unwrap();
-        assert_eq!(Value::Object(e.after.unwrap()), json!({"id": 1, "slug": "lamp"}));
+        assert_eq!(e.after.unwrap().into_value(), json!({"id": 1, "slug": "lamp"}));
     }
 
     #[test]
