@@ -9,11 +9,16 @@
 //! smooths the hand-over, so librdkafka only has to cover one fetch round trip while that queue
 //! drains. So:
 //!
-//! - `queued.min.messages` = `pipeline.queue_capacity`: librdkafka stops fetching once its
-//!   consumer queue holds one pipeline queue's worth of messages (for the high-level consumer
-//!   this counts every partition together, since each partition's queue forwards to it);
-//! - `queued.max.messages.kbytes` = 2 KiB per event of that (2 MiB with the default 1,024): a
-//!   byte bound for large messages (a JSON message with its schema is 2 to 4 KB, without it
+//! - `queued.min.messages` = 4 x `pipeline.queue_capacity`: librdkafka stops fetching once its
+//!   consumer queue holds that many messages (for the high-level consumer this counts every
+//!   partition together, since each partition's queue forwards to it). One queue's worth was
+//!   the first choice, and it starved the pipeline once the pipeline got faster: at 330,000
+//!   events/s it drains 1,024 messages in 3 ms, less than the 5 ms backoff below plus a fetch
+//!   round trip, and catching up ran at 0.83 of the rate with four queues' worth
+//!   (docs/benchmarks.md, "Throughput after the session's merges"). Memory is bounded by the
+//!   next setting, not by this count;
+//! - `queued.max.messages.kbytes` = 2 KiB per event of the pipeline queue (2 MiB with the
+//!   default 1,024): the byte bound (a JSON message with its schema is 2 to 4 KB, without it
 //!   under 1 KB). librdkafka lowers `fetch.max.bytes` to the same figure by itself (unless it
 //!   is set), so one fetch response cannot exceed it either;
 //! - `fetch.queue.backoff.ms` = 5: once over those thresholds, librdkafka looks again only
@@ -29,6 +34,9 @@ use rdkafka::config::ClientConfig;
 
 use crate::config::Scalar;
 
+/// Messages of prefetch per event of the pipeline's source queue (the count that makes
+/// librdkafka fetch more; the byte bound below is what bounds memory).
+const MESSAGES_PER_EVENT: usize = 4;
 /// KiB of prefetch per event of the pipeline's source queue.
 const KIB_PER_EVENT: usize = 2;
 
@@ -44,7 +52,7 @@ const QUEUE_BACKOFF_MS: &str = "5";
 
 /// The prefetch settings for a pipeline queue of `queue_capacity` events.
 pub fn settings(queue_capacity: usize) -> [(&'static str, String); 3] {
-    let messages = queue_capacity.clamp(1, 10_000_000);
+    let messages = queue_capacity.saturating_mul(MESSAGES_PER_EVENT).clamp(1, 10_000_000);
     let kbytes = queue_capacity.saturating_mul(KIB_PER_EVENT).clamp(MIN_KBYTES, MAX_KBYTES);
     [
         ("queued.min.messages", messages.to_string()),
@@ -67,9 +75,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_default_queue_prefetches_4096_messages_or_8_mib() {
+    fn a_queue_of_4096_prefetches_16384_messages_or_8_mib() {
         let s = settings(4096);
-        assert_eq!(s[0], ("queued.min.messages", "4096".to_string()));
+        assert_eq!(s[0], ("queued.min.messages", "16384".to_string()));
         assert_eq!(s[1], ("queued.max.messages.kbytes", "8192".to_string()));
         assert_eq!(s[2], ("fetch.queue.backoff.ms", "5".to_string()));
     }
