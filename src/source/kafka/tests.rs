@@ -7,12 +7,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use super::tracker::Tracker;
+// The integration tests' mock-cluster helpers (self-contained: rdkafka only), for reading
+// committed offsets the same way they do.
+#[path = "../../../tests/support/kafka.rs"]
+#[allow(dead_code)]
+mod mock_kafka;
 use super::{finish, KafkaSource};
 use crate::config::KafkaConfig;
 use crate::source::{ack_channel, Ack, Finished, Position, Source, SourceEvent};
@@ -55,27 +58,6 @@ fn update(id: usize) -> String {
     format!(
         r#"{{"before":{{"id":{id},"name":"Widget {id}","price":"1.00","category_id":1,"slug":"widget-{id}"}},"after":{{"id":{id},"name":"Widget {id}","price":"2.00","category_id":2,"slug":"widget-{id}"}},"source":{{"version":"2.7.3.Final","connector":"postgresql","name":"shop","ts_ms":1,"snapshot":"false","db":"shop","schema":"public","table":"products","txId":2,"lsn":2}},"op":"u","ts_ms":1,"transaction":null}}"#
     )
-}
-
-async fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
-    let (bootstrap, group, topic) = (bootstrap.to_string(), group.to_string(), topic.to_string());
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer =
-            ClientConfig::new().set("bootstrap.servers", &bootstrap).set("group.id", &group).create().expect("reader");
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition(&topic, p);
-        }
-        let got = consumer.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
-        (0..partitions)
-            .map(|p| match got.find_partition(&topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => o,
-                _ => -1,
-            })
-            .collect()
-    })
-    .await
-    .expect("reader task")
 }
 
 /// Reads a backlog of `total` messages in 3 partitions through a pipeline queue of `capacity`
@@ -142,7 +124,7 @@ async fn read_backlog(capacity: usize, batch: usize, batched: bool, total: usize
     drop(rx);
     tokio::time::timeout(Duration::from_secs(30), run).await.expect("source stops").expect("task").expect("run");
     assert_eq!(metrics.pending_events.get(), 0);
-    (committed(&bootstrap, &group, topic, 3).await, produced)
+    (mock_kafka::committed(&bootstrap, &group, topic, 3).await, produced)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
