@@ -80,10 +80,21 @@ fi
 # The locked dependency tree against deny.toml: licences, bans (duplicates warn), sources.
 # Offline (--locked --offline): the advisory database needs the network (docs/design.md,
 # "Dependency checks"). Quiet on success, like fmt and clippy; everything it said on failure.
+# cargo deny reads `cargo metadata`, which wants every locked package, including those of
+# other platforms (Windows-only crates) that building here never downloads: on a fresh
+# machine, with --offline, it failed on the first of them. So fetch the whole locked tree
+# first (from crates.io, as the build does; a no-op once cached).
 deny_status=0
+deny_out=""
 cargo_deny="${CARGO_DENY:-${XDG_CACHE_HOME:-$HOME/.cache}/cdc-invalidator/bin/cargo-deny}"
-deny_out=$("$cargo_deny" --locked --offline --color never check --hide-inclusion-graph licenses bans sources 2>&1) ||
+fetch_out=$(cargo fetch --locked 2>&1) || {
     deny_status=$?
+    printf '%s\ntest.sh: cargo fetch --locked failed, so cargo deny cannot read the tree\n' "$fetch_out" >&2
+}
+if ((deny_status == 0)); then
+    deny_out=$("$cargo_deny" --locked --offline --color never check --hide-inclusion-graph licenses bans sources 2>&1) ||
+        deny_status=$?
+fi
 if ((deny_status != 0)); then
     printf '%s\ntest.sh: cargo deny found problems (above; deny.toml)\n' "$deny_out" >&2
 fi
