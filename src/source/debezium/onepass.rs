@@ -68,9 +68,9 @@ pub(super) fn decode(
     let Some(event) = Event::read(event, placeholders, &mut source) else {
         // An envelope declines at its first unusual field; a flattened row at its first column.
         let (row, meta) = flat_row(event)?;
-        return Some(meta.and_then(|meta| {
-            flattened::decode_row(topic, row, meta, logical.as_deref(), key, placeholders)
-        }));
+        return Some(
+            meta.and_then(|meta| flattened::decode_row(topic, row, meta, logical.as_deref(), key, placeholders)),
+        );
     };
     let images = RawImages {
         before: event.before.map(slot),

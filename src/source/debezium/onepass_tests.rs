@@ -659,7 +659,9 @@ fn debezium_onepass_mutated_messages_decode_as_the_general_path() {
         r#""__op":"d","__source_table":"products","__source_schema":"public","__source_ts_ns":1763821806000123456,"__deleted":"true""#,
         r#""__op":"c","__db":"inventory","__collection":"customers","__deleted":false"#,
     ] {
-        bases.push(format!(r#"{{{FLAT_ROW},"category_id":7,"v":"a\"b","n":-1.5E3,"b":true,"z":null,{meta}}}"#).into_bytes());
+        bases.push(
+            format!(r#"{{{FLAT_ROW},"category_id":7,"v":"a\"b","n":-1.5E3,"b":true,"z":null,{meta}}}"#).into_bytes(),
+        );
         bases.push(format!(r#"{{{meta},"ts_ms":1,"status":"BEGIN","id":"1","event_count":2}}"#).into_bytes());
     }
     let key_bases: [&[u8]; 3] = [br#"{"id":42}"#, br#"{"id":42,"__dbz__x":"a"}"#, br#"{"id":"k","n":-1.5e3}"#];
