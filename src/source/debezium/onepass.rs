@@ -25,6 +25,13 @@
 //! declines deeper nesting) and never panics. A message it declines is scanned twice; only
 //! unusual messages are.
 //!
+//! Flattened rows (`ExtractNewRecordState`, `flattened.rs`) of plain values and `__` fields
+//! are read the same way ([`flat_row`]) when the envelope reader declines at a field it does
+//! not know, and finished by the general path's own code (`flattened::decode_row`). A name the
+//! general path could read as another kind of message (`source`, `schema`, `payload`, `ts_ms`,
+//! `event_count`, `data_collections`), a nested value, a repeated `__` field or an empty
+//! object declines.
+//!
 //! The message key (`{"id":42}`) has the same kind of fast path, [`key_row`].
 
 use std::rc::Rc;
