@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde_json::Value;
 
 use super::json::{self, kind_of};
+use super::schema::LogicalColumns;
 use super::{mongodb, schema, DecodeError, Images, Message, Placeholders};
 use crate::event::{Decoded, NoChangeKind, Op, Row};
 
@@ -43,10 +44,24 @@ pub(super) fn decode(
             None => entries.push((name.into_owned(), value)),
         }
     }
-    let mut row = Row::from_entries(entries);
+    let row = Row::from_entries(entries);
+    decode_row(topic, row, meta, message.logical.as_deref(), key, placeholders)
+}
+
+/// [`decode`] once the message is read: `row` is its columns, `meta` what its `__` fields
+/// said and `logical` what its schema envelope's schema says (the one-pass reader,
+/// `onepass.rs`, builds these too).
+pub(super) fn decode_row(
+    topic: &str,
+    mut row: Row,
+    meta: Metadata,
+    logical: Option<&LogicalColumns>,
+    key: Option<&[u8]>,
+    placeholders: &Placeholders,
+) -> Result<Decoded, DecodeError> {
     let Metadata { op: op_code, table, schema: schema_name, db, deleted, deleted_field, collection, .. } = meta;
     let mongo = collection.is_some();
-    if !deleted_field && !mongo && message.logical.is_none() {
+    if !deleted_field && !mongo && logical.is_none() {
         warn_no_deleted_field(topic);
     }
     let table = table.or(collection);
@@ -72,7 +87,7 @@ pub(super) fn decode(
     let qualifier = schema_name.as_deref().filter(|s| !s.is_empty()).or(db.as_deref());
     let table = super::table_name(qualifier, table.as_deref(), topic)?;
 
-    if let Some(columns) = &message.logical {
+    if let Some(columns) = logical {
         // Placeholders first: the base64 placeholder in a Connect Decimal column would
         // otherwise decode to a plausible number.
         placeholders.strip(&mut row);
@@ -111,7 +126,7 @@ fn warn_no_deleted_field(topic: &str) {
 
 /// The `__` fields we read; the others are dropped.
 #[derive(Default)]
-struct Metadata {
+pub(super) struct Metadata {
     op: Option<String>,
     table: Option<String>,
     schema: Option<String>,
@@ -128,7 +143,7 @@ struct Metadata {
 
 impl Metadata {
     /// Reads field `__<field>`.
-    fn read(&mut self, field: &str, value: Value) -> Result<(), DecodeError> {
+    pub(super) fn read(&mut self, field: &str, value: Value) -> Result<(), DecodeError> {
         match field {
             "op" => self.op = string(value, "`__op`")?,
             // `add.fields=source.table` writes `__source_table` (the SMT joins struct and field

@@ -30,7 +30,8 @@
 //!
 //! The common case, a standard envelope of plain row values (schemaless, or the payload of a
 //! schema envelope whose schema is cached) and a message key like `{"id":42}`, is read in one
-//! hand-written pass over the bytes (`onepass.rs`); anything else, and anything that pass is
+//! hand-written pass over the bytes (`onepass.rs`), as is a flattened row of plain values and
+//! scalar `__` fields; anything else, and anything that pass is
 //! not sure of, is read by the general path described here, which decides every outcome.
 //!
 //! # Choices a user can see

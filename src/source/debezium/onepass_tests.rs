@@ -129,6 +129,12 @@ fn debezium_onepass_fixtures_decode_as_the_general_path() {
         "mysql-update.json",
         "pg-truncate.json",
         "sqlserver-create.json",
+        // Flattened rows (`ExtractNewRecordState`), MongoDB's included.
+        "unwrapped-update.json",
+        "unwrapped-delete-rewrite.json",
+        "unwrap-delete-rewrite.json",
+        "unwrap-source-table.json",
+        "mongodb-unwrapped.json",
     ] {
         assert!(took.iter().any(|t| t == name), "the fast path declined {name}; took {took:?}");
     }
@@ -332,6 +338,194 @@ fn edge_cases() -> Vec<String> {
     ] {
         cases.push(text);
     }
+    cases.extend(flat_edge_cases());
+    cases
+}
+
+/// A flattened row's columns, before and after the `__` fields in the cases below.
+const FLAT_ROW: &str = r#""id":42,"name":"Blue Widget","price":"80.00""#;
+
+/// Hand-made flattened rows (`ExtractNewRecordState`): every `__` field with values of every
+/// kind, columns named like the envelope's fields, and heartbeats, transaction markers,
+/// envelopes and schema envelopes in disguise.
+fn flat_edge_cases() -> Vec<String> {
+    let mut cases = Vec::new();
+    let values = [
+        r#""c""#,
+        r#""u""#,
+        r#""d""#,
+        r#""r""#,
+        r#""t""#,
+        r#""m""#,
+        r#""x""#,
+        r#""\u0064""#,
+        r#""""#,
+        r#""true""#,
+        r#""false""#,
+        r#""TRUE""#,
+        "true",
+        "false",
+        "null",
+        "0",
+        "1",
+        "-5",
+        "1.5",
+        "1e3",
+        "1763821806000",
+        "1763821806000123",
+        "99999999999999999999",
+        r#""1763821806000""#,
+        r#""products""#,
+        r#""public""#,
+        r#""__debezium_unavailable_value""#,
+        "{}",
+        "[]",
+        r#"{"a":1}"#,
+    ];
+    let fields = [
+        "__op",
+        "__table",
+        "__source_table",
+        "__schema",
+        "__source_schema",
+        "__db",
+        "__source_db",
+        "__collection",
+        "__source_collection",
+        "__deleted",
+        "__source_ts_ns",
+        "__source_ts_us",
+        "__source_ts_ms",
+        "__lsn",
+        "__source_connector",
+        "__",
+        "___x",
+    ];
+    for field in fields {
+        for value in values {
+            cases.push(format!(r#"{{{FLAT_ROW},"{field}":{value}}}"#));
+        }
+        // Alone, first, and twice (the same value and another).
+        cases.push(format!(r#"{{"{field}":"d"}}"#));
+        cases.push(format!(r#"{{"{field}":"true",{FLAT_ROW}}}"#));
+        cases.push(format!(r#"{{{FLAT_ROW},"{field}":"d","{field}":"d"}}"#));
+        cases.push(format!(r#"{{{FLAT_ROW},"{field}":"c","id":1,"{field}":"d"}}"#));
+    }
+    // Whole rows as Debezium writes them, and their variations.
+    for meta in [
+        r#""__op":"u","__table":"products","__schema":"public","__source_ts_ms":1763821806000,"__deleted":"false""#,
+        r#""__op":"d","__table":"products","__schema":"public","__source_ts_ms":1763821807000,"__deleted":"true""#,
+        r#""__op":"c","__deleted":true"#,
+        r#""__op":"c","__deleted":"true""#,
+        r#""__op":"d","__deleted":"false""#,
+        r#""__op":"u","__deleted":false"#,
+        r#""__deleted":"true""#,
+        r#""__deleted":"false""#,
+        r#""__op":"t","__table":"products""#,
+        r#""__op":"m","__source_ts_ms":5"#,
+        r#""__op":"q","__table":5"#,
+        r#""__table":5,"__op":"q""#,
+        r#""__op":5,"__table":"t""#,
+        r#""__op":"c","__db":"inventory","__table":"customers""#,
+        r#""__op":"c","__db":"inventory","__schema":"","__table":"customers""#,
+        r#""__op":"c","__db":"","__schema":"","__table":"""#,
+        r#""__op":"c","__source_db":"inventory","__source_table":"customers","__source_ts_us":1763821806000123"#,
+        r#""__op":"c","__source_ts_ns":1763821806000123456,"__source_ts_us":1,"__source_ts_ms":2"#,
+        r#""__op":"c","__source_ts_ns":"1","__source_ts_us":1.5,"__source_ts_ms":-1"#,
+        r#""__op":"u","__db":"inventory","__collection":"customers""#,
+        r#""__op":"u","__source_collection":"c","__table":"t""#,
+        r#""__op":"u","__collection":null"#,
+        r#""__op":"u","__table":"t\"x","__schema":"s\u00e9""#,
+        r#""\u005f_op":"d","__table":"t""#,
+        r#""_\u005fop":"d","__op":"d""#,
+    ] {
+        cases.push(format!(r#"{{{FLAT_ROW},{meta}}}"#));
+        cases.push(format!(r#"{{{meta},{FLAT_ROW}}}"#));
+    }
+    // Columns: names like the envelope's fields and the markers', values of every kind.
+    for column in [
+        r#""op":"c""#,
+        r#""before":1"#,
+        r#""after":"x""#,
+        r#""after":null"#,
+        r#""before":{"id":1}"#,
+        r#""source":"s""#,
+        r#""source":{"table":"t"}"#,
+        r#""source":null"#,
+        r#""ts_ms":5"#,
+        r#""ts_us":5"#,
+        r#""ts_ns":5"#,
+        r#""transaction":null"#,
+        r#""ddl":"x""#,
+        r#""tableChanges":"x""#,
+        r#""status":"BEGIN""#,
+        r#""status":"BEGIN","event_count":1"#,
+        r#""status":"END","data_collections":null"#,
+        r#""event_count":1"#,
+        r#""data_collections":"x""#,
+        r#""schema":"x""#,
+        r#""payload":"x""#,
+        r#""schema":{},"payload":{"id":1}"#,
+        r#""$serde_json::private::Number":"5""#,
+        r#""$serde_json::private::RawValue":"5""#,
+        r#""\u0073ource":"s""#,
+        r#""ts_\u006ds":5"#,
+        r#""i\u0064":7"#,
+        r#""v":"\ud83d\ude00""#,
+        r#""v":"\u00e9\n""#,
+        r#""v":-0"#,
+        r#""v":1.50"#,
+        r#""v":1E5"#,
+        r#""v":18446744073709551616"#,
+        r#""v":[1]"#,
+        r#""v":{"a":1}"#,
+        r#""v":"N/A""#,
+        r#""v":"__debezium_unavailable_value""#,
+        r#""id":null"#,
+        r#""id":"__debezium_unavailable_value""#,
+        r#""id":1,"id":2"#,
+    ] {
+        cases.push(format!(r#"{{{column},"__op":"c"}}"#));
+        cases.push(format!(r#"{{"__op":"u",{column},"x":1}}"#));
+        cases.push(format!(r#"{{{column}}}"#));
+        cases.push(format!(r#"{{{column},"x":1}}"#));
+    }
+    // Heartbeats, markers and schema envelopes in disguise; whitespace; broken objects.
+    for text in [
+        r#"{"ts_ms":5}"#,
+        r#"{"ts_ms":5,"ts_ms":6}"#,
+        r#"{"ts_ms":5,"__op":"c"}"#,
+        r#"{"ts_ms":5,"id":1}"#,
+        r#"{"status":"BEGIN","id":"1","event_count":2,"data_collections":null}"#,
+        r#"{"status":"END","id":"1","data_collections":[],"__op":"c"}"#,
+        r#"{"id":1,"status":"BEGIN","event_count":null}"#,
+        r#"{"id":1,"status":"BEGIN"}"#,
+        r#"{"schema":{"type":"struct","fields":[{"type":"int32","field":"id"}]},"payload":{"id":1,"__op":"c","__deleted":"false"}}"#,
+        r#"{"schema":{"type":"struct","fields":[{"type":"int32","field":"id"}]},"payload":{"id":1,"__deleted":"true"}}"#,
+        r#"{"schema":{"type":"struct","fields":[{"type":"int32","field":"id"}]},"payload":{"id":1,"ts_ms":1}}"#,
+        r#"{"schema":{"type":"struct","fields":[{"type":"int32","field":"id"}]},"payload":{"id":"N/A","x":"__debezium_unavailable_value"}}"#,
+        r#"{"schema":{"type":"struct","fields":[{"type":"int32","field":"id"}]},"payload":{}}"#,
+        r#"{"schema":{"type":"struct","fields":[{"type":"int32","field":"id"}]},"payload":5}"#,
+        r#"{"schema":{"type":"struct","fields":[{"type":"int32","field":"id"}]},"payload":{"id":1,"__op":"c"},"x":1}"#,
+        r#"{"schema":{"type":"struct","fields":[{"type":"bytes","optional":true,"name":"org.apache.kafka.connect.data.Decimal","version":1,"parameters":{"scale":"2"},"field":"price"}]},"payload":{"id":1,"price":"AfQ=","__op":"u"}}"#,
+        r#"{"schema":{"type":"struct","fields":[{"type":"bytes","optional":true,"name":"org.apache.kafka.connect.data.Decimal","version":1,"parameters":{"scale":"2"},"field":"price"}]},"payload":{"id":1,"price":"!!","__op":"u"}}"#,
+        r#"{"schema":{"type":"struct","fields":[{"type":"bytes","optional":true,"name":"org.apache.kafka.connect.data.Decimal","version":1,"parameters":{"scale":"2"},"field":"price"}]},"payload":{"id":1,"price":"__debezium_unavailable_value","__op":"u"}}"#,
+        r#"{"schema":{"type":"struct","fields":[{"type":"int32","name":"io.debezium.time.Date","field":"day"}]},"payload":{"day":19000,"__op":"c"}}"#,
+        r#"{}"#,
+        r#"{"__op":"c"}"#,
+        " \n{ \"id\" : 1 ,\t\"__op\" : \"c\" ,\r\"__table\" : \"t\" } \n",
+        r#"{"id":1,"__op":"c",}"#,
+        r#"{"id":1,"__op":"c"}x"#,
+        r#"{"id":1,"__op":"c"}}"#,
+        r#"{"id":1 "__op":"c"}"#,
+        r#"{"id":1,"__op":"c""#,
+        r#"{"id":01,"__op":"c"}"#,
+        r#"{"id":1,"__op":"\q"}"#,
+        r#"{"id":1,"__op":"\ud800"}"#,
+        r#"{"id":1,__op:"c"}"#,
+    ] {
+        cases.push(text.to_owned());
+    }
     cases
 }
 
@@ -361,6 +555,14 @@ fn debezium_onepass_edge_cases_decode_as_the_general_path() {
     assert!(same(&placeholders, TOPIC, None, full.as_bytes()));
     for end in 0..full.len() {
         assert!(!same(&placeholders, TOPIC, None, &full.as_bytes()[..end]), "took a truncated message");
+    }
+    // Every prefix of a flattened row the fast path takes.
+    let flat = format!(
+        r#"{{{FLAT_ROW},"v":"a\"b","n":1.5e3,"__op":"u","__table":"products","__source_ts_ms":1763821806000,"__deleted":"false"}}"#
+    );
+    assert!(same(&placeholders, TOPIC, None, flat.as_bytes()));
+    for end in 0..flat.len() {
+        assert!(!same(&placeholders, TOPIC, None, &flat.as_bytes()[..end]), "took a truncated flattened row");
     }
     // Bytes that are not UTF-8, in a string and outside one.
     for (at, byte) in [(30, 0xFF), (10, 0xC3), (1, 0x80)] {
@@ -452,6 +654,16 @@ fn debezium_onepass_mutated_messages_decode_as_the_general_path() {
     bases.push(
         envelope(r#"{"id":-0,"v":"a\"b\u00e9","n":1.5E3,"b":true}"#, "null", SOURCE, r#","ts_ns":1"#).into_bytes(),
     );
+    for meta in [
+        r#""__op":"u","__table":"products","__schema":"public","__db":"shop","__source_ts_ms":1763821806000,"__source_ts_us":1763821806000123,"__deleted":"false""#,
+        r#""__op":"d","__source_table":"products","__source_schema":"public","__source_ts_ns":1763821806000123456,"__deleted":"true""#,
+        r#""__op":"c","__db":"inventory","__collection":"customers","__deleted":false"#,
+    ] {
+        bases.push(
+            format!(r#"{{{FLAT_ROW},"category_id":7,"v":"a\"b","n":-1.5E3,"b":true,"z":null,{meta}}}"#).into_bytes(),
+        );
+        bases.push(format!(r#"{{{meta},"ts_ms":1,"status":"BEGIN","id":"1","event_count":2}}"#).into_bytes());
+    }
     let key_bases: [&[u8]; 3] = [br#"{"id":42}"#, br#"{"id":42,"__dbz__x":"a"}"#, br#"{"id":"k","n":-1.5e3}"#];
     let placeholders = Placeholders::new(None);
     let mut rng = Lcg(0x5eed_1234);
@@ -487,6 +699,28 @@ fn debezium_onepass_declines_what_it_does_not_handle() {
     assert!(declined(&format!(r#"{{"after":{after},"source":{{"table":"t"}},"op":"c"}}"#).replace('}', "} ")[..20]));
     let value = format!(r#"{{"after":{after},"source":{{"table":"t"}},"op":"c"}}"#);
     assert!(onepass::decode(&placeholders, "__debezium-heartbeat.x", None, value.as_bytes()).is_none());
+    // Flattened rows: plain columns and `__` fields are taken, anything else declines.
+    assert!(!declined(r#"{"id":1,"name":"x","__op":"c","__table":"t","__deleted":"false"}"#));
+    assert!(!declined(r#"{"id":1,"name":"x"}"#), "a flattened row without metadata");
+    assert!(!declined(r#"{"id":1,"op":"c","after":5,"before":null}"#), "envelope names without source");
+    assert!(declined(r#"{"id":1,"__op":"c","__op":"c"}"#), "duplicate __ field");
+    assert!(declined(r#"{"id":1,"__op":"c","v":{"a":1}}"#), "nested column");
+    assert!(declined(r#"{"id":1,"__op":"c","v":[1]}"#), "array column");
+    assert!(declined(r#"{"id":1,"__table":{"a":1}}"#), "nested __ field");
+    assert!(declined(r#"{"ts_ms":5}"#), "heartbeat");
+    assert!(declined(r#"{"id":1,"ts_ms":5}"#), "ts_ms column");
+    assert!(declined(r#"{"id":"1","status":"BEGIN","event_count":2}"#), "transaction marker");
+    assert!(declined(r#"{"id":"1","status":"END","data_collections":null}"#), "transaction marker");
+    assert!(declined(r#"{"id":1,"source":"s","__op":"c"}"#), "source column");
+    assert!(declined(r#"{"id":1,"schema":"s"}"#), "schema column");
+    assert!(declined(r#"{"id":1,"payload":"p"}"#), "payload column");
+    assert!(declined(r#"{"id":1,"\u0073ource":"s"}"#), "escaped source column");
+    assert!(declined(r#"{}"#), "empty object");
+    let unknown_flat = r#"{"id":1,"__op":"x"}"#;
+    assert!(matches!(
+        onepass::decode(&placeholders, TOPIC, None, unknown_flat.as_bytes()),
+        Some(Err(DecodeError::UnknownOp { field: "__op", .. }))
+    ));
     // An error the general path reports is its own.
     let unknown = format!(r#"{{"after":{after},"source":{{"table":"t"}},"op":"x"}}"#);
     assert!(matches!(
