@@ -188,14 +188,15 @@ impl<'a> Event<'a> {
                 }
                 _ => skip(b, at)?,
             };
-            at = ws(b, at);
-            match b.get(at)? {
-                b',' => at = ws(b, at + 1),
-                b'}' => break,
-                _ => return None,
+            match after_member(b, at)? {
+                After::Next(next) => at = next,
+                After::Closed(end) => {
+                    at = end;
+                    break;
+                }
             }
         }
-        if ws(b, at + 1) != b.len() {
+        if ws(b, at) != b.len() {
             return None;
         }
         has_source.then_some(())?;
@@ -249,14 +250,15 @@ fn flat_row(text: &str) -> Option<(Row, Result<Metadata, DecodeError>)> {
             }
             None => columns.push((name, value)),
         }
-        at = ws(b, next);
-        match b.get(at)? {
-            b',' => at = ws(b, at + 1),
-            b'}' => break,
-            _ => return None,
+        match after_member(b, next)? {
+            After::Next(next) => at = next,
+            After::Closed(end) => {
+                at = end;
+                break;
+            }
         }
     }
-    if ws(b, at + 1) != b.len() {
+    if ws(b, at) != b.len() {
         return None;
     }
     Some((Row::from_names(columns), meta))
@@ -287,7 +289,9 @@ fn key_members<'a>(key: &'a [u8], mut member: impl FnMut(&'a str, &'a str, usize
         return None;
     }
     at = ws(b, at + 1);
-    if b.get(at) != Some(&b'}') {
+    if b.get(at) == Some(&b'}') {
+        at += 1;
+    } else {
         loop {
             let (name, next) = plain_string(text, at)?;
             // The general path reads these three differently (a `schema` and a `payload` make
@@ -295,15 +299,16 @@ fn key_members<'a>(key: &'a [u8], mut member: impl FnMut(&'a str, &'a str, usize
             if matches!(name, "schema" | "payload" | "source") {
                 return None;
             }
-            at = ws(b, member(name, text, colon(b, next)?)?);
-            match b.get(at)? {
-                b',' => at = ws(b, at + 1),
-                b'}' => break,
-                _ => return None,
+            match after_member(b, member(name, text, colon(b, next)?)?)? {
+                After::Next(next) => at = next,
+                After::Closed(end) => {
+                    at = end;
+                    break;
+                }
             }
         }
     }
-    (ws(b, at + 1) == b.len()).then_some(())
+    (ws(b, at) == b.len()).then_some(())
 }
 
 /// A row image: `null` (`None`), or an object whose values are all strings, numbers, booleans
@@ -337,12 +342,10 @@ fn image(
                     *placeholder_free &= !placeholders.is_placeholder_text(s);
                 }
                 columns.push((name, value));
-                at = ws(b, next);
-                match b.get(at)? {
-                    b',' => at = ws(b, at + 1),
+                match after_member(b, next)? {
+                    After::Next(next) => at = next,
                     // Last wins among duplicates, as in serde_json's map.
-                    b'}' => return Some((Some(Row::from_names(columns)), at + 1)),
-                    _ => return None,
+                    After::Closed(end) => return Some((Some(Row::from_names(columns)), end)),
                 }
             }
         }
@@ -397,11 +400,9 @@ fn source_block<'a>(text: &'a str, at: usize, fields: &mut SourceFields<'a>) -> 
         if let Some(slot) = slot {
             *slot = Some(text.get(at..end)?);
         }
-        at = ws(b, end);
-        match b.get(at)? {
-            b',' => at = ws(b, at + 1),
-            b'}' => return Some(at + 1),
-            _ => return None,
+        match after_member(b, end)? {
+            After::Next(next) => at = next,
+            After::Closed(end) => return Some(end),
         }
     }
 }
@@ -650,6 +651,24 @@ fn colon(b: &[u8], at: usize) -> Option<usize> {
 }
 
 /// The index of the first byte at or after `at` that is not JSON whitespace.
+/// What follows an object member's value: the next member (after the `,` and whitespace) or
+/// the end of the object (the index past its `}`).
+enum After {
+    Next(usize),
+    Closed(usize),
+}
+
+/// Reads what follows the member value ending at `at`; `None` for anything but `,` or `}`.
+#[inline(always)]
+fn after_member(b: &[u8], at: usize) -> Option<After> {
+    let at = ws(b, at);
+    match b.get(at)? {
+        b',' => Some(After::Next(ws(b, at + 1))),
+        b'}' => Some(After::Closed(at + 1)),
+        _ => None,
+    }
+}
+
 fn ws(b: &[u8], mut at: usize) -> usize {
     while matches!(b.get(at), Some(b' ' | b'\n' | b'\r' | b'\t')) {
         at += 1;
