@@ -147,7 +147,7 @@ impl<'a> Event<'a> {
         let mut after = None;
         let mut seen = 0u8;
         let mut placeholder_free = true;
-        loop {
+        let end = loop {
             let (name, next) = plain_string(text, at)?;
             at = colon(b, next)?;
             let bit = match packed(name) {
@@ -190,13 +190,10 @@ impl<'a> Event<'a> {
             };
             match after_member(b, at)? {
                 After::Next(next) => at = next,
-                After::Closed(end) => {
-                    at = end;
-                    break;
-                }
+                After::Closed(end) => break end,
             }
-        }
-        if ws(b, at) != b.len() {
+        };
+        if ws(b, end) != b.len() {
             return None;
         }
         has_source.then_some(())?;
@@ -229,7 +226,7 @@ fn flat_row(text: &str) -> Option<(Row, Result<Metadata, DecodeError>)> {
     let mut meta = Ok(Metadata::default());
     // The `__` fields met, to decline a repeat.
     let mut seen: Vec<Name> = Vec::new();
-    loop {
+    let end = loop {
         let (name, next) = column_name(text, at)?;
         if NOT_FLAT.contains(&&*name) || name.starts_with(SERDE_JSON_PRIVATE) {
             return None;
@@ -252,13 +249,10 @@ fn flat_row(text: &str) -> Option<(Row, Result<Metadata, DecodeError>)> {
         }
         match after_member(b, next)? {
             After::Next(next) => at = next,
-            After::Closed(end) => {
-                at = end;
-                break;
-            }
+            After::Closed(end) => break end,
         }
-    }
-    if ws(b, at) != b.len() {
+    };
+    if ws(b, end) != b.len() {
         return None;
     }
     Some((Row::from_names(columns), meta))
@@ -289,8 +283,8 @@ fn key_members<'a>(key: &'a [u8], mut member: impl FnMut(&'a str, &'a str, usize
         return None;
     }
     at = ws(b, at + 1);
-    if b.get(at) == Some(&b'}') {
-        at += 1;
+    let end = if b.get(at) == Some(&b'}') {
+        at + 1
     } else {
         loop {
             let (name, next) = plain_string(text, at)?;
@@ -301,14 +295,11 @@ fn key_members<'a>(key: &'a [u8], mut member: impl FnMut(&'a str, &'a str, usize
             }
             match after_member(b, member(name, text, colon(b, next)?)?)? {
                 After::Next(next) => at = next,
-                After::Closed(end) => {
-                    at = end;
-                    break;
-                }
+                After::Closed(end) => break end,
             }
         }
-    }
-    (ws(b, at) == b.len()).then_some(())
+    };
+    (ws(b, end) == b.len()).then_some(())
 }
 
 /// A row image: `null` (`None`), or an object whose values are all strings, numbers, booleans
