@@ -77,10 +77,9 @@ async fn batches_over(
     let start = tokio::time::Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::new());
-    let dead = crate::config::DeadLetterConfig { file: Some(dir.path().join("dl.jsonl")), ..Default::default() };
-    let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
+    let dead_letters = file_dead_letters(dir.path(), &metrics).await;
     let rules = "version: 1\nrules:\n  - name: t\n    table: public.t\n    redis: { keys: [\"t:{id}\"] }\n";
-    let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+    let rules = parse_rules(rules);
     let sink = Arc::new(SlowSink { per_batch: Duration::from_millis(sink_ms), batches: Default::default() });
     let pipeline = Pipeline::new(config, rules, vec![sink.clone()], dead_letters, metrics.clone());
     let (tx, rx) = mpsc::channel(1000);
@@ -203,10 +202,9 @@ async fn run_layers(
 ) -> (Vec<(tokio::time::Instant, Option<tokio::time::Instant>)>, Arc<Metrics>) {
     let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::new());
-    let dead = crate::config::DeadLetterConfig { file: Some(dir.path().join("dl.jsonl")), ..Default::default() };
-    let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
+    let dead_letters = file_dead_letters(dir.path(), &metrics).await;
     let rules = "version: 1\nrules:\n  - name: t\n    table: public.t\n    redis: { keys: [\"t:{id}\"] }\n    cdn: { surrogate_keys: [\"t-{id}\"] }\n";
-    let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+    let rules = parse_rules(rules);
     let pipeline = Pipeline::new(config, rules, sinks, dead_letters, metrics.clone()).with_layers(layers, timing);
     let (acks_tx, mut acks_rx) = mpsc::unbounded_channel();
     let (tx, rx) = mpsc::channel(10_000);
@@ -351,10 +349,9 @@ impl Sink for Broken {
 async fn a_fatal_sink_error_in_an_outer_layer_stops_the_pipeline_at_once_unacknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::new());
-    let dead = crate::config::DeadLetterConfig { file: Some(dir.path().join("dl.jsonl")), ..Default::default() };
-    let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
+    let dead_letters = file_dead_letters(dir.path(), &metrics).await;
     let rules = "version: 1\nrules:\n  - name: t\n    table: public.t\n    redis: { keys: [\"t:{id}\"] }\n    cdn: { surrogate_keys: [\"t-{id}\"] }\n";
-    let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+    let rules = parse_rules(rules);
     let redis = Recording::new("redis", REDIS, 1);
     let sinks: Vec<Arc<dyn Sink>> = vec![redis.clone(), Arc::new(Broken)];
     let pipeline = Pipeline::new(pipeline_config(500, 5, 1), rules, sinks, dead_letters, metrics)
@@ -376,10 +373,9 @@ async fn a_fatal_sink_error_in_an_outer_layer_stops_the_pipeline_at_once_unackno
 async fn abandoning_leaves_every_unfinished_event_unacknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::new());
-    let dead = crate::config::DeadLetterConfig { file: Some(dir.path().join("dl.jsonl")), ..Default::default() };
-    let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
+    let dead_letters = file_dead_letters(dir.path(), &metrics).await;
     let rules = "version: 1\nrules:\n  - name: t\n    table: public.t\n    redis: { keys: [\"t:{id}\"] }\n  - name: u\n    table: public.u\n    cdn: { surrogate_keys: [\"u-{id}\"] }\n";
-    let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+    let rules = parse_rules(rules);
     // The CDN never finishes within the test.
     let (redis, cdn) = (Recording::new("redis", REDIS, 1), Recording::new("cdn", CDN, 3_600_000));
     let sinks: Vec<Arc<dyn Sink>> = vec![redis.clone(), cdn.clone()];
@@ -426,10 +422,9 @@ async fn run_gated(
     metrics: Arc<Metrics>,
 ) -> Vec<(tokio::time::Instant, Option<tokio::time::Instant>)> {
     let dir = tempfile::tempdir().unwrap();
-    let dead = crate::config::DeadLetterConfig { file: Some(dir.path().join("dl.jsonl")), ..Default::default() };
-    let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
+    let dead_letters = file_dead_letters(dir.path(), &metrics).await;
     let rules = "version: 1\nrules:\n  - name: t\n    table: public.t\n    redis: { keys: [\"t:{id}\"] }\n    cdn: { surrogate_keys: [\"t-{id}\"] }\n";
-    let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+    let rules = parse_rules(rules);
     let pipeline = Pipeline::new(pipeline_config(500, 5, 1), rules, sinks, dead_letters, metrics.clone())
         .with_layers(vec![0, 2], LayerTiming::default())
         .with_freshness(replicas);
@@ -614,7 +609,7 @@ async fn a_dead_letter_destination_that_keeps_failing_holds_intake_instead_of_fi
     let dead = crate::config::DeadLetterConfig { file: Some("/dev/full".into()), ..Default::default() };
     let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
     let rules = "version: 1\nrules:\n  - name: t\n    table: public.t\n    redis: { keys: [\"t:{id}\"] }\n";
-    let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+    let rules = parse_rules(rules);
     let sink = Arc::new(SlowSink { per_batch: Duration::ZERO, batches: Default::default() });
     let config = PipelineConfig { queue_capacity: 40, ..pipeline_config(10, 5, 1) };
     let pipeline = Pipeline::new(config, rules, vec![sink], dead_letters, metrics.clone());
@@ -642,6 +637,17 @@ async fn a_dead_letter_destination_that_keeps_failing_holds_intake_instead_of_fi
     trigger.abandon();
     assert!(run.await.unwrap().is_ok(), "abandoned, not failed");
     feeder.abort();
+}
+
+/// Dead letters written to `dl.jsonl` in `dir`.
+async fn file_dead_letters(dir: &std::path::Path, metrics: &Arc<Metrics>) -> DeadLetters {
+    let dead = crate::config::DeadLetterConfig { file: Some(dir.join("dl.jsonl")), ..Default::default() };
+    DeadLetters::open(&dead, None, metrics.clone()).await.unwrap()
+}
+
+/// A rules file's text, checked.
+fn parse_rules(text: &str) -> Arc<Rules> {
+    Arc::new(Rules::parse(text, std::path::Path::new("rules.yaml")).unwrap())
 }
 
 /// One histogram series of `metrics`' exposition (`labels` as rendered, `""` for none): its
@@ -694,10 +700,9 @@ async fn every_staleness_histogram_counts_each_event_once_in_its_bucket_whatever
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::new());
-    let dead = crate::config::DeadLetterConfig { file: Some(dir.path().join("dl.jsonl")), ..Default::default() };
-    let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
+    let dead_letters = file_dead_letters(dir.path(), &metrics).await;
     let rules = "version: 1\nrules:\n  - name: t\n    table: public.*\n    redis: { keys: [\"t:{id}\"] }\n";
-    let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+    let rules = parse_rules(rules);
     let sink = Arc::new(SlowSink { per_batch: Duration::from_millis(1), batches: Default::default() });
     let pipeline = Pipeline::new(pipeline_config(4, 1, 1), rules, vec![sink.clone()], dead_letters, metrics.clone());
     let (tx, rx) = mpsc::channel(100);
@@ -772,10 +777,9 @@ async fn a_rejected_item_dead_letters_exactly_the_events_that_asked_for_it() {
     // rejects `t:1`, which three of them asked for (the batch holds it once).
     let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::new());
-    let dead = crate::config::DeadLetterConfig { file: Some(dir.path().join("dl.jsonl")), ..Default::default() };
-    let dead_letters = DeadLetters::open(&dead, None, metrics.clone()).await.unwrap();
+    let dead_letters = file_dead_letters(dir.path(), &metrics).await;
     let rules = "version: 1\nrules:\n  - name: t\n    table: public.t\n    redis: { keys: [\"t:{id}\"] }\n";
-    let rules = Arc::new(Rules::parse(rules, std::path::Path::new("rules.yaml")).unwrap());
+    let rules = parse_rules(rules);
     let sink = Arc::new(Rejecting { key: "t:1" });
     let pipeline = Pipeline::new(pipeline_config(100, 50, 50), rules, vec![sink], dead_letters, metrics.clone());
     let (tx, rx) = mpsc::channel(100);
