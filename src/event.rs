@@ -71,12 +71,9 @@ pub fn intern(name: &str) -> Name {
         .unwrap_or_else(|_| Name::from(name))
 }
 
-/// FNV-1a of the bytes, folded to a slot.
+/// The name's slot: its FNV-1a, folded.
 fn slot_of(name: &[u8]) -> usize {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &byte in name {
-        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-    }
+    let hash = crate::fnv::hash(name);
     ((hash ^ (hash >> 32)) as usize) % INTERNED_SLOTS
 }
 

@@ -42,6 +42,7 @@ pub mod config;
 pub mod dead_letter;
 pub mod event;
 pub mod explain;
+mod fnv;
 pub mod freshness;
 pub mod pipeline;
 pub mod purge;

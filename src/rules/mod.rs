@@ -214,7 +214,7 @@ impl Rules {
                 TablePattern::Glob(_) => globs.push(i),
             }
         }
-        Ok(Rules { rules, by_table, globs, hash: fnv1a(text.as_bytes()), notices })
+        Ok(Rules { rules, by_table, globs, hash: crate::fnv::hash(text.as_bytes()), notices })
     }
 
     /// What `event` asks to invalidate.
@@ -367,32 +367,7 @@ impl Rules {
 /// the default SipHash on a table name. Its keys are the rules file's table names, fixed at
 /// load: a name from the stream can only miss, never grow the map, so hash flooding has nothing
 /// to flood.
-type TableHasher = std::hash::BuildHasherDefault<Fnv1a>;
-
-struct Fnv1a(u64);
-
-impl Default for Fnv1a {
-    fn default() -> Fnv1a {
-        Fnv1a(FNV_OFFSET)
-    }
-}
-
-impl std::hash::Hasher for Fnv1a {
-    fn write(&mut self, bytes: &[u8]) {
-        self.0 = bytes.iter().fold(self.0, |h, &b| (h ^ u64::from(b)).wrapping_mul(FNV_PRIME));
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(FNV_OFFSET, |h, &b| (h ^ u64::from(b)).wrapping_mul(FNV_PRIME))
-}
+type TableHasher = std::hash::BuildHasherDefault<crate::fnv::Hasher>;
 
 impl Rule {
     /// Applies the rule to an event whose table it matches.
