@@ -349,8 +349,7 @@ impl Ack {
     /// one wake-up of the source for a whole batch, instead of one per event. Acks made with
     /// [`Ack::new`] are sent one by one, as `finish` does.
     ///
-    /// For the pipeline's finish stage (and the second pass): call it with the acks of a unit
-    /// where it now calls `finish` on each.
+    /// The pipeline's finish stage and second pass return each unit's acks this way.
     pub fn finish_all(acks: impl IntoIterator<Item = Ack>) {
         let mut pending: Option<(AckSender, Vec<Finished>)> = None;
         let mut acks = acks.into_iter();
