@@ -408,7 +408,7 @@ impl Worker {
             // Observed locally and added to each histogram once per batch (one atomic update
             // each, not one per event), before the answers go out.
             let (staleness, processing) = report::sink_latency(&self.metrics, name);
-            let (staleness, processing) = (staleness.local(), processing.local());
+            let (mut staleness, mut processing) = (staleness.tally(), processing.tally());
             for (origin, received) in works.iter().flat_map(|w| &w.stamps) {
                 if let Some(origin) = origin {
                     staleness.observe(d.at.duration_since(*origin).unwrap_or_default().as_secs_f64());

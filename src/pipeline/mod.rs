@@ -424,7 +424,7 @@ impl Intake {
         let (wall, mono) = (SystemTime::now(), Instant::now());
         // Observed locally and added to the histogram once per batch (one atomic update, not
         // one per event).
-        let source_delay = self.metrics.source_delay.local();
+        let mut source_delay = self.metrics.source_delay.tally();
         for event in &events {
             if let Some(origin) = origin(event) {
                 let entered = wall.checked_sub(mono.saturating_duration_since(event.received)).unwrap_or(wall);
