@@ -153,17 +153,22 @@ impl Finish {
         let mut waiting = Vec::new();
         let mut origins = Vec::new();
         // Finished together: consecutive acks of one source go back as one message that wakes
-        // the source once, rather than one message and one wake-up per event.
+        // the source once, rather than one message and one wake-up per event. The acks are
+        // taken out of the events in place (moving each event out of the list copied it), and
+        // the events are freed after the acknowledgement, all at once.
         let mut done = Vec::with_capacity(unit.items.len());
-        for item in unit.items {
+        let mut items = unit.items;
+        for item in &mut items {
+            let ack = std::mem::replace(&mut item.event.ack, Ack::detached());
             if repeat && item.asks_any() {
                 origins.extend(origin(&item.event));
-                waiting.push(item.event.ack);
+                waiting.push(ack);
             } else {
-                done.push(item.event.ack);
+                done.push(ack);
             }
         }
         Ack::finish_all(done);
+        drop(items);
         if let (Some(repeat), false) = (&self.repeat, waiting.is_empty()) {
             let since = tokio::time::Instant::now();
             let due = since + self.timing.repeat_after;
