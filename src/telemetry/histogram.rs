@@ -216,8 +216,9 @@ pub struct Tally {
 /// The bucket `value` falls in: the first bound it is at most, else `bounds.len()` (above
 /// every bound, or NaN: only `+Inf` counts it, as in `prometheus`).
 fn bucket_of(bounds: &[f64], value: f64) -> usize {
-    use std::cmp::Ordering::{Equal, Less};
-    bounds.partition_point(|bound| !matches!(value.partial_cmp(bound), Some(Less | Equal)))
+    // Written as the negation of `<=` on purpose: NaN is at most no bound.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    bounds.partition_point(|bound| !(value <= *bound))
 }
 
 impl Tally {
