@@ -230,8 +230,8 @@ const _: () = assert!(GATHER_KEY_BYTES + 1 == SORT_KEY_BYTES);
 /// (equal padded bytes with a length within the key's bytes means the shorter is a prefix of
 /// the longer, so it comes first), and equal keys within the key's bytes are equal items. Only
 /// items longer than that with equal keys need their remaining bytes compared. Sorting
-/// (key, index) pairs of 32 bytes, compared as integers, measured as a third cheaper than
-/// sorting [`sort_key`]s with a reference to each item.
+/// (key, index) pairs of 32 bytes, compared as integers, measured as a third fewer
+/// instructions than sorting [`sort_key`]s with a reference to each item and its index.
 fn gather_key(item: &str) -> u128 {
     let mut key = [0u8; SORT_KEY_BYTES];
     let n = item.len().min(GATHER_KEY_BYTES);
