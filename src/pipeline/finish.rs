@@ -6,7 +6,6 @@ pub(super) use super::second_pass::SecondPasses;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use prometheus::local::LocalHistogram;
 use tokio::sync::mpsc;
 
 use super::{change_of, origin, StageError, Unit};
@@ -18,6 +17,7 @@ use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, Sink};
 use crate::source::Ack;
 use crate::telemetry::events::pipeline::{self as report, EventOutcome, EventsFinished};
+use crate::telemetry::histogram::{Placed, Tally};
 use crate::telemetry::Metrics;
 
 /// A batch's invalidations, due again at `due` (or, with `lsn`, once the read replicas have
@@ -105,12 +105,12 @@ impl Finish {
         // The unit's observations are gathered locally and added to each histogram once, before
         // any acknowledgement (one atomic update per histogram and unit, not per event: across
         // cores those contend). Counts and buckets are the same; a sum is added per unit.
-        let end_to_end = self.metrics.end_to_end_staleness.local();
+        let mut end_to_end = self.metrics.end_to_end_staleness.tally();
         // Settled seconds of events without a second pass: one histogram per sink, looked up
         // once per unit.
-        let settled: Vec<(&[ItemKind], LocalHistogram)> = match repeat {
+        let mut settled: Vec<(&[ItemKind], Tally)> = match repeat {
             true => Vec::new(),
-            false => self.sinks.iter().map(|s| (s.kinds(), report::settled(&self.metrics, s.name()).local())).collect(),
+            false => self.sinks.iter().map(|s| (s.kinds(), report::settled(&self.metrics, s.name()).tally())).collect(),
         };
         for item in &unit.items {
             let (table, op) = match &item.event.decoded {
@@ -131,12 +131,15 @@ impl Finish {
             if !(repeat && item.asks_any()) && item.ruled.is_some() {
                 if let Some(origin) = origin(&item.event) {
                     let seconds = now.duration_since(origin).unwrap_or_default().as_secs_f64();
-                    end_to_end.observe(seconds);
+                    // The same seconds in every staleness histogram (the same buckets): its
+                    // bucket is found once.
+                    let seconds = end_to_end.place(seconds);
+                    end_to_end.add(seconds);
                     tables.observe(&self.metrics, table, seconds);
                     // No second pass: the first was the last, so the event settled now. Observed
                     // so that settled covers every invalidated event whatever the timing.
-                    for (_, histogram) in settled.iter().filter(|(kinds, _)| item.asks(kinds)) {
-                        histogram.observe(seconds);
+                    for (_, tally) in settled.iter_mut().filter(|(kinds, _)| item.asks(kinds)) {
+                        tally.add(seconds);
                     }
                 }
             }
@@ -144,23 +147,28 @@ impl Finish {
         outcomes.flush(&self.metrics);
         end_to_end.flush();
         tables.flush();
-        for (_, histogram) in &settled {
-            histogram.flush();
+        for (_, tally) in &mut settled {
+            tally.flush();
         }
         let mut waiting = Vec::new();
         let mut origins = Vec::new();
         // Finished together: consecutive acks of one source go back as one message that wakes
-        // the source once, rather than one message and one wake-up per event.
+        // the source once, rather than one message and one wake-up per event. The acks are
+        // taken out of the events in place (moving each event out of the list copied it), and
+        // the events are freed after the acknowledgement, all at once.
         let mut done = Vec::with_capacity(unit.items.len());
-        for item in unit.items {
+        let mut items = unit.items;
+        for item in &mut items {
+            let ack = std::mem::replace(&mut item.event.ack, Ack::detached());
             if repeat && item.asks_any() {
                 origins.extend(origin(&item.event));
-                waiting.push(item.event.ack);
+                waiting.push(ack);
             } else {
-                done.push(item.event.ack);
+                done.push(ack);
             }
         }
         Ack::finish_all(done);
+        drop(items);
         if let (Some(repeat), false) = (&self.repeat, waiting.is_empty()) {
             let since = tokio::time::Instant::now();
             let due = since + self.timing.repeat_after;
@@ -212,28 +220,27 @@ impl<'a> LabelCounts<'a> {
 /// locally and added to the histogram once ([`TableStaleness::flush`]).
 #[derive(Default)]
 struct TableStaleness<'a> {
-    handles: Vec<(&'a str, LocalHistogram)>,
+    handles: Vec<(&'a str, Tally)>,
 }
 
 impl<'a> TableStaleness<'a> {
-    fn observe(&mut self, metrics: &Metrics, table: &'a str, seconds: f64) {
-        if let Some((_, h)) = self.handles.iter().find(|(t, _)| *t == table) {
-            h.observe(seconds);
+    fn observe(&mut self, metrics: &Metrics, table: &'a str, seconds: Placed) {
+        if let Some((_, tally)) = self.handles.iter_mut().find(|(t, _)| *t == table) {
+            tally.add(seconds);
             return;
         }
         let handle = report::table_staleness(metrics, table);
+        let mut tally = handle.tally();
+        tally.add(seconds);
         if self.handles.len() < GATHERED_LABEL_SETS {
-            let local = handle.local();
-            local.observe(seconds);
-            self.handles.push((table, local));
-        } else {
-            handle.observe(seconds);
+            self.handles.push((table, tally));
         }
+        // Else added at once, when dropped here.
     }
 
-    fn flush(&self) {
-        for (_, h) in &self.handles {
-            h.flush();
+    fn flush(&mut self) {
+        for (_, tally) in &mut self.handles {
+            tally.flush();
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, Origins, Sink, SinkError, SinkReport};
 use crate::source::SourceEvent;
 use crate::telemetry::events::pipeline::{self as report, SinkBatchFinished};
+use crate::telemetry::histogram::BatchHistogram;
 use crate::telemetry::Metrics;
 
 /// A unit in a layer's queue, holding its share of the queue's room until the layer takes it.
@@ -174,9 +175,6 @@ struct Work {
     batch: Arc<Invalidations>,
     events: usize,
     not_before: Option<tokio::time::Instant>,
-    /// The staleness origin and receipt instant of each event that asked this sink for
-    /// something (the per-sink staleness and processing figures).
-    stamps: Vec<(Option<SystemTime>, Instant)>,
 }
 
 /// A sink's answer for one unit.
@@ -184,7 +182,13 @@ struct Answer {
     seq: u64,
     sink: usize,
     rejections: Vec<Rejection>,
+    /// When the sink confirmed the batch (wall clock, monotonic): the layer records the
+    /// sink's staleness and processing figures of the unit's events from it.
+    confirmed: Option<(SystemTime, Instant)>,
 }
+
+/// A sink's staleness and processing histograms, looked up on its first answer.
+type Latency = Option<(BatchHistogram, BatchHistogram)>;
 
 impl Layer {
     /// Takes units from the queue until every stage before it is done, the queue is empty and
@@ -214,6 +218,7 @@ impl Layer {
         // A sink that tells applications about each batch (the Redis broadcast, the warm-up
         // stream) needs the batch's origins; gathered only then, once per unit.
         let wants_origins = self.sinks.iter().any(|s| s.wants_origins());
+        let mut latency: Vec<Latency> = vec![None; self.sinks.len()];
         let mut in_layer: VecDeque<InLayer> = VecDeque::new();
         let mut next_seq: u64 = 0;
         let mut open = true;
@@ -228,6 +233,13 @@ impl Layer {
                     let at = usize::try_from(answer.seq.saturating_sub(front)).unwrap_or(usize::MAX);
                     if let Some(unit) = in_layer.get_mut(at) {
                         unit.waiting = unit.waiting.saturating_sub(1);
+                        let sink = self.sinks.get(answer.sink);
+                        if let (Some(confirmed), Some(sink), Some(latency)) =
+                            (answer.confirmed, sink, latency.get_mut(answer.sink))
+                        {
+                            let latency = latency.get_or_insert_with(|| report::sink_latency(&self.metrics, sink.name()));
+                            observe_latency(&unit.queued.unit, sink.kinds(), confirmed, latency);
+                        }
                         if let Some(slot) = unit.rejections.get_mut(answer.sink) {
                             *slot = answer.rejections;
                         }
@@ -256,20 +268,11 @@ impl Layer {
                                 if !sink.kinds().iter().any(|&k| !batch.items(k).is_empty()) {
                                     continue;
                                 }
-                                let kinds = sink.kinds();
-                                let stamps = queued
-                                    .unit
-                                    .items
-                                    .iter()
-                                    .filter(|i| i.asks(kinds))
-                                    .map(|i| (origin(&i.event), i.event.received))
-                                    .collect();
                                 let work = Work {
                                     seq,
                                     batch: batch.clone(),
                                     events: queued.events,
                                     not_before: queued.unit.not_before,
-                                    stamps,
                                 };
                                 tx.send(work).map_err(|_| StageError::Stopped)?;
                                 waiting += 1;
@@ -400,23 +403,16 @@ impl Worker {
             }
         };
         let done = invalidate_all(std::slice::from_ref(&self.sink), batch, shutdown).await?;
-        let mut answers: Vec<Answer> =
-            works.iter().map(|w| Answer { seq: w.seq, sink: self.index, rejections: Vec::new() }).collect();
+        let mut answers: Vec<Answer> = works
+            .iter()
+            .map(|w| Answer { seq: w.seq, sink: self.index, rejections: Vec::new(), confirmed: None })
+            .collect();
         for d in done {
             let name = d.sink.name();
             self.metrics.emit(SinkBatchFinished { sink: name, took: d.took, confirmed: &d.report.confirmed });
-            // Observed locally and added to each histogram once per batch (one atomic update
-            // each, not one per event), before the answers go out.
-            let (staleness, processing) = report::sink_latency(&self.metrics, name);
-            let (staleness, processing) = (staleness.local(), processing.local());
-            for (origin, received) in works.iter().flat_map(|w| &w.stamps) {
-                if let Some(origin) = origin {
-                    staleness.observe(d.at.duration_since(*origin).unwrap_or_default().as_secs_f64());
-                }
-                processing.observe(d.at_instant.saturating_duration_since(*received).as_secs_f64());
+            for answer in &mut answers {
+                answer.confirmed = Some((d.at, d.at_instant));
             }
-            staleness.flush();
-            processing.flush();
             for rejected in &d.report.rejected {
                 let Some(value) = batch.items(rejected.kind).get(rejected.index) else { continue };
                 let sentence = format!("sink {name} rejected {} {value:?}: {}", rejected.kind, rejected.reason);
@@ -431,6 +427,29 @@ impl Worker {
         // go out: the layer then takes each batch back without copying it.
         Ok(answers)
     }
+}
+
+/// The staleness (from each event's origin) and processing time (from its receipt) of sink
+/// `latency` confirming at `confirmed`, over the events of `unit` that asked it for one of
+/// `kinds`: counted locally and added to each histogram once per unit, before the unit can
+/// leave the layer (and so before any of its events is acknowledged). Recorded by the layer,
+/// which holds the events, rather than by the sink's worker, which would need a copy of each
+/// event's instants.
+fn observe_latency(
+    unit: &Unit,
+    kinds: &[ItemKind],
+    (at, at_instant): (SystemTime, Instant),
+    (staleness, processing): &(BatchHistogram, BatchHistogram),
+) {
+    let (mut staleness, mut processing) = (staleness.tally(), processing.tally());
+    for item in unit.items.iter().filter(|i| i.asks(kinds)) {
+        if let Some(origin) = origin(&item.event) {
+            staleness.observe(at.duration_since(origin).unwrap_or_default().as_secs_f64());
+        }
+        processing.observe(at_instant.saturating_duration_since(item.event.received).as_secs_f64());
+    }
+    staleness.flush();
+    processing.flush();
 }
 
 /// What one sink did with a batch, and when it confirmed.

@@ -227,7 +227,7 @@ impl SecondPasses {
     fn finished(&self, run: Running) {
         let now = SystemTime::now();
         // Observed locally, added to the histogram once (before the acknowledgements).
-        let end_to_end = self.metrics.end_to_end_staleness.local();
+        let mut end_to_end = self.metrics.end_to_end_staleness.tally();
         for origin in run.origins.iter() {
             end_to_end.observe(now.duration_since(*origin).unwrap_or_default().as_secs_f64());
         }
@@ -308,7 +308,7 @@ impl Worker {
             let (refilled, rejected) = (done.report.removed, done.report.rejected.len());
             self.metrics.emit(SecondPassDone { sink: name, refilled, rejected });
             // Observed locally, added to the histogram once per pass.
-            let settled = report::settled(&self.metrics, name).local();
+            let mut settled = report::settled(&self.metrics, name).tally();
             for origin in job.origins.iter() {
                 settled.observe(done.at.duration_since(*origin).unwrap_or_default().as_secs_f64());
             }

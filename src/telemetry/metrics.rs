@@ -9,6 +9,7 @@
 //! events of [`super::events`], which log and count together and cannot mislabel a series.
 //! The unlabelled gauges and counters stay public (nothing to mislabel).
 
+use super::histogram::{self, BatchHistogram, BatchHistogramVec};
 use prometheus::{
     CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -47,15 +48,15 @@ pub struct Metrics {
     /// Entries appended to the warm-up stream (`sinks.redis.warm`), by sink.
     pub(in crate::telemetry) redis_warm_entries: IntCounterVec,
     /// Seconds from the database commit to the sink confirming, per sink.
-    pub(in crate::telemetry) staleness: HistogramVec,
+    pub(in crate::telemetry) staleness: BatchHistogramVec,
     /// Seconds from the database commit to the event being acknowledged to the source.
-    pub end_to_end_staleness: Histogram,
+    pub end_to_end_staleness: BatchHistogram,
     /// Seconds from the database commit to the event entering the daemon: the share of
     /// staleness spent upstream (connector, broker, replication), which no daemon setting changes.
-    pub source_delay: Histogram,
+    pub source_delay: BatchHistogram,
     /// Seconds from the event entering the daemon to the sink confirming, per sink: the daemon's
     /// own share of staleness (batch wait, queueing, the sink round trips).
-    pub(in crate::telemetry) processing: HistogramVec,
+    pub(in crate::telemetry) processing: BatchHistogramVec,
     /// Per-partition consumer lag in messages, from librdkafka statistics.
     pub(in crate::telemetry) kafka_consumer_lag: IntGaugeVec,
     /// Events received but not yet acknowledged.
@@ -116,7 +117,7 @@ pub struct Metrics {
     /// Events whose second pass (`sinks.timing.repeat_after`) is still due.
     pub second_pass_pending_events: IntGauge,
     /// Seconds from the database commit to the event being finished by every sink, by table.
-    pub(in crate::telemetry) table_staleness: HistogramVec,
+    pub(in crate::telemetry) table_staleness: BatchHistogramVec,
     /// Constant 1, labelled with the hash of the running rules file (one series at a time).
     pub(in crate::telemetry) rules_info: IntGaugeVec,
     /// Unix time the running rules were loaded (at start or by a reload).
@@ -146,7 +147,7 @@ pub struct Metrics {
     /// older than the change between the passes (the race, measured).
     pub(in crate::telemetry) second_pass_refills: IntCounterVec,
     /// Seconds from the database commit to the last pass confirmed, by sink.
-    pub(in crate::telemetry) settled: HistogramVec,
+    pub(in crate::telemetry) settled: BatchHistogramVec,
     /// Each read replica's replay lag in seconds (`freshness.replicas`).
     pub(in crate::telemetry) replica_replay_lag_seconds: GaugeVec,
     /// Each read replica's replay lag in bytes: WAL received or awaited but not replayed.
@@ -240,6 +241,25 @@ fn plain_histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> His
     h
 }
 
+/// A histogram observed per event and added to per batch ([`BatchHistogram`]).
+fn batch_histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &'static [f64],
+) -> BatchHistogramVec {
+    let h = histogram::vec(name, help, labels, buckets).expect("metric definition is valid");
+    r.register(Box::new(h.clone())).expect("metric names are unique");
+    h
+}
+
+fn plain_batch_histogram(r: &Registry, name: &str, help: &str, buckets: &'static [f64]) -> BatchHistogram {
+    let h = BatchHistogram::new(name, help, buckets).expect("metric definition is valid");
+    r.register(Box::new(h.clone())).expect("metric names are unique");
+    h
+}
+
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition is valid");
     r.register(Box::new(g.clone())).expect("metric names are unique");
@@ -306,26 +326,26 @@ impl Metrics {
                 "Entries appended to the warm-up stream (sinks.redis.warm), one per invalidated key.",
                 &["sink"],
             ),
-            staleness: histogram(
+            staleness: batch_histogram(
                 &r,
                 "cdc_invalidator_staleness_seconds",
                 "Seconds from the database commit to the sink confirming the invalidation.",
                 &["sink"],
                 STALENESS_BUCKETS,
             ),
-            end_to_end_staleness: plain_histogram(
+            end_to_end_staleness: plain_batch_histogram(
                 &r,
                 "cdc_invalidator_acknowledged_staleness_seconds",
                 "Seconds from the database commit to the event being finished by every sink.",
                 STALENESS_BUCKETS,
             ),
-            source_delay: plain_histogram(
+            source_delay: plain_batch_histogram(
                 &r,
                 "cdc_invalidator_source_delay_seconds",
                 "Seconds from the database commit to the event entering the daemon.",
                 STALENESS_BUCKETS,
             ),
-            processing: histogram(
+            processing: batch_histogram(
                 &r,
                 "cdc_invalidator_processing_seconds",
                 "Seconds from the event entering the daemon to the sink confirming the invalidation.",
@@ -510,7 +530,7 @@ impl Metrics {
                 r.register(Box::new(g.clone())).expect("unique");
                 g
             },
-            table_staleness: histogram(
+            table_staleness: batch_histogram(
                 &r,
                 "cdc_invalidator_table_staleness_seconds",
                 "Seconds from the database commit to the event being finished by every sink, by table.",
@@ -613,7 +633,7 @@ impl Metrics {
                 "Keys a second-pass UNLINK found refilled and removed again, by sink.",
                 &["sink"],
             ),
-            settled: histogram(
+            settled: batch_histogram(
                 &r,
                 "cdc_invalidator_settled_seconds",
                 "Seconds from the database commit to the last invalidation pass confirmed, by sink.",

@@ -2,6 +2,7 @@
 //! `/metrics` `/healthz` `/readyz` server, and logging setup.
 
 pub mod events;
+pub mod histogram;
 pub mod http;
 pub mod logging;
 pub mod metrics;

@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
-use prometheus::{Counter, Histogram, IntGauge};
+use prometheus::{Counter, IntGauge};
 
 use super::InternalEvent;
 use crate::sink::ItemKind;
+use crate::telemetry::histogram::BatchHistogram;
 use crate::telemetry::Metrics;
 
 /// The load a batch was gathered under (`cdc_invalidator_batches_total{load}`).
@@ -84,13 +85,13 @@ impl InternalEvent for EventsFinished<'_> {
 
 /// Seconds from the database commit to an event of `table` finished by every sink: the
 /// handle of one table, resolved once per unit and table.
-pub fn table_staleness(metrics: &Metrics, table: &str) -> Histogram {
+pub fn table_staleness(metrics: &Metrics, table: &str) -> BatchHistogram {
     metrics.table_staleness.with_label_values(&[table])
 }
 
 /// Seconds from the database commit to the last pass confirmed by sink `sink`: the handle of
 /// one sink, resolved once per unit or second pass.
-pub fn settled(metrics: &Metrics, sink: &str) -> Histogram {
+pub fn settled(metrics: &Metrics, sink: &str) -> BatchHistogram {
     metrics.settled.with_label_values(&[sink])
 }
 
@@ -119,7 +120,7 @@ impl InternalEvent for SinkBatchFinished<'_> {
 /// The handles of sink `sink`'s staleness (seconds from the database commit to its
 /// confirmation) and processing time (from the event entering the daemon), resolved once per
 /// batch and observed per event.
-pub fn sink_latency(metrics: &Metrics, sink: &str) -> (Histogram, Histogram) {
+pub fn sink_latency(metrics: &Metrics, sink: &str) -> (BatchHistogram, BatchHistogram) {
     (metrics.staleness.with_label_values(&[sink]), metrics.processing.with_label_values(&[sink]))
 }
 
