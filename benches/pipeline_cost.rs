@@ -21,7 +21,9 @@
 //! sizes (46 to 89 units for 20,000 events: larger batches allocate in larger bursts, which
 //! cost the allocator more). `BENCH_FULL_BATCHES=1` makes every batch a full one
 //! (`batch_max_events`, a fixed window that only closes when full or when the source ends), so
-//! that two builds can be compared count for count.
+//! that two builds can be compared count for count. `BENCH_BATCH_EVENTS=N` sets
+//! `pipeline.batch_max_events` (500 by default): with full batches, the difference between two
+//! sizes is the cost of the stages' hand-overs per unit.
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -77,7 +79,14 @@ fn main() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().expect("temp dir");
     let full_batches = std::env::var("BENCH_FULL_BATCHES").is_ok_and(|v| v == "1");
-    let extra = if full_batches { "pipeline:\n  batch_max_wait: 60s\n  batch_idle_wait: 60s\n" } else { "" };
+    let mut extra =
+        String::from(if full_batches { "pipeline:\n  batch_max_wait: 60s\n  batch_idle_wait: 60s\n" } else { "" });
+    if let Some(n) = std::env::var("BENCH_BATCH_EVENTS").ok().and_then(|v| v.parse::<usize>().ok()) {
+        if !full_batches {
+            extra.push_str("pipeline:\n");
+        }
+        extra.push_str(&format!("  batch_max_events: {n}\n"));
+    }
     let (path, _) = write_config(
         dir.path(),
         &Setup {
@@ -85,7 +94,7 @@ fn main() {
             topics: &[TOPIC],
             group: "bench-cost",
             redis_url: &redis.url(),
-            extra,
+            extra: &extra,
             librdkafka: &[],
         },
     );

@@ -103,8 +103,8 @@ impl Finish {
         let mut outcomes = LabelCounts::default();
         let mut tables = TableStaleness::default();
         // The unit's observations are gathered locally and added to each histogram once, before
-        // any acknowledgement (one atomic update per histogram and unit, not per event: across
-        // cores those contend). Counts and buckets are the same; a sum is added per unit.
+        // any acknowledgement (one update per histogram and unit, not per event: across cores
+        // those contend). Counts and buckets are the same; a sum is added per unit.
         let mut end_to_end = self.metrics.end_to_end_staleness.tally();
         // Settled seconds of events without a second pass: one histogram per sink, looked up
         // once per unit.

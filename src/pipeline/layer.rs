@@ -429,12 +429,12 @@ impl Worker {
     }
 }
 
-/// The staleness (from each event's origin) and processing time (from its receipt) of sink
-/// `latency` confirming at `confirmed`, over the events of `unit` that asked it for one of
-/// `kinds`: counted locally and added to each histogram once per unit, before the unit can
-/// leave the layer (and so before any of its events is acknowledged). Recorded by the layer,
-/// which holds the events, rather than by the sink's worker, which would need a copy of each
-/// event's instants.
+/// A sink's staleness (from each event's origin) and processing time (from its receipt), the
+/// sink having confirmed at `confirmed`, over the events of `unit` that asked it for one of
+/// `kinds`, into its histograms `latency`: counted locally and added once per unit, before the
+/// unit can leave the layer (and so before any of its events is acknowledged). Recorded by the
+/// layer, which holds the events, rather than by the sink's worker, which would need a copy of
+/// each event's instants.
 fn observe_latency(
     unit: &Unit,
     kinds: &[ItemKind],

@@ -106,7 +106,9 @@ impl Invalidations {
     pub fn gather(mut lists: [Vec<String>; ItemKind::COUNT]) -> (Invalidations, [Vec<usize>; ItemKind::COUNT]) {
         let mut all = Invalidations::default();
         let mut positions: [Vec<usize>; ItemKind::COUNT] = Default::default();
-        // Each item's gather key and place in `given`, sorted; one buffer for every kind.
+        // Each item's gather key and place in `given`, sorted; the distinct items are then moved
+        // out of `given` in order, and the duplicates left there are dropped. One buffer for
+        // every kind.
         let mut order: Vec<(u128, usize)> = Vec::new();
         for ((given, out), at) in lists.iter_mut().zip(all.lists.iter_mut()).zip(positions.iter_mut()) {
             if given.is_empty() {
