@@ -3,8 +3,8 @@
 //!
 //! - **Keys** are unlinked `unlink_batch` per `UNLINK` command, several commands pipelined per
 //!   round trip.
-//! - **Tags** are fanned out by a server-side script, `tag_chunk` members per call: see
-//!   `fanout.rs` for how and why.
+//! - **Tags** are fanned out by a server-side script, `tag_chunk` members per tag and call, one
+//!   call (one round trip, one string back) for many tags: see `fanout.rs` for how and why.
 //! - **Generations** (`generation.rs`): a script per key sets it to the event's position when
 //!   higher. **Dependents** (`dependents.rs`): the tag fan-out again, over `<dep_prefix>KEY`
 //!   sets, level by level. **Patterns** (`pattern.rs`): `SCAN ... MATCH` on every primary, served
@@ -21,8 +21,9 @@
 //!
 //! Nothing here ever writes a cached value: the only commands sent are UNLINK, PING, SCAN
 //! (patterns), SCRIPT LOAD and EVALSHA of the generation script (GET and SET of a generation
-//! key, only ever to a higher position) and of the fan-out script (which runs TYPE, SCARD, SRANDMEMBER, SSCAN, SREM and
-//! UNLINK, or in cluster mode SADD to a pending set instead of UNLINK), WAIT and ROLE (with
+//! key, only ever to a higher position) and of the fan-out script (which runs EXISTS, SCARD, TYPE,
+//! SRANDMEMBER, SSCAN, SREM and UNLINK, or in cluster mode SADD to a pending set instead of
+//! UNLINK and no EXISTS), WAIT and ROLE (with
 //! `wait_replicas`), and in cluster mode SREM, SRANDMEMBER and SCAN on pending sets and CLUSTER
 //! SLOTS; with `broadcast` PUBLISH (SPUBLISH in cluster mode, `broadcast.rs`), with `warm`
 //! XADD to the warm-up stream (`warm.rs`), both only after the batch's deletes are confirmed.
