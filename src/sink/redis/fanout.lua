@@ -2,9 +2,10 @@
 --
 -- KEYS: the tag sets. ARGV[1]: the most members this call takes over all its tags (its bound
 -- on how long it holds Redis). ARGV[2]: "1" when the reply must carry the members taken (the
--- dependents cascade follows them to their own dependents), "0" otherwise. Then two arguments
--- per tag set, in KEYS order: how many members to take from it (at most), and "" to pop or an
--- SSCAN cursor to sweep from.
+-- dependents cascade follows them to their own dependents), "0" otherwise. ARGV[3]: what to do
+-- with each tag set, in KEYS order, separated by spaces: "<count>" to pop, "<count>:<cursor>"
+-- to sweep from an SSCAN cursor, count being how many members to take (at most). One argument
+-- rather than two per set: each argument costs the client an encoding and Redis a parse.
 -- Pop: take up to that many random members (SRANDMEMBER), UNLINK them, then SREM them from the
 -- set. Sweep: SSCAN one page from the cursor, UNLINK what it returned and SREM it from the set.
 -- Either way a member leaves its set only in the same atomic step that unlinks its key, and
@@ -96,12 +97,14 @@ if redis.call('EXISTS', unpack(KEYS)) == 0 then
 end
 
 local budget = tonumber(ARGV[1])
-for i = 1, #KEYS do
-  if budget <= 0 then
+local i = 0
+for asked, cursor in string.gmatch(ARGV[3], '(%d+):?(%d*)') do
+  i = i + 1
+  if budget <= 0 or i > #KEYS then
     break
   end
-  local count = math.min(tonumber(ARGV[1 + 2 * i]), budget)
-  local ok, taken = pcall(chunk, KEYS[i], count, ARGV[2 + 2 * i])
+  local count = math.min(tonumber(asked), budget)
+  local ok, taken = pcall(chunk, KEYS[i], count, cursor)
   if not ok then
     -- A failure inside redis.call is a string in Redis 7, a table in others.
     local message = type(taken) == 'table' and (taken.err or '?') or tostring(taken)

@@ -83,7 +83,7 @@ use crate::sink::{ItemKind, Rejected};
 
 /// Standalone: the members one call takes at most, in chunks (`tag_chunk`): with the largest
 /// `tag_chunk` (5000), 200k members per call.
-const MEMBER_CHUNKS_PER_CALL: u64 = 40;
+pub(super) const MEMBER_CHUNKS_PER_CALL: u64 = 40;
 
 /// Standalone: tags one call names at most (its keys and arguments travel whole even when the
 /// member bound stops it early), so that a call over sets that are all gone stays short too.
@@ -188,11 +188,12 @@ impl Fanout {
         let tags = tags
             .iter()
             .enumerate()
-            .map(|(index, tag)| TagProgress {
-                index,
-                key: format!("{tag_prefix}{tag}"),
-                state: START,
-                taken: Vec::new(),
+            .map(|(index, tag)| {
+                // Not format!: its machinery cost more than the copy, once per tag of a batch.
+                let mut key = String::with_capacity(tag_prefix.len() + tag.len());
+                key.push_str(tag_prefix);
+                key.push_str(tag);
+                TagProgress { index, key, state: START, taken: Vec::new() }
             })
             .collect();
         Fanout { tags, chunk: chunk.max(1) as u64, pending, load_script: false, collect: false }
@@ -216,7 +217,12 @@ impl Fanout {
     /// The next chunk of every unfinished tag: in standalone mode one call for up to
     /// [`TAGS_PER_CALL`] tags, in cluster mode up to [`CALLS_PER_ROUND`] one-tag calls.
     pub(super) fn next_round(&self, script: &Script) -> Round {
-        let mut pipe = redis::pipe();
+        self.next_round_after(redis::pipe(), script)
+    }
+
+    /// [`Fanout::next_round`] appended to `pipe`, whose commands come first (and their replies:
+    /// take them off before [`Fanout::apply`]).
+    pub(super) fn next_round_after(&self, mut pipe: redis::Pipeline, script: &Script) -> Round {
         if self.load_script {
             pipe.load_script(script);
         }
@@ -240,7 +246,8 @@ impl Fanout {
             Vec::new()
         } else {
             pipe.add_command(self.call(script, &tags));
-            vec![0..tags.len()]
+            // One call, for every tag of the round.
+            std::iter::once(0..tags.len()).collect()
         };
         Round { pipe, tags, calls, loads_script: self.load_script }
     }
@@ -258,21 +265,33 @@ impl Fanout {
 
     /// Standalone: one `fanout.lua` call for the tags at `positions` (all active).
     fn call(&self, script: &Script, positions: &[usize]) -> redis::Cmd {
-        let mut call = redis::cmd("EVALSHA");
-        call.arg(script.get_hash()).arg(positions.len());
         let tags = || positions.iter().filter_map(|&pos| self.tags.get(pos));
+        // Each tag's count and cursor go in one argument (`ARGV[3]`), not two each: every
+        // argument costs the client an encoding and Redis a parse and an allocation.
+        // Most tags ask for a whole chunk: its digits are written out once.
+        let whole = self.chunk.to_string();
+        let mut plan = String::with_capacity(positions.len() * (whole.len() + 1));
+        for tag in tags() {
+            let State::Active(phase) = &tag.state else { continue };
+            if !plan.is_empty() {
+                plan.push(' ');
+            }
+            match self.count(phase) {
+                count if count == self.chunk => plan.push_str(&whole),
+                count => plan.push_str(&count.to_string()),
+            }
+            if let Phase::Sweep { cursor, .. } = phase {
+                plan.push(':');
+                plan.push_str(cursor);
+            }
+        }
+        let bytes: usize = tags().map(|t| t.key.len()).sum::<usize>() + plan.len() + 64;
+        let mut call = redis::Cmd::with_capacity(positions.len() + 6, bytes);
+        call.arg("EVALSHA").arg(script.get_hash()).arg(positions.len());
         for tag in tags() {
             call.arg(&tag.key);
         }
-        call.arg(self.chunk * MEMBER_CHUNKS_PER_CALL).arg(if self.collect { "1" } else { "0" });
-        for tag in tags() {
-            let State::Active(phase) = &tag.state else { continue };
-            call.arg(self.count(phase));
-            match phase {
-                Phase::Pop { .. } => call.arg(""),
-                Phase::Sweep { cursor, .. } => call.arg(cursor),
-            };
-        }
+        call.arg(self.chunk * MEMBER_CHUNKS_PER_CALL).arg(if self.collect { "1" } else { "0" }).arg(plan);
         call
     }
 
@@ -509,14 +528,18 @@ impl<'a> Records<'a> {
                 _ => Err(Records::unreadable()),
             };
         }
-        let line = std::str::from_utf8(line).map_err(|_| Records::unreadable())?;
-        let mut fields = line.split(' ');
-        let mut number = || fields.next().and_then(|f| f.parse::<u64>().ok()).ok_or_else(Records::unreadable);
-        if let Some(kind) = line.strip_prefix("-1 ") {
-            return Ok(Record::NotASet(kind));
+        if let Some(kind) = line.strip_prefix(b"-1 ") {
+            return std::str::from_utf8(kind).map(Record::NotASet).map_err(|_| Records::unreadable());
         }
+        // Bytes, not str::split and parse: a batch's call has a record per tag.
+        let mut fields = line.split(|&b| b == b' ');
+        let mut number = || fields.next().and_then(decimal).ok_or_else(Records::unreadable);
         let (before, taken, left) = (number()?, number()?, number()?);
-        let cursor = fields.next().ok_or_else(Records::unreadable)?;
+        let cursor = fields
+            .next()
+            .filter(|c| decimal(c).is_some())
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .ok_or_else(Records::unreadable)?;
         if fields.next().is_some() {
             return Err(Records::unreadable());
         }
@@ -532,15 +555,24 @@ impl<'a> Records<'a> {
     /// `<length>:<bytes>`.
     fn member(&mut self) -> Result<&'a [u8], CommandError> {
         let colon = self.rest.iter().position(|&b| b == b':').ok_or_else(Records::unreadable)?;
-        let length: usize = std::str::from_utf8(self.rest.get(..colon).unwrap_or_default())
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(Records::unreadable)?;
+        let length = self.rest.get(..colon).and_then(decimal).ok_or_else(Records::unreadable)?;
+        let length = usize::try_from(length).map_err(|_| Records::unreadable())?;
         let start = colon + 1;
         let member = self.rest.get(start..start + length).ok_or_else(Records::unreadable)?;
         self.rest = self.rest.get(start + length..).unwrap_or_default();
         Ok(member)
     }
+}
+
+/// Decimal digits (at least one, at most what fits in 64 bits) as a number.
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        let d = d.checked_sub(b'0').filter(|d| *d <= 9)?;
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })
 }
 
 impl<'a> Iterator for Records<'a> {
@@ -586,11 +618,12 @@ mod tests {
         let call = round.pipe.cmd_iter().last().expect("a call");
         let args = args(call);
         let tags: usize = args[2].parse().expect("numkeys");
-        // EVALSHA sha numkeys keys... bound members, then a pair per tag.
-        args[5 + tags..]
-            .chunks(2)
-            .map(|pair| pair.iter().filter(|a| !a.is_empty()).cloned().collect())
-            .collect()
+        // EVALSHA sha numkeys keys... bound members plan.
+        assert_eq!(args.len(), 6 + tags);
+        let plan: Vec<Vec<String>> =
+            args[5 + tags].split(' ').map(|entry| entry.split(':').map(str::to_string).collect()).collect();
+        assert_eq!(plan.len(), tags);
+        plan
     }
 
     #[test]
