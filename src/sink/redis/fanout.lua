@@ -46,7 +46,7 @@ local function chunk(tag, count, cursor)
   local before = redis.pcall('SCARD', tag)
   if type(before) == 'table' then
     if string.sub(before.err, 1, 9) ~= 'WRONGTYPE' then
-      error(before.err)
+      error(before.err, 0)
     end
     out[#out + 1] = '-1 ' .. redis.call('TYPE', tag)['ok'] .. '\n'
     return 0
