@@ -142,7 +142,7 @@ impl RedisSink {
                 break;
             }
             let keys: Vec<String> = frontier.iter().map(|(k, _)| k.clone()).collect();
-            let mut fanout = self.fan_out(Sets::Dependents, &keys, true, shutdown).await?;
+            let (mut fanout, _) = self.fan_out(Sets::Dependents, &keys, true, &[], shutdown).await?;
             for r in fanout.rejected() {
                 let Some((_, root)) = frontier.get(r.index) else { continue };
                 tracing::warn!(sink = %self.name, "a dependency set's Redis key is not a set: skipped, its root rejected");

@@ -39,8 +39,22 @@
 //! A tag key holding something other than a set is reported as a rejected item and left alone:
 //! it is not ours to delete, and retrying cannot change its type.
 //!
-//! Script calls of several tags share one pipeline (one round trip per round of chunks), at most
-//! [`CALLS_PER_ROUND`] of them, so that one round trip holds Redis for a bounded time.
+//! # One call for many tags, one string back
+//!
+//! A round is one script call (one round trip) that takes a chunk of each of up to
+//! [`TAGS_PER_CALL`] tags, in order, until [`MEMBER_CHUNKS_PER_CALL`] chunks' worth of members
+//! were taken: the bound on how long one call holds Redis (what a pipeline of that many
+//! one-tag calls held it, since Redis runs a client's pipelined commands back to back). The
+//! tags it did not reach go in the next round. Each tag's chunk stays the atomic step described
+//! above; a command failing inside the call (an ACL, a cluster node refusing a key) ends it:
+//! the script catches the error and reports it after the records of the tags it finished, whose
+//! progress is kept, as that of the calls before a failed one in a pipeline would be.
+//!
+//! The reply is one bulk string of line records (`fanout.lua` describes them), not an array
+//! per tag: the client's parser costs about a thousand instructions per RESP value it reads,
+//! which made reading `{0, 0, 0, "0"}` for each tag of a batch the largest part of the sink's
+//! cost per event, and Redis spent more on 97 calls (and their replies) than on one. A set that
+//! does not exist (already invalidated) costs one `EXISTS` shared by the whole call.
 //!
 //! # Redis Cluster: a pending set in the tag's slot
 //!
@@ -58,15 +72,27 @@
 //!
 //! The dependents cascade (`dependents.rs`) empties `<dep_prefix>KEY` sets with this same
 //! fan-out, [`Fanout::collecting`] the members each set gave (the next level starts from them):
-//! standalone calls then ask the script for them (`ARGV[3]`), cluster calls return them anyway.
+//! standalone calls then ask the script for them (`ARGV[2]`), cluster calls return them anyway.
+
+use std::ops::Range;
 
 use redis::{Script, ServerErrorKind, Value};
 
 use super::connection::{item, CommandError};
 use crate::sink::{ItemKind, Rejected};
 
-/// Script calls per round trip: with the largest `tag_chunk` (5000), 200k members per round.
-const CALLS_PER_ROUND: usize = 40;
+/// Standalone: the members one call takes at most, in chunks (`tag_chunk`): with the largest
+/// `tag_chunk` (5000), 200k members per call.
+pub(super) const MEMBER_CHUNKS_PER_CALL: u64 = 40;
+
+/// Standalone: tags one call names at most. Each set a call reaches costs Redis a few
+/// microseconds besides its members (about 8 for a one-member set, measured on the 2-core
+/// bench machine): 256 of them stay well under what the member bound allows, and a batch's
+/// usual tags (97 in the benchmarks) go in one call.
+const TAGS_PER_CALL: usize = 256;
+
+/// Cluster mode: one-tag calls per round, at most (as many chunks as a standalone call).
+const CALLS_PER_ROUND: usize = MEMBER_CHUNKS_PER_CALL as usize;
 
 /// The sweep gives up after this many calls per chunk of the measured size (plus
 /// [`SWEEP_SPARE_CALLS`]): a walk of a set that is not growing needs about one call per chunk,
@@ -124,8 +150,10 @@ struct TagProgress {
 /// One round trip's worth of script calls.
 pub(super) struct Round {
     pub(super) pipe: redis::Pipeline,
-    /// Positions in [`Fanout::tags`] of the calls, in pipeline order.
+    /// Positions in [`Fanout::tags`] of the tags of the calls, in pipeline order.
     tags: Vec<usize>,
+    /// Each call's tags: a range of `tags` (one tag per call in cluster mode).
+    calls: Vec<Range<usize>>,
     /// Whether the pipeline starts with SCRIPT LOAD.
     pub(super) loads_script: bool,
 }
@@ -162,11 +190,12 @@ impl Fanout {
         let tags = tags
             .iter()
             .enumerate()
-            .map(|(index, tag)| TagProgress {
-                index,
-                key: format!("{tag_prefix}{tag}"),
-                state: START,
-                taken: Vec::new(),
+            .map(|(index, tag)| {
+                // Not format!: its machinery cost more than the copy, once per tag of a batch.
+                let mut key = String::with_capacity(tag_prefix.len() + tag.len());
+                key.push_str(tag_prefix);
+                key.push_str(tag);
+                TagProgress { index, key, state: START, taken: Vec::new() }
             })
             .collect();
         Fanout { tags, chunk: chunk.max(1) as u64, pending, load_script: false, collect: false }
@@ -187,43 +216,98 @@ impl Fanout {
         self.tags.iter().all(|t| !matches!(t.state, State::Active(_)))
     }
 
-    /// The next chunk of every unfinished tag (up to [`CALLS_PER_ROUND`]).
+    /// The next chunk of every unfinished tag: in standalone mode one call for up to
+    /// [`TAGS_PER_CALL`] tags, in cluster mode up to [`CALLS_PER_ROUND`] one-tag calls.
     pub(super) fn next_round(&self, script: &Script) -> Round {
-        let mut pipe = redis::pipe();
+        self.next_round_after(redis::pipe(), script)
+    }
+
+    /// [`Fanout::next_round`] appended to `pipe`, whose commands come first (and their replies:
+    /// take them off before [`Fanout::apply`]).
+    pub(super) fn next_round_after(&self, mut pipe: redis::Pipeline, script: &Script) -> Round {
         if self.load_script {
             pipe.load_script(script);
         }
-        let mut tags = Vec::new();
-        for (pos, tag) in self.tags.iter().enumerate() {
-            if tags.len() == CALLS_PER_ROUND {
-                break;
-            }
-            let State::Active(phase) = &tag.state else { continue };
-            let mut call = script.key(&tag.key);
-            if self.pending {
-                call.key(pending_key(&tag.key));
-            }
-            // Standalone calls that must return their members say so in ARGV[3].
-            let returning = self.collect && !self.pending;
-            match phase {
-                Phase::Pop { popped, budget } => {
-                    let left_in_budget = budget.map_or(self.chunk, |b| b.saturating_sub(*popped));
-                    call.arg(self.chunk.min(left_in_budget).max(1));
-                    if returning {
-                        call.arg("").arg("1");
-                    }
-                }
-                Phase::Sweep { cursor, .. } => {
-                    call.arg(self.chunk).arg(cursor);
-                    if returning {
-                        call.arg("1");
-                    }
+        let limit = if self.pending { CALLS_PER_ROUND } else { TAGS_PER_CALL };
+        let tags: Vec<usize> = self
+            .tags
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| matches!(t.state, State::Active(_)))
+            .map(|(pos, _)| pos)
+            .take(limit)
+            .collect();
+        let calls = if self.pending {
+            for &pos in &tags {
+                if let Some(tag) = self.tags.get(pos) {
+                    pipe.add_command(self.cluster_call(script, tag));
                 }
             }
-            pipe.invoke_script(&call);
-            tags.push(pos);
+            (0..tags.len()).map(|i| i..i + 1).collect()
+        } else if tags.is_empty() {
+            Vec::new()
+        } else {
+            pipe.add_command(self.call(script, &tags));
+            // One call, for every tag of the round.
+            std::iter::once(0..tags.len()).collect()
+        };
+        Round { pipe, tags, calls, loads_script: self.load_script }
+    }
+
+    /// How many members the next chunk of `phase` asks for.
+    fn count(&self, phase: &Phase) -> u64 {
+        match phase {
+            Phase::Pop { popped, budget } => {
+                let left_in_budget = budget.map_or(self.chunk, |b| b.saturating_sub(*popped));
+                self.chunk.min(left_in_budget).max(1)
+            }
+            Phase::Sweep { .. } => self.chunk,
         }
-        Round { pipe, tags, loads_script: self.load_script }
+    }
+
+    /// Standalone: one `fanout.lua` call for the tags at `positions` (all active).
+    fn call(&self, script: &Script, positions: &[usize]) -> redis::Cmd {
+        let tags = || positions.iter().filter_map(|&pos| self.tags.get(pos));
+        // Each tag's count and cursor go in one argument (`ARGV[3]`), not two each: every
+        // argument costs the client an encoding and Redis a parse and an allocation.
+        // Most tags ask for a whole chunk: its digits are written out once.
+        let whole = self.chunk.to_string();
+        let mut plan = String::with_capacity(positions.len() * (whole.len() + 1));
+        for tag in tags() {
+            let State::Active(phase) = &tag.state else { continue };
+            if !plan.is_empty() {
+                plan.push(' ');
+            }
+            match self.count(phase) {
+                count if count == self.chunk => plan.push_str(&whole),
+                count => plan.push_str(&count.to_string()),
+            }
+            if let Phase::Sweep { cursor, .. } = phase {
+                plan.push(':');
+                plan.push_str(cursor);
+            }
+        }
+        let bytes: usize = tags().map(|t| t.key.len()).sum::<usize>() + plan.len() + 64;
+        let mut call = redis::Cmd::with_capacity(positions.len() + 6, bytes);
+        call.arg("EVALSHA").arg(script.get_hash()).arg(positions.len());
+        for tag in tags() {
+            call.arg(&tag.key);
+        }
+        call.arg(self.chunk * MEMBER_CHUNKS_PER_CALL).arg(if self.collect { "1" } else { "0" }).arg(plan);
+        call
+    }
+
+    /// Cluster mode: the `fanout_cluster.lua` call for `tag` (active).
+    fn cluster_call(&self, script: &Script, tag: &TagProgress) -> redis::Cmd {
+        let mut call = redis::cmd("EVALSHA");
+        call.arg(script.get_hash()).arg(2).arg(&tag.key).arg(pending_key(&tag.key));
+        if let State::Active(phase) = &tag.state {
+            call.arg(self.count(phase));
+            if let Phase::Sweep { cursor, .. } = phase {
+                call.arg(cursor);
+            }
+        }
+        call
     }
 
     /// Takes in the replies to `round`: progress of every call that succeeded is kept even when
@@ -233,36 +317,29 @@ impl Fanout {
     }
 
     /// [`Fanout::apply`] for replies sent one by one (cluster mode), each with its own result.
-    pub(super) fn apply_results(
-        &mut self,
-        round: &Round,
-        mut replies: Vec<Result<Value, CommandError>>,
-    ) -> RoundOutcome {
+    pub(super) fn apply_results(&mut self, round: &Round, replies: Vec<Result<Value, CommandError>>) -> RoundOutcome {
         let mut outcome = RoundOutcome { unlinked: 0, moved: Vec::new(), error: None };
-        if round.loads_script && !replies.is_empty() {
-            match replies.remove(0) {
-                Ok(_) => self.load_script = false,
-                Err(e) => outcome.error = Some(e),
+        let mut replies = replies.into_iter();
+        if round.loads_script {
+            match replies.next() {
+                Some(Ok(_)) => self.load_script = false,
+                Some(Err(e)) => outcome.error = Some(e),
+                None => {}
             }
         }
-        for (&pos, reply) in round.tags.iter().zip(replies) {
+        for (call, reply) in round.calls.iter().zip(replies) {
+            let tags = round.tags.get(call.clone()).unwrap_or_default();
             match reply {
-                Ok(value) => match self.advance(pos, &value) {
-                    Ok((unlinked, members)) => {
-                        outcome.unlinked += unlinked;
-                        if let (false, Some(tag)) = (members.is_empty(), self.tags.get_mut(pos)) {
-                            if self.collect {
-                                tag.taken.extend(members.iter().cloned());
-                            }
-                            if self.pending {
-                                outcome.moved.push((pending_key(&tag.key), members));
-                            }
-                        }
-                    }
-                    Err(e) => {
+                Ok(Value::BulkString(records)) => {
+                    if let Err(e) = self.take_in(tags, &records, &mut outcome) {
                         outcome.error.get_or_insert(e);
                     }
-                },
+                }
+                Ok(_) => {
+                    outcome.error.get_or_insert(CommandError::UnexpectedReply(
+                        "the fan-out script answered something else than its records".into(),
+                    ));
+                }
                 Err(CommandError::Redis(e)) if e.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {
                     // Nothing ran: the call goes again next round, after SCRIPT LOAD. If we had
                     // just loaded it, someone flushed scripts under us: back off and retry.
@@ -282,6 +359,43 @@ impl Fanout {
         outcome
     }
 
+    /// Reads one call's records (one per tag it reached, `tags` in order) into the tags'
+    /// progress and `outcome`; a failure the script reported is returned after the progress of
+    /// the tags before it is taken in.
+    fn take_in(&mut self, tags: &[usize], records: &[u8], outcome: &mut RoundOutcome) -> Result<(), CommandError> {
+        let mut records = Records { rest: records, members: self.pending || self.collect };
+        let mut reached = 0;
+        for &pos in tags {
+            let Some(record) = records.next() else { break };
+            reached += 1;
+            let (unlinked, members) = match record? {
+                Record::Chunk(chunk) => self.advance(pos, &chunk)?,
+                Record::NotASet(kind) => {
+                    self.reject(pos, kind);
+                    (0, Vec::new())
+                }
+                Record::Failed(e) => return Err(CommandError::Redis(e)),
+            };
+            outcome.unlinked += unlinked;
+            if let (false, Some(tag)) = (members.is_empty(), self.tags.get_mut(pos)) {
+                if self.collect {
+                    tag.taken.extend(members.iter().cloned());
+                }
+                if self.pending {
+                    outcome.moved.push((pending_key(&tag.key), members));
+                }
+            }
+        }
+        if records.next().is_some() {
+            return Err(CommandError::UnexpectedReply("the fan-out script answered for more sets than it was given".into()));
+        }
+        if reached == 0 && !tags.is_empty() {
+            // It always reaches its first set: a call that took nothing would come back forever.
+            return Err(CommandError::UnexpectedReply("the fan-out script answered for none of its sets".into()));
+        }
+        Ok(())
+    }
+
     /// After a failure: every unfinished tag goes back to the pop phase, to be measured again.
     pub(super) fn start_over(&mut self) {
         for tag in self.tags.iter_mut().filter(|t| matches!(t.state, State::Active(_))) {
@@ -289,43 +403,28 @@ impl Fanout {
         }
     }
 
-    /// One script reply for the tag at `pos`; returns how many members it took and, in pending
-    /// mode, which.
-    fn advance(&mut self, pos: usize, reply: &Value) -> Result<(u64, Vec<String>), CommandError> {
+    /// The tag at `pos` is not a set: left alone, its item rejected.
+    fn reject(&mut self, pos: usize, kind: &str) {
+        if let Some(tag) = self.tags.get_mut(pos) {
+            tag.state = State::Rejected(format!(
+                "the Redis key {:?} holds a {kind}, not a set of cache keys; it was left as it is",
+                tag.key
+            ));
+        }
+    }
+
+    /// One chunk taken from the tag at `pos`; returns how many members it took and, with
+    /// members in the reply, which.
+    fn advance(&mut self, pos: usize, reply: &Chunk) -> Result<(u64, Vec<String>), CommandError> {
         let chunk = self.chunk;
         let Some(tag) = self.tags.get_mut(pos) else {
             return Err(CommandError::UnexpectedReply("a reply for a call that was not made".into()));
         };
-        let unexpected = || CommandError::UnexpectedReply(format!("the fan-out script answered {reply:?}"));
-        let Value::Array(fields) = reply else { return Err(unexpected()) };
-        let State::Active(phase) = &mut tag.state else { return Err(unexpected()) };
-        let mut members = Vec::new();
-        let fields = match fields.as_slice() {
-            [head @ .., Value::Array(moved)] if (self.pending || self.collect) && head.len() == 4 => {
-                for m in moved {
-                    members.push(text(m).ok_or_else(unexpected)?);
-                }
-                head
-            }
-            [head @ .., Value::Nil] if (self.pending || self.collect) && head.len() == 4 => head,
-            all => all,
+        let State::Active(phase) = &mut tag.state else {
+            return Err(CommandError::UnexpectedReply("a reply for a tag already finished".into()));
         };
-        let (before, taken, left, cursor) = match fields {
-            [Value::Int(-1), kind] => {
-                let kind = text(kind).ok_or_else(unexpected)?;
-                tag.state = State::Rejected(format!(
-                    "the Redis key {:?} holds a {kind}, not a set of cache keys; it was left as it is",
-                    tag.key
-                ));
-                return Ok((0, members));
-            }
-            [Value::Int(before), Value::Int(taken), Value::Int(left), cursor]
-                if *before >= 0 && *taken >= 0 && *left >= 0 =>
-            {
-                (*before as u64, *taken as u64, *left as u64, text(cursor).ok_or_else(unexpected)?)
-            }
-            _ => return Err(unexpected()),
-        };
+        let Chunk { before, taken, left, cursor, .. } = *reply;
+        let members = reply.members.iter().map(|m| String::from_utf8_lossy(m).into_owned()).collect();
         if left == 0 {
             tag.state = State::Done;
             return Ok((taken, members));
@@ -352,7 +451,7 @@ impl Fanout {
                     );
                     tag.state = State::Done;
                 } else {
-                    *at = cursor;
+                    *at = cursor.to_string();
                 }
             }
         }
@@ -377,11 +476,124 @@ impl Fanout {
     }
 }
 
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
+/// One tag set's chunk, as the script reported it.
+#[derive(Debug, PartialEq, Eq)]
+struct Chunk<'a> {
+    /// Members before the chunk, taken by it, left after it.
+    before: u64,
+    taken: u64,
+    left: u64,
+    /// Where a sweep goes on ("0": the walk is over, or this was a pop).
+    cursor: &'a str,
+    /// The members taken, when the call returns them.
+    members: Vec<&'a [u8]>,
+}
+
+/// One record of a fan-out reply (`fanout.lua` describes the format).
+#[derive(Debug)]
+enum Record<'a> {
+    Chunk(Chunk<'a>),
+    /// The key holds this type, not a set.
+    NotASet(&'a str),
+    /// A command inside the call failed (its later sets were not touched).
+    Failed(redis::RedisError),
+}
+
+/// The records of one reply, in order; `members`: each chunk record is followed by its members.
+struct Records<'a> {
+    rest: &'a [u8],
+    members: bool,
+}
+
+impl<'a> Records<'a> {
+    fn unreadable() -> CommandError {
+        // Not the reply itself: it may hold keys, which logs never carry.
+        CommandError::UnexpectedReply("the fan-out script's reply does not read as its records".into())
+    }
+
+    /// Up to the next `\n` (consumed).
+    fn line(&mut self) -> Result<&'a [u8], CommandError> {
+        let end = self.rest.iter().position(|&b| b == b'\n').ok_or_else(Records::unreadable)?;
+        let (line, rest) = self.rest.split_at(end);
+        self.rest = rest.get(1..).unwrap_or_default();
+        Ok(line)
+    }
+
+    fn record(&mut self) -> Result<Record<'a>, CommandError> {
+        // A set already gone: the usual record where tags change often, read at a glance.
+        if let Some(rest) = self.rest.strip_prefix(b"0 0 0 0\n") {
+            self.rest = rest;
+            return Ok(Record::Chunk(Chunk { before: 0, taken: 0, left: 0, cursor: "0", members: Vec::new() }));
+        }
+        let line = self.line()?;
+        if let Some(message) = line.strip_prefix(b"! ") {
+            // The last record: the error as Redis worded it, read as the error reply it was.
+            self.rest = &[];
+            let wire = [b"-", message, b"\r\n"].concat();
+            return match redis::parse_redis_value(&wire).map(item) {
+                Ok(Err(e)) => Ok(Record::Failed(e)),
+                _ => Err(Records::unreadable()),
+            };
+        }
+        if let Some(kind) = line.strip_prefix(b"-1 ") {
+            return std::str::from_utf8(kind).map(Record::NotASet).map_err(|_| Records::unreadable());
+        }
+        // Bytes, not str::split and parse: a batch's call has a record per tag.
+        let mut fields = line.split(|&b| b == b' ');
+        let mut number = || fields.next().and_then(decimal).ok_or_else(Records::unreadable);
+        let (before, taken, left) = (number()?, number()?, number()?);
+        let cursor = fields
+            .next()
+            .filter(|c| decimal(c).is_some())
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .ok_or_else(Records::unreadable)?;
+        if fields.next().is_some() {
+            return Err(Records::unreadable());
+        }
+        let mut members = Vec::new();
+        if self.members {
+            for _ in 0..taken {
+                members.push(self.member()?);
+            }
+        }
+        Ok(Record::Chunk(Chunk { before, taken, left, cursor, members }))
+    }
+
+    /// `<length>:<bytes>`.
+    fn member(&mut self) -> Result<&'a [u8], CommandError> {
+        let colon = self.rest.iter().position(|&b| b == b':').ok_or_else(Records::unreadable)?;
+        let length = self.rest.get(..colon).and_then(decimal).ok_or_else(Records::unreadable)?;
+        let length = usize::try_from(length).map_err(|_| Records::unreadable())?;
+        let start = colon + 1;
+        let member = self.rest.get(start..start + length).ok_or_else(Records::unreadable)?;
+        self.rest = self.rest.get(start + length..).unwrap_or_default();
+        Ok(member)
+    }
+}
+
+/// Decimal digits (at least one, at most what fits in 64 bits) as a number.
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        let d = d.checked_sub(b'0').filter(|d| *d <= 9)?;
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })
+}
+
+impl<'a> Iterator for Records<'a> {
+    type Item = Result<Record<'a>, CommandError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let record = self.record();
+        if record.is_err() {
+            self.rest = &[];
+        }
+        Some(record)
     }
 }
 
@@ -389,30 +601,36 @@ fn text(v: &Value) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn reply(before: i64, taken: i64, left: i64, cursor: &str) -> Value {
-        Value::Array(vec![
-            Value::Int(before),
-            Value::Int(taken),
-            Value::Int(left),
-            Value::BulkString(cursor.as_bytes().to_vec()),
-        ])
+    /// A record of a chunk, as `fanout.lua` writes it.
+    fn rec(before: i64, taken: i64, left: i64, cursor: &str) -> String {
+        format!("{before} {taken} {left} {cursor}\n")
     }
 
-    /// The arguments after the key of each EVALSHA of a round: `[count]` or `[count, cursor]`.
-    fn calls(round: &Round) -> Vec<Vec<String>> {
-        round
-            .pipe
-            .cmd_iter()
-            .map(|c| {
-                c.args_iter()
-                    .skip(4) // EVALSHA sha numkeys key
-                    .map(|a| match a {
-                        redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
-                        _ => "?".into(),
-                    })
-                    .collect()
+    /// One call's reply: its records, one bulk string.
+    fn reply(records: &[&str]) -> Value {
+        Value::BulkString(records.concat().into_bytes())
+    }
+
+    fn args(cmd: &redis::Cmd) -> Vec<String> {
+        cmd.args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                _ => "?".into(),
             })
             .collect()
+    }
+
+    /// Per tag of the round's (standalone) call: `[count]` to pop, `[count, cursor]` to sweep.
+    fn calls(round: &Round) -> Vec<Vec<String>> {
+        let call = round.pipe.cmd_iter().last().expect("a call");
+        let args = args(call);
+        let tags: usize = args[2].parse().expect("numkeys");
+        // EVALSHA sha numkeys keys... bound members plan.
+        assert_eq!(args.len(), 6 + tags);
+        let plan: Vec<Vec<String>> =
+            args[5 + tags].split(' ').map(|entry| entry.split(':').map(str::to_string).collect()).collect();
+        assert_eq!(plan.len(), tags);
+        plan
     }
 
     #[test]
@@ -422,24 +640,24 @@ mod tests {
         // 25 members when first seen; a writer keeps the set from ever emptying.
         let r = f.next_round(&script);
         assert_eq!(calls(&r), [["10"]]);
-        assert_eq!(f.apply(&r, vec![reply(25, 10, 15, "0")]).unlinked, 10);
+        assert_eq!(f.apply(&r, vec![reply(&[&rec(25, 10, 15, "0")])]).unlinked, 10);
         for _ in 0..2 {
             let r = f.next_round(&script);
-            f.apply(&r, vec![reply(30, 10, 20, "0")]);
+            f.apply(&r, vec![reply(&[&rec(30, 10, 20, "0")])]);
         }
         // Budget 25 + 10 = 35, 30 popped: the last pop asks for 5 only.
         let r = f.next_round(&script);
         assert_eq!(calls(&r), [["5"]]);
-        f.apply(&r, vec![reply(30, 5, 25, "0")]);
+        f.apply(&r, vec![reply(&[&rec(30, 5, 25, "0")])]);
         // Members are left: one SSCAN walk from cursor 0, resumed where the server said.
         let r = f.next_round(&script);
         assert_eq!(calls(&r), [["10", "0"]]);
-        f.apply(&r, vec![reply(25, 10, 16, "12")]);
+        f.apply(&r, vec![reply(&[&rec(25, 10, 16, "12")])]);
         let r = f.next_round(&script);
         assert_eq!(calls(&r), [["10", "12"]]);
         assert!(!f.is_finished());
         // The cursor is back to 0: the walk is over even though the writer added more.
-        f.apply(&r, vec![reply(16, 9, 8, "0")]);
+        f.apply(&r, vec![reply(&[&rec(16, 9, 8, "0")])]);
         assert!(f.is_finished());
         assert_eq!(f.confirmed(), 1);
     }
@@ -449,7 +667,7 @@ mod tests {
         let script = script();
         let mut f = Fanout::new("tag:", &["t".to_string()], 10, false);
         let r = f.next_round(&script);
-        assert_eq!(f.apply(&r, vec![reply(3, 3, 0, "0")]).unlinked, 3);
+        assert_eq!(f.apply(&r, vec![reply(&[&rec(3, 3, 0, "0")])]).unlinked, 3);
         assert!(f.is_finished());
     }
 
@@ -458,17 +676,67 @@ mod tests {
         let script = script();
         let mut f = Fanout::new("tag:", &["t".to_string()], 10, false);
         let r = f.next_round(&script);
-        f.apply(&r, vec![reply(10, 10, 50, "0")]); // budget 20
+        f.apply(&r, vec![reply(&[&rec(10, 10, 50, "0")])]); // budget 20
         let r = f.next_round(&script);
-        f.apply(&r, vec![reply(50, 10, 90, "0")]); // budget reached: sweep, 4 * 2 + 16 calls
+        f.apply(&r, vec![reply(&[&rec(50, 10, 90, "0")])]); // budget reached: sweep, 4 * 2 + 16 calls
         let mut sweeps = 0;
         while !f.is_finished() {
             let r = f.next_round(&script);
-            f.apply(&r, vec![reply(1000, 10, 1000, "7")]);
+            f.apply(&r, vec![reply(&[&rec(1000, 10, 1000, "7")])]);
             sweeps += 1;
             assert!(sweeps <= 24, "the sweep must stop");
         }
         assert_eq!(sweeps, 24);
+    }
+
+    #[test]
+    fn one_call_names_every_tag_with_its_own_count_and_cursor() {
+        let script = script();
+        let tags: Vec<String> = ["a", "b", "c"].iter().map(|t| t.to_string()).collect();
+        let mut f = Fanout::new("tag:", &tags, 10, false);
+        let r = f.next_round(&script);
+        assert_eq!(r.pipe.len(), 1, "one call for every tag");
+        let call = args(r.pipe.cmd_iter().next().expect("a call"));
+        assert_eq!(call[..6], ["EVALSHA", script.get_hash(), "3", "tag:a", "tag:b", "tag:c"]);
+        assert_eq!(call[6..8], ["400", "0"], "40 chunks of 10 at most; no members back");
+        // a is done, b pops on, c sweeps from where it is.
+        f.apply(&r, vec![reply(&[&rec(3, 3, 0, "0"), &rec(30, 10, 20, "0"), &rec(5, 0, 5, "0")])]);
+        let r = f.next_round(&script);
+        assert_eq!(calls(&r), [vec!["10"], vec!["10", "0"]]);
+        assert_eq!(args(r.pipe.cmd_iter().next().expect("a call"))[3..5], ["tag:b", "tag:c"]);
+    }
+
+    #[test]
+    fn tags_past_the_member_bound_wait_for_the_next_round() {
+        let script = script();
+        let tags: Vec<String> = (0..3).map(|t| t.to_string()).collect();
+        let mut f = Fanout::new("tag:", &tags, 10, false);
+        let r = f.next_round(&script);
+        // The call took the bound from the first two sets and did not reach the third.
+        let out = f.apply(&r, vec![reply(&[&rec(300, 10, 290, "0"), &rec(5, 5, 0, "0")])]);
+        assert!(out.error.is_none());
+        assert_eq!(out.unlinked, 15);
+        let r = f.next_round(&script);
+        assert_eq!(args(r.pipe.cmd_iter().next().expect("a call"))[2..5], ["2", "tag:0", "tag:2"]);
+        assert_eq!(calls(&r), [["10"], ["10"]], "the third set is still measured by its first pop");
+        f.apply(&r, vec![reply(&[&rec(290, 10, 280, "0"), &rec(0, 0, 0, "0")])]);
+        assert_eq!(f.confirmed(), 2);
+    }
+
+    #[test]
+    fn a_call_names_a_bounded_number_of_tags() {
+        let script = script();
+        let tags: Vec<String> = (0..TAGS_PER_CALL + 5).map(|t| t.to_string()).collect();
+        let mut f = Fanout::new("tag:", &tags, 10, false);
+        let r = f.next_round(&script);
+        assert_eq!(calls(&r).len(), TAGS_PER_CALL);
+        let gone = rec(0, 0, 0, "0");
+        f.apply(&r, vec![reply(&vec![gone.as_str(); TAGS_PER_CALL])]);
+        let r = f.next_round(&script);
+        assert_eq!(calls(&r).len(), 5);
+        f.apply(&r, vec![reply(&[gone.as_str(); 5])]);
+        assert!(f.is_finished());
+        assert_eq!(f.confirmed(), tags.len() as u64);
     }
 
     #[test]
@@ -477,8 +745,7 @@ mod tests {
         let tags = ["s".to_string(), "t".to_string()];
         let mut f = Fanout::new("tag:", &tags, 10, false);
         let r = f.next_round(&script);
-        let wrong = Value::Array(vec![Value::Int(-1), Value::BulkString(b"string".to_vec())]);
-        let out = f.apply(&r, vec![wrong, reply(3, 3, 0, "0")]);
+        let out = f.apply(&r, vec![reply(&["-1 string\n", &rec(3, 3, 0, "0")])]);
         assert!(out.error.is_none());
         assert_eq!(out.unlinked, 3);
         assert!(f.is_finished());
@@ -500,20 +767,52 @@ mod tests {
         let r = f.next_round(&script);
         assert!(r.loads_script);
         assert_eq!(r.pipe.len(), 2);
-        let out = f.apply(&r, vec![Value::BulkString(script.get_hash().as_bytes().to_vec()), reply(0, 0, 0, "0")]);
+        let loaded = Value::BulkString(script.get_hash().as_bytes().to_vec());
+        let out = f.apply(&r, vec![loaded, reply(&[&rec(0, 0, 0, "0")])]);
         assert!(out.error.is_none());
         assert!(f.is_finished());
     }
 
+    /// A command failing inside the call (here an ACL refusing a member key): the tags before
+    /// it keep their progress, the error is Redis's own (same code, same class), every
+    /// unfinished tag starts over.
     #[test]
-    fn a_failed_call_keeps_the_others_progress_and_starts_over() {
+    fn a_failure_inside_the_call_keeps_the_progress_before_it() {
         let script = script();
-        let tags = ["a".to_string(), "b".to_string()];
+        let tags: Vec<String> = ["a", "b", "c", "d"].iter().map(|t| t.to_string()).collect();
         let mut f = Fanout::new("tag:", &tags, 10, false);
         let r = f.next_round(&script);
+        let denied = "! ERR The user executing the script can't access at least one of the keys\n";
+        let out = f.apply(&r, vec![reply(&[&rec(2, 2, 0, "0"), &rec(100, 10, 90, "0"), denied])]);
+        assert_eq!(out.unlinked, 12);
+        let Some(CommandError::Redis(e)) = &out.error else { panic!("a Redis error: {:?}", out.error) };
+        assert_eq!(e.code(), Some("ERR"));
+        assert!(e.to_string().contains("can't access at least one of the keys"), "{e}");
+        assert_eq!(f.confirmed(), 1, "a finished before the failure");
+        assert!(f.tags[1..].iter().all(|t| t.state == START), "b, c and d start over");
+
+        let busy = "! BUSY Redis is busy\n";
+        let mut f = Fanout::new("tag:", &tags, 10, false);
+        let r = f.next_round(&script);
+        let out = f.apply(&r, vec![reply(&[busy])]);
+        let Some(e) = &out.error else { panic!("an error") };
+        assert_eq!(e.class(), super::super::connection::Class::Transient, "classified as the reply would be");
+        assert_eq!(f.confirmed(), 0);
+    }
+
+    #[test]
+    fn a_failed_cluster_call_keeps_the_others_progress_and_starts_over() {
+        let script = cluster_script();
+        let tags = ["a".to_string(), "b".to_string()];
+        let mut f = Fanout::new("tag:", &tags, 10, true);
+        let r = f.next_round(&script);
+        assert_eq!(r.pipe.len(), 2, "a call per tag, each in its slot");
         let busy = redis::parse_redis_value(b"-BUSY Redis is busy running a script.\r\n").expect("parses");
-        let out = f.apply(&r, vec![reply(100, 10, 90, "0"), busy]);
-        assert_eq!(out.unlinked, 10);
+        let moved = [rec(100, 2, 98, "0"), "2:k12:k2".to_string()].concat();
+        let results = vec![Ok(reply(&[&moved])), item(busy).map_err(CommandError::Redis)];
+        let out = f.apply_results(&r, results);
+        assert_eq!(out.unlinked, 2);
+        assert_eq!(out.moved, vec![(pending_key("tag:a"), vec!["k1".to_string(), "k2".to_string()])]);
         assert!(out.error.is_some());
         assert!(f.tags.iter().all(|t| t.state == START));
     }
@@ -533,33 +832,49 @@ mod tests {
         let script = cluster_script();
         let mut f = Fanout::new("tag:", &["t".to_string()], 10, true);
         let r = f.next_round(&script);
-        let call = r.pipe.cmd_iter().next().expect("one call");
-        let args: Vec<String> = call
-            .args_iter()
-            .map(|a| match a {
-                redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
-                _ => "?".into(),
-            })
-            .collect();
-        assert_eq!(&args[2..5], ["2", "tag:t", pending_key("tag:t").as_str()]);
-        let members = Value::Array(vec![Value::BulkString(b"k1".to_vec()), Value::BulkString(b"k2".to_vec())]);
-        let mut reply = match reply(2, 2, 0, "0") {
-            Value::Array(v) => v,
-            _ => unreachable!(),
-        };
-        reply.push(members);
-        let out = f.apply(&r, vec![Value::Array(reply)]);
+        let call = args(r.pipe.cmd_iter().next().expect("one call"));
+        assert_eq!(call[..], ["EVALSHA", script.get_hash(), "2", "tag:t", pending_key("tag:t").as_str(), "10"]);
+        // Members are any bytes: the length says where each ends.
+        let out = f.apply(&r, vec![reply(&[&rec(2, 2, 0, "0"), "2:k1", "5:a\nb:c"])]);
         assert!(out.error.is_none());
-        assert_eq!(out.moved, vec![(pending_key("tag:t"), vec!["k1".to_string(), "k2".to_string()])]);
+        assert_eq!(out.moved, vec![(pending_key("tag:t"), vec!["k1".to_string(), "a\nb:c".to_string()])]);
         assert!(f.is_finished());
+    }
+
+    #[test]
+    fn collected_members_are_asked_for_and_kept() {
+        let script = script();
+        let mut f = Fanout::new("dep:", &["a".to_string(), "b".to_string()], 10, false).collecting();
+        let r = f.next_round(&script);
+        assert_eq!(args(r.pipe.cmd_iter().next().expect("a call"))[6], "1", "members asked for");
+        let out = f.apply(&r, vec![reply(&[&rec(1, 1, 0, "0"), "1:x", &rec(0, 0, 0, "0")])]);
+        assert!(out.error.is_none() && out.moved.is_empty());
+        assert_eq!(f.take_members(), vec![(0, vec!["x".to_string()]), (1, vec![])]);
     }
 
     #[test]
     fn nonsense_replies_are_errors() {
         let script = script();
-        let mut f = Fanout::new("tag:", &["t".to_string()], 10, false);
-        let r = f.next_round(&script);
-        let out = f.apply(&r, vec![Value::Okay]);
-        assert!(matches!(out.error, Some(CommandError::UnexpectedReply(_))));
+        for nonsense in [
+            Value::Okay,
+            Value::Array(vec![Value::Int(0), Value::Int(0), Value::Int(0), Value::BulkString(b"0".to_vec())]),
+            reply(&["0 0 0\n"]),
+            reply(&["0 0 0 0"]),
+            reply(&["x 0 0 0\n"]),
+            reply(&["0 0 0 0 0\n"]),
+            reply(&[]),
+            // More records than sets.
+            reply(&[&rec(0, 0, 0, "0"), &rec(0, 0, 0, "0")]),
+        ] {
+            let mut f = Fanout::new("tag:", &["t".to_string()], 10, false);
+            let r = f.next_round(&script);
+            let out = f.apply(&r, vec![nonsense.clone()]);
+            assert!(matches!(out.error, Some(CommandError::UnexpectedReply(_))), "{nonsense:?}: {:?}", out.error);
+        }
+        // Members cut short.
+        let mut f = Fanout::new("tag:", &["t".to_string()], 10, true);
+        let r = f.next_round(&cluster_script());
+        let out = f.apply(&r, vec![reply(&[&rec(2, 2, 0, "0"), "2:k1", "9:k2"])]);
+        assert!(matches!(out.error, Some(CommandError::UnexpectedReply(_))), "{:?}", out.error);
     }
 }

@@ -2,9 +2,11 @@
 //! its twin for patterns.
 //!
 //! - **Keys** are unlinked `unlink_batch` per `UNLINK` command, several commands pipelined per
-//!   round trip.
-//! - **Tags** are fanned out by a server-side script, `tag_chunk` members per call: see
-//!   `fanout.rs` for how and why.
+//!   round trip; outside a cluster, a batch that also has tags sends them (when one round trip
+//!   holds them) in its tag fan-out's first round trip, ahead of the script call, which Redis
+//!   runs after them as before: one round trip per batch instead of two.
+//! - **Tags** are fanned out by a server-side script, `tag_chunk` members per tag and call, one
+//!   call (one round trip, one string back) for many tags: see `fanout.rs` for how and why.
 //! - **Generations** (`generation.rs`): a script per key sets it to the event's position when
 //!   higher. **Dependents** (`dependents.rs`): the tag fan-out again, over `<dep_prefix>KEY`
 //!   sets, level by level. **Patterns** (`pattern.rs`): `SCAN ... MATCH` on every primary, served
@@ -21,8 +23,9 @@
 //!
 //! Nothing here ever writes a cached value: the only commands sent are UNLINK, PING, SCAN
 //! (patterns), SCRIPT LOAD and EVALSHA of the generation script (GET and SET of a generation
-//! key, only ever to a higher position) and of the fan-out script (which runs TYPE, SCARD, SRANDMEMBER, SSCAN, SREM and
-//! UNLINK, or in cluster mode SADD to a pending set instead of UNLINK), WAIT and ROLE (with
+//! key, only ever to a higher position) and of the fan-out script (which runs EXISTS, SCARD, TYPE,
+//! SRANDMEMBER, SSCAN, SREM and UNLINK, or in cluster mode SADD to a pending set instead of
+//! UNLINK and no EXISTS), WAIT and ROLE (with
 //! `wait_replicas`), and in cluster mode SREM, SRANDMEMBER and SCAN on pending sets and CLUSTER
 //! SLOTS; with `broadcast` PUBLISH (SPUBLISH in cluster mode, `broadcast.rs`), with `warm`
 //! XADD to the warm-up stream (`warm.rs`), both only after the batch's deletes are confirmed.
@@ -60,6 +63,7 @@
 //! Logs and metric labels carry the sink name, error codes and counts; never the URL (it may
 //! hold a password) nor a key.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -90,6 +94,8 @@ pub mod generation;
 pub mod hash_tags;
 mod pattern;
 pub mod preflight;
+#[cfg(test)]
+mod server_tests;
 mod slot;
 pub mod warm;
 
@@ -291,6 +297,27 @@ impl RedisSink {
         Some(WaitPlan { slot, count })
     }
 
+    /// `pipe` as sent (with what [`RedisSink::add_wait`] adds, on a copy, when configured):
+    /// without `wait_replicas` the pipeline goes as it is, not copied at every attempt.
+    fn waiting<'p>(&self, pipe: &'p redis::Pipeline, slot: u16) -> (Cow<'p, redis::Pipeline>, Option<WaitPlan>) {
+        if self.wait.is_none() {
+            return (Cow::Borrowed(pipe), None);
+        }
+        let mut pipe = pipe.clone();
+        let plan = self.add_wait(&mut pipe, slot);
+        (Cow::Owned(pipe), plan)
+    }
+
+    /// Appends the UNLINKs of `keys`, `unlink_batch` keys each, to `pipe`; returns how many.
+    fn add_unlinks(&self, pipe: &mut redis::Pipeline, keys: &[String]) -> usize {
+        let mut commands = 0;
+        for chunk in keys.chunks(self.unlink_batch) {
+            pipe.add_command(unlink(chunk));
+            commands += 1;
+        }
+        commands
+    }
+
     /// Takes the replies of what [`RedisSink::add_wait`] added off the end of `replies` and
     /// checks that enough replicas acknowledged.
     fn check_wait(&self, plan: Option<WaitPlan>, replies: &mut Vec<Value>) -> Result<(), CommandError> {
@@ -330,26 +357,16 @@ impl RedisSink {
             Backend::Cluster(cluster) => return self.unlink_keys_cluster(cluster, keys, shutdown).await,
         };
         let mut removed = 0;
-        let commands: Vec<&[String]> = keys.chunks(self.unlink_batch).collect();
-        for round in commands.chunks(UNLINKS_PER_ROUND) {
+        for round in keys.chunks(self.unlink_batch.saturating_mul(UNLINKS_PER_ROUND)) {
             let mut pipe = redis::pipe();
-            for keys in round {
-                pipe.cmd("UNLINK").arg(*keys);
-            }
+            self.add_unlinks(&mut pipe, round);
             let pipe = &pipe;
             removed += self
                 .with_retries(shutdown, move || async move {
-                    let mut pipe = pipe.clone();
-                    let plan = self.add_wait(&mut pipe, 0);
+                    let (pipe, plan) = self.waiting(pipe, 0);
                     let mut replies = connection.round_trip(&pipe).await?;
                     self.check_wait(plan, &mut replies)?;
-                    let mut removed = 0;
-                    for reply in replies {
-                        if let Value::Int(n) = item(reply).map_err(CommandError::Redis)? {
-                            removed += u64::try_from(n).unwrap_or(0);
-                        }
-                    }
-                    Ok(removed)
+                    removed_by(replies)
                 })
                 .await?;
         }
@@ -373,7 +390,7 @@ impl RedisSink {
             .map(|(slot, keys)| {
                 let mut pipe = redis::pipe();
                 for chunk in keys.chunks(self.unlink_batch) {
-                    pipe.cmd("UNLINK").arg(chunk);
+                    pipe.add_command(unlink(chunk));
                 }
                 (*slot, pipe)
             })
@@ -405,8 +422,7 @@ impl RedisSink {
             for &i in &todo {
                 if let Some((slot, pipe)) = pipes.get(i) {
                     attempts.push(async move {
-                        let mut pipe = pipe.clone();
-                        let plan = self.add_wait(&mut pipe, *slot);
+                        let (pipe, plan) = self.waiting(pipe, *slot);
                         let mut replies = cluster.pipeline(&pipe).await?;
                         self.check_wait(plan, &mut replies)?;
                         parse(replies)
@@ -441,30 +457,40 @@ impl RedisSink {
 
     /// Fans out every tag (or, for the dependents cascade, every key's dependency set); the
     /// result says which finished and which were rejected, and with `collect` which members
-    /// each gave.
+    /// each gave. Standalone only, `keys` (at most [`UNLINKS_PER_ROUND`] UNLINKs' worth) are
+    /// unlinked in the first round trip, ahead of its script call: a batch with keys and tags
+    /// then costs one round trip, not two. Returns how many of `keys` existed too.
     async fn fan_out(
         &self,
         sets: Sets,
         tags: &[String],
         collect: bool,
+        keys: &[String],
         shutdown: &Shutdown,
-    ) -> Result<Fanout, SinkError> {
+    ) -> Result<(Fanout, u64), SinkError> {
         let fanout =
             Fanout::new(self.set_prefix(sets), tags, self.tag_chunk, matches!(self.backend, Backend::Cluster(_)));
         let fanout = if collect { fanout.collecting() } else { fanout };
         let unlinked = self.set_members_counter(sets);
         let connection = match &self.backend {
             Backend::Single(c) => c,
-            Backend::Cluster(cluster) => return self.fan_out_cluster(cluster, fanout, &unlinked, shutdown).await,
+            Backend::Cluster(cluster) => {
+                let fanout = self.fan_out_cluster(cluster, fanout, &unlinked, shutdown).await?;
+                return Ok((fanout, 0));
+            }
         };
         // A std mutex, held only between awaits: the retried closure needs shared access to
         // the progress it advances.
         let fanout = Mutex::new(fanout);
-        let unlinked = &unlinked;
-        while !lock(&fanout).is_finished() {
+        // How many of `keys` existed, once Redis confirmed their UNLINKs.
+        let removed: Mutex<Option<u64>> = Mutex::new(keys.is_empty().then_some(0));
+        let (unlinked, removed_ref) = (&unlinked, &removed);
+        while !lock(&fanout).is_finished() || lock(&removed).is_none() {
             let fanout = &fanout;
             self.with_retries(shutdown, move || async move {
-                let mut round = lock(fanout).next_round(&self.script);
+                let mut pipe = redis::pipe();
+                let unlinks = if lock(removed_ref).is_none() { self.add_unlinks(&mut pipe, keys) } else { 0 };
+                let mut round = lock(fanout).next_round_after(pipe, &self.script);
                 let plan = self.add_wait(&mut round.pipe, 0);
                 let mut replies = match connection.round_trip(&round.pipe).await {
                     Ok(replies) => replies,
@@ -477,13 +503,17 @@ impl RedisSink {
                 // replicated? Start over: if a failover lost them, the members are back in the set
                 // (a script's effects replicate together), and the new measure takes them again.
                 let waited = self.check_wait(plan, &mut replies);
-                let outcome = lock(fanout).apply(&round, replies);
+                let calls = replies.split_off(unlinks.min(replies.len()));
+                let keys_removed = removed_by(replies);
+                let outcome = lock(fanout).apply(&round, calls);
+                unlinked.inc_by(outcome.unlinked);
                 if let Err(e) = waited {
                     lock(fanout).start_over();
-                    unlinked.inc_by(outcome.unlinked);
                     return Err(e);
                 }
-                unlinked.inc_by(outcome.unlinked);
+                if unlinks > 0 {
+                    *lock(removed_ref) = Some(keys_removed?);
+                }
                 match outcome.error {
                     Some(e) => Err(e),
                     None => Ok(()),
@@ -491,7 +521,8 @@ impl RedisSink {
             })
             .await?;
         }
-        Ok(fanout.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()))
+        let removed = lock(&removed).unwrap_or(0);
+        Ok((fanout.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()), removed))
     }
 
     /// Cluster mode: how many replicas serve each slot now, from `CLUSTER SLOTS` (which leaves
@@ -696,6 +727,29 @@ fn lock<T>(progress: &Mutex<T>) -> MutexGuard<'_, T> {
     progress.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// `UNLINK` of `keys`, its buffer sized once: a batch's keys are most of what its round trips
+/// carry, and growing the command as they are written copies them again and again.
+fn unlink<K: AsRef<str>>(keys: &[K]) -> redis::Cmd {
+    let bytes: usize = keys.iter().map(|k| k.as_ref().len()).sum();
+    let mut cmd = redis::Cmd::with_capacity(keys.len() + 1, bytes + 6);
+    cmd.arg("UNLINK");
+    for key in keys {
+        cmd.arg(key.as_ref());
+    }
+    cmd
+}
+
+/// Standalone: the replies of UNLINKs, summed: how many of their keys existed.
+fn removed_by(replies: Vec<Value>) -> Result<u64, CommandError> {
+    let mut removed = 0;
+    for reply in replies {
+        if let Value::Int(n) = item(reply).map_err(CommandError::Redis)? {
+            removed += u64::try_from(n).unwrap_or(0);
+        }
+    }
+    Ok(removed)
+}
+
 /// The replies of a pipeline of UNLINKs, summed: how many of its keys existed.
 fn sum_of_ints(replies: Vec<Value>) -> Result<u64, CommandError> {
     let mut removed = 0;
@@ -819,12 +873,21 @@ impl Sink for RedisSink {
         let roots = dependents::Roots::of(batch);
         // Where the cascade starts: (index of the root in the batch's dependents, its keys).
         let mut cascade = roots.keys();
-        if !keys.is_empty() {
+        // Standalone, keys that fit in one round trip ride in the tag fan-out's first one.
+        let riding = !tags.is_empty()
+            && matches!(self.backend, Backend::Single(_))
+            && keys.len().div_ceil(self.unlink_batch) <= UNLINKS_PER_ROUND;
+        if !keys.is_empty() && !riding {
             report.removed = self.unlink_keys(keys, shutdown).await?;
             report.confirmed.push((ItemKind::RedisKey, keys.len() as u64));
         }
         if !tags.is_empty() {
-            let mut fanout = self.fan_out(Sets::Tags, tags, roots.has_tags(), shutdown).await?;
+            let riders: &[String] = if riding { keys } else { &[] };
+            let (mut fanout, removed) = self.fan_out(Sets::Tags, tags, roots.has_tags(), riders, shutdown).await?;
+            if !riders.is_empty() {
+                report.removed = removed;
+                report.confirmed.push((ItemKind::RedisKey, keys.len() as u64));
+            }
             let done = fanout.confirmed();
             if done > 0 {
                 report.confirmed.push((ItemKind::RedisTag, done));
