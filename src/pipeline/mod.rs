@@ -439,7 +439,9 @@ impl Intake {
         let mut eval = Evaluation::default();
         let mut gathered: [Vec<String>; ItemKind::COUNT] = Default::default();
         let mut items: Vec<Item> = Vec::with_capacity(events.len());
-        for event in events {
+        for mut event in events {
+            // Rows decoded for other rules than these are decoded again in full.
+            crate::source::encoded::unproject(&mut event, rules.projection());
             let (ruled, dead) = match &event.decoded {
                 Err(m) => (None, Some((Reason::Malformed, m.0.clone()))),
                 Ok(Decoded::NoChange(_)) => (None, None),

@@ -89,6 +89,8 @@ mod onepass;
 #[cfg(test)]
 mod onepass_tests;
 mod placeholder;
+#[cfg(test)]
+mod projection_tests;
 mod protobuf;
 #[cfg(test)]
 mod real_tests;
@@ -104,6 +106,7 @@ use serde::de::IgnoredAny;
 use serde_json::Value;
 
 use crate::event::{ChangeEvent, Decoded, NoChange, NoChangeKind, Op, Row};
+use crate::rules::Projection;
 
 pub use avro::{AvroError, AvroSchema};
 pub use decimal::DecimalError;
@@ -160,10 +163,35 @@ pub fn decode_with(
     key: Option<&[u8]>,
     value: Option<&[u8]>,
 ) -> Result<Decoded, DecodeError> {
+    decode_keeping(placeholders, topic, key, value, None)
+}
+
+/// [`decode`] building of the row images only the columns `projection`'s rules read of the
+/// event's table (column projection: the daemon's Kafka source, `crate::source::encoded`).
+/// Rows so decoded say so ([`crate::event::Row::projection`]); everything else, errors
+/// included, is what [`decode`] gives. Only the one-pass reader (`onepass.rs`) projects: a
+/// message it leaves to the general path has whole rows.
+pub fn decode_projected(
+    topic: &str,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    projection: &Projection,
+) -> Result<Decoded, DecodeError> {
+    decode_keeping(placeholder::current(), topic, key, value, Some(projection))
+}
+
+/// [`decode_with`], keeping the columns `projection` reads (all without one).
+fn decode_keeping(
+    placeholders: &Placeholders,
+    topic: &str,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    projection: Option<&Projection>,
+) -> Result<Decoded, DecodeError> {
     if let Some(value) = value {
         confluent::reject_framed(value)?;
         if one_pass() {
-            if let Some(decoded) = onepass::decode(placeholders, topic, key, value) {
+            if let Some(decoded) = onepass::decode(placeholders, topic, key, value, projection) {
                 return decoded;
             }
         }
