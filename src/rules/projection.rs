@@ -18,7 +18,7 @@ use std::collections::HashMap;
 
 use super::glob::{Glob, TablePattern};
 use super::{Rule, TableHasher};
-use crate::event::ProjectionId;
+use crate::event::{Name, ProjectionId};
 
 /// The columns the rules of one rules load read, per table.
 #[derive(Debug)]
@@ -26,12 +26,12 @@ pub struct Projection {
     id: ProjectionId,
     /// Each table a rule names exactly → the columns read by the rules naming it and by the
     /// glob rules matching it (sorted, unique).
-    exact: HashMap<Box<str>, Box<[Box<str>]>, TableHasher>,
+    exact: HashMap<Box<str>, Box<[Name]>, TableHasher>,
     /// The glob rules' patterns, for tables no rule names exactly.
     globs: Box<[Glob]>,
     /// The columns any glob rule reads (sorted, unique): what a table only globs match keeps.
     /// More than the matching globs may read, which is safe and spares a union per event.
-    glob_columns: Box<[Box<str>]>,
+    glob_columns: Box<[Name]>,
 }
 
 impl Projection {
@@ -73,7 +73,8 @@ impl Projection {
 
     /// Every column a rule matching `table` reads, in any way, for any op (sorted, unique;
     /// perhaps more). Empty when no rule matches the table: nothing of its rows is read.
-    pub fn columns(&self, table: &str) -> &[Box<str>] {
+    /// Shared names: a decoder puts them in the rows it builds as they are.
+    pub fn columns(&self, table: &str) -> &[Name] {
         if let Some(columns) = self.exact.get(table) {
             return columns;
         }
@@ -84,10 +85,10 @@ impl Projection {
     }
 }
 
-fn sorted(mut columns: Vec<Box<str>>) -> Box<[Box<str>]> {
+fn sorted(mut columns: Vec<Box<str>>) -> Box<[Name]> {
     columns.sort_unstable();
     columns.dedup();
-    columns.into()
+    columns.iter().map(|column| Name::from(&**column)).collect()
 }
 
 impl Rule {

@@ -176,7 +176,7 @@ pub(super) fn change(
             schema::decode_logical(after, &columns.after)?;
         }
     }
-    super::finish_images(table, op, Images { before, after }, source.committed_at, super::key_row(key), strip)
+    super::finish_keyed(table, op, Images { before, after }, source.committed_at, key, strip)
         .map(|d| with_lsn(d, lsn))
 }
 

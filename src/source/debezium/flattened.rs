@@ -138,17 +138,17 @@ pub(super) fn change(
         placeholders.strip(&mut row);
         schema::decode_logical(&mut row, &columns.top)?;
     }
-    let key = if mongo {
+    if mongo {
         mongodb::normalise(&mut row);
-        mongodb::key_row(key)
-    } else {
-        super::key_row(key)
-    };
+    }
     let images = match op {
         Op::Delete => Images { before: Some(row), after: None },
         _ => Images { before: None, after: Some(row) },
     };
-    super::finish(table, op, images, committed_at, key, placeholders)
+    match mongo {
+        true => super::finish(table, op, images, committed_at, mongodb::key_row(key), placeholders),
+        false => super::finish_keyed(table, op, images, committed_at, key, Some(placeholders)),
+    }
 }
 
 /// `delete.tombstone.handling.mode=rewrite` adds `__deleted` to every row it writes (`"false"`

@@ -467,12 +467,55 @@ fn finish_images(
     key: Option<Row>,
     placeholders: Option<&Placeholders>,
 ) -> Result<Decoded, DecodeError> {
+    let images = strip(images, placeholders);
+    complete(table, op, images, committed_at, key)
+}
+
+/// [`finish_images`] with the message key as it came (`key_row` reads it): read only when
+/// it can change the outcome (issue 12, item 2). A key whose every column each image
+/// already holds, not null, fills nothing in, and is not needed but for a delete without a
+/// `before` image; the one-pass key scanner ([`onepass::key_fills_nothing`]) tells so
+/// without building it. Without the fast paths (tests) the key is always read.
+fn finish_keyed(
+    table: String,
+    op: Op,
+    images: Images,
+    committed_at: Option<SystemTime>,
+    key: Option<&[u8]>,
+    placeholders: Option<&Placeholders>,
+) -> Result<Decoded, DecodeError> {
+    let images = strip(images, placeholders);
+    // A delete without a `before` image takes the key's row as its own.
+    let row_from_key = op == Op::Delete && images.before.is_none();
+    let key = match key {
+        Some(key) if !row_from_key && one_pass() && onepass::key_fills_nothing(key, [&images.before, &images.after]) => {
+            None
+        }
+        key => key_row(key),
+    };
+    complete(table, op, images, committed_at, key)
+}
+
+/// The images without their placeholder columns (unknown, see `placeholder.rs`).
+fn strip(images: Images, placeholders: Option<&Placeholders>) -> Images {
     let Images { mut before, mut after } = images;
     if let Some(placeholders) = placeholders {
         for image in [&mut before, &mut after].into_iter().flatten() {
             placeholders.strip(image);
         }
     }
+    Images { before, after }
+}
+
+/// The rest of [`finish_images`], once placeholders are stripped.
+fn complete(
+    table: String,
+    op: Op,
+    images: Images,
+    committed_at: Option<SystemTime>,
+    key: Option<Row>,
+) -> Result<Decoded, DecodeError> {
+    let Images { mut before, mut after } = images;
     if op == Op::Truncate {
         // A truncate concerns the whole table; any image would be meaningless.
         before = None;

@@ -313,12 +313,24 @@ fn flat_row<'a>(text: &'a str, kept: Keep<'_>) -> Option<(Row, Result<Metadata, 
                 seen.push(name);
                 next
             }
-            None if kept.keeps(&name) => {
-                let (value, next) = scalar(text, at)?;
-                columns.push((shared(name), value));
-                next
-            }
-            None => skip_scalar(text, at)?,
+            None => match kept.keeps(&name) {
+                Kept::No => skip_scalar(text, at)?,
+                Kept::Read(name) => {
+                    let (value, next) = scalar(text, at)?;
+                    insert_sorted(&mut columns, name.clone(), value);
+                    next
+                }
+                Kept::Logical => {
+                    let (value, next) = scalar(text, at)?;
+                    insert_sorted(&mut columns, shared(name), value);
+                    next
+                }
+                Kept::All => {
+                    let (value, next) = scalar(text, at)?;
+                    columns.push((shared(name), value));
+                    next
+                }
+            },
         };
         match after_member(b, next)? {
             After::Next(next) => at = next,
@@ -344,6 +356,22 @@ pub(super) fn key_row(key: &[u8]) -> Option<Row> {
         Some(next)
     })?;
     Some(row)
+}
+
+/// Whether filling `images` in from the message key (`super::complete`) would change nothing:
+/// the key is an object of plain values that [`key_row`] takes, and each image present holds
+/// every one of its columns, not null. Read as [`key_row`] reads it, without building a value;
+/// `false` when it cannot tell (the key is then read into a row as before).
+pub(super) fn key_fills_nothing(key: &[u8], images: [&Option<Row>; 2]) -> bool {
+    let mut held = true;
+    let read = key_members(key, |name, text, at| {
+        // Routing metadata, never a column (`key_row`).
+        if !name.starts_with("__dbz__") {
+            held &= images.iter().copied().flatten().all(|row| row.get(name).is_some_and(|value| !value.is_null()));
+        }
+        skip_scalar(text, at)
+    });
+    read.is_some() && held
 }
 
 /// Reads a message key that is an object: `member` gets each member's name (without
@@ -403,15 +431,20 @@ fn image(
                     return None;
                 }
                 at = colon(b, next)?;
-                let next = if kept.keeps(&name) {
-                    let (value, next) = scalar(text, at)?;
-                    if let Value::String(s) = &value {
-                        *placeholder_free &= !placeholders.is_placeholder_text(s);
+                let next = match kept.keeps(&name) {
+                    Kept::No => skip_scalar(text, at)?,
+                    kept => {
+                        let (value, next) = scalar(text, at)?;
+                        if let Value::String(s) = &value {
+                            *placeholder_free &= !placeholders.is_placeholder_text(s);
+                        }
+                        match kept {
+                            Kept::Read(name) => insert_sorted(&mut columns, name.clone(), value),
+                            Kept::Logical => insert_sorted(&mut columns, shared(name), value),
+                            _ => columns.push((shared(name), value)),
+                        }
+                        next
                     }
-                    columns.push((shared(name), value));
-                    next
-                } else {
-                    skip_scalar(text, at)?
                 };
                 match after_member(b, next)? {
                     After::Next(next) => at = next,
@@ -437,6 +470,18 @@ fn column_name(text: &str, at: usize) -> Option<(Cow<'_, str>, usize)> {
     Some((Cow::Borrowed(text.get(at + 1..end - 1)?), end))
 }
 
+/// Adds a column to `columns`, kept sorted by name (a projection keeps few), the value of a
+/// name already there replaced: the last wins among duplicates, as in serde_json's map (and
+/// [`Row::from_names`] then finds them in order).
+#[inline(always)]
+fn insert_sorted(columns: &mut Vec<(Name, Value)>, name: Name, value: Value) {
+    let at = columns.partition_point(|(column, _)| **column < *name);
+    match columns.get_mut(at) {
+        Some(column) if column.0 == name => column.1 = value,
+        _ => columns.insert(at, (name, value)),
+    }
+}
+
 /// A column name as a row holds it: shared ([`event::intern`]) when it had no escapes.
 #[inline(always)]
 fn shared(name: Cow<'_, str>) -> Name {
@@ -455,8 +500,20 @@ fn shared(name: Cow<'_, str>) -> Name {
 #[derive(Clone, Copy)]
 pub(super) struct Keep<'a> {
     /// `None` for every column; else the columns the rules read (sorted) and whose they are.
-    read: Option<(&'a [Box<str>], ProjectionId)>,
+    read: Option<(&'a [Name], ProjectionId)>,
     logical: &'a [LogicalColumn],
+}
+
+/// Whether [`Keep`] keeps a column, and how a row collects it: every column in the message's
+/// order ([`Kept::All`], sorted once at the end), or a projection's few sorted as they come
+/// ([`insert_sorted`]).
+enum Kept<'a> {
+    No,
+    All,
+    /// A column the rules read, by the projection's own name (shared without a lookup).
+    Read(&'a Name),
+    /// A decimal or temporal column the rules do not read.
+    Logical,
 }
 
 impl<'a> Keep<'a> {
@@ -464,7 +521,7 @@ impl<'a> Keep<'a> {
     const ALL: Keep<'static> = Keep { read: None, logical: &[] };
 
     /// The columns `read` says the rules read, if given (else all), and `logical`'s.
-    fn new(read: Option<(&'a Projection, &'a [Box<str>])>, logical: Option<&'a Vec<LogicalColumn>>) -> Keep<'a> {
+    fn new(read: Option<(&'a Projection, &'a [Name])>, logical: Option<&'a Vec<LogicalColumn>>) -> Keep<'a> {
         Keep {
             read: read.map(|(projection, columns)| (columns, projection.id())),
             logical: logical.map_or(&[], Vec::as_slice),
@@ -472,9 +529,15 @@ impl<'a> Keep<'a> {
     }
 
     #[inline(always)]
-    fn keeps(&self, name: &str) -> bool {
-        let Some((read, _)) = self.read else { return true };
-        read.iter().any(|column| **column == *name) || self.logical.iter().any(|column| column.name() == name)
+    fn keeps(&self, name: &str) -> Kept<'a> {
+        let Some((read, _)) = self.read else { return Kept::All };
+        if let Some(column) = read.iter().find(|column| ***column == *name) {
+            return Kept::Read(column);
+        }
+        match self.logical.iter().any(|column| column.name() == name) {
+            true => Kept::Logical,
+            false => Kept::No,
+        }
     }
 
     /// Whether a row built with `self` holds every column `needed` keeps (the same logical
@@ -509,10 +572,10 @@ impl<'a> Keep<'a> {
 /// The columns the rules read of `table`'s rows, given those of `guessed` (`read`): looked up
 /// again only when the table is not the one guessed.
 fn again<'a>(
-    read: Option<(&'a Projection, &'a [Box<str>])>,
+    read: Option<(&'a Projection, &'a [Name])>,
     guessed: &str,
     table: &str,
-) -> Option<(&'a Projection, &'a [Box<str>])> {
+) -> Option<(&'a Projection, &'a [Name])> {
     let (projection, columns) = read?;
     Some((projection, if table == guessed { columns } else { projection.columns(table) }))
 }

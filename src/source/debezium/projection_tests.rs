@@ -448,3 +448,42 @@ rules:
     got.dedup();
     assert_eq!(got, expected);
 }
+
+/// Columns the rules read and decimal or temporal columns they do not, repeated and in every
+/// order, in envelopes and flattened rows with a schema: the last of each name wins, with a
+/// projection as without, and the decimal columns fail as they do without.
+#[test]
+fn debezium_projection_repeated_columns_beside_logical_ones() {
+    let schema = r#"{"type":"struct","fields":[{"type":"bytes","optional":true,"name":"org.apache.kafka.connect.data.Decimal","version":1,"parameters":{"scale":"2"},"field":"price"},{"type":"int32","name":"io.debezium.time.Date","field":"day"}]}"#;
+    let envelope_schema = format!(
+        r#"{{"type":"struct","fields":[{{"type":"struct","field":"before","fields":{f}}},{{"type":"struct","field":"after","fields":{f}}}]}}"#,
+        f = r#"[{"type":"bytes","optional":true,"name":"org.apache.kafka.connect.data.Decimal","version":1,"parameters":{"scale":"2"},"field":"price"},{"type":"int32","name":"io.debezium.time.Date","field":"day"}]"#
+    );
+    let rows = [
+        r#""id":1,"price":"AfQ=","id":2,"day":19000,"category_id":3"#,
+        r#""price":"AfQ=","id":1,"day":1,"day":19000,"id":2,"category_id":3,"category_id":4"#,
+        r#""day":19000,"category_id":3,"price":"!!","id":2"#,
+        r#""category_id":null,"price":"AfQ=","id":"__debezium_unavailable_value","price":"AfQ=","id":5"#,
+        r#""zz":1,"price":"AfQ=","a":2,"id":7,"day":3,"category_id":8,"b":"x""#,
+    ];
+    let placeholders = Placeholders::new(None);
+    let mut projected = 0;
+    for row in rows {
+        let flat = format!(r#"{{"schema":{schema},"payload":{{{row},"__op":"u","__table":"products","__schema":"public"}}}}"#);
+        let envelope = format!(
+            r#"{{"schema":{envelope_schema},"payload":{{"before":{{{row}}},"after":{{{row}}},"source":{{"schema":"public","table":"products"}},"op":"u"}}}}"#
+        );
+        for (topic, key) in [("shop.public.products", None), ("other.topic", Some(&br#"{"id":9}"#[..]))] {
+            for value in [&flat, &envelope] {
+                // The first whole decode caches the schema, which the one-pass reader needs.
+                let whole = super::decode_with(&placeholders, topic, key, Some(value.as_bytes()));
+                let whole_again = super::decode_with(&placeholders, topic, key, Some(value.as_bytes()));
+                assert_eq!(whole, whole_again);
+                assert_eq!(super::decode_general(&placeholders, topic, key, Some(value.as_bytes())), whole);
+                assert!(onepass::decode(&placeholders, topic, key, value.as_bytes(), None).is_some(), "{value}");
+                projected += same_projected(&placeholders, topic, key, value.as_bytes(), &whole);
+            }
+        }
+    }
+    assert!(projected >= 20, "{projected}");
+}
