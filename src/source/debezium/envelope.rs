@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use super::json::{self, Kind, Slot, SourceFields};
 use super::schema::{self, LogicalColumns};
 use super::{mongodb, DecodeError, Images, Message, Placeholders};
-use crate::event::{ChangeEvent, Decoded, NoChangeKind, Op};
+use crate::event::{ChangeEvent, Decoded, Name, NoChangeKind, Op};
 
 pub(super) fn decode(
     topic: &str,
@@ -51,7 +51,7 @@ pub(super) fn decode(
     };
     let before = fields.take("before");
     let after = fields.take("after");
-    change(heading, RawImages { before, after, placeholder_free: false }, logical, key, placeholders)
+    change(heading, RawImages { before, after, placeholder_free: false, read: None }, logical, key, placeholders)
 }
 
 /// What an envelope says before its images are looked at: a row change's op, source block
@@ -107,6 +107,9 @@ pub(super) struct RawImages<'a> {
     /// Known to hold no placeholder value (the one-pass reader checks every value it builds),
     /// so that stripping them would change nothing.
     pub(super) placeholder_free: bool,
+    /// When the images hold only the columns rules read (a projection, `onepass.rs`): those
+    /// columns (`super::finish_keyed`).
+    pub(super) read: Option<&'a [Name]>,
 }
 
 /// What `op` says: a row change, or (`m`, a logical decoding message) the event itself.
@@ -176,7 +179,7 @@ pub(super) fn change(
             schema::decode_logical(after, &columns.after)?;
         }
     }
-    super::finish_keyed(table, op, Images { before, after }, source.committed_at, key, strip)
+    super::finish_keyed(table, op, Images { before, after }, source.committed_at, key, strip, images.read)
         .map(|d| with_lsn(d, lsn))
 }
 

@@ -19,7 +19,7 @@ use serde_json::Value;
 use super::json::{self, kind_of};
 use super::schema::LogicalColumns;
 use super::{mongodb, schema, DecodeError, Images, Message, Placeholders};
-use crate::event::{Decoded, NoChangeKind, Op, Row};
+use crate::event::{Decoded, Name, NoChangeKind, Op, Row};
 
 /// Decodes a flattened row.
 ///
@@ -61,7 +61,7 @@ pub(super) fn decode_row(
     placeholders: &Placeholders,
 ) -> Result<Decoded, DecodeError> {
     match heading(topic, meta, logical)? {
-        Ok(heading) => change(heading, row, logical, key, placeholders),
+        Ok(heading) => change(heading, row, logical, key, placeholders, None),
         Err(message) => Ok(message),
     }
 }
@@ -123,13 +123,15 @@ impl Heading {
     }
 }
 
-/// The change event of a flattened row, from its [`heading`] and its columns.
+/// The change event of a flattened row, from its [`heading`] and its columns; `read`: the
+/// columns rules read, when the row holds only those (a projection, `onepass.rs`).
 pub(super) fn change(
     heading: Heading,
     mut row: Row,
     logical: Option<&LogicalColumns>,
     key: Option<&[u8]>,
     placeholders: &Placeholders,
+    read: Option<&[Name]>,
 ) -> Result<Decoded, DecodeError> {
     let Heading { op, table, committed_at, mongo } = heading;
     if let Some(columns) = logical {
@@ -147,7 +149,7 @@ pub(super) fn change(
     };
     match mongo {
         true => super::finish(table, op, images, committed_at, mongodb::key_row(key), placeholders),
-        false => super::finish_keyed(table, op, images, committed_at, key, Some(placeholders)),
+        false => super::finish_keyed(table, op, images, committed_at, key, Some(placeholders), read),
     }
 }
 

@@ -472,10 +472,13 @@ fn finish_images(
 }
 
 /// [`finish_images`] with the message key as it came (`key_row` reads it): read only when
-/// it can change the outcome (issue 12, item 2). A key whose every column each image
-/// already holds, not null, fills nothing in, and is not needed but for a delete without a
-/// `before` image; the one-pass key scanner ([`onepass::key_fills_nothing`]) tells so
-/// without building it. Without the fast paths (tests) the key is always read.
+/// it can change the outcome (issue 12, item 2). The key is needed by a delete without a
+/// `before` image (it becomes that image); otherwise it only fills in the images' key columns
+/// that are absent or null. So it is not read when each image holds every column of the key,
+/// not null (the one-pass key scanner, [`onepass::key_fills_nothing`], tells so without
+/// building it), nor, when the images hold only the columns rules read (`read`, column
+/// projection), when they hold each of those, not null: whatever the key filled in, the rules
+/// would not read. Without the fast paths (tests) the key is always read.
 fn finish_keyed(
     table: String,
     op: Op,
@@ -483,14 +486,20 @@ fn finish_keyed(
     committed_at: Option<SystemTime>,
     key: Option<&[u8]>,
     placeholders: Option<&Placeholders>,
+    read: Option<&[crate::event::Name]>,
 ) -> Result<Decoded, DecodeError> {
     let images = strip(images, placeholders);
-    // A delete without a `before` image takes the key's row as its own.
-    let row_from_key = op == Op::Delete && images.before.is_none();
+    let present = [&images.before, &images.after];
+    // A delete without a `before` image takes the key's row as that image.
+    let takes_key_row = op == Op::Delete && images.before.is_none();
+    let holds = |column: &str| {
+        present.iter().copied().flatten().all(|row| row.get(column).is_some_and(|value| !value.is_null()))
+    };
+    let fills_nothing = |key: &[u8]| {
+        read.is_some_and(|read| read.iter().all(|column| holds(column))) || onepass::key_fills_nothing(key, present)
+    };
     let key = match key {
-        Some(key) if !row_from_key && one_pass() && onepass::key_fills_nothing(key, [&images.before, &images.after]) => {
-            None
-        }
+        Some(bytes) if !takes_key_row && one_pass() && fills_nothing(bytes) => None,
         key => key_row(key),
     };
     complete(table, op, images, committed_at, key)
@@ -644,6 +653,16 @@ fn commit_time(ns: Option<&str>, us: Option<&str>, ms: Option<&str>) -> Option<S
 
 /// An integer count of `unit` nanoseconds since the Unix epoch, as a time.
 fn epoch_time(count: i64, unit: i128) -> Option<SystemTime> {
+    // Every event's commit time: a count after the epoch, of a unit that divides a second,
+    // is split without the 128-bit division below (the same seconds and nanoseconds).
+    if let (Ok(count), Ok(unit)) = (u64::try_from(count), u64::try_from(unit)) {
+        if unit > 0 && 1_000_000_000 % unit == 0 {
+            let per_second = 1_000_000_000 / unit;
+            // The remainder is below `per_second`, so this is below 10^9 and fits.
+            let duration = Duration::new(count / per_second, ((count % per_second) * unit) as u32);
+            return SystemTime::UNIX_EPOCH.checked_add(duration);
+        }
+    }
     let nanos = i128::from(count) * unit;
     let magnitude = nanos.unsigned_abs();
     let secs = u64::try_from(magnitude / 1_000_000_000).ok()?;
