@@ -492,17 +492,28 @@ fn finish_keyed(
     let present = [&images.before, &images.after];
     // A delete without a `before` image takes the key's row as that image.
     let takes_key_row = op == Op::Delete && images.before.is_none();
-    let holds = |column: &str| {
-        present.iter().copied().flatten().all(|row| row.get(column).is_some_and(|value| !value.is_null()))
-    };
     let fills_nothing = |key: &[u8]| {
-        read.is_some_and(|read| read.iter().all(|column| holds(column))) || onepass::key_fills_nothing(key, present)
+        read.is_some_and(|read| present.iter().copied().flatten().all(|row| holds_all(row, read)))
+            || onepass::key_fills_nothing(key, present)
     };
     let key = match key {
         Some(bytes) if !takes_key_row && one_pass() && fills_nothing(bytes) => None,
         key => key_row(key),
     };
     complete(table, op, images, committed_at, key)
+}
+
+/// Whether `row` holds each of `columns` (sorted, unique, as [`crate::rules::Projection`]
+/// gives them), none null: one walk over both, in order.
+fn holds_all(row: &Row, columns: &[crate::event::Name]) -> bool {
+    let mut entries = row.iter();
+    columns.iter().all(|column| loop {
+        match entries.next() {
+            Some((name, value)) if name == &**column => break !value.is_null(),
+            Some((name, _)) if name < &**column => {}
+            _ => break false,
+        }
+    })
 }
 
 /// The images without their placeholder columns (unknown, see `placeholder.rs`).
