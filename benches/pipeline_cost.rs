@@ -36,7 +36,7 @@ use cdc_invalidator::app;
 use cdc_invalidator::config::{self, KafkaFormat};
 use cdc_invalidator::dead_letter::DeadLetters;
 use cdc_invalidator::pipeline::Pipeline;
-use cdc_invalidator::rules::Rules;
+use cdc_invalidator::rules::{Projection, Rules};
 use cdc_invalidator::shutdown;
 use cdc_invalidator::source::encoded::{Codec, Resolved};
 use cdc_invalidator::source::{Ack, Finished, Position, RawMessage, SourceEvent};
@@ -100,6 +100,8 @@ fn main() {
     );
     let config = config::load_with_env(&path, []).expect("bench config");
     let rules = Rules::from_file(&config.rules).expect("bench rules");
+    // The source decodes the columns the running rules read (`Codec::projection`).
+    let projection = rules.projection().clone();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let metrics = Arc::new(Metrics::new());
     let pipeline = runtime.block_on(async {
@@ -114,7 +116,7 @@ fn main() {
     });
 
     let started = Instant::now();
-    let acked = measured(&runtime, pipeline, &messages);
+    let acked = measured(&runtime, pipeline, &messages, &projection);
     let secs = started.elapsed().as_secs_f64();
     println!(
         "pipeline_cost: {acked} of {total} events acknowledged in {secs:.2} s ({:.0} events/s on one thread; count instructions with callgrind instead)",
@@ -126,7 +128,12 @@ fn main() {
 /// Feeds every message through decoding into the pipeline, as the Kafka source does, and runs
 /// the pipeline until every event is acknowledged. Returns the number of acknowledgements.
 #[inline(never)]
-fn measured(runtime: &tokio::runtime::Runtime, pipeline: Pipeline, messages: &[Message]) -> usize {
+fn measured(
+    runtime: &tokio::runtime::Runtime,
+    pipeline: Pipeline,
+    messages: &[Message],
+    projection: &Projection,
+) -> usize {
     runtime.block_on(async {
         let (trigger, shutdown) = shutdown::channel();
         let capacity = 4096;
@@ -139,7 +146,7 @@ fn measured(runtime: &tokio::runtime::Runtime, pipeline: Pipeline, messages: &[M
         for m in messages {
             // What the source does per message (src/source/kafka/mod.rs, `to_event`).
             let decoded = codec
-                .decode(&Resolved::plain(), &topic, Some(&m.key), Some(&m.value))
+                .decode_projected(&Resolved::plain(), &topic, Some(&m.key), Some(&m.value), Some(projection))
                 .map_err(cdc_invalidator::source::Malformed);
             let event = SourceEvent {
                 position: Position::Kafka { topic: topic.clone(), partition: m.partition, offset: m.offset },

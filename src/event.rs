@@ -32,10 +32,34 @@ use serde_json::{Map, Value};
 /// and freed without a B-tree's nodes.
 /// Column names are shared [`Name`]s: the decoders take them from a small per-thread cache
 /// ([`intern`]), so the rows of a table do not allocate (nor free) a name each.
+///
+/// A row is the whole image as the source sent it, unless it says it was decoded for a
+/// projection ([`Row::projection`]): the Kafka source decodes only the columns the running
+/// rules read (issue 12, item 2), and such a row holds only those (and the key's).
 #[derive(Clone, Default, PartialEq)]
 pub struct Row {
     /// Sorted by name (as `str`s compare, a `BTreeMap<String, _>`'s order), names unique.
     entries: Vec<(Name, Value)>,
+    /// `None` for a whole image; else the projection whose columns it was decoded with: it
+    /// holds every column of the image that projection's rules read, and maybe others, but
+    /// not all (`crate::rules::Projection`).
+    projection: Option<ProjectionId>,
+}
+
+/// Which rules' projection (`crate::rules::Projection`) a [`Row`] was decoded for: one number
+/// per rules load in the process, never reused, so a row decoded for other rules than the
+/// running ones is told apart by one comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProjectionId(std::num::NonZeroU64);
+
+impl ProjectionId {
+    /// A number no other projection of this process has.
+    pub fn unique() -> ProjectionId {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Starts at 1 and would take centuries of reloads a nanosecond apart to wrap.
+        ProjectionId(std::num::NonZeroU64::new(n).unwrap_or(std::num::NonZeroU64::MIN))
+    }
 }
 
 /// A column name, shared between the rows that hold it.
@@ -79,11 +103,22 @@ fn slot_of(name: &[u8]) -> usize {
 
 impl Row {
     pub fn new() -> Row {
-        Row { entries: Vec::new() }
+        Row { entries: Vec::new(), projection: None }
     }
 
     pub fn with_capacity(capacity: usize) -> Row {
-        Row { entries: Vec::with_capacity(capacity) }
+        Row { entries: Vec::with_capacity(capacity), projection: None }
+    }
+
+    /// `None` for a whole image; else the projection it was decoded for (see [`Row`]).
+    pub fn projection(&self) -> Option<ProjectionId> {
+        self.projection
+    }
+
+    /// Says the row holds only the columns `projection` keeps (a decoder's word).
+    pub(crate) fn decoded_for(mut self, projection: ProjectionId) -> Row {
+        self.projection = Some(projection);
+        self
     }
 
     /// The row of `entries` in any order: sorted once (O(n log n); nothing to do when already
@@ -107,7 +142,7 @@ impl Row {
                 same
             });
         }
-        Row { entries }
+        Row { entries, projection: None }
     }
 
     fn find<Q>(&self, name: &Q) -> Result<usize, usize>
@@ -355,14 +390,15 @@ impl Extend<(String, Value)> for Row {
     fn extend<I: IntoIterator<Item = (String, Value)>>(&mut self, iter: I) {
         let mut entries = std::mem::take(&mut self.entries);
         entries.extend(iter.into_iter().map(|(name, value)| (intern(&name), value)));
-        *self = Row::from_names(entries);
+        let projection = self.projection;
+        *self = Row { projection, ..Row::from_names(entries) };
     }
 }
 
 impl From<Map<String, Value>> for Row {
     fn from(map: Map<String, Value>) -> Row {
         // A `BTreeMap`'s order, names unique: nothing to sort.
-        Row { entries: map.into_iter().map(|(name, value)| (intern(&name), value)).collect() }
+        Row { entries: map.into_iter().map(|(name, value)| (intern(&name), value)).collect(), projection: None }
     }
 }
 

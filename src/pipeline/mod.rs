@@ -443,6 +443,8 @@ impl Intake {
         // 200 instructions per event (benches/pipeline_cost.rs).
         let mut items: Vec<Item> = events.into_iter().map(|event| Item { event, ruled: None, dead: None }).collect();
         for item in &mut items {
+            // Rows decoded for other rules than these are decoded again in full.
+            crate::source::encoded::unproject(&mut item.event, rules.projection());
             let event = &item.event;
             let (ruled, dead) = match &event.decoded {
                 Err(m) => (None, Some((Reason::Malformed, m.0.clone()))),

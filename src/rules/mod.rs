@@ -89,6 +89,7 @@ use crate::sink::{Invalidations, ItemKind};
 
 mod glob;
 mod parse;
+mod projection;
 pub mod reload;
 mod template;
 #[cfg(test)]
@@ -97,6 +98,7 @@ mod tests;
 mod tests_more_ways;
 
 use glob::TablePattern;
+pub use projection::Projection;
 pub(crate) use template::HashTag;
 use template::{Template, Unrenderable, Var, Why};
 
@@ -113,6 +115,8 @@ pub struct Rules {
     hash: u64,
     /// What `check` points out without refusing the file (`allow_full_scan: true`).
     notices: Vec<Problem>,
+    /// The columns these rules read, per table: what the Kafka source decodes.
+    projection: Arc<Projection>,
 }
 
 /// One checked rule.
@@ -214,7 +218,8 @@ impl Rules {
                 TablePattern::Glob(_) => globs.push(i),
             }
         }
-        Ok(Rules { rules, by_table, globs, hash: crate::fnv::hash(text.as_bytes()), notices })
+        let projection = Arc::new(Projection::of(&rules));
+        Ok(Rules { rules, by_table, globs, hash: crate::fnv::hash(text.as_bytes()), notices, projection })
     }
 
     /// What `event` asks to invalidate.
@@ -266,6 +271,11 @@ impl Rules {
             Some(TablePattern::Glob(glob)) => glob.matches(table),
             _ => false,
         }
+    }
+
+    /// The columns these rules read of each table's rows (`projection.rs`).
+    pub fn projection(&self) -> &Arc<Projection> {
+        &self.projection
     }
 
     /// What `check` reports about valid rules: each `allow_full_scan: true`, with its place.

@@ -9,16 +9,23 @@
 
 use std::sync::Arc;
 
+use tokio::sync::watch;
+
 use crate::config::{KafkaConfig, KafkaFormat};
-use crate::event::Decoded;
+use crate::event::{Decoded, Row};
+use crate::rules::{Projection, Rules};
 use crate::shutdown::Shutdown;
 use crate::source::debezium;
 use crate::source::registry::{framed, Probe, RegisteredSchema, Registry, RegistryError};
+use crate::source::{Malformed, SourceEvent};
 use crate::telemetry::Metrics;
 
 pub struct Codec {
     format: KafkaFormat,
     registry: Option<Arc<Registry>>,
+    /// The running rules, when the codec decodes only the columns they read (the daemon's
+    /// Kafka source with the `json` format: [`Codec::projection`]).
+    rules: Option<watch::Receiver<Arc<Rules>>>,
 }
 
 /// What the registry said about one part (key or value) of a message.
@@ -54,7 +61,7 @@ impl Codec {
             }
             _ => None,
         };
-        Ok(Codec { format: config.format, registry })
+        Ok(Codec { format: config.format, registry, rules: config.rules.clone() })
     }
 
     /// The start-up check of the registry (none for the `json` format). Credentials the
@@ -94,7 +101,20 @@ impl Codec {
 
     /// A codec on a given registry (for `explain` and tests).
     pub fn with_registry(format: KafkaFormat, registry: Option<Arc<Registry>>) -> Codec {
-        Codec { format, registry }
+        Codec { format, registry, rules: None }
+    }
+
+    /// The columns to decode now ([`Codec::decode_projected`]): those the running rules read,
+    /// when the codec follows them and the format is `json`; `None` for whole rows. Looked up
+    /// once per burst of messages (a lock), not per message.
+    ///
+    /// Only the `json` format projects: its messages are decoded as they came, so that the
+    /// pipeline can decode one again in full from its raw copy ([`unproject`]); an Avro or
+    /// Protobuf message is decoded through its schema, and its key may be too.
+    pub fn projection(&self) -> Option<Arc<Projection>> {
+        let rules = self.rules.as_ref().filter(|_| self.format == KafkaFormat::Json)?;
+        let projection = rules.borrow().projection().clone();
+        Some(projection)
     }
 
     /// Fetches the schemas the message's key and value name. `None` when `shutdown` stopped
@@ -132,6 +152,24 @@ impl Codec {
         }
         let [key, value] = parts;
         Resolved { key, value }
+    }
+
+    /// [`Codec::decode`], the row images holding only the columns `projection` keeps when it
+    /// is given and the format is `json` (`debezium::decode_projected`).
+    pub fn decode_projected(
+        &self,
+        resolved: &Resolved,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        projection: Option<&Projection>,
+    ) -> Result<Decoded, String> {
+        match projection {
+            Some(projection) if self.format == KafkaFormat::Json => {
+                debezium::decode_projected(topic, key, value, projection).map_err(|e| e.to_string())
+            }
+            _ => self.decode(resolved, topic, key, value),
+        }
     }
 
     /// Decodes the message; the error is the dead letter's reason.
@@ -180,6 +218,31 @@ impl Codec {
         };
         debezium::decode(topic, key_json.as_deref(), value_json.as_deref()).map_err(|e| e.to_string())
     }
+}
+
+/// Makes sure `event` can be evaluated by the rules whose projection is `projection`: an event
+/// whose rows were decoded for another rules load (one a reload replaced, or one loaded since,
+/// while the event waited in the queue) may lack a column these rules read, so it is decoded
+/// again from its raw message, with whole rows, as the `json` format decodes it (the only one
+/// that projects: [`Codec::projection`]). The outcome is the one the codec would have given
+/// without a projection. An event with whole rows, or rows decoded for these very rules, is
+/// left alone (two comparisons).
+pub fn unproject(event: &mut SourceEvent, projection: &Projection) {
+    let Ok(Decoded::Change(change)) = &event.decoded else { return };
+    let other = |row: &Option<Row>| row.as_ref().and_then(Row::projection).is_some_and(|id| id != projection.id());
+    if !(other(&change.before) || other(&change.after)) {
+        return;
+    }
+    let raw = &event.raw;
+    event.decoded = match raw.topic.as_deref() {
+        Some(topic) => {
+            debezium::decode(topic, raw.key.as_deref(), raw.value.as_deref()).map_err(|e| Malformed(e.to_string()))
+        }
+        // Never so: only the Kafka source projects, and it keeps every message it decodes.
+        None => Err(Malformed(
+            "the message was decoded for other rules and cannot be decoded again: its raw copy names no topic".into(),
+        )),
+    };
 }
 
 /// `check --against-registry`: the start-up check of `run`, once, as a verdict. Exit 0 when the

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use super::json::{self, Kind, Slot, SourceFields};
 use super::schema::{self, LogicalColumns};
 use super::{mongodb, DecodeError, Images, Message, Placeholders};
-use crate::event::{ChangeEvent, Decoded, NoChangeKind, Op};
+use crate::event::{ChangeEvent, Decoded, Name, NoChangeKind, Op};
 
 pub(super) fn decode(
     topic: &str,
@@ -45,34 +45,59 @@ pub(super) fn decode(
             &parsed
         }
     };
-    let source = Source::read(source)?;
-    let op = match operation(&op_code, &source)? {
-        Ok(op) => op,
+    let heading = match heading(topic, &op_code, source)? {
+        Ok(heading) => heading,
         Err(message) => return Ok(message),
     };
     let before = fields.take("before");
     let after = fields.take("after");
-    change(topic, op, source, RawImages { before, after, placeholder_free: false }, logical, key, placeholders)
+    change(heading, RawImages { before, after, placeholder_free: false, read: None }, logical, key, placeholders)
 }
 
-/// [`decode`] of an envelope read in one pass (`onepass.rs`): its `op` (a string), its
-/// `source` block and its `before` and `after` (parsed, when present). Every step after the
-/// reading is [`decode`]'s own, so the outcome is the one of the general path.
-pub(super) fn decode_read(
+/// What an envelope says before its images are looked at: a row change's op, source block
+/// and table (`Ok`), or (`Err`) the event itself when it is not a row change (`op: m`).
+/// [`decode`] and the one-pass reader (`onepass.rs`) both go through it and then
+/// [`change`], so every outcome of the one-pass reader is the general path's; the one-pass
+/// reader looks at the table in between, to know which columns of the images it needs.
+pub(super) fn heading<'a>(
     topic: &str,
     op_code: &str,
-    source: &SourceFields<'_>,
-    images: RawImages<'_>,
-    logical: Option<Rc<LogicalColumns>>,
-    key: Option<&[u8]>,
-    placeholders: &Placeholders,
-) -> Result<Decoded, DecodeError> {
-    let source = Source::read(source)?;
+    fields: &SourceFields<'a>,
+) -> Result<Result<Heading<'a>, Decoded>, DecodeError> {
+    let source = Source::read(fields)?;
     let op = match operation(op_code, &source)? {
         Ok(op) => op,
-        Err(message) => return Ok(message),
+        Err(message) => return Ok(Err(message)),
     };
-    change(topic, op, source, images, logical, key, placeholders)
+    // MongoDB names a collection where relational connectors name a table (`mongodb.rs`).
+    let table = match &source.collection {
+        Some(collection) => super::table_name(source.db.as_deref(), Some(collection), topic)?,
+        None => super::table_name(source.qualifier(), source.table.as_deref(), topic)?,
+    };
+    Ok(Ok(Heading { op, source, table }))
+}
+
+/// A row change as its envelope's [`heading`] says.
+pub(super) struct Heading<'a> {
+    op: Op,
+    source: Source<'a>,
+    table: String,
+}
+
+impl Heading<'_> {
+    pub(super) fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Whether the event's images are read at all (a truncate's are dropped).
+    pub(super) fn has_images(&self) -> bool {
+        self.op != Op::Truncate
+    }
+
+    /// A MongoDB event: its images are documents in extended JSON (`mongodb.rs`).
+    pub(super) fn is_mongodb(&self) -> bool {
+        self.source.collection.is_some()
+    }
 }
 
 /// The row images as read, not yet checked: `None` when the field is absent.
@@ -82,6 +107,9 @@ pub(super) struct RawImages<'a> {
     /// Known to hold no placeholder value (the one-pass reader checks every value it builds),
     /// so that stripping them would change nothing.
     pub(super) placeholder_free: bool,
+    /// When the images hold only the columns rules read (a projection, `onepass.rs`): those
+    /// columns (`super::finish_keyed`).
+    pub(super) read: Option<&'a [Name]>,
 }
 
 /// What `op` says: a row change, or (`m`, a logical decoding message) the event itself.
@@ -106,23 +134,17 @@ fn operation(code: &str, source: &Source<'_>) -> Result<Result<Op, Decoded>, Dec
     }))
 }
 
-/// The change event of a row change `op`.
-fn change(
-    topic: &str,
-    op: Op,
-    source: Source<'_>,
+/// The change event of a row change, from its [`heading`] and its images.
+pub(super) fn change(
+    heading: Heading<'_>,
     images: RawImages<'_>,
     logical: Option<Rc<LogicalColumns>>,
     key: Option<&[u8]>,
     placeholders: &Placeholders,
 ) -> Result<Decoded, DecodeError> {
+    let mongo = heading.is_mongodb();
+    let Heading { op, source, table } = heading;
     let lsn = source.lsn;
-    // MongoDB names a collection where relational connectors name a table (`mongodb.rs`).
-    let mongo = source.collection.is_some();
-    let table = match &source.collection {
-        Some(collection) => super::table_name(source.db.as_deref(), Some(collection), topic)?,
-        None => super::table_name(source.qualifier(), source.table.as_deref(), topic)?,
-    };
     if op == Op::Truncate {
         let images = Images { before: None, after: None };
         return super::finish(table, op, images, source.committed_at, None, placeholders).map(|d| with_lsn(d, lsn));
@@ -157,7 +179,7 @@ fn change(
             schema::decode_logical(after, &columns.after)?;
         }
     }
-    super::finish_images(table, op, Images { before, after }, source.committed_at, super::key_row(key), strip)
+    super::finish_keyed(table, op, Images { before, after }, source.committed_at, key, strip, images.read)
         .map(|d| with_lsn(d, lsn))
 }
 

@@ -12,13 +12,14 @@
 //! read, the others dropped.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
 
 use serde_json::Value;
 
 use super::json::{self, kind_of};
 use super::schema::LogicalColumns;
 use super::{mongodb, schema, DecodeError, Images, Message, Placeholders};
-use crate::event::{Decoded, NoChangeKind, Op, Row};
+use crate::event::{Decoded, Name, NoChangeKind, Op, Row};
 
 /// Decodes a flattened row.
 ///
@@ -50,15 +51,29 @@ pub(super) fn decode(
 
 /// [`decode`] once the message is read: `row` is its columns, `meta` what its `__` fields
 /// said and `logical` what its schema envelope's schema says (the one-pass reader,
-/// `onepass.rs`, builds these too).
+/// `onepass.rs`, builds these too, and goes through [`heading`] and [`change`] itself).
 pub(super) fn decode_row(
     topic: &str,
-    mut row: Row,
+    row: Row,
     meta: Metadata,
     logical: Option<&LogicalColumns>,
     key: Option<&[u8]>,
     placeholders: &Placeholders,
 ) -> Result<Decoded, DecodeError> {
+    match heading(topic, meta, logical)? {
+        Ok(heading) => change(heading, row, logical, key, placeholders, None),
+        Err(message) => Ok(message),
+    }
+}
+
+/// What a flattened row's `__` fields (and its topic) say before its columns are looked at:
+/// a row change's op, table and commit time (`Ok`), or (`Err`) the event itself when it is
+/// not a row change (`__op: m`).
+pub(super) fn heading(
+    topic: &str,
+    meta: Metadata,
+    logical: Option<&LogicalColumns>,
+) -> Result<Result<Heading, Decoded>, DecodeError> {
     let Metadata { op: op_code, table, schema: schema_name, db, deleted, deleted_field, collection, .. } = meta;
     let mongo = collection.is_some();
     if !deleted_field && !mongo && logical.is_none() {
@@ -80,30 +95,62 @@ pub(super) fn decode_row(
             Some("d") => Op::Delete,
             Some("r") => Op::Snapshot,
             Some("t") => Op::Truncate,
-            Some("m") => return Ok(super::no_change(NoChangeKind::Other, None, committed_at)),
+            Some("m") => return Ok(Err(super::no_change(NoChangeKind::Other, None, committed_at))),
             Some(other) => return Err(DecodeError::UnknownOp { field: "__op", value: other.to_owned() }),
         }
     };
     let qualifier = schema_name.as_deref().filter(|s| !s.is_empty()).or(db.as_deref());
     let table = super::table_name(qualifier, table.as_deref(), topic)?;
+    Ok(Ok(Heading { op, table, committed_at, mongo }))
+}
 
+/// A flattened row change as its [`heading`] says.
+pub(super) struct Heading {
+    op: Op,
+    table: String,
+    committed_at: Option<SystemTime>,
+    /// MongoDB's `ExtractNewDocumentState` (a `__collection`): values in extended JSON.
+    mongo: bool,
+}
+
+impl Heading {
+    pub(super) fn table(&self) -> &str {
+        &self.table
+    }
+
+    pub(super) fn is_mongodb(&self) -> bool {
+        self.mongo
+    }
+}
+
+/// The change event of a flattened row, from its [`heading`] and its columns; `read`: the
+/// columns rules read, when the row holds only those (a projection, `onepass.rs`).
+pub(super) fn change(
+    heading: Heading,
+    mut row: Row,
+    logical: Option<&LogicalColumns>,
+    key: Option<&[u8]>,
+    placeholders: &Placeholders,
+    read: Option<&[Name]>,
+) -> Result<Decoded, DecodeError> {
+    let Heading { op, table, committed_at, mongo } = heading;
     if let Some(columns) = logical {
         // Placeholders first: the base64 placeholder in a Connect Decimal column would
         // otherwise decode to a plausible number.
         placeholders.strip(&mut row);
         schema::decode_logical(&mut row, &columns.top)?;
     }
-    let key = if mongo {
+    if mongo {
         mongodb::normalise(&mut row);
-        mongodb::key_row(key)
-    } else {
-        super::key_row(key)
-    };
+    }
     let images = match op {
         Op::Delete => Images { before: Some(row), after: None },
         _ => Images { before: None, after: Some(row) },
     };
-    super::finish(table, op, images, committed_at, key, placeholders)
+    match mongo {
+        true => super::finish(table, op, images, committed_at, mongodb::key_row(key), placeholders),
+        false => super::finish_keyed(table, op, images, committed_at, key, Some(placeholders), read),
+    }
 }
 
 /// `delete.tombstone.handling.mode=rewrite` adds `__deleted` to every row it writes (`"false"`

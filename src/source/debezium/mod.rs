@@ -89,6 +89,8 @@ mod onepass;
 #[cfg(test)]
 mod onepass_tests;
 mod placeholder;
+#[cfg(test)]
+mod projection_tests;
 mod protobuf;
 #[cfg(test)]
 mod real_tests;
@@ -104,6 +106,7 @@ use serde::de::IgnoredAny;
 use serde_json::Value;
 
 use crate::event::{ChangeEvent, Decoded, NoChange, NoChangeKind, Op, Row};
+use crate::rules::Projection;
 
 pub use avro::{AvroError, AvroSchema};
 pub use decimal::DecimalError;
@@ -160,10 +163,35 @@ pub fn decode_with(
     key: Option<&[u8]>,
     value: Option<&[u8]>,
 ) -> Result<Decoded, DecodeError> {
+    decode_keeping(placeholders, topic, key, value, None)
+}
+
+/// [`decode`] building of the row images only the columns `projection`'s rules read of the
+/// event's table (column projection: the daemon's Kafka source, `crate::source::encoded`).
+/// Rows so decoded say so ([`crate::event::Row::projection`]); everything else, errors
+/// included, is what [`decode`] gives. Only the one-pass reader (`onepass.rs`) projects: a
+/// message it leaves to the general path has whole rows.
+pub fn decode_projected(
+    topic: &str,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    projection: &Projection,
+) -> Result<Decoded, DecodeError> {
+    decode_keeping(placeholder::current(), topic, key, value, Some(projection))
+}
+
+/// [`decode_with`], keeping the columns `projection` reads (all without one).
+fn decode_keeping(
+    placeholders: &Placeholders,
+    topic: &str,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    projection: Option<&Projection>,
+) -> Result<Decoded, DecodeError> {
     if let Some(value) = value {
         confluent::reject_framed(value)?;
         if one_pass() {
-            if let Some(decoded) = onepass::decode(placeholders, topic, key, value) {
+            if let Some(decoded) = onepass::decode(placeholders, topic, key, value, projection) {
                 return decoded;
             }
         }
@@ -439,12 +467,75 @@ fn finish_images(
     key: Option<Row>,
     placeholders: Option<&Placeholders>,
 ) -> Result<Decoded, DecodeError> {
+    let images = strip(images, placeholders);
+    complete(table, op, images, committed_at, key)
+}
+
+/// [`finish_images`] with the message key as it came (`key_row` reads it): read only when
+/// it can change the outcome (issue 12, item 2). The key is needed by a delete without a
+/// `before` image (it becomes that image); otherwise it only fills in the images' key columns
+/// that are absent or null. So it is not read when each image holds every column of the key,
+/// not null (the one-pass key scanner, [`onepass::key_fills_nothing`], tells so without
+/// building it), nor, when the images hold only the columns rules read (`read`, column
+/// projection), when they hold each of those, not null: whatever the key filled in, the rules
+/// would not read. Without the fast paths (tests) the key is always read.
+fn finish_keyed(
+    table: String,
+    op: Op,
+    images: Images,
+    committed_at: Option<SystemTime>,
+    key: Option<&[u8]>,
+    placeholders: Option<&Placeholders>,
+    read: Option<&[crate::event::Name]>,
+) -> Result<Decoded, DecodeError> {
+    let images = strip(images, placeholders);
+    let present = [&images.before, &images.after];
+    // A delete without a `before` image takes the key's row as that image.
+    let takes_key_row = op == Op::Delete && images.before.is_none();
+    let fills_nothing = |key: &[u8]| {
+        read.is_some_and(|read| present.iter().copied().flatten().all(|row| holds_all(row, read)))
+            || onepass::key_fills_nothing(key, present)
+    };
+    let key = match key {
+        Some(bytes) if !takes_key_row && one_pass() && fills_nothing(bytes) => None,
+        key => key_row(key),
+    };
+    complete(table, op, images, committed_at, key)
+}
+
+/// Whether `row` holds each of `columns` (sorted, unique, as [`crate::rules::Projection`]
+/// gives them), none null: one walk over both, in order.
+fn holds_all(row: &Row, columns: &[crate::event::Name]) -> bool {
+    let mut entries = row.iter();
+    columns.iter().all(|column| loop {
+        match entries.next() {
+            Some((name, value)) if name == &**column => break !value.is_null(),
+            Some((name, _)) if name < &**column => {}
+            _ => break false,
+        }
+    })
+}
+
+/// The images without their placeholder columns (unknown, see `placeholder.rs`).
+fn strip(images: Images, placeholders: Option<&Placeholders>) -> Images {
     let Images { mut before, mut after } = images;
     if let Some(placeholders) = placeholders {
         for image in [&mut before, &mut after].into_iter().flatten() {
             placeholders.strip(image);
         }
     }
+    Images { before, after }
+}
+
+/// The rest of [`finish_images`], once placeholders are stripped.
+fn complete(
+    table: String,
+    op: Op,
+    images: Images,
+    committed_at: Option<SystemTime>,
+    key: Option<Row>,
+) -> Result<Decoded, DecodeError> {
+    let Images { mut before, mut after } = images;
     if op == Op::Truncate {
         // A truncate concerns the whole table; any image would be meaningless.
         before = None;
@@ -573,6 +664,16 @@ fn commit_time(ns: Option<&str>, us: Option<&str>, ms: Option<&str>) -> Option<S
 
 /// An integer count of `unit` nanoseconds since the Unix epoch, as a time.
 fn epoch_time(count: i64, unit: i128) -> Option<SystemTime> {
+    // Every event's commit time: a count after the epoch, of a unit that divides a second,
+    // is split without the 128-bit division below (the same seconds and nanoseconds).
+    if let (Ok(count), Ok(unit)) = (u64::try_from(count), u64::try_from(unit)) {
+        if unit > 0 && 1_000_000_000 % unit == 0 {
+            let per_second = 1_000_000_000 / unit;
+            // The remainder is below `per_second`, so this is below 10^9 and fits.
+            let duration = Duration::new(count / per_second, ((count % per_second) * unit) as u32);
+            return SystemTime::UNIX_EPOCH.checked_add(duration);
+        }
+    }
     let nanos = i128::from(count) * unit;
     let magnitude = nanos.unsigned_abs();
     let secs = u64::try_from(magnitude / 1_000_000_000).ok()?;

@@ -79,11 +79,23 @@ fn same(placeholders: &Placeholders, topic: &str, key: Option<&[u8]>, value: &[u
         String::from_utf8_lossy(value),
         key.map(String::from_utf8_lossy)
     );
-    let took = onepass::decode(placeholders, topic, key, value);
+    let took = onepass::decode(placeholders, topic, key, value, None);
     if let Some(took) = &took {
         assert_eq!(took, &general, "onepass::decode of {:?}", String::from_utf8_lossy(value));
     }
+    let projected = super::projection_tests::same_projected(placeholders, topic, key, value, &general);
+    PROJECTED.with(|n| n.set(n.get() + projected));
     took.is_some()
+}
+
+thread_local! {
+    /// How many projected decodes in [`same`] had projected rows (the projection was used).
+    static PROJECTED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// [`PROJECTED`] since the last call.
+fn projected_since() -> usize {
+    PROJECTED.with(|n| n.replace(0))
 }
 
 /// The message key's row with and without the fast path; says whether the fast path took it.
@@ -120,6 +132,9 @@ fn debezium_onepass_fixtures_decode_as_the_general_path() {
             }
         }
     }
+    // Projected rows were compared too (each message with each rules file).
+    let projected = projected_since();
+    assert!(projected > 500, "projected decodes with projected rows: {projected}");
     // The fast path is taken where it is meant to be, schema envelopes included.
     for name in [
         "pg-update-no-schema.json",
@@ -549,6 +564,8 @@ fn debezium_onepass_edge_cases_decode_as_the_general_path() {
         }
     }
     assert!(took > 200, "the fast path took {took} cases");
+    let projected = projected_since();
+    assert!(projected > 1_000, "projected decodes with projected rows: {projected}");
     // Truncated messages: every prefix of a message the fast path takes.
     let full = envelope(r#"{"id":42,"v":"a\"b","n":1.5e3}"#, r#"{"id":42,"v":null}"#, SOURCE, r#","ts_ms":1"#);
     let placeholders = Placeholders::new(None);
@@ -590,7 +607,8 @@ fn debezium_onepass_reproduces_serde_json_numbers() {
         let value = format!(r#"{{"after":{{"n":{text}}},"source":{{"table":"t"}},"op":"c"}}"#);
         let placeholders = Placeholders::new(None);
         assert!(same(&placeholders, TOPIC, None, value.as_bytes()), "{text}");
-        let Some(Ok(Decoded::Change(event))) = onepass::decode(&placeholders, TOPIC, None, value.as_bytes()) else {
+        let Some(Ok(Decoded::Change(event))) = onepass::decode(&placeholders, TOPIC, None, value.as_bytes(), None)
+        else {
             panic!("{text} not decoded");
         };
         let n = event.after.as_ref().and_then(|row: &Row| row.get("n")).and_then(|n| n.as_number().cloned());
@@ -682,13 +700,15 @@ fn debezium_onepass_mutated_messages_decode_as_the_general_path() {
     // Many mutations leave a message the fast path takes (a changed digit or letter): they
     // check the values it builds, not just that it declines.
     assert!(took > cases / 20, "the fast path took {took} of {cases}");
+    let projected = projected_since();
+    assert!(projected > took, "projected decodes with projected rows: {projected}");
     println!("mutations: the fast path took {took} of {cases}");
 }
 
 #[test]
 fn debezium_onepass_declines_what_it_does_not_handle() {
     let placeholders = Placeholders::new(None);
-    let declined = |value: &str| onepass::decode(&placeholders, TOPIC, None, value.as_bytes()).is_none();
+    let declined = |value: &str| onepass::decode(&placeholders, TOPIC, None, value.as_bytes(), None).is_none();
     let after = r#"{"id":1}"#;
     assert!(!declined(&format!(r#"{{"after":{after},"source":{{"table":"t"}},"op":"c"}}"#)));
     assert!(declined(r#"{"after":{"id":[1]},"source":{"table":"t"},"op":"c"}"#), "nested column");
@@ -698,7 +718,7 @@ fn debezium_onepass_declines_what_it_does_not_handle() {
     assert!(declined(r#"{"after":{"v":"\ud83d\ude00"},"source":{"table":"t"},"op":"c"}"#), "surrogates");
     assert!(declined(&format!(r#"{{"after":{after},"source":{{"table":"t"}},"op":"c"}}"#).replace('}', "} ")[..20]));
     let value = format!(r#"{{"after":{after},"source":{{"table":"t"}},"op":"c"}}"#);
-    assert!(onepass::decode(&placeholders, "__debezium-heartbeat.x", None, value.as_bytes()).is_none());
+    assert!(onepass::decode(&placeholders, "__debezium-heartbeat.x", None, value.as_bytes(), None).is_none());
     // Flattened rows: plain columns and `__` fields are taken, anything else declines.
     assert!(!declined(r#"{"id":1,"name":"x","__op":"c","__table":"t","__deleted":"false"}"#));
     assert!(!declined(r#"{"id":1,"name":"x"}"#), "a flattened row without metadata");
@@ -718,13 +738,13 @@ fn debezium_onepass_declines_what_it_does_not_handle() {
     assert!(declined(r#"{}"#), "empty object");
     let unknown_flat = r#"{"id":1,"__op":"x"}"#;
     assert!(matches!(
-        onepass::decode(&placeholders, TOPIC, None, unknown_flat.as_bytes()),
+        onepass::decode(&placeholders, TOPIC, None, unknown_flat.as_bytes(), None),
         Some(Err(DecodeError::UnknownOp { field: "__op", .. }))
     ));
     // An error the general path reports is its own.
     let unknown = format!(r#"{{"after":{after},"source":{{"table":"t"}},"op":"x"}}"#);
     assert!(matches!(
-        onepass::decode(&placeholders, TOPIC, None, unknown.as_bytes()),
+        onepass::decode(&placeholders, TOPIC, None, unknown.as_bytes(), None),
         Some(Err(DecodeError::UnknownOp { .. }))
     ));
 }

@@ -56,6 +56,12 @@ pub(super) struct LogicalColumn {
     kind: LogicalKind,
 }
 
+impl LogicalColumn {
+    pub(super) fn name(&self) -> &str {
+        &self.name
+    }
+}
+
 #[derive(Debug, PartialEq)]
 enum LogicalKind {
     /// `org.apache.kafka.connect.data.Decimal`: base64 bytes, scale from the schema (`None`

@@ -53,6 +53,10 @@ pub struct KafkaConfig {
     pub format: KafkaFormat,
     /// Where Avro/Protobuf schemas are fetched by id; required unless `format` is `json`.
     pub schema_registry: Option<SchemaRegistryConfig>,
+    /// Not configuration: the daemon's running rules (`app::run`), whose columns alone the
+    /// source decodes (`crate::source::encoded::Codec::projection`); `None`: whole rows.
+    #[serde(skip)]
+    pub rules: Option<tokio::sync::watch::Receiver<Arc<crate::rules::Rules>>>,
 }
 
 /// `source.kafka.format`.

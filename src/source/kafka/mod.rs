@@ -295,6 +295,8 @@ impl KafkaSource {
     ) -> Burst {
         let mut result = Burst::default();
         let received = Instant::now();
+        // The columns the running rules read, taken once per burst.
+        let projection = self.codec.projection();
         let mut n = 0;
         let mut next = Some(first);
         while let Some(m) = next.take() {
@@ -305,7 +307,7 @@ impl KafkaSource {
                 result.stop = true;
                 break;
             };
-            let ev = self.to_event(&m, ack_tx, &resolved, received);
+            let ev = self.to_event(&m, ack_tx, &resolved, projection.as_deref(), received);
             n += 1;
             if !held.is_empty() {
                 // Paused: read one at a time, only to keep the consumer polled.
@@ -364,6 +366,7 @@ impl KafkaSource {
         m: &BorrowedMessage<'_>,
         ack_tx: &AckSender,
         resolved: &crate::source::encoded::Resolved,
+        projection: Option<&crate::rules::Projection>,
         received: Instant,
     ) -> SourceEvent {
         let (finished, topic) = lock(&self.tracker).start(m.topic(), m.partition(), m.offset());
@@ -375,7 +378,7 @@ impl KafkaSource {
                 v.len(),
                 self.max_message_bytes
             ))),
-            _ => self.codec.decode(resolved, &topic, key, value).map_err(Malformed),
+            _ => self.codec.decode_projected(resolved, &topic, key, value, projection).map_err(Malformed),
         };
         let origin = match &decoded {
             Ok(Decoded::Change(c)) => c.committed_at,

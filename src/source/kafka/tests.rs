@@ -50,6 +50,7 @@ fn kafka_config(bootstrap: &str, group: &str, topic: &str) -> KafkaConfig {
         group_instance_id: None,
         format: Default::default(),
         schema_registry: None,
+        rules: None,
     }
 }
 
