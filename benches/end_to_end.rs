@@ -22,9 +22,11 @@
 //! the outage events without having been through the outage, for comparison), BENCH_UNLINK_KEYS (keys per UNLINK in the Redis
 //! ceiling, 500), BENCH_C_BROKERS (mock,tansu), BENCH_DAEMON (process, in_process: then the RSS
 //! is this whole process's), BENCH_FETCH_WAIT_MS, BENCH_STATS_MS, BENCH_QUEUE_CAPACITY (the
-//! daemon's `pipeline.queue_capacity`, which its prefetch follows), BENCH_DAEMON_EXTRA (more
+//! daemon's `pipeline.queue_capacity`), BENCH_DAEMON_EXTRA (more
 //! librdkafka settings for the daemon, "key=value,...", in (b) and (c)),
-//! BENCH_REF_EXTRA, BENCH_REF_SECONDS, BENCH_COMMIT_INTERVAL, BENCH_REDIS (standalone, or
+//! BENCH_CEILINGS (0: skip the ceilings, for runs that only measure memory), BENCH_DAEMON_WRAPPER (a command the daemon runs under, such as
+//! "valgrind --tool=massif --massif-out-file=/tmp/m.out": memory profiling; the log stays in
+//! the run's temporary directory, BENCH_KEEP_DIR keeps it), BENCH_REF_EXTRA, BENCH_REF_SECONDS, BENCH_COMMIT_INTERVAL, BENCH_REDIS (standalone, or
 //! cluster: a private 3-primary/3-replica Redis Cluster, `mode: cluster`, WAIT 1 per slot
 //! pipeline by default; cluster_nowait: the same with `wait_replicas: { count: 0 }`; the outage
 //! and the Redis ceiling then use the standalone server, so use BENCH_OUTAGE_SECONDS=0).
@@ -310,7 +312,11 @@ impl UnderTest {
         std::fs::write(&config, text).expect("write config");
         match std::env::var("BENCH_DAEMON").as_deref() {
             Ok("in_process") => UnderTest::InProcess(Daemon::from_config(dir, &config, port)),
-            _ => UnderTest::Process(DaemonProcess::start(&config, dir), port),
+            _ => {
+                let wrapper = std::env::var("BENCH_DAEMON_WRAPPER").unwrap_or_default();
+                let wrapper: Vec<&str> = wrapper.split_whitespace().collect();
+                UnderTest::Process(DaemonProcess::start_wrapped(&config, dir, &wrapper), port)
+            }
         }
     }
 
@@ -674,6 +680,45 @@ async fn throughput_and_memory(
 
     // The ceilings, with the daemon idle: the broker's delivery rate to a bare consumer doing
     // nothing with the messages, and Redis' rate for the daemon's command.
+    if ceilings() {
+        ceilings_b(bootstrap, topic, redis, total, daemon_rate, &mut rows).await;
+    }
+
+    // The outage: Redis stopped while the producer goes on; then Redis back and the daemon
+    // catching up on what piled up. Memory must stay bounded throughout.
+    let rate: usize = std::env::var("BENCH_OUTAGE_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(5_000);
+    let seconds: usize = std::env::var("BENCH_OUTAGE_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+    if seconds > 0 {
+        outage(bootstrap, topic, p, redis, total, &d, &rss, &librdkafka, rate, seconds, &mut rows).await;
+    }
+    drop(rss);
+    d.stop().await;
+    if std::env::var("BENCH_KEEP_DIR").is_ok() {
+        println!("(b) the daemon's directory (config, log) is kept: {}", dir.keep().display());
+    }
+
+    println!("\n(b) throughput and memory, one run\n");
+    println!("| measurement | value |\n|---|---|");
+    for (what, value) in rows {
+        println!("| {what} | {value} |");
+    }
+    println!();
+}
+
+/// BENCH_CEILINGS=0 skips the ceilings (runs that only measure memory).
+fn ceilings() -> bool {
+    std::env::var("BENCH_CEILINGS").as_deref() != Ok("0")
+}
+
+/// (b)'s two ceilings, measured with the daemon idle, and the daemon's ratio to the lower.
+async fn ceilings_b(
+    bootstrap: &str,
+    topic: &str,
+    redis: &RedisServer,
+    total: usize,
+    daemon_rate: Option<f64>,
+    rows: &mut Vec<(String, String)>,
+) {
     let (n, took) = bare_consume(bootstrap, topic, "bench-bare", 0, total, &[]).await;
     let consumer = n as f64 / took.as_secs_f64();
     rows.push((
@@ -698,12 +743,25 @@ async fn throughput_and_memory(
     if let Some(rate) = daemon_rate {
         rows.push(("daemon / lower ceiling (target >= 0.7)".into(), format!("{:.2}", rate / lower)));
     }
+}
 
-    // The outage: Redis stopped while the producer goes on; then Redis back and the daemon
-    // catching up on what piled up. Memory must stay bounded throughout.
-    let rate: usize = std::env::var("BENCH_OUTAGE_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(5_000);
-    let seconds: usize = std::env::var("BENCH_OUTAGE_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
-    if seconds > 0 {
+/// (b)'s Redis outage: Redis stopped for `seconds` while the producer goes on at `rate`, then
+/// back, and the daemon catching up; its peak RSS throughout, and the catch-up's own ceiling.
+#[allow(clippy::too_many_arguments)]
+async fn outage(
+    bootstrap: &str,
+    topic: &str,
+    p: &FutureProducer,
+    redis: &mut RedisServer,
+    total: usize,
+    d: &UnderTest,
+    rss: &Rss,
+    librdkafka: &[(&str, &str)],
+    rate: usize,
+    seconds: usize,
+    rows: &mut Vec<(String, String)>,
+) {
+    {
         let reset = rss.reset_peak();
         let before = d.events();
         redis.stop();
@@ -714,7 +772,7 @@ async fn throughput_and_memory(
         let during = d.events() - before;
         redis.restart();
         let back = Instant::now();
-        let caught_up = wait_for_events(&d, before + sent as f64, Duration::from_secs(600)).await.is_some();
+        let caught_up = wait_for_events(d, before + sent as f64, Duration::from_secs(600)).await.is_some();
         let catch_up = back.elapsed();
         let (hwm, sampled) = rss.peak_mib();
         rows.push((
@@ -748,10 +806,10 @@ async fn throughput_and_memory(
         // The catch-up's own ceiling: the broker delivering the same outage backlog to a bare
         // consumer with the daemon's fetch settings. Tansu serves the small record batches of a
         // steady producer far slower than the large ones of the pre-fill (docs/benchmarks.md).
-        let queue =
-            queue_capacity_override().unwrap_or(cdc_invalidator::config::PipelineConfig::default().queue_capacity);
-        let prefetch = cdc_invalidator::source::kafka::prefetch::settings(queue);
-        let mut fetch: Vec<(&str, &str)> = prefetch.iter().map(|(key, value)| (*key, value.as_str())).collect();
+        if !ceilings() {
+            return;
+        }
+        let mut fetch: Vec<(&str, &str)> = cdc_invalidator::source::kafka::prefetch::settings().to_vec();
         fetch.extend(librdkafka.iter().copied());
         let (n, took) = bare_consume(bootstrap, topic, "bench-bare-outage", total, sent, &fetch).await;
         let ceiling = n as f64 / took.as_secs_f64();
@@ -778,7 +836,7 @@ async fn throughput_and_memory(
                     group: "bench-b-fresh",
                     redis_url: &redis.url(),
                     extra: &pipeline_section(""),
-                    librdkafka: &librdkafka,
+                    librdkafka,
                 },
             );
             let _ = wait_for_events(&d2, total as f64, Duration::from_secs(600)).await;
@@ -800,13 +858,4 @@ async fn throughput_and_memory(
             d2.stop().await;
         }
     }
-    drop(rss);
-    d.stop().await;
-
-    println!("\n(b) throughput and memory, one run\n");
-    println!("| measurement | value |\n|---|---|");
-    for (what, value) in rows {
-        println!("| {what} | {value} |");
-    }
-    println!();
 }

@@ -188,7 +188,7 @@ fn main() {
         let kafka = config.source.kafka.as_ref().expect("source.kafka");
         let metrics = Arc::new(Metrics::new());
         let _runtime = runtime.enter();
-        let source = KafkaSource::new(kafka, config.pipeline.queue_capacity, metrics.clone()).expect("source");
+        let source = KafkaSource::new(kafka, metrics.clone()).expect("source");
         let s =
             runtime.block_on(measured(Box::new(source), config.pipeline.queue_capacity, metrics, total, batch_acks));
         println!(

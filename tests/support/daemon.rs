@@ -151,9 +151,23 @@ pub struct DaemonProcess {
 
 impl DaemonProcess {
     pub fn start(config: &Path, dir: &Path) -> DaemonProcess {
+        DaemonProcess::start_wrapped(config, dir, &[])
+    }
+
+    /// As [`DaemonProcess::start`], run by `wrapper` (a program and its arguments, such as
+    /// `valgrind --tool=massif`) when it is not empty: the benches' memory profiling.
+    pub fn start_wrapped(config: &Path, dir: &Path, wrapper: &[&str]) -> DaemonProcess {
         let log = dir.join("daemon.log");
         let out = std::fs::File::create(&log).expect("create daemon log");
-        let child = Command::new(binary())
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let child = command
             .args(["run", "-c"])
             .arg(config)
             .stdin(Stdio::null())

@@ -40,6 +40,14 @@ pub struct KafkaConfig {
     /// Largest message value accepted; larger ones are dead-lettered without being parsed.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// Reading stops while the events read and not yet finished hold this many bytes of
+    /// messages (key and value), until acknowledgements bring them under it. The pipeline's
+    /// queues count events (`pipeline.queue_capacity`); this bounds their memory when messages
+    /// are large. An event costs about 2.5 times its message besides a fixed 1 KiB (the copy
+    /// kept for dead letters, the decoded rows), so the default 8 MiB holds about 20 MiB of
+    /// large events; 400-byte messages never reach it (docs/design.md, "Memory").
+    #[serde(default = "default_max_in_flight_bytes")]
+    pub max_in_flight_bytes: usize,
     #[serde(skip)]
     pub resolved_librdkafka: Vec<(String, Secret)>,
     /// Static group membership (librdkafka `group.instance.id`): an id that stays the same
@@ -103,6 +111,9 @@ fn default_commit_interval() -> Duration {
 fn default_max_message_bytes() -> usize {
     8 * 1024 * 1024
 }
+fn default_max_in_flight_bytes() -> usize {
+    8 * 1024 * 1024
+}
 
 /// Checks `source.kafka` and resolves its secrets (librdkafka `_env`/`_file` keys, the schema
 /// registry password).
@@ -162,6 +173,7 @@ pub(crate) fn validate(k: &mut KafkaConfig, origin: &Origin, problems: &mut Vec<
     r.duration(&["source", "kafka", "commit_interval"], k.commit_interval, Duration::from_millis(10), TEN_MINUTES);
     // librdkafka's own ceiling for message.max.bytes (0 is reported above).
     r.count(&["source", "kafka", "max_message_bytes"], k.max_message_bytes as u64, 0, 1_000_000_000);
+    r.count(&["source", "kafka", "max_in_flight_bytes"], k.max_in_flight_bytes as u64, 1, 1 << 40);
 }
 
 impl SourceSection for KafkaConfig {
@@ -188,8 +200,9 @@ impl SourceSection for KafkaConfig {
         }
     }
 
-    fn build(&self, queue_capacity: usize, metrics: Arc<Metrics>) -> Result<Box<dyn Source>, SourceError> {
-        Ok(Box::new(super::KafkaSource::new(self, queue_capacity, metrics)?))
+    fn build(&self, _queue_capacity: usize, metrics: Arc<Metrics>) -> Result<Box<dyn Source>, SourceError> {
+        // The prefetch no longer follows the pipeline's queue (prefetch.rs).
+        Ok(Box::new(super::KafkaSource::new(self, metrics)?))
     }
 }
 

@@ -5,8 +5,10 @@
 //! - Commits are asynchronous, on a timer (`commit_interval`), re-sent after a failure; never a
 //!   blocking commit on the async executor, never an endless commit retry. The final commit at
 //!   shutdown is synchronous on a blocking thread, with a timeout.
-//! - Backpressure: when the pipeline's queue is full the source stops reading; if it stays full
-//!   for a second (a sink is down) the assigned partitions are *paused* and the consumer keeps
+//! - Backpressure: when the pipeline's queue is full, or when the events read and not yet
+//!   finished hold `max_in_flight_bytes` of messages (the pipeline's queues count events, so
+//!   this bounds their memory when messages are large), the source stops reading; if that lasts
+//!   a second (a sink is down) the assigned partitions are *paused* and the consumer keeps
 //!   being polled, so the group membership (`max.poll.interval.ms`) and rebalance callbacks stay
 //!   alive while Redis is down for an hour.
 //! - Rebalances: revoked partitions commit what is finished and drop their unfinished work
@@ -63,8 +65,6 @@ const BURST: i64 = 64;
 /// How a burst ended.
 #[derive(Debug, Default)]
 struct Burst {
-    /// The pipeline queue filled up (the last event waits in `held`).
-    full: bool,
     /// Stop reading: shutdown during a schema lookup, or the pipeline is gone.
     stop: bool,
 }
@@ -101,6 +101,8 @@ pub struct KafkaSource {
     metrics: Arc<Metrics>,
     commit_interval: Duration,
     max_message_bytes: usize,
+    /// Reading stops while the events in flight hold this many message bytes.
+    max_in_flight_bytes: usize,
     /// Commit ticks so far (for the periodic refresh).
     commit_ticks: std::sync::atomic::AtomicU64,
     /// `source.kafka.format` and its schema registry.
@@ -129,30 +131,25 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// The consumer's settings: [`client_config`] plus a prefetch sized for a pipeline queue of
-/// `queue_capacity` events (`prefetch.rs`), unless `source.kafka.librdkafka` sets it.
-pub fn consumer_config(config: &KafkaConfig, queue_capacity: usize) -> ClientConfig {
+/// The consumer's settings: [`client_config`] plus a bounded prefetch (`prefetch.rs`), unless
+/// `source.kafka.librdkafka` sets it.
+pub fn consumer_config(config: &KafkaConfig) -> ClientConfig {
     let mut c = client_config(config);
-    prefetch::apply(&mut c, queue_capacity, &config.librdkafka);
+    prefetch::apply(&mut c, &config.librdkafka);
     c
 }
 
 impl KafkaSource {
     /// Creates the consumer and subscribes. Connecting happens in the background: a broker that
-    /// is down now is not an error (the source just is not ready yet). `queue_capacity` is the
-    /// pipeline's source queue, which librdkafka's prefetch is sized from.
-    pub fn new(
-        config: &KafkaConfig,
-        queue_capacity: usize,
-        metrics: Arc<Metrics>,
-    ) -> Result<KafkaSource, KafkaSourceError> {
+    /// is down now is not an error (the source just is not ready yet).
+    pub fn new(config: &KafkaConfig, metrics: Arc<Metrics>) -> Result<KafkaSource, KafkaSourceError> {
         let codec =
             crate::source::encoded::Codec::new(config, Some(metrics.clone())).map_err(KafkaSourceError::Registry)?;
         let tracker = Arc::new(Mutex::new(Tracker::default()));
         let context =
             KafkaContext { tracker: tracker.clone(), metrics: metrics.clone(), commit_failed: Default::default() };
         let consumer: StreamConsumer<KafkaContext> =
-            consumer_config(config, queue_capacity).create_with_context(context).map_err(KafkaSourceError::Create)?;
+            consumer_config(config).create_with_context(context).map_err(KafkaSourceError::Create)?;
         let topics: Vec<&str> = match &config.topic_pattern {
             Some(p) => vec![p.as_str()],
             None => config.topics.iter().map(String::as_str).collect(),
@@ -164,6 +161,7 @@ impl KafkaSource {
             metrics,
             commit_interval: config.commit_interval,
             max_message_bytes: config.max_message_bytes,
+            max_in_flight_bytes: config.max_in_flight_bytes,
             commit_ticks: Default::default(),
             codec,
         })
@@ -184,19 +182,36 @@ impl KafkaSource {
         // took effect). Bounded by librdkafka's prefetch, which pausing stops.
         let mut held: VecDeque<SourceEvent> = VecDeque::new();
         let mut paused = false;
-        // When the queue became full. A full queue is normal under load (the pipeline is busy
-        // with a batch): we just stop reading for a moment and librdkafka's prefetch buffer
-        // (bounded by queued.max.messages.kbytes) absorbs the rest. Only a queue that stays full
-        // for PAUSE_AFTER (a sink is down) pauses the partitions, so the consumer can go on
-        // being polled (group membership, rebalances) without pulling in more messages.
-        // Pausing on every full queue would drop librdkafka's prefetched messages each time and
-        // refetch them: that thrashing halved throughput.
+        // Since when reading has been held back: the queue is full (`held` is not empty), or
+        // the events in flight hold `max_in_flight_bytes`. Normal under load (the pipeline is
+        // busy with a batch): we just stop reading for a moment and librdkafka's prefetch
+        // (bounded, prefetch.rs) absorbs the rest. Only a hold that lasts PAUSE_AFTER (a sink
+        // is down) pauses the partitions, so the consumer can go on being polled (group
+        // membership, rebalances) without pulling in more messages. Pausing on every full
+        // queue would drop librdkafka's prefetched messages each time and refetch them: that
+        // thrashing halved throughput.
         let mut full_since: Option<tokio::time::Instant> = None;
-        // Armed (reset) only when the queue becomes full, rather than built on every iteration.
+        // Armed (reset) only when a hold begins, rather than built on every iteration.
         let pause_timer = tokio::time::sleep_until(tokio::time::Instant::now());
         tokio::pin!(pause_timer);
 
         loop {
+            let holding = !held.is_empty() || self.over_budget();
+            match (holding, full_since) {
+                (true, None) => {
+                    let now = tokio::time::Instant::now();
+                    full_since = Some(now);
+                    pause_timer.as_mut().reset(now + PAUSE_AFTER);
+                }
+                (false, Some(_)) => {
+                    full_since = None;
+                    if paused {
+                        self.set_paused(false);
+                        paused = false;
+                    }
+                }
+                _ => {}
+            }
             tokio::select! {
                 // Acknowledgements first, so finished work is committed before new input piles up.
                 biased;
@@ -210,13 +225,6 @@ impl KafkaSource {
                         if let Some(ev) = held.pop_front() {
                             permit.send(ev);
                         }
-                        if held.is_empty() {
-                            full_since = None;
-                            if paused {
-                                self.set_paused(false);
-                                paused = false;
-                            }
-                        }
                     }
                     Err(_) => break,
                 },
@@ -224,16 +232,11 @@ impl KafkaSource {
                     self.set_paused(true);
                     paused = true;
                 }
-                // While the queue is full, read only once paused (to keep serving callbacks; at
-                // most what was already prefetched arrives, and waits in `held`).
-                msg = stream.next(), if held.is_empty() || paused => match msg {
+                // While holding, read only once paused (to keep serving callbacks; at most what
+                // was already prefetched arrives, and waits in `held`).
+                msg = stream.next(), if !holding || paused => match msg {
                     Some(Ok(m)) => {
                         let burst = self.burst(m, &mut stream, &out, &ack_tx, &mut held, &shutdown).await;
-                        if burst.full && full_since.is_none() {
-                            let now = tokio::time::Instant::now();
-                            full_since = Some(now);
-                            pause_timer.as_mut().reset(now + PAUSE_AFTER);
-                        }
                         if burst.stop {
                             break;
                         }
@@ -276,7 +279,8 @@ impl KafkaSource {
     /// Hands over `first` and then the messages librdkafka already holds, without going back
     /// through the `select!` in `consume` for each (its futures, wakers and locks cost more
     /// than a small message's tracking): at most [`BURST`] messages, and only while the
-    /// pipeline queue takes them. The gauges and clocks are read once per burst.
+    /// pipeline queue takes them and the events in flight hold less than `max_in_flight_bytes`
+    /// (so at most one message over it). The gauges and clocks are read once per burst.
     ///
     /// Each message is tracked (`Tracker::start`) before the consumer is polled again: a poll
     /// may run a rebalance callback that revokes its partition, which must find it tracked (its
@@ -307,7 +311,7 @@ impl KafkaSource {
                 result.stop = true;
                 break;
             };
-            let ev = self.to_event(&m, ack_tx, &resolved, projection.as_deref(), received);
+            let (ev, over_budget) = self.to_event(&m, ack_tx, &resolved, projection.as_deref(), received);
             n += 1;
             if !held.is_empty() {
                 // Paused: read one at a time, only to keep the consumer polled.
@@ -318,7 +322,6 @@ impl KafkaSource {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(ev)) => {
                     held.push_back(ev);
-                    result.full = true;
                     break;
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -326,7 +329,7 @@ impl KafkaSource {
                     break;
                 }
             }
-            if n == BURST {
+            if n == BURST || over_budget {
                 break;
             }
             // Polled with a no-op waker: a message already queued comes at once; otherwise the
@@ -361,6 +364,13 @@ impl KafkaSource {
         self.metrics.pending_events.sub(n as i64);
     }
 
+    /// Whether the events in flight hold `max_in_flight_bytes` of messages or more.
+    fn over_budget(&self) -> bool {
+        lock(&self.tracker).in_flight_bytes() >= self.max_in_flight_bytes
+    }
+
+    /// The event for `m`, tracked, and whether the events in flight now hold
+    /// `max_in_flight_bytes` of messages or more.
     fn to_event(
         &self,
         m: &BorrowedMessage<'_>,
@@ -368,10 +378,16 @@ impl KafkaSource {
         resolved: &crate::source::encoded::Resolved,
         projection: Option<&crate::rules::Projection>,
         received: Instant,
-    ) -> SourceEvent {
-        let (finished, topic) = lock(&self.tracker).start(m.topic(), m.partition(), m.offset());
+    ) -> (SourceEvent, bool) {
         let key = m.key();
         let value = m.payload();
+        // What the event holds of the message: its copy for dead letters (an oversized value is
+        // not copied) and the rows decoded from it, in proportion (docs/design.md, "Memory").
+        let bytes = key.map_or(0, <[u8]>::len) + value.filter(|v| v.len() <= self.max_message_bytes).map_or(0, <[u8]>::len);
+        let mut tracker = lock(&self.tracker);
+        let (finished, topic) = tracker.start(m.topic(), m.partition(), m.offset(), bytes);
+        let over_budget = tracker.in_flight_bytes() >= self.max_in_flight_bytes;
+        drop(tracker);
         let decoded = match value {
             Some(v) if v.len() > self.max_message_bytes => Err(Malformed(format!(
                 "the message value is {} bytes, over source.kafka.max_message_bytes ({})",
@@ -393,7 +409,7 @@ impl KafkaSource {
             .to_millis()
             .and_then(|ms| u64::try_from(ms).ok())
             .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
-        SourceEvent {
+        let event = SourceEvent {
             position: Position::Kafka { topic: topic.clone(), partition: m.partition(), offset: m.offset() },
             decoded,
             raw: RawMessage {
@@ -406,7 +422,8 @@ impl KafkaSource {
             logged_at,
             received,
             ack: Ack::batched(ack_tx, finished),
-        }
+        };
+        (event, over_budget)
     }
 
     fn set_paused(&self, paused: bool) {

@@ -46,6 +46,7 @@ fn kafka_config(bootstrap: &str, group: &str, topic: &str) -> KafkaConfig {
         librdkafka: BTreeMap::new(),
         commit_interval: Duration::from_millis(50),
         max_message_bytes: 1 << 20,
+        max_in_flight_bytes: 8 << 20,
         resolved_librdkafka: Vec::new(),
         group_instance_id: None,
         format: Default::default(),
@@ -86,7 +87,7 @@ async fn read_backlog(capacity: usize, batch: usize, batched: bool, total: usize
 
     let group = format!("g-{capacity}-{batch}-{batched}");
     let metrics = Arc::new(Metrics::new());
-    let source = KafkaSource::new(&kafka_config(&bootstrap, &group, topic), capacity, metrics.clone()).expect("source");
+    let source = KafkaSource::new(&kafka_config(&bootstrap, &group, topic), metrics.clone()).expect("source");
     let (trigger, shutdown) = crate::shutdown::channel();
     let (tx, mut rx) = mpsc::channel::<SourceEvent>(capacity);
     let run = tokio::spawn(Box::new(source).run(tx, shutdown));
@@ -139,17 +140,67 @@ async fn a_backlog_read_in_bursts_keeps_order_and_commits_everything_with_batche
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_stops_at_max_in_flight_bytes_until_acknowledgements_free_them() {
+    let producer = mock_cluster();
+    let cluster = producer.client().mock_cluster().expect("mock cluster");
+    let bootstrap = cluster.bootstrap_servers();
+    let topic = "budget.public.products";
+    cluster.create_topic(topic, 1, 1).expect("create topic");
+    let total = 120;
+    let mut message_bytes = 0;
+    for i in 0..total {
+        // Keys and values of one length: every message holds the same bytes.
+        let key = format!("{{\"id\":{}}}", 1000 + i);
+        let value = update(1000 + i);
+        message_bytes = key.len() + value.len();
+        producer.send(FutureRecord::to(topic).key(&key).payload(&value), Duration::from_secs(10)).await.expect("produce");
+    }
+    producer.flush(Duration::from_secs(10)).expect("flush");
+
+    // Room for 10 messages in flight; the pipeline queue alone would take them all.
+    let config = KafkaConfig { max_in_flight_bytes: 10 * message_bytes, ..kafka_config(&bootstrap, "g-budget", topic) };
+    let metrics = Arc::new(Metrics::new());
+    let source = KafkaSource::new(&config, metrics.clone()).expect("source");
+    let (trigger, shutdown) = crate::shutdown::channel();
+    let (tx, mut rx) = mpsc::channel::<SourceEvent>(1000);
+    let run = tokio::spawn(Box::new(source).run(tx, shutdown));
+
+    let mut unfinished: Vec<SourceEvent> = Vec::new();
+    let mut received = 0;
+    let mut round = 0;
+    while received < total {
+        let first = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        unfinished.push(first.ok().flatten().unwrap_or_else(|| panic!("round {round}: nothing in 10 s")));
+        // Then whatever comes until nothing has for a while (the first time, for longer than
+        // the second after which a hold pauses the partitions: resuming works too).
+        let quiet = if round == 0 { Duration::from_millis(1500) } else { Duration::from_millis(300) };
+        while let Ok(Some(ev)) = tokio::time::timeout(quiet, rx.recv()).await {
+            unfinished.push(ev);
+        }
+        received += unfinished.len();
+        assert_eq!(unfinished.len(), 10, "round {round}: room for 10 messages");
+        Ack::finish_all(unfinished.drain(..).map(|ev| ev.ack));
+        round += 1;
+    }
+    trigger.stop_intake();
+    drop(rx);
+    tokio::time::timeout(Duration::from_secs(30), run).await.expect("source stops").expect("task").expect("run");
+    assert_eq!(mock_kafka::committed(&bootstrap, "g-budget", topic, 1).await, vec![total as i64]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_read_in_bursts_commits_everything_with_acks_one_by_one() {
     let (committed, produced) = read_backlog(16, 7, false, 1200).await;
     assert_eq!(committed, produced);
 }
 
-/// Starts `offsets` of partition 0 and returns their acks on a fresh ack channel.
+/// Starts `offsets` (even ones in partition 0, odd ones in 1), each holding as many bytes as its
+/// offset, and returns their completion coordinates.
 fn tracked(tracker: &Mutex<Tracker>, offsets: impl IntoIterator<Item = i64>) -> Vec<(i64, Finished)> {
     let mut t = tracker.lock().unwrap();
     t.assign("t", 0);
     t.assign("t", 1);
-    offsets.into_iter().map(|o| (o, t.start("t", (o % 2) as i32, o).0)).collect()
+    offsets.into_iter().map(|o| (o, t.start("t", (o % 2) as i32, o, o as usize).0)).collect()
 }
 
 fn points(tracker: &Mutex<Tracker>) -> Vec<(i32, i64)> {
@@ -176,18 +227,23 @@ fn acks_finished_in_batches_commit_exactly_as_one_by_one() {
         acks.shuffle(&mut rng);
         // Some acks are dropped unfinished (their events are redelivered).
         let keep: Vec<(Finished, Ack)> = acks.into_iter().filter(|_| rng.random_bool(0.95)).collect();
+        // Each event holds as many bytes as its offset: what stays charged is what is unfinished.
+        let mut unfinished: i64 = (0..60).sum();
         let mut rest = keep.into_iter().peekable();
         while rest.peek().is_some() {
             let size = rng.random_range(1..=10);
             let chunk: Vec<(Finished, Ack)> = rest.by_ref().take(size).collect();
             for &(f, _) in &chunk {
                 single.lock().unwrap().finish(f);
+                unfinished -= f.seq;
             }
             Ack::finish_all(chunk.into_iter().map(|(_, ack)| ack));
             if let Ok(first) = rx.try_recv() {
                 finish(&batched, first, &mut rx);
             }
             assert_eq!(points(&batched), points(&single));
+            assert_eq!(batched.lock().unwrap().in_flight_bytes(), unfinished as usize);
+            assert_eq!(single.lock().unwrap().in_flight_bytes(), unfinished as usize);
         }
     }
 }
