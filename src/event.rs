@@ -35,14 +35,15 @@ use serde_json::{Map, Value};
 ///
 /// A row is the whole image as the source sent it, unless it says it was decoded for a
 /// projection ([`Row::projection`]): the Kafka source decodes only the columns the running
-/// rules read (issue 12, item 2), and such a row holds only those (and the key's).
+/// rules read (issue 12, item 2), and such a row holds those (as the whole image has them)
+/// and perhaps a few others, nothing more.
 #[derive(Clone, Default, PartialEq)]
 pub struct Row {
     /// Sorted by name (as `str`s compare, a `BTreeMap<String, _>`'s order), names unique.
     entries: Vec<(Name, Value)>,
-    /// `None` for a whole image; else the projection whose columns it was decoded with: it
-    /// holds every column of the image that projection's rules read, and maybe others, but
-    /// not all (`crate::rules::Projection`).
+    /// `None` for a whole image; else the projection it was decoded for: it holds every
+    /// column that projection's rules read, with the value (or absence) the whole image has,
+    /// and perhaps others, but not all (`crate::rules::Projection`).
     projection: Option<ProjectionId>,
 }
 

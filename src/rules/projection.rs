@@ -28,7 +28,7 @@ pub struct Projection {
     /// the glob rules matching it (sorted, unique); sorted by table. Searched by halving, once
     /// or twice per event: for the tens of tables of a rules file, cheaper than hashing the
     /// name.
-    exact: Box<[(Box<str>, Box<[Name]>)]>,
+    exact: Box<[TableColumns]>,
     /// The glob rules' patterns, for tables no rule names exactly.
     globs: Box<[Glob]>,
     /// The columns any glob rule reads (sorted, unique): what a table only globs match keeps.
@@ -60,8 +60,7 @@ impl Projection {
                 }
             }
         }
-        let mut exact: Vec<(Box<str>, Box<[Name]>)> =
-            exact.into_iter().map(|(table, columns)| (table, sorted(columns))).collect();
+        let mut exact: Vec<TableColumns> = exact.into_iter().map(|(table, columns)| (table, sorted(columns))).collect();
         exact.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         Projection {
             id: ProjectionId::unique(),
@@ -89,6 +88,9 @@ impl Projection {
         &[]
     }
 }
+
+/// A table and the columns the rules read of it.
+type TableColumns = (Box<str>, Box<[Name]>);
 
 fn sorted(mut columns: Vec<Box<str>>) -> Box<[Name]> {
     columns.sort_unstable();

@@ -522,4 +522,54 @@ mod tests {
             assert!(schema.read(&datum[..cut]).is_err(), "cut at {cut}");
         }
     }
+
+    /// The daemon's wiring: a codec built from a `source.kafka` that follows the rules takes the
+    /// running rules' projection (a reload's once it is sent), with the `json` format only.
+    #[test]
+    fn the_codec_projects_the_running_rules_with_the_json_format_only() {
+        use std::path::Path;
+        use std::sync::Arc;
+
+        use super::Codec;
+        use crate::config::{KafkaConfig, KafkaFormat};
+        use crate::event::Decoded;
+        use crate::rules::Rules;
+
+        let rules =
+            |text: &str| Arc::new(Rules::parse(text, Path::new("rules.yaml")).unwrap_or_else(|e| panic!("{e}")));
+        let first =
+            rules("version: 1\nrules:\n  - name: a\n    table: public.products\n    redis: { keys: [\"p:{id}\"] }\n");
+        let (tx, rx) = tokio::sync::watch::channel(first.clone());
+        let config = |format: &str| {
+            let mut config: KafkaConfig = serde_json::from_value(
+                serde_json::json!({"brokers": "localhost:9092", "topics": ["t"], "format": format}),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            config.rules = Some(rx.clone());
+            config
+        };
+        let codec = Codec::new(&config("json"), None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(codec.projection().map(|p| p.id()), Some(first.projection().id()));
+        let reloaded =
+            rules("version: 1\nrules:\n  - name: b\n    table: public.products\n    redis: { keys: [\"s:{slug}\"] }\n");
+        tx.send(reloaded.clone()).unwrap_or_else(|e| panic!("{e}"));
+        let projection = codec.projection().unwrap_or_else(|| panic!("a projection"));
+        assert_eq!(projection.id(), reloaded.projection().id());
+
+        let value = read("tests/fixtures/debezium/pg-update-no-schema.json");
+        let topic = "shop.public.products";
+        let plain = super::Resolved::plain();
+        let decoded = codec.decode_projected(&plain, topic, None, Some(&value), Some(&projection));
+        let Ok(Decoded::Change(change)) = decoded else { panic!("{decoded:?}") };
+        let after = change.after.unwrap_or_default();
+        assert_eq!(after.projection(), Some(reloaded.projection().id()));
+        assert_eq!(after.keys().collect::<Vec<_>>(), ["slug"]);
+
+        // Another format never projects, whatever it is given.
+        let auto = Codec::new(&config("auto"), None).unwrap_or_else(|e| panic!("{e}"));
+        assert!(auto.projection().is_none());
+        let whole = auto.decode_projected(&plain, topic, None, Some(&value), Some(&projection));
+        assert_eq!(whole, codec.decode(&plain, topic, None, Some(&value)));
+        assert!(Codec::with_registry(KafkaFormat::Json, None).projection().is_none(), "no rules followed");
+    }
 }

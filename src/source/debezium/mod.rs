@@ -34,6 +34,10 @@
 //! scalar `__` fields; anything else, and anything that pass is
 //! not sure of, is read by the general path described here, which decides every outcome.
 //!
+//! The daemon's Kafka source decodes with a column projection ([`decode_projected`]): the
+//! one-pass reader then builds only the columns the running rules read (docs/design.md,
+//! "Column projection").
+//!
 //! # Choices a user can see
 //!
 //! - **Table name**: `source.schema` (PostgreSQL, SQL Server, Oracle) or else `source.db`

@@ -33,6 +33,11 @@
 //! object declines.
 //!
 //! The message key (`{"id":42}`) has the same kind of fast path, [`key_row`].
+//!
+//! Given a [`Projection`] (the daemon's Kafka source: `super::decode_projected`), the images
+//! hold only the columns the rules read of the event's table ([`Keep`]): the other values are
+//! validated exactly as built ones are and dropped, so what is accepted and every outcome but
+//! the rows' columns are the same as without (`projection_tests.rs`).
 
 use std::rc::Rc;
 
@@ -307,7 +312,7 @@ fn flat_row<'a>(text: &'a str, kept: Keep<'_>) -> Option<(Row, Result<Metadata, 
         let next = match name.strip_prefix("__") {
             Some(field) => {
                 let (value, next) = scalar(text, at)?;
-                if seen.iter().any(|met| *met == name) {
+                if seen.contains(&name) {
                     return None;
                 }
                 if let Ok(fields) = &mut meta {
