@@ -135,10 +135,10 @@ pub struct PipelineConfig {
     #[serde(with = "duration")]
     pub batch_idle_wait: Duration,
     /// Events buffered between the source and the batcher; when full, the source pauses. It
-    /// also bounds each layer's queue and sizes librdkafka's prefetch, so it is the daemon's
-    /// main memory setting: 1,024 (two default batches) keeps peak RSS near 40 MiB while
-    /// catching up, with the same throughput as 4,096, which peaked at 48 to 81 MiB
-    /// (docs/benchmarks.md).
+    /// also bounds each layer's queue, so it is the daemon's main memory setting in events
+    /// (`source.kafka.max_in_flight_bytes` bounds the same events in bytes): about 4 KiB of
+    /// peak RSS per slot with 450-byte messages, 34 MiB catching up at 1,024 (two default
+    /// batches), 47 MiB at 4,096 (docs/benchmarks.md, "Memory per queued event (hmem)").
     pub queue_capacity: usize,
 }
 

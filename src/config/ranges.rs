@@ -110,6 +110,7 @@ source:
     brokers: "127.0.0.1:9092"
     topics: [t]
     commit_interval: 0s
+    max_in_flight_bytes: 0
 sinks:
   redis:
     url: "redis://127.0.0.1:6379"
@@ -134,14 +135,15 @@ shutdown:
         let text = err.to_string();
         for expected in [
             "c.yaml:7:22: source.kafka.commit_interval must be between 10ms and 10m (found 0s)",
-            "c.yaml:11:22: sinks.redis.connect_timeout must be between 1ms and 10m (found 0s)",
-            "c.yaml:12:23: sinks.redis.retry.initial must be between 1ms and 1h (found 0s)",
+            "c.yaml:12:22: sinks.redis.connect_timeout must be between 1ms and 10m (found 0s)",
+            "c.yaml:13:23: sinks.redis.retry.initial must be between 1ms and 1h (found 0s)",
             "sinks.redis.retry.max must be between 1ms and 1h (found 2h)",
             "sinks.redis.retry.max_attempts must be between 1 and",
             "sinks.cdn[0].timeout must be between 1ms and 10m (found 0s)",
             "sinks.cdn[0].retry.max must be at least sinks.cdn[0].retry.initial (2s)",
             "pipeline.queue_capacity must be between 1 and 10000000 (found 0)",
-            "c.yaml:19:10: shutdown.grace must be between 0s and 1h (found 2h)",
+            "c.yaml:8:26: source.kafka.max_in_flight_bytes must be between 1 and 1099511627776 (found 0)",
+            "c.yaml:20:10: shutdown.grace must be between 0s and 1h (found 2h)",
         ] {
             assert!(text.contains(expected), "{expected}\n{text}");
         }

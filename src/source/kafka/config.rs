@@ -43,9 +43,10 @@ pub struct KafkaConfig {
     /// Reading stops while the events read and not yet finished hold this many bytes of
     /// messages (key and value), until acknowledgements bring them under it. The pipeline's
     /// queues count events (`pipeline.queue_capacity`); this bounds their memory when messages
-    /// are large. An event costs about 2.5 times its message besides a fixed 1 KiB (the copy
-    /// kept for dead letters, the decoded rows), so the default 8 MiB holds about 20 MiB of
-    /// large events; 400-byte messages never reach it (docs/design.md, "Memory").
+    /// are large. An event costs about twice its message plus 1 KiB (the copy kept for dead
+    /// letters, the decoded rows: `benches/event_memory.rs`), so the default 8 MiB holds about
+    /// 17 MiB of large events; 450-byte messages never reach it (docs/design.md, "Memory:
+    /// what bounds what").
     #[serde(default = "default_max_in_flight_bytes")]
     pub max_in_flight_bytes: usize,
     #[serde(skip)]

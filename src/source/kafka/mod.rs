@@ -382,7 +382,7 @@ impl KafkaSource {
         let key = m.key();
         let value = m.payload();
         // What the event holds of the message: its copy for dead letters (an oversized value is
-        // not copied) and the rows decoded from it, in proportion (docs/design.md, "Memory").
+        // not copied), and the rows decoded from it, in proportion (`max_in_flight_bytes`).
         let bytes = key.map_or(0, <[u8]>::len) + value.filter(|v| v.len() <= self.max_message_bytes).map_or(0, <[u8]>::len);
         let mut tracker = lock(&self.tracker);
         let (finished, topic) = tracker.start(m.topic(), m.partition(), m.offset(), bytes);
