@@ -94,8 +94,6 @@ pub mod generation;
 pub mod hash_tags;
 mod pattern;
 pub mod preflight;
-#[cfg(test)]
-mod server_tests;
 mod slot;
 pub mod warm;
 
