@@ -44,7 +44,7 @@ const PING_INTERVAL: Duration = Duration::from_secs(2);
 const DOWN_PING_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Runs the daemon until `shutdown` stops it and everything in flight is finished or abandoned.
-pub async fn run(mut config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: Shutdown) -> Result<(), AppError> {
+pub async fn run(config: Config, rules: Rules, metrics: Arc<Metrics>, shutdown: Shutdown) -> Result<(), AppError> {
     // Hot reload (SIGHUP, file changes), first so SIGHUP is handled from the start; the pipeline
     // picks the current rules once per batch.
     let (reloader, rules) = Reloader::new(&config.rules, Arc::new(rules), metrics.clone());
@@ -68,10 +68,7 @@ pub async fn run(mut config: Config, rules: Rules, metrics: Arc<Metrics>, shutdo
 
     let (tx, rx) = mpsc::channel(config.pipeline.queue_capacity);
     // The Kafka source decodes only the columns the running rules read (`rules::Projection`).
-    if let Some(kafka) = config.source.kafka.as_mut() {
-        kafka.rules = Some(rules.clone());
-    }
-    let source = crate::source::build(&config.source, config.pipeline.queue_capacity, metrics.clone())?;
+    let source = crate::source::build(&config.source, config.pipeline.queue_capacity, &rules, metrics.clone())?;
     tracing::info!(source = source.kind(), "reading changes");
     let stop = shutdown.clone();
     let source_task = tokio::spawn(async move { source.run(tx, stop).await.map_err(AppError::from) });

@@ -219,6 +219,67 @@ async fn cluster_generations_only_move_forward_under_redelivery() {
     generations_only_move_forward(Target::cluster()).await;
 }
 
+/// A batch of many generations, most in one slot: several keys a script call, several calls a
+/// round trip, two round trips (standalone); each key answered for in order: advanced, kept
+/// where it held a higher position, rejected where it holds a hash.
+async fn many_generations_are_each_answered(target: &Target) {
+    let mut con = target.connection();
+    let (sink, _, metrics) = sinks(target);
+    let mut keys: Vec<String> = (0..1100).map(|i| format!("gen:{{many}}:{i}")).collect();
+    keys.extend((0..20).map(|i| format!("gen:other:{i}")));
+    let (mut hashes, mut kept) = (Vec::new(), Vec::new());
+    for (i, key) in keys.iter().enumerate().take(1100) {
+        if i % 50 == 1 {
+            q::<()>(&mut *con, &["HSET", key, "f", "v"]);
+            hashes.push(key.clone());
+        } else if i % 7 == 0 {
+            q::<()>(&mut *con, &["SET", key, "2000"]);
+            kept.push(key.clone());
+        }
+    }
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let batch = generations(&refs, Some(1000));
+
+    let report = invalidate(&sink, &batch).await;
+
+    let total = keys.len() - hashes.len();
+    assert_eq!(report.confirmed, vec![(ItemKind::RedisGeneration, total as u64)]);
+    let items = batch.items(ItemKind::RedisGeneration);
+    let mut rejected: Vec<String> =
+        report.rejected.iter().map(|r| items[r.index].split('\u{1f}').next().unwrap_or_default().to_string()).collect();
+    rejected.sort();
+    hashes.sort();
+    assert_eq!(rejected, hashes, "the keys holding a hash, and they alone");
+    assert!(report.rejected.iter().all(|r| r.reason.contains("holds a hash")), "{:?}", report.rejected[0]);
+    let counted =
+        |outcome| metrics.value("cdc_invalidator_redis_generations_total", &[("sink", "r"), ("outcome", outcome)]);
+    assert_eq!(counted("kept"), kept.len() as f64);
+    assert_eq!(counted("advanced"), (total - kept.len()) as f64);
+    for key in &keys {
+        let held: String = match q::<String>(&mut *con, &["TYPE", key]).as_str() {
+            "hash" => continue,
+            _ => q(&mut *con, &["GET", key]),
+        };
+        let expected = if kept.contains(key) { "2000" } else { "1000" };
+        assert_eq!(held, expected, "{key}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_generations_take_many_keys_a_call() {
+    let target = Target::standalone();
+    let Target::Standalone(server) = &target else { unreachable!() };
+    q::<()>(&mut server.connection(), &["CONFIG", "RESETSTAT"]);
+    many_generations_are_each_answered(&target).await;
+    // 1120 keys: 1024 in the first round trip (4 calls of 256), 96 in the second.
+    assert_eq!(server.command_calls("evalsha"), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_generations_take_many_keys_a_call() {
+    many_generations_are_each_answered(&Target::cluster()).await;
+}
+
 /// A → {B, C}, B → {D, A} (a cycle), C → {D}, D → {E}, E → {F}: with depth 3 from A, B C D E
 /// go (each once, the cycle ends at A), F stays (the bound), and so does `dep:E`, F's
 /// registration. From a tag's members and a pattern's matches too; a `dep:` key that is not

@@ -634,3 +634,128 @@ async fn wait_replicas_holds_the_batch_until_a_replica_has_the_deletes() {
     let mut r = replica.connection();
     assert_eq!(existing(&mut r, &keys), 0, "the replica holds the deletes");
 }
+
+// The fan-out's one-call, one-string protocol (`fanout.lua`, `fanout.rs`): what the records
+// say is what happened in Redis, including when a command fails halfway through a call.
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|i| i.to_string()).collect()
+}
+
+/// Keys, and tags of every kind of answer (gone, emptied in one chunk, needing several chunks,
+/// not a set) in one batch: each record lands on its tag, the keys ride along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_call_answers_for_every_tag_of_a_batch() {
+    let server = RedisServer::start();
+    let mut con = server.connection();
+    set_keys(&mut con, &strings(&["k:1", "k:2", "m:1", "m:2", "m:3", "tag:text"]));
+    tag(&mut con, "tag:small", &strings(&["m:1", "m:2"]));
+    tag(&mut con, "tag:large", &strings(&["m:3", "m:4", "m:5", "m:6", "m:7"]));
+    let mut cfg = config(&server.url());
+    cfg.tag_chunk = 2;
+    let (sink, metrics) = sink(&cfg);
+    redis::cmd("CONFIG").arg("RESETSTAT").exec(&mut con).expect("RESETSTAT");
+
+    let report = sink
+        .invalidate(&batch(&["k:1", "k:2", "k:never"], &["gone", "large", "small", "text"]), &Shutdown::never())
+        .await
+        .expect("invalidated");
+
+    assert_eq!(report.confirmed, vec![(ItemKind::RedisKey, 3), (ItemKind::RedisTag, 3)]);
+    assert_eq!(report.removed, 2, "k:1 and k:2 existed");
+    assert_eq!(report.rejected.len(), 1);
+    assert_eq!((report.rejected[0].kind, report.rejected[0].index), (ItemKind::RedisTag, 3));
+    assert!(report.rejected[0].reason.contains("holds a string"), "{}", report.rejected[0].reason);
+    for key in ["k:1", "k:2", "m:1", "m:2", "m:3", "tag:small", "tag:large"] {
+        assert!(!exists(&mut con, key), "{key} is gone");
+    }
+    assert!(exists(&mut con, "tag:text"), "what is not a set is left alone");
+    assert_eq!(unlinked_members(&metrics), 7.0);
+    // The first call found the script missing; then one call per round (large needs three
+    // chunks of 2), and a single native UNLINK for the keys.
+    assert_eq!(server.command_calls("evalsha"), 4);
+    assert_eq!(server.command_calls("unlink"), 1 + 4, "the keys' UNLINK, and the script's, one per chunk taken");
+    assert_eq!(server.command_calls("type"), 1, "TYPE only names what is not a set");
+}
+
+/// A call stops taking members at its bound: the tags it did not reach go in the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_member_bound_spreads_many_tags_over_calls() {
+    let server = RedisServer::start();
+    let mut con = server.connection();
+    let tags = names("t", 100);
+    for t in &tags {
+        let member = format!("member:{t}");
+        set_keys(&mut con, std::slice::from_ref(&member));
+        tag(&mut con, &format!("tag:{t}"), &[member]);
+    }
+    let mut cfg = config(&server.url());
+    cfg.tag_chunk = 1;
+    let (sink, metrics) = sink(&cfg);
+    redis::cmd("CONFIG").arg("RESETSTAT").exec(&mut con).expect("RESETSTAT");
+
+    let report =
+        sink.invalidate(&Invalidations::of(ItemKind::RedisTag, tags.clone()), &Shutdown::never()).await.expect("ok");
+
+    assert_eq!(report.confirmed, vec![(ItemKind::RedisTag, 100)]);
+    let dbsize: u64 = redis::cmd("DBSIZE").query(&mut con).expect("DBSIZE");
+    assert_eq!(dbsize, 0);
+    assert_eq!(unlinked_members(&metrics), 100.0);
+    // A call takes 40 chunks (`fanout::MEMBER_CHUNKS_PER_CALL`) of `tag_chunk` members at the
+    // most: 40, 40, 20, after the call that found the script missing.
+    assert_eq!(server.command_calls("evalsha"), 1 + 3);
+    assert_eq!(server.command_calls("srandmember"), 100, "no set was touched twice");
+}
+
+/// A command refused inside the call (an ACL that does not cover one member key): the tags
+/// before it are done and counted, the failing one keeps every member, the later ones are not
+/// touched, and the error is Redis's own (here fatal: retrying cannot fix an ACL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_inside_the_call_keeps_what_it_finished() {
+    let server = RedisServer::start();
+    let mut con = server.connection();
+    set_keys(&mut con, &strings(&["ok:1", "ok:2", "ok:3", "ok:4", "bad:1"]));
+    tag(&mut con, "tag:a", &strings(&["ok:1", "ok:2"]));
+    tag(&mut con, "tag:b", &strings(&["ok:3", "bad:1"]));
+    tag(&mut con, "tag:c", &strings(&["ok:4"]));
+    redis::cmd("ACL")
+        .arg(&["SETUSER", "cdc", "on", ">secret", "~tag:*", "~ok:*", "+@all"])
+        .exec(&mut con)
+        .expect("ACL SETUSER");
+    let mut cfg = config(&format!("redis://cdc:secret@127.0.0.1:{}", server.port()));
+    // Were the refusal taken for a transient error, the test fails instead of retrying forever.
+    cfg.retry.max_attempts = Some(3);
+    let (sink, metrics) = sink(&cfg);
+
+    let err = sink.invalidate(&batch(&[], &["a", "b", "c"]), &Shutdown::never()).await.expect_err("refused");
+
+    let SinkError::Fatal(message) = err else { panic!("a fatal error, got {err:?}") };
+    assert!(message.contains("can't access at least one of the keys"), "{message}");
+    assert!(!exists(&mut con, "tag:a") && !exists(&mut con, "ok:1") && !exists(&mut con, "ok:2"), "a is done");
+    let b: Vec<String> = redis::cmd("SMEMBERS").arg("tag:b").query(&mut con).expect("SMEMBERS");
+    assert_eq!(b.len(), 2, "nothing left b's set: {b:?}");
+    assert!(exists(&mut con, "tag:c") && exists(&mut con, "ok:4"), "c was not reached");
+    assert_eq!(unlinked_members(&metrics), 2.0, "a's members, counted once");
+}
+
+/// The dependents cascade reads the members each set gave from the records: any bytes, the
+/// record's separators included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collected_members_of_any_bytes_carry_the_cascade_on() {
+    let server = RedisServer::start();
+    let mut con = server.connection();
+    let odd = "page:1 2:\n3";
+    set_keys(&mut con, &strings(&["root", odd, "leaf"]));
+    tag(&mut con, "dep:root", &strings(&[odd]));
+    tag(&mut con, &format!("dep:{odd}"), &strings(&["leaf"]));
+    let (sink, _) = sink(&config(&server.url()));
+
+    let batch = Invalidations::of(ItemKind::RedisKey, strings(&["root"]))
+        .with(ItemKind::RedisDependents, strings(&["key:root"]));
+    let report = sink.invalidate(&batch, &Shutdown::never()).await.expect("invalidated");
+
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    for key in ["root", odd, "leaf", "dep:root"] {
+        assert!(!exists(&mut con, key), "{key:?} is gone");
+    }
+}

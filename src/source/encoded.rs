@@ -61,7 +61,14 @@ impl Codec {
             }
             _ => None,
         };
-        Ok(Codec { format: config.format, registry, rules: config.rules.clone() })
+        Ok(Codec { format: config.format, registry, rules: None })
+    }
+
+    /// The codec, following `rules`: with the `json` format it decodes only the columns the
+    /// running rules read ([`Codec::projection`]). The daemon's Kafka source alone does this;
+    /// `explain`, `check` and `replay` decode whole rows.
+    pub(crate) fn following(self, rules: watch::Receiver<Arc<Rules>>) -> Codec {
+        Codec { rules: Some(rules), ..self }
     }
 
     /// The start-up check of the registry (none for the `json` format). Credentials the
@@ -523,8 +530,9 @@ mod tests {
         }
     }
 
-    /// The daemon's wiring: a codec built from a `source.kafka` that follows the rules takes the
-    /// running rules' projection (a reload's once it is sent), with the `json` format only.
+    /// A codec that follows the rules ([`Codec::following`], as the daemon's Kafka source's
+    /// does) takes the running rules' projection (a reload's once it is sent), with the `json`
+    /// format only.
     #[test]
     fn the_codec_projects_the_running_rules_with_the_json_format_only() {
         use std::path::Path;
@@ -540,15 +548,14 @@ mod tests {
         let first =
             rules("version: 1\nrules:\n  - name: a\n    table: public.products\n    redis: { keys: [\"p:{id}\"] }\n");
         let (tx, rx) = tokio::sync::watch::channel(first.clone());
-        let config = |format: &str| {
-            let mut config: KafkaConfig = serde_json::from_value(
+        let following = |format: &str| {
+            let config: KafkaConfig = serde_json::from_value(
                 serde_json::json!({"brokers": "localhost:9092", "topics": ["t"], "format": format}),
             )
             .unwrap_or_else(|e| panic!("{e}"));
-            config.rules = Some(rx.clone());
-            config
+            Codec::new(&config, None).unwrap_or_else(|e| panic!("{e}")).following(rx.clone())
         };
-        let codec = Codec::new(&config("json"), None).unwrap_or_else(|e| panic!("{e}"));
+        let codec = following("json");
         assert_eq!(codec.projection().map(|p| p.id()), Some(first.projection().id()));
         let reloaded =
             rules("version: 1\nrules:\n  - name: b\n    table: public.products\n    redis: { keys: [\"s:{slug}\"] }\n");
@@ -566,7 +573,7 @@ mod tests {
         assert_eq!(after.keys().collect::<Vec<_>>(), ["slug"]);
 
         // Another format never projects, whatever it is given.
-        let auto = Codec::new(&config("auto"), None).unwrap_or_else(|e| panic!("{e}"));
+        let auto = following("auto");
         assert!(auto.projection().is_none());
         let whole = auto.decode_projected(&plain, topic, None, Some(&value), Some(&projection));
         assert_eq!(whole, codec.decode(&plain, topic, None, Some(&value)));

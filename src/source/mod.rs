@@ -24,10 +24,11 @@ use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 use serde::Deserialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::{Origin, Problem};
 use crate::event::Decoded;
+use crate::rules::Rules;
 use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
 
@@ -36,6 +37,13 @@ pub mod encoded;
 pub mod registry;
 pub(crate) mod temporal;
 pub mod watermark;
+
+/// The integration tests' change events and rules (`tests/support/events.rs`, std only), for
+/// the unit tests below too: one text of the pipeline tests' rules.
+#[cfg(test)]
+#[path = "../../tests/support/events.rs"]
+#[allow(dead_code)]
+mod test_events;
 
 /// Where change events come from: the other end of the pipeline from [`crate::sink::Sink`].
 ///
@@ -64,8 +72,14 @@ pub(crate) trait SourceSection {
     fn check(&self, _origin: &Origin, _problems: &mut Vec<Problem>) {}
 
     /// The configured source (no network traffic yet: that starts with [`Source::run`]).
-    /// `queue_capacity`: the pipeline's source queue.
-    fn build(&self, queue_capacity: usize, metrics: Arc<Metrics>) -> Result<Box<dyn Source>, SourceError>;
+    /// `queue_capacity`: the pipeline's source queue. `rules`: the daemon's running rules, for
+    /// a source that decodes only the columns they read ([`crate::rules::Projection`]).
+    fn build(
+        &self,
+        queue_capacity: usize,
+        rules: &watch::Receiver<Arc<Rules>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Box<dyn Source>, SourceError>;
 
     /// The PostgreSQL cluster the source reads from, if it reads one: the read replicas that
     /// gate the second pass must replicate that very cluster (`freshness`).
@@ -173,14 +187,17 @@ impl SourceConfig {
 }
 
 /// The configured source (no network traffic yet: that starts with [`Source::run`]).
-/// `queue_capacity`: the pipeline's source queue (the Kafka prefetch is sized from it).
+/// `queue_capacity`: the pipeline's source queue. `rules`: the daemon's running rules (hot
+/// reloads included); the Kafka source decodes only the columns they read, the PostgreSQL
+/// source whole rows.
 pub fn build(
     config: &SourceConfig,
     queue_capacity: usize,
+    rules: &watch::Receiver<Arc<Rules>>,
     metrics: Arc<Metrics>,
 ) -> Result<Box<dyn Source>, SourceError> {
     let section = config.section().ok_or(SourceError::NotConfigured(config.kind.as_str()))?;
-    section.build(queue_capacity, metrics)
+    section.build(queue_capacity, rules, metrics)
 }
 
 /// Where an event sits in its source; printed in dead letters and logs.

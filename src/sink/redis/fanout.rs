@@ -83,7 +83,7 @@ use crate::sink::{ItemKind, Rejected};
 
 /// Standalone: the members one call takes at most, in chunks (`tag_chunk`): with the largest
 /// `tag_chunk` (5000), 200k members per call.
-pub(super) const MEMBER_CHUNKS_PER_CALL: u64 = 40;
+const MEMBER_CHUNKS_PER_CALL: u64 = 40;
 
 /// Standalone: tags one call names at most. Each set a call reaches costs Redis a few
 /// microseconds besides its members (about 8 for a one-member set, measured on the 2-core

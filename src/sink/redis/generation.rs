@@ -17,7 +17,7 @@
 //!
 //! The rules render the key; intake ([`stamp`], called by the pipeline for every event) then
 //! appends the event's position to each generation item as `key \x1f position`. So a batch's
-//! union keeps, for one key, one item per distinct position, and the sink sends one script call
+//! union keeps, for one key, one item per distinct position, and the sink asks the script once
 //! per key with the highest of them ([`highest_per_key`]): coalescing keeps the maximum.
 //! `explain` shows the keys as rendered (it has no position).
 //!
@@ -26,16 +26,21 @@
 //! `generation.lua` compares the position with what the key holds as decimal digit strings
 //! (exact for all 64 bits, where Lua's doubles are not) and sets it only when higher: a
 //! redelivered or older event never moves a generation back, and a second pass or a retry is
-//! harmless. It touches one key, so in a cluster each call goes to that key's slot (calls are
-//! grouped into one pipeline per slot). A key holding another type, or a string that is not a
-//! number, is left alone and the item rejected with the reason.
+//! harmless. A key holding another type, or a string that is not a number, is left alone and
+//! the item rejected with the reason.
+//!
+//! One call takes up to [`KEYS_PER_CALL`] keys (in a cluster, keys of one slot: calls are
+//! grouped into one pipeline per slot) and answers one bulk string of line records, one per
+//! key ([`answers`]), not an array per key: the client's parser costs about a thousand
+//! instructions per RESP value it reads (`fanout.rs`, "One call for many tags, one string
+//! back"), and a generation is asked for on every event that renders one.
 
 use std::collections::BTreeMap;
 
 use redis::Value;
 
 use super::connection::{item, CommandError};
-use super::{slot, text, Backend, RedisSink};
+use super::{slot, Backend, RedisSink};
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, Rejected, SinkError};
 use crate::source::{Position, SourceEvent};
@@ -45,8 +50,12 @@ use crate::telemetry::events::sink_redis::{GenerationKeyWrongType, GenerationOut
 /// reasonable key holds, and the position is all digits, so the last one splits them exactly.
 const SEPARATOR: char = '\u{1f}';
 
-/// Script calls per round trip (standalone).
-const CALLS_PER_ROUND: usize = 1000;
+/// Keys one script call takes at most: its bound on how long it holds Redis (a GET and a SET
+/// a key, about a millisecond in all), as `fanout.rs`'s `TAGS_PER_CALL` is.
+const KEYS_PER_CALL: usize = 256;
+
+/// Keys per round trip (standalone): four calls.
+const KEYS_PER_ROUND: usize = 4 * KEYS_PER_CALL;
 
 /// The source position of an event for its generations (see the module docs); `None` when it
 /// has none that can be trusted to grow.
@@ -84,27 +93,28 @@ fn split(item: &str) -> Option<(&str, u64)> {
     Some((key, position.parse().ok()?))
 }
 
-/// One script call: a key, the highest position asked for it, and the items that asked.
+/// One key to advance: the highest position asked for it, and the items that asked.
 #[derive(Debug, PartialEq, Eq)]
-struct Call {
+struct Advance {
     key: String,
     position: u64,
     items: Vec<usize>,
 }
 
-/// The batch's items as one call per key with the highest position, and the indexes of items
+/// The batch's items as one advance per key, to the highest position, and the indexes of items
 /// without a position.
-fn highest_per_key(items: &[String]) -> (Vec<Call>, Vec<usize>) {
-    let mut by_key: BTreeMap<&str, Call> = BTreeMap::new();
+fn highest_per_key(items: &[String]) -> (Vec<Advance>, Vec<usize>) {
+    let mut by_key: BTreeMap<&str, Advance> = BTreeMap::new();
     let mut unstamped = Vec::new();
     for (index, item) in items.iter().enumerate() {
         let Some((key, position)) = split(item) else {
             unstamped.push(index);
             continue;
         };
-        let call = by_key.entry(key).or_insert_with(|| Call { key: key.to_string(), position, items: Vec::new() });
-        call.position = call.position.max(position);
-        call.items.push(index);
+        let advance =
+            by_key.entry(key).or_insert_with(|| Advance { key: key.to_string(), position, items: Vec::new() });
+        advance.position = advance.position.max(position);
+        advance.items.push(index);
     }
     (by_key.into_values().collect(), unstamped)
 }
@@ -117,16 +127,36 @@ enum Answer {
     NotAGeneration(String),
 }
 
-fn answer(reply: Value) -> Result<Answer, CommandError> {
+/// One call's reply: the records of its `keys` keys, in order (`generation.lua`). Anything
+/// else (another count, an unknown record, a record without its newline) is an error.
+fn answers(reply: Value, keys: usize) -> Result<Vec<Answer>, CommandError> {
     let reply = item(reply).map_err(CommandError::Redis)?;
-    let unexpected = || CommandError::UnexpectedReply(format!("the generation script answered {reply:?}"));
-    let Value::Array(fields) = &reply else { return Err(unexpected()) };
-    match fields.as_slice() {
-        [Value::Int(1), _] => Ok(Answer::Advanced),
-        [Value::Int(0), _] => Ok(Answer::Kept),
-        [Value::Int(-1), what] => Ok(Answer::NotAGeneration(text(what).ok_or_else(unexpected)?)),
-        _ => Err(unexpected()),
+    let unexpected = |what: String| CommandError::UnexpectedReply(format!("the generation script {what}"));
+    let records = match &reply {
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
+        _ => None,
     }
+    .ok_or_else(|| unexpected(format!("answered {reply:?}")))?;
+    let mut out = Vec::with_capacity(keys);
+    let mut rest = records;
+    while !rest.is_empty() {
+        let Some((record, after)) = rest.split_once('\n') else {
+            return Err(unexpected(format!("answered {records:?}: a record without its newline")));
+        };
+        rest = after;
+        out.push(match record {
+            "1" => Answer::Advanced,
+            "0" => Answer::Kept,
+            _ => match record.strip_prefix("-1 ") {
+                Some(what) if !what.is_empty() => Answer::NotAGeneration(what.to_string()),
+                _ => return Err(unexpected(format!("answered {record:?} for a key"))),
+            },
+        });
+    }
+    if out.len() != keys {
+        return Err(unexpected(format!("answered for {} keys of {keys}", out.len())));
+    }
+    Ok(out)
 }
 
 /// The script. Every pipeline of calls starts with `SCRIPT LOAD` (a kilobyte, once per round
@@ -141,31 +171,50 @@ impl GenerationScript {
         GenerationScript { script: redis::Script::new(include_str!("generation.lua")) }
     }
 
-    fn call(&self, call: &Call) -> redis::Cmd {
+    /// One call for `keys` (at most [`KEYS_PER_CALL`]): the keys, then their positions.
+    fn call(&self, keys: &[&Advance]) -> redis::Cmd {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash()).arg(1).arg(&call.key).arg(call.position);
+        cmd.arg(self.script.get_hash()).arg(keys.len());
+        for advance in keys {
+            cmd.arg(&advance.key);
+        }
+        for advance in keys {
+            cmd.arg(advance.position);
+        }
         cmd
     }
 
-    /// A pipeline of the calls, after SCRIPT LOAD.
-    fn pipeline<'c>(&self, calls: impl IntoIterator<Item = &'c Call>) -> redis::Pipeline {
+    /// A pipeline of calls for `keys`, [`KEYS_PER_CALL`] a call, after SCRIPT LOAD.
+    fn pipeline<'a>(&self, keys: impl IntoIterator<Item = &'a Advance>) -> redis::Pipeline {
+        let keys: Vec<&Advance> = keys.into_iter().collect();
         let mut pipe = redis::pipe();
         pipe.cmd("SCRIPT").arg("LOAD").arg(include_str!("generation.lua"));
-        for call in calls {
+        for call in keys.chunks(KEYS_PER_CALL) {
             pipe.add_command(self.call(call));
         }
         pipe
     }
 }
 
-/// The replies of [`GenerationScript::pipeline`] (WAIT's taken off): SCRIPT LOAD's, then one
-/// per call.
-fn read_replies(replies: Vec<Value>) -> Result<Vec<Answer>, CommandError> {
+/// The replies of [`GenerationScript::pipeline`] for `keys` keys (WAIT's taken off): SCRIPT
+/// LOAD's, then one per call; an answer per key, in order.
+fn read_replies(replies: Vec<Value>, keys: usize) -> Result<Vec<Answer>, CommandError> {
     let mut replies = replies.into_iter();
     if let Some(loaded) = replies.next() {
         item(loaded).map_err(CommandError::Redis)?;
     }
-    replies.map(answer).collect()
+    let mut out = Vec::with_capacity(keys);
+    for reply in replies {
+        let left = keys.saturating_sub(out.len());
+        if left == 0 {
+            return Err(CommandError::UnexpectedReply("a generation reply for a call that was not made".into()));
+        }
+        out.extend(answers(reply, left.min(KEYS_PER_CALL))?);
+    }
+    if out.len() != keys {
+        return Err(CommandError::UnexpectedReply(format!("generation answers for {} keys of {keys}", out.len())));
+    }
+    Ok(out)
 }
 
 /// What a batch's generations came to.
@@ -193,7 +242,9 @@ impl RedisSink {
                     .iter()
                     .map(|(slot, here)| (*slot, self.generation.pipeline(here.iter().filter_map(|&i| calls.get(i)))))
                     .collect();
-                let per_slot = self.slot_pipelines(cluster, &pipes, read_replies, shutdown).await?;
+                let keys: Vec<usize> = by_slot.values().map(Vec::len).collect();
+                let read = |pipe: usize, replies| read_replies(replies, keys.get(pipe).copied().unwrap_or(0));
+                let per_slot = self.slot_pipelines(cluster, &pipes, read, shutdown).await?;
                 let mut answers: Vec<Option<Answer>> = vec![None; calls.len()];
                 for ((_, calls_here), slot_answers) in by_slot.iter().zip(per_slot) {
                     for (&i, a) in calls_here.iter().zip(slot_answers) {
@@ -238,10 +289,10 @@ impl RedisSink {
     }
 
     /// Standalone or Sentinel: rounds of script calls, each followed by WAIT when configured.
-    async fn generations_single(&self, calls: &[Call], shutdown: &Shutdown) -> Result<Vec<Answer>, SinkError> {
+    async fn generations_single(&self, calls: &[Advance], shutdown: &Shutdown) -> Result<Vec<Answer>, SinkError> {
         let Backend::Single(connection) = &self.backend else { return Ok(Vec::new()) };
         let mut all = Vec::with_capacity(calls.len());
-        for round in calls.chunks(CALLS_PER_ROUND) {
+        for round in calls.chunks(KEYS_PER_ROUND) {
             let pipe = &self.generation.pipeline(round);
             let got = self
                 .with_retries(shutdown, move || async move {
@@ -249,7 +300,7 @@ impl RedisSink {
                     let plan = self.add_wait(&mut pipe, 0);
                     let mut replies = connection.round_trip(&pipe).await?;
                     self.check_wait(plan, &mut replies)?;
-                    read_replies(replies)
+                    read_replies(replies, round.len())
                 })
                 .await?;
             all.extend(got);
@@ -288,13 +339,55 @@ mod tests {
 
     #[test]
     fn script_replies_are_read_and_nonsense_is_an_error() {
-        let arr = |v: Vec<Value>| Value::Array(v);
-        assert_eq!(answer(arr(vec![Value::Int(1), Value::BulkString(b"5".to_vec())])).unwrap(), Answer::Advanced);
-        assert_eq!(answer(arr(vec![Value::Int(0), Value::BulkString(b"9".to_vec())])).unwrap(), Answer::Kept);
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let read = answers(bulk("1\n0\n-1 hash\n-1 string that is not a decimal number\n"), 4);
         assert_eq!(
-            answer(arr(vec![Value::Int(-1), Value::SimpleString("hash".into())])).unwrap(),
-            Answer::NotAGeneration("hash".into())
+            read.unwrap_or_else(|e| panic!("{e}")),
+            [
+                Answer::Advanced,
+                Answer::Kept,
+                Answer::NotAGeneration("hash".into()),
+                Answer::NotAGeneration("string that is not a decimal number".into())
+            ]
         );
-        assert!(matches!(answer(Value::Okay), Err(CommandError::UnexpectedReply(_))));
+        for (nonsense, keys) in [
+            (Value::Okay, 1),
+            (Value::Array(vec![Value::Int(1), bulk("5")]), 1),
+            (Value::Int(1), 1),
+            (bulk("1\n0\n"), 1),
+            (bulk("1\n"), 2),
+            (bulk("1"), 1),
+            (bulk("1\n0"), 2),
+            (bulk("2\n"), 1),
+            (bulk("-1 \n"), 1),
+            (bulk("-1\n"), 1),
+            (bulk(" 1\n"), 1),
+            (bulk("\n"), 1),
+            (Value::BulkString(vec![0xff, b'\n']), 1),
+        ] {
+            let read = answers(nonsense.clone(), keys);
+            assert!(matches!(read, Err(CommandError::UnexpectedReply(_))), "{nonsense:?} for {keys}: {read:?}");
+        }
+    }
+
+    /// A pipeline's replies: SCRIPT LOAD's, then a call's per [`KEYS_PER_CALL`] keys, whose
+    /// counts must be those of the calls made.
+    #[test]
+    fn a_pipelines_replies_give_one_answer_per_key_in_order() {
+        let records = |n: usize, record: &str| Value::BulkString(record.repeat(n).into_bytes());
+        let loaded = || Value::BulkString(b"sha".to_vec());
+        let keys = KEYS_PER_CALL + 3;
+        let replies = vec![loaded(), records(KEYS_PER_CALL, "1\n"), records(3, "0\n")];
+        let read = read_replies(replies, keys).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read.len(), keys);
+        assert!(read[..KEYS_PER_CALL].iter().all(|a| *a == Answer::Advanced));
+        assert!(read[KEYS_PER_CALL..].iter().all(|a| *a == Answer::Kept));
+        for wrong in [
+            vec![loaded(), records(KEYS_PER_CALL, "1\n")],
+            vec![loaded(), records(keys, "1\n")],
+            vec![loaded(), records(KEYS_PER_CALL, "1\n"), records(3, "0\n"), records(1, "0\n")],
+        ] {
+            assert!(matches!(read_replies(wrong, keys), Err(CommandError::UnexpectedReply(_))));
+        }
     }
 }

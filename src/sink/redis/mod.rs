@@ -94,8 +94,6 @@ pub mod generation;
 pub mod hash_tags;
 mod pattern;
 pub mod preflight;
-#[cfg(test)]
-mod server_tests;
 mod slot;
 pub mod warm;
 
@@ -395,13 +393,14 @@ impl RedisSink {
                 (*slot, pipe)
             })
             .collect();
-        let removed = self.slot_pipelines(cluster, &pipes, sum_of_ints, shutdown).await?;
+        let removed = self.slot_pipelines(cluster, &pipes, |_, replies| sum_of_ints(replies), shutdown).await?;
         Ok(removed.into_iter().sum())
     }
 
     /// Cluster mode: one pipeline per hash slot (each followed by WAIT when configured), all
     /// sent at once; a retry sends again only the slots not yet confirmed. `parse` turns a
-    /// slot's replies (WAIT's taken off) into its result; the results in `pipes` order.
+    /// slot's replies (WAIT's taken off) into its result, given the pipeline's index in
+    /// `pipes` (what it asked); the results in `pipes` order.
     async fn slot_pipelines<T, P>(
         &self,
         cluster: &Cluster,
@@ -410,7 +409,7 @@ impl RedisSink {
         shutdown: &Shutdown,
     ) -> Result<Vec<T>, SinkError>
     where
-        P: Fn(Vec<Value>) -> Result<T, CommandError>,
+        P: Fn(usize, Vec<Value>) -> Result<T, CommandError>,
     {
         // Each slot's result once its pipeline is confirmed (a retried slot is not recounted).
         let done: Mutex<Vec<Option<T>>> = Mutex::new(pipes.iter().map(|_| None).collect());
@@ -425,7 +424,7 @@ impl RedisSink {
                         let (pipe, plan) = self.waiting(pipe, *slot);
                         let mut replies = cluster.pipeline(&pipe).await?;
                         self.check_wait(plan, &mut replies)?;
-                        parse(replies)
+                        parse(i, replies)
                     });
                 }
             }

@@ -12,17 +12,9 @@ use std::time::Instant;
 use super::{decode_keeping, onepass, DecodeError, Placeholders};
 use crate::event::{Decoded, Row};
 use crate::rules::{Projection, Rules};
+// The rules of the pipeline tests (`tests/support/events.rs`): two columns of one table.
+use crate::source::test_events::RULES as PIPELINE;
 use crate::source::{Ack, Position, RawMessage, SourceEvent};
-
-/// The rules of the pipeline tests (`tests/support/events.rs`): two columns of one table.
-const PIPELINE: &str = r#"version: 1
-rules:
-  - name: product-pages
-    table: public.products
-    redis:
-      keys: ["product:{id}"]
-      tags: ["category:{category_id}"]
-"#;
 
 /// A glob matching every table, reading columns most tables lack (errors), and a table-wide
 /// glob beside an exact rule of a table it matches.

@@ -11,9 +11,11 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::KafkaError;
 use serde::Deserialize;
+use tokio::sync::watch;
 
 use crate::config::ranges::{Ranges, TEN_MINUTES};
 use crate::config::{duration, relative_to, Origin, Problem, Scalar, Secret};
+use crate::rules::Rules;
 use crate::source::{Source, SourceError, SourceSection};
 use crate::telemetry::Metrics;
 
@@ -62,10 +64,6 @@ pub struct KafkaConfig {
     pub format: KafkaFormat,
     /// Where Avro/Protobuf schemas are fetched by id; required unless `format` is `json`.
     pub schema_registry: Option<SchemaRegistryConfig>,
-    /// Not configuration: the daemon's running rules (`app::run`), whose columns alone the
-    /// source decodes (`crate::source::encoded::Codec::projection`); `None`: whole rows.
-    #[serde(skip)]
-    pub rules: Option<tokio::sync::watch::Receiver<Arc<crate::rules::Rules>>>,
 }
 
 /// `source.kafka.format`.
@@ -201,9 +199,14 @@ impl SourceSection for KafkaConfig {
         }
     }
 
-    fn build(&self, _queue_capacity: usize, metrics: Arc<Metrics>) -> Result<Box<dyn Source>, SourceError> {
+    fn build(
+        &self,
+        _queue_capacity: usize,
+        rules: &watch::Receiver<Arc<Rules>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Box<dyn Source>, SourceError> {
         // The prefetch no longer follows the pipeline's queue (prefetch.rs).
-        Ok(Box::new(super::KafkaSource::new(self, metrics)?))
+        Ok(Box::new(super::KafkaSource::new(self, metrics)?.with_rules(rules.clone())))
     }
 }
 

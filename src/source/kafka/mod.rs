@@ -36,12 +36,13 @@ use rdkafka::config::ClientConfig;
 use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, MessageStream, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use self::context::{commit_async, commit_list, lock, KafkaContext};
 use self::tracker::Tracker;
 use crate::config::KafkaConfig;
 use crate::event::Decoded;
+use crate::rules::Rules;
 use crate::shutdown::Shutdown;
 use crate::source::{ack_channel, Ack, AckSender, Completions, Malformed, Position, RawMessage, SourceEvent};
 use crate::telemetry::events::source::{CommitStage, OffsetCommitFailed, OffsetsCommitted};
@@ -165,6 +166,12 @@ impl KafkaSource {
             commit_ticks: Default::default(),
             codec,
         })
+    }
+
+    /// The source, decoding only the columns the running `rules` read (the `json` format:
+    /// `crate::source::encoded::Codec::projection`); without this, whole rows.
+    pub(crate) fn with_rules(self, rules: watch::Receiver<Arc<Rules>>) -> KafkaSource {
+        KafkaSource { codec: self.codec.following(rules), ..self }
     }
 
     /// Reads until `shutdown` stops intake, then keeps committing while the pipeline drains, and

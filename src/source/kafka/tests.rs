@@ -51,7 +51,6 @@ fn kafka_config(bootstrap: &str, group: &str, topic: &str) -> KafkaConfig {
         group_instance_id: None,
         format: Default::default(),
         schema_registry: None,
-        rules: None,
     }
 }
 
@@ -192,6 +191,88 @@ async fn reading_stops_at_max_in_flight_bytes_until_acknowledgements_free_them()
 async fn a_backlog_read_in_bursts_commits_everything_with_acks_one_by_one() {
     let (committed, produced) = read_backlog(16, 7, false, 1200).await;
     assert_eq!(committed, produced);
+}
+
+/// A source reading into a channel, and what stops it.
+struct Reading {
+    trigger: crate::shutdown::ShutdownTrigger,
+    events: mpsc::Receiver<SourceEvent>,
+    run: tokio::task::JoinHandle<Result<(), crate::source::SourceError>>,
+}
+
+impl Reading {
+    fn start(source: Box<dyn Source>) -> Reading {
+        let (trigger, shutdown) = crate::shutdown::channel();
+        let (out, events) = mpsc::channel::<SourceEvent>(16);
+        Reading { trigger, events, run: tokio::spawn(source.run(out, shutdown)) }
+    }
+
+    /// The columns of the next event's new row image, and the rules load they were decoded
+    /// for (`None`: whole rows). The event's ack is dropped (it would be redelivered).
+    async fn next_columns(&mut self) -> (Option<crate::event::ProjectionId>, String) {
+        let event = tokio::time::timeout(Duration::from_secs(30), self.events.recv()).await;
+        let event = event.ok().flatten().expect("an event in 30 s");
+        let Ok(crate::event::Decoded::Change(change)) = &event.decoded else { panic!("{:?}", event.decoded) };
+        let after = change.after.as_ref().expect("a new row image");
+        let mut columns: Vec<&str> = after.keys().collect();
+        columns.sort_unstable();
+        (after.projection(), columns.join(","))
+    }
+
+    async fn stop(self) {
+        self.trigger.stop_intake();
+        drop(self.events);
+        let stopped = tokio::time::timeout(Duration::from_secs(30), self.run).await;
+        stopped.expect("source stops").expect("task").expect("run");
+    }
+}
+
+/// The daemon's source (`source::build`, as `app::run` makes it) decodes only the columns the
+/// running rules read, a reload's from the next message on; a source made without the rules
+/// (the benchmarks) decodes whole rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemons_source_decodes_only_the_columns_the_running_rules_read() {
+    use crate::rules::Rules;
+    use crate::source::SourceConfig;
+
+    let producer = mock_cluster();
+    let cluster = producer.client().mock_cluster().expect("mock cluster");
+    let bootstrap = cluster.bootstrap_servers();
+    let topic = "projection.public.products";
+    cluster.create_topic(topic, 1, 1).expect("create topic");
+    let produce = |id: usize| {
+        let (key, value) = (format!("{{\"id\":{id}}}"), update(id));
+        let producer = producer.clone();
+        async move {
+            let record = FutureRecord::to(topic).key(&key).payload(&value);
+            producer.send(record, Duration::from_secs(10)).await.expect("produce");
+        }
+    };
+    let parse = |text: &str| Arc::new(Rules::parse(text, std::path::Path::new("rules.yaml")).expect("rules"));
+    let slugs = parse(
+        "version: 1\nrules:\n  - name: slugs\n    table: public.products\n    redis: { keys: [\"s:{slug}\"] }\n",
+    );
+    let (reload, rules) = tokio::sync::watch::channel(slugs.clone());
+    let config: SourceConfig = serde_json::from_value(serde_json::json!({
+        "kind": "kafka",
+        "kafka": {"brokers": bootstrap, "group_id": "g-projected", "topics": [topic]},
+    }))
+    .expect("source config");
+    let metrics = Arc::new(Metrics::new());
+
+    let mut reading = Reading::start(crate::source::build(&config, 16, &rules, metrics.clone()).expect("source"));
+    produce(1).await;
+    assert_eq!(reading.next_columns().await, (Some(slugs.projection().id()), "slug".to_string()));
+    let reloaded = parse(crate::source::test_events::RULES);
+    reload.send(reloaded.clone()).expect("reload");
+    produce(2).await;
+    assert_eq!(reading.next_columns().await, (Some(reloaded.projection().id()), "category_id,id".to_string()));
+    reading.stop().await;
+
+    let whole = KafkaSource::new(&kafka_config(&bootstrap, "g-whole", topic), metrics).expect("source");
+    let mut reading = Reading::start(Box::new(whole));
+    assert_eq!(reading.next_columns().await, (None, "category_id,id,name,price,slug".to_string()));
+    reading.stop().await;
 }
 
 /// Starts `offsets` (even ones in partition 0, odd ones in 1), each holding as many bytes as its

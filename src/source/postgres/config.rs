@@ -259,9 +259,12 @@ impl crate::source::SourceSection for PostgresConfig {
         PostgresConfig::validate(self, origin, problems);
     }
 
+    /// Whole rows, whatever the rules read: column projection is the Kafka source's (its JSON
+    /// decoder's, `crate::rules::Projection`).
     fn build(
         &self,
         _queue_capacity: usize,
+        _rules: &tokio::sync::watch::Receiver<std::sync::Arc<crate::rules::Rules>>,
         metrics: std::sync::Arc<crate::telemetry::Metrics>,
     ) -> Result<Box<dyn crate::source::Source>, crate::source::SourceError> {
         Ok(Box::new(super::PostgresSource::new(self, metrics)?))
