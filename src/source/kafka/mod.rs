@@ -63,11 +63,19 @@ pub enum KafkaSourceError {
 /// At most this many messages are handed over per pass of `consume`'s select (`burst`).
 const BURST: i64 = 64;
 
+/// Bursts being decoded beside the source task at most (`consume`): the source reads no more
+/// until the oldest is done. Decoding is most of a message's cost; on the source task it made
+/// the source the pipeline's critical path (docs/benchmarks.md, "Where the daemon's time goes
+/// while catching up"), while another worker had time to spare.
+const DECODING: usize = 4;
+
 /// How a burst ended.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Burst {
-    /// Stop reading: shutdown during a schema lookup, or the pipeline is gone.
+    /// Stop reading: shutdown during a schema lookup.
     stop: bool,
+    /// The messages read, tracked, for a decoding task.
+    tracked: Vec<Tracked>,
 }
 
 /// Applies the completions of `first` and of everything already queued behind it to the
@@ -106,8 +114,20 @@ pub struct KafkaSource {
     max_in_flight_bytes: usize,
     /// Commit ticks so far (for the periodic refresh).
     commit_ticks: std::sync::atomic::AtomicU64,
-    /// `source.kafka.format` and its schema registry.
-    codec: crate::source::encoded::Codec,
+    /// `source.kafka.format` and its schema registry; shared with the decoding tasks.
+    codec: Arc<crate::source::encoded::Codec>,
+}
+
+/// A message tracked and copied by the source task, to be decoded by a decoding task.
+struct Tracked {
+    position: Position,
+    raw: RawMessage,
+    /// The reason the value was not copied (over `max_message_bytes`): the event is malformed.
+    oversized: Option<Malformed>,
+    logged_at: Option<SystemTime>,
+    received: Instant,
+    ack: Ack,
+    resolved: crate::source::encoded::Resolved,
 }
 
 /// The librdkafka settings for a consumer, before passthrough: exposed for tests and `check`.
@@ -164,7 +184,7 @@ impl KafkaSource {
             max_message_bytes: config.max_message_bytes,
             max_in_flight_bytes: config.max_in_flight_bytes,
             commit_ticks: Default::default(),
-            codec,
+            codec: Arc::new(codec),
         })
     }
 
@@ -189,6 +209,9 @@ impl KafkaSource {
         // took effect). Bounded by librdkafka's prefetch, which pausing stops.
         let mut held: VecDeque<SourceEvent> = VecDeque::new();
         let mut paused = false;
+        // Bursts being decoded, oldest first: their events are handed over in this order, so
+        // the pipeline sees each partition's events in offset order as before.
+        let mut decoding: VecDeque<tokio::task::JoinHandle<Vec<SourceEvent>>> = VecDeque::new();
         // Since when reading has been held back: the queue is full (`held` is not empty), or
         // the events in flight hold `max_in_flight_bytes`. Normal under load (the pipeline is
         // busy with a batch): we just stop reading for a moment and librdkafka's prefetch
@@ -239,11 +262,24 @@ impl KafkaSource {
                     self.set_paused(true);
                     paused = true;
                 }
+                decoded = oldest(&mut decoding), if !decoding.is_empty() => match decoded {
+                    Ok(events) => {
+                        if hand_over(events, &out, &mut held) {
+                            break;
+                        }
+                    }
+                    // Not reachable (decoding does not panic); the burst's acks are dropped, so
+                    // its offsets are never committed and it is read again after a restart.
+                    Err(e) => tracing::error!(error = %e, "a decoding task failed"),
+                },
                 // While holding, read only once paused (to keep serving callbacks; at most what
                 // was already prefetched arrives, and waits in `held`).
-                msg = stream.next(), if !holding || paused => match msg {
+                msg = stream.next(), if (!holding || paused) && decoding.len() < DECODING => match msg {
                     Some(Ok(m)) => {
-                        let burst = self.burst(m, &mut stream, &out, &ack_tx, &mut held, &shutdown).await;
+                        let burst = self.burst(m, &mut stream, &ack_tx, &held, &shutdown).await;
+                        if !burst.tracked.is_empty() {
+                            decoding.push_back(self.decode(burst.tracked));
+                        }
                         if burst.stop {
                             break;
                         }
@@ -262,6 +298,10 @@ impl KafkaSource {
             "source stopped reading; waiting for in-flight events"
         );
         drop(held);
+        // Their events were never handed over either.
+        for task in decoding {
+            task.abort();
+        }
         drop(ack_tx);
         drop(out);
         self.set_paused(true);
@@ -283,11 +323,12 @@ impl KafkaSource {
         Ok(())
     }
 
-    /// Hands over `first` and then the messages librdkafka already holds, without going back
+    /// Tracks `first` and then the messages librdkafka already holds, without going back
     /// through the `select!` in `consume` for each (its futures, wakers and locks cost more
-    /// than a small message's tracking): at most [`BURST`] messages, and only while the
-    /// pipeline queue takes them and the events in flight hold less than `max_in_flight_bytes`
-    /// (so at most one message over it). The gauges and clocks are read once per burst.
+    /// than a small message's tracking): at most [`BURST`] messages, and only while the events
+    /// in flight hold less than `max_in_flight_bytes` (so at most one message over it). They
+    /// are decoded by a task of their own ([`KafkaSource::decode`]) and handed over in order
+    /// by `consume`. The gauges and clocks are read once per burst.
     ///
     /// Each message is tracked (`Tracker::start`) before the consumer is polled again: a poll
     /// may run a rebalance callback that revokes its partition, which must find it tracked (its
@@ -299,15 +340,12 @@ impl KafkaSource {
         &'c self,
         first: BorrowedMessage<'c>,
         stream: &mut MessageStream<'c, KafkaContext>,
-        out: &mpsc::Sender<SourceEvent>,
         ack_tx: &AckSender,
-        held: &mut VecDeque<SourceEvent>,
+        held: &VecDeque<SourceEvent>,
         shutdown: &Shutdown,
     ) -> Burst {
         let mut result = Burst::default();
         let received = Instant::now();
-        // The columns the running rules read, taken once per burst.
-        let projection = self.codec.projection();
         let mut n = 0;
         let mut next = Some(first);
         while let Some(m) = next.take() {
@@ -318,25 +356,12 @@ impl KafkaSource {
                 result.stop = true;
                 break;
             };
-            let (ev, over_budget) = self.to_event(&m, ack_tx, &resolved, projection.as_deref(), received);
+            let (tracked, over_budget) = self.track(&m, ack_tx, resolved, received);
+            result.tracked.push(tracked);
             n += 1;
-            if !held.is_empty() {
-                // Paused: read one at a time, only to keep the consumer polled.
-                held.push_back(ev);
-                break;
-            }
-            match out.try_send(ev) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(ev)) => {
-                    held.push_back(ev);
-                    break;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    result.stop = true;
-                    break;
-                }
-            }
-            if n == BURST || over_budget {
+            // Paused (events wait in `held`): read one at a time, only to keep the consumer
+            // polled.
+            if n == BURST || over_budget || !held.is_empty() {
                 break;
             }
             // Polled with a no-op waker: a message already queued comes at once; otherwise the
@@ -360,6 +385,34 @@ impl KafkaSource {
         result
     }
 
+    /// Decodes a burst's messages on a task of its own, with the columns the running rules read
+    /// now (taken once per burst).
+    fn decode(&self, tracked: Vec<Tracked>) -> tokio::task::JoinHandle<Vec<SourceEvent>> {
+        let codec = self.codec.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let projection = codec.projection();
+            let mut last_commit = None;
+            let events = tracked
+                .into_iter()
+                .map(|t| {
+                    let event = to_event(&codec, t, projection.as_deref());
+                    let origin = match &event.decoded {
+                        Ok(Decoded::Change(c)) => c.committed_at,
+                        Ok(Decoded::NoChange(n)) => n.at,
+                        Err(_) => None,
+                    };
+                    last_commit = origin.or(last_commit);
+                    event
+                })
+                .collect();
+            if let Some(t) = last_commit {
+                metrics.last_commit_timestamp.set(unix_seconds(t));
+            }
+            events
+        })
+    }
+
     async fn receive_error(&self, e: rdkafka::error::KafkaError) {
         self.metrics.source_errors.inc();
         tracing::warn!(error = %e, "kafka receive error (transient)");
@@ -376,61 +429,53 @@ impl KafkaSource {
         lock(&self.tracker).in_flight_bytes() >= self.max_in_flight_bytes
     }
 
-    /// The event for `m`, tracked, and whether the events in flight now hold
-    /// `max_in_flight_bytes` of messages or more.
-    fn to_event(
+    /// `m` tracked and copied, and whether the events in flight now hold `max_in_flight_bytes`
+    /// of messages or more.
+    fn track(
         &self,
         m: &BorrowedMessage<'_>,
         ack_tx: &AckSender,
-        resolved: &crate::source::encoded::Resolved,
-        projection: Option<&crate::rules::Projection>,
+        resolved: crate::source::encoded::Resolved,
         received: Instant,
-    ) -> (SourceEvent, bool) {
+    ) -> (Tracked, bool) {
         let key = m.key();
         let value = m.payload();
         // What the event holds of the message: its copy for dead letters (an oversized value is
         // not copied), and the rows decoded from it, in proportion (`max_in_flight_bytes`).
-        let bytes = key.map_or(0, <[u8]>::len) + value.filter(|v| v.len() <= self.max_message_bytes).map_or(0, <[u8]>::len);
+        let kept = value.filter(|v| v.len() <= self.max_message_bytes);
+        let bytes = key.map_or(0, <[u8]>::len) + kept.map_or(0, <[u8]>::len);
         let mut tracker = lock(&self.tracker);
         let (finished, topic) = tracker.start(m.topic(), m.partition(), m.offset(), bytes);
         let over_budget = tracker.in_flight_bytes() >= self.max_in_flight_bytes;
         drop(tracker);
-        let decoded = match value {
-            Some(v) if v.len() > self.max_message_bytes => Err(Malformed(format!(
+        let oversized = value.filter(|v| v.len() > self.max_message_bytes).map(|v| {
+            Malformed(format!(
                 "the message value is {} bytes, over source.kafka.max_message_bytes ({})",
                 v.len(),
                 self.max_message_bytes
-            ))),
-            _ => self.codec.decode_projected(resolved, &topic, key, value, projection).map_err(Malformed),
-        };
-        let origin = match &decoded {
-            Ok(Decoded::Change(c)) => c.committed_at,
-            Ok(Decoded::NoChange(n)) => n.at,
-            Err(_) => None,
-        };
-        if let Some(t) = origin {
-            self.metrics.last_commit_timestamp.set(unix_seconds(t));
-        }
+            ))
+        });
         let logged_at = m
             .timestamp()
             .to_millis()
             .and_then(|ms| u64::try_from(ms).ok())
             .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
-        let event = SourceEvent {
+        let tracked = Tracked {
             position: Position::Kafka { topic: topic.clone(), partition: m.partition(), offset: m.offset() },
-            decoded,
             raw: RawMessage {
                 topic: Some(topic),
                 key: key.map(<[u8]>::to_vec),
                 // Oversized values are not kept in memory: the dead letter records the reason
                 // and position, and the message stays in Kafka for inspection.
-                value: value.filter(|v| v.len() <= self.max_message_bytes).map(<[u8]>::to_vec),
+                value: kept.map(<[u8]>::to_vec),
             },
+            oversized,
             logged_at,
             received,
             ack: Ack::batched(ack_tx, finished),
+            resolved,
         };
-        (event, over_budget)
+        (tracked, over_budget)
     }
 
     fn set_paused(&self, paused: bool) {
@@ -514,4 +559,49 @@ impl crate::source::Source for KafkaSource {
     ) -> Result<(), crate::source::SourceError> {
         Ok(self.consume(out, shutdown).await?)
     }
+}
+
+/// The event of a tracked message: its copy decoded.
+fn to_event(
+    codec: &crate::source::encoded::Codec,
+    t: Tracked,
+    projection: Option<&crate::rules::Projection>,
+) -> SourceEvent {
+    let decoded = match t.oversized {
+        Some(reason) => Err(reason),
+        None => {
+            let topic = t.raw.topic.as_deref().unwrap_or_default();
+            codec.decode_projected(&t.resolved, topic, t.raw.key.as_deref(), t.raw.value.as_deref(), projection)
+                .map_err(Malformed)
+        }
+    };
+    SourceEvent { position: t.position, decoded, raw: t.raw, logged_at: t.logged_at, received: t.received, ack: t.ack }
+}
+
+/// The oldest burst's events, once decoded; pending while there is none. Cancel-safe: the task
+/// stays in `decoding` until it is done.
+async fn oldest(
+    decoding: &mut VecDeque<tokio::task::JoinHandle<Vec<SourceEvent>>>,
+) -> Result<Vec<SourceEvent>, tokio::task::JoinError> {
+    let Some(task) = decoding.front_mut() else { return std::future::pending().await };
+    let done = task.await;
+    decoding.pop_front();
+    done
+}
+
+/// Hands `events` to the pipeline, in order: what its queue does not take now waits in `held`
+/// (and so does everything after it). `true` when the pipeline is gone.
+fn hand_over(events: Vec<SourceEvent>, out: &mpsc::Sender<SourceEvent>, held: &mut VecDeque<SourceEvent>) -> bool {
+    for event in events {
+        if !held.is_empty() {
+            held.push_back(event);
+            continue;
+        }
+        match out.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(event)) => held.push_back(event),
+            Err(mpsc::error::TrySendError::Closed(_)) => return true,
+        }
+    }
+    false
 }

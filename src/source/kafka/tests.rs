@@ -116,9 +116,10 @@ async fn read_backlog(capacity: usize, batch: usize, batched: bool, total: usize
         }
     }
     // Acknowledgements are taken between bursts: what is started and not yet taken back stays
-    // near the queue, a burst and one batch, not the whole backlog.
+    // near the queue, the bursts being decoded, a burst waiting and one batch, not the whole
+    // backlog.
     assert!(
-        most_pending <= (capacity + 2 * super::BURST as usize + batch) as i64,
+        most_pending <= (capacity + (super::DECODING + 2) * super::BURST as usize + batch) as i64,
         "at most {most_pending} pending: acknowledgements waited for the backlog"
     );
     trigger.stop_intake();
