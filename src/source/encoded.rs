@@ -20,6 +20,7 @@ use crate::source::registry::{framed, Probe, RegisteredSchema, Registry, Registr
 use crate::source::{Malformed, SourceEvent};
 use crate::telemetry::Metrics;
 
+#[derive(Clone)]
 pub struct Codec {
     format: KafkaFormat,
     registry: Option<Arc<Registry>>,

@@ -191,7 +191,8 @@ impl KafkaSource {
     /// The source, decoding only the columns the running `rules` read (the `json` format:
     /// `crate::source::encoded::Codec::projection`); without this, whole rows.
     pub(crate) fn with_rules(self, rules: watch::Receiver<Arc<Rules>>) -> KafkaSource {
-        KafkaSource { codec: self.codec.following(rules), ..self }
+        // Called right after `new`: the codec is not shared yet, so this takes it, no copy.
+        KafkaSource { codec: Arc::new(Arc::unwrap_or_clone(self.codec).following(rules)), ..self }
     }
 
     /// Reads until `shutdown` stops intake, then keeps committing while the pipeline drains, and
