@@ -484,7 +484,12 @@ struct Images {
 /// Builds the change event: drops placeholder columns (unknown, see `placeholder.rs`), fills
 /// key columns in from the message key's row (see the module docs) and checks the op has the
 /// images it needs.
-fn finish(heading: Heading, images: Images, key: Option<Row>, placeholders: &Placeholders) -> Result<Decoded, DecodeError> {
+fn finish(
+    heading: Heading,
+    images: Images,
+    key: Option<Row>,
+    placeholders: &Placeholders,
+) -> Result<Decoded, DecodeError> {
     complete(heading, strip(images, Some(placeholders)), key)
 }
 
