@@ -10,8 +10,8 @@ use std::time::SystemTime;
 
 use super::json::{self, Kind, Slot, SourceFields};
 use super::schema::{self, LogicalColumns};
-use super::{mongodb, DecodeError, Images, Message, Placeholders};
-use crate::event::{ChangeEvent, Decoded, Name, NoChangeKind, Op};
+use super::{mongodb, DecodeError, Heading, Images, Message, Placeholders};
+use crate::event::{Decoded, Name, NoChangeKind, Op};
 
 pub(super) fn decode(
     topic: &str,
@@ -54,16 +54,16 @@ pub(super) fn decode(
     change(heading, RawImages { before, after, placeholder_free: false, read: None }, logical, key, placeholders)
 }
 
-/// What an envelope says before its images are looked at: a row change's op, source block
-/// and table (`Ok`), or (`Err`) the event itself when it is not a row change (`op: m`).
+/// What an envelope says before its images are looked at: a row change's op, table, commit
+/// time and LSN (`Ok`), or (`Err`) the event itself when it is not a row change (`op: m`).
 /// [`decode`] and the one-pass reader (`onepass.rs`) both go through it and then
 /// [`change`], so every outcome of the one-pass reader is the general path's; the one-pass
 /// reader looks at the table in between, to know which columns of the images it needs.
-pub(super) fn heading<'a>(
+pub(super) fn heading(
     topic: &str,
     op_code: &str,
-    fields: &SourceFields<'a>,
-) -> Result<Result<Heading<'a>, Decoded>, DecodeError> {
+    fields: &SourceFields<'_>,
+) -> Result<Result<Heading, Decoded>, DecodeError> {
     let source = Source::read(fields)?;
     let op = match operation(op_code, &source)? {
         Ok(op) => op,
@@ -74,30 +74,8 @@ pub(super) fn heading<'a>(
         Some(collection) => super::table_name(source.db.as_deref(), Some(collection), topic)?,
         None => super::table_name(source.qualifier(), source.table.as_deref(), topic)?,
     };
-    Ok(Ok(Heading { op, source, table }))
-}
-
-/// A row change as its envelope's [`heading`] says.
-pub(super) struct Heading<'a> {
-    op: Op,
-    source: Source<'a>,
-    table: String,
-}
-
-impl Heading<'_> {
-    pub(super) fn table(&self) -> &str {
-        &self.table
-    }
-
-    /// Whether the event's images are read at all (a truncate's are dropped).
-    pub(super) fn has_images(&self) -> bool {
-        self.op != Op::Truncate
-    }
-
-    /// A MongoDB event: its images are documents in extended JSON (`mongodb.rs`).
-    pub(super) fn is_mongodb(&self) -> bool {
-        self.source.collection.is_some()
-    }
+    let mongo = source.collection.is_some();
+    Ok(Ok(Heading { op, table, committed_at: source.committed_at, lsn: source.lsn, mongo }))
 }
 
 /// The row images as read, not yet checked: `None` when the field is absent.
@@ -136,30 +114,26 @@ fn operation(code: &str, source: &Source<'_>) -> Result<Result<Op, Decoded>, Dec
 
 /// The change event of a row change, from its [`heading`] and its images.
 pub(super) fn change(
-    heading: Heading<'_>,
+    heading: Heading,
     images: RawImages<'_>,
     logical: Option<Rc<LogicalColumns>>,
     key: Option<&[u8]>,
     placeholders: &Placeholders,
 ) -> Result<Decoded, DecodeError> {
-    let mongo = heading.is_mongodb();
-    let Heading { op, source, table } = heading;
-    let lsn = source.lsn;
-    if op == Op::Truncate {
+    if !heading.has_images() {
         let images = Images { before: None, after: None };
-        return super::finish(table, op, images, source.committed_at, None, placeholders).map(|d| with_lsn(d, lsn));
+        return super::finish(heading, images, None, placeholders);
     }
-    if mongo {
+    if heading.is_mongodb() {
         let before = mongodb::image(images.before, "`before`")?;
         let mut after = mongodb::image(images.after, "`after`")?;
         let key = mongodb::key_row(key);
         // An update captured without the full document (`capture.mode=change_streams`) has
         // neither image; the key still says which document changed.
-        if op == Op::Update && before.is_none() && after.is_none() && key.is_some() {
+        if heading.op == Op::Update && before.is_none() && after.is_none() && key.is_some() {
             after = Some(Default::default());
         }
-        return super::finish(table, op, Images { before, after }, source.committed_at, key, placeholders)
-            .map(|d| with_lsn(d, lsn));
+        return super::finish(heading, Images { before, after }, key, placeholders);
     }
 
     let mut before = super::image(images.before, "`before`")?;
@@ -179,16 +153,7 @@ pub(super) fn change(
             schema::decode_logical(after, &columns.after)?;
         }
     }
-    super::finish_keyed(table, op, Images { before, after }, source.committed_at, key, strip, images.read)
-        .map(|d| with_lsn(d, lsn))
-}
-
-/// The change event with `source.lsn`, for the second pass with read replicas (`freshness`).
-fn with_lsn(decoded: Decoded, lsn: Option<u64>) -> Decoded {
-    match decoded {
-        Decoded::Change(change) => Decoded::Change(ChangeEvent { lsn, ..change }),
-        other => other,
-    }
+    super::finish_keyed(heading, Images { before, after }, key, strip, images.read)
 }
 
 /// What we use of the `source` block.

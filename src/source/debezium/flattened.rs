@@ -12,13 +12,12 @@
 //! read, the others dropped.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::SystemTime;
 
 use serde_json::Value;
 
 use super::json::{self, kind_of};
 use super::schema::LogicalColumns;
-use super::{mongodb, schema, DecodeError, Images, Message, Placeholders};
+use super::{mongodb, schema, DecodeError, Heading, Images, Message, Placeholders};
 use crate::event::{Decoded, Name, NoChangeKind, Op, Row};
 
 /// Decodes a flattened row.
@@ -101,26 +100,7 @@ pub(super) fn heading(
     };
     let qualifier = schema_name.as_deref().filter(|s| !s.is_empty()).or(db.as_deref());
     let table = super::table_name(qualifier, table.as_deref(), topic)?;
-    Ok(Ok(Heading { op, table, committed_at, mongo }))
-}
-
-/// A flattened row change as its [`heading`] says.
-pub(super) struct Heading {
-    op: Op,
-    table: String,
-    committed_at: Option<SystemTime>,
-    /// MongoDB's `ExtractNewDocumentState` (a `__collection`): values in extended JSON.
-    mongo: bool,
-}
-
-impl Heading {
-    pub(super) fn table(&self) -> &str {
-        &self.table
-    }
-
-    pub(super) fn is_mongodb(&self) -> bool {
-        self.mongo
-    }
+    Ok(Ok(Heading { op, table, committed_at, lsn: None, mongo }))
 }
 
 /// The change event of a flattened row, from its [`heading`] and its columns; `read`: the
@@ -133,7 +113,7 @@ pub(super) fn change(
     placeholders: &Placeholders,
     read: Option<&[Name]>,
 ) -> Result<Decoded, DecodeError> {
-    let Heading { op, table, committed_at, mongo } = heading;
+    let mongo = heading.is_mongodb();
     if let Some(columns) = logical {
         // Placeholders first: the base64 placeholder in a Connect Decimal column would
         // otherwise decode to a plausible number.
@@ -143,13 +123,13 @@ pub(super) fn change(
     if mongo {
         mongodb::normalise(&mut row);
     }
-    let images = match op {
+    let images = match heading.op {
         Op::Delete => Images { before: Some(row), after: None },
         _ => Images { before: None, after: Some(row) },
     };
     match mongo {
-        true => super::finish(table, op, images, committed_at, mongodb::key_row(key), placeholders),
-        false => super::finish_keyed(table, op, images, committed_at, key, Some(placeholders), read),
+        true => super::finish(heading, images, mongodb::key_row(key), placeholders),
+        false => super::finish_keyed(heading, images, key, Some(placeholders), read),
     }
 }
 

@@ -42,7 +42,9 @@ pub(super) enum Slot<'a> {
     Raw(&'a RawValue),
     Parsed(Value),
     Object(Fields<'a>),
-    Source(SourceFields<'a>),
+    /// Boxed: the block's fields are many times the size of the other variants, and slots are
+    /// moved about (the one-pass reader's images travel as slots).
+    Source(Box<SourceFields<'a>>),
     /// A row image (an object of plain values) as the one-pass reader builds it.
     Image(Row),
 }
@@ -210,7 +212,7 @@ impl<'de> DeserializeSeed<'de> for SourceSeed {
     type Value = Slot<'de>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Slot<'de>, D::Error> {
-        deserializer.deserialize_map(SourceVisitor).map(Slot::Source)
+        deserializer.deserialize_map(SourceVisitor).map(|fields| Slot::Source(Box::new(fields)))
     }
 }
 

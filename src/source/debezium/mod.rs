@@ -104,6 +104,7 @@ mod tests;
 
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::de::IgnoredAny;
@@ -266,7 +267,7 @@ fn decode_read(
         Read::Null { row_schema: true } => {
             let table = topic_table(topic).ok_or(DecodeError::NoTable)?;
             let images = Images { before: None, after: None };
-            return finish(table, Op::Delete, images, None, key_row(key), placeholders);
+            return finish(Heading::of_table(table, Op::Delete), images, key_row(key), placeholders);
         }
         Read::Null { row_schema: false } => {
             if value.is_some() {
@@ -441,6 +442,40 @@ fn no_change(kind: NoChangeKind, table: Option<String>, at: Option<SystemTime>) 
     Decoded::NoChange(NoChange { kind, table, at })
 }
 
+/// What a row change's message says before its images are looked at (`envelope::heading`,
+/// `flattened::heading`, and a tombstone's topic): the change event but for its images. Small,
+/// as it is moved from the heading's reader through the images' to the event.
+struct Heading {
+    op: Op,
+    table: String,
+    committed_at: Option<SystemTime>,
+    /// `source.lsn` (`ChangeEvent::lsn`; envelopes only).
+    lsn: Option<u64>,
+    /// MongoDB (a `source.collection`, a `__collection`): the images are documents in extended
+    /// JSON (`mongodb.rs`).
+    mongo: bool,
+}
+
+impl Heading {
+    /// A change of a relational table, without a commit time or LSN.
+    fn of_table(table: String, op: Op) -> Heading {
+        Heading { op, table, committed_at: None, lsn: None, mongo: false }
+    }
+
+    fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Whether the event's images are read at all (a truncate's are dropped).
+    fn has_images(&self) -> bool {
+        self.op != Op::Truncate
+    }
+
+    fn is_mongodb(&self) -> bool {
+        self.mongo
+    }
+}
+
 /// A change's row images, completed from the message key, checked and assembled.
 struct Images {
     before: Option<Row>,
@@ -451,43 +486,26 @@ struct Images {
 /// key columns in from the message key's row (see the module docs) and checks the op has the
 /// images it needs.
 fn finish(
-    table: String,
-    op: Op,
+    heading: Heading,
     images: Images,
-    committed_at: Option<SystemTime>,
     key: Option<Row>,
     placeholders: &Placeholders,
 ) -> Result<Decoded, DecodeError> {
-    finish_images(table, op, images, committed_at, key, Some(placeholders))
+    complete(heading, strip(images, Some(placeholders)), key)
 }
 
-/// [`finish`], with `placeholders` `None` when the images are known to hold none (so
-/// stripping them would change nothing).
-fn finish_images(
-    table: String,
-    op: Op,
-    images: Images,
-    committed_at: Option<SystemTime>,
-    key: Option<Row>,
-    placeholders: Option<&Placeholders>,
-) -> Result<Decoded, DecodeError> {
-    let images = strip(images, placeholders);
-    complete(table, op, images, committed_at, key)
-}
-
-/// [`finish_images`] with the message key as it came (`key_row` reads it): read only when
+/// [`finish`] with the message key as it came (`key_row` reads it): read only when
 /// it can change the outcome (issue 12, item 2). The key is needed by a delete without a
 /// `before` image (it becomes that image); otherwise it only fills in the images' key columns
 /// that are absent or null. So it is not read when each image holds every column of the key,
 /// not null (the one-pass key scanner, [`onepass::key_fills_nothing`], tells so without
 /// building it), nor, when the images hold only the columns rules read (`read`, column
 /// projection), when they hold each of those, not null: whatever the key filled in, the rules
-/// would not read. Without the fast paths (tests) the key is always read.
+/// would not read. Without the fast paths (tests) the key is always read. `placeholders` is
+/// `None` when the images are known to hold none (so stripping them would change nothing).
 fn finish_keyed(
-    table: String,
-    op: Op,
+    heading: Heading,
     images: Images,
-    committed_at: Option<SystemTime>,
     key: Option<&[u8]>,
     placeholders: Option<&Placeholders>,
     read: Option<&[crate::event::Name]>,
@@ -495,7 +513,7 @@ fn finish_keyed(
     let images = strip(images, placeholders);
     let present = [&images.before, &images.after];
     // A delete without a `before` image takes the key's row as that image.
-    let takes_key_row = op == Op::Delete && images.before.is_none();
+    let takes_key_row = heading.op == Op::Delete && images.before.is_none();
     let fills_nothing = |key: &[u8]| {
         read.is_some_and(|read| present.iter().copied().flatten().all(|row| holds_all(row, read)))
             || onepass::key_fills_nothing(key, present)
@@ -504,17 +522,19 @@ fn finish_keyed(
         Some(bytes) if !takes_key_row && one_pass() && fills_nothing(bytes) => None,
         key => key_row(key),
     };
-    complete(table, op, images, committed_at, key)
+    complete(heading, images, key)
 }
 
 /// Whether `row` holds each of `columns` (sorted, unique, as [`crate::rules::Projection`]
 /// gives them), none null: one walk over both, in order.
 fn holds_all(row: &Row, columns: &[crate::event::Name]) -> bool {
-    let mut entries = row.iter();
+    let mut entries = row.iter_names();
     columns.iter().all(|column| loop {
         match entries.next() {
-            Some((name, value)) if name == &**column => break !value.is_null(),
-            Some((name, _)) if name < &**column => {}
+            // By pointer first (`Arc<str>`'s own equality compares the texts): the one-pass
+            // reader puts the projection's own names in the row, so mostly no text is compared.
+            Some((name, value)) if Arc::ptr_eq(name, column) || name == column => break !value.is_null(),
+            Some((name, _)) if **name < **column => {}
             _ => break false,
         }
     })
@@ -531,14 +551,9 @@ fn strip(images: Images, placeholders: Option<&Placeholders>) -> Images {
     Images { before, after }
 }
 
-/// The rest of [`finish_images`], once placeholders are stripped.
-fn complete(
-    table: String,
-    op: Op,
-    images: Images,
-    committed_at: Option<SystemTime>,
-    key: Option<Row>,
-) -> Result<Decoded, DecodeError> {
+/// The rest of [`finish`], once placeholders are stripped.
+fn complete(heading: Heading, images: Images, key: Option<Row>) -> Result<Decoded, DecodeError> {
+    let Heading { op, table, committed_at, lsn, .. } = heading;
     let Images { mut before, mut after } = images;
     if op == Op::Truncate {
         // A truncate concerns the whole table; any image would be meaningless.
@@ -565,7 +580,7 @@ fn complete(
         Op::Delete if before.is_none() => return Err(DecodeError::DeleteWithoutRow),
         _ => {}
     }
-    Ok(Decoded::Change(ChangeEvent { table, op, before, after, committed_at, lsn: None }))
+    Ok(Decoded::Change(ChangeEvent { table, op, before, after, committed_at, lsn }))
 }
 
 /// The key columns a message key carries; `None` when there is no usable key.

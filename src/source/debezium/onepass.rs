@@ -209,8 +209,7 @@ impl<'a> Event<'a> {
         let mut placeholder_free = true;
         let end = loop {
             let (name, next) = plain_string(text, at)?;
-            at = colon(b, next)?;
-            let bit = match packed(name) {
+            let bit = match packed(b, at + 1, name.len()) {
                 BEFORE => 1,
                 AFTER => 2,
                 SOURCE => 4,
@@ -219,6 +218,7 @@ impl<'a> Event<'a> {
                 _ if name == "transaction" => 16,
                 _ => return None,
             };
+            at = colon(b, next)?;
             // A repeated `ts_*` or `transaction` is harmless (the general path ignores them
             // in an envelope; real SQL Server messages repeat `ts_ms`), any other repeat
             // declines.
@@ -619,9 +619,7 @@ fn source_block<'a>(text: &'a str, at: usize, fields: &mut SourceFields<'a>) -> 
     }
     loop {
         let (name, next) = plain_string(text, at)?;
-        at = colon(b, next)?;
-        let end = skip(b, at)?;
-        let slot = match packed(name) {
+        let slot = match packed(b, at + 1, name.len()) {
             SCHEMA => Some(&mut fields.schema),
             DB => Some(&mut fields.db),
             TABLE => Some(&mut fields.table),
@@ -632,6 +630,8 @@ fn source_block<'a>(text: &'a str, at: usize, fields: &mut SourceFields<'a>) -> 
             _ if name == "collection" => Some(&mut fields.collection),
             _ => None,
         };
+        at = colon(b, next)?;
+        let end = skip(b, at)?;
         if let Some(slot) = slot {
             *slot = Some(text.get(at..end)?);
         }
@@ -874,14 +874,29 @@ fn literal(b: &[u8], at: usize, word: &[u8]) -> Option<usize> {
 /// A field name of at most eight bytes as a number (the bytes, zero-padded), so that names
 /// are told apart by one comparison each; `u64::MAX` (no UTF-8 text) for a longer one. Names
 /// hold no zero bytes (the scanner declines control characters), so the padding is unambiguous.
-fn packed(name: &str) -> u64 {
-    let mut word = [0u8; 8];
-    match word.get_mut(..name.len()) {
-        Some(prefix) => {
-            prefix.copy_from_slice(name.as_bytes());
-            u64::from_le_bytes(word)
+/// The name is the `len` bytes at `start` of `b`.
+#[inline(always)]
+fn packed(b: &[u8], start: usize, len: usize) -> u64 {
+    if len > 8 {
+        return u64::MAX;
+    }
+    // One load of eight bytes, masked, when `b` has them: a name is followed by its closing
+    // quote and more, so nearly always. Copying just the name's bytes into a word cost a call
+    // to `memcpy` (a length unknown at compile time) per name, fourteen an event, and a byte
+    // loop cost more still (issue 12).
+    match b.get(start..start + 8) {
+        Some(chunk) => {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            let word = u64::from_le_bytes(word);
+            match len {
+                8 => word,
+                _ => word & ((1 << (8 * len)) - 1),
+            }
         }
-        None => u64::MAX,
+        None => b
+            .get(start..start + len)
+            .map_or(u64::MAX, |name| name.iter().rev().fold(0, |word, &byte| (word << 8) | u64::from(byte))),
     }
 }
 
@@ -1026,5 +1041,25 @@ fn skip_any(b: &[u8], at: usize) -> Option<usize> {
                 _ => return None,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Names tell fields apart only if [`packed`] reads each as [`pack`] does, wherever it
+    /// sits: with eight bytes after its start (one load) or near the end of the text.
+    #[test]
+    fn packed_reads_a_name_as_pack_does() {
+        for name in ["", "op", "lsn", "ts_ms", "before", "schema", "ts_msx", "12345678"] {
+            for text in [format!("\"{name}\":1,\"more\":2}}"), format!("\"{name}")] {
+                assert_eq!(packed(text.as_bytes(), 1, name.len()), pack(name), "{text}");
+            }
+        }
+        assert_eq!(packed(b"\"transaction\":null}", 1, 11), u64::MAX);
+        // A name is told from its prefixes and extensions.
+        assert_ne!(packed(b"\"ts_ms\":1", 1, 4), TS_MS);
+        assert_ne!(packed(b"\"ts_msx\":1", 1, 6), TS_MS);
     }
 }
