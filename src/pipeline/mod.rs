@@ -46,7 +46,7 @@ use tokio::task::JoinSet;
 use crate::config::{LayerTiming, PipelineConfig};
 use crate::dead_letter::{DeadLetterError, DeadLetters, Reason};
 use crate::event::{ChangeEvent, Decoded};
-use crate::rules::{Evaluation, Rules};
+use crate::rules::{Evaluation, Rules, Spare};
 use crate::shutdown::Shutdown;
 use crate::sink::{Invalidations, ItemKind, Sink};
 use crate::source::SourceEvent;
@@ -303,6 +303,7 @@ impl Pipeline {
             rule_error_logged: HashMap::new(),
             repeat_max_events: timing.repeat_max_events,
             pending: pending_rx,
+            spare: Spare::default(),
         };
         drop(senders);
         drop(finish_tx);
@@ -366,6 +367,9 @@ struct Intake {
     repeat_max_events: usize,
     /// Events waiting for their second pass: while there are `repeat_max_events`, intake waits.
     pending: watch::Receiver<usize>,
+    /// The strings of the duplicates each batch's coalescing dropped, to render the next
+    /// items into (see [`Spare`]).
+    spare: Spare,
 }
 
 impl Intake {
@@ -450,7 +454,7 @@ impl Intake {
                 Err(m) => (None, Some((Reason::Malformed, m.0.clone()))),
                 Ok(Decoded::NoChange(_)) => (None, None),
                 Ok(Decoded::Change(change)) => {
-                    rules.evaluate_into(change, &mut eval);
+                    rules.evaluate_reusing(change, &mut eval, &mut self.spare);
                     // Generations carry the event's position (`sink::redis::generation`);
                     // only looked up when asked for (Debezium's LSN means parsing again).
                     if !eval.invalidations.items(ItemKind::RedisGeneration).is_empty() {
@@ -470,7 +474,9 @@ impl Intake {
             };
             (item.ruled, item.dead) = (ruled, dead);
         }
-        let (batch, asked) = Invalidations::gather(gathered);
+        let mut duplicates = Vec::new();
+        let (batch, asked) = Invalidations::gather(gathered, &mut duplicates);
+        self.spare.refill(duplicates);
         self.metrics.batch_items.observe(ItemKind::ALL.iter().map(|&k| batch.items(k).len()).sum::<usize>() as f64);
         Unit { items, batch, asked, not_before: None }
     }

@@ -20,7 +20,7 @@ fn unit_of(asked: &[(&[&str], &[&str])]) -> Unit {
             Item { event: arrival(), ruled: Some(Ruled { matched: true, asked }), dead: None }
         })
         .collect();
-    let (batch, asked) = Invalidations::gather(gathered);
+    let (batch, asked) = Invalidations::gather(gathered, &mut Vec::new());
     Unit { items, batch, asked, not_before: None }
 }
 

@@ -100,6 +100,7 @@ mod tests_more_ways;
 use glob::TablePattern;
 pub use projection::Projection;
 pub(crate) use template::HashTag;
+pub(crate) use template::Spare;
 use template::{Template, Unrenderable, Var, Why};
 
 /// A loaded, validated rules file.
@@ -232,6 +233,12 @@ impl Rules {
     /// [`Rules::evaluate`] into `eval`, which is cleared first: evaluating event after event into
     /// one `Evaluation` (taking its items out in between) reuses its lists' room.
     pub fn evaluate_into(&self, event: &ChangeEvent, eval: &mut Evaluation) {
+        self.evaluate_reusing(event, eval, &mut Spare::default());
+    }
+
+    /// [`Rules::evaluate_into`], rendering items into the strings of `spare` while it has any
+    /// (the pipeline refills it with the strings of the items coalescing drops).
+    pub(crate) fn evaluate_reusing(&self, event: &ChangeEvent, eval: &mut Evaluation, spare: &mut Spare) {
         eval.invalidations.clear();
         eval.matched_rules.clear();
         eval.errors.clear();
@@ -258,7 +265,7 @@ impl Rules {
                 (None, None) => break,
             };
             if let Some(rule) = self.rules.get(index) {
-                rule.apply(event, eval);
+                rule.apply(event, eval, spare);
             }
         }
         eval.invalidations.normalize();
@@ -381,7 +388,7 @@ type TableHasher = std::hash::BuildHasherDefault<crate::fnv::Hasher>;
 
 impl Rule {
     /// Applies the rule to an event whose table it matches.
-    fn apply(&self, event: &ChangeEvent, eval: &mut Evaluation) {
+    fn apply(&self, event: &ChangeEvent, eval: &mut Evaluation, spare: &mut Spare) {
         let (templates, flags) = if event.op == Op::Truncate {
             (&self.on_truncate, self.truncate_flags)
         } else {
@@ -401,7 +408,7 @@ impl Rule {
         for (kind, template) in templates.iter() {
             let out = eval.invalidations.items_mut(*kind);
             let first = out.len();
-            if let Some(message) = self.render(template, event, out) {
+            if let Some(message) = self.render(template, event, out, spare) {
                 eval.errors.push(RuleError { rule: self.name.clone(), message });
             }
             if *kind == ItemKind::RedisPattern && !flags.allow_full_scan {
@@ -451,7 +458,13 @@ impl Rule {
 
     /// Renders one template against the event's images into `out`; returns the error
     /// sentence if it must be reported.
-    fn render(&self, template: &Template, event: &ChangeEvent, out: &mut Vec<String>) -> Option<String> {
+    fn render(
+        &self,
+        template: &Template,
+        event: &ChangeEvent,
+        out: &mut Vec<String>,
+        spare: &mut Spare,
+    ) -> Option<String> {
         let mut items = 0;
         let mut empty = 0;
         let mut oversize = 0;
@@ -467,7 +480,7 @@ impl Rule {
             placeholder += r.placeholder;
         };
         if template.columns().is_empty() {
-            match template.render(None, &self.vars, out) {
+            match template.render_reusing(None, &self.vars, out, spare) {
                 Ok(r) => tally(r),
                 // Unreachable without columns; report rather than drop it silently.
                 Err(u) => failures[0] = Some(("event", u)),
@@ -480,7 +493,7 @@ impl Rule {
                 if previous.is_some_and(|p| same_columns(template, p, row)) {
                     continue;
                 }
-                match template.render(Some(row), &self.vars, out) {
+                match template.render_reusing(Some(row), &self.vars, out, spare) {
                     Ok(r) => {
                         tally(r);
                         previous = Some(row);

@@ -391,16 +391,28 @@ impl Template {
     /// columns, such as every `on_truncate` template) and appends the items to `out`.
     ///
     /// Fails, appending nothing, when a column is absent, null, a list or an object in `row`.
+    #[cfg(test)]
     pub(crate) fn render<'t>(
         &'t self,
         row: Option<&Row>,
         vars: &[Var],
         out: &mut Vec<String>,
     ) -> Result<Rendered, Unrenderable<'t>> {
+        self.render_reusing(row, vars, out, &mut Spare::default())
+    }
+
+    /// [`Template::render`], each item rendered into a string of `spare` while it has any.
+    pub(crate) fn render_reusing<'t>(
+        &'t self,
+        row: Option<&Row>,
+        vars: &[Var],
+        out: &mut Vec<String>,
+        spare: &mut Spare,
+    ) -> Result<Rendered, Unrenderable<'t>> {
         let mut rendered = Rendered::default();
         let placeholders = crate::source::debezium::placeholders();
         if self.vars.is_empty() {
-            let mut buf = String::with_capacity(self.literal_len + 24);
+            let mut buf = spare.take(self.literal_len + 24);
             let tainted = self.render_one(row, vars, &[], placeholders, &mut buf)?;
             rendered.keep(buf, tainted, out);
             return Ok(rendered);
@@ -409,7 +421,7 @@ impl Template {
         // MAX_FANOUT at load. Only the first expansion can fail: they all read the same row.
         let mut choice = vec![0usize; self.vars.len()];
         loop {
-            let mut buf = String::with_capacity(self.literal_len + 24);
+            let mut buf = spare.take(self.literal_len + 24);
             let tainted = self.render_one(row, vars, &choice, placeholders, &mut buf)?;
             rendered.keep(buf, tainted, out);
             let mut slot = 0;
@@ -472,6 +484,47 @@ impl Template {
             }
         }
         Ok(tainted)
+    }
+}
+
+/// Emptied strings of items a batch no longer needs (the duplicates coalescing dropped), kept to
+/// render later items into instead of allocating new ones: in the product benchmark
+/// (benches/pipeline_cost.rs) most tags rendered are also rendered by another event of the
+/// batch, and each cost an allocation at rendering and a free at coalescing. Bounded, so that a
+/// batch of long items or large fan-outs is not held on to.
+#[derive(Debug, Default)]
+pub(crate) struct Spare {
+    /// Each empty, with a capacity of at most [`Spare::MAX_CAPACITY`].
+    strings: Vec<String>,
+}
+
+impl Spare {
+    /// At most this many strings are kept, each with room for at most `MAX_CAPACITY` bytes (an
+    /// item's room is kept whole, so a long URL's is freed instead): at most about 152 KiB.
+    const MAX_STRINGS: usize = 1024;
+    const MAX_CAPACITY: usize = 128;
+
+    /// An empty string: a spare one, else a new one with room for `capacity` bytes.
+    fn take(&mut self, capacity: usize) -> String {
+        self.strings.pop().unwrap_or_else(|| String::with_capacity(capacity))
+    }
+
+    /// Keeps the room of `strings` (emptied) within the bounds, and frees the rest.
+    pub(crate) fn refill(&mut self, strings: impl IntoIterator<Item = String>) {
+        for mut string in strings {
+            if self.strings.len() >= Spare::MAX_STRINGS {
+                return;
+            }
+            if (1..=Spare::MAX_CAPACITY).contains(&string.capacity()) {
+                string.clear();
+                self.strings.push(string);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.strings.len()
     }
 }
 
@@ -723,6 +776,25 @@ mod tests {
             assert_eq!((rendered.items, rendered.placeholder), (0, 1), "{text}");
         }
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn spare_strings_are_rendered_into_emptied_and_kept_within_bounds() {
+        let r = row(json!({"id": 7}));
+        let t = Template::compile("product:{id}", &[]).unwrap();
+        let mut spare = Spare::default();
+        let mut long = String::with_capacity(Spare::MAX_CAPACITY + 1);
+        long.push_str("a long URL");
+        // Kept: one with room (emptied); not: one without room, one with too much.
+        spare.refill(["category:5".to_string(), String::new(), long]);
+        assert_eq!(spare.len(), 1);
+        let mut out = Vec::new();
+        t.render_reusing(Some(&r), &[], &mut out, &mut spare).unwrap();
+        t.render_reusing(Some(&r), &[], &mut out, &mut spare).unwrap();
+        assert_eq!(out, ["product:7", "product:7"], "the spare string holds nothing of its past");
+        assert_eq!(spare.len(), 0);
+        spare.refill((0..Spare::MAX_STRINGS + 10).map(|i| format!("k{i}")));
+        assert_eq!(spare.len(), Spare::MAX_STRINGS);
     }
 
     #[test]

@@ -102,8 +102,12 @@ impl Invalidations {
     /// sets one after the other) into one set, each list sorted and deduplicated as
     /// [`Invalidations::union`] makes it, without copying an item. Also says where each item
     /// went: the `i`-th item given of a kind is at `positions[kind][i]` in the set's list of
-    /// that kind (so a sorted list given in one piece has ascending positions).
-    pub fn gather(mut lists: [Vec<String>; ItemKind::COUNT]) -> (Invalidations, [Vec<usize>; ItemKind::COUNT]) {
+    /// that kind (so a sorted list given in one piece has ascending positions). The duplicates
+    /// are moved to the end of `duplicates` (whose strings can be reused for their room).
+    pub fn gather(
+        mut lists: [Vec<String>; ItemKind::COUNT],
+        duplicates: &mut Vec<String>,
+    ) -> (Invalidations, [Vec<usize>; ItemKind::COUNT]) {
         let mut all = Invalidations::default();
         let mut positions: [Vec<usize>; ItemKind::COUNT] = Default::default();
         // Each item's gather key and place in `given`, sorted; the distinct items are then moved
@@ -142,6 +146,8 @@ impl Invalidations {
                 }
             }
             *out = firsts.iter().filter_map(|&i| given.get_mut(i).map(std::mem::take)).collect();
+            // What is left: the duplicates, and the empty strings the distinct items left behind.
+            duplicates.extend(given.drain(..).filter(|item| item.capacity() > 0));
         }
         (all, positions)
     }
@@ -424,8 +430,12 @@ mod tests {
             }
         }
         let given = lists.clone();
-        let (all, positions) = Invalidations::gather(lists);
+        let mut duplicates = Vec::new();
+        let (all, positions) = Invalidations::gather(lists, &mut duplicates);
         assert_eq!(all, Invalidations::union(&sets));
+        // Every item given is either in the set or, once it is there, among the duplicates.
+        duplicates.sort();
+        assert_eq!(duplicates, ["category:5", "category:5", "category:7", "product:2"]);
         for kind in ItemKind::ALL {
             let (given, at) = (&given[kind.index()], &positions[kind.index()]);
             assert_eq!(given.len(), at.len(), "{kind}");
@@ -509,7 +519,7 @@ mod tests {
         // Gathering (moving rather than copying) gives the same set, and each item's place.
         let mut lists: [Vec<String>; ItemKind::COUNT] = Default::default();
         lists[ItemKind::RedisKey.index()] = words.clone();
-        let (all, positions) = Invalidations::gather(lists);
+        let (all, positions) = Invalidations::gather(lists, &mut Vec::new());
         assert_eq!(all.items(ItemKind::RedisKey), expected);
         let at = &positions[ItemKind::RedisKey.index()];
         assert_eq!(at.len(), words.len());
