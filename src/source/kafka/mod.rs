@@ -17,6 +17,9 @@
 //! - Reading is in bursts (`KafkaSource::burst`): after the `select!` yields a message, the
 //!   messages librdkafka already holds follow without another pass through it (at most
 //!   `BURST`); acknowledgements come back batched when the pipeline uses `Ack::finish_all`.
+//! - Decoding is beside the source task, not on it: each burst, once tracked and copied, is
+//!   decoded on a task of its own (at most `DECODING` at a time) and handed over in the order
+//!   it was read (`KafkaSource::decode`, `oldest`, `hand_over`).
 
 pub(crate) mod config;
 mod context;
