@@ -324,6 +324,28 @@ impl Completions {
 #[derive(Debug, Clone)]
 pub struct AckSender(Arc<mpsc::UnboundedSender<Completions>>);
 
+/// Hands `events` to the pipeline in order without waiting: what its queue does not take now
+/// waits in `held` (and so does everything after it, to keep the order), for the source to
+/// send once the queue has room. `true` when the pipeline is gone.
+pub(crate) fn hand_over(
+    events: impl IntoIterator<Item = SourceEvent>,
+    out: &mpsc::Sender<SourceEvent>,
+    held: &mut std::collections::VecDeque<SourceEvent>,
+) -> bool {
+    for event in events {
+        if !held.is_empty() {
+            held.push_back(event);
+            continue;
+        }
+        match out.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(event)) => held.push_back(event),
+            Err(mpsc::error::TrySendError::Closed(_)) => return true,
+        }
+    }
+    false
+}
+
 /// A channel for [`Ack::batched`]: the source keeps the receiver (and drops its `AckSender` when
 /// it stops reading, so that `recv` returns `None` once every ack is finished or dropped).
 pub fn ack_channel() -> (AckSender, mpsc::UnboundedReceiver<Completions>) {

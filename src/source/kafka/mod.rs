@@ -19,7 +19,7 @@
 //!   `BURST`); acknowledgements come back batched when the pipeline uses `Ack::finish_all`.
 //! - Decoding is beside the source task, not on it: each burst, once tracked and copied, is
 //!   decoded on a task of its own (at most `DECODING` at a time) and handed over in the order
-//!   it was read (`KafkaSource::decode`, `oldest`, `hand_over`).
+//!   it was read (`KafkaSource::decode`, `oldest`, `source::hand_over`).
 
 pub(crate) mod config;
 mod context;
@@ -268,7 +268,7 @@ impl KafkaSource {
                 }
                 decoded = oldest(&mut decoding), if !decoding.is_empty() => match decoded {
                     Ok(events) => {
-                        if hand_over(events, &out, &mut held) {
+                        if crate::source::hand_over(events, &out, &mut held) {
                             break;
                         }
                     }
@@ -591,21 +591,4 @@ async fn oldest(
     let done = task.await;
     decoding.pop_front();
     done
-}
-
-/// Hands `events` to the pipeline, in order: what its queue does not take now waits in `held`
-/// (and so does everything after it). `true` when the pipeline is gone.
-fn hand_over(events: Vec<SourceEvent>, out: &mpsc::Sender<SourceEvent>, held: &mut VecDeque<SourceEvent>) -> bool {
-    for event in events {
-        if !held.is_empty() {
-            held.push_back(event);
-            continue;
-        }
-        match out.try_send(event) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(event)) => held.push_back(event),
-            Err(mpsc::error::TrySendError::Closed(_)) => return true,
-        }
-    }
-    false
 }

@@ -625,16 +625,9 @@ impl PostgresSource {
                 ev = client.recv(), if held.is_empty() => match ev {
                     Ok(Some(ev)) => {
                         let before = tracker.confirmed();
-                        for event in self.handle(ev, &mut cache, &mut transaction, tracker, ack_tx) {
-                            if !held.is_empty() {
-                                held.push_back(event);
-                                continue;
-                            }
-                            match out.try_send(event) {
-                                Ok(()) => {}
-                                Err(mpsc::error::TrySendError::Full(event)) => held.push_back(event),
-                                Err(mpsc::error::TrySendError::Closed(_)) => return SessionEnd::PipelineGone,
-                            }
+                        let events = self.handle(ev, &mut cache, &mut transaction, tracker, ack_tx);
+                        if crate::source::hand_over(events, out, &mut held) {
+                            return SessionEnd::PipelineGone;
                         }
                         if tracker.confirmed() != before {
                             self.confirm(tracker, client);
